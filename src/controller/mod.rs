@@ -1,0 +1,360 @@
+//! The ScopedSecret controller: `reconcile`, `error_policy` and `run`.
+//!
+//! Reconcile is staged — fetch → validate → resolve → build → apply → status — and only
+//! `apply` and `status` write (see `reconcile.rs`). Every failure has a fixed category used
+//! as status reason, event reason and log field; permanent failures (a bad spec, a refused
+//! access) wait for a change, transient ones (Vault, the API server) back off with jitter
+//! and are retried until they recover — no object is ever dropped from the queue.
+
+mod reconcile;
+pub mod status;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use rand::Rng;
+
+pub use reconcile::reconcile;
+
+use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreKind, VaultStore};
+use crate::render::{HmacKey, OWNER_LABEL};
+use crate::vault::{ScopeSource, VaultError};
+use crate::{FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
+
+/// Why a reconcile failed. Messages name the field, object, path or permission involved and
+/// never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("{kind} {name:?} not found{}; create it or fix spec.storeRef", in_namespace(.namespace))]
+    StoreNotFound {
+        kind: &'static str,
+        name: String,
+        namespace: Option<String>,
+    },
+    #[error("invalid store: {0}")]
+    InvalidStore(String),
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error(
+        "resolving {coordinates} yielded no keys (paths read: {paths}); check the project, environment and paths, or set spec.allowEmpty: true"
+    )]
+    EmptyResult { coordinates: String, paths: String },
+    #[error(
+        "Secret {namespace}/{name} exists and is not managed by this ScopedSecret; delete or rename it, or set spec.target.name to another name"
+    )]
+    SecretConflict { namespace: String, name: String },
+    #[error("failed to {action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+fn in_namespace(ns: &Option<String>) -> String {
+    ns.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_default()
+}
+
+impl Error {
+    /// Fixed category: status reason, event reason, metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec(_) => "InvalidSpec",
+            Error::StoreNotFound { .. } => "StoreNotFound",
+            Error::InvalidStore(_) => "InvalidStore",
+            Error::AccessDenied(_) => "AccessDenied",
+            Error::Vault(e) => e.category(),
+            Error::EmptyResult { .. } => "EmptyResult",
+            Error::SecretConflict { .. } => "SecretConflict",
+            Error::Kube { .. } => "KubernetesError",
+        }
+    }
+
+    /// Permanent errors need a change somewhere (the spec, a store, a namespace label) and
+    /// are retried slowly; the watches on those objects bring the retry forward.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidSpec(_)
+                | Error::StoreNotFound { .. }
+                | Error::InvalidStore(_)
+                | Error::AccessDenied(_)
+                | Error::SecretConflict { .. }
+        )
+    }
+}
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Namespace of the operator's own objects (the HMAC key Secret).
+    pub operator_namespace: String,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// First retry delay after a failure.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            operator_namespace: "scoped-secrets".into(),
+            concurrency: 8,
+            backoff_base: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Shared state of every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub source: Arc<dyn ScopeSource>,
+    pub hmac_key: HmacKey,
+    pub recorder: Recorder,
+    pub config: Config,
+    /// Consecutive failures per object, for the backoff.
+    failures: Mutex<HashMap<ObjectRef<ScopedSecret>, u32>>,
+    /// Last `force-sync` annotation value acted on, per object.
+    force_seen: Mutex<HashMap<ObjectRef<ScopedSecret>, String>>,
+    /// Objects synced at least once since start.
+    seen: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
+}
+
+impl Context {
+    pub fn new(client: Client, source: Arc<dyn ScopeSource>, hmac_key: HmacKey, config: Config) -> Self {
+        let reporter = Reporter {
+            controller: "scoped-secrets".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            source,
+            hmac_key,
+            config,
+            failures: Mutex::new(HashMap::new()),
+            force_seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Records a failure and returns how many in a row there have been.
+    fn record_failure(&self, obj: &ObjectRef<ScopedSecret>) -> u32 {
+        let mut failures = self.failures.lock().unwrap();
+        let n = failures.entry(obj.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// Marks `obj` as synced; true the first time since start.
+    fn seen_once(&self, obj: &ObjectRef<ScopedSecret>) -> bool {
+        self.seen.lock().unwrap().insert(obj.clone())
+    }
+
+    /// Clears the failure count.
+    fn record_success(&self, obj: &ObjectRef<ScopedSecret>) {
+        self.failures.lock().unwrap().remove(obj);
+    }
+}
+
+/// Random factor in `[lo, hi)`.
+fn jitter(lo: f64, hi: f64) -> f64 {
+    rand::rng().random_range(lo..hi)
+}
+
+/// Delay before retry number `attempt` (1-based): exponential from `base`, capped, with
+/// ±20% jitter so that objects failing together do not retry together.
+pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    exp.min(max).mul_f64(jitter(0.8, 1.2))
+}
+
+/// Requeue after a failed reconcile. Never `await_change` alone: a Vault outage ends without
+/// any change to the object, and it must recover by itself.
+pub fn error_policy(ss: Arc<ScopedSecret>, err: &Error, ctx: Arc<Context>) -> Action {
+    let obj = ObjectRef::from_obj(ss.as_ref());
+    let attempt = ctx.record_failure(&obj);
+    let delay = if err.is_permanent() {
+        ctx.config.backoff_max
+    } else {
+        backoff_delay(attempt, ctx.config.backoff_base, ctx.config.backoff_max)
+    };
+    tracing::warn!(
+        namespace = ss.namespace().as_deref().unwrap_or_default(),
+        name = %ss.name_any(),
+        category = err.category(),
+        attempt,
+        retry_in_s = delay.as_secs(),
+        "reconcile failed: {err}"
+    );
+    Action::requeue(delay)
+}
+
+/// Name of the Secret holding the HMAC key.
+pub const HMAC_KEY_SECRET: &str = "scoped-secrets-hmac-key";
+
+/// Reads the HMAC key, creating it (32 random bytes) on first start.
+pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let read = |s: Secret| -> Option<HmacKey> {
+        s.data
+            .and_then(|d| d.get("key").cloned())
+            .filter(|k| k.0.len() >= 32)
+            .map(|k| HmacKey::new(k.0))
+    };
+    let kube_err = |action: &str, source| Error::Kube {
+        action: format!("{action} Secret {namespace}/{HMAC_KEY_SECRET}"),
+        source,
+    };
+    if let Some(s) = api.get_opt(HMAC_KEY_SECRET).await.map_err(|e| kube_err("read", e))? {
+        return read(s).ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "Secret {namespace}/{HMAC_KEY_SECRET} has no 32-byte key \"key\"; delete it and the operator creates a new one"
+            ))
+        });
+    }
+    let mut key = vec![0u8; 32];
+    rand::rng().fill(&mut key[..]);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(HMAC_KEY_SECRET.into()),
+            namespace: Some(namespace.into()),
+            labels: Some([("app.kubernetes.io/name".to_string(), "scoped-secrets".to_string())].into()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some([("key".to_string(), ByteString(key.clone()))].into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(HmacKey::new(key)),
+        // Another replica created it first: use theirs.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let s = api.get(HMAC_KEY_SECRET).await.map_err(|e| kube_err("read", e))?;
+            read(s).ok_or_else(|| Error::InvalidSpec(format!("Secret {namespace}/{HMAC_KEY_SECRET} is malformed")))
+        }
+        Err(e) => Err(kube_err("create", e)),
+    }
+}
+
+/// What makes a ScopedSecret worth reconciling again: its spec (generation) and the
+/// force-sync annotation. Status writes — including our own — change neither, so they do not
+/// loop back into the queue.
+fn trigger_hash(ss: &ScopedSecret) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ss.metadata.generation.hash(&mut h);
+    ss.annotations().get(FORCE_SYNC_ANNOTATION).hash(&mut h);
+    ss.metadata.uid.hash(&mut h);
+    Some(h.finish())
+}
+
+/// ScopedSecrets that use the store `kind`/`name` (in `namespace`, for a VaultStore).
+fn referencing(
+    store: &reflector::Store<ScopedSecret>,
+    kind: StoreKind,
+    name: &str,
+    namespace: Option<&str>,
+) -> Vec<ObjectRef<ScopedSecret>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|ss| {
+            ss.spec.store_ref.kind == kind
+                && ss.spec.store_ref.name == name
+                && (kind == StoreKind::ClusterVaultStore || ss.metadata.namespace.as_deref() == namespace)
+        })
+        .map(|ss| ObjectRef::from_obj(ss.as_ref()))
+        .collect()
+}
+
+/// Runs the controller until SIGTERM / Ctrl-C.
+pub async fn run(client: Client, source: Arc<dyn ScopeSource>, config: Config) -> anyhow::Result<()> {
+    let scoped: Api<ScopedSecret> = Api::all(client.clone());
+    if let Err(e) = scoped.list(&ListParams::default().limit(1)).await {
+        anyhow::bail!(
+            "failed to list ScopedSecrets ({e}); are the CRDs installed? `scoped-secrets crd | kubectl apply -f -`"
+        );
+    }
+    let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
+    let concurrency = config.concurrency;
+    let ctx = Arc::new(Context::new(client.clone(), source, hmac_key, config));
+
+    let (reader, writer) = reflector::store();
+    let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(trigger_hash, Default::default());
+    let controller = Controller::for_stream(scoped_stream, reader);
+    let store = controller.store();
+
+    // Managed Secrets only; mapped back by label so Retain (no owner reference) works too.
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let secret_config = watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true"));
+    let (store_vs, store_cs, store_ns) = (store.clone(), store.clone(), store.clone());
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .watches(secrets, secret_config, |s: Secret| {
+            let owner = s.labels().get(OWNER_LABEL).cloned();
+            let ns = s.namespace();
+            owner.map(|name| {
+                let r = ObjectRef::<ScopedSecret>::new(&name);
+                match ns {
+                    Some(ns) => r.within(&ns),
+                    None => r,
+                }
+            })
+        })
+        .watches(Api::<VaultStore>::all(client.clone()), watcher::Config::default(), move |vs: VaultStore| {
+            referencing(&store_vs, StoreKind::VaultStore, &vs.name_any(), vs.namespace().as_deref())
+        })
+        .watches(
+            Api::<ClusterVaultStore>::all(client.clone()),
+            watcher::Config::default(),
+            move |cs: ClusterVaultStore| referencing(&store_cs, StoreKind::ClusterVaultStore, &cs.name_any(), None),
+        )
+        .watches(
+            Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            move |ns: k8s_openapi::api::core::v1::Namespace| {
+                let name = ns.name_any();
+                store_ns
+                    .state()
+                    .into_iter()
+                    .filter(|ss| ss.metadata.namespace.as_deref() == Some(name.as_str()))
+                    .map(|ss| ObjectRef::from_obj(ss.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                // Reconcile errors are logged by error_policy; these are queue/watch errors.
+                match e {
+                    kube::runtime::controller::Error::ReconcilerFailed(..) => {}
+                    other => tracing::warn!("controller: {other}"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! One reconcile: fetch → validate → resolve → build → apply → status.
+//!
+//! Only `apply` (the Secret) and `status` (the ScopedSecret's status, events) write, and each
+//! writes only when something differs: a no-op resync makes zero API writes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, instrument, warn};
+
+use super::status::{Outcome, next_status};
+use super::{Context, Error, jitter, validate};
+use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreConnection, StoreKind, VaultStore};
+use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
+use crate::resolve::{self, Resolved};
+use crate::vault::{Identity, StoreHandle};
+use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
+
+/// What a successful sync did.
+struct Synced {
+    secret_name: String,
+    resolved: Resolved,
+    content_hash: String,
+    /// The Secret did not exist before.
+    created: bool,
+    /// The Secret was written.
+    wrote: bool,
+    /// Names of keys whose value was added, changed or removed (names only).
+    changed_keys: Vec<String>,
+    refresh: Duration,
+}
+
+/// Reconciles one ScopedSecret.
+#[instrument(skip_all, fields(namespace = ss.namespace().as_deref().unwrap_or_default(), name = %ss.name_any()))]
+pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let obj = ObjectRef::from_obj(ss.as_ref());
+    let result = sync(&ss, &ctx).await;
+    let now = now();
+    match result {
+        Ok(done) => {
+            let outcome = Outcome::Synced {
+                secret_name: &done.secret_name,
+                resolved: &done.resolved,
+                content_hash: &done.content_hash,
+                wrote: done.wrote,
+            };
+            write_status(&ss, &ctx, &outcome, now).await?;
+            announce(&ss, &ctx, &done).await;
+            let first_since_start = ctx.seen_once(&obj);
+            ctx.record_success(&obj);
+            // Spread refreshes: wide right after start-up so a restart does not line every
+            // object up, narrow afterwards.
+            let factor = if first_since_start { jitter(0.5, 1.0) } else { jitter(0.9, 1.0) };
+            Ok(Action::requeue(done.refresh.mul_f64(factor)))
+        }
+        Err(err) => {
+            let outcome = Outcome::Failed {
+                reason: err.category(),
+                message: &err.to_string(),
+            };
+            if let Err(status_err) = write_status(&ss, &ctx, &outcome, now).await {
+                warn!(category = status_err.category(), "failed to write status: {status_err}");
+            }
+            publish(&ss, &ctx, EventType::Warning, err.category(), &err.to_string()).await;
+            Err(err)
+        }
+    }
+}
+
+fn now() -> Time {
+    // The API server keeps seconds; so do we, so that a status read back compares equal.
+    let secs = jiff::Timestamp::now().as_second();
+    Time(jiff::Timestamp::from_second(secs).expect("now is a valid timestamp"))
+}
+
+fn kube_err(action: String) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { action, source }
+}
+
+async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
+    let ns = ss
+        .namespace()
+        .ok_or_else(|| Error::InvalidSpec("ScopedSecret has no namespace".into()))?;
+    let name = ss.name_any();
+
+    // fetch + validate: the namespace's labels, the request, the store, access, auth.
+    let namespace = Api::<Namespace>::all(ctx.client.clone())
+        .get(&ns)
+        .await
+        .map_err(kube_err(format!("read namespace {ns}")))?;
+    let ns_labels = namespace.metadata.labels.unwrap_or_default();
+    let request = validate::request(ss, &ns_labels)?;
+    let store = fetch_store(ss, ctx, &ns).await?;
+    if let StoreKind::ClusterVaultStore = store.kind
+        && let Some(cluster) = &store.cluster_spec
+    {
+        validate::check_access(&store.name, cluster, &ns, &ns_labels, &request.coordinates.project)?;
+    }
+    let auth = validate::auth_plan(store.kind, &store.name, store.namespace.as_deref(), &store.connection, &ns)?;
+    let (layout, timeout) = validate::layout_and_timeout(store.kind, &store.name, &store.connection)?;
+    let handle = StoreHandle {
+        identity: Identity {
+            store: store.identity.clone(),
+            principal: auth.principal(),
+        },
+        connection: store.connection,
+        auth,
+        timeout,
+    };
+    let paths = layout.paths(&request.coordinates);
+
+    // A changed force-sync annotation bypasses the shared cache.
+    let obj = ObjectRef::from_obj(ss);
+    let force = ss.annotations().get(FORCE_SYNC_ANNOTATION).cloned();
+    let forced = force.is_some() && ctx.force_seen.lock().unwrap().get(&obj) != force.as_ref();
+    let max_age = if forced { Duration::ZERO } else { request.refresh };
+    let layers = ctx.source.read_scopes(&handle, &paths, max_age).await?;
+
+    // resolve (pure)
+    let resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
+        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    if resolved.is_empty() && !ss.spec.allow_empty {
+        return Err(Error::EmptyResult {
+            coordinates: request.coordinates.to_string(),
+            paths: paths.iter().map(|p| p.path.as_str()).collect::<Vec<_>>().join(", "),
+        });
+    }
+
+    // build (pure)
+    let data = render::secret_data(&resolved);
+    let type_ = ss
+        .spec
+        .target
+        .as_ref()
+        .and_then(|t| t.type_.clone())
+        .unwrap_or_else(|| "Opaque".into());
+    let content_hash = render::content_hash(&ctx.hmac_key, &type_, &data);
+    let desired = render::desired_secret(ss, &request.secret_name, data, &content_hash);
+
+    // apply: the only Secret writer.
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = secrets
+        .get_opt(&request.secret_name)
+        .await
+        .map_err(kube_err(format!("read Secret {ns}/{}", request.secret_name)))?;
+    if let Some(existing) = &existing {
+        let labels = existing.labels();
+        let ours = labels.get(MANAGED_LABEL).map(String::as_str) == Some(MANAGED_LABEL_VALUE)
+            && labels.get(OWNER_LABEL) == Some(&name);
+        if !ours {
+            return Err(Error::SecretConflict {
+                namespace: ns.clone(),
+                name: request.secret_name.clone(),
+            });
+        }
+    }
+    let changed_keys = changed_key_names(existing.as_ref(), &desired);
+    let wrote = render::needs_write(existing.as_ref(), &desired);
+    if wrote {
+        // Keys added by hand belong to another field manager, which server-side apply
+        // would leave in place: remove them first.
+        let extra: BTreeMap<String, serde_json::Value> = existing
+            .as_ref()
+            .and_then(|e| e.data.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !desired.data.as_ref().is_some_and(|d| d.contains_key(*k)))
+            .map(|(k, _)| (k.clone(), serde_json::Value::Null))
+            .collect();
+        if !extra.is_empty() {
+            secrets
+                .patch(
+                    &request.secret_name,
+                    &PatchParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &Patch::Merge(json!({ "data": extra })),
+                )
+                .await
+                .map_err(kube_err(format!("remove hand-added keys from Secret {ns}/{}", request.secret_name)))?;
+        }
+        secrets
+            .patch(
+                &request.secret_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
+            .await
+            .map_err(|e| match &e {
+                // The API server refused the Secret itself (e.g. a type whose required keys
+                // are missing): a spec problem, not an outage.
+                kube::Error::Api(s) if s.code == 422 || s.code == 400 => {
+                    Error::InvalidSpec(format!("the API server refused Secret {ns}/{}: {}", request.secret_name, s.message))
+                }
+                _ => Error::Kube {
+                    action: format!("apply Secret {ns}/{}", request.secret_name),
+                    source: e,
+                },
+            })?;
+    }
+    if let Some(v) = force {
+        ctx.force_seen.lock().unwrap().insert(obj, v);
+    }
+    Ok(Synced {
+        secret_name: request.secret_name,
+        resolved,
+        content_hash,
+        created: existing.is_none(),
+        wrote,
+        changed_keys,
+        refresh: request.refresh,
+    })
+}
+
+/// Names of data keys that differ between the existing and the desired Secret.
+fn changed_key_names(existing: Option<&Secret>, desired: &Secret) -> Vec<String> {
+    let empty = BTreeMap::new();
+    let old = existing.and_then(|e| e.data.as_ref()).unwrap_or(&empty);
+    let new = desired.data.as_ref().unwrap_or(&empty);
+    let mut names: Vec<String> = old
+        .keys()
+        .chain(new.keys())
+        .filter(|k| old.get(*k) != new.get(*k))
+        .cloned()
+        .collect();
+    names.dedup();
+    names
+}
+
+struct FetchedStore {
+    kind: StoreKind,
+    name: String,
+    namespace: Option<String>,
+    connection: StoreConnection,
+    cluster_spec: Option<crate::api::v1alpha1::ClusterVaultStoreSpec>,
+    identity: String,
+}
+
+async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<FetchedStore, Error> {
+    let r = &ss.spec.store_ref;
+    match r.kind {
+        StoreKind::VaultStore => {
+            let store = Api::<VaultStore>::namespaced(ctx.client.clone(), ns)
+                .get_opt(&r.name)
+                .await
+                .map_err(kube_err(format!("read VaultStore {ns}/{}", r.name)))?
+                .ok_or_else(|| Error::StoreNotFound {
+                    kind: "VaultStore",
+                    name: r.name.clone(),
+                    namespace: Some(ns.into()),
+                })?;
+            Ok(FetchedStore {
+                kind: r.kind,
+                name: r.name.clone(),
+                namespace: Some(ns.into()),
+                identity: store_identity(&store, "VaultStore"),
+                connection: store.spec.connection,
+                cluster_spec: None,
+            })
+        }
+        StoreKind::ClusterVaultStore => {
+            let store = Api::<ClusterVaultStore>::all(ctx.client.clone())
+                .get_opt(&r.name)
+                .await
+                .map_err(kube_err(format!("read ClusterVaultStore {}", r.name)))?
+                .ok_or_else(|| Error::StoreNotFound {
+                    kind: "ClusterVaultStore",
+                    name: r.name.clone(),
+                    namespace: None,
+                })?;
+            Ok(FetchedStore {
+                kind: r.kind,
+                name: r.name.clone(),
+                namespace: None,
+                identity: store_identity(&store, "ClusterVaultStore"),
+                connection: store.spec.connection.clone(),
+                cluster_spec: Some(store.spec),
+            })
+        }
+    }
+}
+
+/// Store identity for caches: an edited store (new generation) gets fresh logins and reads.
+fn store_identity<K: Resource>(store: &K, kind: &str) -> String {
+    let m = store.meta();
+    format!(
+        "{kind}/{}/{}/{}/{}",
+        m.namespace.as_deref().unwrap_or(""),
+        m.name.as_deref().unwrap_or(""),
+        m.uid.as_deref().unwrap_or(""),
+        m.generation.unwrap_or(0)
+    )
+}
+
+async fn write_status(ss: &ScopedSecret, ctx: &Context, outcome: &Outcome<'_>, now: Time) -> Result<(), Error> {
+    let status = next_status(ss.status.as_ref(), outcome, ss.metadata.generation, now);
+    if ss.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let ns = ss.namespace().unwrap_or_default();
+    let api: Api<ScopedSecret> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({
+        "apiVersion": ScopedSecret::api_version(&()),
+        "kind": ScopedSecret::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&ss.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(kube_err(format!("write status of ScopedSecret {ns}/{}", ss.name_any())))?;
+    Ok(())
+}
+
+/// Events and a log line for what a successful sync changed. Nothing for a no-op.
+async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
+    if !done.wrote {
+        return;
+    }
+    let previous_hash = ss.status.as_ref().and_then(|s| s.content_hash.as_deref());
+    let (reason, note) = if done.created {
+        (
+            "Synced",
+            format!("created Secret {} with {} keys", done.secret_name, done.resolved.len()),
+        )
+    } else if !done.changed_keys.is_empty() && previous_hash != Some(done.content_hash.as_str()) {
+        (
+            "Changed",
+            format!("Secret {} changed: keys {}", done.secret_name, done.changed_keys.join(", ")),
+        )
+    } else {
+        ("Repaired", format!("restored Secret {} after an outside change", done.secret_name))
+    };
+    info!(secret = %done.secret_name, keys = done.resolved.len(), "{note}");
+    publish(ss, ctx, EventType::Normal, reason, &note).await;
+}
+
+async fn publish(ss: &ScopedSecret, ctx: &Context, type_: EventType, reason: &str, note: &str) {
+    let mut note = note.to_string();
+    if note.len() > 1000 {
+        let cut = (0..=1000).rev().find(|i| note.is_char_boundary(*i)).unwrap_or(0);
+        note.truncate(cut);
+    }
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Sync".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &ss.object_ref(&())).await {
+        warn!("failed to publish event {reason}: {e}");
+    }
+}

@@ -1,0 +1,212 @@
+//! Status and conditions (pure): what the ScopedSecret's status says after a reconcile.
+//!
+//! A condition's `lastTransitionTime` moves only when its status flips; a reason or message
+//! change alone keeps it. A status equal to the current one is not written.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::v1alpha1::{KeyStatus, ScopedSecretStatus};
+use crate::resolve::Resolved;
+
+pub const READY: &str = "Ready";
+pub const SYNCED: &str = "Synced";
+pub const REASON_SYNCED: &str = "Synced";
+
+/// The outcome a status is derived from.
+pub enum Outcome<'a> {
+    /// The Secret holds the resolved content.
+    Synced {
+        secret_name: &'a str,
+        resolved: &'a Resolved,
+        content_hash: &'a str,
+        /// Whether the Secret was written in this reconcile.
+        wrote: bool,
+    },
+    /// The reconcile failed; the existing Secret (if any) is kept as it was.
+    Failed { reason: &'a str, message: &'a str },
+}
+
+/// Per-key sources for `status.keys`.
+pub fn key_statuses(resolved: &Resolved) -> Vec<KeyStatus> {
+    resolved
+        .iter()
+        .map(|(name, k)| KeyStatus {
+            name: name.clone(),
+            from: k.renamed_from.clone(),
+            scope: k.source.scope.as_str().to_string(),
+            path: k.source.path.clone(),
+            version: k.source.version,
+        })
+        .collect()
+}
+
+/// The next status from the previous one, the outcome, the object's generation and now.
+pub fn next_status(
+    prev: Option<&ScopedSecretStatus>,
+    outcome: &Outcome<'_>,
+    generation: Option<i64>,
+    now: Time,
+) -> ScopedSecretStatus {
+    let mut status = prev.cloned().unwrap_or_default();
+    status.observed_generation = generation;
+    let (ok, reason, message) = match outcome {
+        Outcome::Synced {
+            secret_name,
+            resolved,
+            content_hash,
+            wrote,
+        } => {
+            let changed = status.content_hash.as_deref() != Some(*content_hash);
+            if changed {
+                status.last_change_time = Some(now.clone());
+            }
+            if *wrote || changed || status.last_sync_time.is_none() {
+                status.last_sync_time = Some(now.clone());
+            }
+            status.secret_name = Some(secret_name.to_string());
+            status.keys = key_statuses(resolved);
+            status.content_hash = Some(content_hash.to_string());
+            (
+                true,
+                REASON_SYNCED,
+                format!("Secret {secret_name} holds {} resolved keys", resolved.len()),
+            )
+        }
+        Outcome::Failed { reason, message } => (false, *reason, message.to_string()),
+    };
+    let ready_message = if ok || status.secret_name.is_none() {
+        message.clone()
+    } else {
+        format!(
+            "{message} (Secret {} is kept with its last synced content)",
+            status.secret_name.as_deref().unwrap_or_default()
+        )
+    };
+    set_condition(&mut status.conditions, READY, ok, reason, &ready_message, generation, &now);
+    set_condition(&mut status.conditions, SYNCED, ok, reason, &message, generation, &now);
+    status
+}
+
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let status = if ok { "True" } else { "False" };
+    let existing = conditions.iter_mut().find(|c| c.type_ == type_);
+    match existing {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = now.clone();
+                c.status = status.into();
+            }
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: now.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::{Entry, ScopeData, SecretValue, resolve};
+    use crate::scope::Scope;
+
+    fn t(secs: i64) -> Time {
+        Time(jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn resolved() -> Resolved {
+        resolve(&[ScopeData {
+            scope: Scope::Environment,
+            path: "shop/envs/dev".into(),
+            version: Some(4),
+            entries: [("DB_HOST".to_string(), Entry::Value(SecretValue::new("db")))].into(),
+        }])
+    }
+
+    fn synced<'a>(r: &'a Resolved, hash: &'a str, wrote: bool) -> Outcome<'a> {
+        Outcome::Synced {
+            secret_name: "api",
+            resolved: r,
+            content_hash: hash,
+            wrote,
+        }
+    }
+
+    fn cond<'a>(s: &'a ScopedSecretStatus, ty: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == ty).unwrap()
+    }
+
+    #[test]
+    fn first_sync_sets_keys_hash_times_and_true_conditions() {
+        let r = resolved();
+        let s = next_status(None, &synced(&r, "h1", true), Some(1), t(100));
+        assert_eq!(s.observed_generation, Some(1));
+        assert_eq!(s.keys, vec![KeyStatus {
+            name: "DB_HOST".into(),
+            from: None,
+            scope: "environment".into(),
+            path: "shop/envs/dev".into(),
+            version: 4
+        }]);
+        assert_eq!(s.content_hash.as_deref(), Some("h1"));
+        assert_eq!(s.last_sync_time, Some(t(100)));
+        assert_eq!(s.last_change_time, Some(t(100)));
+        assert_eq!(cond(&s, READY).status, "True");
+        assert_eq!(cond(&s, SYNCED).reason, "Synced");
+    }
+
+    #[test]
+    fn a_no_op_resync_yields_the_identical_status() {
+        let r = resolved();
+        let first = next_status(None, &synced(&r, "h1", true), Some(1), t(100));
+        let again = next_status(Some(&first), &synced(&r, "h1", false), Some(1), t(200));
+        assert_eq!(first, again, "a no-op resync must not need a status write");
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_flips() {
+        let r = resolved();
+        let ok = next_status(None, &synced(&r, "h1", true), Some(1), t(100));
+        let failed = next_status(Some(&ok), &Outcome::Failed { reason: "VaultUnavailable", message: "down" }, Some(1), t(200));
+        assert_eq!(cond(&failed, READY).last_transition_time, t(200));
+        assert_eq!(cond(&failed, READY).status, "False");
+        assert!(cond(&failed, READY).message.contains("kept"), "{}", cond(&failed, READY).message);
+        // Still failing, other reason: no transition.
+        let failed2 = next_status(Some(&failed), &Outcome::Failed { reason: "VaultPermissionDenied", message: "403" }, Some(1), t(300));
+        assert_eq!(cond(&failed2, READY).last_transition_time, t(200));
+        assert_eq!(cond(&failed2, READY).reason, "VaultPermissionDenied");
+        // Failure keeps what describes the existing Secret.
+        assert_eq!(failed2.content_hash.as_deref(), Some("h1"));
+        assert_eq!(failed2.keys.len(), 1);
+        let back = next_status(Some(&failed2), &synced(&r, "h1", false), Some(1), t(400));
+        assert_eq!(cond(&back, READY).last_transition_time, t(400));
+        assert_eq!(back.last_change_time, Some(t(100)), "same content is not a change");
+    }
+
+    #[test]
+    fn a_content_change_moves_change_and_sync_times() {
+        let r = resolved();
+        let first = next_status(None, &synced(&r, "h1", true), Some(1), t(100));
+        let changed = next_status(Some(&first), &synced(&r, "h2", true), Some(1), t(500));
+        assert_eq!(changed.last_change_time, Some(t(500)));
+        assert_eq!(changed.last_sync_time, Some(t(500)));
+        let repaired = next_status(Some(&changed), &synced(&r, "h2", true), Some(1), t(600));
+        assert_eq!(repaired.last_change_time, Some(t(500)), "a drift repair is not a content change");
+        assert_eq!(repaired.last_sync_time, Some(t(600)));
+    }
+}

@@ -1,0 +1,426 @@
+//! The `validate` stage (pure): from a ScopedSecret, its namespace's labels and its store to
+//! coordinates, paths, an auth plan and an access decision — or a precise refusal.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kube::core::{Selector, SelectorExt};
+
+use super::Error;
+use crate::api::v1alpha1::{ClusterVaultStoreSpec, ScopedSecret, StoreConnection, StoreKind};
+use crate::render::FORBIDDEN_TYPE;
+use crate::scope::{Coordinates, Layout};
+use crate::vault::{AuthPlan, SecretKeyLocation};
+use crate::{ENVIRONMENT_LABEL, PROJECT_LABEL};
+
+/// Default refresh interval.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
+/// Shortest refresh interval accepted: protects Vault from a typo like `1ms`.
+pub const MIN_REFRESH: Duration = Duration::from_secs(10);
+/// Default timeout of a Vault call.
+pub const DEFAULT_VAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Parses a Go-style duration (`30s`, `1m`, `1h30m`, `500ms`).
+pub fn parse_duration(field: &str, value: &str) -> Result<Duration, Error> {
+    let bad = || Error::InvalidSpec(format!("{field} {value:?} is not a duration like 30s, 5m or 1h30m"));
+    if value.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = value;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else {
+            return Err(bad());
+        };
+        total = total
+            .checked_add(unit.checked_mul(u32::try_from(n).map_err(|_| bad())?).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
+        rest = &rest[len..];
+    }
+    Ok(total)
+}
+
+/// What the ScopedSecret asks for, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub coordinates: Coordinates,
+    pub secret_name: String,
+    pub refresh: Duration,
+}
+
+/// Checks the ScopedSecret's own fields and fills defaults from its namespace's labels.
+pub fn request(ss: &ScopedSecret, namespace_labels: &BTreeMap<String, String>) -> Result<Request, Error> {
+    let name = ss.metadata.name.as_deref().unwrap_or_default();
+    let ns = ss.metadata.namespace.as_deref().unwrap_or_default();
+    let spec = &ss.spec;
+    let project = spec
+        .project
+        .as_deref()
+        .or(namespace_labels.get(PROJECT_LABEL).map(String::as_str))
+        .ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "no project: set spec.project, or label namespace {ns} with {PROJECT_LABEL}=<project>"
+            ))
+        })?;
+    let environment = spec
+        .environment
+        .as_deref()
+        .or(namespace_labels.get(ENVIRONMENT_LABEL).map(String::as_str));
+    let service = spec.service.as_deref().unwrap_or(name);
+    let coordinates = Coordinates::new(project, environment, Some(service)).map_err(|e| {
+        let hint = if spec.service.is_none() && e.to_string().starts_with("service") {
+            " (the service defaults to the ScopedSecret's name; set spec.service)"
+        } else {
+            ""
+        };
+        Error::InvalidSpec(format!("{e}{hint}"))
+    })?;
+
+    let target = spec.target.clone().unwrap_or_default();
+    if target.type_.as_deref() == Some(FORBIDDEN_TYPE) {
+        return Err(Error::InvalidSpec(format!(
+            "spec.target.type {FORBIDDEN_TYPE} is refused: it would mint a token for any ServiceAccount in the namespace"
+        )));
+    }
+    let refresh = match &spec.refresh_interval {
+        Some(v) => parse_duration("spec.refreshInterval", v)?,
+        None => DEFAULT_REFRESH,
+    };
+    if refresh < MIN_REFRESH {
+        return Err(Error::InvalidSpec(format!(
+            "spec.refreshInterval {:?} is shorter than the minimum 10s",
+            spec.refresh_interval.as_deref().unwrap_or_default()
+        )));
+    }
+    for r in &spec.rotation {
+        parse_duration(&format!("spec.rotation[{}].overlap", r.key), &r.overlap)?;
+    }
+    Ok(Request {
+        coordinates,
+        secret_name: target.name.unwrap_or_else(|| name.to_string()),
+        refresh,
+    })
+}
+
+/// Whether a ClusterVaultStore serves `namespace` (with `labels`) for `project`.
+pub fn check_access(
+    store_name: &str,
+    store: &ClusterVaultStoreSpec,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    project: &str,
+) -> Result<(), Error> {
+    if store.access.is_empty() {
+        return match labels.get(PROJECT_LABEL) {
+            Some(p) if p == project => Ok(()),
+            Some(p) => Err(Error::AccessDenied(format!(
+                "ClusterVaultStore {store_name} has no spec.access rules, so namespace {namespace} may read only project {p:?} (its label {PROJECT_LABEL}), not {project:?}; add a spec.access rule admitting this namespace to project {project:?}"
+            ))),
+            None => Err(Error::AccessDenied(format!(
+                "ClusterVaultStore {store_name} has no spec.access rules and namespace {namespace} has no label {PROJECT_LABEL}; label the namespace {PROJECT_LABEL}={project} or add a spec.access rule admitting it to project {project:?}"
+            ))),
+        };
+    }
+    let mut namespace_admitted = false;
+    for (i, rule) in store.access.iter().enumerate() {
+        let selector = Selector::try_from(rule.namespace_selector.clone()).map_err(|e| {
+            Error::InvalidStore(format!(
+                "ClusterVaultStore {store_name} spec.access[{i}].namespaceSelector is invalid: {e}"
+            ))
+        })?;
+        if selector.matches(labels) {
+            namespace_admitted = true;
+            if rule.projects.iter().any(|p| p == "*" || p == project) {
+                return Ok(());
+            }
+        }
+    }
+    Err(Error::AccessDenied(if namespace_admitted {
+        format!(
+            "the spec.access rules of ClusterVaultStore {store_name} that select namespace {namespace} do not list project {project:?}; add it to a rule's projects"
+        )
+    } else {
+        format!(
+            "no spec.access rule of ClusterVaultStore {store_name} selects namespace {namespace}; add a rule whose namespaceSelector matches its labels, with projects [{project:?}]"
+        )
+    }))
+}
+
+/// Turns the store's `auth` into a plan with every namespace decided. A namespaced
+/// VaultStore may only use credentials of its own namespace (no confused deputy); a
+/// ClusterVaultStore must name the namespace of its credential Secrets.
+pub fn auth_plan(
+    kind: StoreKind,
+    store_name: &str,
+    store_namespace: Option<&str>,
+    conn: &StoreConnection,
+    requester_namespace: &str,
+) -> Result<AuthPlan, Error> {
+    let invalid = |detail: String| Error::InvalidStore(format!("{} {store_name}: {detail}", kind.as_str()));
+    let auth = &conn.auth;
+    let set = [auth.kubernetes.is_some(), auth.app_role.is_some(), auth.token.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if set != 1 {
+        return Err(invalid(format!(
+            "spec.auth must set exactly one of kubernetes, appRole, token ({set} set)"
+        )));
+    }
+    if conn.kv.version != 2 {
+        return Err(invalid("spec.kv.version must be 2".into()));
+    }
+    let secret_location = |field: &str, r: &crate::api::v1alpha1::SecretKeyRef| -> Result<SecretKeyLocation, Error> {
+        let namespace = match (kind, &r.namespace, store_namespace) {
+            (StoreKind::VaultStore, Some(ns), Some(own)) if ns != own => {
+                return Err(invalid(format!(
+                    "{field}.namespace {ns:?}: a VaultStore may only read Secrets of its own namespace {own:?}"
+                )));
+            }
+            (StoreKind::VaultStore, _, Some(own)) => own.to_string(),
+            (_, Some(ns), _) => ns.clone(),
+            (_, None, _) => {
+                return Err(invalid(format!(
+                    "{field}.namespace is required on a ClusterVaultStore"
+                )));
+            }
+        };
+        Ok(SecretKeyLocation {
+            namespace,
+            name: r.name.clone(),
+            key: r.key.clone(),
+        })
+    };
+    if let Some(k) = &auth.kubernetes {
+        let sa_ns = match (kind, &k.service_account.namespace) {
+            (StoreKind::VaultStore, Some(ns)) if Some(ns.as_str()) != store_namespace => {
+                return Err(invalid(format!(
+                    "spec.auth.kubernetes.serviceAccount.namespace {ns:?}: a VaultStore may only use ServiceAccounts of its own namespace"
+                )));
+            }
+            (_, Some(ns)) => ns.clone(),
+            (_, None) => requester_namespace.to_string(),
+        };
+        return Ok(AuthPlan::Kubernetes {
+            mount: k.mount_path.clone().unwrap_or_else(|| "kubernetes".into()),
+            role: k.role.clone(),
+            audience: k.audience.clone().unwrap_or_else(|| "vault".into()),
+            service_account_namespace: sa_ns,
+            service_account: k.service_account.name.clone(),
+        });
+    }
+    if let Some(a) = &auth.app_role {
+        return Ok(AuthPlan::AppRole {
+            mount: a.mount_path.clone().unwrap_or_else(|| "approle".into()),
+            role_id: a.role_id.clone(),
+            secret_id: secret_location("spec.auth.appRole.secretRef", &a.secret_ref)?,
+        });
+    }
+    let t = auth.token.as_ref().expect("exactly one auth method is set");
+    Ok(AuthPlan::Token {
+        token: secret_location("spec.auth.token.secretRef", &t.secret_ref)?,
+    })
+}
+
+/// The store's path layout and Vault timeout.
+pub fn layout_and_timeout(kind: StoreKind, store_name: &str, conn: &StoreConnection) -> Result<(Layout, Duration), Error> {
+    let layout = Layout::from_templates(&conn.paths)
+        .map_err(|e| Error::InvalidStore(format!("{} {store_name}: spec.paths: {e}", kind.as_str())))?;
+    let timeout = match &conn.timeout {
+        Some(t) => parse_duration("spec.timeout", t)
+            .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?,
+        None => DEFAULT_VAULT_TIMEOUT,
+    };
+    Ok((layout, timeout.max(Duration::from_millis(100))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::v1alpha1::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn ss(spec: ScopedSecretSpec) -> ScopedSecret {
+        let mut ss = ScopedSecret::new("api", spec);
+        ss.metadata.namespace = Some("shop-dev".into());
+        ss
+    }
+
+    #[test]
+    fn coordinates_default_to_namespace_labels_and_the_object_name() {
+        let r = request(
+            &ss(ScopedSecretSpec::default()),
+            &labels(&[(PROJECT_LABEL, "shop"), (ENVIRONMENT_LABEL, "dev")]),
+        )
+        .unwrap();
+        assert_eq!(r.coordinates, Coordinates::new("shop", Some("dev"), Some("api")).unwrap());
+        assert_eq!(r.secret_name, "api");
+        assert_eq!(r.refresh, DEFAULT_REFRESH);
+    }
+
+    #[test]
+    fn spec_fields_win_over_namespace_labels() {
+        let r = request(
+            &ss(ScopedSecretSpec {
+                project: Some("bank".into()),
+                environment: Some("prod".into()),
+                service: Some("web".into()),
+                target: Some(Target { name: Some("web-env".into()), ..Default::default() }),
+                refresh_interval: Some("5m".into()),
+                ..Default::default()
+            }),
+            &labels(&[(PROJECT_LABEL, "shop"), (ENVIRONMENT_LABEL, "dev")]),
+        )
+        .unwrap();
+        assert_eq!(r.coordinates, Coordinates::new("bank", Some("prod"), Some("web")).unwrap());
+        assert_eq!(r.secret_name, "web-env");
+        assert_eq!(r.refresh, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn missing_project_bad_names_short_refresh_and_sa_token_type_are_invalid_spec() {
+        let cases: Vec<(ScopedSecretSpec, &str)> = vec![
+            (ScopedSecretSpec::default(), "no project"),
+            (ScopedSecretSpec { project: Some("a/b".into()), ..Default::default() }, "project \"a/b\""),
+            (ScopedSecretSpec { project: Some("p".into()), environment: Some("..".into()), ..Default::default() }, "environment"),
+            (ScopedSecretSpec { project: Some("p".into()), refresh_interval: Some("1s".into()), ..Default::default() }, "minimum 10s"),
+            (ScopedSecretSpec { project: Some("p".into()), refresh_interval: Some("soon".into()), ..Default::default() }, "not a duration"),
+            (
+                ScopedSecretSpec {
+                    project: Some("p".into()),
+                    target: Some(Target { type_: Some(FORBIDDEN_TYPE.into()), ..Default::default() }),
+                    ..Default::default()
+                },
+                "refused",
+            ),
+        ];
+        for (spec, want) in cases {
+            let err = request(&ss(spec), &BTreeMap::new()).unwrap_err();
+            assert_eq!(err.category(), "InvalidSpec");
+            assert!(err.to_string().contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("f", "1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("f", "500ms").unwrap(), Duration::from_millis(500));
+        for bad in ["", "1", "m", "1d", "1.5h", "-1s", "1m 2s"] {
+            assert!(parse_duration("f", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn cluster_store(access: Vec<AccessRule>) -> ClusterVaultStoreSpec {
+        ClusterVaultStoreSpec { access, ..Default::default() }
+    }
+
+    fn rule(match_labels: &[(&str, &str)], projects: &[&str]) -> AccessRule {
+        AccessRule {
+            namespace_selector: LabelSelector {
+                match_labels: Some(labels(match_labels)),
+                ..Default::default()
+            },
+            projects: projects.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn without_rules_a_namespace_reads_only_its_labelled_project() {
+        let store = cluster_store(vec![]);
+        assert!(check_access("vault", &store, "shop-dev", &labels(&[(PROJECT_LABEL, "shop")]), "shop").is_ok());
+        let err = check_access("vault", &store, "shop-dev", &labels(&[(PROJECT_LABEL, "shop")]), "bank").unwrap_err();
+        assert_eq!(err.category(), "AccessDenied");
+        assert!(err.to_string().contains("not \"bank\""), "{err}");
+        let err = check_access("vault", &store, "x", &BTreeMap::new(), "shop").unwrap_err();
+        assert!(err.to_string().contains("has no label"), "{err}");
+    }
+
+    #[test]
+    fn rules_admit_selected_namespaces_to_listed_projects_only() {
+        let store = cluster_store(vec![rule(&[("team", "shop")], &["shop"]), rule(&[("team", "ops")], &["*"])]);
+        let shop = labels(&[("team", "shop")]);
+        assert!(check_access("vault", &store, "ns", &shop, "shop").is_ok());
+        let err = check_access("vault", &store, "ns", &shop, "bank").unwrap_err();
+        assert!(err.to_string().contains("do not list project \"bank\""), "{err}");
+        let err = check_access("vault", &store, "ns", &labels(&[("team", "other")]), "shop").unwrap_err();
+        assert!(err.to_string().contains("no spec.access rule"), "{err}");
+        assert!(check_access("vault", &store, "ns", &labels(&[("team", "ops")]), "anything").is_ok());
+        // The namespace's own project label grants nothing once rules exist.
+        let err = check_access("vault", &store, "ns", &labels(&[(PROJECT_LABEL, "bank")]), "bank");
+        assert!(err.is_err());
+    }
+
+    fn conn(auth: Auth) -> StoreConnection {
+        StoreConnection { address: "http://vault:8200".into(), auth, ..Default::default() }
+    }
+
+    fn secret_ref(ns: Option<&str>) -> SecretKeyRef {
+        SecretKeyRef { name: "vault-token".into(), key: "token".into(), namespace: ns.map(Into::into) }
+    }
+
+    #[test]
+    fn a_vault_store_cannot_borrow_credentials_of_another_namespace() {
+        let c = conn(Auth { token: Some(TokenAuth { secret_ref: secret_ref(Some("scoped-secrets")) }), ..Default::default() });
+        let err = auth_plan(StoreKind::VaultStore, "s", Some("shop-dev"), &c, "shop-dev").unwrap_err();
+        assert_eq!(err.category(), "InvalidStore");
+        let c = conn(Auth { token: Some(TokenAuth { secret_ref: secret_ref(None) }), ..Default::default() });
+        let plan = auth_plan(StoreKind::VaultStore, "s", Some("shop-dev"), &c, "shop-dev").unwrap();
+        assert_eq!(plan, AuthPlan::Token { token: SecretKeyLocation { namespace: "shop-dev".into(), name: "vault-token".into(), key: "token".into() } });
+        let c = conn(Auth {
+            kubernetes: Some(KubernetesAuth {
+                role: "r".into(),
+                service_account: ServiceAccountRef { name: "sa".into(), namespace: Some("kube-system".into()) },
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert!(auth_plan(StoreKind::VaultStore, "s", Some("shop-dev"), &c, "shop-dev").is_err());
+    }
+
+    #[test]
+    fn kubernetes_auth_defaults_to_the_requesting_namespace() {
+        let c = conn(Auth {
+            kubernetes: Some(KubernetesAuth {
+                role: "scoped-secrets".into(),
+                service_account: ServiceAccountRef { name: "scoped-secrets".into(), namespace: None },
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let plan = auth_plan(StoreKind::ClusterVaultStore, "vault", None, &c, "shop-dev").unwrap();
+        assert_eq!(plan, AuthPlan::Kubernetes {
+            mount: "kubernetes".into(),
+            role: "scoped-secrets".into(),
+            audience: "vault".into(),
+            service_account_namespace: "shop-dev".into(),
+            service_account: "scoped-secrets".into(),
+        });
+    }
+
+    #[test]
+    fn cluster_store_credentials_need_a_namespace_and_exactly_one_method() {
+        let c = conn(Auth { token: Some(TokenAuth { secret_ref: secret_ref(None) }), ..Default::default() });
+        let err = auth_plan(StoreKind::ClusterVaultStore, "vault", None, &c, "x").unwrap_err();
+        assert!(err.to_string().contains("namespace is required"), "{err}");
+        let err = auth_plan(StoreKind::ClusterVaultStore, "vault", None, &conn(Auth::default()), "x").unwrap_err();
+        assert!(err.to_string().contains("exactly one"), "{err}");
+    }
+}

@@ -1,0 +1,25 @@
+//! scoped-secrets: credentials kept in Vault scopes that inherit from each other, resolved
+//! into native Kubernetes Secrets by a kube-rs controller.
+//!
+//! The reconcile is staged (`controller`): fetch → resolve (pure, `resolve`) → build (pure,
+//! `render`) → apply → status. Vault sits behind a small trait (`vault::ScopeSource`).
+
+pub mod api;
+pub mod controller;
+pub mod crd;
+pub mod render;
+pub mod resolve;
+pub mod scope;
+pub mod telemetry;
+pub mod vault;
+
+/// Field manager of every write the operator makes (server-side apply).
+pub const FIELD_MANAGER: &str = "scoped-secrets";
+/// Label on every Secret the operator manages; the controller watches only these.
+pub const MANAGED_LABEL: &str = "scopedsecrets.io/managed";
+/// Namespace label naming the default project.
+pub const PROJECT_LABEL: &str = "scopedsecrets.io/project";
+/// Namespace label naming the default environment.
+pub const ENVIRONMENT_LABEL: &str = "scopedsecrets.io/environment";
+/// Annotation whose change forces a refresh that bypasses the shared Vault read cache.
+pub const FORCE_SYNC_ANNOTATION: &str = "scopedsecrets.io/force-sync";

@@ -1,0 +1,160 @@
+//! The shared per-path read cache.
+//!
+//! Every ScopedSecret that inherits from a path uses the same read while it is fresh enough
+//! for that ScopedSecret (`max_age`, its refresh interval), and concurrent misses for one path
+//! wait on one request instead of each sending their own. Entries are keyed by Vault
+//! identity, so tenancy enforced by Vault policy is not bypassed through the cache. Errors are
+//! never cached. A hand-written map of per-key async mutexes is all this needs: the
+//! freshness bound is chosen per caller, which TTL-at-insert caches do not model.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Identity;
+
+/// Key of one cached read.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub identity: Identity,
+    pub mount: String,
+    pub path: String,
+}
+
+type Slot<V> = Arc<tokio::sync::Mutex<Option<(Instant, V)>>>;
+
+/// Entries unused for this long are dropped.
+const IDLE_EVICTION: Duration = Duration::from_secs(3600);
+
+/// Cache of values `V` read at some instant.
+pub struct ReadCache<V> {
+    slots: Mutex<HashMap<CacheKey, (Slot<V>, Instant)>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl<V: Clone> Default for ReadCache<V> {
+    fn default() -> Self {
+        ReadCache {
+            slots: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<V: Clone> ReadCache<V> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The cached value if it is at most `max_age` old; otherwise runs `fetch` (once, for all
+    /// concurrent callers of the same key) and caches its success.
+    pub async fn get_or_fetch<E, F, Fut>(&self, key: CacheKey, max_age: Duration, fetch: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let slot = self.slot(key);
+        let mut guard = slot.lock().await;
+        if let Some((at, value)) = guard.as_ref()
+            && at.elapsed() <= max_age
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(value.clone());
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let value = fetch().await?;
+        *guard = Some((Instant::now(), value.clone()));
+        Ok(value)
+    }
+
+    /// Drops every entry of `identity` (after its credentials stopped working).
+    pub fn forget_identity(&self, identity: &Identity) {
+        self.slots.lock().unwrap().retain(|k, _| &k.identity != identity);
+    }
+
+    /// `(hits, misses)` so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+
+    fn slot(&self, key: CacheKey) -> Slot<V> {
+        let now = Instant::now();
+        let mut slots = self.slots.lock().unwrap();
+        if slots.len() > 1024 {
+            slots.retain(|_, (_, used)| now.duration_since(*used) < IDLE_EVICTION);
+        }
+        let entry = slots.entry(key).or_insert_with(|| (Arc::default(), now));
+        entry.1 = now;
+        entry.0.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn key(path: &str, principal: &str) -> CacheKey {
+        CacheKey {
+            identity: Identity {
+                store: "s".into(),
+                principal: principal.into(),
+            },
+            mount: "secret".into(),
+            path: path.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_for_one_path_send_one_request() {
+        let cache = Arc::new(ReadCache::<u32>::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_fetch(key("shop", "a"), Duration::from_secs(60), || async {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Ok::<_, ()>(7)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Ok(7));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.stats(), (49, 1));
+    }
+
+    #[tokio::test]
+    async fn an_entry_older_than_the_callers_max_age_is_read_again() {
+        let cache = ReadCache::<u32>::new();
+        let v = cache.get_or_fetch(key("p", "a"), Duration::ZERO, || async { Ok::<_, ()>(1) }).await;
+        assert_eq!(v, Ok(1));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A long max age reuses it; a zero max age (force-sync) does not.
+        let v = cache.get_or_fetch(key("p", "a"), Duration::from_secs(60), || async { Ok::<_, ()>(2) }).await;
+        assert_eq!(v, Ok(1));
+        let v = cache.get_or_fetch(key("p", "a"), Duration::ZERO, || async { Ok::<_, ()>(3) }).await;
+        assert_eq!(v, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_cached_and_identities_do_not_share_reads() {
+        let cache = ReadCache::<u32>::new();
+        let long = Duration::from_secs(60);
+        assert_eq!(cache.get_or_fetch(key("p", "a"), long, || async { Err::<u32, _>("down") }).await, Err("down"));
+        assert_eq!(cache.get_or_fetch(key("p", "a"), long, || async { Ok::<_, &str>(1) }).await, Ok(1));
+        assert_eq!(cache.get_or_fetch(key("p", "b"), long, || async { Ok::<_, &str>(2) }).await, Ok(2));
+        cache.forget_identity(&key("p", "a").identity);
+        assert_eq!(cache.get_or_fetch(key("p", "a"), long, || async { Ok::<_, &str>(3) }).await, Ok(3));
+    }
+}

@@ -1,0 +1,150 @@
+//! Vault behind a small trait.
+//!
+//! The controller asks a [`ScopeSource`] for the scope paths of one store and one requesting
+//! namespace. The real source ([`client::VaultReader`]) logs in once per identity, shares
+//! reads through a per-path cache ([`cache::ReadCache`]) and maps every Vault failure to a
+//! [`VaultError`] with a fixed category. Tests of the pure stages use [`memory::MemorySource`];
+//! integration tests use a real OpenBao server.
+
+pub mod cache;
+pub mod client;
+pub mod memory;
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::api::v1alpha1::StoreConnection;
+use crate::resolve::ScopeData;
+use crate::scope::ScopePath;
+
+/// Who talks to Vault: the store (with its generation, so an edited store gets fresh
+/// clients) and the principal that logs in. Cached reads and logins are keyed by it, so a
+/// read made with one namespace's Vault identity is never served to another's.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub store: String,
+    pub principal: String,
+}
+
+/// A Secret key holding a credential.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SecretKeyLocation {
+    pub namespace: String,
+    pub name: String,
+    pub key: String,
+}
+
+/// How to log in, with every namespace already decided and checked by the controller.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AuthPlan {
+    Kubernetes {
+        mount: String,
+        role: String,
+        audience: String,
+        service_account_namespace: String,
+        service_account: String,
+    },
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id: SecretKeyLocation,
+    },
+    Token {
+        token: SecretKeyLocation,
+    },
+}
+
+impl AuthPlan {
+    /// The principal part of an [`Identity`].
+    pub fn principal(&self) -> String {
+        match self {
+            AuthPlan::Kubernetes {
+                mount,
+                role,
+                audience,
+                service_account_namespace,
+                service_account,
+            } => format!("kubernetes:{mount}:{role}:{audience}:{service_account_namespace}/{service_account}"),
+            AuthPlan::AppRole { mount, role_id, secret_id } => format!(
+                "approle:{mount}:{role_id}:{}/{}/{}",
+                secret_id.namespace, secret_id.name, secret_id.key
+            ),
+            AuthPlan::Token { token } => format!("token:{}/{}/{}", token.namespace, token.name, token.key),
+        }
+    }
+
+    /// The auth method's name, for messages.
+    pub fn method(&self) -> &'static str {
+        match self {
+            AuthPlan::Kubernetes { .. } => "kubernetes",
+            AuthPlan::AppRole { .. } => "appRole",
+            AuthPlan::Token { .. } => "token",
+        }
+    }
+}
+
+/// A store, dereferenced for one requesting namespace.
+#[derive(Clone, Debug)]
+pub struct StoreHandle {
+    pub identity: Identity,
+    pub connection: StoreConnection,
+    pub auth: AuthPlan,
+    /// Timeout of each Vault call.
+    pub timeout: Duration,
+}
+
+/// Everything that can go wrong talking to Vault. Messages name the address, path, mount or
+/// Secret involved — never a value or a token.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum VaultError {
+    #[error("failed to reach Vault at {address}: {detail}")]
+    Unavailable { address: String, detail: String },
+    #[error("Vault at {address} is sealed; unseal it (existing Secrets are kept meanwhile)")]
+    Sealed { address: String },
+    #[error(
+        "Vault denied reading {mount}/data/{path} (403): grant the {method} identity's policy `read` on \"{mount}/data/{path}\" and `read` on \"{mount}/metadata/{path}\""
+    )]
+    PermissionDenied {
+        mount: String,
+        path: String,
+        method: &'static str,
+    },
+    #[error("failed to log in to Vault with {method} auth: {detail}")]
+    AuthFailed { method: &'static str, detail: String },
+    #[error(
+        "the latest version ({version}) of {mount}/{path} is {state}; undelete it (`bao kv undelete -mount={mount} -versions={version} {path}`) or write a new version — an empty scope must be a path with no versions at all"
+    )]
+    ScopeDeleted {
+        mount: String,
+        path: String,
+        version: u64,
+        state: &'static str,
+    },
+    #[error("invalid store: {0}")]
+    InvalidStore(String),
+}
+
+impl VaultError {
+    /// Fixed category, used as the status reason, event reason and metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            VaultError::Unavailable { .. } | VaultError::Sealed { .. } => "VaultUnavailable",
+            VaultError::PermissionDenied { .. } => "VaultPermissionDenied",
+            VaultError::AuthFailed { .. } => "VaultAuthFailed",
+            VaultError::ScopeDeleted { .. } => "ScopeDeleted",
+            VaultError::InvalidStore(_) => "InvalidStore",
+        }
+    }
+}
+
+/// Reads scope paths. `max_age` bounds how old a shared cached read may be; zero forces a
+/// fresh read.
+pub trait ScopeSource: Send + Sync + 'static {
+    fn read_scopes<'a>(
+        &'a self,
+        store: &'a StoreHandle,
+        paths: &'a [ScopePath],
+        max_age: Duration,
+    ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>>;
+}
