@@ -8,7 +8,11 @@ use scoped_secrets::vault::client::VaultReader;
 use scoped_secrets::{crd, telemetry};
 
 #[derive(Parser)]
-#[command(name = "scoped-secrets", version, about = "Scoped, inherited credentials from Vault into Kubernetes Secrets")]
+#[command(
+    name = "scoped-secrets",
+    version,
+    about = "Scoped, inherited credentials from Vault into Kubernetes Secrets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,7 +53,6 @@ async fn main() -> anyhow::Result<()> {
             log_format,
         } => {
             telemetry::init(&log_level, log_format == "json");
-            let _ = rustls_provider();
             let client = kube::Client::try_default().await?;
             let source = Arc::new(VaultReader::new(client.clone()));
             let config = Config {
@@ -57,13 +60,11 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 ..Config::default()
             };
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting scoped-secrets controller");
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                "starting scoped-secrets controller"
+            );
             controller::run(client, source, config).await
         }
     }
-}
-
-/// kube and vaultrs both use rustls; make sure one crypto provider is installed.
-fn rustls_provider() -> Result<(), ()> {
-    Ok(())
 }

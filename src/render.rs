@@ -86,7 +86,10 @@ pub fn desired_secret(
 
     let mut labels = target.labels;
     labels.insert(MANAGED_LABEL.to_string(), MANAGED_LABEL_VALUE.to_string());
-    labels.insert(OWNER_LABEL.to_string(), ss.metadata.name.clone().unwrap_or_default());
+    labels.insert(
+        OWNER_LABEL.to_string(),
+        ss.metadata.name.clone().unwrap_or_default(),
+    );
 
     let owner_references = match ss.spec.deletion_policy {
         DeletionPolicy::Delete => Some(vec![owner_reference(ss)]),
@@ -94,7 +97,10 @@ pub fn desired_secret(
     };
 
     let mut annotations = target.annotations;
-    annotations.insert(CONTENT_HASH_ANNOTATION.to_string(), content_hash.to_string());
+    annotations.insert(
+        CONTENT_HASH_ANNOTATION.to_string(),
+        content_hash.to_string(),
+    );
     let metadata_hash = metadata_digest(&type_, &labels, &annotations, owner_references.is_some());
     annotations.insert(METADATA_HASH_ANNOTATION.to_string(), metadata_hash);
 
@@ -153,7 +159,8 @@ pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
     let Some(existing) = existing else {
         return true;
     };
-    let subset = |want: &Option<BTreeMap<String, String>>, have: &Option<BTreeMap<String, String>>| {
+    let subset = |want: &Option<BTreeMap<String, String>>,
+                  have: &Option<BTreeMap<String, String>>| {
         let empty = BTreeMap::new();
         let have = have.as_ref().unwrap_or(&empty);
         want.as_ref()
@@ -162,8 +169,10 @@ pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
             .all(|(k, v)| have.get(k) == Some(v))
     };
     let empty_data = BTreeMap::new();
-    let data_equal = existing.data.as_ref().unwrap_or(&empty_data) == desired.data.as_ref().unwrap_or(&empty_data);
-    let type_equal = existing.type_.as_deref().unwrap_or("Opaque") == desired.type_.as_deref().unwrap_or("Opaque");
+    let data_equal = existing.data.as_ref().unwrap_or(&empty_data)
+        == desired.data.as_ref().unwrap_or(&empty_data);
+    let type_equal = existing.type_.as_deref().unwrap_or("Opaque")
+        == desired.type_.as_deref().unwrap_or("Opaque");
     let ours = |refs: &Option<Vec<OwnerReference>>| {
         refs.iter()
             .flatten()
@@ -171,13 +180,17 @@ pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
             .map(|r| r.uid.clone())
             .collect::<Vec<_>>()
     };
-    let owner_equal = ours(&existing.metadata.owner_references) == ours(&desired.metadata.owner_references);
+    let owner_equal =
+        ours(&existing.metadata.owner_references) == ours(&desired.metadata.owner_references);
     !(data_equal
         && type_equal
         && owner_equal
         && existing.string_data.is_none()
         && subset(&desired.metadata.labels, &existing.metadata.labels)
-        && subset(&desired.metadata.annotations, &existing.metadata.annotations))
+        && subset(
+            &desired.metadata.annotations,
+            &existing.metadata.annotations,
+        ))
 }
 
 #[cfg(test)]
@@ -200,7 +213,10 @@ mod tests {
         let mut ss = ScopedSecret::new(
             "api",
             ScopedSecretSpec {
-                store_ref: StoreRef { name: "vault".into(), ..Default::default() },
+                store_ref: StoreRef {
+                    name: "vault".into(),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
         );
@@ -217,7 +233,14 @@ mod tests {
         assert_ne!(a, content_hash(&key(), "Opaque", &data(&[("A", "2")])));
         assert_ne!(a, content_hash(&key(), "Opaque", &data(&[("B", "1")])));
         assert_ne!(a, content_hash(&key(), "other", &data(&[("A", "1")])));
-        assert_ne!(a, content_hash(&HmacKey::new(b"another key".to_vec()), "Opaque", &data(&[("A", "1")])));
+        assert_ne!(
+            a,
+            content_hash(
+                &HmacKey::new(b"another key".to_vec()),
+                "Opaque",
+                &data(&[("A", "1")])
+            )
+        );
         // Length prefixes: moving a byte between key and value is a different content.
         assert_ne!(
             content_hash(&key(), "Opaque", &data(&[("AB", "C")])),
@@ -233,13 +256,20 @@ mod tests {
         let mut s = ss();
         s.spec.target = Some(Target {
             name: Some("api-env".into()),
-            labels: [("team".to_string(), "shop".to_string()), (MANAGED_LABEL.to_string(), "false".to_string())].into(),
+            labels: [
+                ("team".to_string(), "shop".to_string()),
+                (MANAGED_LABEL.to_string(), "false".to_string()),
+            ]
+            .into(),
             annotations: [("note".to_string(), "x".to_string())].into(),
             ..Default::default()
         });
         let d = desired_secret(&s, "api-env", data(&[("A", "1")]), "hmac-sha256:ab");
         let labels = d.metadata.labels.as_ref().unwrap();
-        assert_eq!(labels[MANAGED_LABEL], "true", "users cannot unset the managed label");
+        assert_eq!(
+            labels[MANAGED_LABEL], "true",
+            "users cannot unset the managed label"
+        );
         assert_eq!(labels["team"], "shop");
         assert_eq!(labels[OWNER_LABEL], "api");
         let ann = d.metadata.annotations.as_ref().unwrap();
@@ -248,7 +278,10 @@ mod tests {
         assert_eq!(d.type_.as_deref(), Some("Opaque"));
         assert!(d.string_data.is_none());
         let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("ScopedSecret", "uid-1", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("ScopedSecret", "uid-1", Some(true))
+        );
         assert_eq!(d.metadata.namespace.as_deref(), Some("shop-dev"));
     }
 
@@ -259,7 +292,10 @@ mod tests {
         let d = desired_secret(&s, "api", data(&[]), "h");
         assert!(d.metadata.owner_references.is_none());
         let owned = desired_secret(&ss(), "api", data(&[]), "h");
-        assert!(needs_write(Some(&owned), &d), "switching to Retain must drop the owner reference");
+        assert!(
+            needs_write(Some(&owned), &d),
+            "switching to Retain must drop the owner reference"
+        );
     }
 
     #[test]
@@ -269,7 +305,12 @@ mod tests {
         let mut existing = d.clone();
         // Server-added metadata and foreign labels do not count as drift.
         existing.metadata.resource_version = Some("7".into());
-        existing.metadata.labels.as_mut().unwrap().insert("extra".into(), "y".into());
+        existing
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("extra".into(), "y".into());
         assert!(!needs_write(Some(&existing), &d));
 
         let mut edited = existing.clone();
@@ -279,7 +320,12 @@ mod tests {
         added.data = Some(data(&[("A", "1"), ("B", "2")]));
         assert!(needs_write(Some(&added), &d));
         let mut unlabelled = existing.clone();
-        unlabelled.metadata.labels.as_mut().unwrap().remove(MANAGED_LABEL);
+        unlabelled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove(MANAGED_LABEL);
         assert!(needs_write(Some(&unlabelled), &d));
         let mut retyped = existing.clone();
         retyped.type_ = Some("kubernetes.io/tls".into());

@@ -153,8 +153,7 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
         return pattern == name;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last)
-    {
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
         return false;
     }
     let mut rest = &name[first.len()..name.len() - last.len()];
@@ -168,7 +167,10 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// Applies include / exclude / rename and checks the result is a valid Secret.
-pub fn select(resolved: Resolved, selection: Option<&KeySelection>) -> Result<Resolved, SelectError> {
+pub fn select(
+    resolved: Resolved,
+    selection: Option<&KeySelection>,
+) -> Result<Resolved, SelectError> {
     let default = KeySelection::default();
     let sel = selection.unwrap_or(&default);
     let mut out = Resolved::new();
@@ -202,13 +204,19 @@ pub fn select(resolved: Resolved, selection: Option<&KeySelection>) -> Result<Re
         if let Some(existing) = out.get(&target) {
             return Err(SelectError::RenameCollision {
                 to: target.clone(),
-                first: existing.renamed_from.clone().unwrap_or_else(|| target.clone()),
+                first: existing
+                    .renamed_from
+                    .clone()
+                    .unwrap_or_else(|| target.clone()),
                 second: name,
             });
         }
         out.insert(target, key);
     }
-    let size: usize = out.iter().map(|(k, v)| k.len() + v.value.expose().len()).sum();
+    let size: usize = out
+        .iter()
+        .map(|(k, v)| k.len() + v.value.expose().len())
+        .sum();
     if size > MAX_SECRET_BYTES {
         return Err(SelectError::TooLarge { size });
     }
@@ -248,8 +256,15 @@ mod tests {
     fn every_more_specific_scope_overrides_every_less_specific_one() {
         for (lo_i, lo) in Scope::ALL.iter().enumerate() {
             for hi in &Scope::ALL[lo_i + 1..] {
-                let r = resolve(&[layer(*lo, &[("FOO", Some("low"))]), layer(*hi, &[("FOO", Some("high"))])]);
-                assert_eq!(value_of(&r, "FOO"), Some(("high".into(), *hi)), "{lo} vs {hi}");
+                let r = resolve(&[
+                    layer(*lo, &[("FOO", Some("low"))]),
+                    layer(*hi, &[("FOO", Some("high"))]),
+                ]);
+                assert_eq!(
+                    value_of(&r, "FOO"),
+                    Some(("high".into(), *hi)),
+                    "{lo} vs {hi}"
+                );
             }
         }
     }
@@ -263,7 +278,10 @@ mod tests {
                 .collect();
             layers.push(layer(*tomb, &[("FOO", None)]));
             let r = resolve(&layers);
-            assert!(!r.contains_key("FOO"), "tombstone at {tomb} did not hide FOO");
+            assert!(
+                !r.contains_key("FOO"),
+                "tombstone at {tomb} did not hide FOO"
+            );
             assert_eq!(r["BAR"].value.expose(), "kept");
         }
     }
@@ -275,7 +293,10 @@ mod tests {
             layer(Scope::Environment, &[("FOO", None)]),
             layer(Scope::EnvironmentService, &[("FOO", Some("b"))]),
         ]);
-        assert_eq!(value_of(&r, "FOO"), Some(("b".into(), Scope::EnvironmentService)));
+        assert_eq!(
+            value_of(&r, "FOO"),
+            Some(("b".into(), Scope::EnvironmentService))
+        );
     }
 
     #[test]
@@ -292,7 +313,14 @@ mod tests {
             ScopeData::missing(Scope::Environment, "shop/envs/dev"),
         ]);
         assert_eq!(r.len(), 1);
-        assert_eq!(r["A"].source, Source { scope: Scope::Service, path: "p/service".into(), version: 2 });
+        assert_eq!(
+            r["A"].source,
+            Source {
+                scope: Scope::Service,
+                path: "p/service".into(),
+                version: 2
+            }
+        );
     }
 
     #[test]
@@ -312,7 +340,10 @@ mod tests {
         KeySelection {
             include: include.iter().map(|s| s.to_string()).collect(),
             exclude: exclude.iter().map(|s| s.to_string()).collect(),
-            rename: rename.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            rename: rename
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
         }
     }
 
@@ -335,7 +366,11 @@ mod tests {
 
     #[test]
     fn rename_writes_the_new_name_and_remembers_the_old() {
-        let r = select(resolved(&["DB_PASSWORD"]), Some(&sel(&[], &[], &[("DB_PASSWORD", "password")]))).unwrap();
+        let r = select(
+            resolved(&["DB_PASSWORD"]),
+            Some(&sel(&[], &[], &[("DB_PASSWORD", "password")])),
+        )
+        .unwrap();
         assert_eq!(r["password"].renamed_from.as_deref(), Some("DB_PASSWORD"));
         assert!(!r.contains_key("DB_PASSWORD"));
     }
@@ -349,9 +384,25 @@ mod tests {
     #[test]
     fn invalid_key_names_are_refused_unless_excluded_or_renamed() {
         let err = select(resolved(&["bad key"]), None).unwrap_err();
-        assert_eq!(err, SelectError::InvalidKey { key: "bad key".into(), path: "p/project".into() });
-        assert!(select(resolved(&["bad key"]), Some(&sel(&[], &["bad*"], &[]))).unwrap().is_empty());
-        assert!(select(resolved(&["bad key"]), Some(&sel(&[], &[], &[("bad key", "good")]))).is_ok());
+        assert_eq!(
+            err,
+            SelectError::InvalidKey {
+                key: "bad key".into(),
+                path: "p/project".into()
+            }
+        );
+        assert!(
+            select(resolved(&["bad key"]), Some(&sel(&[], &["bad*"], &[])))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            select(
+                resolved(&["bad key"]),
+                Some(&sel(&[], &[], &[("bad key", "good")]))
+            )
+            .is_ok()
+        );
         let err = select(resolved(&["A"]), Some(&sel(&[], &[], &[("A", "no/slash")]))).unwrap_err();
         assert!(matches!(err, SelectError::InvalidRename { .. }));
     }
@@ -366,8 +417,14 @@ mod tests {
     #[test]
     fn glob_matches_like_a_shell_star() {
         for (p, n, want) in [
-            ("A*", "ABC", true), ("*C", "ABC", true), ("A*C", "ABC", true), ("A*C", "AC", true),
-            ("*", "", true), ("A*B*C", "AxxBxxC", true), ("A*B*C", "ACB", false), ("AB", "ABC", false),
+            ("A*", "ABC", true),
+            ("*C", "ABC", true),
+            ("A*C", "ABC", true),
+            ("A*C", "AC", true),
+            ("*", "", true),
+            ("A*B*C", "AxxBxxC", true),
+            ("A*B*C", "ACB", false),
+            ("AB", "ABC", false),
             ("A*A", "A", false),
         ] {
             assert_eq!(glob_match(p, n), want, "{p} ~ {n}");

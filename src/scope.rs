@@ -6,8 +6,8 @@
 
 use std::fmt;
 
-pub use crate::api::v1alpha1::ScopeName as Scope;
 use crate::api::v1alpha1::PathTemplate;
+pub use crate::api::v1alpha1::ScopeName as Scope;
 
 impl Scope {
     /// All scopes, lowest precedence first.
@@ -97,7 +97,9 @@ pub enum NameError {
 /// Checks a project, environment or service name. `field` names it in the error.
 pub fn validate_name(field: &str, value: &str) -> Result<(), NameError> {
     if value.is_empty() {
-        return Err(NameError::Empty { field: field.into() });
+        return Err(NameError::Empty {
+            field: field.into(),
+        });
     }
     if value.len() > 63 {
         return Err(NameError::TooLong {
@@ -190,7 +192,10 @@ impl Layout {
                 if template.contains("{service}") {
                     path = path.replace("{service}", coords.service.as_deref()?);
                 }
-                Some(ScopePath { scope: *scope, path })
+                Some(ScopePath {
+                    scope: *scope,
+                    path,
+                })
             })
             .collect()
     }
@@ -216,16 +221,17 @@ fn check_template(scope: Scope, template: &str) -> Result<(), NameError> {
     if template.starts_with('/') || template.ends_with('/') {
         return Err(err("must not start or end with '/'"));
     }
-    if template.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+    if template
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return Err(err("has an empty, '.' or '..' segment"));
     }
     // Every `{...}` must be a known placeholder.
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| err("has an unclosed '{'"))?;
+        let close = after.find('}').ok_or_else(|| err("has an unclosed '{'"))?;
         let name = &after[..close];
         if !PLACEHOLDERS.contains(&name) {
             return Err(err(&format!(
@@ -238,7 +244,9 @@ fn check_template(scope: Scope, template: &str) -> Result<(), NameError> {
         return Err(err("has an unmatched '}'"));
     }
     if !template.contains("{project}") {
-        return Err(err("must contain {project}, or projects would share values"));
+        return Err(err(
+            "must contain {project}, or projects would share values",
+        ));
     }
     let needs = |p: &str| template.contains(p);
     let expected_env = matches!(scope, Scope::Environment | Scope::EnvironmentService);
@@ -312,11 +320,19 @@ mod tests {
             (Scope::Project, "", "is empty"),
             (Scope::Project, "/{project}", "start or end"),
             (Scope::Project, "{project}/../x", "'..'"),
-            (Scope::Project, "{project}/{team}", "unknown placeholder {team}"),
+            (
+                Scope::Project,
+                "{project}/{team}",
+                "unknown placeholder {team}",
+            ),
             (Scope::Project, "{project", "unclosed"),
             (Scope::Project, "static", "must contain {project}"),
             (Scope::Service, "{project}/x", "exactly the placeholders"),
-            (Scope::Project, "{project}/{environment}", "exactly the placeholders"),
+            (
+                Scope::Project,
+                "{project}/{environment}",
+                "exactly the placeholders",
+            ),
         ];
         for (scope, template, want) in cases {
             let err = Layout::from_templates(&[PathTemplate {
@@ -344,7 +360,16 @@ mod tests {
     #[test]
     fn names_with_slashes_dots_or_odd_characters_are_refused() {
         for bad in [
-            "", "a/b", "..", "a..b", ".a", "a.", "a b", "ä", "a\u{7}", "x/../y",
+            "",
+            "a/b",
+            "..",
+            "a..b",
+            ".a",
+            "a.",
+            "a b",
+            "ä",
+            "a\u{7}",
+            "x/../y",
             &"a".repeat(64),
         ] {
             assert!(validate_name("project", bad).is_err(), "{bad:?} accepted");
@@ -353,5 +378,4 @@ mod tests {
             assert!(validate_name("project", good).is_ok(), "{good:?} refused");
         }
     }
-
 }

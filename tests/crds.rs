@@ -7,8 +7,11 @@ use scoped_secrets::scope::validate_name;
 
 #[test]
 fn committed_crds_match_the_rust_types() {
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/scopedsecrets.yaml"))
-        .expect("crds/scopedsecrets.yaml exists");
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/scopedsecrets.yaml"
+    ))
+    .expect("crds/scopedsecrets.yaml exists");
     assert!(
         committed == all_crds_yaml(),
         "crds/scopedsecrets.yaml is out of date: run `cargo run -- crd > crds/scopedsecrets.yaml`"
@@ -27,7 +30,8 @@ fn every_field_of_every_crd_has_a_description() {
                 let name = name.as_str().unwrap();
                 let p = format!("{path}.{name}");
                 // apiVersion, kind and metadata are the API server's own.
-                let standard = path.is_empty() && ["apiVersion", "kind", "metadata"].contains(&name);
+                let standard =
+                    path.is_empty() && ["apiVersion", "kind", "metadata"].contains(&name);
                 if sub.get("description").is_none() && !standard {
                     missing.push(p.clone());
                 }
@@ -45,8 +49,15 @@ fn every_field_of_every_crd_has_a_description() {
         walk(&kind, schema, &mut missing);
     }
     // LabelSelector internals come from k8s-openapi and carry its own docs.
-    missing.retain(|p| !p.contains("namespaceSelector.") && !p.contains("selector.") && !p.contains("conditions[]."));
-    assert!(missing.is_empty(), "fields without a description: {missing:#?}");
+    missing.retain(|p| {
+        !p.contains("namespaceSelector.")
+            && !p.contains("selector.")
+            && !p.contains("conditions[].")
+    });
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:#?}"
+    );
 }
 
 #[test]
@@ -61,7 +72,10 @@ fn scoped_secret_has_status_subresource_and_printer_columns() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     for want in ["Ready", "Secret", "Last sync"] {
-        assert!(columns.contains(&want), "missing column {want}: {columns:?}");
+        assert!(
+            columns.contains(&want),
+            "missing column {want}: {columns:?}"
+        );
     }
 }
 
@@ -69,8 +83,8 @@ fn scoped_secret_has_status_subresource_and_printer_columns() {
 fn schema_name_pattern_agrees_with_validate_name() {
     let re = regex::Regex::new(NAME_PATTERN).unwrap();
     let samples = [
-        "shop", "a.b", "A_b-9", "v1.2.3", "", "a/b", "..", "a..b", ".a", "a.", "a b", "ä", "x/../y", "-", "_",
-        "a-.b", "1", "a.b.c.d",
+        "shop", "a.b", "A_b-9", "v1.2.3", "", "a/b", "..", "a..b", ".a", "a.", "a b", "ä",
+        "x/../y", "-", "_", "a-.b", "1", "a.b.c.d",
     ];
     for s in samples {
         assert_eq!(

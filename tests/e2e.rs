@@ -91,33 +91,51 @@ async fn vault_put(path: &str, data: serde_json::Value) {
     .unwrap();
     vaultrs::kv2::set(&client, "secret", path, &data)
         .await
-        .unwrap_or_else(|e| panic!("failed to write secret/{path} at {addr}: {e}; does VAULT_TOKEN may write secret/?"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "failed to write secret/{path} at {addr}: {e}; does VAULT_TOKEN may write secret/?"
+            )
+        });
 }
 
 async fn apply_json<K>(api: &Api<K>, name: &str, obj: serde_json::Value)
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    api.patch(name, &PatchParams::apply("scoped-secrets-e2e").force(), &Patch::Apply(obj))
-        .await
-        .unwrap_or_else(|e| panic!("failed to apply {name}: {e}"));
+    api.patch(
+        name,
+        &PatchParams::apply("scoped-secrets-e2e").force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("failed to apply {name}: {e}"));
 }
 
-async fn ss_status(api: &Api<ScopedSecret>, name: &str) -> Result<(String, String, ScopedSecret), String> {
+async fn ss_status(
+    api: &Api<ScopedSecret>,
+    name: &str,
+) -> Result<(String, String, ScopedSecret), String> {
     let ss = api.get(name).await.map_err(|e| e.to_string())?;
     let ready = ss
         .status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
         .map(|c| (c.status.clone(), c.reason.clone()))
-        .ok_or_else(|| format!("ScopedSecret {name} has no Ready condition yet: {:?}", ss.status))?;
+        .ok_or_else(|| {
+            format!(
+                "ScopedSecret {name} has no Ready condition yet: {:?}",
+                ss.status
+            )
+        })?;
     Ok((ready.0, ready.1, ss))
 }
 
 #[tokio::test]
 async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
     if !enabled() {
-        eprintln!("skipped: set SCOPED_SECRETS_E2E=1 with KUBECONFIG and VAULT_ADDR/VAULT_TOKEN to run");
+        eprintln!(
+            "skipped: set SCOPED_SECRETS_E2E=1 with KUBECONFIG and VAULT_ADDR/VAULT_TOKEN to run"
+        );
         return;
     }
     let client = Client::try_default()
@@ -125,26 +143,51 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
         .expect("no usable kube context: set KUBECONFIG or select a context");
     let run = format!("{:x}", rand_id());
     let project = format!("e2e{run}");
-    let (sys_ns, dev_ns, other_ns) = (format!("ss-e2e-{run}-system"), format!("ss-e2e-{run}-dev"), format!("ss-e2e-{run}-other"));
+    let (sys_ns, dev_ns, other_ns) = (
+        format!("ss-e2e-{run}-system"),
+        format!("ss-e2e-{run}-dev"),
+        format!("ss-e2e-{run}-other"),
+    );
     let store_name = format!("e2e-{run}");
     eprintln!("e2e run {run}: project {project}, namespaces {sys_ns} {dev_ns} {other_ns}");
 
     // CRDs, applied like `kubectl apply -f crds/`.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [ScopedSecret::crd(), VaultStore::crd(), ClusterVaultStore::crd()] {
+    for crd in [
+        ScopedSecret::crd(),
+        VaultStore::crd(),
+        ClusterVaultStore::crd(),
+    ] {
         let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply("scoped-secrets-e2e").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap_or_else(|e| panic!("failed to apply CRD {name}: {e}"));
-        wait_for(&format!("CRD {name} Established"), Duration::from_secs(30), || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let c = crds.get(&name).await.map_err(|e| e.to_string())?;
-                let est = c.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Established" && c.status == "True");
-                if est { Ok(()) } else { Err("not established".into()) }
-            }
-        })
+        crds.patch(
+            &name,
+            &PatchParams::apply("scoped-secrets-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("failed to apply CRD {name}: {e}"));
+        wait_for(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let c = crds.get(&name).await.map_err(|e| e.to_string())?;
+                    let est = c
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    if est {
+                        Ok(())
+                    } else {
+                        Err("not established".into())
+                    }
+                }
+            },
+        )
         .await;
     }
 
@@ -153,25 +196,55 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     for (ns, labels) in [
         (&sys_ns, json!({})),
-        (&dev_ns, json!({"scopedsecrets.io/project": project, "scopedsecrets.io/environment": "dev", "e2e-team": run})),
-        (&other_ns, json!({"scopedsecrets.io/project": project, "scopedsecrets.io/environment": "dev"})),
+        (
+            &dev_ns,
+            json!({"scopedsecrets.io/project": project, "scopedsecrets.io/environment": "dev", "e2e-team": run}),
+        ),
+        (
+            &other_ns,
+            json!({"scopedsecrets.io/project": project, "scopedsecrets.io/environment": "dev"}),
+        ),
     ] {
         apply_json(&namespaces, ns, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}})).await;
     }
-    let cleanup = Cleanup { client: client.clone(), namespaces: vec![sys_ns.clone(), dev_ns.clone(), other_ns.clone()], store: store_name.clone() };
+    let cleanup = Cleanup {
+        client: client.clone(),
+        namespaces: vec![sys_ns.clone(), dev_ns.clone(), other_ns.clone()],
+        store: store_name.clone(),
+    };
 
     // Vault scopes with inheritance and a tombstone.
-    vault_put(&project, json!({"LOG_LEVEL": "info", "DB_HOST": "db", "FEATURE_X": "off"})).await;
-    vault_put(&format!("{project}/services/api"), json!({"API_TIMEOUT": "5s"})).await;
-    vault_put(&format!("{project}/envs/dev"), json!({"LOG_LEVEL": "debug", "DB_HOST": "db.dev"})).await;
-    vault_put(&format!("{project}/envs/dev/services/api"), json!({"DB_PASSWORD": CANARY, "FEATURE_X": null})).await;
+    vault_put(
+        &project,
+        json!({"LOG_LEVEL": "info", "DB_HOST": "db", "FEATURE_X": "off"}),
+    )
+    .await;
+    vault_put(
+        &format!("{project}/services/api"),
+        json!({"API_TIMEOUT": "5s"}),
+    )
+    .await;
+    vault_put(
+        &format!("{project}/envs/dev"),
+        json!({"LOG_LEVEL": "debug", "DB_HOST": "db.dev"}),
+    )
+    .await;
+    vault_put(
+        &format!("{project}/envs/dev/services/api"),
+        json!({"DB_PASSWORD": CANARY, "FEATURE_X": null}),
+    )
+    .await;
 
     let secrets_sys: Api<Secret> = Api::namespaced(client.clone(), &sys_ns);
     secrets_sys
-        .create(&PostParams::default(), &serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vault-token"},
-            "stringData": {"token": std::env::var("VAULT_TOKEN").unwrap()}
-        })).unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vault-token"},
+                "stringData": {"token": std::env::var("VAULT_TOKEN").unwrap()}
+            }))
+            .unwrap(),
+        )
         .await
         .expect("failed to create the Vault token Secret");
     let stores: Api<ClusterVaultStore> = Api::all(client.clone());
@@ -190,7 +263,9 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
     let child = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
         .args(["run", "--namespace", &sys_ns, "--log-level", "debug"])
         .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap().try_clone().unwrap()))
+        .stderr(Stdio::from(
+            std::fs::File::create(&log).unwrap().try_clone().unwrap(),
+        ))
         .spawn()
         .expect("failed to start the scoped-secrets binary");
     let operator = Operator { child, log };
@@ -205,121 +280,274 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
 
     // 1. Inheritance lands in the Secret.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &dev_ns);
-    let want: BTreeMap<String, String> = [("LOG_LEVEL", "debug"), ("DB_HOST", "db.dev"), ("API_TIMEOUT", "5s"), ("DB_PASSWORD", CANARY)]
-        .iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    wait_for("Secret api with the inherited values (FEATURE_X hidden by a tombstone)", Duration::from_secs(60), || {
-        let secrets = secrets.clone();
-        let want = want.clone();
-        async move {
-            let s = secrets.get_opt("api").await.map_err(|e| e.to_string())?.ok_or("Secret api does not exist")?;
-            let got = decoded(&s);
-            if got == want { Ok(()) } else { Err(format!("keys {:?}", got.keys().collect::<Vec<_>>())) }
-        }
-    })
+    let want: BTreeMap<String, String> = [
+        ("LOG_LEVEL", "debug"),
+        ("DB_HOST", "db.dev"),
+        ("API_TIMEOUT", "5s"),
+        ("DB_PASSWORD", CANARY),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    wait_for(
+        "Secret api with the inherited values (FEATURE_X hidden by a tombstone)",
+        Duration::from_secs(60),
+        || {
+            let secrets = secrets.clone();
+            let want = want.clone();
+            async move {
+                let s = secrets
+                    .get_opt("api")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("Secret api does not exist")?;
+                let got = decoded(&s);
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("keys {:?}", got.keys().collect::<Vec<_>>()))
+                }
+            }
+        },
+    )
     .await;
-    let (ready, reason, ss) = wait_for("ScopedSecret api Ready=True", Duration::from_secs(30), || {
-        let scoped = scoped.clone();
-        async move {
-            let (r, why, ss) = ss_status(&scoped, "api").await?;
-            if r == "True" { Ok((r, why, ss)) } else { Err(format!("Ready={r} reason={why}")) }
-        }
-    })
+    let (ready, reason, ss) = wait_for(
+        "ScopedSecret api Ready=True",
+        Duration::from_secs(30),
+        || {
+            let scoped = scoped.clone();
+            async move {
+                let (r, why, ss) = ss_status(&scoped, "api").await?;
+                if r == "True" {
+                    Ok((r, why, ss))
+                } else {
+                    Err(format!("Ready={r} reason={why}"))
+                }
+            }
+        },
+    )
     .await;
     assert_eq!((ready.as_str(), reason.as_str()), ("True", "Synced"));
     let status = ss.status.clone().unwrap();
-    let source = |k: &str| status.keys.iter().find(|s| s.name == k).map(|s| (s.scope.clone(), s.path.clone()));
-    assert_eq!(source("LOG_LEVEL"), Some(("environment".into(), format!("{project}/envs/dev"))), "status.keys source of LOG_LEVEL");
-    assert_eq!(source("DB_PASSWORD"), Some(("environment-service".into(), format!("{project}/envs/dev/services/api"))));
-    assert!(status.content_hash.as_deref().unwrap_or("").starts_with("hmac-sha256:"), "contentHash {:?}", status.content_hash);
+    let source = |k: &str| {
+        status
+            .keys
+            .iter()
+            .find(|s| s.name == k)
+            .map(|s| (s.scope.clone(), s.path.clone()))
+    };
+    assert_eq!(
+        source("LOG_LEVEL"),
+        Some(("environment".into(), format!("{project}/envs/dev"))),
+        "status.keys source of LOG_LEVEL"
+    );
+    assert_eq!(
+        source("DB_PASSWORD"),
+        Some((
+            "environment-service".into(),
+            format!("{project}/envs/dev/services/api")
+        ))
+    );
+    assert!(
+        status
+            .content_hash
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("hmac-sha256:"),
+        "contentHash {:?}",
+        status.content_hash
+    );
 
     // 2. A value changed in Vault arrives on force-sync.
-    vault_put(&format!("{project}/envs/dev"), json!({"LOG_LEVEL": "warn", "DB_HOST": "db.dev"})).await;
+    vault_put(
+        &format!("{project}/envs/dev"),
+        json!({"LOG_LEVEL": "warn", "DB_HOST": "db.dev"}),
+    )
+    .await;
     apply_json(&scoped, "api", json!({
         "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
         "metadata": {"name": "api", "annotations": {"scopedsecrets.io/force-sync": "1"}},
         "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": store_name}, "refreshInterval": "10s"}
     })).await;
-    wait_for("LOG_LEVEL=warn in Secret api after force-sync", Duration::from_secs(30), || {
-        let secrets = secrets.clone();
-        async move {
-            let s = secrets.get("api").await.map_err(|e| e.to_string())?;
-            let v = decoded(&s).get("LOG_LEVEL").cloned();
-            if v.as_deref() == Some("warn") { Ok(()) } else { Err(format!("LOG_LEVEL={v:?}")) }
-        }
-    })
+    wait_for(
+        "LOG_LEVEL=warn in Secret api after force-sync",
+        Duration::from_secs(30),
+        || {
+            let secrets = secrets.clone();
+            async move {
+                let s = secrets.get("api").await.map_err(|e| e.to_string())?;
+                let v = decoded(&s).get("LOG_LEVEL").cloned();
+                if v.as_deref() == Some("warn") {
+                    Ok(())
+                } else {
+                    Err(format!("LOG_LEVEL={v:?}"))
+                }
+            }
+        },
+    )
     .await;
 
     // 3. Drift: a hand edit and a deletion are repaired.
     secrets
-        .patch("api", &PatchParams::default(), &Patch::Merge(json!({"data": {"LOG_LEVEL": "aGFja2Vk", "EXTRA": "eA=="}})))
+        .patch(
+            "api",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"LOG_LEVEL": "aGFja2Vk", "EXTRA": "eA=="}})),
+        )
         .await
         .expect("failed to hand-edit Secret api");
-    wait_for("hand edit of Secret api repaired", Duration::from_secs(30), || {
-        let secrets = secrets.clone();
-        async move {
-            let s = decoded(&secrets.get("api").await.map_err(|e| e.to_string())?);
-            if s.get("LOG_LEVEL").map(String::as_str) == Some("warn") && !s.contains_key("EXTRA") { Ok(()) } else { Err(format!("keys {:?} LOG_LEVEL={:?}", s.keys().collect::<Vec<_>>(), s.get("LOG_LEVEL"))) }
-        }
-    })
+    wait_for(
+        "hand edit of Secret api repaired",
+        Duration::from_secs(30),
+        || {
+            let secrets = secrets.clone();
+            async move {
+                let s = decoded(&secrets.get("api").await.map_err(|e| e.to_string())?);
+                if s.get("LOG_LEVEL").map(String::as_str) == Some("warn")
+                    && !s.contains_key("EXTRA")
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "keys {:?} LOG_LEVEL={:?}",
+                        s.keys().collect::<Vec<_>>(),
+                        s.get("LOG_LEVEL")
+                    ))
+                }
+            }
+        },
+    )
     .await;
-    secrets.delete("api", &DeleteParams::default()).await.expect("failed to delete Secret api");
-    wait_for("deleted Secret api recreated", Duration::from_secs(30), || {
-        let secrets = secrets.clone();
-        async move { secrets.get_opt("api").await.map_err(|e| e.to_string())?.map(|_| ()).ok_or_else(|| "absent".to_string()) }
-    })
+    secrets
+        .delete("api", &DeleteParams::default())
+        .await
+        .expect("failed to delete Secret api");
+    wait_for(
+        "deleted Secret api recreated",
+        Duration::from_secs(30),
+        || {
+            let secrets = secrets.clone();
+            async move {
+                secrets
+                    .get_opt("api")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(|_| ())
+                    .ok_or_else(|| "absent".to_string())
+            }
+        },
+    )
     .await;
 
     // 4. Access: a namespace the store's rules do not select gets AccessDenied and no Secret.
     let scoped_other: Api<ScopedSecret> = Api::namespaced(client.clone(), &other_ns);
-    apply_json(&scoped_other, "api", json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": "api"},
-        "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": store_name}}
-    })).await;
-    wait_for("ScopedSecret api in the unadmitted namespace Ready=False AccessDenied", Duration::from_secs(30), || {
-        let scoped_other = scoped_other.clone();
-        async move {
-            let (r, why, _) = ss_status(&scoped_other, "api").await?;
-            if r == "False" && why == "AccessDenied" { Ok(()) } else { Err(format!("Ready={r} reason={why}")) }
-        }
-    })
+    apply_json(
+        &scoped_other,
+        "api",
+        json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": "api"},
+            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": store_name}}
+        }),
+    )
     .await;
-    let other_secret = Api::<Secret>::namespaced(client.clone(), &other_ns).get_opt("api").await.unwrap();
-    assert!(other_secret.is_none(), "a Secret was written in a namespace the store does not admit");
+    wait_for(
+        "ScopedSecret api in the unadmitted namespace Ready=False AccessDenied",
+        Duration::from_secs(30),
+        || {
+            let scoped_other = scoped_other.clone();
+            async move {
+                let (r, why, _) = ss_status(&scoped_other, "api").await?;
+                if r == "False" && why == "AccessDenied" {
+                    Ok(())
+                } else {
+                    Err(format!("Ready={r} reason={why}"))
+                }
+            }
+        },
+    )
+    .await;
+    let other_secret = Api::<Secret>::namespaced(client.clone(), &other_ns)
+        .get_opt("api")
+        .await
+        .unwrap();
+    assert!(
+        other_secret.is_none(),
+        "a Secret was written in a namespace the store does not admit"
+    );
 
     // 5. Invalid spec: an unknown store is StoreNotFound and does not stall others.
-    apply_json(&scoped, "missing-store", json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": "missing-store"},
-        "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "does-not-exist"}}
-    })).await;
-    wait_for("ScopedSecret missing-store Ready=False StoreNotFound", Duration::from_secs(30), || {
-        let scoped = scoped.clone();
-        async move {
-            let (r, why, _) = ss_status(&scoped, "missing-store").await?;
-            if why == "StoreNotFound" { Ok(()) } else { Err(format!("Ready={r} reason={why}")) }
-        }
-    })
+    apply_json(
+        &scoped,
+        "missing-store",
+        json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": "missing-store"},
+            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "does-not-exist"}}
+        }),
+    )
+    .await;
+    wait_for(
+        "ScopedSecret missing-store Ready=False StoreNotFound",
+        Duration::from_secs(30),
+        || {
+            let scoped = scoped.clone();
+            async move {
+                let (r, why, _) = ss_status(&scoped, "missing-store").await?;
+                if why == "StoreNotFound" {
+                    Ok(())
+                } else {
+                    Err(format!("Ready={r} reason={why}"))
+                }
+            }
+        },
+    )
     .await;
 
     // 6. Secrecy: the canary is in the Secret and nowhere else we can see.
-    let all_status = serde_json::to_string(&scoped.list(&ListParams::default()).await.unwrap().items).unwrap();
-    assert!(!all_status.contains(CANARY), "the canary value leaked into a ScopedSecret object/status");
-    let events = Api::<Event>::namespaced(client.clone(), &dev_ns).list(&ListParams::default()).await.unwrap();
-    assert!(!serde_json::to_string(&events.items).unwrap().contains(CANARY), "the canary value leaked into an Event");
-    assert!(!operator.logs().contains(CANARY), "the canary value leaked into the operator log {}", operator.log.display());
+    let all_status =
+        serde_json::to_string(&scoped.list(&ListParams::default()).await.unwrap().items).unwrap();
+    assert!(
+        !all_status.contains(CANARY),
+        "the canary value leaked into a ScopedSecret object/status"
+    );
+    let events = Api::<Event>::namespaced(client.clone(), &dev_ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        !serde_json::to_string(&events.items)
+            .unwrap()
+            .contains(CANARY),
+        "the canary value leaked into an Event"
+    );
+    assert!(
+        !operator.logs().contains(CANARY),
+        "the canary value leaked into the operator log {}",
+        operator.log.display()
+    );
 
     // 7. Deletion: Delete garbage-collects the Secret (needs the cluster's garbage collector).
-    scoped.delete("api", &DeleteParams::default()).await.expect("failed to delete ScopedSecret api");
-    wait_for("Secret api garbage-collected after its ScopedSecret was deleted (deletionPolicy Delete)", Duration::from_secs(60), || {
-        let secrets = secrets.clone();
-        async move {
-            match secrets.get_opt("api").await.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(s) => Err(format!("still there, ownerReferences {:?}", s.metadata.owner_references)),
+    scoped
+        .delete("api", &DeleteParams::default())
+        .await
+        .expect("failed to delete ScopedSecret api");
+    wait_for(
+        "Secret api garbage-collected after its ScopedSecret was deleted (deletionPolicy Delete)",
+        Duration::from_secs(60),
+        || {
+            let secrets = secrets.clone();
+            async move {
+                match secrets.get_opt("api").await.map_err(|e| e.to_string())? {
+                    None => Ok(()),
+                    Some(s) => Err(format!(
+                        "still there, ownerReferences {:?}",
+                        s.metadata.owner_references
+                    )),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     drop(operator);
     drop(cleanup);
@@ -338,13 +566,18 @@ impl Drop for Cleanup {
         let namespaces = std::mem::take(&mut self.namespaces);
         let store = self.store.clone();
         let handle = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let ns_api: Api<Namespace> = Api::all(client.clone());
                 for ns in namespaces {
                     let _ = ns_api.delete(&ns, &DeleteParams::default()).await;
                 }
-                let _ = Api::<ClusterVaultStore>::all(client).delete(&store, &DeleteParams::default()).await;
+                let _ = Api::<ClusterVaultStore>::all(client)
+                    .delete(&store, &DeleteParams::default())
+                    .await;
             });
         });
         let _ = handle.join();
@@ -354,6 +587,11 @@ impl Drop for Cleanup {
 fn rand_id() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
     h.finish() as u32
 }

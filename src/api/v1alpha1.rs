@@ -156,7 +156,10 @@ pub struct KeySelection {
 pub struct Target {
     /// Name of the Secret. Default: the ScopedSecret's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: Option<String>,
     /// Secret type. Default `Opaque`. `kubernetes.io/service-account-token` is refused: it
     /// would let anyone who can create a ScopedSecret mint a token for any ServiceAccount.
@@ -329,7 +332,10 @@ pub struct KvEngine {
 
 impl Default for KvEngine {
     fn default() -> Self {
-        KvEngine { mount: default_mount(), version: 2 }
+        KvEngine {
+            mount: default_mount(),
+            version: 2,
+        }
     }
 }
 
@@ -353,7 +359,9 @@ pub struct PathTemplate {
 }
 
 /// The four scopes, lowest precedence first.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ScopeName {
     /// Every service, every environment.

@@ -58,6 +58,10 @@ pub enum Error {
         "Secret {namespace}/{name} exists and is not managed by this ScopedSecret; delete or rename it, or set spec.target.name to another name"
     )]
     SecretConflict { namespace: String, name: String },
+    #[error(
+        "reconcile did not finish within {seconds}s (Vault or the API server is slow); retrying"
+    )]
+    Timeout { seconds: u64 },
     #[error("failed to {action}: {source}")]
     Kube {
         action: String,
@@ -67,7 +71,9 @@ pub enum Error {
 }
 
 fn in_namespace(ns: &Option<String>) -> String {
-    ns.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_default()
+    ns.as_ref()
+        .map(|n| format!(" in namespace {n}"))
+        .unwrap_or_default()
 }
 
 impl Error {
@@ -82,6 +88,7 @@ impl Error {
             Error::EmptyResult { .. } => "EmptyResult",
             Error::SecretConflict { .. } => "SecretConflict",
             Error::Kube { .. } => "KubernetesError",
+            Error::Timeout { .. } => "Timeout",
         }
     }
 
@@ -110,6 +117,8 @@ pub struct Config {
     pub backoff_base: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// Bound on one whole reconcile (every Vault call also has its own timeout).
+    pub reconcile_timeout: Duration,
 }
 
 impl Default for Config {
@@ -119,6 +128,7 @@ impl Default for Config {
             concurrency: 8,
             backoff_base: Duration::from_secs(5),
             backoff_max: Duration::from_secs(300),
+            reconcile_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -139,7 +149,12 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, source: Arc<dyn ScopeSource>, hmac_key: HmacKey, config: Config) -> Self {
+    pub fn new(
+        client: Client,
+        source: Arc<dyn ScopeSource>,
+        hmac_key: HmacKey,
+        config: Config,
+    ) -> Self {
         let reporter = Reporter {
             controller: "scoped-secrets".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -224,7 +239,11 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
         action: format!("{action} Secret {namespace}/{HMAC_KEY_SECRET}"),
         source,
     };
-    if let Some(s) = api.get_opt(HMAC_KEY_SECRET).await.map_err(|e| kube_err("read", e))? {
+    if let Some(s) = api
+        .get_opt(HMAC_KEY_SECRET)
+        .await
+        .map_err(|e| kube_err("read", e))?
+    {
         return read(s).ok_or_else(|| {
             Error::InvalidSpec(format!(
                 "Secret {namespace}/{HMAC_KEY_SECRET} has no 32-byte key \"key\"; delete it and the operator creates a new one"
@@ -237,7 +256,13 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
         metadata: kube::api::ObjectMeta {
             name: Some(HMAC_KEY_SECRET.into()),
             namespace: Some(namespace.into()),
-            labels: Some([("app.kubernetes.io/name".to_string(), "scoped-secrets".to_string())].into()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/name".to_string(),
+                    "scoped-secrets".to_string(),
+                )]
+                .into(),
+            ),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
@@ -248,8 +273,13 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
         Ok(_) => Ok(HmacKey::new(key)),
         // Another replica created it first: use theirs.
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let s = api.get(HMAC_KEY_SECRET).await.map_err(|e| kube_err("read", e))?;
-            read(s).ok_or_else(|| Error::InvalidSpec(format!("Secret {namespace}/{HMAC_KEY_SECRET} is malformed")))
+            let s = api
+                .get(HMAC_KEY_SECRET)
+                .await
+                .map_err(|e| kube_err("read", e))?;
+            read(s).ok_or_else(|| {
+                Error::InvalidSpec(format!("Secret {namespace}/{HMAC_KEY_SECRET} is malformed"))
+            })
         }
         Err(e) => Err(kube_err("create", e)),
     }
@@ -280,14 +310,19 @@ fn referencing(
         .filter(|ss| {
             ss.spec.store_ref.kind == kind
                 && ss.spec.store_ref.name == name
-                && (kind == StoreKind::ClusterVaultStore || ss.metadata.namespace.as_deref() == namespace)
+                && (kind == StoreKind::ClusterVaultStore
+                    || ss.metadata.namespace.as_deref() == namespace)
         })
         .map(|ss| ObjectRef::from_obj(ss.as_ref()))
         .collect()
 }
 
 /// Runs the controller until SIGTERM / Ctrl-C.
-pub async fn run(client: Client, source: Arc<dyn ScopeSource>, config: Config) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    source: Arc<dyn ScopeSource>,
+    config: Config,
+) -> anyhow::Result<()> {
     let scoped: Api<ScopedSecret> = Api::all(client.clone());
     if let Err(e) = scoped.list(&ListParams::default().limit(1)).await {
         anyhow::bail!(
@@ -323,13 +358,29 @@ pub async fn run(client: Client, source: Arc<dyn ScopeSource>, config: Config) -
                 }
             })
         })
-        .watches(Api::<VaultStore>::all(client.clone()), watcher::Config::default(), move |vs: VaultStore| {
-            referencing(&store_vs, StoreKind::VaultStore, &vs.name_any(), vs.namespace().as_deref())
-        })
+        .watches(
+            Api::<VaultStore>::all(client.clone()),
+            watcher::Config::default(),
+            move |vs: VaultStore| {
+                referencing(
+                    &store_vs,
+                    StoreKind::VaultStore,
+                    &vs.name_any(),
+                    vs.namespace().as_deref(),
+                )
+            },
+        )
         .watches(
             Api::<ClusterVaultStore>::all(client.clone()),
             watcher::Config::default(),
-            move |cs: ClusterVaultStore| referencing(&store_cs, StoreKind::ClusterVaultStore, &cs.name_any(), None),
+            move |cs: ClusterVaultStore| {
+                referencing(
+                    &store_cs,
+                    StoreKind::ClusterVaultStore,
+                    &cs.name_any(),
+                    None,
+                )
+            },
         )
         .watches(
             Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),

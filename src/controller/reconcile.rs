@@ -19,7 +19,9 @@ use tracing::{info, instrument, warn};
 
 use super::status::{Outcome, next_status};
 use super::{Context, Error, jitter, validate};
-use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreConnection, StoreKind, VaultStore};
+use crate::api::v1alpha1::{
+    ClusterVaultStore, ScopedSecret, StoreConnection, StoreKind, VaultStore,
+};
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::{self, Resolved};
 use crate::vault::{Identity, StoreHandle};
@@ -43,7 +45,13 @@ struct Synced {
 #[instrument(skip_all, fields(namespace = ss.namespace().as_deref().unwrap_or_default(), name = %ss.name_any()))]
 pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
     let obj = ObjectRef::from_obj(ss.as_ref());
-    let result = sync(&ss, &ctx).await;
+    let limit = ctx.config.reconcile_timeout;
+    let result = match tokio::time::timeout(limit, sync(&ss, &ctx)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout {
+            seconds: limit.as_secs(),
+        }),
+    };
     let now = now();
     match result {
         Ok(done) => {
@@ -59,7 +67,11 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
             ctx.record_success(&obj);
             // Spread refreshes: wide right after start-up so a restart does not line every
             // object up, narrow afterwards.
-            let factor = if first_since_start { jitter(0.5, 1.0) } else { jitter(0.9, 1.0) };
+            let factor = if first_since_start {
+                jitter(0.5, 1.0)
+            } else {
+                jitter(0.9, 1.0)
+            };
             Ok(Action::requeue(done.refresh.mul_f64(factor)))
         }
         Err(err) => {
@@ -68,9 +80,19 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 message: &err.to_string(),
             };
             if let Err(status_err) = write_status(&ss, &ctx, &outcome, now).await {
-                warn!(category = status_err.category(), "failed to write status: {status_err}");
+                warn!(
+                    category = status_err.category(),
+                    "failed to write status: {status_err}"
+                );
             }
-            publish(&ss, &ctx, EventType::Warning, err.category(), &err.to_string()).await;
+            publish(
+                &ss,
+                &ctx,
+                EventType::Warning,
+                err.category(),
+                &err.to_string(),
+            )
+            .await;
             Err(err)
         }
     }
@@ -103,10 +125,23 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     if let StoreKind::ClusterVaultStore = store.kind
         && let Some(cluster) = &store.cluster_spec
     {
-        validate::check_access(&store.name, cluster, &ns, &ns_labels, &request.coordinates.project)?;
+        validate::check_access(
+            &store.name,
+            cluster,
+            &ns,
+            &ns_labels,
+            &request.coordinates.project,
+        )?;
     }
-    let auth = validate::auth_plan(store.kind, &store.name, store.namespace.as_deref(), &store.connection, &ns)?;
-    let (layout, timeout) = validate::layout_and_timeout(store.kind, &store.name, &store.connection)?;
+    let auth = validate::auth_plan(
+        store.kind,
+        &store.name,
+        store.namespace.as_deref(),
+        &store.connection,
+        &ns,
+    )?;
+    let (layout, timeout) =
+        validate::layout_and_timeout(store.kind, &store.name, &store.connection)?;
     let handle = StoreHandle {
         identity: Identity {
             store: store.identity.clone(),
@@ -122,7 +157,11 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     let obj = ObjectRef::from_obj(ss);
     let force = ss.annotations().get(FORCE_SYNC_ANNOTATION).cloned();
     let forced = force.is_some() && ctx.force_seen.lock().unwrap().get(&obj) != force.as_ref();
-    let max_age = if forced { Duration::ZERO } else { request.refresh };
+    let max_age = if forced {
+        Duration::ZERO
+    } else {
+        request.refresh
+    };
     let layers = ctx.source.read_scopes(&handle, &paths, max_age).await?;
 
     // resolve (pure)
@@ -131,7 +170,11 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     if resolved.is_empty() && !ss.spec.allow_empty {
         return Err(Error::EmptyResult {
             coordinates: request.coordinates.to_string(),
-            paths: paths.iter().map(|p| p.path.as_str()).collect::<Vec<_>>().join(", "),
+            paths: paths
+                .iter()
+                .map(|p| p.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
 
@@ -151,7 +194,10 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     let existing = secrets
         .get_opt(&request.secret_name)
         .await
-        .map_err(kube_err(format!("read Secret {ns}/{}", request.secret_name)))?;
+        .map_err(kube_err(format!(
+            "read Secret {ns}/{}",
+            request.secret_name
+        )))?;
     if let Some(existing) = &existing {
         let labels = existing.labels();
         let ours = labels.get(MANAGED_LABEL).map(String::as_str) == Some(MANAGED_LABEL_VALUE)
@@ -187,7 +233,10 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
                     &Patch::Merge(json!({ "data": extra })),
                 )
                 .await
-                .map_err(kube_err(format!("remove hand-added keys from Secret {ns}/{}", request.secret_name)))?;
+                .map_err(kube_err(format!(
+                    "remove hand-added keys from Secret {ns}/{}",
+                    request.secret_name
+                )))?;
         }
         secrets
             .patch(
@@ -200,7 +249,10 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
                 // The API server refused the Secret itself (e.g. a type whose required keys
                 // are missing): a spec problem, not an outage.
                 kube::Error::Api(s) if s.code == 422 || s.code == 400 => {
-                    Error::InvalidSpec(format!("the API server refused Secret {ns}/{}: {}", request.secret_name, s.message))
+                    Error::InvalidSpec(format!(
+                        "the API server refused Secret {ns}/{}: {}",
+                        request.secret_name, s.message
+                    ))
                 }
                 _ => Error::Kube {
                     action: format!("apply Secret {ns}/{}", request.secret_name),
@@ -302,7 +354,12 @@ fn store_identity<K: Resource>(store: &K, kind: &str) -> String {
     )
 }
 
-async fn write_status(ss: &ScopedSecret, ctx: &Context, outcome: &Outcome<'_>, now: Time) -> Result<(), Error> {
+async fn write_status(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    outcome: &Outcome<'_>,
+    now: Time,
+) -> Result<(), Error> {
     let status = next_status(ss.status.as_ref(), outcome, ss.metadata.generation, now);
     if ss.status.as_ref() == Some(&status) {
         return Ok(());
@@ -314,9 +371,16 @@ async fn write_status(ss: &ScopedSecret, ctx: &Context, outcome: &Outcome<'_>, n
         "kind": ScopedSecret::kind(&()),
         "status": status,
     });
-    api.patch_status(&ss.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(kube_err(format!("write status of ScopedSecret {ns}/{}", ss.name_any())))?;
+    api.patch_status(
+        &ss.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(kube_err(format!(
+        "write status of ScopedSecret {ns}/{}",
+        ss.name_any()
+    )))?;
     Ok(())
 }
 
@@ -329,15 +393,29 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
     let (reason, note) = if done.created {
         (
             "Synced",
-            format!("created Secret {} with {} keys", done.secret_name, done.resolved.len()),
+            format!(
+                "created Secret {} with {} keys",
+                done.secret_name,
+                done.resolved.len()
+            ),
         )
     } else if !done.changed_keys.is_empty() && previous_hash != Some(done.content_hash.as_str()) {
         (
             "Changed",
-            format!("Secret {} changed: keys {}", done.secret_name, done.changed_keys.join(", ")),
+            format!(
+                "Secret {} changed: keys {}",
+                done.secret_name,
+                done.changed_keys.join(", ")
+            ),
         )
     } else {
-        ("Repaired", format!("restored Secret {} after an outside change", done.secret_name))
+        (
+            "Repaired",
+            format!(
+                "restored Secret {} after an outside change",
+                done.secret_name
+            ),
+        )
     };
     info!(secret = %done.secret_name, keys = done.resolved.len(), "{note}");
     publish(ss, ctx, EventType::Normal, reason, &note).await;
@@ -346,7 +424,10 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
 async fn publish(ss: &ScopedSecret, ctx: &Context, type_: EventType, reason: &str, note: &str) {
     let mut note = note.to_string();
     if note.len() > 1000 {
-        let cut = (0..=1000).rev().find(|i| note.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=1000)
+            .rev()
+            .find(|i| note.is_char_boundary(*i))
+            .unwrap_or(0);
         note.truncate(cut);
     }
     let event = Event {

@@ -69,7 +69,10 @@ pub fn next_status(
             (
                 true,
                 REASON_SYNCED,
-                format!("Secret {secret_name} holds {} resolved keys", resolved.len()),
+                format!(
+                    "Secret {secret_name} holds {} resolved keys",
+                    resolved.len()
+                ),
             )
         }
         Outcome::Failed { reason, message } => (false, *reason, message.to_string()),
@@ -82,8 +85,24 @@ pub fn next_status(
             status.secret_name.as_deref().unwrap_or_default()
         )
     };
-    set_condition(&mut status.conditions, READY, ok, reason, &ready_message, generation, &now);
-    set_condition(&mut status.conditions, SYNCED, ok, reason, &message, generation, &now);
+    set_condition(
+        &mut status.conditions,
+        READY,
+        ok,
+        reason,
+        &ready_message,
+        generation,
+        &now,
+    );
+    set_condition(
+        &mut status.conditions,
+        SYNCED,
+        ok,
+        reason,
+        &message,
+        generation,
+        &now,
+    );
     status
 }
 
@@ -156,13 +175,16 @@ mod tests {
         let r = resolved();
         let s = next_status(None, &synced(&r, "h1", true), Some(1), t(100));
         assert_eq!(s.observed_generation, Some(1));
-        assert_eq!(s.keys, vec![KeyStatus {
-            name: "DB_HOST".into(),
-            from: None,
-            scope: "environment".into(),
-            path: "shop/envs/dev".into(),
-            version: 4
-        }]);
+        assert_eq!(
+            s.keys,
+            vec![KeyStatus {
+                name: "DB_HOST".into(),
+                from: None,
+                scope: "environment".into(),
+                path: "shop/envs/dev".into(),
+                version: 4
+            }]
+        );
         assert_eq!(s.content_hash.as_deref(), Some("h1"));
         assert_eq!(s.last_sync_time, Some(t(100)));
         assert_eq!(s.last_change_time, Some(t(100)));
@@ -182,12 +204,32 @@ mod tests {
     fn transition_time_moves_only_when_the_status_flips() {
         let r = resolved();
         let ok = next_status(None, &synced(&r, "h1", true), Some(1), t(100));
-        let failed = next_status(Some(&ok), &Outcome::Failed { reason: "VaultUnavailable", message: "down" }, Some(1), t(200));
+        let failed = next_status(
+            Some(&ok),
+            &Outcome::Failed {
+                reason: "VaultUnavailable",
+                message: "down",
+            },
+            Some(1),
+            t(200),
+        );
         assert_eq!(cond(&failed, READY).last_transition_time, t(200));
         assert_eq!(cond(&failed, READY).status, "False");
-        assert!(cond(&failed, READY).message.contains("kept"), "{}", cond(&failed, READY).message);
+        assert!(
+            cond(&failed, READY).message.contains("kept"),
+            "{}",
+            cond(&failed, READY).message
+        );
         // Still failing, other reason: no transition.
-        let failed2 = next_status(Some(&failed), &Outcome::Failed { reason: "VaultPermissionDenied", message: "403" }, Some(1), t(300));
+        let failed2 = next_status(
+            Some(&failed),
+            &Outcome::Failed {
+                reason: "VaultPermissionDenied",
+                message: "403",
+            },
+            Some(1),
+            t(300),
+        );
         assert_eq!(cond(&failed2, READY).last_transition_time, t(200));
         assert_eq!(cond(&failed2, READY).reason, "VaultPermissionDenied");
         // Failure keeps what describes the existing Secret.
@@ -195,7 +237,11 @@ mod tests {
         assert_eq!(failed2.keys.len(), 1);
         let back = next_status(Some(&failed2), &synced(&r, "h1", false), Some(1), t(400));
         assert_eq!(cond(&back, READY).last_transition_time, t(400));
-        assert_eq!(back.last_change_time, Some(t(100)), "same content is not a change");
+        assert_eq!(
+            back.last_change_time,
+            Some(t(100)),
+            "same content is not a change"
+        );
     }
 
     #[test]
@@ -206,7 +252,11 @@ mod tests {
         assert_eq!(changed.last_change_time, Some(t(500)));
         assert_eq!(changed.last_sync_time, Some(t(500)));
         let repaired = next_status(Some(&changed), &synced(&r, "h2", true), Some(1), t(600));
-        assert_eq!(repaired.last_change_time, Some(t(500)), "a drift repair is not a content change");
+        assert_eq!(
+            repaired.last_change_time,
+            Some(t(500)),
+            "a drift repair is not a content change"
+        );
         assert_eq!(repaired.last_sync_time, Some(t(600)));
     }
 }

@@ -22,7 +22,11 @@ pub const DEFAULT_VAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parses a Go-style duration (`30s`, `1m`, `1h30m`, `500ms`).
 pub fn parse_duration(field: &str, value: &str) -> Result<Duration, Error> {
-    let bad = || Error::InvalidSpec(format!("{field} {value:?} is not a duration like 30s, 5m or 1h30m"));
+    let bad = || {
+        Error::InvalidSpec(format!(
+            "{field} {value:?} is not a duration like 30s, 5m or 1h30m"
+        ))
+    };
     if value.is_empty() {
         return Err(bad());
     }
@@ -47,7 +51,10 @@ pub fn parse_duration(field: &str, value: &str) -> Result<Duration, Error> {
             return Err(bad());
         };
         total = total
-            .checked_add(unit.checked_mul(u32::try_from(n).map_err(|_| bad())?).ok_or_else(bad)?)
+            .checked_add(
+                unit.checked_mul(u32::try_from(n).map_err(|_| bad())?)
+                    .ok_or_else(bad)?,
+            )
             .ok_or_else(bad)?;
         rest = &rest[len..];
     }
@@ -63,7 +70,10 @@ pub struct Request {
 }
 
 /// Checks the ScopedSecret's own fields and fills defaults from its namespace's labels.
-pub fn request(ss: &ScopedSecret, namespace_labels: &BTreeMap<String, String>) -> Result<Request, Error> {
+pub fn request(
+    ss: &ScopedSecret,
+    namespace_labels: &BTreeMap<String, String>,
+) -> Result<Request, Error> {
     let name = ss.metadata.name.as_deref().unwrap_or_default();
     let ns = ss.metadata.namespace.as_deref().unwrap_or_default();
     let spec = &ss.spec;
@@ -170,12 +180,17 @@ pub fn auth_plan(
     conn: &StoreConnection,
     requester_namespace: &str,
 ) -> Result<AuthPlan, Error> {
-    let invalid = |detail: String| Error::InvalidStore(format!("{} {store_name}: {detail}", kind.as_str()));
+    let invalid =
+        |detail: String| Error::InvalidStore(format!("{} {store_name}: {detail}", kind.as_str()));
     let auth = &conn.auth;
-    let set = [auth.kubernetes.is_some(), auth.app_role.is_some(), auth.token.is_some()]
-        .iter()
-        .filter(|b| **b)
-        .count();
+    let set = [
+        auth.kubernetes.is_some(),
+        auth.app_role.is_some(),
+        auth.token.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
     if set != 1 {
         return Err(invalid(format!(
             "spec.auth must set exactly one of kubernetes, appRole, token ({set} set)"
@@ -184,7 +199,9 @@ pub fn auth_plan(
     if conn.kv.version != 2 {
         return Err(invalid("spec.kv.version must be 2".into()));
     }
-    let secret_location = |field: &str, r: &crate::api::v1alpha1::SecretKeyRef| -> Result<SecretKeyLocation, Error> {
+    let secret_location = |field: &str,
+                           r: &crate::api::v1alpha1::SecretKeyRef|
+     -> Result<SecretKeyLocation, Error> {
         let namespace = match (kind, &r.namespace, store_namespace) {
             (StoreKind::VaultStore, Some(ns), Some(own)) if ns != own => {
                 return Err(invalid(format!(
@@ -237,9 +254,14 @@ pub fn auth_plan(
 }
 
 /// The store's path layout and Vault timeout.
-pub fn layout_and_timeout(kind: StoreKind, store_name: &str, conn: &StoreConnection) -> Result<(Layout, Duration), Error> {
-    let layout = Layout::from_templates(&conn.paths)
-        .map_err(|e| Error::InvalidStore(format!("{} {store_name}: spec.paths: {e}", kind.as_str())))?;
+pub fn layout_and_timeout(
+    kind: StoreKind,
+    store_name: &str,
+    conn: &StoreConnection,
+) -> Result<(Layout, Duration), Error> {
+    let layout = Layout::from_templates(&conn.paths).map_err(|e| {
+        Error::InvalidStore(format!("{} {store_name}: spec.paths: {e}", kind.as_str()))
+    })?;
     let timeout = match &conn.timeout {
         Some(t) => parse_duration("spec.timeout", t)
             .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?,
@@ -255,7 +277,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn ss(spec: ScopedSecretSpec) -> ScopedSecret {
@@ -271,7 +296,10 @@ mod tests {
             &labels(&[(PROJECT_LABEL, "shop"), (ENVIRONMENT_LABEL, "dev")]),
         )
         .unwrap();
-        assert_eq!(r.coordinates, Coordinates::new("shop", Some("dev"), Some("api")).unwrap());
+        assert_eq!(
+            r.coordinates,
+            Coordinates::new("shop", Some("dev"), Some("api")).unwrap()
+        );
         assert_eq!(r.secret_name, "api");
         assert_eq!(r.refresh, DEFAULT_REFRESH);
     }
@@ -283,14 +311,20 @@ mod tests {
                 project: Some("bank".into()),
                 environment: Some("prod".into()),
                 service: Some("web".into()),
-                target: Some(Target { name: Some("web-env".into()), ..Default::default() }),
+                target: Some(Target {
+                    name: Some("web-env".into()),
+                    ..Default::default()
+                }),
                 refresh_interval: Some("5m".into()),
                 ..Default::default()
             }),
             &labels(&[(PROJECT_LABEL, "shop"), (ENVIRONMENT_LABEL, "dev")]),
         )
         .unwrap();
-        assert_eq!(r.coordinates, Coordinates::new("bank", Some("prod"), Some("web")).unwrap());
+        assert_eq!(
+            r.coordinates,
+            Coordinates::new("bank", Some("prod"), Some("web")).unwrap()
+        );
         assert_eq!(r.secret_name, "web-env");
         assert_eq!(r.refresh, Duration::from_secs(300));
     }
@@ -299,14 +333,44 @@ mod tests {
     fn missing_project_bad_names_short_refresh_and_sa_token_type_are_invalid_spec() {
         let cases: Vec<(ScopedSecretSpec, &str)> = vec![
             (ScopedSecretSpec::default(), "no project"),
-            (ScopedSecretSpec { project: Some("a/b".into()), ..Default::default() }, "project \"a/b\""),
-            (ScopedSecretSpec { project: Some("p".into()), environment: Some("..".into()), ..Default::default() }, "environment"),
-            (ScopedSecretSpec { project: Some("p".into()), refresh_interval: Some("1s".into()), ..Default::default() }, "minimum 10s"),
-            (ScopedSecretSpec { project: Some("p".into()), refresh_interval: Some("soon".into()), ..Default::default() }, "not a duration"),
+            (
+                ScopedSecretSpec {
+                    project: Some("a/b".into()),
+                    ..Default::default()
+                },
+                "project \"a/b\"",
+            ),
             (
                 ScopedSecretSpec {
                     project: Some("p".into()),
-                    target: Some(Target { type_: Some(FORBIDDEN_TYPE.into()), ..Default::default() }),
+                    environment: Some("..".into()),
+                    ..Default::default()
+                },
+                "environment",
+            ),
+            (
+                ScopedSecretSpec {
+                    project: Some("p".into()),
+                    refresh_interval: Some("1s".into()),
+                    ..Default::default()
+                },
+                "minimum 10s",
+            ),
+            (
+                ScopedSecretSpec {
+                    project: Some("p".into()),
+                    refresh_interval: Some("soon".into()),
+                    ..Default::default()
+                },
+                "not a duration",
+            ),
+            (
+                ScopedSecretSpec {
+                    project: Some("p".into()),
+                    target: Some(Target {
+                        type_: Some(FORBIDDEN_TYPE.into()),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
                 "refused",
@@ -321,15 +385,24 @@ mod tests {
 
     #[test]
     fn durations_parse_like_go() {
-        assert_eq!(parse_duration("f", "1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("f", "500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            parse_duration("f", "1h30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            parse_duration("f", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
         for bad in ["", "1", "m", "1d", "1.5h", "-1s", "1m 2s"] {
             assert!(parse_duration("f", bad).is_err(), "{bad:?}");
         }
     }
 
     fn cluster_store(access: Vec<AccessRule>) -> ClusterVaultStoreSpec {
-        ClusterVaultStoreSpec { access, ..Default::default() }
+        ClusterVaultStoreSpec {
+            access,
+            ..Default::default()
+        }
     }
 
     fn rule(match_labels: &[(&str, &str)], projects: &[&str]) -> AccessRule {
@@ -345,8 +418,24 @@ mod tests {
     #[test]
     fn without_rules_a_namespace_reads_only_its_labelled_project() {
         let store = cluster_store(vec![]);
-        assert!(check_access("vault", &store, "shop-dev", &labels(&[(PROJECT_LABEL, "shop")]), "shop").is_ok());
-        let err = check_access("vault", &store, "shop-dev", &labels(&[(PROJECT_LABEL, "shop")]), "bank").unwrap_err();
+        assert!(
+            check_access(
+                "vault",
+                &store,
+                "shop-dev",
+                &labels(&[(PROJECT_LABEL, "shop")]),
+                "shop"
+            )
+            .is_ok()
+        );
+        let err = check_access(
+            "vault",
+            &store,
+            "shop-dev",
+            &labels(&[(PROJECT_LABEL, "shop")]),
+            "bank",
+        )
+        .unwrap_err();
         assert_eq!(err.category(), "AccessDenied");
         assert!(err.to_string().contains("not \"bank\""), "{err}");
         let err = check_access("vault", &store, "x", &BTreeMap::new(), "shop").unwrap_err();
@@ -355,39 +444,92 @@ mod tests {
 
     #[test]
     fn rules_admit_selected_namespaces_to_listed_projects_only() {
-        let store = cluster_store(vec![rule(&[("team", "shop")], &["shop"]), rule(&[("team", "ops")], &["*"])]);
+        let store = cluster_store(vec![
+            rule(&[("team", "shop")], &["shop"]),
+            rule(&[("team", "ops")], &["*"]),
+        ]);
         let shop = labels(&[("team", "shop")]);
         assert!(check_access("vault", &store, "ns", &shop, "shop").is_ok());
         let err = check_access("vault", &store, "ns", &shop, "bank").unwrap_err();
-        assert!(err.to_string().contains("do not list project \"bank\""), "{err}");
-        let err = check_access("vault", &store, "ns", &labels(&[("team", "other")]), "shop").unwrap_err();
+        assert!(
+            err.to_string().contains("do not list project \"bank\""),
+            "{err}"
+        );
+        let err =
+            check_access("vault", &store, "ns", &labels(&[("team", "other")]), "shop").unwrap_err();
         assert!(err.to_string().contains("no spec.access rule"), "{err}");
-        assert!(check_access("vault", &store, "ns", &labels(&[("team", "ops")]), "anything").is_ok());
+        assert!(
+            check_access(
+                "vault",
+                &store,
+                "ns",
+                &labels(&[("team", "ops")]),
+                "anything"
+            )
+            .is_ok()
+        );
         // The namespace's own project label grants nothing once rules exist.
-        let err = check_access("vault", &store, "ns", &labels(&[(PROJECT_LABEL, "bank")]), "bank");
+        let err = check_access(
+            "vault",
+            &store,
+            "ns",
+            &labels(&[(PROJECT_LABEL, "bank")]),
+            "bank",
+        );
         assert!(err.is_err());
     }
 
     fn conn(auth: Auth) -> StoreConnection {
-        StoreConnection { address: "http://vault:8200".into(), auth, ..Default::default() }
+        StoreConnection {
+            address: "http://vault:8200".into(),
+            auth,
+            ..Default::default()
+        }
     }
 
     fn secret_ref(ns: Option<&str>) -> SecretKeyRef {
-        SecretKeyRef { name: "vault-token".into(), key: "token".into(), namespace: ns.map(Into::into) }
+        SecretKeyRef {
+            name: "vault-token".into(),
+            key: "token".into(),
+            namespace: ns.map(Into::into),
+        }
     }
 
     #[test]
     fn a_vault_store_cannot_borrow_credentials_of_another_namespace() {
-        let c = conn(Auth { token: Some(TokenAuth { secret_ref: secret_ref(Some("scoped-secrets")) }), ..Default::default() });
-        let err = auth_plan(StoreKind::VaultStore, "s", Some("shop-dev"), &c, "shop-dev").unwrap_err();
+        let c = conn(Auth {
+            token: Some(TokenAuth {
+                secret_ref: secret_ref(Some("scoped-secrets")),
+            }),
+            ..Default::default()
+        });
+        let err =
+            auth_plan(StoreKind::VaultStore, "s", Some("shop-dev"), &c, "shop-dev").unwrap_err();
         assert_eq!(err.category(), "InvalidStore");
-        let c = conn(Auth { token: Some(TokenAuth { secret_ref: secret_ref(None) }), ..Default::default() });
+        let c = conn(Auth {
+            token: Some(TokenAuth {
+                secret_ref: secret_ref(None),
+            }),
+            ..Default::default()
+        });
         let plan = auth_plan(StoreKind::VaultStore, "s", Some("shop-dev"), &c, "shop-dev").unwrap();
-        assert_eq!(plan, AuthPlan::Token { token: SecretKeyLocation { namespace: "shop-dev".into(), name: "vault-token".into(), key: "token".into() } });
+        assert_eq!(
+            plan,
+            AuthPlan::Token {
+                token: SecretKeyLocation {
+                    namespace: "shop-dev".into(),
+                    name: "vault-token".into(),
+                    key: "token".into()
+                }
+            }
+        );
         let c = conn(Auth {
             kubernetes: Some(KubernetesAuth {
                 role: "r".into(),
-                service_account: ServiceAccountRef { name: "sa".into(), namespace: Some("kube-system".into()) },
+                service_account: ServiceAccountRef {
+                    name: "sa".into(),
+                    namespace: Some("kube-system".into()),
+                },
                 ..Default::default()
             }),
             ..Default::default()
@@ -400,27 +542,45 @@ mod tests {
         let c = conn(Auth {
             kubernetes: Some(KubernetesAuth {
                 role: "scoped-secrets".into(),
-                service_account: ServiceAccountRef { name: "scoped-secrets".into(), namespace: None },
+                service_account: ServiceAccountRef {
+                    name: "scoped-secrets".into(),
+                    namespace: None,
+                },
                 ..Default::default()
             }),
             ..Default::default()
         });
         let plan = auth_plan(StoreKind::ClusterVaultStore, "vault", None, &c, "shop-dev").unwrap();
-        assert_eq!(plan, AuthPlan::Kubernetes {
-            mount: "kubernetes".into(),
-            role: "scoped-secrets".into(),
-            audience: "vault".into(),
-            service_account_namespace: "shop-dev".into(),
-            service_account: "scoped-secrets".into(),
-        });
+        assert_eq!(
+            plan,
+            AuthPlan::Kubernetes {
+                mount: "kubernetes".into(),
+                role: "scoped-secrets".into(),
+                audience: "vault".into(),
+                service_account_namespace: "shop-dev".into(),
+                service_account: "scoped-secrets".into(),
+            }
+        );
     }
 
     #[test]
     fn cluster_store_credentials_need_a_namespace_and_exactly_one_method() {
-        let c = conn(Auth { token: Some(TokenAuth { secret_ref: secret_ref(None) }), ..Default::default() });
+        let c = conn(Auth {
+            token: Some(TokenAuth {
+                secret_ref: secret_ref(None),
+            }),
+            ..Default::default()
+        });
         let err = auth_plan(StoreKind::ClusterVaultStore, "vault", None, &c, "x").unwrap_err();
         assert!(err.to_string().contains("namespace is required"), "{err}");
-        let err = auth_plan(StoreKind::ClusterVaultStore, "vault", None, &conn(Auth::default()), "x").unwrap_err();
+        let err = auth_plan(
+            StoreKind::ClusterVaultStore,
+            "vault",
+            None,
+            &conn(Auth::default()),
+            "x",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("exactly one"), "{err}");
     }
 }

@@ -52,7 +52,12 @@ impl<V: Clone> ReadCache<V> {
 
     /// The cached value if it is at most `max_age` old; otherwise runs `fetch` (once, for all
     /// concurrent callers of the same key) and caches its success.
-    pub async fn get_or_fetch<E, F, Fut>(&self, key: CacheKey, max_age: Duration, fetch: F) -> Result<V, E>
+    pub async fn get_or_fetch<E, F, Fut>(
+        &self,
+        key: CacheKey,
+        max_age: Duration,
+        fetch: F,
+    ) -> Result<V, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
@@ -73,12 +78,18 @@ impl<V: Clone> ReadCache<V> {
 
     /// Drops every entry of `identity` (after its credentials stopped working).
     pub fn forget_identity(&self, identity: &Identity) {
-        self.slots.lock().unwrap().retain(|k, _| &k.identity != identity);
+        self.slots
+            .lock()
+            .unwrap()
+            .retain(|k, _| &k.identity != identity);
     }
 
     /// `(hits, misses)` so far.
     pub fn stats(&self) -> (u64, u64) {
-        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 
     fn slot(&self, key: CacheKey) -> Slot<V> {
@@ -137,13 +148,21 @@ mod tests {
     #[tokio::test]
     async fn an_entry_older_than_the_callers_max_age_is_read_again() {
         let cache = ReadCache::<u32>::new();
-        let v = cache.get_or_fetch(key("p", "a"), Duration::ZERO, || async { Ok::<_, ()>(1) }).await;
+        let v = cache
+            .get_or_fetch(key("p", "a"), Duration::ZERO, || async { Ok::<_, ()>(1) })
+            .await;
         assert_eq!(v, Ok(1));
         tokio::time::sleep(Duration::from_millis(5)).await;
         // A long max age reuses it; a zero max age (force-sync) does not.
-        let v = cache.get_or_fetch(key("p", "a"), Duration::from_secs(60), || async { Ok::<_, ()>(2) }).await;
+        let v = cache
+            .get_or_fetch(key("p", "a"), Duration::from_secs(60), || async {
+                Ok::<_, ()>(2)
+            })
+            .await;
         assert_eq!(v, Ok(1));
-        let v = cache.get_or_fetch(key("p", "a"), Duration::ZERO, || async { Ok::<_, ()>(3) }).await;
+        let v = cache
+            .get_or_fetch(key("p", "a"), Duration::ZERO, || async { Ok::<_, ()>(3) })
+            .await;
         assert_eq!(v, Ok(3));
     }
 
@@ -151,10 +170,30 @@ mod tests {
     async fn errors_are_not_cached_and_identities_do_not_share_reads() {
         let cache = ReadCache::<u32>::new();
         let long = Duration::from_secs(60);
-        assert_eq!(cache.get_or_fetch(key("p", "a"), long, || async { Err::<u32, _>("down") }).await, Err("down"));
-        assert_eq!(cache.get_or_fetch(key("p", "a"), long, || async { Ok::<_, &str>(1) }).await, Ok(1));
-        assert_eq!(cache.get_or_fetch(key("p", "b"), long, || async { Ok::<_, &str>(2) }).await, Ok(2));
+        assert_eq!(
+            cache
+                .get_or_fetch(key("p", "a"), long, || async { Err::<u32, _>("down") })
+                .await,
+            Err("down")
+        );
+        assert_eq!(
+            cache
+                .get_or_fetch(key("p", "a"), long, || async { Ok::<_, &str>(1) })
+                .await,
+            Ok(1)
+        );
+        assert_eq!(
+            cache
+                .get_or_fetch(key("p", "b"), long, || async { Ok::<_, &str>(2) })
+                .await,
+            Ok(2)
+        );
         cache.forget_identity(&key("p", "a").identity);
-        assert_eq!(cache.get_or_fetch(key("p", "a"), long, || async { Ok::<_, &str>(3) }).await, Ok(3));
+        assert_eq!(
+            cache
+                .get_or_fetch(key("p", "a"), long, || async { Ok::<_, &str>(3) })
+                .await,
+            Ok(3)
+        );
     }
 }

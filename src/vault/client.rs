@@ -103,7 +103,11 @@ impl VaultReader {
                     refresh_at: Instant::now() + STATIC_TOKEN_REFRESH,
                 });
             }
-            AuthPlan::AppRole { mount, role_id, secret_id } => {
+            AuthPlan::AppRole {
+                mount,
+                role_id,
+                secret_id,
+            } => {
                 let secret_id = self.read_credential(method, secret_id).await?;
                 let info = with_timeout(
                     store,
@@ -123,9 +127,12 @@ impl VaultReader {
                 let jwt = self
                     .service_account_token(service_account_namespace, service_account, audience)
                     .await?;
-                let info = with_timeout(store, vaultrs::auth::kubernetes::login(&anonymous, mount, role, &jwt))
-                    .await?
-                    .map_err(|e| login_error(conn, method, &format!("auth/{mount} role {role}"), e))?;
+                let info = with_timeout(
+                    store,
+                    vaultrs::auth::kubernetes::login(&anonymous, mount, role, &jwt),
+                )
+                .await?
+                .map_err(|e| login_error(conn, method, &format!("auth/{mount} role {role}"), e))?;
                 (info.client_token, info.lease_duration)
             }
         };
@@ -141,16 +148,26 @@ impl VaultReader {
         })
     }
 
-    async fn read_credential(&self, method: &'static str, loc: &SecretKeyLocation) -> Result<String, VaultError> {
+    async fn read_credential(
+        &self,
+        method: &'static str,
+        loc: &SecretKeyLocation,
+    ) -> Result<String, VaultError> {
         let api: Api<Secret> = Api::namespaced(self.kube.clone(), &loc.namespace);
         let what = format!("Secret {}/{}", loc.namespace, loc.name);
-        let secret = api.get_opt(&loc.name).await.map_err(|e| VaultError::AuthFailed {
-            method,
-            detail: format!("failed to read {what}: {}", kube_reason(&e)),
-        })?;
+        let secret = api
+            .get_opt(&loc.name)
+            .await
+            .map_err(|e| VaultError::AuthFailed {
+                method,
+                detail: format!("failed to read {what}: {}", kube_reason(&e)),
+            })?;
         let secret = secret.ok_or_else(|| VaultError::AuthFailed {
             method,
-            detail: format!("{what} does not exist; create it with the credential under key {:?}", loc.key),
+            detail: format!(
+                "{what} does not exist; create it with the credential under key {:?}",
+                loc.key
+            ),
         })?;
         let bytes = secret
             .data
@@ -167,7 +184,12 @@ impl VaultReader {
         Ok(value.trim().to_string())
     }
 
-    async fn service_account_token(&self, ns: &str, name: &str, audience: &str) -> Result<String, VaultError> {
+    async fn service_account_token(
+        &self,
+        ns: &str,
+        name: &str,
+        audience: &str,
+    ) -> Result<String, VaultError> {
         let api: Api<ServiceAccount> = Api::namespaced(self.kube.clone(), ns);
         let request = TokenRequest {
             spec: TokenRequestSpec {
@@ -193,7 +215,9 @@ impl VaultReader {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| VaultError::AuthFailed {
                 method: "kubernetes",
-                detail: format!("the TokenRequest for ServiceAccount {ns}/{name} returned no token"),
+                detail: format!(
+                    "the TokenRequest for ServiceAccount {ns}/{name} returned no token"
+                ),
             })
     }
 
@@ -211,12 +235,18 @@ impl VaultReader {
                 mount: mount.to_string(),
                 path: p.path.clone(),
             };
-            self.cache.get_or_fetch(key, max_age, move || self.read_path(store, client, p))
+            self.cache
+                .get_or_fetch(key, max_age, move || self.read_path(store, client, p))
         }))
         .await
     }
 
-    async fn read_path(&self, store: &StoreHandle, client: &VaultClient, p: &ScopePath) -> Result<ScopeData, VaultError> {
+    async fn read_path(
+        &self,
+        store: &StoreHandle,
+        client: &VaultClient,
+        p: &ScopePath,
+    ) -> Result<ScopeData, VaultError> {
         let conn = &store.connection;
         let mount = conn.kv.mount.as_str();
         let method = store.auth.method();
@@ -268,7 +298,9 @@ impl VaultReader {
                         state: "soft-deleted",
                     }),
                     // Metadata without a readable current version: treat as no secret.
-                    _ if meta.current_version == 0 => Ok(ScopeData::missing(p.scope, p.path.clone())),
+                    _ if meta.current_version == 0 => {
+                        Ok(ScopeData::missing(p.scope, p.path.clone()))
+                    }
                     _ => Err(VaultError::Unavailable {
                         address: conn.address.clone(),
                         detail: format!(
@@ -278,7 +310,9 @@ impl VaultReader {
                     }),
                 }
             }
-            Err(e) if status_code(&e) == Some(404) => Ok(ScopeData::missing(p.scope, p.path.clone())),
+            Err(e) if status_code(&e) == Some(404) => {
+                Ok(ScopeData::missing(p.scope, p.path.clone()))
+            }
             Err(e) => Err(read_error(conn, store.auth.method(), &p.path, e)),
         }
     }
@@ -345,19 +379,30 @@ fn build_client(store: &StoreHandle, token: &str) -> Result<VaultClient, VaultEr
         && conn.address.starts_with("https://")
     {
         let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-            .map_err(|_| VaultError::InvalidStore("spec.caBundle is not a PEM certificate bundle".into()))?;
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                VaultError::InvalidStore("spec.caBundle holds no PEM certificate".into())
+            })?;
         let http = reqwest::ClientBuilder::new()
             .tls_backend_rustls()
             .timeout(store.timeout)
             .tls_certs_merge(certs)
             .build()
-            .map_err(|e| VaultError::InvalidStore(format!("failed to build the TLS client from spec.caBundle: {e}")))?;
+            .map_err(|e| {
+                VaultError::InvalidStore(format!(
+                    "failed to build the TLS client from spec.caBundle: {e}"
+                ))
+            })?;
         client.http = rustify::clients::reqwest::Client::new(conn.address.as_str(), http);
     }
     Ok(client)
 }
 
-async fn with_timeout<T>(store: &StoreHandle, fut: impl Future<Output = T>) -> Result<T, VaultError> {
+async fn with_timeout<T>(
+    store: &StoreHandle,
+    fut: impl Future<Output = T>,
+) -> Result<T, VaultError> {
     tokio::time::timeout(store.timeout, fut)
         .await
         .map_err(|_| VaultError::Unavailable {
@@ -382,7 +427,9 @@ fn vault_messages(e: &ClientError) -> String {
         ClientError::APIError { errors, .. } if !errors.is_empty() => errors.join("; "),
         ClientError::APIError { code, .. } => format!("HTTP {code}"),
         ClientError::RestClientError { source } => match source {
-            rustify::errors::ClientError::ServerResponseError { code, .. } => format!("HTTP {code}"),
+            rustify::errors::ClientError::ServerResponseError { code, .. } => {
+                format!("HTTP {code}")
+            }
             // The transport error names the URL and the failure, never a body.
             other => error_chain(other),
         },
@@ -406,7 +453,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn unavailable_or_sealed(address: &str, e: &ClientError) -> VaultError {
     let detail = vault_messages(e);
     if status_code(e) == Some(503) && detail.to_lowercase().contains("sealed") {
-        VaultError::Sealed { address: address.into() }
+        VaultError::Sealed {
+            address: address.into(),
+        }
     } else {
         VaultError::Unavailable {
             address: address.into(),

@@ -12,12 +12,16 @@ use super::{ScopeSource, StoreHandle, VaultError};
 use crate::resolve::{Entry, ScopeData, SecretValue};
 use crate::scope::ScopePath;
 
-/// Paths → `(version, entries)`; a path may instead hold an error.
+/// One stored path: its latest version and its entries (`None` is a tombstone).
+type Stored = (u64, Vec<(String, Option<String>)>);
+
+/// Paths → their latest version; every read can instead be made to fail.
 #[derive(Default)]
 pub struct MemorySource {
-    paths: Mutex<HashMap<String, (u64, Vec<(String, Option<String>)>)>>,
+    paths: Mutex<HashMap<String, Stored>>,
     failure: Mutex<Option<VaultError>>,
     reads: AtomicUsize,
+    max_ages: Mutex<Vec<Duration>>,
 }
 
 impl MemorySource {
@@ -46,6 +50,11 @@ impl MemorySource {
         *self.failure.lock().unwrap() = None;
     }
 
+    /// The `max_age` of every call so far.
+    pub fn max_ages(&self) -> Vec<Duration> {
+        self.max_ages.lock().unwrap().clone()
+    }
+
     /// Number of path reads served.
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
@@ -57,9 +66,10 @@ impl ScopeSource for MemorySource {
         &'a self,
         _store: &'a StoreHandle,
         paths: &'a [ScopePath],
-        _max_age: Duration,
+        max_age: Duration,
     ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>> {
         Box::pin(async move {
+            self.max_ages.lock().unwrap().push(max_age);
             if let Some(err) = self.failure.lock().unwrap().clone() {
                 return Err(err);
             }

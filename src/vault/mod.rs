@@ -65,12 +65,20 @@ impl AuthPlan {
                 audience,
                 service_account_namespace,
                 service_account,
-            } => format!("kubernetes:{mount}:{role}:{audience}:{service_account_namespace}/{service_account}"),
-            AuthPlan::AppRole { mount, role_id, secret_id } => format!(
+            } => format!(
+                "kubernetes:{mount}:{role}:{audience}:{service_account_namespace}/{service_account}"
+            ),
+            AuthPlan::AppRole {
+                mount,
+                role_id,
+                secret_id,
+            } => format!(
                 "approle:{mount}:{role_id}:{}/{}/{}",
                 secret_id.namespace, secret_id.name, secret_id.key
             ),
-            AuthPlan::Token { token } => format!("token:{}/{}/{}", token.namespace, token.name, token.key),
+            AuthPlan::Token { token } => {
+                format!("token:{}/{}/{}", token.namespace, token.name, token.key)
+            }
         }
     }
 
@@ -111,7 +119,10 @@ pub enum VaultError {
         method: &'static str,
     },
     #[error("failed to log in to Vault with {method} auth: {detail}")]
-    AuthFailed { method: &'static str, detail: String },
+    AuthFailed {
+        method: &'static str,
+        detail: String,
+    },
     #[error(
         "the latest version ({version}) of {mount}/{path} is {state}; undelete it (`bao kv undelete -mount={mount} -versions={version} {path}`) or write a new version — an empty scope must be a path with no versions at all"
     )]
