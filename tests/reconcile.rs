@@ -1,0 +1,571 @@
+//! Reconcile-level tests: the real reconcile against the in-memory API server, with an
+//! in-memory Vault source. Each asserts the exact writes — and zero writes where nothing
+//! changed.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::Action;
+use scoped_secrets::api::v1alpha1::ScopedSecret;
+use scoped_secrets::controller::{Config, Context, error_policy, reconcile};
+use scoped_secrets::render::HmacKey;
+use scoped_secrets::vault::VaultError;
+use scoped_secrets::vault::memory::MemorySource;
+use serde_json::{Value, json};
+use support::fake_api::FakeKube;
+
+const CANARY: &str = "canary-9d1e55";
+
+struct World {
+    fake: FakeKube,
+    vault: Arc<MemorySource>,
+    ctx: Arc<Context>,
+}
+
+fn world() -> World {
+    let fake = FakeKube::new();
+    fake.insert(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop-dev", "labels": {
+            "scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev", "team": "shop"}}
+    }));
+    fake.insert(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "bank-dev", "labels": {"scopedsecrets.io/project": "shop"}}
+    }));
+    fake.insert(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
+        "metadata": {"name": "vault"},
+        "spec": {
+            "address": "http://vault:8200",
+            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
+            "access": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}, "projects": ["shop"]}]
+        }
+    }));
+    let vault = Arc::new(MemorySource::new());
+    vault.put(
+        "shop",
+        &[
+            ("LOG_LEVEL", Some("info")),
+            ("DB_HOST", Some("db")),
+            ("FEATURE_X", Some("off")),
+        ],
+    );
+    vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("debug"))]);
+    vault.put(
+        "shop/envs/dev/services/api",
+        &[("DB_PASSWORD", Some(CANARY)), ("FEATURE_X", None)],
+    );
+    let ctx = Arc::new(Context::new(
+        fake.client(),
+        vault.clone(),
+        HmacKey::new(vec![7; 32]),
+        Config::default(),
+    ));
+    World { fake, vault, ctx }
+}
+
+fn scoped_secret(name: &str, namespace: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec
+    })
+}
+
+fn default_spec() -> Value {
+    json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}})
+}
+
+impl World {
+    fn add(&self, obj: Value) {
+        self.fake.insert(obj);
+    }
+
+    fn ss(&self, ns: &str, name: &str) -> Arc<ScopedSecret> {
+        Arc::new(
+            self.fake
+                .get_typed::<ScopedSecret>(Some(ns), name)
+                .expect("ScopedSecret exists"),
+        )
+    }
+
+    fn secret(&self, ns: &str, name: &str) -> Option<Secret> {
+        self.fake.get_typed::<Secret>(Some(ns), name)
+    }
+
+    async fn reconcile(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Action, scoped_secrets::controller::Error> {
+        reconcile(self.ss(ns, name), self.ctx.clone()).await
+    }
+
+    fn write_summary(&self) -> Vec<String> {
+        self.fake
+            .writes()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    }
+}
+
+fn data(secret: &Secret) -> std::collections::BTreeMap<String, String> {
+    secret
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+        .collect()
+}
+
+fn condition(ss: &ScopedSecret, type_: &str) -> (String, String, String) {
+    let c = ss
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {:?}", ss.status));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+#[tokio::test]
+async fn first_sync_writes_the_inherited_secret_its_status_and_one_event() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+
+    let writes = w.write_summary();
+    assert_eq!(
+        writes,
+        vec![
+            "PATCH /api/v1/namespaces/shop-dev/secrets/api".to_string(),
+            "PATCH /apis/scopedsecrets.io/v1alpha1/namespaces/shop-dev/scopedsecrets/api/status"
+                .to_string(),
+            "POST /apis/events.k8s.io/v1/namespaces/shop-dev/events".to_string(),
+        ]
+    );
+    let apply = &w.fake.writes()[0];
+    assert_eq!(
+        apply.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert!(
+        apply.query.contains("fieldManager=scoped-secrets"),
+        "{}",
+        apply.query
+    );
+    assert!(
+        apply.body.as_ref().unwrap().get("stringData").is_none(),
+        "data, never stringData"
+    );
+
+    let secret = w.secret("shop-dev", "api").unwrap();
+    let want: std::collections::BTreeMap<String, String> = [
+        ("LOG_LEVEL", "debug"),
+        ("DB_HOST", "db"),
+        ("DB_PASSWORD", CANARY),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(data(&secret), want, "FEATURE_X is hidden by the tombstone");
+    assert_eq!(
+        secret.metadata.labels.as_ref().unwrap()["scopedsecrets.io/managed"],
+        "true"
+    );
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.kind, "ScopedSecret");
+
+    let ss = w.ss("shop-dev", "api");
+    assert_eq!(condition(&ss, "Ready").0, "True");
+    assert_eq!(condition(&ss, "Synced").1, "Synced");
+    let status = ss.status.clone().unwrap();
+    assert_eq!(status.secret_name.as_deref(), Some("api"));
+    let log_level = status.keys.iter().find(|k| k.name == "LOG_LEVEL").unwrap();
+    assert_eq!(
+        (
+            log_level.scope.as_str(),
+            log_level.path.as_str(),
+            log_level.version
+        ),
+        ("environment", "shop/envs/dev", 1)
+    );
+    assert!(status.content_hash.unwrap().starts_with("hmac-sha256:"));
+    assert!(status.last_sync_time.is_some() && status.last_change_time.is_some());
+    assert_eq!(status.observed_generation, ss.metadata.generation);
+}
+
+#[tokio::test]
+async fn a_no_op_resync_makes_zero_writes() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.clear_requests();
+    let action = w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(
+        w.fake.writes().is_empty(),
+        "writes on a no-op resync: {:?}",
+        w.write_summary()
+    );
+    assert_ne!(
+        action,
+        Action::await_change(),
+        "periodic refresh is scheduled"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_value_rewrites_the_secret_and_moves_the_change_time() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let before = w.ss("shop-dev", "api").status.clone().unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
+        "warn"
+    );
+    let after = w.ss("shop-dev", "api").status.clone().unwrap();
+    assert_ne!(before.content_hash, after.content_hash);
+    assert!(after.last_change_time > before.last_change_time);
+    let event = w
+        .fake
+        .writes()
+        .into_iter()
+        .find(|r| r.path.ends_with("/events"))
+        .expect("an event");
+    let body = event.body.unwrap().to_string();
+    assert!(
+        body.contains("Changed") && body.contains("LOG_LEVEL"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn hand_edits_added_keys_and_deletion_are_repaired() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let good = data(&w.secret("shop-dev", "api").unwrap());
+
+    // A hand edit of a value plus an added key.
+    let mut secret = w
+        .fake
+        .get("api/v1", Some("shop-dev"), "secrets", "api")
+        .unwrap();
+    secret["data"]["LOG_LEVEL"] = json!("aGFja2Vk");
+    secret["data"]["EXTRA"] = json!("eA==");
+    w.fake.insert(secret);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(data(&w.secret("shop-dev", "api").unwrap()), good);
+
+    // A deletion.
+    w.fake.remove("api/v1", Some("shop-dev"), "secrets", "api");
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(data(&w.secret("shop-dev", "api").unwrap()), good);
+    let status = w.ss("shop-dev", "api").status.clone().unwrap();
+    assert_eq!(status.keys.len(), 3);
+}
+
+#[tokio::test]
+async fn vault_outage_keeps_the_secret_reports_why_and_recovers_by_itself() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let good = w.secret("shop-dev", "api").unwrap();
+
+    w.vault.fail_with(VaultError::Unavailable {
+        address: "http://vault:8200".into(),
+        detail: "connection refused".into(),
+    });
+    w.fake.clear_requests();
+    let ss = w.ss("shop-dev", "api");
+    let err = reconcile(ss.clone(), w.ctx.clone()).await.unwrap_err();
+    assert_eq!(err.category(), "VaultUnavailable");
+    assert!(
+        w.fake.writes_to("secrets").is_empty(),
+        "the Secret was written during an outage: {:?}",
+        w.write_summary()
+    );
+    assert_eq!(w.secret("shop-dev", "api").unwrap().data, good.data);
+    let ss = w.ss("shop-dev", "api");
+    let (status, reason, message) = condition(&ss, "Ready");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "VaultUnavailable")
+    );
+    assert!(message.contains("kept"), "{message}");
+    // Retried with a delay, never dropped (await_change would wait forever).
+    let action = error_policy(ss.clone(), &err, w.ctx.clone());
+    assert_ne!(action, Action::await_change());
+
+    w.vault.recover();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(condition(&w.ss("shop-dev", "api"), "Ready").1, "Synced");
+}
+
+#[tokio::test]
+async fn permission_denied_and_deleted_scopes_keep_the_secret() {
+    for err in [
+        VaultError::PermissionDenied {
+            mount: "secret".into(),
+            path: "shop".into(),
+            method: "token",
+        },
+        VaultError::ScopeDeleted {
+            mount: "secret".into(),
+            path: "shop".into(),
+            version: 3,
+            state: "destroyed",
+        },
+        VaultError::Sealed {
+            address: "http://vault:8200".into(),
+        },
+    ] {
+        let w = world();
+        w.add(scoped_secret("api", "shop-dev", default_spec()));
+        w.reconcile("shop-dev", "api").await.unwrap();
+        let category = err.category();
+        w.vault.fail_with(err);
+        w.fake.clear_requests();
+        assert_eq!(
+            w.reconcile("shop-dev", "api").await.unwrap_err().category(),
+            category
+        );
+        assert!(w.fake.writes_to("secrets").is_empty());
+        assert_eq!(
+            data(&w.secret("shop-dev", "api").unwrap())["DB_PASSWORD"],
+            CANARY
+        );
+        assert_eq!(condition(&w.ss("shop-dev", "api"), "Ready").1, category);
+    }
+}
+
+#[tokio::test]
+async fn a_repeated_identical_failure_writes_the_status_once() {
+    let w = world();
+    w.add(scoped_secret(
+        "api",
+        "shop-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "nope"}}),
+    ));
+    w.reconcile("shop-dev", "api").await.unwrap_err();
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert!(
+        w.fake.writes_to("scopedsecrets").is_empty(),
+        "{:?}",
+        w.write_summary()
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_the_store_does_not_admit_gets_access_denied_and_no_vault_read() {
+    let w = world();
+    w.add(scoped_secret(
+        "api",
+        "bank-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "environment": "dev"}),
+    ));
+    let err = w.reconcile("bank-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "AccessDenied");
+    assert_eq!(w.vault.reads(), 0, "Vault was read for a refused namespace");
+    assert!(w.secret("bank-dev", "api").is_none());
+    let (status, reason, message) = condition(&w.ss("bank-dev", "api"), "Ready");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "AccessDenied")
+    );
+    assert!(message.contains("selects namespace bank-dev"), "{message}");
+}
+
+#[tokio::test]
+async fn invalid_specs_and_unknown_stores_are_reported_and_do_not_stall_others() {
+    let w = world();
+    w.add(scoped_secret(
+        "bad-name",
+        "shop-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "a..b"}),
+    ));
+    w.add(scoped_secret(
+        "no-store",
+        "shop-dev",
+        json!({"storeRef": {"name": "missing"}}),
+    ));
+    w.add(scoped_secret("sa-token", "shop-dev", json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "target": {"type": "kubernetes.io/service-account-token"}})));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    for (name, reason) in [
+        ("bad-name", "InvalidSpec"),
+        ("no-store", "StoreNotFound"),
+        ("sa-token", "InvalidSpec"),
+    ] {
+        let err = w.reconcile("shop-dev", name).await.unwrap_err();
+        assert_eq!(err.category(), reason, "{name}: {err}");
+        assert_eq!(condition(&w.ss("shop-dev", name), "Ready").1, reason);
+        assert!(w.secret("shop-dev", name).is_none());
+        let action = error_policy(w.ss("shop-dev", name), &err, w.ctx.clone());
+        assert_ne!(
+            action,
+            Action::await_change(),
+            "{name} must be retried eventually"
+        );
+    }
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(w.secret("shop-dev", "api").is_some());
+}
+
+#[tokio::test]
+async fn an_empty_result_is_refused_unless_allowed() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "keys": {"include": ["NOTHING_*"]}})));
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "EmptyResult");
+    assert!(w.secret("shop-dev", "api").is_none());
+    w.add(scoped_secret("api2", "shop-dev", json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api", "keys": {"include": ["NOTHING_*"]}, "allowEmpty": true})));
+    w.reconcile("shop-dev", "api2").await.unwrap();
+    assert_eq!(
+        w.secret("shop-dev", "api2")
+            .unwrap()
+            .data
+            .unwrap_or_default()
+            .len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn an_existing_unmanaged_secret_is_never_taken_over() {
+    let w = world();
+    w.add(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "api", "namespace": "shop-dev"}, "data": {"mine": "eA=="}}));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "SecretConflict");
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())
+            .keys()
+            .collect::<Vec<_>>(),
+        vec!["mine"]
+    );
+}
+
+#[tokio::test]
+async fn retain_writes_no_owner_reference_and_renames_and_selection_apply() {
+    let w = world();
+    w.add(scoped_secret(
+        "web",
+        "shop-dev",
+        json!({
+            "storeRef": {"kind": "ClusterVaultStore", "name": "vault"},
+            "service": "api",
+            "deletionPolicy": "Retain",
+            "keys": {"exclude": ["DB_HOST"], "rename": {"DB_PASSWORD": "password"}},
+            "target": {"name": "web-env", "labels": {"app": "web"}}
+        }),
+    ));
+    w.reconcile("shop-dev", "web").await.unwrap();
+    let secret = w.secret("shop-dev", "web-env").unwrap();
+    assert!(
+        secret
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert_eq!(secret.metadata.labels.unwrap()["app"], "web");
+    assert_eq!(
+        data(&w.secret("shop-dev", "web-env").unwrap())
+            .keys()
+            .collect::<Vec<_>>(),
+        vec!["LOG_LEVEL", "password"]
+    );
+    let status = w.ss("shop-dev", "web").status.clone().unwrap();
+    let pw = status.keys.iter().find(|k| k.name == "password").unwrap();
+    assert_eq!(pw.from.as_deref(), Some("DB_PASSWORD"));
+}
+
+#[tokio::test]
+async fn a_changed_force_sync_annotation_bypasses_the_cache_once() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let mut obj = w
+        .fake
+        .get(
+            "apis/scopedsecrets.io/v1alpha1",
+            Some("shop-dev"),
+            "scopedsecrets",
+            "api",
+        )
+        .unwrap();
+    obj["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": "2026-11-24T10:00:00Z"});
+    w.fake.insert(obj);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let ages = w.vault.max_ages();
+    assert_eq!(
+        ages,
+        vec![
+            Duration::from_secs(60),
+            Duration::ZERO,
+            Duration::from_secs(60)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_canary_value_appears_only_in_the_secret() {
+    let w = world();
+    let logs = support::capture_logs();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put(
+        "shop/envs/dev/services/api",
+        &[("DB_PASSWORD", Some(&format!("{CANARY}-2")))],
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.fail_with(VaultError::Unavailable {
+        address: "a".into(),
+        detail: "down".into(),
+    });
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    error_policy(w.ss("shop-dev", "api"), &err, w.ctx.clone());
+
+    for r in w.fake.requests() {
+        let text = format!(
+            "{} {} {} {}",
+            r.method,
+            r.path,
+            r.query,
+            r.body.clone().unwrap_or_default()
+        );
+        if r.path.ends_with("/secrets/api") && r.method == "PATCH" {
+            continue;
+        }
+        assert!(
+            !text.contains(CANARY) && !text.contains(&b64(CANARY)[..12]),
+            "canary in {} {}",
+            r.method,
+            r.path
+        );
+    }
+    let ss = serde_json::to_string(&*w.ss("shop-dev", "api")).unwrap();
+    assert!(!ss.contains(CANARY));
+    let logged = logs.contents();
+    assert!(!logged.is_empty(), "the log capture works");
+    assert!(!logged.contains(CANARY), "canary in logs");
+    assert!(format!("{err:?} {err}").find(CANARY).is_none());
+    assert!(data(&w.secret("shop-dev", "api").unwrap())["DB_PASSWORD"].starts_with(CANARY));
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}

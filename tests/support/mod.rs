@@ -1,0 +1,7 @@
+#![allow(dead_code, unused_imports)]
+
+pub mod fake_api;
+pub mod logs;
+pub mod openbao;
+
+pub use logs::capture_logs;
