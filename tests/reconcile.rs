@@ -569,3 +569,55 @@ fn b64(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+#[tokio::test]
+async fn the_hmac_key_is_created_once_and_reused() {
+    let fake = FakeKube::new();
+    let client = fake.client();
+    let first = scoped_secrets::controller::ensure_hmac_key(&client, "scoped-secrets")
+        .await
+        .unwrap();
+    let again = scoped_secrets::controller::ensure_hmac_key(&client, "scoped-secrets")
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    assert_eq!(fake.writes_to("secrets").len(), 1, "created once");
+    let stored = fake
+        .get_typed::<Secret>(Some("scoped-secrets"), "scoped-secrets-hmac-key")
+        .unwrap();
+    assert_eq!(stored.data.unwrap()["key"].0.len(), 32);
+    // A malformed key Secret is reported, not silently replaced.
+    let other = FakeKube::new();
+    other.insert(json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "scoped-secrets-hmac-key", "namespace": "x"}, "data": {"key": "c2hvcnQ="}}));
+    let err = scoped_secrets::controller::ensure_hmac_key(&other.client(), "x")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("32-byte"), "{err}");
+}
+
+#[tokio::test]
+async fn a_failed_secret_write_is_a_kubernetes_error_and_keeps_status_honest() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.fake.fail_next("PATCH", "/secrets/api", 500);
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "KubernetesError");
+    assert!(
+        err.to_string().contains("apply Secret shop-dev/api"),
+        "{err}"
+    );
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "Ready").1,
+        "KubernetesError"
+    );
+    w.fake.fail_next("PATCH", "/secrets/api", 422);
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(
+        err.category(),
+        "InvalidSpec",
+        "a 422 is the spec's fault: {err}"
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(condition(&w.ss("shop-dev", "api"), "Ready").0, "True");
+}

@@ -409,3 +409,42 @@ pub async fn run(
         .await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_is_capped_and_jittered() {
+        let (base, max) = (Duration::from_secs(5), Duration::from_secs(300));
+        for attempt in 1..=20u32 {
+            let nominal = base.saturating_mul(1 << (attempt - 1).min(16)).min(max);
+            for _ in 0..50 {
+                let d = backoff_delay(attempt, base, max);
+                assert!(
+                    d >= nominal.mul_f64(0.8) && d <= nominal.mul_f64(1.2),
+                    "attempt {attempt}: {d:?}"
+                );
+            }
+        }
+        let spread: std::collections::HashSet<_> =
+            (0..50).map(|_| backoff_delay(3, base, max)).collect();
+        assert!(
+            spread.len() > 40,
+            "retries of objects failing together must not line up"
+        );
+    }
+
+    #[test]
+    fn permanent_and_transient_errors_are_told_apart() {
+        assert!(Error::InvalidSpec("x".into()).is_permanent());
+        assert!(Error::AccessDenied("x".into()).is_permanent());
+        assert!(
+            !Error::Vault(VaultError::Sealed {
+                address: "a".into()
+            })
+            .is_permanent()
+        );
+        assert!(!Error::Timeout { seconds: 1 }.is_permanent());
+    }
+}

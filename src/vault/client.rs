@@ -140,7 +140,7 @@ impl VaultReader {
         let refresh = if lease == 0 {
             STATIC_TOKEN_REFRESH
         } else {
-            Duration::from_secs(lease.saturating_mul(2) / 3).max(Duration::from_secs(5))
+            Duration::from_millis(lease.saturating_mul(2000) / 3).max(Duration::from_secs(1))
         };
         Ok(Session {
             client: Arc::new(build_client(store, &token)?),
@@ -264,7 +264,19 @@ impl VaultReader {
                 entries: parse_entries(response.data),
             }),
             Err(e) => match status_code(&e) {
-                Some(404) => self.missing_or_deleted(store, client, p).await,
+                Some(404) => match deleted_version_in_404(&e) {
+                    // `{"errors":[]}`: nothing was ever written there (or its metadata was
+                    // deleted): an empty scope, without a second request.
+                    Some(None) => Ok(ScopeData::missing(p.scope, p.path.clone())),
+                    Some(Some((version, state))) => Err(VaultError::ScopeDeleted {
+                        mount: mount.into(),
+                        path: p.path.clone(),
+                        version,
+                        state,
+                    }),
+                    // A body we do not recognise: ask the metadata endpoint.
+                    None => self.missing_or_deleted(store, client, p).await,
+                },
                 _ => Err(read_error(conn, method, &p.path, e)),
             },
         }
@@ -337,6 +349,39 @@ impl ScopeSource for VaultReader {
                 other => other,
             }
         })
+    }
+}
+
+/// What a 404 on `data/<path>` says: `Some(None)` for a path with no secret (`{"errors":[]}`),
+/// `Some(Some((version, state)))` for a latest version that was deleted or destroyed (KV v2
+/// answers those with the version's metadata and `data: null`), `None` when the body is
+/// neither. Only metadata is read from the body; it holds no values.
+fn deleted_version_in_404(e: &ClientError) -> Option<Option<(u64, &'static str)>> {
+    match e {
+        ClientError::APIError { code: 404, errors } if errors.is_empty() => Some(None),
+        ClientError::RestClientError {
+            source:
+                rustify::errors::ClientError::ServerResponseError {
+                    code: 404,
+                    content: Some(body),
+                },
+        } => {
+            let body: Value = serde_json::from_str(body).ok()?;
+            let meta = body.get("data")?.get("metadata")?;
+            let version = meta.get("version")?.as_u64()?;
+            if meta.get("destroyed").and_then(Value::as_bool) == Some(true) {
+                Some(Some((version, "destroyed")))
+            } else if meta
+                .get("deletion_time")
+                .and_then(Value::as_str)
+                .is_some_and(|t| !t.is_empty())
+            {
+                Some(Some((version, "soft-deleted")))
+            } else {
+                None
+            }
+        }
+        _ => None,
     }
 }
 
