@@ -583,3 +583,32 @@ async fn a_session_is_renewed_by_logging_in_again_before_its_lease_ends() {
     assert_eq!(value(&read[0], "A").as_deref(), Some("1"));
     assert_eq!(reader.logins(), 2);
 }
+
+#[tokio::test]
+async fn a_vault_answering_5xx_is_unavailable_and_names_the_status() {
+    // Answers every request with a 502 from a proxy in front of Vault.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let body = r#"{"errors":["upstream unavailable"]}"#;
+                let reply = format!(
+                    "HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let reader = VaultReader::new(fake_with_token("t").client());
+    let err = reader
+        .read_scopes(&store(&addr, token_plan()), &paths(None), Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VaultError::Unavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains("upstream unavailable"), "{err}");
+}
