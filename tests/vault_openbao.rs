@@ -62,6 +62,26 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
+/// A reader whose AppRole secret id sits in the in-memory API server, and its store.
+fn approle_reader(addr: &str, role_id: String, secret_id: &str) -> (VaultReader, StoreHandle) {
+    let fake = FakeKube::new();
+    fake.insert(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "approle", "namespace": "scoped-secrets"},
+        "data": {"secret-id": b64(secret_id)}
+    }));
+    let auth = AuthPlan::AppRole {
+        mount: "approle".into(),
+        role_id,
+        secret_id: SecretKeyLocation {
+            namespace: "scoped-secrets".into(),
+            name: "approle".into(),
+            key: "secret-id".into(),
+        },
+    };
+    (VaultReader::new(fake.client()), store(addr, auth))
+}
+
 fn paths(env: Option<&str>) -> Vec<ScopePath> {
     Layout::default().paths(&Coordinates::new("shop", env, Some("api")).unwrap())
 }
@@ -123,25 +143,7 @@ path "secret/metadata/shop*" { capabilities = ["read"] }"#,
     .await;
     let (role_id, secret_id) = bao.enable_approle("shop", &["shop-read"]).await;
     bao.kv_put("shop", json!({"A": "1"})).await;
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "approle", "namespace": "scoped-secrets"},
-        "data": {"secret-id": b64(&secret_id)}
-    }));
-    let reader = VaultReader::new(fake.client());
-    let s = store(
-        &bao.addr(),
-        AuthPlan::AppRole {
-            mount: "approle".into(),
-            role_id,
-            secret_id: SecretKeyLocation {
-                namespace: "scoped-secrets".into(),
-                name: "approle".into(),
-                key: "secret-id".into(),
-            },
-        },
-    );
+    let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     for _ in 0..20 {
         let read = reader
             .read_scopes(&s, &paths(None), Duration::ZERO)
@@ -156,25 +158,7 @@ path "secret/metadata/shop*" { capabilities = ["read"] }"#,
 async fn wrong_approle_secret_is_auth_failed_not_unavailable() {
     let bao = OpenBao::start().await;
     let (role_id, _) = bao.enable_approle("shop", &["default"]).await;
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "approle", "namespace": "scoped-secrets"},
-        "data": {"secret-id": b64("not-the-secret-id")}
-    }));
-    let reader = VaultReader::new(fake.client());
-    let s = store(
-        &bao.addr(),
-        AuthPlan::AppRole {
-            mount: "approle".into(),
-            role_id,
-            secret_id: SecretKeyLocation {
-                namespace: "scoped-secrets".into(),
-                name: "approle".into(),
-                key: "secret-id".into(),
-            },
-        },
-    );
+    let (reader, s) = approle_reader(&bao.addr(), role_id, "not-the-secret-id");
     let err = reader
         .read_scopes(&s, &paths(None), LONG)
         .await
@@ -543,25 +527,7 @@ async fn a_session_is_renewed_by_logging_in_again_before_its_lease_ends() {
         .await
         .unwrap();
     assert!(status < 300, "{status} {body}");
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "approle", "namespace": "scoped-secrets"},
-        "data": {"secret-id": b64(&secret_id)}
-    }));
-    let reader = VaultReader::new(fake.client());
-    let s = store(
-        &bao.addr(),
-        AuthPlan::AppRole {
-            mount: "approle".into(),
-            role_id,
-            secret_id: SecretKeyLocation {
-                namespace: "scoped-secrets".into(),
-                name: "approle".into(),
-                key: "secret-id".into(),
-            },
-        },
-    );
+    let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     reader
         .read_scopes(&s, &paths(None), Duration::ZERO)
         .await
