@@ -15,14 +15,15 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::Api;
 use kube::api::PostParams;
-use serde_json::Value;
-use vaultrs::api::kv2::requests::ReadSecretRequest;
-use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::client::VaultClient;
 use vaultrs::error::ClientError;
 
 use super::cache::{CacheKey, ReadCache};
+use super::kv::{
+    Kv, build_client, status_code, unavailable_or_sealed, vault_messages, with_timeout,
+};
 use super::{AuthPlan, Identity, ScopeSource, SecretKeyLocation, StoreHandle, VaultError};
-use crate::resolve::{Entry, ScopeData, SecretValue};
+use crate::resolve::ScopeData;
 use crate::scope::ScopePath;
 
 /// A static token is re-read from its Secret this often, so a rotated token is picked up.
@@ -93,13 +94,13 @@ impl VaultReader {
     async fn login(&self, store: &StoreHandle) -> Result<Session, VaultError> {
         let conn = &store.connection;
         let method = store.auth.method();
-        let anonymous = build_client(store, "")?;
+        let anonymous = client_for(store, "")?;
         self.logins.fetch_add(1, Ordering::Relaxed);
         let (token, lease) = match &store.auth {
             AuthPlan::Token { token } => {
                 let token = self.read_credential(method, token).await?;
                 return Ok(Session {
-                    client: Arc::new(build_client(store, &token)?),
+                    client: Arc::new(client_for(store, &token)?),
                     refresh_at: Instant::now() + STATIC_TOKEN_REFRESH,
                 });
             }
@@ -110,7 +111,8 @@ impl VaultReader {
             } => {
                 let secret_id = self.read_credential(method, secret_id).await?;
                 let info = with_timeout(
-                    store,
+                    store.timeout,
+                    &conn.address,
                     vaultrs::auth::approle::login(&anonymous, mount, role_id, &secret_id),
                 )
                 .await?
@@ -128,7 +130,8 @@ impl VaultReader {
                     .service_account_token(service_account_namespace, service_account, audience)
                     .await?;
                 let info = with_timeout(
-                    store,
+                    store.timeout,
+                    &conn.address,
                     vaultrs::auth::kubernetes::login(&anonymous, mount, role, &jwt),
                 )
                 .await?
@@ -143,7 +146,7 @@ impl VaultReader {
             Duration::from_millis(lease.saturating_mul(2000) / 3).max(Duration::from_secs(1))
         };
         Ok(Session {
-            client: Arc::new(build_client(store, &token)?),
+            client: Arc::new(client_for(store, &token)?),
             refresh_at: Instant::now() + refresh,
         })
     }
@@ -247,86 +250,16 @@ impl VaultReader {
         client: &VaultClient,
         p: &ScopePath,
     ) -> Result<ScopeData, VaultError> {
-        let conn = &store.connection;
-        let mount = conn.kv.mount.as_str();
-        let method = store.auth.method();
-        let endpoint = ReadSecretRequest::builder()
-            .mount(mount)
-            .path(p.path.as_str())
-            .build()
-            .expect("mount and path are set");
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        match with_timeout(store, vaultrs::api::exec_with_result(client, endpoint)).await? {
-            Ok(response) => Ok(ScopeData {
-                scope: p.scope,
-                path: p.path.clone(),
-                version: Some(response.metadata.version),
-                entries: parse_entries(response.data),
-            }),
-            Err(e) => match status_code(&e) {
-                Some(404) => match deleted_version_in_404(&e) {
-                    // `{"errors":[]}`: nothing was ever written there (or its metadata was
-                    // deleted): an empty scope, without a second request.
-                    Some(None) => Ok(ScopeData::missing(p.scope, p.path.clone())),
-                    Some(Some((version, state))) => Err(VaultError::ScopeDeleted {
-                        mount: mount.into(),
-                        path: p.path.clone(),
-                        version,
-                        state,
-                    }),
-                    // A body we do not recognise: ask the metadata endpoint.
-                    None => self.missing_or_deleted(store, client, p).await,
-                },
-                _ => Err(read_error(conn, method, &p.path, e)),
-            },
+        Kv {
+            client,
+            address: &store.connection.address,
+            mount: &store.connection.kv.mount,
+            method: store.auth.method(),
+            timeout: store.timeout,
+            requests: Some(&self.requests),
         }
-    }
-
-    /// A 404 on the data of a path is either no secret at all (an empty scope) or a latest
-    /// version that was deleted or destroyed (an error: the scope did not mean to be empty).
-    async fn missing_or_deleted(
-        &self,
-        store: &StoreHandle,
-        client: &VaultClient,
-        p: &ScopePath,
-    ) -> Result<ScopeData, VaultError> {
-        let conn = &store.connection;
-        let mount = conn.kv.mount.as_str();
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        match with_timeout(store, vaultrs::kv2::read_metadata(client, mount, &p.path)).await? {
-            Ok(meta) => {
-                let current = meta.versions.get(&meta.current_version.to_string());
-                match current {
-                    Some(v) if v.destroyed => Err(VaultError::ScopeDeleted {
-                        mount: mount.into(),
-                        path: p.path.clone(),
-                        version: meta.current_version,
-                        state: "destroyed",
-                    }),
-                    Some(v) if !v.deletion_time.is_empty() => Err(VaultError::ScopeDeleted {
-                        mount: mount.into(),
-                        path: p.path.clone(),
-                        version: meta.current_version,
-                        state: "soft-deleted",
-                    }),
-                    // Metadata without a readable current version: treat as no secret.
-                    _ if meta.current_version == 0 => {
-                        Ok(ScopeData::missing(p.scope, p.path.clone()))
-                    }
-                    _ => Err(VaultError::Unavailable {
-                        address: conn.address.clone(),
-                        detail: format!(
-                            "{mount}/data/{} answered 404 while its metadata lists version {}; retrying",
-                            p.path, meta.current_version
-                        ),
-                    }),
-                }
-            }
-            Err(e) if status_code(&e) == Some(404) => {
-                Ok(ScopeData::missing(p.scope, p.path.clone()))
-            }
-            Err(e) => Err(read_error(conn, store.auth.method(), &p.path, e)),
-        }
+        .read_scope(p)
+        .await
     }
 }
 
@@ -352,177 +285,15 @@ impl ScopeSource for VaultReader {
     }
 }
 
-/// What a 404 on `data/<path>` says: `Some(None)` for a path with no secret (`{"errors":[]}`),
-/// `Some(Some((version, state)))` for a latest version that was deleted or destroyed (KV v2
-/// answers those with the version's metadata and `data: null`), `None` when the body is
-/// neither. Only metadata is read from the body; it holds no values.
-fn deleted_version_in_404(e: &ClientError) -> Option<Option<(u64, &'static str)>> {
-    match e {
-        ClientError::APIError { code: 404, errors } if errors.is_empty() => Some(None),
-        ClientError::RestClientError {
-            source:
-                rustify::errors::ClientError::ServerResponseError {
-                    code: 404,
-                    content: Some(body),
-                },
-        } => {
-            let body: Value = serde_json::from_str(body).ok()?;
-            let meta = body.get("data")?.get("metadata")?;
-            let version = meta.get("version")?.as_u64()?;
-            if meta.get("destroyed").and_then(Value::as_bool) == Some(true) {
-                Some(Some((version, "destroyed")))
-            } else if meta
-                .get("deletion_time")
-                .and_then(Value::as_str)
-                .is_some_and(|t| !t.is_empty())
-            {
-                Some(Some((version, "soft-deleted")))
-            } else {
-                None
-            }
-        }
-        _ => None,
-    }
-}
-
-/// KV data → entries: strings as they are, `null` as a tombstone, other JSON as its compact
-/// text (numbers and booleans written by hand with `bao kv put -format=json`).
-fn parse_entries(data: Value) -> std::collections::BTreeMap<String, Entry> {
-    let Value::Object(map) = data else {
-        return Default::default();
-    };
-    map.into_iter()
-        .map(|(k, v)| {
-            let entry = match v {
-                Value::Null => Entry::Tombstone,
-                Value::String(s) => Entry::Value(SecretValue::new(s)),
-                other => Entry::Value(SecretValue::new(other.to_string())),
-            };
-            (k, entry)
-        })
-        .collect()
-}
-
-fn build_client(store: &StoreHandle, token: &str) -> Result<VaultClient, VaultError> {
+fn client_for(store: &StoreHandle, token: &str) -> Result<VaultClient, VaultError> {
     let conn = &store.connection;
-    let mut settings = VaultClientSettingsBuilder::default();
-    settings
-        .address(conn.address.as_str())
-        .token(token)
-        .timeout(Some(store.timeout))
-        .verify(true)
-        .ca_certs(Vec::new());
-    if let Some(ns) = &conn.namespace {
-        settings.namespace(Some(ns.clone()));
-    }
-    let settings = settings
-        .build()
-        .map_err(|e| VaultError::InvalidStore(format!("spec.address {:?}: {e}", conn.address)))?;
-    let mut client = VaultClient::new(settings)
-        .map_err(|e| VaultError::InvalidStore(format!("failed to build the Vault client: {e}")))?;
-    if let Some(pem) = &conn.ca_bundle
-        && conn.address.starts_with("https://")
-    {
-        let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-            .ok()
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| {
-                VaultError::InvalidStore("spec.caBundle holds no PEM certificate".into())
-            })?;
-        let http = reqwest::ClientBuilder::new()
-            .tls_backend_rustls()
-            .timeout(store.timeout)
-            .tls_certs_merge(certs)
-            .build()
-            .map_err(|e| {
-                VaultError::InvalidStore(format!(
-                    "failed to build the TLS client from spec.caBundle: {e}"
-                ))
-            })?;
-        client.http = rustify::clients::reqwest::Client::new(conn.address.as_str(), http);
-    }
-    Ok(client)
-}
-
-async fn with_timeout<T>(
-    store: &StoreHandle,
-    fut: impl Future<Output = T>,
-) -> Result<T, VaultError> {
-    tokio::time::timeout(store.timeout, fut)
-        .await
-        .map_err(|_| VaultError::Unavailable {
-            address: store.connection.address.clone(),
-            detail: format!("no answer within {}s", store.timeout.as_secs_f32()),
-        })
-}
-
-/// The HTTP status of a failed Vault call, if it got that far.
-fn status_code(e: &ClientError) -> Option<u16> {
-    match e {
-        ClientError::APIError { code, .. } => Some(*code),
-        ClientError::RestClientError {
-            source: rustify::errors::ClientError::ServerResponseError { code, .. },
-        } => Some(*code),
-        _ => None,
-    }
-}
-
-fn vault_messages(e: &ClientError) -> String {
-    match e {
-        ClientError::APIError { errors, .. } if !errors.is_empty() => errors.join("; "),
-        ClientError::APIError { code, .. } => format!("HTTP {code}"),
-        ClientError::RestClientError { source } => match source {
-            rustify::errors::ClientError::ServerResponseError { code, .. } => {
-                format!("HTTP {code}")
-            }
-            // The transport error names the URL and the failure, never a body.
-            other => error_chain(other),
-        },
-        // JSON errors can quote the body they failed on: never show them.
-        ClientError::JsonParseError { .. } => "the response was not the JSON expected".into(),
-        other => other.to_string(),
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-fn unavailable_or_sealed(address: &str, e: &ClientError) -> VaultError {
-    let detail = vault_messages(e);
-    if status_code(e) == Some(503) && detail.to_lowercase().contains("sealed") {
-        VaultError::Sealed {
-            address: address.into(),
-        }
-    } else {
-        VaultError::Unavailable {
-            address: address.into(),
-            detail,
-        }
-    }
-}
-
-fn read_error(
-    conn: &crate::api::v1alpha1::StoreConnection,
-    method: &'static str,
-    path: &str,
-    e: ClientError,
-) -> VaultError {
-    match status_code(&e) {
-        Some(403) => VaultError::PermissionDenied {
-            mount: conn.kv.mount.clone(),
-            path: path.into(),
-            method,
-        },
-        _ => unavailable_or_sealed(&conn.address, &e),
-    }
+    build_client(
+        &conn.address,
+        conn.namespace.as_deref(),
+        conn.ca_bundle.as_deref(),
+        store.timeout,
+        token,
+    )
 }
 
 fn login_error(
