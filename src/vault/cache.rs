@@ -4,8 +4,10 @@
 //! for that ScopedSecret (`max_age`, its refresh interval), and concurrent misses for one path
 //! wait on one request instead of each sending their own. Entries are keyed by Vault
 //! identity, so tenancy enforced by Vault policy is not bypassed through the cache. Errors are
-//! never cached. A hand-written map of per-key async mutexes is all this needs: the
-//! freshness bound is chosen per caller, which TTL-at-insert caches do not model.
+//! never cached. An entry lives no longer than the shortest refresh interval of the readers
+//! that used it since it was filled: values do not linger in memory after their last use.
+//! A hand-written map of per-key async mutexes is all this needs: the freshness bound is
+//! chosen per caller, which TTL-at-insert caches do not model.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,12 +27,21 @@ pub struct CacheKey {
 
 type Slot<V> = Arc<tokio::sync::Mutex<Option<(Instant, V)>>>;
 
-/// Entries unused for this long are dropped.
-const IDLE_EVICTION: Duration = Duration::from_secs(3600);
+struct Entry<V> {
+    slot: Slot<V>,
+    /// Shortest non-zero `max_age` of the readers since the last fill.
+    ttl: Duration,
+    /// When the value goes: last fill + ttl. `None` while never filled.
+    expires_at: Option<Instant>,
+}
+
+/// How often expired entries are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Cache of values `V` read at some instant.
 pub struct ReadCache<V> {
-    slots: Mutex<HashMap<CacheKey, (Slot<V>, Instant)>>,
+    entries: Mutex<(HashMap<CacheKey, Entry<V>>, Instant)>,
+    sweep_every: Duration,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -38,7 +49,8 @@ pub struct ReadCache<V> {
 impl<V: Clone> Default for ReadCache<V> {
     fn default() -> Self {
         ReadCache {
-            slots: Mutex::new(HashMap::new()),
+            entries: Mutex::new((HashMap::new(), Instant::now())),
+            sweep_every: SWEEP_EVERY,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -48,6 +60,14 @@ impl<V: Clone> Default for ReadCache<V> {
 impl<V: Clone> ReadCache<V> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A cache that sweeps expired entries at most every `every` (tests use a short one).
+    pub fn with_sweep_every(every: Duration) -> Self {
+        ReadCache {
+            sweep_every: every,
+            ..Self::default()
+        }
     }
 
     /// The cached value if it is at most `max_age` old; otherwise runs `fetch` (once, for all
@@ -62,7 +82,7 @@ impl<V: Clone> ReadCache<V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
-        let slot = self.slot(key);
+        let slot = self.slot(&key, max_age);
         let mut guard = slot.lock().await;
         if let Some((at, value)) = guard.as_ref()
             && at.elapsed() <= max_age
@@ -72,15 +92,35 @@ impl<V: Clone> ReadCache<V> {
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let value = fetch().await?;
-        *guard = Some((Instant::now(), value.clone()));
+        let now = Instant::now();
+        *guard = Some((now, value.clone()));
+        if let Some(entry) = self.entries.lock().unwrap().0.get_mut(&key) {
+            entry.ttl = if max_age.is_zero() {
+                entry.ttl
+            } else {
+                max_age
+            };
+            entry.expires_at = Some(now + entry.ttl);
+        }
         Ok(value)
+    }
+
+    /// Number of entries held.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap().0.len()
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Drops every entry of `identity` (after its credentials stopped working).
     pub fn forget_identity(&self, identity: &Identity) {
-        self.slots
+        self.entries
             .lock()
             .unwrap()
+            .0
             .retain(|k, _| &k.identity != identity);
     }
 
@@ -92,15 +132,27 @@ impl<V: Clone> ReadCache<V> {
         )
     }
 
-    fn slot(&self, key: CacheKey) -> Slot<V> {
+    fn slot(&self, key: &CacheKey, max_age: Duration) -> Slot<V> {
         let now = Instant::now();
-        let mut slots = self.slots.lock().unwrap();
-        if slots.len() > 1024 {
-            slots.retain(|_, (_, used)| now.duration_since(*used) < IDLE_EVICTION);
+        let mut guard = self.entries.lock().unwrap();
+        let (entries, last_sweep) = &mut *guard;
+        if now.duration_since(*last_sweep) >= self.sweep_every {
+            *last_sweep = now;
+            // Only entries nobody is reading or filling right now.
+            entries.retain(|_, e| {
+                Arc::strong_count(&e.slot) > 1 || e.expires_at.is_none_or(|at| at > now)
+            });
         }
-        let entry = slots.entry(key).or_insert_with(|| (Arc::default(), now));
-        entry.1 = now;
-        entry.0.clone()
+        let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
+            slot: Arc::default(),
+            ttl: max_age,
+            expires_at: None,
+        });
+        if !max_age.is_zero() && (entry.ttl.is_zero() || max_age < entry.ttl) {
+            entry.ttl = max_age;
+            entry.expires_at = entry.expires_at.map(|at| at.min(now + max_age));
+        }
+        entry.slot.clone()
     }
 }
 
@@ -189,11 +241,47 @@ mod tests {
             Ok(2)
         );
         cache.forget_identity(&key("p", "a").identity);
+        assert_eq!(cache.len(), 1, "only identity b is left");
         assert_eq!(
             cache
                 .get_or_fetch(key("p", "a"), long, || async { Ok::<_, &str>(3) })
                 .await,
             Ok(3)
         );
+    }
+
+    #[tokio::test]
+    async fn entries_expire_after_the_shortest_interval_of_their_readers() {
+        let cache = ReadCache::<u32>::with_sweep_every(Duration::ZERO);
+        let fetch = || async { Ok::<_, ()>(1) };
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        cache
+            .get_or_fetch(key("short", "a"), ms(30), fetch)
+            .await
+            .unwrap();
+        cache
+            .get_or_fetch(key("long", "a"), hour, fetch)
+            .await
+            .unwrap();
+        // A second reader with a shorter interval shortens the life of "long" too.
+        cache
+            .get_or_fetch(key("long", "a"), ms(60), fetch)
+            .await
+            .unwrap();
+        assert_eq!(cache.len(), 2);
+        tokio::time::sleep(ms(10)).await;
+        cache
+            .get_or_fetch(key("other", "a"), hour, fetch)
+            .await
+            .unwrap();
+        assert_eq!(cache.len(), 3, "nothing expired yet");
+        tokio::time::sleep(ms(80)).await;
+        // The next call sweeps: both entries are past their time and go, values with them.
+        cache
+            .get_or_fetch(key("other", "a"), hour, fetch)
+            .await
+            .unwrap();
+        assert_eq!(cache.len(), 1);
     }
 }
