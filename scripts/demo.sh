@@ -52,7 +52,7 @@ k apply -f examples/00-namespace.yaml
 sed "s#address: http://127.0.0.1:8200#address: $VAULT_ADDR#" examples/10-cluster-vault-store.yaml | k apply -f -
 
 echo "== running the operator (log: /tmp/scoped-secrets-demo.log)"
-"$bin" run --namespace scoped-secrets >/tmp/scoped-secrets-demo.log 2>&1 &
+"$bin" run --namespace scoped-secrets --metrics-addr 127.0.0.1:8080 >/tmp/scoped-secrets-demo.log 2>&1 &
 op=$!
 pids+=("$op")
 

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod render;
 pub mod resolve;
 pub mod scope;

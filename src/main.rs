@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use scoped_secrets::controller::{self, Config};
+use scoped_secrets::metrics::{self, Metrics, Readiness};
 use scoped_secrets::vault::client::VaultReader;
 use scoped_secrets::{crd, telemetry};
 
@@ -34,6 +35,9 @@ enum Command {
         /// Log format.
         #[arg(long, env = "LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
         log_format: String,
+        /// Address of `/metrics`, `/healthz` and `/readyz`.
+        #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
     },
     /// Print the CRDs as YAML (`scoped-secrets crd | kubectl apply -f -`).
     Crd,
@@ -51,10 +55,23 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             log_level,
             log_format,
+            metrics_addr,
         } => {
             telemetry::init(&log_level, log_format == "json");
             let client = kube::Client::try_default().await?;
-            let source = Arc::new(VaultReader::new(client.clone()));
+            let metrics = Arc::new(Metrics::default());
+            let ready = Readiness::default();
+            let (m, r) = (metrics.clone(), ready.clone());
+            tokio::spawn(async move {
+                // Without the endpoint the controller still works: say so, keep going.
+                if let Err(e) = metrics::serve(metrics_addr, m, r).await {
+                    tracing::error!("{e}");
+                }
+            });
+            let source = Arc::new(VaultReader::with_metrics(
+                client.clone(),
+                metrics.vault.clone(),
+            ));
             let config = Config {
                 operator_namespace: namespace,
                 concurrency,
@@ -64,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
                 version = env!("CARGO_PKG_VERSION"),
                 "starting scoped-secrets controller"
             );
-            controller::run(client, source, config).await
+            controller::run(client, source, config, metrics, ready).await
         }
     }
 }

@@ -261,7 +261,15 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
     // The operator, from the built binary.
     let log = std::env::temp_dir().join(format!("scoped-secrets-e2e-{run}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
-        .args(["run", "--namespace", &sys_ns, "--log-level", "debug"])
+        .args([
+            "run",
+            "--namespace",
+            &sys_ns,
+            "--log-level",
+            "debug",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
         .stderr(Stdio::from(
             std::fs::File::create(&log).unwrap().try_clone().unwrap(),

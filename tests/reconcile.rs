@@ -621,3 +621,24 @@ async fn a_failed_secret_write_is_a_kubernetes_error_and_keeps_status_honest() {
     w.reconcile("shop-dev", "api").await.unwrap();
     assert_eq!(condition(&w.ss("shop-dev", "api"), "Ready").0, "True");
 }
+
+#[tokio::test]
+async fn reconciles_and_writes_are_counted_by_fixed_labels() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.fail_with(VaultError::Sealed {
+        address: "a".into(),
+    });
+    w.reconcile("shop-dev", "api").await.unwrap_err();
+    let text = w.ctx.metrics.encode();
+    for want in [
+        r#"scoped_secrets_reconciles_total{result="success"} 2"#,
+        r#"scoped_secrets_reconciles_total{result="VaultUnavailable"} 1"#,
+        r#"scoped_secrets_api_writes_total{kind="secret_apply"} 1"#,
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    assert!(!text.contains(CANARY));
+}

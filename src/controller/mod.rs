@@ -28,6 +28,7 @@ use rand::Rng;
 pub use reconcile::reconcile;
 
 use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreKind, VaultStore};
+use crate::metrics::{Metrics, Readiness};
 use crate::render::{HmacKey, OWNER_LABEL};
 use crate::vault::{ScopeSource, VaultError};
 use crate::{FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
@@ -140,6 +141,7 @@ pub struct Context {
     pub hmac_key: HmacKey,
     pub recorder: Recorder,
     pub config: Config,
+    pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<ObjectRef<ScopedSecret>, u32>>,
     /// Last `force-sync` annotation value acted on, per object.
@@ -165,10 +167,17 @@ impl Context {
             source,
             hmac_key,
             config,
+            metrics: Arc::new(Metrics::default()),
             failures: Mutex::new(HashMap::new()),
             force_seen: Mutex::new(HashMap::new()),
             seen: Mutex::new(Default::default()),
         }
+    }
+
+    /// Uses `metrics` (the registry served on `/metrics`) instead of a private one.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Records a failure and returns how many in a row there have been.
@@ -317,11 +326,14 @@ fn referencing(
         .collect()
 }
 
-/// Runs the controller until SIGTERM / Ctrl-C.
+/// Runs the controller until SIGTERM / Ctrl-C. `ready` is set once the ScopedSecret cache
+/// has synced.
 pub async fn run(
     client: Client,
     source: Arc<dyn ScopeSource>,
     config: Config,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
 ) -> anyhow::Result<()> {
     let scoped: Api<ScopedSecret> = Api::all(client.clone());
     if let Err(e) = scoped.list(&ListParams::default().limit(1)).await {
@@ -331,7 +343,8 @@ pub async fn run(
     }
     let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
     let concurrency = config.concurrency;
-    let ctx = Arc::new(Context::new(client.clone(), source, hmac_key, config));
+    let ctx =
+        Arc::new(Context::new(client.clone(), source, hmac_key, config).with_metrics(metrics));
 
     let (reader, writer) = reflector::store();
     let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
@@ -340,6 +353,12 @@ pub async fn run(
         .predicate_filter(trigger_hash, Default::default());
     let controller = Controller::for_stream(scoped_stream, reader);
     let store = controller.store();
+    let ready_store = store.clone();
+    tokio::spawn(async move {
+        if ready_store.wait_until_ready().await.is_ok() {
+            ready.set_ready();
+        }
+    });
 
     // Managed Secrets only; mapped back by label so Retain (no owner reference) works too.
     let secrets: Api<Secret> = Api::all(client.clone());

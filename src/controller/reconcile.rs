@@ -45,6 +45,7 @@ struct Synced {
 #[instrument(skip_all, fields(namespace = ss.namespace().as_deref().unwrap_or_default(), name = %ss.name_any()))]
 pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
     let obj = ObjectRef::from_obj(ss.as_ref());
+    let started = std::time::Instant::now();
     let limit = ctx.config.reconcile_timeout;
     let result = match tokio::time::timeout(limit, sync(&ss, &ctx)).await {
         Ok(result) => result,
@@ -61,8 +62,12 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 content_hash: &done.content_hash,
                 wrote: done.wrote,
             };
-            write_status(&ss, &ctx, &outcome, now).await?;
+            if let Err(e) = write_status(&ss, &ctx, &outcome, now).await {
+                ctx.metrics.reconciled(e.category(), started.elapsed());
+                return Err(e);
+            }
             announce(&ss, &ctx, &done).await;
+            ctx.metrics.reconciled("success", started.elapsed());
             let first_since_start = ctx.seen_once(&obj);
             ctx.record_success(&obj);
             // Spread refreshes: wide right after start-up so a restart does not line every
@@ -93,6 +98,7 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 &err.to_string(),
             )
             .await;
+            ctx.metrics.reconciled(err.category(), started.elapsed());
             Err(err)
         }
     }
@@ -237,6 +243,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
                     "remove hand-added keys from Secret {ns}/{}",
                     request.secret_name
                 )))?;
+            ctx.metrics.wrote("secret_prune");
         }
         secrets
             .patch(
@@ -259,6 +266,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
                     source: e,
                 },
             })?;
+        ctx.metrics.wrote("secret_apply");
     }
     if let Some(v) = force {
         ctx.force_seen.lock().unwrap().insert(obj, v);
@@ -381,6 +389,7 @@ async fn write_status(
         "write status of ScopedSecret {ns}/{}",
         ss.name_any()
     )))?;
+    ctx.metrics.wrote("status");
     Ok(())
 }
 
@@ -437,7 +446,8 @@ async fn publish(ss: &ScopedSecret, ctx: &Context, type_: EventType, reason: &st
         action: "Sync".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &ss.object_ref(&())).await {
-        warn!("failed to publish event {reason}: {e}");
+    match ctx.recorder.publish(&event, &ss.object_ref(&())).await {
+        Ok(()) => ctx.metrics.wrote("event"),
+        Err(e) => warn!("failed to publish event {reason}: {e}"),
     }
 }

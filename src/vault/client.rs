@@ -6,7 +6,6 @@
 //! [`ReadCache`]. Every call has a timeout.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,7 @@ use super::kv::{
     Kv, build_client, status_code, unavailable_or_sealed, vault_messages, with_timeout,
 };
 use super::{AuthPlan, Identity, ScopeSource, SecretKeyLocation, StoreHandle, VaultError};
+use crate::metrics::VaultMetrics;
 use crate::resolve::ScopeData;
 use crate::scope::ScopePath;
 
@@ -43,29 +43,32 @@ pub struct VaultReader {
     kube: kube::Client,
     sessions: Mutex<HashMap<Identity, SessionSlot>>,
     cache: ReadCache<ScopeData>,
-    logins: AtomicU64,
-    requests: AtomicU64,
+    metrics: VaultMetrics,
 }
 
 impl VaultReader {
     pub fn new(kube: kube::Client) -> Self {
+        Self::with_metrics(kube, VaultMetrics::default())
+    }
+
+    /// A reader that counts into `metrics` (registered with the controller's registry).
+    pub fn with_metrics(kube: kube::Client, metrics: VaultMetrics) -> Self {
         VaultReader {
             kube,
             sessions: Mutex::new(HashMap::new()),
             cache: ReadCache::new(),
-            logins: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
+            metrics,
         }
     }
 
     /// Logins performed so far.
     pub fn logins(&self) -> u64 {
-        self.logins.load(Ordering::Relaxed)
+        self.metrics.logins.get()
     }
 
     /// Vault read requests sent so far (cache misses, including metadata look-ups).
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.metrics.total_requests()
     }
 
     async fn session(&self, store: &StoreHandle) -> Result<Arc<VaultClient>, VaultError> {
@@ -95,7 +98,7 @@ impl VaultReader {
         let conn = &store.connection;
         let method = store.auth.method();
         let anonymous = client_for(store, "")?;
-        self.logins.fetch_add(1, Ordering::Relaxed);
+        self.metrics.logins.inc();
         let (token, lease) = match &store.auth {
             AuthPlan::Token { token } => {
                 let token = self.read_credential(method, token).await?;
@@ -238,8 +241,20 @@ impl VaultReader {
                 mount: mount.to_string(),
                 path: p.path.clone(),
             };
-            self.cache
-                .get_or_fetch(key, max_age, move || self.read_path(store, client, p))
+            async move {
+                let missed = std::sync::atomic::AtomicBool::new(false);
+                let read = self
+                    .cache
+                    .get_or_fetch(key, max_age, || {
+                        missed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        self.read_path(store, client, p)
+                    })
+                    .await?;
+                if !missed.load(std::sync::atomic::Ordering::Relaxed) {
+                    self.metrics.cache_hits.inc();
+                }
+                Ok::<_, VaultError>(read)
+            }
         }))
         .await
     }
@@ -256,7 +271,7 @@ impl VaultReader {
             mount: &store.connection.kv.mount,
             method: store.auth.method(),
             timeout: store.timeout,
-            requests: Some(&self.requests),
+            requests: Some(&self.metrics.requests),
         }
         .read_scope(p)
         .await

@@ -4,7 +4,6 @@
 //! value or a token.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -12,7 +11,11 @@ use vaultrs::api::kv2::requests::ReadSecretRequest;
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use super::VaultError;
+use crate::metrics::OutcomeLabel;
 use crate::resolve::{Entry, ScopeData, SecretValue};
 use crate::scope::ScopePath;
 
@@ -25,14 +28,20 @@ pub struct Kv<'a> {
     /// Auth method, for messages.
     pub method: &'static str,
     pub timeout: Duration,
-    /// Counts the requests sent, when given.
-    pub requests: Option<&'a AtomicU64>,
+    /// Counts the requests sent by outcome, when given.
+    pub requests: Option<&'a Family<OutcomeLabel, Counter>>,
 }
 
 impl Kv<'_> {
-    fn count(&self) {
+    /// Counts one request: an answer (a 404 included) is `ok`, anything else `error`.
+    fn count<T>(&self, result: &Result<Result<T, ClientError>, VaultError>) {
         if let Some(c) = self.requests {
-            c.fetch_add(1, Ordering::Relaxed);
+            let outcome = match result {
+                Ok(Ok(_)) => "ok",
+                Ok(Err(e)) if status_code(e) == Some(404) => "ok",
+                _ => "error",
+            };
+            c.get_or_create(&OutcomeLabel { outcome }).inc();
         }
     }
 
@@ -43,14 +52,14 @@ impl Kv<'_> {
             .path(p.path.as_str())
             .build()
             .expect("mount and path are set");
-        self.count();
-        match with_timeout(
+        let result = with_timeout(
             self.timeout,
             self.address,
             vaultrs::api::exec_with_result(self.client, endpoint),
         )
-        .await?
-        {
+        .await;
+        self.count(&result);
+        match result? {
             Ok(response) => Ok(ScopeData {
                 scope: p.scope,
                 path: p.path.clone(),
@@ -86,14 +95,14 @@ impl Kv<'_> {
     /// version that was deleted or destroyed (an error: the scope did not mean to be empty).
     async fn missing_or_deleted(&self, p: &ScopePath) -> Result<ScopeData, VaultError> {
         let mount = self.mount;
-        self.count();
-        match with_timeout(
+        let result = with_timeout(
             self.timeout,
             self.address,
             vaultrs::kv2::read_metadata(self.client, mount, &p.path),
         )
-        .await?
-        {
+        .await;
+        self.count(&result);
+        match result? {
             Ok(meta) => {
                 let current = meta.versions.get(&meta.current_version.to_string());
                 match current {

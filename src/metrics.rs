@@ -1,0 +1,197 @@
+//! Prometheus metrics and the health endpoints (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! Labels are fixed categories only — never a free-text or per-object value — so the series
+//! count is bounded and nothing secret can reach a label.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of a reconcile outcome: `success` or an error category.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// Label of a Vault request outcome: `ok` or an error category.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+/// Label of an API write.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabel {
+    pub kind: &'static str,
+}
+
+/// Counters of the Vault side, shared with the reader.
+#[derive(Clone, Default)]
+pub struct VaultMetrics {
+    /// Vault HTTP requests for scope data (cache misses), by outcome.
+    pub requests: Family<OutcomeLabel, Counter>,
+    /// Logins performed.
+    pub logins: Counter,
+    /// Reads served from the shared cache.
+    pub cache_hits: Counter,
+}
+
+impl VaultMetrics {
+    /// Every Vault request so far, whatever its outcome.
+    pub fn total_requests(&self) -> u64 {
+        ["ok", "error"]
+            .iter()
+            .map(|o| {
+                self.requests
+                    .get_or_create(&OutcomeLabel { outcome: o })
+                    .get()
+            })
+            .sum()
+    }
+}
+
+/// Every metric of the controller.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ResultLabel, Counter>,
+    pub reconcile_duration: Histogram,
+    pub writes: Family<WriteLabel, Counter>,
+    pub vault: VaultMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("scoped_secrets");
+        let reconciles = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles of ScopedSecrets by result (success or the error category)",
+            reconciles.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconcile",
+            reconcile_duration.clone(),
+        );
+        let writes = Family::<WriteLabel, Counter>::default();
+        registry.register(
+            "api_writes",
+            "Writes to the Kubernetes API by kind (secret_apply, secret_prune, status, event)",
+            writes.clone(),
+        );
+        let vault = VaultMetrics::default();
+        registry.register(
+            "vault_requests",
+            "Vault read requests (cache misses) by outcome",
+            vault.requests.clone(),
+        );
+        registry.register(
+            "vault_logins",
+            "Vault logins performed",
+            vault.logins.clone(),
+        );
+        registry.register(
+            "vault_cache_hits",
+            "Scope reads served from the shared cache",
+            vault.cache_hits.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_duration,
+            writes,
+            vault,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconciled(&self, result: &'static str, took: Duration) {
+        self.reconciles.get_or_create(&ResultLabel { result }).inc();
+        self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn wrote(&self, kind: &'static str) {
+        self.writes.get_or_create(&WriteLabel { kind }).inc();
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Readiness: set once the controller's caches have synced.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The HTTP router of the metrics and health endpoints.
+pub fn router(metrics: Arc<Metrics>, ready: Readiness) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(
+                |State((m, _)): State<(Arc<Metrics>, Readiness)>| async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                },
+            ),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(
+                |State((_, r)): State<(Arc<Metrics>, Readiness)>| async move {
+                    if r.is_ready() {
+                        (StatusCode::OK, "ready").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet").into_response()
+                    }
+                },
+            ),
+        )
+        .with_state((metrics, ready))
+}
+
+/// Serves the router on `addr` until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to listen on {addr} for /metrics and health: {e}"))?;
+    axum::serve(listener, router(metrics, ready)).await?;
+    Ok(())
+}
