@@ -642,3 +642,55 @@ async fn reconciles_and_writes_are_counted_by_fixed_labels() {
     }
     assert!(!text.contains(CANARY));
 }
+
+#[tokio::test]
+async fn renaming_the_target_deletes_the_old_secret_under_delete_and_keeps_it_under_retain() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let mut obj = w
+        .fake
+        .get(
+            "apis/scopedsecrets.io/v1alpha1",
+            Some("shop-dev"),
+            "scopedsecrets",
+            "api",
+        )
+        .unwrap();
+    obj["spec"]["target"] = json!({"name": "api-v2"});
+    w.fake.insert(obj);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(w.secret("shop-dev", "api-v2").is_some());
+    assert!(
+        w.secret("shop-dev", "api").is_none(),
+        "the old target was left behind"
+    );
+    assert_eq!(
+        w.ss("shop-dev", "api")
+            .status
+            .clone()
+            .unwrap()
+            .secret_name
+            .as_deref(),
+        Some("api-v2")
+    );
+
+    let mut obj = w
+        .fake
+        .get(
+            "apis/scopedsecrets.io/v1alpha1",
+            Some("shop-dev"),
+            "scopedsecrets",
+            "api",
+        )
+        .unwrap();
+    obj["spec"]["target"] = json!({"name": "api-v3"});
+    obj["spec"]["deletionPolicy"] = json!("Retain");
+    w.fake.insert(obj);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(w.secret("shop-dev", "api-v3").is_some());
+    assert!(
+        w.secret("shop-dev", "api-v2").is_some(),
+        "Retain keeps the old Secret"
+    );
+}

@@ -20,7 +20,7 @@ use tracing::{info, instrument, warn};
 use super::status::{Outcome, next_status};
 use super::{Context, Error, jitter, validate};
 use crate::api::v1alpha1::{
-    ClusterVaultStore, ScopedSecret, StoreConnection, StoreKind, VaultStore,
+    ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreConnection, StoreKind, VaultStore,
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::{self, Resolved};
@@ -268,6 +268,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
             })?;
         ctx.metrics.wrote("secret_apply");
     }
+    remove_previous_target(ss, ctx, &secrets, &request.secret_name).await?;
     if let Some(v) = force {
         ctx.force_seen.lock().unwrap().insert(obj, v);
     }
@@ -280,6 +281,48 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         changed_keys,
         refresh: request.refresh,
     })
+}
+
+/// After `target.name` changed, the Secret written under the old name is deleted — under
+/// `deletionPolicy: Delete`, and only if it is still ours. Under `Retain` it stays.
+async fn remove_previous_target(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    current: &str,
+) -> Result<(), Error> {
+    let Some(previous) = ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) else {
+        return Ok(());
+    };
+    if previous == current || ss.spec.deletion_policy == DeletionPolicy::Retain {
+        return Ok(());
+    }
+    let ns = ss.namespace().unwrap_or_default();
+    let old = secrets
+        .get_opt(previous)
+        .await
+        .map_err(kube_err(format!("read previous Secret {ns}/{previous}")))?;
+    let ours = old.as_ref().is_some_and(|s| {
+        s.labels().get(MANAGED_LABEL).map(String::as_str) == Some(MANAGED_LABEL_VALUE)
+            && s.labels().get(OWNER_LABEL) == Some(&ss.name_any())
+    });
+    if ours {
+        match secrets.delete(previous, &Default::default()).await {
+            Ok(_) => ctx.metrics.wrote("secret_delete"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(Error::Kube {
+                    action: format!("delete previous Secret {ns}/{previous}"),
+                    source: e,
+                });
+            }
+        }
+        info!(
+            secret = previous,
+            "deleted the Secret of the previous target.name"
+        );
+    }
+    Ok(())
 }
 
 /// Names of data keys that differ between the existing and the desired Secret.
