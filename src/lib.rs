@@ -10,6 +10,7 @@ pub mod crd;
 pub mod metrics;
 pub mod render;
 pub mod resolve;
+pub mod rollout;
 pub mod scope;
 pub mod telemetry;
 pub mod vault;

@@ -38,6 +38,11 @@ impl HmacKey {
     pub fn new(bytes: Vec<u8>) -> Self {
         HmacKey(bytes)
     }
+
+    /// The key material, for other HMACs under the same key (rollout annotations).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl fmt::Debug for HmacKey {

@@ -694,3 +694,199 @@ async fn renaming_the_target_deletes_the_old_secret_under_delete_and_keeps_it_un
         "Retain keeps the old Secret"
     );
 }
+
+fn deployment(ns: &str, name: &str, pod: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {"selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": pod}}
+    })
+}
+
+fn env_from(secret: &str) -> Value {
+    json!({"containers": [{"name": "c", "image": "x", "envFrom": [{"secretRef": {"name": secret}}]}]})
+}
+
+fn key_ref(secret: &str, key: &str) -> Value {
+    json!({"containers": [{"name": "c", "image": "x", "env": [{"name": "V", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}]}]})
+}
+
+fn restarts(w: &World) -> Vec<(String, Value)> {
+    w.fake
+        .writes_to("deployments")
+        .into_iter()
+        .map(|r| (r.path.clone(), r.body.unwrap_or_default()))
+        .collect()
+}
+
+fn template_annotation(w: &World, ns: &str, name: &str, secret: &str) -> Option<String> {
+    let d = w
+        .fake
+        .get("apis/apps/v1", Some(ns), "deployments", name)
+        .unwrap();
+    d["spec"]["template"]["metadata"]["annotations"][format!("checksum.scopedsecrets.io/{secret}")]
+        .as_str()
+        .map(String::from)
+}
+
+#[tokio::test]
+async fn a_content_change_restarts_exactly_the_consumers_that_read_changed_keys() {
+    let w = world();
+    w.add(deployment("shop-dev", "whole", env_from("api")));
+    w.add(deployment(
+        "shop-dev",
+        "reads-host",
+        key_ref("api", "DB_HOST"),
+    ));
+    w.add(deployment(
+        "shop-dev",
+        "reads-level",
+        key_ref("api", "LOG_LEVEL"),
+    ));
+    w.add(deployment("shop-dev", "unrelated", env_from("other")));
+    w.add(deployment("bank-dev", "other-namespace", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(restarts(&w).is_empty(), "the first sync restarts nothing");
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(restarts(&w).is_empty(), "a no-op resync restarts nothing");
+
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let patched: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        patched,
+        vec![
+            "/apis/apps/v1/namespaces/shop-dev/deployments/reads-level".to_string(),
+            "/apis/apps/v1/namespaces/shop-dev/deployments/whole".to_string(),
+        ],
+        "only consumers of LOG_LEVEL or of the whole Secret restart"
+    );
+    let apply = w.fake.writes_to("deployments").remove(0);
+    assert!(
+        apply
+            .query
+            .contains("fieldManager=scoped-secrets-rollout.api"),
+        "{}",
+        apply.query
+    );
+    assert_eq!(
+        apply.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    let body = apply.body.unwrap();
+    assert_eq!(
+        body["spec"]["template"]["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(template_annotation(&w, "shop-dev", "whole", "api").is_some());
+    assert!(template_annotation(&w, "shop-dev", "reads-host", "api").is_none());
+    assert!(template_annotation(&w, "bank-dev", "other-namespace", "api").is_none());
+    let status = w.ss("shop-dev", "api").status.clone().unwrap();
+    let restarted: Vec<&str> = status
+        .rollouts
+        .iter()
+        .filter(|r| r.result == "Restarted")
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(restarted, vec!["reads-level", "whole"]);
+    let workload_events = w
+        .fake
+        .writes_to("events")
+        .into_iter()
+        .filter(|e| {
+            e.body
+                .as_ref()
+                .is_some_and(|b| b["regarding"]["kind"] == "Deployment")
+        })
+        .count();
+    assert_eq!(workload_events, 2, "an event on each restarted workload");
+
+    // The same content again — a resync, a drift repair — restarts nothing.
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.remove("api/v1", Some("shop-dev"), "secrets", "api");
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(restarts(&w).is_empty(), "{:?}", restarts(&w));
+}
+
+#[tokio::test]
+async fn a_change_made_while_the_operator_was_down_is_applied_once_after_restart() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault
+        .put("shop/envs/dev", &[("LOG_LEVEL", Some("error"))]);
+    // A fresh operator: new context, same cluster state.
+    let fresh = Arc::new(Context::new(
+        w.fake.client(),
+        w.vault.clone(),
+        HmacKey::new(vec![7; 32]),
+        Config::default(),
+    ));
+    w.fake.clear_requests();
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    assert_eq!(restarts(&w).len(), 1);
+    w.fake.clear_requests();
+    reconcile(w.ss("shop-dev", "api"), fresh).await.unwrap();
+    assert!(restarts(&w).is_empty());
+}
+
+#[tokio::test]
+async fn paused_deployments_are_skipped_and_two_secrets_keep_two_annotations() {
+    let w = world();
+    let mut paused = deployment("shop-dev", "paused", env_from("api"));
+    paused["spec"]["paused"] = json!(true);
+    w.add(paused);
+    w.add(deployment(
+        "shop-dev",
+        "both",
+        json!({"containers": [{"name": "c", "image": "x", "envFrom": [{"secretRef": {"name": "api"}}, {"secretRef": {"name": "worker"}}]}]}),
+    ));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.add(scoped_secret("worker", "shop-dev", default_spec()));
+    w.vault
+        .put("shop/envs/dev/services/worker", &[("W", Some("1"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.reconcile("shop-dev", "worker").await.unwrap();
+    w.vault.put(
+        "shop",
+        &[("LOG_LEVEL", Some("info")), ("DB_HOST", Some("db2"))],
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.reconcile("shop-dev", "worker").await.unwrap();
+    assert!(template_annotation(&w, "shop-dev", "paused", "api").is_none());
+    let status = w.ss("shop-dev", "api").status.clone().unwrap();
+    assert!(
+        status
+            .rollouts
+            .iter()
+            .any(|r| r.name == "paused" && r.result == "Skipped:Paused")
+    );
+    assert!(template_annotation(&w, "shop-dev", "both", "api").is_some());
+    assert!(
+        template_annotation(&w, "shop-dev", "both", "worker").is_some(),
+        "one Secret's restart must not remove the other's annotation"
+    );
+}
+
+#[tokio::test]
+async fn rollout_none_restarts_nothing() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "rollout": {"strategy": "None"}})));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(restarts(&w).is_empty());
+}

@@ -84,9 +84,11 @@ pub struct ScopedSecretSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rotation: Vec<Rotation>,
 
-    /// Which workloads restart when the Secret's content changes. Accepted and validated,
-    /// but NOT acted on by this version of the operator: rollout restarts arrive with a later
-    /// release.
+    /// Which workloads restart when the Secret's content changes: `Auto` (default: every
+    /// Deployment, StatefulSet and DaemonSet of the namespace whose pods reference the Secret),
+    /// `Explicit`, `Selector` or `None`. A workload restarts only when a key it reads changed,
+    /// never on the first sync. Not yet built: coalescing, a restart budget, a breaker for
+    /// flapping values, Argo Rollouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
 
@@ -265,6 +267,27 @@ pub struct ScopedSecretStatus {
     /// When the Secret's content (its HMAC) last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_change_time: Option<Time>,
+    /// The workloads the last content change restarted or skipped, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<RolloutStatus>,
+}
+
+/// What the last content change did to one workload.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: String,
+    /// Workload name.
+    pub name: String,
+    /// The HMAC prefix written to its pod-template annotation, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// `Restarted`, `Skipped:<reason>` (`KeysUnchanged`, `AlreadyCurrent`, `LiveReload`,
+    /// `Paused`, `Deleted`) or `Failed:<reason>`.
+    pub result: String,
+    /// When it was decided.
+    pub time: Time,
 }
 
 /// Where one key of the Secret comes from.

@@ -24,6 +24,7 @@ use crate::api::v1alpha1::{
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::{self, Resolved};
+use crate::rollout;
 use crate::vault::{Identity, StoreHandle};
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
@@ -39,6 +40,8 @@ struct Synced {
     /// Names of keys whose value was added, changed or removed (names only).
     changed_keys: Vec<String>,
     refresh: Duration,
+    /// Restart outcomes, when the content changed from a previous content.
+    rollouts: Option<Vec<rollout::apply::Outcome>>,
 }
 
 /// Reconciles one ScopedSecret.
@@ -61,6 +64,7 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 resolved: &done.resolved,
                 content_hash: &done.content_hash,
                 wrote: done.wrote,
+                rollouts: done.rollouts.as_deref(),
             };
             if let Err(e) = write_status(&ss, &ctx, &outcome, now).await {
                 ctx.metrics.reconciled(e.category(), started.elapsed());
@@ -269,6 +273,16 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         ctx.metrics.wrote("secret_apply");
     }
     remove_previous_target(ss, ctx, &secrets, &request.secret_name).await?;
+    let rollouts = restart_consumers(
+        ss,
+        ctx,
+        &ns,
+        &request.secret_name,
+        &changed_keys,
+        &content_hash,
+        &desired,
+    )
+    .await;
     if let Some(v) = force {
         ctx.force_seen.lock().unwrap().insert(obj, v);
     }
@@ -280,7 +294,85 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         wrote,
         changed_keys,
         refresh: request.refresh,
+        rollouts,
     })
+}
+
+/// Restarts the consumers of the Secret when its content changed from a previous content
+/// (never on the first sync, never when the content is equal). Restart failures are reported
+/// per workload; they do not fail the sync, which already succeeded.
+async fn restart_consumers(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    ns: &str,
+    secret_name: &str,
+    changed_keys: &[String],
+    content_hash: &str,
+    desired: &Secret,
+) -> Option<Vec<rollout::apply::Outcome>> {
+    let previous = ss.status.as_ref().and_then(|s| s.content_hash.as_deref())?;
+    if previous == content_hash {
+        return None;
+    }
+    // The Secret is ours under another name only after a rename: nothing consumed it yet.
+    if ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) != Some(secret_name) {
+        return None;
+    }
+    let rollout_spec = ss.spec.rollout.as_ref();
+    if rollout_spec.is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None) {
+        return None;
+    }
+    let change = if changed_keys.is_empty() {
+        rollout::Change::Unfinished
+    } else {
+        rollout::Change::Keys(changed_keys.iter().cloned().collect())
+    };
+    let workloads = match rollout::apply::list_workloads(&ctx.client, ns).await {
+        Ok(w) => w,
+        Err(e) => {
+            let note = format!("failed to list the workloads of namespace {ns} to restart: {e}");
+            warn!("{note}");
+            publish(ss, ctx, EventType::Warning, "RolloutFailed", &note).await;
+            return Some(Vec::new());
+        }
+    };
+    let empty = std::collections::BTreeMap::new();
+    let data = desired.data.as_ref().unwrap_or(&empty);
+    let outcomes = rollout::apply::restart_consumers(
+        &ctx.client,
+        ns,
+        secret_name,
+        rollout_spec,
+        &workloads,
+        &change,
+        &ctx.hmac_key,
+        data,
+    )
+    .await;
+    for o in &outcomes {
+        let (type_, reason) = match o.result.as_str() {
+            "Restarted" => (EventType::Normal, "RolloutRestarted"),
+            r if r.starts_with("Failed") => (EventType::Warning, "RolloutFailed"),
+            _ => (EventType::Normal, "RolloutSkipped"),
+        };
+        if o.result == "Restarted" {
+            ctx.metrics.wrote("workload_restart");
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: Some(o.kind.as_str().into()),
+                name: Some(o.name.clone()),
+                namespace: Some(ns.to_string()),
+                ..Default::default()
+            };
+            publish_on(ctx, &reference, type_, reason, &o.note).await;
+        }
+        // Keys-unchanged skips are the normal case for selective readers: no event noise.
+        if o.result != "Skipped:KeysUnchanged" && o.result != "Skipped:AlreadyCurrent" {
+            publish(ss, ctx, type_, reason, &o.note).await;
+        }
+        info!(workload = %o.name, kind = o.kind.as_str(), result = %o.result, "rollout");
+    }
+    Some(outcomes)
 }
 
 /// After `target.name` changed, the Secret written under the old name is deleted — under
@@ -474,6 +566,16 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
 }
 
 async fn publish(ss: &ScopedSecret, ctx: &Context, type_: EventType, reason: &str, note: &str) {
+    publish_on(ctx, &ss.object_ref(&()), type_, reason, note).await;
+}
+
+async fn publish_on(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let mut note = note.to_string();
     if note.len() > 1000 {
         let cut = (0..=1000)
@@ -489,7 +591,7 @@ async fn publish(ss: &ScopedSecret, ctx: &Context, type_: EventType, reason: &st
         action: "Sync".into(),
         secondary: None,
     };
-    match ctx.recorder.publish(&event, &ss.object_ref(&())).await {
+    match ctx.recorder.publish(&event, reference).await {
         Ok(()) => ctx.metrics.wrote("event"),
         Err(e) => warn!("failed to publish event {reason}: {e}"),
     }

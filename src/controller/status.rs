@@ -21,6 +21,8 @@ pub enum Outcome<'a> {
         content_hash: &'a str,
         /// Whether the Secret was written in this reconcile.
         wrote: bool,
+        /// Restart outcomes, when the content changed.
+        rollouts: Option<&'a [crate::rollout::apply::Outcome]>,
     },
     /// The reconcile failed; the existing Secret (if any) is kept as it was.
     Failed { reason: &'a str, message: &'a str },
@@ -55,7 +57,20 @@ pub fn next_status(
             resolved,
             content_hash,
             wrote,
+            rollouts,
         } => {
+            if let Some(outcomes) = rollouts {
+                status.rollouts = outcomes
+                    .iter()
+                    .map(|o| crate::api::v1alpha1::RolloutStatus {
+                        kind: o.kind.as_str().to_string(),
+                        name: o.name.clone(),
+                        hash: o.hash.clone(),
+                        result: o.result.clone(),
+                        time: now.clone(),
+                    })
+                    .collect();
+            }
             let changed = status.content_hash.as_deref() != Some(*content_hash);
             if changed {
                 status.last_change_time = Some(now.clone());
@@ -163,6 +178,7 @@ mod tests {
             resolved: r,
             content_hash: hash,
             wrote,
+            rollouts: None,
         }
     }
 
