@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -366,7 +367,27 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
         status.content_hash
     );
 
-    // 2. A value changed in Vault arrives on force-sync.
+    // 2. A value changed in Vault arrives on force-sync, and restarts exactly the consumer
+    //    that reads a changed key (a Deployment controller is needed for the rollout itself;
+    //    what is checked is the pod-template annotation the operator writes).
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &dev_ns);
+    for (name, env) in [
+        (
+            "reads-log-level",
+            json!([{"name": "L", "valueFrom": {"secretKeyRef": {"name": "api", "key": "LOG_LEVEL"}}}]),
+        ),
+        (
+            "reads-timeout",
+            json!([{"name": "T", "valueFrom": {"secretKeyRef": {"name": "api", "key": "API_TIMEOUT"}}}]),
+        ),
+    ] {
+        apply_json(&deployments, name, json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "env": env}]}}}
+        })).await;
+    }
     vault_put(
         &format!("{project}/envs/dev"),
         json!({"LOG_LEVEL": "warn", "DB_HOST": "db.dev"}),
@@ -394,6 +415,44 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
         },
     )
     .await;
+
+    let annotation = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("checksum.scopedsecrets.io/api").cloned())
+    };
+    wait_for(
+        "Deployment reads-log-level restarted (checksum.scopedsecrets.io/api on its pod template)",
+        Duration::from_secs(30),
+        || {
+            let deployments = deployments.clone();
+            async move {
+                let d = deployments
+                    .get("reads-log-level")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                annotation(&d).map(|_| ()).ok_or_else(|| {
+                    format!(
+                        "pod template annotations {:?}",
+                        d.spec
+                            .and_then(|s| s.template.metadata)
+                            .and_then(|m| m.annotations)
+                    )
+                })
+            }
+        },
+    )
+    .await;
+    let untouched = deployments
+        .get("reads-timeout")
+        .await
+        .expect("read Deployment reads-timeout");
+    assert!(
+        annotation(&untouched).is_none(),
+        "Deployment reads-timeout was restarted though API_TIMEOUT did not change"
+    );
 
     // 3. Drift: a hand edit and a deletion are repaired.
     secrets
