@@ -890,3 +890,63 @@ async fn rollout_none_restarts_nothing() {
     w.reconcile("shop-dev", "api").await.unwrap();
     assert!(restarts(&w).is_empty());
 }
+
+fn vault_store(ns: &str, name: &str, token_ref: Value) -> Value {
+    json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "VaultStore",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"address": "http://vault:8200", "auth": {"token": {"secretRef": token_ref}}}
+    })
+}
+
+#[tokio::test]
+async fn a_namespaced_store_serves_its_own_namespace_with_its_own_credentials() {
+    let w = world();
+    w.add(vault_store(
+        "shop-dev",
+        "team-vault",
+        json!({"name": "team-token", "key": "token"}),
+    ));
+    w.add(scoped_secret(
+        "api",
+        "shop-dev",
+        json!({"storeRef": {"name": "team-vault"}}),
+    ));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
+        "debug"
+    );
+
+    // A VaultStore may not borrow a credential Secret of another namespace.
+    w.add(vault_store(
+        "shop-dev",
+        "borrowing",
+        json!({"name": "vault-token", "key": "token", "namespace": "scoped-secrets"}),
+    ));
+    w.add(scoped_secret(
+        "web",
+        "shop-dev",
+        json!({"storeRef": {"name": "borrowing"}}),
+    ));
+    let err = w.reconcile("shop-dev", "web").await.unwrap_err();
+    assert_eq!(err.category(), "InvalidStore");
+    assert!(err.to_string().contains("own namespace"), "{err}");
+    assert!(w.secret("shop-dev", "web").is_none());
+
+    // A VaultStore of another namespace is not found from here.
+    w.add(vault_store(
+        "bank-dev",
+        "bank-vault",
+        json!({"name": "t", "key": "token"}),
+    ));
+    w.add(scoped_secret(
+        "x",
+        "shop-dev",
+        json!({"storeRef": {"name": "bank-vault"}}),
+    ));
+    assert_eq!(
+        w.reconcile("shop-dev", "x").await.unwrap_err().category(),
+        "StoreNotFound"
+    );
+}
