@@ -204,6 +204,18 @@ fn jitter(lo: f64, hi: f64) -> f64 {
     rand::rng().random_range(lo..hi)
 }
 
+/// Delay until the next refresh. Spread wide (50–100 % of the interval) on an object's first
+/// sync after start-up, so that a restart of the operator does not line every later refresh
+/// up, and narrow (90–100 %) afterwards.
+pub fn refresh_delay(refresh: Duration, first_since_start: bool) -> Duration {
+    let factor = if first_since_start {
+        jitter(0.5, 1.0)
+    } else {
+        jitter(0.9, 1.0)
+    };
+    refresh.mul_f64(factor)
+}
+
 /// Delay before retry number `attempt` (1-based): exponential from `base`, capped, with
 /// ±20% jitter so that objects failing together do not retry together.
 pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
@@ -451,6 +463,54 @@ mod tests {
         assert!(
             spread.len() > 40,
             "retries of objects failing together must not line up"
+        );
+    }
+
+    #[test]
+    fn refreshes_after_start_up_are_spread_over_half_the_interval() {
+        let refresh = Duration::from_secs(60);
+        let first: Vec<Duration> = (0..200).map(|_| refresh_delay(refresh, true)).collect();
+        assert!(
+            first
+                .iter()
+                .all(|d| *d >= Duration::from_secs(30) && *d <= refresh)
+        );
+        let (lo, hi) = (first.iter().min().unwrap(), first.iter().max().unwrap());
+        assert!(
+            *hi - *lo > Duration::from_secs(20),
+            "not spread: {lo:?}..{hi:?}"
+        );
+        let later: Vec<Duration> = (0..200).map(|_| refresh_delay(refresh, false)).collect();
+        assert!(
+            later
+                .iter()
+                .all(|d| *d >= Duration::from_secs(54) && *d <= refresh)
+        );
+    }
+
+    #[test]
+    fn permanent_errors_retry_at_the_slow_rate() {
+        assert!(
+            Error::StoreNotFound {
+                kind: "VaultStore",
+                name: "x".into(),
+                namespace: None
+            }
+            .is_permanent()
+        );
+        assert!(
+            Error::SecretConflict {
+                namespace: "n".into(),
+                name: "s".into()
+            }
+            .is_permanent()
+        );
+        assert!(
+            !Error::EmptyResult {
+                coordinates: "c".into(),
+                paths: "p".into()
+            }
+            .is_permanent()
         );
     }
 

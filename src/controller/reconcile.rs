@@ -18,7 +18,7 @@ use serde_json::json;
 use tracing::{info, instrument, warn};
 
 use super::status::{Outcome, next_status};
-use super::{Context, Error, jitter, validate};
+use super::{Context, Error, refresh_delay, validate};
 use crate::api::v1alpha1::{
     ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreConnection, StoreKind, VaultStore,
 };
@@ -74,14 +74,10 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
             ctx.metrics.reconciled("success", started.elapsed());
             let first_since_start = ctx.seen_once(&obj);
             ctx.record_success(&obj);
-            // Spread refreshes: wide right after start-up so a restart does not line every
-            // object up, narrow afterwards.
-            let factor = if first_since_start {
-                jitter(0.5, 1.0)
-            } else {
-                jitter(0.9, 1.0)
-            };
-            Ok(Action::requeue(done.refresh.mul_f64(factor)))
+            Ok(Action::requeue(refresh_delay(
+                done.refresh,
+                first_since_start,
+            )))
         }
         Err(err) => {
             let outcome = Outcome::Failed {
