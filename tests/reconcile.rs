@@ -950,3 +950,68 @@ async fn a_namespaced_store_serves_its_own_namespace_with_its_own_credentials() 
         "StoreNotFound"
     );
 }
+
+#[tokio::test]
+async fn a_flapping_value_trips_the_breaker_and_a_resume_annotation_clears_it() {
+    let w = world();
+    let config = Config {
+        breaker_changes: 2,
+        ..Config::default()
+    };
+    let ctx = Arc::new(Context::new(
+        w.fake.client(),
+        w.vault.clone(),
+        HmacKey::new(vec![7; 32]),
+        config,
+    ));
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    let run = |ctx: Arc<Context>| {
+        let ss = w.ss("shop-dev", "api");
+        async move { reconcile(ss, ctx).await.unwrap() }
+    };
+    run(ctx.clone()).await;
+    for (i, level) in ["a", "b", "c"].iter().enumerate() {
+        w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some(level))]);
+        w.fake.clear_requests();
+        run(ctx.clone()).await;
+        let restarted = !restarts(&w).is_empty();
+        assert_eq!(restarted, i < 2, "change {} restarted={restarted}", i + 1);
+    }
+    let ss = w.ss("shop-dev", "api");
+    let (status, reason, message) = condition(&ss, "RolloutsPaused");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Flapping"));
+    assert!(
+        message.contains("scopedsecrets.io/resume-rollouts"),
+        "{message}"
+    );
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
+        "c",
+        "the Secret itself still follows Vault"
+    );
+
+    let mut obj = w
+        .fake
+        .get(
+            "apis/scopedsecrets.io/v1alpha1",
+            Some("shop-dev"),
+            "scopedsecrets",
+            "api",
+        )
+        .unwrap();
+    obj["metadata"]["annotations"] = json!({"scopedsecrets.io/resume-rollouts": "by-alice"});
+    w.fake.insert(obj);
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("d"))]);
+    w.fake.clear_requests();
+    run(ctx.clone()).await;
+    assert_eq!(
+        restarts(&w).len(),
+        1,
+        "restarts resume after the annotation changed"
+    );
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "False"
+    );
+}

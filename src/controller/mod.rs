@@ -120,6 +120,11 @@ pub struct Config {
     pub backoff_max: Duration,
     /// Bound on one whole reconcile (every Vault call also has its own timeout).
     pub reconcile_timeout: Duration,
+    /// Content changes of one Secret tolerated within `breaker_window` before its restarts
+    /// pause.
+    pub breaker_changes: usize,
+    /// The breaker's sliding window.
+    pub breaker_window: Duration,
 }
 
 impl Default for Config {
@@ -130,6 +135,8 @@ impl Default for Config {
             backoff_base: Duration::from_secs(5),
             backoff_max: Duration::from_secs(300),
             reconcile_timeout: Duration::from_secs(60),
+            breaker_changes: 5,
+            breaker_window: Duration::from_secs(600),
         }
     }
 }
@@ -148,6 +155,8 @@ pub struct Context {
     force_seen: Mutex<HashMap<ObjectRef<ScopedSecret>, String>>,
     /// Objects synced at least once since start.
     seen: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
+    /// Content changes per Secret, to pause restarts from a flapping value.
+    pub(crate) breaker: Mutex<crate::rollout::breaker::Breaker>,
 }
 
 impl Context {
@@ -161,6 +170,10 @@ impl Context {
             controller: "scoped-secrets".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let breaker = Mutex::new(crate::rollout::breaker::Breaker::new(
+            config.breaker_changes,
+            config.breaker_window,
+        ));
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -171,6 +184,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             force_seen: Mutex::new(HashMap::new()),
             seen: Mutex::new(Default::default()),
+            breaker,
         }
     }
 

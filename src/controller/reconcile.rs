@@ -40,8 +40,8 @@ struct Synced {
     /// Names of keys whose value was added, changed or removed (names only).
     changed_keys: Vec<String>,
     refresh: Duration,
-    /// Restart outcomes, when the content changed from a previous content.
-    rollouts: Option<Vec<rollout::apply::Outcome>>,
+    /// What the change did about restarts, when the content changed from a previous one.
+    rollouts: Option<rollout::apply::Report>,
 }
 
 /// Reconciles one ScopedSecret.
@@ -64,7 +64,7 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 resolved: &done.resolved,
                 content_hash: &done.content_hash,
                 wrote: done.wrote,
-                rollouts: done.rollouts.as_deref(),
+                rollouts: done.rollouts.as_ref(),
             };
             if let Err(e) = write_status(&ss, &ctx, &outcome, now).await {
                 ctx.metrics.reconciled(e.category(), started.elapsed());
@@ -305,7 +305,7 @@ async fn restart_consumers(
     changed_keys: &[String],
     content_hash: &str,
     desired: &Secret,
-) -> Option<Vec<rollout::apply::Outcome>> {
+) -> Option<rollout::apply::Report> {
     let previous = ss.status.as_ref().and_then(|s| s.content_hash.as_deref())?;
     if previous == content_hash {
         return None;
@@ -323,13 +323,37 @@ async fn restart_consumers(
     } else {
         rollout::Change::Keys(changed_keys.iter().cloned().collect())
     };
+    // A flapping value pauses the restarts it would cause.
+    let breaker_key = format!("{ns}/{secret_name}");
+    let resume = ss
+        .annotations()
+        .get(rollout::breaker::RESUME_ANNOTATION)
+        .map(String::as_str);
+    let (tripped, (count, window)) = {
+        let mut breaker = ctx.breaker.lock().unwrap();
+        let tripped = breaker.record(&breaker_key, std::time::Instant::now(), resume);
+        (tripped, breaker.describe(&breaker_key))
+    };
+    if tripped {
+        let note = format!(
+            "Secret {secret_name} changed {count} times within {}s: restarts from it are paused until fewer changes fall in that window, or the annotation {} of the ScopedSecret is changed",
+            window.as_secs(),
+            rollout::breaker::RESUME_ANNOTATION
+        );
+        warn!("{note}");
+        publish(ss, ctx, EventType::Warning, "RolloutsPaused", &note).await;
+        return Some(rollout::apply::Report {
+            outcomes: Vec::new(),
+            paused: Some(note),
+        });
+    }
     let workloads = match rollout::apply::list_workloads(&ctx.client, ns).await {
         Ok(w) => w,
         Err(e) => {
             let note = format!("failed to list the workloads of namespace {ns} to restart: {e}");
             warn!("{note}");
             publish(ss, ctx, EventType::Warning, "RolloutFailed", &note).await;
-            return Some(Vec::new());
+            return Some(rollout::apply::Report::default());
         }
     };
     let empty = std::collections::BTreeMap::new();
@@ -368,7 +392,10 @@ async fn restart_consumers(
         }
         info!(workload = %o.name, kind = o.kind.as_str(), result = %o.result, "rollout");
     }
-    Some(outcomes)
+    Some(rollout::apply::Report {
+        outcomes,
+        paused: None,
+    })
 }
 
 /// After `target.name` changed, the Secret written under the old name is deleted — under

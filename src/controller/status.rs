@@ -11,6 +11,8 @@ use crate::resolve::Resolved;
 pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
 pub const REASON_SYNCED: &str = "Synced";
+/// Condition set while restarts from a flapping Secret are paused.
+pub const ROLLOUTS_PAUSED: &str = "RolloutsPaused";
 
 /// The outcome a status is derived from.
 pub enum Outcome<'a> {
@@ -21,8 +23,8 @@ pub enum Outcome<'a> {
         content_hash: &'a str,
         /// Whether the Secret was written in this reconcile.
         wrote: bool,
-        /// Restart outcomes, when the content changed.
-        rollouts: Option<&'a [crate::rollout::apply::Outcome]>,
+        /// What the change did about restarts, when the content changed.
+        rollouts: Option<&'a crate::rollout::apply::Report>,
     },
     /// The reconcile failed; the existing Secret (if any) is kept as it was.
     Failed { reason: &'a str, message: &'a str },
@@ -59,8 +61,28 @@ pub fn next_status(
             wrote,
             rollouts,
         } => {
-            if let Some(outcomes) = rollouts {
-                status.rollouts = outcomes
+            if let Some(report) = rollouts {
+                let paused = report.paused.is_some();
+                let had_condition = status.conditions.iter().any(|c| c.type_ == ROLLOUTS_PAUSED);
+                if paused || had_condition {
+                    let (reason, message) = match &report.paused {
+                        Some(why) => ("Flapping", why.as_str()),
+                        None => ("Resumed", "restarts run again"),
+                    };
+                    set_condition(
+                        &mut status.conditions,
+                        ROLLOUTS_PAUSED,
+                        paused,
+                        reason,
+                        message,
+                        generation,
+                        &now,
+                    );
+                }
+            }
+            if let Some(report) = rollouts.filter(|r| r.paused.is_none()) {
+                status.rollouts = report
+                    .outcomes
                     .iter()
                     .map(|o| crate::api::v1alpha1::RolloutStatus {
                         kind: o.kind.as_str().to_string(),

@@ -32,6 +32,14 @@ pub struct Outcome {
     pub note: String,
 }
 
+/// What one content change did about restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub outcomes: Vec<Outcome>,
+    /// Why restarts are paused (the breaker tripped), if they are.
+    pub paused: Option<String>,
+}
+
 fn to_workload(
     kind: WorkloadKind,
     name: String,

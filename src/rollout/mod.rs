@@ -8,10 +8,11 @@
 //! it does not read, and the decision converges: a workload whose annotation already holds
 //! the current hash is not patched again.
 //!
-//! Not built yet (see README): the coalescing window, the cluster-wide restart budget, the
-//! flapping breaker and Argo Rollouts.
+//! `breaker` pauses restarts from a Secret whose content flaps. Not built yet (see README):
+//! the coalescing window, the cluster-wide restart budget and Argo Rollouts.
 
 pub mod apply;
+pub mod breaker;
 pub mod detect;
 
 use std::collections::{BTreeMap, BTreeSet};
