@@ -93,6 +93,21 @@ impl World {
         )
     }
 
+    /// Changes the stored ScopedSecret as a user's edit would.
+    fn edit_ss(&self, ns: &str, name: &str, edit: impl FnOnce(&mut Value)) {
+        let mut obj = self
+            .fake
+            .get(
+                "apis/scopedsecrets.io/v1alpha1",
+                Some(ns),
+                "scopedsecrets",
+                name,
+            )
+            .expect("ScopedSecret exists");
+        edit(&mut obj);
+        self.fake.insert(obj);
+    }
+
     fn secret(&self, ns: &str, name: &str) -> Option<Secret> {
         self.fake.get_typed::<Secret>(Some(ns), name)
     }
@@ -496,17 +511,10 @@ async fn a_changed_force_sync_annotation_bypasses_the_cache_once() {
     let w = world();
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     w.reconcile("shop-dev", "api").await.unwrap();
-    let mut obj = w
-        .fake
-        .get(
-            "apis/scopedsecrets.io/v1alpha1",
-            Some("shop-dev"),
-            "scopedsecrets",
-            "api",
-        )
-        .unwrap();
-    obj["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": "2026-11-24T10:00:00Z"});
-    w.fake.insert(obj);
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["metadata"]["annotations"] =
+            json!({"scopedsecrets.io/force-sync": "2026-11-24T10:00:00Z"});
+    });
     w.reconcile("shop-dev", "api").await.unwrap();
     w.reconcile("shop-dev", "api").await.unwrap();
     let ages = w.vault.max_ages();
@@ -648,17 +656,9 @@ async fn renaming_the_target_deletes_the_old_secret_under_delete_and_keeps_it_un
     let w = world();
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     w.reconcile("shop-dev", "api").await.unwrap();
-    let mut obj = w
-        .fake
-        .get(
-            "apis/scopedsecrets.io/v1alpha1",
-            Some("shop-dev"),
-            "scopedsecrets",
-            "api",
-        )
-        .unwrap();
-    obj["spec"]["target"] = json!({"name": "api-v2"});
-    w.fake.insert(obj);
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["spec"]["target"] = json!({"name": "api-v2"});
+    });
     w.reconcile("shop-dev", "api").await.unwrap();
     assert!(w.secret("shop-dev", "api-v2").is_some());
     assert!(
@@ -675,18 +675,10 @@ async fn renaming_the_target_deletes_the_old_secret_under_delete_and_keeps_it_un
         Some("api-v2")
     );
 
-    let mut obj = w
-        .fake
-        .get(
-            "apis/scopedsecrets.io/v1alpha1",
-            Some("shop-dev"),
-            "scopedsecrets",
-            "api",
-        )
-        .unwrap();
-    obj["spec"]["target"] = json!({"name": "api-v3"});
-    obj["spec"]["deletionPolicy"] = json!("Retain");
-    w.fake.insert(obj);
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["spec"]["target"] = json!({"name": "api-v3"});
+        obj["spec"]["deletionPolicy"] = json!("Retain");
+    });
     w.reconcile("shop-dev", "api").await.unwrap();
     assert!(w.secret("shop-dev", "api-v3").is_some());
     assert!(
@@ -991,17 +983,9 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_annotation_clears_it() 
         "the Secret itself still follows Vault"
     );
 
-    let mut obj = w
-        .fake
-        .get(
-            "apis/scopedsecrets.io/v1alpha1",
-            Some("shop-dev"),
-            "scopedsecrets",
-            "api",
-        )
-        .unwrap();
-    obj["metadata"]["annotations"] = json!({"scopedsecrets.io/resume-rollouts": "by-alice"});
-    w.fake.insert(obj);
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["metadata"]["annotations"] = json!({"scopedsecrets.io/resume-rollouts": "by-alice"});
+    });
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("d"))]);
     w.fake.clear_requests();
     run(ctx.clone()).await;
