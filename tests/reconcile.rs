@@ -999,3 +999,31 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_annotation_clears_it() 
         "False"
     );
 }
+
+#[tokio::test]
+async fn a_reconcile_that_still_sees_the_old_status_does_not_handle_the_change_twice() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    // The informer cache lags: the second reconcile gets the object as it was before the first
+    // one wrote its status.
+    let stale = w.ss("shop-dev", "api");
+    reconcile(stale.clone(), w.ctx.clone()).await.unwrap();
+    let after_first = w.ss("shop-dev", "api").status.clone().unwrap();
+    w.fake.clear_requests();
+    reconcile(stale, w.ctx.clone()).await.unwrap();
+    assert!(restarts(&w).is_empty());
+    let after_second = w.ss("shop-dev", "api").status.clone().unwrap();
+    assert_eq!(
+        after_second.rollouts, after_first.rollouts,
+        "the record of the restart is kept"
+    );
+    assert!(
+        after_second
+            .rollouts
+            .iter()
+            .any(|r| r.result == "Restarted")
+    );
+}

@@ -157,6 +157,10 @@ pub struct Context {
     seen: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
     /// Content changes per Secret, to pause restarts from a flapping value.
     pub(crate) breaker: Mutex<crate::rollout::breaker::Breaker>,
+    /// Per Secret (`namespace/name`), the content hash whose restarts were already handled:
+    /// a reconcile that still sees the previous status (the cache lags our own write) must
+    /// not handle the same change twice.
+    pub(crate) rolled_out: Mutex<HashMap<String, String>>,
 }
 
 impl Context {
@@ -185,6 +189,7 @@ impl Context {
             force_seen: Mutex::new(HashMap::new()),
             seen: Mutex::new(Default::default()),
             breaker,
+            rolled_out: Mutex::new(HashMap::new()),
         }
     }
 

@@ -323,8 +323,15 @@ async fn restart_consumers(
     } else {
         rollout::Change::Keys(changed_keys.iter().cloned().collect())
     };
-    // A flapping value pauses the restarts it would cause.
     let breaker_key = format!("{ns}/{secret_name}");
+    {
+        let mut rolled = ctx.rolled_out.lock().unwrap();
+        if rolled.get(&breaker_key).map(String::as_str) == Some(content_hash) {
+            return None;
+        }
+        rolled.insert(breaker_key.clone(), content_hash.to_string());
+    }
+    // A flapping value pauses the restarts it would cause.
     let resume = ss
         .annotations()
         .get(rollout::breaker::RESUME_ANNOTATION)
@@ -526,12 +533,30 @@ async fn write_status(
     outcome: &Outcome<'_>,
     now: Time,
 ) -> Result<(), Error> {
-    let status = next_status(ss.status.as_ref(), outcome, ss.metadata.generation, now);
+    let status = next_status(
+        ss.status.as_ref(),
+        outcome,
+        ss.metadata.generation,
+        now.clone(),
+    );
     if ss.status.as_ref() == Some(&status) {
         return Ok(());
     }
     let ns = ss.namespace().unwrap_or_default();
     let api: Api<ScopedSecret> = Api::namespaced(ctx.client.clone(), &ns);
+    // The cached object can lag our own previous write: decide on the live status, so a
+    // stale cache neither rewrites an equal status nor loses what the last write recorded.
+    let live = api
+        .get_status(&ss.name_any())
+        .await
+        .map_err(kube_err(format!(
+            "read status of ScopedSecret {ns}/{}",
+            ss.name_any()
+        )))?;
+    let status = next_status(live.status.as_ref(), outcome, ss.metadata.generation, now);
+    if live.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     let patch = json!({
         "apiVersion": ScopedSecret::api_version(&()),
         "kind": ScopedSecret::kind(&()),
