@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use scoped_secrets::cli::resolve::ResolveArgs;
+use scoped_secrets::cli::secret::SecretCommand;
+use scoped_secrets::cli::{self, CliError, VaultArgs};
 use scoped_secrets::controller::{self, Config};
 use scoped_secrets::metrics::{self, Metrics, Readiness};
 use scoped_secrets::vault::client::VaultReader;
@@ -41,11 +44,64 @@ enum Command {
     },
     /// Print the CRDs as YAML (`scoped-secrets crd | kubectl apply -f -`).
     Crd,
+    /// Manage values at one scope in Vault: set, rm, unset, list, get.
+    #[command(after_help = SECRET_EXAMPLES)]
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+        #[command(flatten)]
+        vault: VaultArgs,
+    },
+    /// Show the effective values of a project / environment / service and their sources.
+    #[command(after_help = RESOLVE_EXAMPLES)]
+    Resolve {
+        #[command(flatten)]
+        args: ResolveArgs,
+        #[command(flatten)]
+        vault: VaultArgs,
+    },
+    /// Print shell completions (bash, zsh, fish, ...).
+    Completions { shell: clap_complete::Shell },
 }
+
+const SECRET_EXAMPLES: &str = "Examples (VAULT_ADDR and VAULT_TOKEN from the environment):
+  scoped-secrets secret set   -p shop -e dev -s api -k FOO -v BAR
+  printf %s \"$VALUE\" | scoped-secrets secret set -p shop -k API_KEY   # value from stdin
+  scoped-secrets secret rm    -p shop -e dev -s api -k FOO   # the inherited FOO shows again
+  scoped-secrets secret unset -p shop -e dev -s api -k FOO   # hides an inherited FOO here
+  scoped-secrets secret list  -p shop -e dev
+Exit codes: 0 ok, 1 usage or validation (nothing changed), 2 Vault error.";
+
+const RESOLVE_EXAMPLES: &str = "Examples:
+  scoped-secrets resolve -p shop -e dev -s api
+  scoped-secrets resolve -p shop -e dev -s api -o json --show-values
+  scoped-secrets resolve -p shop -e dev -s api --explain FOO
+  scoped-secrets resolve -p shop -e dev -s api -o env > .env
+  scoped-secrets resolve -p shop -e dev -s api -o env --keys-only > .env.example";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors exit 1 (clap's default is 2, which we keep for Vault errors).
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    match cli.command {
+        Command::Secret { command, vault } => exit_with(cli::secret::run(command, &vault).await),
+        Command::Resolve { args, vault } => exit_with(cli::resolve::run(args, &vault).await),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "scoped-secrets",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Crd => {
             print!("{}", crd::all_crds_yaml());
             Ok(())
@@ -84,4 +140,13 @@ async fn main() -> anyhow::Result<()> {
             controller::run(client, source, config, metrics, ready).await
         }
     }
+}
+
+/// Prints a command's error and exits with its code (1 usage, 2 Vault).
+fn exit_with(result: Result<(), CliError>) -> anyhow::Result<()> {
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(e.exit_code());
+    }
+    Ok(())
 }

@@ -1,0 +1,302 @@
+//! `scoped-secrets secret set|rm|unset|list|get`: values at exactly one scope.
+//!
+//! Writes replace the scope's whole KV v2 secret with check-and-set on the version read, and
+//! read again and retry when someone else wrote in between — two people editing one scope never
+//! lose each other's write.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use serde_json::{Map, Value};
+use vaultrs::api::kv2::requests::SetSecretRequestOptions;
+use vaultrs::client::VaultClient;
+
+use super::{CliError, ScopeArgs, VaultArgs, check_key};
+use crate::resolve::{Entry, MAX_SECRET_BYTES};
+use crate::scope::{Scope, ScopePath};
+use crate::vault::VaultError;
+use crate::vault::kv::{Kv, read_error, status_code, with_timeout};
+
+/// Retries of a write that lost a check-and-set race.
+const CAS_ATTEMPTS: usize = 20;
+
+#[derive(Subcommand, Debug)]
+pub enum SecretCommand {
+    /// Set KEY at the scope the flags name. The value comes from -v, --value-file, or stdin
+    /// (so it stays out of the shell history).
+    Set {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[arg(short, long)]
+        key: String,
+        /// The value (prefer stdin or --value-file).
+        #[arg(short = 'v', long, conflicts_with = "value_file")]
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+    },
+    /// Remove KEY from this scope: an inherited value shows again.
+    Rm {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[arg(short, long)]
+        key: String,
+    },
+    /// Write a tombstone for KEY at this scope: an inherited value is hidden here.
+    Unset {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[arg(short, long)]
+        key: String,
+    },
+    /// The keys set at exactly this scope (values masked unless --show-values).
+    List {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[arg(long)]
+        show_values: bool,
+    },
+    /// Print the value of KEY at exactly this scope.
+    Get {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[arg(short, long)]
+        key: String,
+    },
+}
+
+fn kv<'a>(client: &'a VaultClient, vault: &'a VaultArgs, address: &'a str) -> Kv<'a> {
+    Kv {
+        client,
+        address,
+        mount: &vault.mount,
+        method: "token",
+        timeout: std::time::Duration::from_secs(10),
+        requests: None,
+    }
+}
+
+/// The scope's current entries as KV JSON and the version to check-and-set against.
+async fn read_raw(
+    kv: &Kv<'_>,
+    scope: Scope,
+    path: &str,
+) -> Result<(Map<String, Value>, u64), CliError> {
+    let p = ScopePath {
+        scope,
+        path: path.to_string(),
+    };
+    match kv.read_scope(&p).await {
+        Ok(data) => Ok((
+            data.entries
+                .into_iter()
+                .map(|(k, e)| {
+                    let v = match e {
+                        Entry::Value(v) => Value::String(v.expose().to_string()),
+                        Entry::Tombstone => Value::Null,
+                    };
+                    (k, v)
+                })
+                .collect(),
+            data.version.unwrap_or(0),
+        )),
+        // A deleted latest version: writing a new version on top of it is the fix.
+        Err(VaultError::ScopeDeleted { version, .. }) => Ok((Map::new(), version)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies `edit` to the scope's entries and writes them with check-and-set, retrying lost
+/// races. `edit` returns false when there is nothing to write. Returns the new version.
+async fn update(
+    kv: &Kv<'_>,
+    scope: Scope,
+    path: &str,
+    mut edit: impl FnMut(&mut Map<String, Value>) -> Result<bool, CliError>,
+) -> Result<Option<u64>, CliError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (mut entries, version) = read_raw(kv, scope, path).await?;
+        if !edit(&mut entries)? {
+            return Ok(None);
+        }
+        let size: usize = entries
+            .iter()
+            .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+            .sum();
+        if size > MAX_SECRET_BYTES {
+            return Err(CliError::Usage(format!(
+                "the scope would hold {size} bytes, over the 1 MiB limit of a Kubernetes Secret"
+            )));
+        }
+        let result = with_timeout(
+            kv.timeout,
+            kv.address,
+            vaultrs::kv2::set_with_options(
+                kv.client,
+                kv.mount,
+                path,
+                &entries,
+                SetSecretRequestOptions {
+                    cas: version as u32,
+                },
+            ),
+        )
+        .await?;
+        match result {
+            Ok(meta) => return Ok(Some(meta.version)),
+            // Someone wrote in between: read their version and apply the edit again.
+            Err(e)
+                if status_code(&e) == Some(400)
+                    && crate::vault::kv::vault_messages(&e).contains("check-and-set") =>
+            {
+                continue;
+            }
+            Err(e) => {
+                return Err(match read_error(kv.address, kv.mount, kv.method, path, e) {
+                    VaultError::PermissionDenied { mount, path, .. } => {
+                        CliError::Vault(VaultError::AuthFailed {
+                            method: "token",
+                            detail: format!(
+                                "Vault denied writing {mount}/data/{path} (403): the token's policy needs `create` and `update` on \"{mount}/data/{path}\""
+                            ),
+                        })
+                    }
+                    other => other.into(),
+                });
+            }
+        }
+    }
+    Err(CliError::Vault(VaultError::Unavailable {
+        address: kv.address.to_string(),
+        detail: format!(
+            "gave up after {CAS_ATTEMPTS} check-and-set conflicts on {path}; try again"
+        ),
+    }))
+}
+
+fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<String, CliError> {
+    if let Some(v) = value {
+        return Ok(v);
+    }
+    if let Some(f) = file {
+        return std::fs::read_to_string(&f).map_err(|e| {
+            CliError::Usage(format!("failed to read --value-file {}: {e}", f.display()))
+        });
+    }
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Err(CliError::Usage(
+            "no value: give -v VALUE, --value-file PATH, or pipe the value on stdin".into(),
+        ));
+    }
+    let mut buf = String::new();
+    stdin
+        .read_to_string(&mut buf)
+        .map_err(|e| CliError::Usage(format!("failed to read the value from stdin: {e}")))?;
+    // `echo value |` adds one newline that is not part of the value.
+    if buf.ends_with('\n') {
+        buf.pop();
+        if buf.ends_with('\r') {
+            buf.pop();
+        }
+    }
+    Ok(buf)
+}
+
+/// Runs one `secret` command, printing to stdout.
+pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> {
+    // Validate everything before talking to Vault: bad input changes nothing.
+    let (scope_args, key) = match &cmd {
+        SecretCommand::Set { scope, key, .. }
+        | SecretCommand::Rm { scope, key }
+        | SecretCommand::Unset { scope, key }
+        | SecretCommand::Get { scope, key } => (scope, Some(key.clone())),
+        SecretCommand::List { scope, .. } => (scope, None),
+    };
+    let (scope, path) = scope_args.scope_path()?;
+    if let Some(k) = &key {
+        check_key(k)?;
+    }
+    let at = format!("{} ({})", scope.as_str(), scope_args.describe());
+    let address = vault.address();
+    let client = vault.client()?;
+    let kv = kv(&client, vault, &address);
+    match cmd {
+        SecretCommand::Set {
+            key,
+            value,
+            value_file,
+            ..
+        } => {
+            let value = read_value(value, value_file)?;
+            if value.len() > MAX_SECRET_BYTES {
+                return Err(CliError::Usage(format!(
+                    "the value is {} bytes, over the 1 MiB limit of a Kubernetes Secret",
+                    value.len()
+                )));
+            }
+            let version = update(&kv, scope, &path, |e| {
+                e.insert(key.clone(), Value::String(value.clone()));
+                Ok(true)
+            })
+            .await?;
+            println!("Set {key} at {at}, version {}", version.unwrap_or_default());
+        }
+        SecretCommand::Rm { key, .. } => {
+            let version = update(&kv, scope, &path, |e| Ok(e.remove(&key).is_some())).await?;
+            match version {
+                Some(v) => println!("Removed {key} from {at}, version {v}"),
+                None => {
+                    return Err(CliError::Usage(format!(
+                        "{key} is not set at {at}; nothing removed"
+                    )));
+                }
+            }
+        }
+        SecretCommand::Unset { key, .. } => {
+            let version = update(&kv, scope, &path, |e| {
+                Ok(e.insert(key.clone(), Value::Null) != Some(Value::Null))
+            })
+            .await?;
+            match version {
+                Some(v) => println!(
+                    "Unset {key} at {at} (tombstone: inherited values are hidden here), version {v}"
+                ),
+                None => println!("{key} is already unset at {at}"),
+            }
+        }
+        SecretCommand::List { show_values, .. } => {
+            let (entries, version) = read_raw(&kv, scope, &path).await?;
+            if entries.is_empty() {
+                eprintln!("nothing is set at {at} ({}/{path})", vault.mount);
+                return Ok(());
+            }
+            let width = entries.keys().map(String::len).max().unwrap_or(3).max(3);
+            println!("{:width$}  VALUE", "KEY");
+            for (k, v) in &entries {
+                let shown = match v {
+                    Value::Null => "<unset>".to_string(),
+                    Value::String(s) if show_values => s.clone(),
+                    _ => "****".to_string(),
+                };
+                println!("{k:width$}  {shown}");
+            }
+            eprintln!("{at}: {}/{path} version {version}", vault.mount);
+        }
+        SecretCommand::Get { key, .. } => {
+            let (entries, _) = read_raw(&kv, scope, &path).await?;
+            match entries.get(&key) {
+                Some(Value::String(s)) => println!("{s}"),
+                Some(_) => {
+                    return Err(CliError::Usage(format!(
+                        "{key} is unset (a tombstone) at {at}"
+                    )));
+                }
+                None => return Err(CliError::Usage(format!("{key} is not set at {at}"))),
+            }
+        }
+    }
+    Ok(())
+}

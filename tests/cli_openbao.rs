@@ -1,0 +1,441 @@
+//! The `secret` and `resolve` commands, run as the built binary against a real OpenBao.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{Value, json};
+use support::openbao::OpenBao;
+
+const CANARY: &str = "canary-cli-4b7e1d";
+
+fn cli(bao: &OpenBao, token: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+        .args(args)
+        .env("VAULT_ADDR", bao.addr())
+        .env("VAULT_TOKEN", token)
+        .env_remove("BAO_ADDR")
+        .env_remove("BAO_TOKEN")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run scoped-secrets");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn resolve_json(bao: &OpenBao, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["resolve", "-o", "json", "--show-values"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(&cli(bao, bao.root_token(), &all, None))).unwrap()
+}
+
+fn row<'a>(rows: &'a [Value], key: &str) -> Option<&'a Value> {
+    rows.iter().find(|r| r["key"] == key)
+}
+
+#[tokio::test]
+async fn set_at_every_scope_resolves_with_precedence_and_sources() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    for (flags, value) in [
+        (vec!["-p", "shop"], "project"),
+        (vec!["-p", "shop", "-s", "api"], "service"),
+        (vec!["-p", "shop", "-e", "dev"], "environment"),
+        (
+            vec!["-p", "shop", "-e", "dev", "-s", "api"],
+            "environment-service",
+        ),
+    ] {
+        let mut args = vec!["secret", "set", "-k", "FOO", "-v", value];
+        args.extend(flags.iter());
+        let out = ok(&cli(&bao, &root, &args, None));
+        assert!(out.starts_with(&format!("Set FOO at {value} (")), "{out}");
+    }
+    let rows = resolve_json(&bao, &["-p", "shop", "-e", "dev", "-s", "api"]);
+    assert_eq!(
+        row(&rows, "FOO").unwrap(),
+        &json!({"key": "FOO", "value": "environment-service", "scope": "environment-service",
+                "path": "shop/envs/dev/services/api", "version": 1})
+    );
+    assert_eq!(
+        row(
+            &resolve_json(&bao, &["-p", "shop", "-e", "dev", "-s", "web"]),
+            "FOO"
+        )
+        .unwrap()["value"],
+        "environment"
+    );
+    assert_eq!(
+        row(&resolve_json(&bao, &["-p", "shop", "-s", "api"]), "FOO").unwrap()["value"],
+        "service"
+    );
+    assert_eq!(
+        row(&resolve_json(&bao, &["-p", "shop"]), "FOO").unwrap()["value"],
+        "project"
+    );
+    let yaml = ok(&cli(
+        &bao,
+        &root,
+        &["resolve", "-p", "shop", "-o", "yaml"],
+        None,
+    ));
+    assert!(
+        yaml.contains("key: FOO") && yaml.contains("scope: project") && !yaml.contains("value:"),
+        "{yaml}"
+    );
+}
+
+#[tokio::test]
+async fn rm_shows_the_inherited_value_again_and_unset_hides_it() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret",
+            "set",
+            "-p",
+            "shop",
+            "-k",
+            "FOO",
+            "-v",
+            "inherited",
+        ],
+        None,
+    ));
+    ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret", "set", "-p", "shop", "-e", "dev", "-k", "FOO", "-v", "mine",
+        ],
+        None,
+    ));
+    ok(&cli(
+        &bao,
+        &root,
+        &["secret", "rm", "-p", "shop", "-e", "dev", "-k", "FOO"],
+        None,
+    ));
+    assert_eq!(
+        row(&resolve_json(&bao, &["-p", "shop", "-e", "dev"]), "FOO").unwrap()["value"],
+        "inherited"
+    );
+    ok(&cli(
+        &bao,
+        &root,
+        &["secret", "unset", "-p", "shop", "-e", "dev", "-k", "FOO"],
+        None,
+    ));
+    assert!(row(&resolve_json(&bao, &["-p", "shop", "-e", "dev"]), "FOO").is_none());
+    assert_eq!(
+        bao.kv_get("shop/envs/dev").await["FOO"],
+        Value::Null,
+        "a tombstone is a JSON null"
+    );
+    let explain = ok(&cli(
+        &bao,
+        &root,
+        &["resolve", "-p", "shop", "-e", "dev", "--explain", "FOO"],
+        None,
+    ));
+    assert!(
+        explain.contains("<unset") && explain.contains("FOO is not in the result"),
+        "{explain}"
+    );
+    let out = cli(
+        &bao,
+        &root,
+        &["secret", "rm", "-p", "shop", "-e", "dev", "-k", "NOPE"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn concurrent_writers_to_one_scope_lose_nothing() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    let addr = bao.addr();
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            let (addr, root) = (addr.clone(), root.clone());
+            std::thread::spawn(move || {
+                Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+                    .args([
+                        "secret",
+                        "set",
+                        "-p",
+                        "shop",
+                        "-e",
+                        "dev",
+                        "-k",
+                        &format!("K{i}"),
+                        "-v",
+                        "x",
+                    ])
+                    .env("VAULT_ADDR", addr)
+                    .env("VAULT_TOKEN", root)
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        ok(&h.join().unwrap());
+    }
+    let data = bao.kv_get("shop/envs/dev").await;
+    for i in 0..10 {
+        assert_eq!(data[format!("K{i}")], "x", "K{i} was lost: {data}");
+    }
+}
+
+#[tokio::test]
+async fn values_from_stdin_and_files_and_interop_with_the_bao_cli() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    ok(&cli(
+        &bao,
+        &root,
+        &["secret", "set", "-p", "shop", "-k", "PIPED"],
+        Some("from stdin\n"),
+    ));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), "from file").unwrap();
+    ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret",
+            "set",
+            "-p",
+            "shop",
+            "-k",
+            "FILED",
+            "--value-file",
+            file.path().to_str().unwrap(),
+        ],
+        None,
+    ));
+    // Written by us, read by `bao kv get`.
+    let out = Command::new(bao.bin())
+        .args(["kv", "get", "-format=json", "-mount=secret", "shop"])
+        .env("BAO_ADDR", bao.addr())
+        .env("BAO_TOKEN", &root)
+        .output()
+        .unwrap();
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        got["data"]["data"],
+        json!({"PIPED": "from stdin", "FILED": "from file"})
+    );
+    // Written by `bao kv put`, read by us.
+    let put = Command::new(bao.bin())
+        .args([
+            "kv",
+            "put",
+            "-mount=secret",
+            "shop/envs/dev",
+            "FROM_BAO=yes",
+        ])
+        .env("BAO_ADDR", bao.addr())
+        .env("BAO_TOKEN", &root)
+        .output()
+        .unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let env = ok(&cli(
+        &bao,
+        &root,
+        &["resolve", "-p", "shop", "-e", "dev", "-o", "env"],
+        None,
+    ));
+    assert_eq!(
+        env,
+        "FILED=\"from file\"\nFROM_BAO=yes\nPIPED=\"from stdin\"\n"
+    );
+    let example = ok(&cli(
+        &bao,
+        &root,
+        &[
+            "resolve",
+            "-p",
+            "shop",
+            "-e",
+            "dev",
+            "-o",
+            "env",
+            "--keys-only",
+        ],
+        None,
+    ));
+    assert_eq!(example, "FILED=\nFROM_BAO=\nPIPED=\n");
+}
+
+#[tokio::test]
+async fn bad_input_exits_1_and_changes_nothing() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    ok(&cli(
+        &bao,
+        &root,
+        &["secret", "set", "-p", "shop", "-k", "KEEP", "-v", "1"],
+        None,
+    ));
+    let before = bao.kv_get("shop").await;
+    let big = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(big.path(), "x".repeat(1024 * 1024 + 1)).unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["secret", "set", "-p", "a/b", "-k", "X", "-v", "1"],
+        vec![
+            "secret", "set", "-p", "shop", "-e", "..", "-k", "X", "-v", "1",
+        ],
+        vec!["secret", "set", "-p", "", "-k", "X", "-v", "1"],
+        vec!["secret", "set", "-p", "sh\u{7}op", "-k", "X", "-v", "1"],
+        vec!["secret", "set", "-p", "shop", "-k", "bad key", "-v", "1"],
+        vec![
+            "secret",
+            "set",
+            "-p",
+            "shop",
+            "-k",
+            "X",
+            "--value-file",
+            big.path().to_str().unwrap(),
+        ],
+        vec!["secret", "set", "-p", "shop"],
+        vec!["secret", "frobnicate"],
+    ];
+    for args in cases {
+        let out = cli(&bao, &root, &args, None);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("error"), "{args:?}: {}", text(&out));
+    }
+    assert_eq!(bao.kv_get("shop").await, before);
+}
+
+#[tokio::test]
+async fn vault_errors_exit_2_and_name_what_to_fix() {
+    let bao = OpenBao::start().await;
+    bao.write_policy(
+        "other",
+        r#"path "secret/data/other" { capabilities = ["read"] }"#,
+    )
+    .await;
+    let weak = bao.token_with_policies(&["other"]).await;
+    let out = cli(&bao, &weak, &["resolve", "-p", "shop"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("secret/data/shop"), "{}", text(&out));
+    let out = cli(
+        &bao,
+        &weak,
+        &["secret", "set", "-p", "other", "-k", "A", "-v", "1"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("create") && text(&out).contains("secret/data/other"),
+        "{}",
+        text(&out)
+    );
+    bao.stop();
+    let out = cli(
+        &bao,
+        bao.root_token(),
+        &["secret", "list", "-p", "shop"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("failed to reach Vault"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test]
+async fn values_are_never_printed_without_show_values() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    ok(&cli(
+        &bao,
+        &root,
+        &["secret", "set", "-p", "shop", "-k", "SECRET", "-v", CANARY],
+        None,
+    ));
+    for args in [
+        vec!["resolve", "-p", "shop"],
+        vec!["resolve", "-p", "shop", "-o", "json"],
+        vec!["resolve", "-p", "shop", "-o", "yaml"],
+        vec!["resolve", "-p", "shop", "--explain", "SECRET"],
+        vec!["secret", "list", "-p", "shop"],
+        vec!["secret", "set", "-p", "shop", "-k", "OTHER", "-v", CANARY],
+    ] {
+        let out = cli(&bao, &root, &args, None);
+        assert!(!text(&out).contains(CANARY), "{args:?} printed the value");
+    }
+    let shown = ok(&cli(
+        &bao,
+        &root,
+        &["resolve", "-p", "shop", "--show-values"],
+        None,
+    ));
+    assert!(shown.contains(CANARY));
+    assert_eq!(
+        ok(&cli(
+            &bao,
+            &root,
+            &["secret", "get", "-p", "shop", "-k", "SECRET"],
+            None
+        )),
+        format!("{CANARY}\n")
+    );
+}
+
+#[test]
+fn completions_are_printed_for_bash() {
+    let out = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("scoped-secrets"));
+}
