@@ -242,16 +242,30 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
     exp.min(max).mul_f64(jitter(0.8, 1.2))
 }
 
-/// Requeue after a failed reconcile. Never `await_change` alone: a Vault outage ends without
-/// any change to the object, and it must recover by itself.
+/// Delay before retrying a failed reconcile: permanent errors every `backoff_max`; transient
+/// ones exponentially from `backoff_base`, never longer than the object's refresh interval —
+/// it would have read Vault again by then anyway, so an outage ends for it soon after Vault is
+/// back.
+pub fn retry_delay(attempt: u32, permanent: bool, refresh: Duration, config: &Config) -> Duration {
+    if permanent {
+        return config.backoff_max;
+    }
+    let cap = config.backoff_max.min(refresh.max(config.backoff_base));
+    backoff_delay(attempt, config.backoff_base, cap)
+}
+
+/// Requeue after a failed reconcile (see [`retry_delay`]). Never `await_change`: a Vault outage
+/// ends without any change to the object, and it must recover by itself.
 pub fn error_policy(ss: Arc<ScopedSecret>, err: &Error, ctx: Arc<Context>) -> Action {
     let obj = ObjectRef::from_obj(ss.as_ref());
     let attempt = ctx.record_failure(&obj);
-    let delay = if err.is_permanent() {
-        ctx.config.backoff_max
-    } else {
-        backoff_delay(attempt, ctx.config.backoff_base, ctx.config.backoff_max)
-    };
+    let refresh = ss
+        .spec
+        .refresh_interval
+        .as_deref()
+        .and_then(|r| validate::parse_duration("spec.refreshInterval", r).ok())
+        .unwrap_or(validate::DEFAULT_REFRESH);
+    let delay = retry_delay(attempt, err.is_permanent(), refresh, &ctx.config);
     tracing::warn!(
         namespace = ss.namespace().as_deref().unwrap_or_default(),
         name = %ss.name_any(),
@@ -505,6 +519,19 @@ mod tests {
                 .iter()
                 .all(|d| *d >= Duration::from_secs(54) && *d <= refresh)
         );
+    }
+
+    #[test]
+    fn transient_retries_never_wait_longer_than_the_refresh_interval() {
+        let config = Config::default();
+        let minute = Duration::from_secs(60);
+        for attempt in 1..30 {
+            assert!(retry_delay(attempt, false, minute, &config) <= minute.mul_f64(1.2));
+        }
+        assert!(retry_delay(1, false, minute, &config) <= Duration::from_secs(6));
+        let hour = Duration::from_secs(3600);
+        assert!(retry_delay(20, false, hour, &config) <= config.backoff_max.mul_f64(1.2));
+        assert_eq!(retry_delay(1, true, minute, &config), config.backoff_max);
     }
 
     #[test]
