@@ -439,3 +439,100 @@ fn completions_are_printed_for_bash() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("scoped-secrets"));
 }
+
+#[tokio::test]
+async fn owner_and_expiry_are_kept_as_custom_metadata_and_listed() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret",
+            "set",
+            "-p",
+            "shop",
+            "-k",
+            "API_KEY",
+            "-v",
+            "k",
+            "--owner",
+            "alice",
+            "--expires",
+            "2027-01-31T00:00:00Z",
+        ],
+        None,
+    ));
+    ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret",
+            "set",
+            "-p",
+            "shop",
+            "-k",
+            "OTHER",
+            "-v",
+            "o",
+            "--expires",
+            "90d",
+        ],
+        None,
+    ));
+    let list = ok(&cli(&bao, &root, &["secret", "list", "-p", "shop"], None));
+    let api_line = list.lines().find(|l| l.starts_with("API_KEY")).unwrap();
+    assert!(
+        api_line.contains("alice") && api_line.contains("2027-01-31T00:00:00Z"),
+        "{list}"
+    );
+    let other_line = list.lines().find(|l| l.starts_with("OTHER")).unwrap();
+    assert!(
+        other_line.contains("20"),
+        "an absolute expiry is stored: {list}"
+    );
+    let (status, meta) = bao
+        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(meta["data"]["custom_metadata"]["owner.API_KEY"], "alice");
+    // Removing the key removes its owner and expiry.
+    ok(&cli(
+        &bao,
+        &root,
+        &["secret", "rm", "-p", "shop", "-k", "API_KEY"],
+        None,
+    ));
+    let (_, meta) = bao
+        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
+        .await
+        .unwrap();
+    assert!(
+        meta["data"]["custom_metadata"]
+            .get("owner.API_KEY")
+            .is_none(),
+        "{meta}"
+    );
+    // A bad expiry is refused before anything is written.
+    let before = bao.kv_get("shop").await;
+    let out = cli(
+        &bao,
+        &root,
+        &[
+            "secret",
+            "set",
+            "-p",
+            "shop",
+            "-k",
+            "X",
+            "-v",
+            "1",
+            "--expires",
+            "soon",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(bao.kv_get("shop").await, before);
+}

@@ -1,5 +1,9 @@
 //! `scoped-secrets secret set|rm|unset|list|get`: values at exactly one scope.
 //!
+//! Owner and expiry of a key live in the scope's KV v2 custom metadata as `owner.<KEY>` and
+//! `expires.<KEY>` (RFC 3339), so they survive new versions and are visible to `bao kv metadata
+//! get`.
+//!
 //! Writes replace the scope's whole KV v2 secret with check-and-set on the version read, and
 //! read again and retry when someone else wrote in between — two people editing one scope never
 //! lose each other's write.
@@ -36,6 +40,13 @@ pub enum SecretCommand {
         /// Read the value from this file.
         #[arg(long)]
         value_file: Option<PathBuf>,
+        /// Who owns the value (stored as KV v2 custom metadata `owner.<KEY>`).
+        #[arg(long)]
+        owner: Option<String>,
+        /// When the value expires: an RFC 3339 time or a duration from now (`90d`, `12h`),
+        /// stored as KV v2 custom metadata `expires.<KEY>`.
+        #[arg(long)]
+        expires: Option<String>,
     },
     /// Remove KEY from this scope: an inherited value shows again.
     Rm {
@@ -176,6 +187,93 @@ async fn update(
     }))
 }
 
+/// `--expires`: an RFC 3339 time, or a duration from now in days, hours or minutes.
+pub fn parse_expiry(v: &str) -> Result<String, CliError> {
+    if let Ok(t) = v.parse::<jiff::Timestamp>() {
+        return Ok(t.to_string());
+    }
+    let bad = || {
+        CliError::Usage(format!(
+            "--expires {v:?} is neither an RFC 3339 time (2027-01-31T00:00:00Z) nor a duration like 90d, 12h or 30m"
+        ))
+    };
+    let (n, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "d" => n * 86_400,
+        "h" => n * 3_600,
+        "m" => n * 60,
+        _ => return Err(bad()),
+    };
+    let at = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .map_err(|_| bad())?;
+    Ok(jiff::Timestamp::from_second(at.as_second())
+        .map_err(|_| bad())?
+        .to_string())
+}
+
+/// The scope's KV v2 custom metadata (owner and expiry per key); empty when there is none.
+async fn custom_metadata(
+    kv: &Kv<'_>,
+    path: &str,
+) -> Result<std::collections::HashMap<String, String>, CliError> {
+    match with_timeout(
+        kv.timeout,
+        kv.address,
+        vaultrs::kv2::read_metadata(kv.client, kv.mount, path),
+    )
+    .await?
+    {
+        Ok(meta) => Ok(meta.custom_metadata.unwrap_or_default()),
+        Err(e) if status_code(&e) == Some(404) => Ok(Default::default()),
+        Err(e) => Err(read_error(kv.address, kv.mount, kv.method, path, e).into()),
+    }
+}
+
+async fn write_custom_metadata(
+    kv: &Kv<'_>,
+    path: &str,
+    meta: std::collections::HashMap<String, String>,
+) -> Result<(), CliError> {
+    let mut req = vaultrs::api::kv2::requests::SetSecretMetadataRequest::builder();
+    req.custom_metadata(meta);
+    with_timeout(
+        kv.timeout,
+        kv.address,
+        vaultrs::kv2::set_metadata(kv.client, kv.mount, path, Some(&mut req)),
+    )
+    .await?
+    .map_err(|e| read_error(kv.address, kv.mount, kv.method, path, e).into())
+}
+
+async fn set_key_metadata(
+    kv: &Kv<'_>,
+    path: &str,
+    key: &str,
+    owner: Option<&str>,
+    expires: Option<&str>,
+) -> Result<(), CliError> {
+    let mut meta = custom_metadata(kv, path).await?;
+    if let Some(o) = owner {
+        meta.insert(format!("owner.{key}"), o.to_string());
+    }
+    if let Some(e) = expires {
+        meta.insert(format!("expires.{key}"), e.to_string());
+    }
+    write_custom_metadata(kv, path, meta).await
+}
+
+async fn drop_key_metadata(kv: &Kv<'_>, path: &str, key: &str) -> Result<(), CliError> {
+    let mut meta = custom_metadata(kv, path).await?;
+    let before = meta.len();
+    meta.retain(|k, _| k != &format!("owner.{key}") && k != &format!("expires.{key}"));
+    if meta.len() == before {
+        return Ok(());
+    }
+    write_custom_metadata(kv, path, meta).await
+}
+
 fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<String, CliError> {
     if let Some(v) = value {
         return Ok(v);
@@ -228,8 +326,11 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
             key,
             value,
             value_file,
+            owner,
+            expires,
             ..
         } => {
+            let expires = expires.as_deref().map(parse_expiry).transpose()?;
             let value = read_value(value, value_file)?;
             if value.len() > MAX_SECRET_BYTES {
                 return Err(CliError::Usage(format!(
@@ -242,12 +343,18 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 Ok(true)
             })
             .await?;
+            if owner.is_some() || expires.is_some() {
+                set_key_metadata(&kv, &path, &key, owner.as_deref(), expires.as_deref()).await?;
+            }
             println!("Set {key} at {at}, version {}", version.unwrap_or_default());
         }
         SecretCommand::Rm { key, .. } => {
             let version = update(&kv, scope, &path, |e| Ok(e.remove(&key).is_some())).await?;
             match version {
-                Some(v) => println!("Removed {key} from {at}, version {v}"),
+                Some(v) => {
+                    drop_key_metadata(&kv, &path, &key).await?;
+                    println!("Removed {key} from {at}, version {v}")
+                }
                 None => {
                     return Err(CliError::Usage(format!(
                         "{key} is not set at {at}; nothing removed"
@@ -273,15 +380,24 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 eprintln!("nothing is set at {at} ({}/{path})", vault.mount);
                 return Ok(());
             }
+            let meta = custom_metadata(&kv, &path).await?;
             let width = entries.keys().map(String::len).max().unwrap_or(3).max(3);
-            println!("{:width$}  VALUE", "KEY");
-            for (k, v) in &entries {
-                let shown = match v {
+            let shown: Vec<String> = entries
+                .values()
+                .map(|v| match v {
                     Value::Null => "<unset>".to_string(),
                     Value::String(s) if show_values => s.clone(),
                     _ => "****".to_string(),
-                };
-                println!("{k:width$}  {shown}");
+                })
+                .collect();
+            let vw = shown.iter().map(String::len).max().unwrap_or(5).max(5);
+            println!("{:width$}  {:vw$}  {:12}  EXPIRES", "KEY", "VALUE", "OWNER");
+            for ((k, _), v) in entries.iter().zip(shown) {
+                let owner = meta.get(&format!("owner.{k}")).map_or("-", String::as_str);
+                let expires = meta
+                    .get(&format!("expires.{k}"))
+                    .map_or("-", String::as_str);
+                println!("{k:width$}  {v:vw$}  {owner:12}  {expires}");
             }
             eprintln!("{at}: {}/{path} version {version}", vault.mount);
         }
@@ -299,4 +415,23 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_takes_rfc3339_times_and_durations_from_now() {
+        assert_eq!(
+            parse_expiry("2027-01-31T00:00:00Z").unwrap(),
+            "2027-01-31T00:00:00Z"
+        );
+        let in_90_days: jiff::Timestamp = parse_expiry("90d").unwrap().parse().unwrap();
+        let delta = in_90_days.as_second() - jiff::Timestamp::now().as_second();
+        assert!((90 * 86_400 - 5..=90 * 86_400).contains(&delta), "{delta}");
+        for bad in ["soon", "90", "d", "12w", "-1d", ""] {
+            assert!(parse_expiry(bad).is_err(), "{bad:?}");
+        }
+    }
 }
