@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod render;
 pub mod resolve;
 pub mod rollout;
+pub mod rotation;
 pub mod scope;
 pub mod telemetry;
 pub mod vault;

@@ -1027,3 +1027,111 @@ async fn a_reconcile_that_still_sees_the_old_status_does_not_handle_the_change_t
             .any(|r| r.result == "Restarted")
     );
 }
+
+fn ago(secs: i64) -> jiff::Timestamp {
+    jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs)
+}
+
+fn rotating(as_: Option<&str>, overlap: &str) -> Value {
+    let mut rule = json!({"key": "API_KEY", "overlap": overlap});
+    if let Some(a) = as_ {
+        rule["as"] = json!(a);
+    }
+    json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "rotation": [rule]})
+}
+
+#[tokio::test]
+async fn a_rotated_key_keeps_its_previous_value_for_the_overlap_window() {
+    let path = "shop/envs/dev/services/api";
+    let w = world();
+    // The world's version 1 of this path; then two rotations.
+    w.vault.put_at(path, &[("API_KEY", Some("old"))], ago(7200));
+    w.vault.put_at(path, &[("API_KEY", Some("new"))], ago(600));
+    w.add(scoped_secret(
+        "api",
+        "shop-dev",
+        rotating(Some("API_KEYS"), "24h"),
+    ));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let d = data(&w.secret("shop-dev", "api").unwrap());
+    assert_eq!(d["API_KEY"], "new");
+    assert_eq!(
+        d["API_KEYS"], "new,old",
+        "new first while the window is open"
+    );
+
+    w.add(scoped_secret(
+        "web",
+        "shop-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api",
+        "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": "24h"}]}),
+    ));
+    w.reconcile("shop-dev", "web").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"],
+        "old"
+    );
+}
+
+#[tokio::test]
+async fn the_window_starts_when_the_value_changed_and_closes_after_the_overlap() {
+    let path = "shop/envs/dev/services/api";
+    let w = world();
+    w.vault
+        .put_at(path, &[("API_KEY", Some("old"))], ago(10 * 3600));
+    w.vault
+        .put_at(path, &[("API_KEY", Some("new"))], ago(2 * 3600));
+    // A later version that changed another key does not restart the window.
+    w.vault.put_at(
+        path,
+        &[("API_KEY", Some("new")), ("OTHER", Some("x"))],
+        ago(60),
+    );
+    w.add(scoped_secret(
+        "api",
+        "shop-dev",
+        rotating(Some("API_KEYS"), "1h"),
+    ));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["API_KEYS"],
+        "new",
+        "closed: 2h since the change, 1h overlap"
+    );
+    w.add(scoped_secret(
+        "web",
+        "shop-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api",
+        "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": "3h"}]}),
+    ));
+    w.reconcile("shop-dev", "web").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"],
+        "old",
+        "open: 3h overlap"
+    );
+}
+
+#[tokio::test]
+async fn a_destroyed_previous_version_leaves_the_secret_at_once() {
+    let path = "shop/envs/dev/services/api";
+    let w = world();
+    let leaked = w
+        .vault
+        .put_at(path, &[("API_KEY", Some("leaked"))], ago(600));
+    w.vault.put_at(path, &[("API_KEY", Some("fresh"))], ago(60));
+    w.add(scoped_secret("api", "shop-dev", rotating(None, "24h")));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["API_KEY_PREVIOUS"],
+        "leaked"
+    );
+    w.vault.destroy(path, leaked);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let d = data(&w.secret("shop-dev", "api").unwrap());
+    assert!(
+        !d.contains_key("API_KEY_PREVIOUS"),
+        "a revoked value must leave at once"
+    );
+    assert_eq!(d["API_KEY"], "fresh");
+}

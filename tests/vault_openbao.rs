@@ -578,3 +578,25 @@ async fn a_vault_answering_5xx_is_unavailable_and_names_the_status() {
     assert!(matches!(err, VaultError::Unavailable { .. }), "{err:?}");
     assert!(err.to_string().contains("upstream unavailable"), "{err}");
 }
+
+#[tokio::test]
+async fn old_versions_are_read_with_their_time_and_deleted_ones_are_marked() {
+    let bao = OpenBao::start().await;
+    bao.kv_put("shop", json!({"K": "v1"})).await;
+    bao.kv_put("shop", json!({"K": "v2"})).await;
+    bao.kv_delete_versions("shop", &[1]).await;
+    let reader = VaultReader::new(fake_with_token(bao.root_token()).client());
+    let s = store(&bao.addr(), token_plan());
+    let v2 = reader.read_version(&s, "shop", 2).await.unwrap().unwrap();
+    let entries = v2.entries.unwrap();
+    assert!(matches!(entries.get("K"), Some(Entry::Value(v)) if v.expose() == "v2"));
+    let age = jiff::Timestamp::now().as_second() - v2.created.as_second();
+    assert!(
+        (0..60).contains(&age),
+        "created_time parsed: {}",
+        v2.created
+    );
+    let v1 = reader.read_version(&s, "shop", 1).await.unwrap().unwrap();
+    assert!(v1.entries.is_none(), "a deleted version has no entries");
+    assert!(reader.read_version(&s, "shop", 9).await.unwrap().is_none());
+}

@@ -79,8 +79,10 @@ pub struct ScopedSecretSpec {
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub refresh_interval: Option<String>,
 
-    /// Per-key rotation overlap windows. Accepted and validated, but NOT acted on by this
-    /// version of the operator: rotation windows arrive with a later release.
+    /// Per-key rotation overlap windows: after a key changes, its previous value (from the
+    /// latest earlier KV v2 version of its winning scope where it differed) stays in the
+    /// Secret for `overlap` from the time of the version that changed it — under `as` joined
+    /// as `new,old`, or as `<KEY>_PREVIOUS`. A destroyed previous version leaves at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rotation: Vec<Rotation>,
 

@@ -25,6 +25,7 @@ use crate::api::v1alpha1::{
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::{self, Resolved};
 use crate::rollout;
+use crate::rotation;
 use crate::vault::{Identity, StoreHandle};
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
@@ -42,6 +43,8 @@ struct Synced {
     refresh: Duration,
     /// What the change did about restarts, when the content changed from a previous one.
     rollouts: Option<rollout::apply::Report>,
+    /// When the first open rotation window closes.
+    rotation_ends: Option<jiff::Timestamp>,
 }
 
 /// Reconciles one ScopedSecret.
@@ -74,10 +77,13 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
             ctx.metrics.reconciled("success", started.elapsed());
             let first_since_start = ctx.seen_once(&obj);
             ctx.record_success(&obj);
-            Ok(Action::requeue(refresh_delay(
-                done.refresh,
-                first_since_start,
-            )))
+            let mut delay = refresh_delay(done.refresh, first_since_start);
+            // The old value leaves the Secret right when its window closes.
+            if let Some(ends) = done.rotation_ends {
+                let until = ends.as_second() - jiff::Timestamp::now().as_second() + 1;
+                delay = delay.min(Duration::from_secs(until.max(1) as u64));
+            }
+            Ok(Action::requeue(delay))
         }
         Err(err) => {
             let outcome = Outcome::Failed {
@@ -171,8 +177,9 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     let layers = ctx.source.read_scopes(&handle, &paths, max_age).await?;
 
     // resolve (pure)
-    let resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
+    let mut resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
         .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    let rotation_ends = apply_rotation(ss, ctx, &handle, &mut resolved).await?;
     if resolved.is_empty() && !ss.spec.allow_empty {
         return Err(Error::EmptyResult {
             coordinates: request.coordinates.to_string(),
@@ -291,7 +298,64 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         changed_keys,
         refresh: request.refresh,
         rollouts,
+        rotation_ends,
     })
+}
+
+/// Adds the keys of `spec.rotation`: `as` = `new,old` while a key's overlap window is open,
+/// or `<KEY>_PREVIOUS`. Returns when the first open window ends, to refresh right then.
+async fn apply_rotation(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    store: &StoreHandle,
+    resolved: &mut Resolved,
+) -> Result<Option<jiff::Timestamp>, Error> {
+    let now = jiff::Timestamp::now();
+    let mut first_end: Option<jiff::Timestamp> = None;
+    for (i, rule) in ss.spec.rotation.iter().enumerate() {
+        let Some(current) = resolved.get(&rule.key).cloned() else {
+            continue;
+        };
+        let overlap =
+            validate::parse_duration(&format!("spec.rotation[{i}].overlap"), &rule.overlap)?;
+        let vault_key = current
+            .renamed_from
+            .clone()
+            .unwrap_or_else(|| rule.key.clone());
+        let window = rotation::window(
+            ctx.source.as_ref(),
+            store,
+            &vault_key,
+            &current,
+            overlap,
+            now,
+        )
+        .await?;
+        if let Some(w) = &window {
+            first_end = Some(first_end.map_or(w.ends, |e| e.min(w.ends)));
+        }
+        if let Some((key, value)) = rotation::rotated_entry(rule, &current.value, window.as_ref()) {
+            if resolved.contains_key(&key) {
+                return Err(Error::InvalidSpec(format!(
+                    "spec.rotation[{i}] writes {key:?}, which is already a resolved key; choose another `as`"
+                )));
+            }
+            if !resolve::is_valid_key(&key) {
+                return Err(Error::InvalidSpec(format!(
+                    "spec.rotation[{i}] writes {key:?}, not a valid Secret key"
+                )));
+            }
+            resolved.insert(
+                key,
+                resolve::ResolvedKey {
+                    value,
+                    source: current.source.clone(),
+                    renamed_from: None,
+                },
+            );
+        }
+    }
+    Ok(first_end)
 }
 
 /// Restarts the consumers of the Secret when its content changed from a previous content

@@ -21,7 +21,9 @@ use super::cache::{CacheKey, ReadCache};
 use super::kv::{
     Kv, build_client, status_code, unavailable_or_sealed, vault_messages, with_timeout,
 };
-use super::{AuthPlan, Identity, ScopeSource, SecretKeyLocation, StoreHandle, VaultError};
+use super::{
+    AuthPlan, Identity, ScopeSource, SecretKeyLocation, StoreHandle, VaultError, VersionData,
+};
 use crate::metrics::VaultMetrics;
 use crate::resolve::ScopeData;
 use crate::scope::ScopePath;
@@ -43,6 +45,8 @@ pub struct VaultReader {
     kube: kube::Client,
     sessions: Mutex<HashMap<Identity, SessionSlot>>,
     cache: ReadCache<ScopeData>,
+    /// Old versions never change: cached for an hour.
+    versions: ReadCache<Option<VersionData>>,
     metrics: VaultMetrics,
 }
 
@@ -57,6 +61,7 @@ impl VaultReader {
             kube,
             sessions: Mutex::new(HashMap::new()),
             cache: ReadCache::new(),
+            versions: ReadCache::new(),
             metrics,
         }
     }
@@ -279,6 +284,36 @@ impl VaultReader {
 }
 
 impl ScopeSource for VaultReader {
+    fn read_version<'a>(
+        &'a self,
+        store: &'a StoreHandle,
+        path: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>> {
+        Box::pin(async move {
+            let client = self.session(store).await?;
+            let key = CacheKey {
+                identity: store.identity.clone(),
+                mount: store.connection.kv.mount.clone(),
+                path: format!("{path}@{version}"),
+            };
+            self.versions
+                .get_or_fetch(key, Duration::from_secs(3600), || async {
+                    Kv {
+                        client: &client,
+                        address: &store.connection.address,
+                        mount: &store.connection.kv.mount,
+                        method: store.auth.method(),
+                        timeout: store.timeout,
+                        requests: Some(&self.metrics.requests),
+                    }
+                    .read_version(path, version)
+                    .await
+                })
+                .await
+        })
+    }
+
     fn read_scopes<'a>(
         &'a self,
         store: &'a StoreHandle,

@@ -14,7 +14,7 @@ use vaultrs::error::ClientError;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use super::VaultError;
+use super::{VaultError, VersionData};
 use crate::metrics::OutcomeLabel;
 use crate::resolve::{Entry, ScopeData, SecretValue};
 use crate::scope::ScopePath;
@@ -87,6 +87,48 @@ impl Kv<'_> {
                     &p.path,
                     e,
                 )),
+            },
+        }
+    }
+
+    /// One version of a path: `None` when it does not exist, entries `None` when it was
+    /// deleted or destroyed.
+    pub async fn read_version(
+        &self,
+        path: &str,
+        version: u64,
+    ) -> Result<Option<VersionData>, VaultError> {
+        let endpoint = ReadSecretRequest::builder()
+            .mount(self.mount)
+            .path(path)
+            .version(Some(version))
+            .build()
+            .expect("mount and path are set");
+        let result = with_timeout(
+            self.timeout,
+            self.address,
+            vaultrs::api::exec_with_result(self.client, endpoint),
+        )
+        .await;
+        self.count(&result);
+        let parse_time = |t: &str| {
+            t.parse::<jiff::Timestamp>()
+                .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+        };
+        match result? {
+            Ok(response) => Ok(Some(VersionData {
+                created: parse_time(&response.metadata.created_time),
+                entries: Some(parse_entries(response.data)),
+            })),
+            Err(e) => match status_code(&e) {
+                Some(404) => match deleted_version_created(&e) {
+                    Some(created) => Ok(Some(VersionData {
+                        entries: None,
+                        created: parse_time(&created),
+                    })),
+                    None => Ok(None),
+                },
+                _ => Err(read_error(self.address, self.mount, self.method, path, e)),
             },
         }
     }
@@ -170,6 +212,28 @@ fn deleted_version_in_404(e: &ClientError) -> Option<Option<(u64, &'static str)>
         }
         _ => None,
     }
+}
+
+/// The `created_time` in the body of a 404 for a deleted or destroyed version.
+fn deleted_version_created(e: &ClientError) -> Option<String> {
+    let ClientError::RestClientError {
+        source:
+            rustify::errors::ClientError::ServerResponseError {
+                code: 404,
+                content: Some(body),
+            },
+    } = e
+    else {
+        return None;
+    };
+    let body: Value = serde_json::from_str(body).ok()?;
+    Some(
+        body.get("data")?
+            .get("metadata")?
+            .get("created_time")?
+            .as_str()?
+            .to_string(),
+    )
 }
 
 /// KV data → entries: strings as they are, `null` as a tombstone, other JSON as its compact

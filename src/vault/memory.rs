@@ -1,5 +1,5 @@
-//! An in-memory [`ScopeSource`] for tests of the reconcile and for the benchmark: paths map to
-//! scope contents or to a forced error, and every read is counted.
+//! An in-memory [`ScopeSource`] for tests of the reconcile and for the benchmark: paths keep
+//! every version written, reads are counted, and every read can be made to fail.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,20 +8,34 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::{ScopeSource, StoreHandle, VaultError};
+use super::{ScopeSource, StoreHandle, VaultError, VersionData};
 use crate::resolve::{Entry, ScopeData, SecretValue};
 use crate::scope::ScopePath;
 
-/// One stored path: its latest version and its entries (`None` is a tombstone).
-type Stored = (u64, Vec<(String, Option<String>)>);
+/// One stored version: when it was written, and its entries (`None` values are tombstones;
+/// `None` entries a deleted version).
+type Version = (jiff::Timestamp, Option<Vec<(String, Option<String>)>>);
 
-/// Paths → their latest version; every read can instead be made to fail.
+/// Paths → their versions, oldest first.
 #[derive(Default)]
 pub struct MemorySource {
-    paths: Mutex<HashMap<String, Stored>>,
+    paths: Mutex<HashMap<String, Vec<Version>>>,
     failure: Mutex<Option<VaultError>>,
     reads: AtomicUsize,
     max_ages: Mutex<Vec<Duration>>,
+}
+
+fn to_entries(entries: &[(String, Option<String>)]) -> std::collections::BTreeMap<String, Entry> {
+    entries
+        .iter()
+        .map(|(k, v)| {
+            let entry = match v {
+                Some(v) => Entry::Value(SecretValue::new(v.clone())),
+                None => Entry::Tombstone,
+            };
+            (k.clone(), entry)
+        })
+        .collect()
 }
 
 impl MemorySource {
@@ -29,16 +43,39 @@ impl MemorySource {
         Self::default()
     }
 
-    /// Writes a new version of `path` (`None` values are tombstones); returns the version.
+    /// Writes a new version of `path` now (`None` values are tombstones); returns the version.
     pub fn put(&self, path: &str, entries: &[(&str, Option<&str>)]) -> u64 {
+        self.put_at(path, entries, jiff::Timestamp::now())
+    }
+
+    /// Writes a new version of `path` as if written at `created`.
+    pub fn put_at(
+        &self,
+        path: &str,
+        entries: &[(&str, Option<&str>)],
+        created: jiff::Timestamp,
+    ) -> u64 {
         let mut paths = self.paths.lock().unwrap();
-        let version = paths.get(path).map_or(0, |(v, _)| *v) + 1;
+        let versions = paths.entry(path.to_string()).or_default();
         let entries = entries
             .iter()
             .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
             .collect();
-        paths.insert(path.to_string(), (version, entries));
-        version
+        versions.push((created, Some(entries)));
+        versions.len() as u64
+    }
+
+    /// Destroys one version of `path` (as a revocation does).
+    pub fn destroy(&self, path: &str, version: u64) {
+        if let Some(v) = self
+            .paths
+            .lock()
+            .unwrap()
+            .get_mut(path)
+            .and_then(|v| v.get_mut(version as usize - 1))
+        {
+            v.1 = None;
+        }
     }
 
     /// Every read fails with `err` until [`MemorySource::recover`].
@@ -78,26 +115,41 @@ impl ScopeSource for MemorySource {
                 .iter()
                 .map(|p| {
                     self.reads.fetch_add(1, Ordering::SeqCst);
-                    match stored.get(&p.path) {
-                        None => ScopeData::missing(p.scope, p.path.clone()),
-                        Some((version, entries)) => ScopeData {
+                    match stored
+                        .get(&p.path)
+                        .and_then(|v| v.last().map(|last| (v.len(), last)))
+                    {
+                        Some((version, (_, Some(entries)))) => ScopeData {
                             scope: p.scope,
                             path: p.path.clone(),
-                            version: Some(*version),
-                            entries: entries
-                                .iter()
-                                .map(|(k, v)| {
-                                    let entry = match v {
-                                        Some(v) => Entry::Value(SecretValue::new(v.clone())),
-                                        None => Entry::Tombstone,
-                                    };
-                                    (k.clone(), entry)
-                                })
-                                .collect(),
+                            version: Some(version as u64),
+                            entries: to_entries(entries),
                         },
+                        _ => ScopeData::missing(p.scope, p.path.clone()),
                     }
                 })
                 .collect())
+        })
+    }
+
+    fn read_version<'a>(
+        &'a self,
+        _store: &'a StoreHandle,
+        path: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>> {
+        Box::pin(async move {
+            if let Some(err) = self.failure.lock().unwrap().clone() {
+                return Err(err);
+            }
+            let stored = self.paths.lock().unwrap();
+            let found = stored
+                .get(path)
+                .and_then(|v| v.get((version as usize).checked_sub(1)?));
+            Ok(found.map(|(created, entries)| VersionData {
+                entries: entries.as_ref().map(|e| to_entries(e)),
+                created: *created,
+            }))
         })
     }
 }

@@ -16,7 +16,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::api::v1alpha1::StoreConnection;
-use crate::resolve::ScopeData;
+use std::collections::BTreeMap;
+
+use crate::resolve::{Entry, ScopeData};
 use crate::scope::ScopePath;
 
 /// Who talks to Vault: the store (with its generation, so an edited store gets fresh
@@ -150,6 +152,15 @@ impl VaultError {
     }
 }
 
+/// One KV v2 version of a scope path.
+#[derive(Clone, Debug)]
+pub struct VersionData {
+    /// The entries, or `None` when that version was deleted or destroyed.
+    pub entries: Option<BTreeMap<String, Entry>>,
+    /// When the version was written.
+    pub created: jiff::Timestamp,
+}
+
 /// Reads scope paths. `max_age` bounds how old a shared cached read may be; zero forces a
 /// fresh read.
 pub trait ScopeSource: Send + Sync + 'static {
@@ -159,4 +170,12 @@ pub trait ScopeSource: Send + Sync + 'static {
         paths: &'a [ScopePath],
         max_age: Duration,
     ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>>;
+
+    /// One version of a path (for rotation windows); `None` when it does not exist.
+    fn read_version<'a>(
+        &'a self,
+        store: &'a StoreHandle,
+        path: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>>;
 }
