@@ -536,3 +536,124 @@ async fn owner_and_expiry_are_kept_as_custom_metadata_and_listed() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert_eq!(bao.kv_get("shop").await, before);
 }
+
+#[tokio::test]
+async fn rotate_generates_a_new_value_and_revoke_destroys_the_previous_one() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret", "set", "-p", "shop", "-k", "API_KEY", "-v", "leaked",
+        ],
+        None,
+    ));
+    ok(&cli(
+        &bao,
+        &root,
+        &["secret", "set", "-p", "shop", "-k", "OTHER", "-v", "x"],
+        None,
+    ));
+    let out = ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret",
+            "rotate",
+            "-p",
+            "shop",
+            "-k",
+            "API_KEY",
+            "--generate",
+            "32",
+            "--overlap",
+            "2h",
+        ],
+        None,
+    ));
+    assert!(
+        out.contains("Rotated API_KEY at project (shop), version 3"),
+        "{out}"
+    );
+    assert!(
+        out.contains("keep the previous value until") && out.contains("overlap 2h"),
+        "{out}"
+    );
+    let new = bao.kv_get("shop").await["API_KEY"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(new.len(), 43, "32 random bytes, base64url without padding");
+    assert!(
+        new.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    );
+    assert!(
+        !out.contains(&new),
+        "rotate does not print the generated value"
+    );
+
+    let out = ok(&cli(
+        &bao,
+        &root,
+        &["secret", "revoke", "-p", "shop", "-k", "API_KEY"],
+        None,
+    ));
+    assert!(out.contains("destroyed versions 1,2"), "{out}");
+    let (_, meta) = bao
+        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
+        .await
+        .unwrap();
+    assert_eq!(meta["data"]["versions"]["1"]["destroyed"], true);
+    assert_eq!(meta["data"]["versions"]["2"]["destroyed"], true);
+    assert_eq!(meta["data"]["versions"]["3"]["destroyed"], false);
+    assert_eq!(
+        bao.kv_get("shop").await["API_KEY"],
+        new.as_str(),
+        "the current value stays"
+    );
+
+    let out = cli(
+        &bao,
+        &root,
+        &["secret", "revoke", "-p", "shop", "-k", "API_KEY"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "nothing left to revoke: {}",
+        text(&out)
+    );
+    let out = cli(
+        &bao,
+        &root,
+        &[
+            "secret", "rotate", "-p", "shop", "-k", "API_KEY", "-v", &new,
+        ],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "rotating to the same value: {}",
+        text(&out)
+    );
+    let out = cli(
+        &bao,
+        &root,
+        &[
+            "secret",
+            "rotate",
+            "-p",
+            "shop",
+            "-k",
+            "API_KEY",
+            "--generate",
+            "4",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}

@@ -76,6 +76,32 @@ pub enum SecretCommand {
         #[arg(short, long)]
         key: String,
     },
+    /// Write a new value for KEY (random with --generate); ScopedSecrets with a rotation rule
+    /// for KEY keep the previous value for their overlap window.
+    Rotate {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[arg(short, long)]
+        key: String,
+        /// A new random value of this many bytes from the OS CSPRNG, base64url-encoded.
+        #[arg(long, value_name = "BYTES", conflicts_with_all = ["value", "value_file"])]
+        generate: Option<usize>,
+        #[arg(short = 'v', long, conflicts_with = "value_file")]
+        value: Option<String>,
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+        /// The overlap of the ScopedSecrets' rotation rules, to print when the old value goes.
+        #[arg(long, default_value = "24h")]
+        overlap: String,
+    },
+    /// Revoke KEY's previous value at once: destroy the earlier KV versions that hold it, so it
+    /// leaves every overlap window on the next sync. Then force that sync (see the output).
+    Revoke {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[arg(short, long)]
+        key: String,
+    },
 }
 
 fn kv<'a>(client: &'a VaultClient, vault: &'a VaultArgs, address: &'a str) -> Kv<'a> {
@@ -185,6 +211,80 @@ async fn update(
             "gave up after {CAS_ATTEMPTS} check-and-set conflicts on {path}; try again"
         ),
     }))
+}
+
+/// A random value of `bytes` bytes from the OS CSPRNG, base64url without padding.
+pub fn generate_value(bytes: usize) -> String {
+    use base64::Engine;
+    use rand::TryRngCore;
+    let mut buf = vec![0u8; bytes];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut buf)
+        .expect("the OS random number generator works");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
+fn humanize(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Destroys every earlier version of `path` whose value for `key` is the one before the
+/// current value. Returns the versions destroyed.
+async fn revoke(kv: &Kv<'_>, path: &str, key: &str) -> Result<Vec<u64>, CliError> {
+    let current = kv
+        .read_scope(&ScopePath {
+            scope: Scope::Project,
+            path: path.to_string(),
+        })
+        .await?;
+    let Some(version) = current.version else {
+        return Ok(Vec::new());
+    };
+    let Some(Entry::Value(now)) = current.entries.get(key) else {
+        return Err(CliError::Usage(format!("{key} is not set at {path}")));
+    };
+    let mut leaked: Option<crate::resolve::SecretValue> = None;
+    let mut destroy = Vec::new();
+    for v in (1..version).rev() {
+        let Some(old) = kv.read_version(path, v).await? else {
+            break;
+        };
+        let Some(entries) = old.entries else { continue };
+        match entries.get(key) {
+            // The current value, before or after the leaked one: kept.
+            Some(Entry::Value(value)) if value == now => {}
+            Some(Entry::Value(value)) => match &leaked {
+                None => {
+                    leaked = Some(value.clone());
+                    destroy.push(v);
+                }
+                Some(l) if l == value => destroy.push(v),
+                Some(_) => {}
+            },
+            _ => {}
+        }
+    }
+    if destroy.is_empty() {
+        return Ok(destroy);
+    }
+    with_timeout(kv.timeout, kv.address, vaultrs::kv2::destroy_versions(kv.client, kv.mount, path, destroy.clone()))
+        .await?
+        .map_err(|e| match read_error(kv.address, kv.mount, kv.method, path, e) {
+            VaultError::PermissionDenied { mount, path, .. } => CliError::Vault(VaultError::AuthFailed {
+                method: "token",
+                detail: format!("Vault denied destroying versions of {mount}/{path} (403): the token's policy needs `update` on \"{mount}/destroy/{path}\""),
+            }),
+            other => other.into(),
+        })?;
+    destroy.sort_unstable();
+    Ok(destroy)
 }
 
 /// `--expires`: an RFC 3339 time, or a duration from now in days, hours or minutes.
@@ -310,7 +410,9 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
         SecretCommand::Set { scope, key, .. }
         | SecretCommand::Rm { scope, key }
         | SecretCommand::Unset { scope, key }
-        | SecretCommand::Get { scope, key } => (scope, Some(key.clone())),
+        | SecretCommand::Get { scope, key }
+        | SecretCommand::Rotate { scope, key, .. }
+        | SecretCommand::Revoke { scope, key } => (scope, Some(key.clone())),
         SecretCommand::List { scope, .. } => (scope, None),
     };
     let (scope, path) = scope_args.scope_path()?;
@@ -400,6 +502,74 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 println!("{k:width$}  {v:vw$}  {owner:12}  {expires}");
             }
             eprintln!("{at}: {}/{path} version {version}", vault.mount);
+        }
+        SecretCommand::Rotate {
+            key,
+            generate,
+            value,
+            value_file,
+            overlap,
+            ..
+        } => {
+            let overlap = crate::controller::validate::parse_duration("--overlap", &overlap)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            let value = match generate {
+                Some(n) if (16..=4096).contains(&n) => generate_value(n),
+                Some(n) => {
+                    return Err(CliError::Usage(format!(
+                        "--generate {n}: use between 16 and 4096 bytes"
+                    )));
+                }
+                None => read_value(value, value_file)?,
+            };
+            let version = update(&kv, scope, &path, |e| {
+                let previous = e.insert(key.clone(), Value::String(value.clone()));
+                if previous.as_ref().and_then(Value::as_str) == Some(value.as_str()) {
+                    return Err(CliError::Usage(format!(
+                        "{key} already has that value at {at}"
+                    )));
+                }
+                Ok(true)
+            })
+            .await?
+            .unwrap_or_default();
+            let ends = jiff::Timestamp::now()
+                .checked_add(
+                    jiff::SignedDuration::try_from(overlap).unwrap_or(jiff::SignedDuration::ZERO),
+                )
+                .map(|t| jiff::Timestamp::from_second(t.as_second()).unwrap_or(t));
+            println!("Rotated {key} at {at}, version {version}");
+            if let Ok(ends) = ends {
+                println!(
+                    "ScopedSecrets with a rotation rule for {key} keep the previous value until {ends} (overlap {})",
+                    humanize(overlap)
+                );
+            }
+            if generate.is_some() {
+                eprintln!(
+                    "the generated value is in Vault only; `scoped-secrets secret get` with the same flags prints it"
+                );
+            }
+        }
+        SecretCommand::Revoke { key, .. } => {
+            let destroyed = revoke(&kv, &path, &key).await?;
+            if destroyed.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "{key} at {at} has no earlier value to revoke (its earlier versions hold the same value, or none)"
+                )));
+            }
+            let list = destroyed
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            println!(
+                "Revoked the previous value of {key} at {at}: destroyed versions {list} of {}/{path}",
+                vault.mount
+            );
+            println!(
+                "It leaves every Secret on the next sync. Sync now: kubectl annotate scopedsecrets --all -A --overwrite scopedsecrets.io/force-sync=$(date +%s)"
+            );
         }
         SecretCommand::Get { key, .. } => {
             let (entries, _) = read_raw(&kv, scope, &path).await?;
