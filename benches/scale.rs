@@ -53,6 +53,7 @@ fn pure_stages() {
                     )
                 })
                 .collect(),
+            custom_metadata: Default::default(),
         })
         .collect();
     let ss = ScopedSecret::new("api", Default::default());

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod expiry;
 pub mod metrics;
 pub mod render;
 pub mod resolve;

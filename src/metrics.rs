@@ -16,6 +16,7 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -35,6 +36,14 @@ pub struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabel {
     pub kind: &'static str,
+}
+
+/// Labels of a key's expiry: not secret (names only), bounded by the keys that have one.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub namespace: String,
+    pub scopedsecret: String,
+    pub key: String,
 }
 
 /// Counters of the Vault side, shared with the reader.
@@ -68,6 +77,7 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub writes: Family<WriteLabel, Counter>,
+    pub key_expiry: Family<KeyLabels, Gauge>,
     pub vault: VaultMetrics,
 }
 
@@ -92,6 +102,12 @@ impl Default for Metrics {
             "Writes to the Kubernetes API by kind (secret_apply, secret_prune, status, event)",
             writes.clone(),
         );
+        let key_expiry = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "key_expiry_timestamp_seconds",
+            "Unix time at which a resolved key expires (from `secret set --expires`)",
+            key_expiry.clone(),
+        );
         let vault = VaultMetrics::default();
         registry.register(
             "vault_requests",
@@ -113,6 +129,7 @@ impl Default for Metrics {
             reconciles,
             reconcile_duration,
             writes,
+            key_expiry,
             vault,
         }
     }
@@ -126,6 +143,16 @@ impl Metrics {
 
     pub fn wrote(&self, kind: &'static str) {
         self.writes.get_or_create(&WriteLabel { kind }).inc();
+    }
+
+    pub fn key_expiry(&self, namespace: &str, scopedsecret: &str, key: &str, unix: i64) {
+        self.key_expiry
+            .get_or_create(&KeyLabels {
+                namespace: namespace.into(),
+                scopedsecret: scopedsecret.into(),
+                key: key.into(),
+            })
+            .set(unix);
     }
 
     /// The OpenMetrics text of every metric.

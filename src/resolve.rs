@@ -49,6 +49,8 @@ pub struct ScopeData {
     /// KV v2 version read; `None` when the path does not exist (an empty scope).
     pub version: Option<u64>,
     pub entries: BTreeMap<String, Entry>,
+    /// The path's KV v2 custom metadata (owner and expiry per key; never values).
+    pub custom_metadata: BTreeMap<String, String>,
 }
 
 impl ScopeData {
@@ -59,6 +61,7 @@ impl ScopeData {
             path: path.into(),
             version: None,
             entries: BTreeMap::new(),
+            custom_metadata: BTreeMap::new(),
         }
     }
 }
@@ -244,6 +247,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            custom_metadata: Default::default(),
         }
     }
 

@@ -1135,3 +1135,57 @@ async fn a_destroyed_previous_version_leaves_the_secret_at_once() {
     );
     assert_eq!(d["API_KEY"], "fresh");
 }
+
+#[tokio::test]
+async fn keys_near_their_expiry_are_reported_once_as_condition_event_and_metric() {
+    let w = world();
+    let soon = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24 * 3)).to_string();
+    w.vault
+        .set_custom_metadata("shop/envs/dev/services/api", "expires.DB_PASSWORD", &soon);
+    w.vault
+        .set_custom_metadata("shop", "expires.DB_HOST", "2099-01-01T00:00:00Z");
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let (status, reason, message) = condition(&w.ss("shop-dev", "api"), "KeysExpiring");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "ExpiresSoon"));
+    assert!(
+        message.contains("DB_PASSWORD expires at") && !message.contains("DB_HOST"),
+        "{message}"
+    );
+    let warnings = |w: &World| {
+        w.fake
+            .writes_to("events")
+            .into_iter()
+            .filter(|e| {
+                e.body
+                    .as_ref()
+                    .is_some_and(|b| b["reason"] == "KeysExpiring")
+            })
+            .count()
+    };
+    assert_eq!(warnings(&w), 1);
+    let text = w.ctx.metrics.encode();
+    assert!(
+        text.contains(r#"key="DB_PASSWORD""#) && text.contains(r#"key="DB_HOST""#),
+        "{text}"
+    );
+    assert!(!text.contains(CANARY));
+    // Still expiring: no second event.
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(warnings(&w), 1);
+    // Rotated with a far expiry: the condition clears.
+    w.vault.set_custom_metadata(
+        "shop/envs/dev/services/api",
+        "expires.DB_PASSWORD",
+        "2099-01-01T00:00:00Z",
+    );
+    w.vault.put(
+        "shop/envs/dev/services/api",
+        &[("DB_PASSWORD", Some("rotated"))],
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "KeysExpiring").0,
+        "False"
+    );
+}

@@ -600,3 +600,29 @@ async fn old_versions_are_read_with_their_time_and_deleted_ones_are_marked() {
     assert!(v1.entries.is_none(), "a deleted version has no entries");
     assert!(reader.read_version(&s, "shop", 9).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn custom_metadata_comes_with_every_read() {
+    let bao = OpenBao::start().await;
+    bao.kv_put("shop", json!({"API_KEY": "k"})).await;
+    let (status, body) = bao
+        .raw(
+            "POST",
+            "/v1/secret/metadata/shop",
+            Some(bao.root_token()),
+            Some(&json!({"custom_metadata": {"expires.API_KEY": "2027-01-31T00:00:00Z"}})),
+        )
+        .await
+        .unwrap();
+    assert!(status < 300, "{status} {body}");
+    let reader = VaultReader::new(fake_with_token(bao.root_token()).client());
+    let read = reader
+        .read_scopes(&store(&bao.addr(), token_plan()), &paths(None), LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        read[0].custom_metadata["expires.API_KEY"],
+        "2027-01-31T00:00:00Z"
+    );
+    assert_eq!(reader.requests(), 2, "no extra request for the metadata");
+}

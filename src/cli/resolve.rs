@@ -200,6 +200,7 @@ mod tests {
                         (k.to_string(), e)
                     })
                     .collect(),
+                custom_metadata: Default::default(),
             };
         vec![
             layer(

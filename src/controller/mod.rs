@@ -125,6 +125,8 @@ pub struct Config {
     pub breaker_changes: usize,
     /// The breaker's sliding window.
     pub breaker_window: Duration,
+    /// Keys expiring within this horizon are reported (`KeysExpiring`).
+    pub expiry_horizon: Duration,
 }
 
 impl Default for Config {
@@ -137,6 +139,7 @@ impl Default for Config {
             reconcile_timeout: Duration::from_secs(60),
             breaker_changes: 5,
             breaker_window: Duration::from_secs(600),
+            expiry_horizon: Duration::from_secs(14 * 86_400),
         }
     }
 }

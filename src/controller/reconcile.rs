@@ -45,6 +45,8 @@ struct Synced {
     rollouts: Option<rollout::apply::Report>,
     /// When the first open rotation window closes.
     rotation_ends: Option<jiff::Timestamp>,
+    /// Keys expiring within the horizon, as a sentence.
+    expiring: Option<String>,
 }
 
 /// Reconciles one ScopedSecret.
@@ -68,12 +70,23 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 content_hash: &done.content_hash,
                 wrote: done.wrote,
                 rollouts: done.rollouts.as_ref(),
+                expiring: done.expiring.as_deref(),
             };
             if let Err(e) = write_status(&ss, &ctx, &outcome, now).await {
                 ctx.metrics.reconciled(e.category(), started.elapsed());
                 return Err(e);
             }
             announce(&ss, &ctx, &done).await;
+            let was_expiring = ss.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == super::status::KEYS_EXPIRING && c.status == "True")
+            });
+            if let Some(msg) = &done.expiring
+                && !was_expiring
+            {
+                publish(&ss, &ctx, EventType::Warning, "KeysExpiring", msg).await;
+            }
             ctx.metrics.reconciled("success", started.elapsed());
             let first_since_start = ctx.seen_once(&obj);
             ctx.record_success(&obj);
@@ -180,6 +193,12 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     let mut resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
         .map_err(|e| Error::InvalidSpec(e.to_string()))?;
     let rotation_ends = apply_rotation(ss, ctx, &handle, &mut resolved).await?;
+    let expiries = crate::expiry::expiries(&resolved, &layers);
+    for e in &expiries {
+        ctx.metrics.key_expiry(&ns, &name, &e.key, e.at.as_second());
+    }
+    let expiring =
+        crate::expiry::expiring(&expiries, jiff::Timestamp::now(), ctx.config.expiry_horizon);
     if resolved.is_empty() && !ss.spec.allow_empty {
         return Err(Error::EmptyResult {
             coordinates: request.coordinates.to_string(),
@@ -299,6 +318,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         refresh: request.refresh,
         rollouts,
         rotation_ends,
+        expiring,
     })
 }
 

@@ -11,6 +11,8 @@ use crate::resolve::Resolved;
 pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
 pub const REASON_SYNCED: &str = "Synced";
+/// Condition set while resolved keys expire within the horizon.
+pub const KEYS_EXPIRING: &str = "KeysExpiring";
 /// Condition set while restarts from a flapping Secret are paused.
 pub const ROLLOUTS_PAUSED: &str = "RolloutsPaused";
 
@@ -25,6 +27,8 @@ pub enum Outcome<'a> {
         wrote: bool,
         /// What the change did about restarts, when the content changed.
         rollouts: Option<&'a crate::rollout::apply::Report>,
+        /// Keys expiring within the horizon, as a sentence.
+        expiring: Option<&'a str>,
     },
     /// The reconcile failed; the existing Secret (if any) is kept as it was.
     Failed { reason: &'a str, message: &'a str },
@@ -60,7 +64,24 @@ pub fn next_status(
             content_hash,
             wrote,
             rollouts,
+            expiring,
         } => {
+            let had = status.conditions.iter().any(|c| c.type_ == KEYS_EXPIRING);
+            if expiring.is_some() || had {
+                let (reason, message) = match expiring {
+                    Some(m) => ("ExpiresSoon", *m),
+                    None => ("NoneExpiring", "no key expires within the horizon"),
+                };
+                set_condition(
+                    &mut status.conditions,
+                    KEYS_EXPIRING,
+                    expiring.is_some(),
+                    reason,
+                    message,
+                    generation,
+                    &now,
+                );
+            }
             if let Some(report) = rollouts {
                 let paused = report.paused.is_some();
                 let had_condition = status.conditions.iter().any(|c| c.type_ == ROLLOUTS_PAUSED);
@@ -191,6 +212,7 @@ mod tests {
             path: "shop/envs/dev".into(),
             version: Some(4),
             entries: [("DB_HOST".to_string(), Entry::Value(SecretValue::new("db")))].into(),
+            custom_metadata: Default::default(),
         }])
     }
 
@@ -201,6 +223,7 @@ mod tests {
             content_hash: hash,
             wrote,
             rollouts: None,
+            expiring: None,
         }
     }
 

@@ -65,6 +65,13 @@ impl Kv<'_> {
                 path: p.path.clone(),
                 version: Some(response.metadata.version),
                 entries: parse_entries(response.data),
+                // Returned with every read: owner and expiry cost no extra request.
+                custom_metadata: response
+                    .metadata
+                    .custom_metadata
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
             }),
             Err(e) => match status_code(&e) {
                 Some(404) => match deleted_version_in_404(&e) {

@@ -23,6 +23,7 @@ pub struct MemorySource {
     failure: Mutex<Option<VaultError>>,
     reads: AtomicUsize,
     max_ages: Mutex<Vec<Duration>>,
+    custom_metadata: Mutex<HashMap<String, std::collections::BTreeMap<String, String>>>,
 }
 
 fn to_entries(entries: &[(String, Option<String>)]) -> std::collections::BTreeMap<String, Entry> {
@@ -63,6 +64,16 @@ impl MemorySource {
             .collect();
         versions.push((created, Some(entries)));
         versions.len() as u64
+    }
+
+    /// Sets one custom-metadata entry of `path` (e.g. `expires.API_KEY`).
+    pub fn set_custom_metadata(&self, path: &str, key: &str, value: &str) {
+        self.custom_metadata
+            .lock()
+            .unwrap()
+            .entry(path.to_string())
+            .or_default()
+            .insert(key.to_string(), value.to_string());
     }
 
     /// Destroys one version of `path` (as a revocation does).
@@ -111,6 +122,7 @@ impl ScopeSource for MemorySource {
                 return Err(err);
             }
             let stored = self.paths.lock().unwrap();
+            let metadata = self.custom_metadata.lock().unwrap();
             Ok(paths
                 .iter()
                 .map(|p| {
@@ -124,6 +136,7 @@ impl ScopeSource for MemorySource {
                             path: p.path.clone(),
                             version: Some(version as u64),
                             entries: to_entries(entries),
+                            custom_metadata: metadata.get(&p.path).cloned().unwrap_or_default(),
                         },
                         _ => ScopeData::missing(p.scope, p.path.clone()),
                     }
