@@ -1189,3 +1189,57 @@ async fn keys_near_their_expiry_are_reported_once_as_condition_event_and_metric(
         "False"
     );
 }
+
+#[tokio::test]
+async fn revoke_asks_exactly_the_readers_of_the_path_to_sync_and_skips_the_breaker() {
+    let w = world();
+    let config = Config {
+        breaker_changes: 1,
+        ..Config::default()
+    };
+    let ctx = Arc::new(Context::new(
+        w.fake.client(),
+        w.vault.clone(),
+        HmacKey::new(vec![7; 32]),
+        config,
+    ));
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.add(scoped_secret("other", "shop-dev", json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "x", "keys": {"include": ["DB_HOST"]}})));
+    let path = "shop/envs/dev/services/api";
+    for name in ["api", "other"] {
+        reconcile(w.ss("shop-dev", name), ctx.clone())
+            .await
+            .unwrap();
+    }
+    // Two changes trip the breaker (limit 1).
+    for v in ["v2", "v3"] {
+        w.vault.put(path, &[("DB_PASSWORD", Some(v))]);
+        reconcile(w.ss("shop-dev", "api"), ctx.clone())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "True"
+    );
+
+    let asked = scoped_secrets::cli::secret::ask_to_sync(&w.fake.client(), path, "revoke-1")
+        .await
+        .unwrap();
+    assert_eq!(
+        asked,
+        vec!["shop-dev/api".to_string()],
+        "only ScopedSecrets reading the path"
+    );
+    w.vault.put(path, &[("DB_PASSWORD", Some("after-revoke"))]);
+    w.fake.clear_requests();
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        restarts(&w).len(),
+        1,
+        "a revocation restarts at once, breaker or not"
+    );
+}

@@ -213,6 +213,43 @@ async fn update(
     }))
 }
 
+/// Annotates every ScopedSecret whose status lists a key from `path` with a new force-sync
+/// value `stamp` (`revoke-…`: the operator exempts it from the restart breaker). Returns
+/// their `namespace/name`s; an error string when the cluster cannot be asked.
+pub async fn ask_to_sync(
+    client: &kube::Client,
+    path: &str,
+    stamp: &str,
+) -> Result<Vec<String>, String> {
+    use crate::api::v1alpha1::ScopedSecret;
+    use kube::api::{Api, ListParams, Patch, PatchParams};
+    let all: Api<ScopedSecret> = Api::all(client.clone());
+    let list = all
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("failed to list ScopedSecrets: {e}"))?;
+    let mut asked = Vec::new();
+    for ss in list.items {
+        let reads = ss
+            .status
+            .as_ref()
+            .is_some_and(|s| s.keys.iter().any(|k| k.path == path));
+        if !reads {
+            continue;
+        }
+        let ns = ss.metadata.namespace.clone().unwrap_or_default();
+        let name = ss.metadata.name.clone().unwrap_or_default();
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {crate::FORCE_SYNC_ANNOTATION: stamp}}});
+        Api::<ScopedSecret>::namespaced(client.clone(), &ns)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| format!("failed to annotate ScopedSecret {ns}/{name}: {e}"))?;
+        asked.push(format!("{ns}/{name}"));
+    }
+    Ok(asked)
+}
+
 /// A random value of `bytes` bytes from the OS CSPRNG, base64url without padding.
 pub fn generate_value(bytes: usize) -> String {
     use base64::Engine;
@@ -567,9 +604,30 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 "Revoked the previous value of {key} at {at}: destroyed versions {list} of {}/{path}",
                 vault.mount
             );
-            println!(
-                "It leaves every Secret on the next sync. Sync now: kubectl annotate scopedsecrets --all -A --overwrite scopedsecrets.io/force-sync=$(date +%s)"
-            );
+            let stamp = format!("revoke-{}", jiff::Timestamp::now().as_second());
+            let asked = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                kube::Client::try_default(),
+            )
+            .await
+            {
+                Ok(Ok(client)) => ask_to_sync(&client, &path, &stamp).await,
+                _ => Err("no usable kube context".to_string()),
+            };
+            match asked {
+                Ok(names) if names.is_empty() => {
+                    println!("No ScopedSecret reads {}/{path}.", vault.mount)
+                }
+                Ok(names) => println!(
+                    "Asked {} ScopedSecrets to sync now (their consumers restart at once): {}",
+                    names.len(),
+                    names.join(", ")
+                ),
+                Err(why) => println!(
+                    "Could not ask the ScopedSecrets to sync ({why}). The value leaves every Secret on its next refresh; to sync now run:\n  kubectl annotate scopedsecrets --all -A --overwrite {}={stamp}",
+                    crate::FORCE_SYNC_ANNOTATION
+                ),
+            }
         }
         SecretCommand::Get { key, .. } => {
             let (entries, _) = read_raw(&kv, scope, &path).await?;

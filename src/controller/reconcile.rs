@@ -295,14 +295,17 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         ctx.metrics.wrote("secret_apply");
     }
     remove_previous_target(ss, ctx, &secrets, &request.secret_name).await?;
+    // A revocation (`secret revoke` sets force-sync to `revoke-…`) restarts at once,
+    // exempt from the breaker.
+    let revocation = forced && force.as_deref().is_some_and(|v| v.starts_with("revoke-"));
     let rollouts = restart_consumers(
         ss,
         ctx,
-        &ns,
         &request.secret_name,
         &changed_keys,
         &content_hash,
         &desired,
+        revocation,
     )
     .await;
     if let Some(v) = force {
@@ -384,12 +387,14 @@ async fn apply_rotation(
 async fn restart_consumers(
     ss: &ScopedSecret,
     ctx: &Context,
-    ns: &str,
     secret_name: &str,
     changed_keys: &[String],
     content_hash: &str,
     desired: &Secret,
+    revocation: bool,
 ) -> Option<rollout::apply::Report> {
+    let namespace = ss.namespace().unwrap_or_default();
+    let ns = namespace.as_str();
     let previous = ss.status.as_ref().and_then(|s| s.content_hash.as_deref())?;
     if previous == content_hash {
         return None;
@@ -425,7 +430,7 @@ async fn restart_consumers(
         let tripped = breaker.record(&breaker_key, std::time::Instant::now(), resume);
         (tripped, breaker.describe(&breaker_key))
     };
-    if tripped {
+    if tripped && !revocation {
         let note = format!(
             "Secret {secret_name} changed {count} times within {}s: restarts from it are paused until fewer changes fall in that window, or the annotation {} of the ScopedSecret is changed",
             window.as_secs(),
