@@ -41,6 +41,12 @@ enum Command {
         /// Address of `/metrics`, `/healthz` and `/readyz`.
         #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
         metrics_addr: std::net::SocketAddr,
+        /// Keys expiring within this many days are reported (condition KeysExpiring).
+        #[arg(long, default_value_t = 14)]
+        expiry_horizon_days: u64,
+        /// Content changes of one Secret within 10 minutes before its restarts pause.
+        #[arg(long, default_value_t = 5)]
+        breaker_changes: usize,
     },
     /// Print the CRDs as YAML (`scoped-secrets crd | kubectl apply -f -`).
     Crd,
@@ -112,6 +118,8 @@ async fn main() -> anyhow::Result<()> {
             log_level,
             log_format,
             metrics_addr,
+            expiry_horizon_days,
+            breaker_changes,
         } => {
             telemetry::init(&log_level, log_format == "json");
             let client = kube::Client::try_default().await?;
@@ -131,6 +139,8 @@ async fn main() -> anyhow::Result<()> {
             let config = Config {
                 operator_namespace: namespace,
                 concurrency,
+                expiry_horizon: std::time::Duration::from_secs(expiry_horizon_days * 86_400),
+                breaker_changes,
                 ..Config::default()
             };
             tracing::info!(
