@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{CliError, ScopeArgs, VaultArgs, check_key};
 use crate::resolve::{Entry, Resolved, ScopeData, resolve};
-use crate::scope::Layout;
+use crate::scope::{Coordinates, Layout};
 use crate::vault::kv::Kv;
 
 /// Output formats.
@@ -81,8 +81,20 @@ pub fn env_quote(v: &str) -> String {
     format!("\"{escaped}\"")
 }
 
+/// A scope with the names that select it, e.g. `environment-service (shop / dev / api)`.
+pub fn source_label(scope: &str, coords: &Coordinates) -> String {
+    let mut parts = vec![coords.project.as_str()];
+    if scope.starts_with("environment") {
+        parts.extend(coords.environment.as_deref());
+    }
+    if scope.ends_with("service") {
+        parts.extend(coords.service.as_deref());
+    }
+    format!("{scope} ({})", parts.join(" / "))
+}
+
 /// The table, masked unless `show`.
-pub fn table(rows: &[Row]) -> String {
+pub fn table(rows: &[Row], coords: &Coordinates) -> String {
     let kw = rows.iter().map(|r| r.key.len()).max().unwrap_or(0).max(3);
     let values: Vec<String> = rows
         .iter()
@@ -93,7 +105,10 @@ pub fn table(rows: &[Row]) -> String {
     for (r, v) in rows.iter().zip(values) {
         out.push_str(&format!(
             "{:kw$}  {v:vw$}  {} {} v{}\n",
-            r.key, r.scope, r.path, r.version
+            r.key,
+            source_label(&r.scope, coords),
+            r.path,
+            r.version
         ));
     }
     out
@@ -158,7 +173,7 @@ pub async fn run(args: ResolveArgs, vault: &VaultArgs) -> Result<(), CliError> {
     }
     let resolved = resolve(&layers);
     match args.output {
-        Output::Table => print!("{}", table(&rows(&resolved, args.show_values))),
+        Output::Table => print!("{}", table(&rows(&resolved, args.show_values), &coords)),
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&rows(&resolved, args.show_values))
@@ -228,7 +243,19 @@ mod tests {
         );
         let json = serde_json::to_value(rows(&r, true)).unwrap();
         assert_eq!(json[0]["value"], "e");
-        assert!(!table(&rows(&r, false)).contains(" e "));
+        let coords = Coordinates::new("shop", Some("dev"), Some("api")).unwrap();
+        let t = table(&rows(&r, false), &coords);
+        assert!(!t.contains(" e "), "{t}");
+        assert!(
+            t.contains("FOO  ****   environment (shop / dev) shop/envs/dev v4"),
+            "{t}"
+        );
+        assert_eq!(
+            source_label("environment-service", &coords),
+            "environment-service (shop / dev / api)"
+        );
+        assert_eq!(source_label("service", &coords), "service (shop / api)");
+        assert_eq!(source_label("project", &coords), "project (shop)");
     }
 
     #[test]
