@@ -376,6 +376,15 @@ async fn vault_errors_exit_2_and_name_what_to_fix() {
         "{}",
         text(&out)
     );
+    bao.seal().await;
+    let out = cli(
+        &bao,
+        bao.root_token(),
+        &["secret", "set", "-p", "shop", "-k", "A", "-v", "1"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("sealed"), "{}", text(&out));
     bao.stop();
     let out = cli(
         &bao,
