@@ -1,9 +1,14 @@
-# The operator image: `docker build -t <registry>/scoped-secrets:0.1.0 .`
+# The operator image:
+#   docker build --build-arg SCOPED_SECRETS_GIT_REVISION=$(git rev-parse --short=12 HEAD) \
+#     -t <registry>/scoped-secrets:0.1.0 .
+# (.git is not sent to the build; the revision shows in `scoped-secrets --version`.)
 #
 # The builder is Debian 12 (bookworm) like the runtime image: a binary linked against the
 # newer glibc of a Debian 13 builder would not start on distroless/cc-debian12.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
+ARG SCOPED_SECRETS_GIT_REVISION=unknown
+ENV SCOPED_SECRETS_GIT_REVISION=${SCOPED_SECRETS_GIT_REVISION}
 COPY . .
 RUN cargo build --release --locked --bin scoped-secrets
 

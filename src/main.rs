@@ -14,7 +14,7 @@ use scoped_secrets::{crd, telemetry};
 #[derive(Parser)]
 #[command(
     name = "scoped-secrets",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SCOPED_SECRETS_GIT_REVISION"), ")"),
     about = "Scoped, inherited credentials from Vault into Kubernetes Secrets"
 )]
 struct Cli {
@@ -145,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
             };
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
+                revision = env!("SCOPED_SECRETS_GIT_REVISION"),
                 "starting scoped-secrets controller"
             );
             controller::run(client, source, config, metrics, ready).await

@@ -78,7 +78,16 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub writes: Family<WriteLabel, Counter>,
     pub key_expiry: Family<KeyLabels, Gauge>,
+    pub last_sync: Family<ObjectLabels, Gauge>,
+    pub managed: Gauge,
     pub vault: VaultMetrics,
+}
+
+/// Labels of one ScopedSecret (names only).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub namespace: String,
+    pub name: String,
 }
 
 impl Default for Metrics {
@@ -108,6 +117,18 @@ impl Default for Metrics {
             "Unix time at which a resolved key expires (from `secret set --expires`)",
             key_expiry.clone(),
         );
+        let last_sync = Family::<ObjectLabels, Gauge>::default();
+        registry.register(
+            "last_successful_sync_timestamp_seconds",
+            "Unix time of the last successful reconcile of a ScopedSecret (alert on time() minus this)",
+            last_sync.clone(),
+        );
+        let managed = Gauge::default();
+        registry.register(
+            "managed_secrets",
+            "ScopedSecrets synced successfully at least once since the operator started",
+            managed.clone(),
+        );
         let vault = VaultMetrics::default();
         registry.register(
             "vault_requests",
@@ -130,6 +151,8 @@ impl Default for Metrics {
             reconcile_duration,
             writes,
             key_expiry,
+            last_sync,
+            managed,
             vault,
         }
     }
@@ -153,6 +176,17 @@ impl Metrics {
                 key: key.into(),
             })
             .set(unix);
+    }
+
+    /// Records a successful sync of `namespace/name`; `managed` is how many are synced.
+    pub fn synced(&self, namespace: &str, name: &str, unix: i64, managed: usize) {
+        self.last_sync
+            .get_or_create(&ObjectLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .set(unix);
+        self.managed.set(managed as i64);
     }
 
     /// The OpenMetrics text of every metric.

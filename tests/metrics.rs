@@ -38,6 +38,7 @@ async fn a_scrape_shows_reconciles_by_result_and_vault_counters() {
     metrics.reconciled("VaultUnavailable", std::time::Duration::from_millis(3));
     metrics.wrote("secret_apply");
     metrics.vault.logins.inc();
+    metrics.synced("shop-dev", "api", 1_800_000_000, 1);
     let (status, text) = get(router(metrics, Readiness::default()), "/metrics").await;
     assert_eq!(status, StatusCode::OK);
     for want in [
@@ -46,6 +47,8 @@ async fn a_scrape_shows_reconciles_by_result_and_vault_counters() {
         r#"scoped_secrets_api_writes_total{kind="secret_apply"} 1"#,
         "scoped_secrets_vault_logins_total 1",
         "scoped_secrets_reconcile_duration_seconds_count 2",
+        r#"scoped_secrets_last_successful_sync_timestamp_seconds{namespace="shop-dev",name="api"} 1800000000"#,
+        "scoped_secrets_managed_secrets 1",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }

@@ -210,9 +210,17 @@ impl Context {
         *n
     }
 
-    /// Marks `obj` as synced; true the first time since start.
-    fn seen_once(&self, obj: &ObjectRef<ScopedSecret>) -> bool {
-        self.seen.lock().unwrap().insert(obj.clone())
+    /// Marks `obj` as synced (and records it in the metrics); true the first time since start.
+    fn mark_synced(&self, obj: &ObjectRef<ScopedSecret>) -> bool {
+        let mut seen = self.seen.lock().unwrap();
+        let first = seen.insert(obj.clone());
+        self.metrics.synced(
+            obj.namespace.as_deref().unwrap_or_default(),
+            &obj.name,
+            jiff::Timestamp::now().as_second(),
+            seen.len(),
+        );
+        first
     }
 
     /// Clears the failure count.

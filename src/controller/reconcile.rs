@@ -88,7 +88,7 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 publish(&ss, &ctx, EventType::Warning, "KeysExpiring", msg).await;
             }
             ctx.metrics.reconciled("success", started.elapsed());
-            let first_since_start = ctx.seen_once(&obj);
+            let first_since_start = ctx.mark_synced(&obj);
             ctx.record_success(&obj);
             let mut delay = refresh_delay(done.refresh, first_since_start);
             // The old value leaves the Secret right when its window closes.
