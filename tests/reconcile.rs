@@ -93,6 +93,16 @@ impl World {
         )
     }
 
+    /// A second operator context on the same cluster and Vault (another config, or a restart).
+    fn context(&self, config: Config) -> Arc<Context> {
+        Arc::new(Context::new(
+            self.fake.client(),
+            self.vault.clone(),
+            HmacKey::new(vec![7; 32]),
+            config,
+        ))
+    }
+
     /// Changes the stored ScopedSecret as a user's edit would.
     fn edit_ss(&self, ns: &str, name: &str, edit: impl FnOnce(&mut Value)) {
         let mut obj = self
@@ -818,12 +828,7 @@ async fn a_change_made_while_the_operator_was_down_is_applied_once_after_restart
     w.vault
         .put("shop/envs/dev", &[("LOG_LEVEL", Some("error"))]);
     // A fresh operator: new context, same cluster state.
-    let fresh = Arc::new(Context::new(
-        w.fake.client(),
-        w.vault.clone(),
-        HmacKey::new(vec![7; 32]),
-        Config::default(),
-    ));
+    let fresh = w.context(Config::default());
     w.fake.clear_requests();
     reconcile(w.ss("shop-dev", "api"), fresh.clone())
         .await
@@ -950,12 +955,7 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_annotation_clears_it() 
         breaker_changes: 2,
         ..Config::default()
     };
-    let ctx = Arc::new(Context::new(
-        w.fake.client(),
-        w.vault.clone(),
-        HmacKey::new(vec![7; 32]),
-        config,
-    ));
+    let ctx = w.context(config);
     w.add(deployment("shop-dev", "web", env_from("api")));
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     let run = |ctx: Arc<Context>| {
@@ -1197,12 +1197,7 @@ async fn revoke_asks_exactly_the_readers_of_the_path_to_sync_and_skips_the_break
         breaker_changes: 1,
         ..Config::default()
     };
-    let ctx = Arc::new(Context::new(
-        w.fake.client(),
-        w.vault.clone(),
-        HmacKey::new(vec![7; 32]),
-        config,
-    ));
+    let ctx = w.context(config);
     w.add(deployment("shop-dev", "web", env_from("api")));
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     w.add(scoped_secret("other", "shop-dev", json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "x", "keys": {"include": ["DB_HOST"]}})));

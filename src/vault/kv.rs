@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vaultrs::api::kv2::requests::ReadSecretRequest;
+use vaultrs::api::kv2::responses::ReadSecretResponse;
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
@@ -45,11 +46,16 @@ impl Kv<'_> {
         }
     }
 
-    /// Reads one scope path.
-    pub async fn read_scope(&self, p: &ScopePath) -> Result<ScopeData, VaultError> {
+    /// One `data/` read (latest version, or `version`), counted, with the timeout.
+    async fn read_data(
+        &self,
+        path: &str,
+        version: Option<u64>,
+    ) -> Result<Result<ReadSecretResponse, ClientError>, VaultError> {
         let endpoint = ReadSecretRequest::builder()
             .mount(self.mount)
-            .path(p.path.as_str())
+            .path(path)
+            .version(version)
             .build()
             .expect("mount and path are set");
         let result = with_timeout(
@@ -59,7 +65,12 @@ impl Kv<'_> {
         )
         .await;
         self.count(&result);
-        match result? {
+        result
+    }
+
+    /// Reads one scope path.
+    pub async fn read_scope(&self, p: &ScopePath) -> Result<ScopeData, VaultError> {
+        match self.read_data(&p.path, None).await? {
             Ok(response) => Ok(ScopeData {
                 scope: p.scope,
                 path: p.path.clone(),
@@ -105,19 +116,7 @@ impl Kv<'_> {
         path: &str,
         version: u64,
     ) -> Result<Option<VersionData>, VaultError> {
-        let endpoint = ReadSecretRequest::builder()
-            .mount(self.mount)
-            .path(path)
-            .version(Some(version))
-            .build()
-            .expect("mount and path are set");
-        let result = with_timeout(
-            self.timeout,
-            self.address,
-            vaultrs::api::exec_with_result(self.client, endpoint),
-        )
-        .await;
-        self.count(&result);
+        let result = self.read_data(path, Some(version)).await;
         let parse_time = |t: &str| {
             t.parse::<jiff::Timestamp>()
                 .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
