@@ -9,6 +9,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod expiry;
+pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod resolve;

@@ -9,7 +9,7 @@ use scoped_secrets::cli::{self, CliError, VaultArgs};
 use scoped_secrets::controller::{self, Config};
 use scoped_secrets::metrics::{self, Metrics, Readiness};
 use scoped_secrets::vault::client::VaultReader;
-use scoped_secrets::{crd, telemetry};
+use scoped_secrets::{crd, leader, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +47,13 @@ enum Command {
         /// Content changes of one Secret within 10 minutes before its restarts pause.
         #[arg(long, default_value_t = 5)]
         breaker_changes: usize,
+        /// Run the controller only while holding the Lease `scoped-secrets-leader` in
+        /// --namespace (needed with more than one replica).
+        #[arg(long, env = "LEADER_ELECTION")]
+        leader_election: bool,
+        /// Seconds a leader's Lease lasts without renewal; a follower takes over within this.
+        #[arg(long, default_value_t = 15)]
+        lease_duration_seconds: u64,
     },
     /// Print the CRDs as YAML (`scoped-secrets crd | kubectl apply -f -`).
     Crd,
@@ -120,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
             metrics_addr,
             expiry_horizon_days,
             breaker_changes,
+            leader_election,
+            lease_duration_seconds,
         } => {
             telemetry::init(&log_level, log_format == "json");
             let client = kube::Client::try_default().await?;
@@ -148,9 +157,44 @@ async fn main() -> anyhow::Result<()> {
                 revision = env!("SCOPED_SECRETS_GIT_REVISION"),
                 "starting scoped-secrets controller"
             );
-            controller::run(client, source, config, metrics, ready).await
+            if !leader_election {
+                return controller::run(client, source, config, metrics, ready).await;
+            }
+            let identity = std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("scoped-secrets-{}", std::process::id()));
+            let namespace = config.operator_namespace.clone();
+            leader::lead(
+                client.clone(),
+                &namespace,
+                &identity,
+                lease_duration_seconds,
+                shutdown_signal(),
+                // A follower is healthy and ready: it waits for the Lease.
+                {
+                    ready.set_ready();
+                    let ready = ready.clone();
+                    move || controller::run(client, source, config, metrics, ready)
+                },
+            )
+            .await
         }
     }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 /// Prints a command's error and exits with its code (1 usage, 2 Vault).

@@ -81,6 +81,11 @@ const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     (Cluster, "", "secrets", "delete"),
     // controller/mod.rs ensure_hmac_key: `api.create(..)` of `scoped-secrets-hmac-key`.
     (OperatorNamespace, "", "secrets", "create"),
+    // leader.rs lead: kube-lease-manager gets, creates and patches the Lease
+    // `scoped-secrets-leader` (with --leader-election).
+    (OperatorNamespace, "coordination.k8s.io", "leases", "get"),
+    (OperatorNamespace, "coordination.k8s.io", "leases", "create"),
+    (OperatorNamespace, "coordination.k8s.io", "leases", "patch"),
     // vault/client.rs service_account_token: `Api::<ServiceAccount>.create_token_request(..)`.
     (Cluster, "", "serviceaccounts/token", "create"),
     // controller/reconcile.rs publish_on: `ctx.recorder.publish(..)` — kube's events::Recorder
@@ -161,6 +166,9 @@ fn api_call_list_names_every_resource_the_operator_code_uses() {
         }
         if text.contains("Recorder::new(") {
             used.entry("events".into()).or_default().insert(rel.clone());
+        }
+        if text.contains("LeaseManagerBuilder::new(") {
+            used.entry("leases".into()).or_default().insert(rel.clone());
         }
     }
     assert!(

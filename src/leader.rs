@@ -1,0 +1,82 @@
+//! Leader election on a `coordination.k8s.io` Lease (crate `kube-lease-manager`): with several
+//! replicas, only the holder of the Lease runs the controller, so only one replica writes. A
+//! follower takes over within the lease duration after the leader stops renewing; a leader
+//! that shuts down (SIGTERM) finishes its in-flight reconciles and releases the Lease, so the
+//! takeover is immediate. A leader that loses the Lease exits, and its pod restarts as a
+//! follower.
+
+use std::future::Future;
+
+use anyhow::anyhow;
+use kube_lease_manager::LeaseManagerBuilder;
+use tracing::info;
+
+/// Name of the Lease in the operator's namespace.
+pub const LEASE_NAME: &str = "scoped-secrets-leader";
+
+/// Waits for the Lease, then runs `run` while holding it; releases it when `run` ends. Returns
+/// an error when the Lease is lost while running. `shutdown` ends the wait of a follower.
+pub async fn lead<F, Fut, S>(
+    client: kube::Client,
+    namespace: &str,
+    identity: &str,
+    duration_seconds: u64,
+    shutdown: S,
+    run: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+    S: Future<Output = ()>,
+{
+    let manager = LeaseManagerBuilder::new(client, LEASE_NAME)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(duration_seconds)
+        .with_grace((duration_seconds / 3).max(1))
+        .with_field_manager(format!("scoped-secrets-leader.{identity}"))
+        .build()
+        .await
+        .map_err(|e| anyhow!("failed to set up the leader Lease {namespace}/{LEASE_NAME}: {e}"))?;
+    let (mut leader, task) = manager.watch().await;
+    info!(
+        identity,
+        "waiting to become the leader (Lease {namespace}/{LEASE_NAME})"
+    );
+    tokio::pin!(shutdown);
+    while !*leader.borrow_and_update() {
+        tokio::select! {
+            changed = leader.changed() => changed.map_err(|_| anyhow!("the leader election task stopped"))?,
+            _ = &mut shutdown => {
+                drop(leader);
+                let _ = task.await;
+                return Ok(());
+            }
+        }
+    }
+    info!(identity, "became the leader");
+    let outcome = {
+        let run = run();
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                result = &mut run => break result,
+                changed = leader.changed() => {
+                    if changed.is_err() || !*leader.borrow_and_update() {
+                        break Err(anyhow!(
+                            "lost the leader Lease {namespace}/{LEASE_NAME}; exiting so that only the new leader writes"
+                        ));
+                    }
+                }
+            }
+        }
+    };
+    // Closing the channel makes the manager release the Lease.
+    drop(leader);
+    match task.await {
+        Ok(Ok(_)) => info!(identity, "released the leader Lease"),
+        Ok(Err(e)) => tracing::warn!("failed to release the leader Lease: {e}"),
+        Err(e) => tracing::warn!("the leader election task failed: {e}"),
+    }
+    outcome
+}
