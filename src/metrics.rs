@@ -47,14 +47,27 @@ pub struct KeyLabels {
 }
 
 /// Counters of the Vault side, shared with the reader.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct VaultMetrics {
     /// Vault HTTP requests for scope data (cache misses), by outcome.
     pub requests: Family<OutcomeLabel, Counter>,
+    /// Latency of those requests.
+    pub latency: Histogram,
     /// Logins performed.
     pub logins: Counter,
     /// Reads served from the shared cache.
     pub cache_hits: Counter,
+}
+
+impl Default for VaultMetrics {
+    fn default() -> Self {
+        VaultMetrics {
+            requests: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            logins: Counter::default(),
+            cache_hits: Counter::default(),
+        }
+    }
 }
 
 impl VaultMetrics {
@@ -134,6 +147,11 @@ impl Default for Metrics {
             "vault_requests",
             "Vault read requests (cache misses) by outcome",
             vault.requests.clone(),
+        );
+        registry.register(
+            "vault_request_duration_seconds",
+            "Latency of Vault read requests",
+            vault.latency.clone(),
         );
         registry.register(
             "vault_logins",

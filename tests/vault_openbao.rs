@@ -626,3 +626,26 @@ async fn custom_metadata_comes_with_every_read() {
     );
     assert_eq!(reader.requests(), 2, "no extra request for the metadata");
 }
+
+#[tokio::test]
+async fn vault_requests_are_counted_by_outcome_with_their_latency() {
+    let bao = OpenBao::start().await;
+    bao.kv_put("shop", json!({"A": "1"})).await;
+    let metrics = scoped_secrets::metrics::Metrics::default();
+    let reader = VaultReader::with_metrics(
+        fake_with_token(bao.root_token()).client(),
+        metrics.vault.clone(),
+    );
+    reader
+        .read_scopes(&store(&bao.addr(), token_plan()), &paths(None), LONG)
+        .await
+        .unwrap();
+    let text = metrics.encode();
+    for want in [
+        r#"scoped_secrets_vault_requests_total{outcome="ok"} 2"#,
+        "scoped_secrets_vault_request_duration_seconds_count 2",
+        "scoped_secrets_vault_logins_total 1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}

@@ -276,7 +276,7 @@ impl VaultReader {
             mount: &store.connection.kv.mount,
             method: store.auth.method(),
             timeout: store.timeout,
-            requests: Some(&self.metrics.requests),
+            requests: Some(&self.metrics),
         }
         .read_scope(p)
         .await
@@ -305,7 +305,7 @@ impl ScopeSource for VaultReader {
                         mount: &store.connection.kv.mount,
                         method: store.auth.method(),
                         timeout: store.timeout,
-                        requests: Some(&self.metrics.requests),
+                        requests: Some(&self.metrics),
                     }
                     .read_version(path, version)
                     .await

@@ -12,11 +12,8 @@ use vaultrs::api::kv2::responses::ReadSecretResponse;
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-
 use super::{VaultError, VersionData};
-use crate::metrics::OutcomeLabel;
+use crate::metrics::{OutcomeLabel, VaultMetrics};
 use crate::resolve::{Entry, ScopeData, SecretValue};
 use crate::scope::ScopePath;
 
@@ -29,20 +26,25 @@ pub struct Kv<'a> {
     /// Auth method, for messages.
     pub method: &'static str,
     pub timeout: Duration,
-    /// Counts the requests sent by outcome, when given.
-    pub requests: Option<&'a Family<OutcomeLabel, Counter>>,
+    /// Counts the requests sent by outcome and their latency, when given.
+    pub requests: Option<&'a VaultMetrics>,
 }
 
 impl Kv<'_> {
     /// Counts one request: an answer (a 404 included) is `ok`, anything else `error`.
-    fn count<T>(&self, result: &Result<Result<T, ClientError>, VaultError>) {
-        if let Some(c) = self.requests {
+    fn count<T>(
+        &self,
+        result: &Result<Result<T, ClientError>, VaultError>,
+        started: std::time::Instant,
+    ) {
+        if let Some(m) = self.requests {
             let outcome = match result {
                 Ok(Ok(_)) => "ok",
                 Ok(Err(e)) if status_code(e) == Some(404) => "ok",
                 _ => "error",
             };
-            c.get_or_create(&OutcomeLabel { outcome }).inc();
+            m.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+            m.latency.observe(started.elapsed().as_secs_f64());
         }
     }
 
@@ -58,13 +60,14 @@ impl Kv<'_> {
             .version(version)
             .build()
             .expect("mount and path are set");
+        let started = std::time::Instant::now();
         let result = with_timeout(
             self.timeout,
             self.address,
             vaultrs::api::exec_with_result(self.client, endpoint),
         )
         .await;
-        self.count(&result);
+        self.count(&result, started);
         result
     }
 
@@ -143,13 +146,14 @@ impl Kv<'_> {
     /// version that was deleted or destroyed (an error: the scope did not mean to be empty).
     async fn missing_or_deleted(&self, p: &ScopePath) -> Result<ScopeData, VaultError> {
         let mount = self.mount;
+        let started = std::time::Instant::now();
         let result = with_timeout(
             self.timeout,
             self.address,
             vaultrs::kv2::read_metadata(self.client, mount, &p.path),
         )
         .await;
-        self.count(&result);
+        self.count(&result, started);
         match result? {
             Ok(meta) => {
                 let current = meta.versions.get(&meta.current_version.to_string());
