@@ -47,6 +47,15 @@ enum Command {
         /// Content changes of one Secret within 10 minutes before its restarts pause.
         #[arg(long, default_value_t = 5)]
         breaker_changes: usize,
+        /// Seconds restart requests for one workload are gathered into one restart.
+        #[arg(long, default_value_t = 10)]
+        restart_window_seconds: u64,
+        /// Workloads restarting (rollout not complete) at once, cluster-wide; more wait.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        max_restarts_in_flight: u64,
+        /// Seconds after which a rollout that has not completed stops holding its slot.
+        #[arg(long, default_value_t = 600)]
+        rollout_deadline_seconds: u64,
         /// Run the controller only while holding the Lease `scoped-secrets-leader` in
         /// --namespace (needed with more than one replica).
         #[arg(long, env = "LEADER_ELECTION")]
@@ -127,6 +136,9 @@ async fn main() -> anyhow::Result<()> {
             metrics_addr,
             expiry_horizon_days,
             breaker_changes,
+            restart_window_seconds,
+            max_restarts_in_flight,
+            rollout_deadline_seconds,
             leader_election,
             lease_duration_seconds,
         } => {
@@ -150,6 +162,11 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 expiry_horizon: std::time::Duration::from_secs(expiry_horizon_days * 86_400),
                 breaker_changes,
+                pacing: scoped_secrets::rollout::queue::Pacing {
+                    window: std::time::Duration::from_secs(restart_window_seconds),
+                    budget: max_restarts_in_flight as usize,
+                    deadline: std::time::Duration::from_secs(rollout_deadline_seconds),
+                },
                 ..Config::default()
             };
             tracing::info!(

@@ -93,6 +93,9 @@ pub struct Metrics {
     pub key_expiry: Family<KeyLabels, Gauge>,
     pub last_sync: Family<ObjectLabels, Gauge>,
     pub managed: Gauge,
+    pub restarts: Family<ResultLabel, Counter>,
+    pub restarts_in_flight: Gauge,
+    pub restarts_waiting: Gauge,
     pub vault: VaultMetrics,
 }
 
@@ -142,6 +145,24 @@ impl Default for Metrics {
             "ScopedSecrets synced successfully at least once since the operator started",
             managed.clone(),
         );
+        let restarts = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "restarts",
+            "Workload restarts by result: restarted, skipped, failed, deferred (a due restart that waited for the budget)",
+            restarts.clone(),
+        );
+        let restarts_in_flight = Gauge::default();
+        registry.register(
+            "restarts_in_flight",
+            "Workloads patched whose rollout has not completed yet (bounded by --max-restarts-in-flight)",
+            restarts_in_flight.clone(),
+        );
+        let restarts_waiting = Gauge::default();
+        registry.register(
+            "restarts_waiting",
+            "Due restarts waiting for a slot of the restart budget",
+            restarts_waiting.clone(),
+        );
         let vault = VaultMetrics::default();
         registry.register(
             "vault_requests",
@@ -171,6 +192,9 @@ impl Default for Metrics {
             key_expiry,
             last_sync,
             managed,
+            restarts,
+            restarts_in_flight,
+            restarts_waiting,
             vault,
         }
     }
@@ -184,6 +208,21 @@ impl Metrics {
 
     pub fn wrote(&self, kind: &'static str) {
         self.writes.get_or_create(&WriteLabel { kind }).inc();
+    }
+
+    /// Counts `n` restarts (workloads) with `result`.
+    pub fn restarted(&self, result: &'static str, n: usize) {
+        if n > 0 {
+            self.restarts
+                .get_or_create(&ResultLabel { result })
+                .inc_by(n as u64);
+        }
+    }
+
+    /// The restart queue's state: rollouts in flight and due restarts waiting.
+    pub fn restarts_state(&self, in_flight: usize, waiting: usize) {
+        self.restarts_in_flight.set(in_flight as i64);
+        self.restarts_waiting.set(waiting as i64);
     }
 
     pub fn key_expiry(&self, namespace: &str, scopedsecret: &str, key: &str, unix: i64) {

@@ -270,6 +270,8 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
             "debug",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--restart-window-seconds",
+            "3",
         ])
         .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
         .stderr(Stdio::from(
@@ -453,6 +455,152 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
         annotation(&untouched).is_none(),
         "Deployment reads-timeout was restarted though API_TIMEOUT did not change"
     );
+
+    // 2b. A project-level value shared by two ScopedSecrets: each consuming Deployment's pod
+    //     template changes exactly once — one that reads both Secrets too (the two changes are
+    //     coalesced into one patch) — and a live-reload volume reader and an unrelated
+    //     Deployment are untouched.
+    apply_json(&scoped, "worker", json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+        "metadata": {"name": "worker"},
+        "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": store_name}, "refreshInterval": "10s"}
+    })).await;
+    let env_from = |names: &[&str]| {
+        json!([{"name": "c", "image": "registry.k8s.io/pause:3.10",
+                "envFrom": names.iter().map(|n| json!({"secretRef": {"name": n}})).collect::<Vec<_>>()}])
+    };
+    let consumers = [
+        (
+            "reads-both",
+            json!({}),
+            json!({"containers": env_from(&["api", "worker"])}),
+        ),
+        (
+            "reads-worker",
+            json!({}),
+            json!({"containers": env_from(&["worker"])}),
+        ),
+        (
+            "live-volume",
+            json!({"scopedsecrets.io/reload": "live"}),
+            json!({
+            "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10",
+                            "volumeMounts": [{"name": "s", "mountPath": "/s"}]}],
+            "volumes": [{"name": "s", "secret": {"secretName": "api"}}]}),
+        ),
+        (
+            "unrelated",
+            json!({}),
+            json!({"containers": env_from(&["not-managed"])}),
+        ),
+    ];
+    for (name, annotations, pod) in &consumers {
+        apply_json(
+            &deployments,
+            name,
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": name, "annotations": annotations},
+                "spec": {"replicas": 0, "selector": {"matchLabels": {"app": name}},
+                         "template": {"metadata": {"labels": {"app": name}}, "spec": pod}}
+            }),
+        )
+        .await;
+    }
+    wait_for(
+        "ScopedSecret worker Ready=True",
+        Duration::from_secs(30),
+        || {
+            let scoped = scoped.clone();
+            async move {
+                let (r, why, _) = ss_status(&scoped, "worker").await?;
+                if r == "True" {
+                    Ok(())
+                } else {
+                    Err(format!("Ready={r} ({why})"))
+                }
+            }
+        },
+    )
+    .await;
+    let generation = |d: &Deployment| d.metadata.generation.unwrap_or_default();
+    let mut before = BTreeMap::new();
+    for (name, _, _) in &consumers {
+        let d = deployments
+            .get(name)
+            .await
+            .expect("read consumer Deployment");
+        before.insert(name.to_string(), generation(&d));
+    }
+    vault_put(
+        &project,
+        json!({"LOG_LEVEL": "info", "DB_HOST": "db", "FEATURE_X": "off", "SHARED_TOKEN": "t2"}),
+    )
+    .await;
+    for name in ["api", "worker"] {
+        scoped
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"scopedsecrets.io/force-sync": format!("shared-{run}")}}})),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("failed to annotate ScopedSecret {name}: {e}"));
+    }
+    for name in ["reads-both", "reads-worker"] {
+        wait_for(
+            &format!(
+                "Deployment {name} restarted after the project-level change (generation moved)"
+            ),
+            Duration::from_secs(60),
+            || {
+                let deployments = deployments.clone();
+                let was = before[name];
+                async move {
+                    let d = deployments.get(name).await.map_err(|e| e.to_string())?;
+                    if generation(&d) > was {
+                        Ok(())
+                    } else {
+                        Err(format!("generation {}", generation(&d)))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+    // Longer than the window and a refresh interval: a second patch would show by now.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    for (name, _, _) in &consumers {
+        let d = deployments
+            .get(name)
+            .await
+            .expect("read consumer Deployment");
+        let moved = generation(&d) - before[*name];
+        let want = if name.starts_with("reads-") { 1 } else { 0 };
+        assert_eq!(
+            moved,
+            want,
+            "Deployment {name}: its pod template changed {moved} times for one project-level change (want {want}); annotations {:?}",
+            d.spec
+                .and_then(|s| s.template.metadata)
+                .and_then(|m| m.annotations)
+        );
+    }
+    let both = deployments
+        .get("reads-both")
+        .await
+        .expect("read reads-both");
+    let annotations = both
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    for secret in ["api", "worker"] {
+        assert!(
+            annotations.contains_key(&format!("checksum.scopedsecrets.io/{secret}")),
+            "reads-both lacks the annotation of Secret {secret}: {annotations:?}"
+        );
+    }
 
     // 3. Drift: a hand edit and a deletion are repaired.
     secrets

@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
+use scoped_secrets::controller::restarts::tick;
 use scoped_secrets::controller::{Config, Context, error_policy, reconcile};
 use scoped_secrets::render::HmacKey;
 use scoped_secrets::vault::VaultError;
@@ -697,13 +698,38 @@ async fn renaming_the_target_deletes_the_old_secret_under_delete_and_keeps_it_un
     );
 }
 
+/// A Deployment whose rollouts complete at once (its status has observed every generation).
 fn deployment(ns: &str, name: &str, pod: Value) -> Value {
+    let mut d = rolling_deployment(ns, name, pod);
+    d["status"] = json!({"observedGeneration": 1_000_000, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1});
+    d
+}
+
+/// A Deployment whose rollouts complete only when a test says so ([`finish_rollout`]).
+fn rolling_deployment(ns: &str, name: &str, pod: Value) -> Value {
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-        "spec": {"selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}}, "spec": pod}}
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": pod}},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}
     })
+}
+
+/// The Deployment controller's part: the current generation rolled out.
+fn finish_rollout(w: &World, ns: &str, name: &str) {
+    let mut d = w
+        .fake
+        .get("apis/apps/v1", Some(ns), "deployments", name)
+        .unwrap();
+    d["status"]["observedGeneration"] = d["metadata"]["generation"].clone();
+    w.fake.insert(d);
+}
+
+/// Lets the coalescing window pass: the restart worker applies what is due.
+async fn restart_due(ctx: &Context) {
+    let later = std::time::Instant::now() + ctx.config.pacing.window + Duration::from_secs(1);
+    tick(ctx, later).await;
 }
 
 fn env_from(secret: &str) -> Value {
@@ -759,6 +785,28 @@ async fn a_content_change_restarts_exactly_the_consumers_that_read_changed_keys(
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.fake.clear_requests();
     w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(
+        restarts(&w).is_empty(),
+        "restarts wait for the coalescing window"
+    );
+    let queued: Vec<(String, String)> = w
+        .ss("shop-dev", "api")
+        .status
+        .clone()
+        .unwrap()
+        .rollouts
+        .iter()
+        .map(|r| (r.name.clone(), r.result.clone()))
+        .collect();
+    assert!(
+        queued.contains(&("whole".into(), "Queued".into())),
+        "{queued:?}"
+    );
+    assert!(
+        queued.contains(&("reads-host".into(), "Skipped:KeysUnchanged".into())),
+        "{queued:?}"
+    );
+    restart_due(&w.ctx).await;
     let patched: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
     assert_eq!(
         patched,
@@ -772,10 +820,12 @@ async fn a_content_change_restarts_exactly_the_consumers_that_read_changed_keys(
     assert!(
         apply
             .query
-            .contains("fieldManager=scoped-secrets-rollout.api"),
+            .split('&')
+            .any(|kv| kv == "fieldManager=scoped-secrets-rollout"),
         "{}",
         apply.query
     );
+    assert!(apply.query.contains("force=true"), "{}", apply.query);
     assert_eq!(
         apply.content_type.as_deref(),
         Some("application/apply-patch+yaml")
@@ -791,6 +841,8 @@ async fn a_content_change_restarts_exactly_the_consumers_that_read_changed_keys(
     assert!(template_annotation(&w, "shop-dev", "whole", "api").is_some());
     assert!(template_annotation(&w, "shop-dev", "reads-host", "api").is_none());
     assert!(template_annotation(&w, "bank-dev", "other-namespace", "api").is_none());
+    // The worker asks the ScopedSecret to reconcile; its status then says what happened.
+    w.reconcile("shop-dev", "api").await.unwrap();
     let status = w.ss("shop-dev", "api").status.clone().unwrap();
     let restarted: Vec<&str> = status
         .rollouts
@@ -816,6 +868,7 @@ async fn a_content_change_restarts_exactly_the_consumers_that_read_changed_keys(
     w.reconcile("shop-dev", "api").await.unwrap();
     w.fake.remove("api/v1", Some("shop-dev"), "secrets", "api");
     w.reconcile("shop-dev", "api").await.unwrap();
+    restart_due(&w.ctx).await;
     assert!(restarts(&w).is_empty(), "{:?}", restarts(&w));
 }
 
@@ -833,10 +886,78 @@ async fn a_change_made_while_the_operator_was_down_is_applied_once_after_restart
     reconcile(w.ss("shop-dev", "api"), fresh.clone())
         .await
         .unwrap();
+    restart_due(&fresh).await;
     assert_eq!(restarts(&w).len(), 1);
     w.fake.clear_requests();
-    reconcile(w.ss("shop-dev", "api"), fresh).await.unwrap();
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
     assert!(restarts(&w).is_empty());
+}
+
+#[tokio::test]
+async fn a_restart_queued_when_the_operator_stopped_is_applied_once_by_the_next_one() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(deployment("shop-dev", "done", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault
+        .put("shop/envs/dev", &[("LOG_LEVEL", Some("error"))]);
+    // The change is decided and queued; the operator stops before the window passes.
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(restarts(&w).is_empty());
+    let status = w.ss("shop-dev", "api").status.clone().unwrap();
+    assert!(status.rollouts.iter().all(|r| r.result == "Queued"));
+    // Meanwhile one workload got the annotation anyway (e.g. a person applied it).
+    let hash = status
+        .rollouts
+        .iter()
+        .find(|r| r.name == "done")
+        .unwrap()
+        .hash
+        .clone();
+    let mut done = w
+        .fake
+        .get("apis/apps/v1", Some("shop-dev"), "deployments", "done")
+        .unwrap();
+    done["spec"]["template"]["metadata"]["annotations"] =
+        json!({"checksum.scopedsecrets.io/api": hash});
+    w.fake.insert(done);
+
+    let fresh = w.context(Config::default());
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
+    let patched: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        patched,
+        vec!["/apis/apps/v1/namespaces/shop-dev/deployments/web".to_string()],
+        "the queued restart is applied once; the already-current workload is left alone"
+    );
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
+    assert_eq!(restarts(&w).len(), 1, "not twice");
+    let results: Vec<(String, String)> = w
+        .ss("shop-dev", "api")
+        .status
+        .clone()
+        .unwrap()
+        .rollouts
+        .iter()
+        .map(|r| (r.name.clone(), r.result.clone()))
+        .collect();
+    assert_eq!(
+        results,
+        vec![
+            ("done".to_string(), "Skipped:AlreadyCurrent".to_string()),
+            ("web".to_string(), "Restarted".to_string())
+        ]
+    );
 }
 
 #[tokio::test]
@@ -860,8 +981,23 @@ async fn paused_deployments_are_skipped_and_two_secrets_keep_two_annotations() {
         "shop",
         &[("LOG_LEVEL", Some("info")), ("DB_HOST", Some("db2"))],
     );
+    w.fake.clear_requests();
     w.reconcile("shop-dev", "api").await.unwrap();
     w.reconcile("shop-dev", "worker").await.unwrap();
+    restart_due(&w.ctx).await;
+    let patches = restarts(&w);
+    assert_eq!(
+        patches.len(),
+        1,
+        "two Secrets changed together: one patch, one restart ({patches:?})"
+    );
+    assert_eq!(
+        patches[0].1["spec"]["template"]["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .len(),
+        2
+    );
     assert!(template_annotation(&w, "shop-dev", "paused", "api").is_none());
     let status = w.ss("shop-dev", "api").status.clone().unwrap();
     assert!(
@@ -875,6 +1011,13 @@ async fn paused_deployments_are_skipped_and_two_secrets_keep_two_annotations() {
         template_annotation(&w, "shop-dev", "both", "worker").is_some(),
         "one Secret's restart must not remove the other's annotation"
     );
+    // Later, only `worker` changes: its patch keeps `api`'s annotation.
+    let api_hash = template_annotation(&w, "shop-dev", "both", "api");
+    w.vault
+        .put("shop/envs/dev/services/worker", &[("W", Some("2"))]);
+    w.reconcile("shop-dev", "worker").await.unwrap();
+    restart_due(&w.ctx).await;
+    assert_eq!(template_annotation(&w, "shop-dev", "both", "api"), api_hash);
 }
 
 #[tokio::test]
@@ -885,6 +1028,7 @@ async fn rollout_none_restarts_nothing() {
     w.reconcile("shop-dev", "api").await.unwrap();
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
+    restart_due(&w.ctx).await;
     assert!(restarts(&w).is_empty());
 }
 
@@ -960,7 +1104,11 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_annotation_clears_it() 
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     let run = |ctx: Arc<Context>| {
         let ss = w.ss("shop-dev", "api");
-        async move { reconcile(ss, ctx).await.unwrap() }
+        async move {
+            let action = reconcile(ss, ctx.clone()).await.unwrap();
+            restart_due(&ctx).await;
+            action
+        }
     };
     run(ctx.clone()).await;
     for (i, level) in ["a", "b", "c"].iter().enumerate() {
@@ -1011,9 +1159,12 @@ async fn a_reconcile_that_still_sees_the_old_status_does_not_handle_the_change_t
     // one wrote its status.
     let stale = w.ss("shop-dev", "api");
     reconcile(stale.clone(), w.ctx.clone()).await.unwrap();
+    restart_due(&w.ctx).await;
+    w.reconcile("shop-dev", "api").await.unwrap();
     let after_first = w.ss("shop-dev", "api").status.clone().unwrap();
     w.fake.clear_requests();
     reconcile(stale, w.ctx.clone()).await.unwrap();
+    restart_due(&w.ctx).await;
     assert!(restarts(&w).is_empty());
     let after_second = w.ss("shop-dev", "api").status.clone().unwrap();
     assert_eq!(
@@ -1213,6 +1364,7 @@ async fn revoke_asks_exactly_the_readers_of_the_path_to_sync_and_skips_the_break
         reconcile(w.ss("shop-dev", "api"), ctx.clone())
             .await
             .unwrap();
+        restart_due(&ctx).await;
     }
     assert_eq!(
         condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
@@ -1232,9 +1384,218 @@ async fn revoke_asks_exactly_the_readers_of_the_path_to_sync_and_skips_the_break
     reconcile(w.ss("shop-dev", "api"), ctx.clone())
         .await
         .unwrap();
+    // No window: the worker's very next pass applies it.
+    tick(&ctx, std::time::Instant::now()).await;
     assert_eq!(
         restarts(&w).len(),
         1,
         "a revocation restarts at once, breaker or not"
+    );
+}
+
+fn results(w: &World, ns: &str, name: &str) -> Vec<(String, String)> {
+    w.ss(ns, name)
+        .status
+        .clone()
+        .unwrap()
+        .rollouts
+        .iter()
+        .map(|r| (r.name.clone(), r.result.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_restart_budget_defers_what_does_not_fit_and_completes_it_as_rollouts_land() {
+    let w = world();
+    let mut config = Config::default();
+    config.pacing.budget = 2;
+    let ctx = w.context(config);
+    // One project-level value read by four services.
+    for name in ["a", "b", "c", "d"] {
+        w.add(rolling_deployment("shop-dev", name, env_from("api")));
+    }
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    w.vault.put(
+        "shop",
+        &[("LOG_LEVEL", Some("info")), ("DB_HOST", Some("db2"))],
+    );
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    w.fake.clear_requests();
+    restart_due(&ctx).await;
+    let first: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(first.len(), 2, "two in flight at most: {first:?}");
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    let deferred = results(&w, "shop-dev", "api")
+        .into_iter()
+        .filter(|(_, r)| r == "Deferred")
+        .count();
+    assert_eq!(deferred, 2, "what waits is visible in status");
+    let text = ctx.metrics.encode();
+    for want in [
+        "scoped_secrets_restarts_in_flight 2",
+        "scoped_secrets_restarts_waiting 2",
+        r#"scoped_secrets_restarts_total{result="deferred"} 2"#,
+        r#"scoped_secrets_restarts_total{result="restarted"} 2"#,
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+
+    // Nothing lands: nothing more starts.
+    w.fake.clear_requests();
+    restart_due(&ctx).await;
+    assert!(restarts(&w).is_empty());
+    // One rollout lands: one more starts.
+    finish_rollout(&w, "shop-dev", "a");
+    restart_due(&ctx).await;
+    assert_eq!(restarts(&w).len(), 1);
+    finish_rollout(&w, "shop-dev", "b");
+    finish_rollout(&w, "shop-dev", "c");
+    restart_due(&ctx).await;
+    assert_eq!(restarts(&w).len(), 2);
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    assert!(
+        results(&w, "shop-dev", "api")
+            .iter()
+            .all(|(_, r)| r == "Restarted"),
+        "{:?}",
+        results(&w, "shop-dev", "api")
+    );
+    // Each workload was patched exactly once in all.
+    for name in ["a", "b", "c", "d"] {
+        let d = w
+            .fake
+            .get("apis/apps/v1", Some("shop-dev"), "deployments", name)
+            .unwrap();
+        assert_eq!(d["metadata"]["generation"], 2, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_does_not_wait_for_the_budget() {
+    let w = world();
+    let mut config = Config::default();
+    config.pacing.budget = 1;
+    let ctx = w.context(config);
+    w.add(rolling_deployment("shop-dev", "busy", env_from("other")));
+    w.add(rolling_deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.add(scoped_secret(
+        "other",
+        "shop-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "x"}),
+    ));
+    for name in ["api", "other"] {
+        reconcile(w.ss("shop-dev", name), ctx.clone())
+            .await
+            .unwrap();
+    }
+    // `busy` takes the only slot.
+    w.vault.put("shop/envs/dev/services/x", &[("X", Some("1"))]);
+    reconcile(w.ss("shop-dev", "other"), ctx.clone())
+        .await
+        .unwrap();
+    restart_due(&ctx).await;
+    assert_eq!(restarts(&w).len(), 1);
+    w.fake.clear_requests();
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": "revoke-1"});
+    });
+    w.vault.put(
+        "shop/envs/dev/services/api",
+        &[("DB_PASSWORD", Some("new"))],
+    );
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    tick(&ctx, std::time::Instant::now()).await;
+    let patched: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        patched,
+        vec!["/apis/apps/v1/namespaces/shop-dev/deployments/web".to_string()]
+    );
+}
+
+fn argo_rollout(ns: &str, name: &str, pod: Value) -> Value {
+    json!({
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": pod},
+                 "strategy": {"canary": {"steps": [{"setWeight": 20}]}}},
+        "status": {"observedGeneration": "1", "phase": "Healthy"}
+    })
+}
+
+#[tokio::test]
+async fn argo_rollouts_are_consumers_when_the_api_exists_and_ignored_when_it_does_not() {
+    // Without the API: the Rollout object is invisible, nothing fails.
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    restart_due(&w.ctx).await;
+    assert_eq!(restarts(&w).len(), 1);
+    assert!(w.fake.writes_to("rollouts").is_empty());
+
+    // With the API served.
+    let w = world();
+    w.fake
+        .serve_group("argoproj.io/v1alpha1", &[("rollouts", "Rollout")]);
+    w.add(argo_rollout(
+        "shop-dev",
+        "canary",
+        key_ref("api", "LOG_LEVEL"),
+    ));
+    w.add(argo_rollout(
+        "shop-dev",
+        "reads-host",
+        key_ref("api", "DB_HOST"),
+    ));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    restart_due(&w.ctx).await;
+    let patched: Vec<String> = w
+        .fake
+        .writes_to("rollouts")
+        .into_iter()
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        patched,
+        vec!["/apis/argoproj.io/v1alpha1/namespaces/shop-dev/rollouts/canary".to_string()],
+        "same detection and per-key rule as for Deployments"
+    );
+    let r = w
+        .fake
+        .get(
+            "apis/argoproj.io/v1alpha1",
+            Some("shop-dev"),
+            "rollouts",
+            "canary",
+        )
+        .unwrap();
+    assert!(
+        r["spec"]["template"]["metadata"]["annotations"]["checksum.scopedsecrets.io/api"]
+            .is_string(),
+        "{r}"
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(
+        results(&w, "shop-dev", "api").contains(&("canary".into(), "Restarted".into())),
+        "{:?}",
+        results(&w, "shop-dev", "api")
     );
 }

@@ -278,17 +278,19 @@ pub struct ScopedSecretStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
-    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    /// `Deployment`, `StatefulSet`, `DaemonSet` or `Rollout` (Argo Rollouts).
     pub kind: String,
     /// Workload name.
     pub name: String,
     /// The HMAC prefix written to its pod-template annotation, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
-    /// `Restarted`, `Skipped:<reason>` (`KeysUnchanged`, `AlreadyCurrent`, `LiveReload`,
-    /// `Paused`, `Deleted`) or `Failed:<reason>`.
+    /// `Queued` (waiting for the coalescing window), `Deferred` (waiting for the restart
+    /// budget), `Restarted`, `Skipped:<reason>` (`KeysUnchanged`, `AlreadyCurrent`,
+    /// `LiveReload`, `Paused`, `Deleted`) or `Failed:<reason>` (`Forbidden`, `Refused`,
+    /// `KubernetesError`).
     pub result: String,
-    /// When it was decided.
+    /// When it reached this result.
     pub time: Time,
 }
 

@@ -7,6 +7,7 @@
 //! and are retried until they recover — no object is ever dropped from the queue.
 
 mod reconcile;
+pub mod restarts;
 pub mod status;
 pub mod validate;
 
@@ -127,6 +128,8 @@ pub struct Config {
     pub breaker_window: Duration,
     /// Keys expiring within this horizon are reported (`KeysExpiring`).
     pub expiry_horizon: Duration,
+    /// Coalescing window, restart budget and rollout deadline of restarts.
+    pub pacing: crate::rollout::queue::Pacing,
 }
 
 impl Default for Config {
@@ -140,6 +143,7 @@ impl Default for Config {
             breaker_changes: 5,
             breaker_window: Duration::from_secs(600),
             expiry_horizon: Duration::from_secs(14 * 86_400),
+            pacing: Default::default(),
         }
     }
 }
@@ -164,6 +168,8 @@ pub struct Context {
     /// a reconcile that still sees the previous status (the cache lags our own write) must
     /// not handle the same change twice.
     pub(crate) rolled_out: Mutex<HashMap<String, String>>,
+    /// The cluster-wide restart queue and its worker's state.
+    pub restarts: restarts::Restarter,
 }
 
 impl Context {
@@ -181,6 +187,7 @@ impl Context {
             config.breaker_changes,
             config.breaker_window,
         ));
+        let restarts = restarts::Restarter::new(config.pacing);
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -193,6 +200,7 @@ impl Context {
             seen: Mutex::new(Default::default()),
             breaker,
             rolled_out: Mutex::new(HashMap::new()),
+            restarts,
         }
     }
 
@@ -402,6 +410,17 @@ pub async fn run(
     let ctx =
         Arc::new(Context::new(client.clone(), source, hmac_key, config).with_metrics(metrics));
 
+    // The restart worker runs as long as the controller does (and stops with it when the
+    // Lease is lost).
+    let worker = AbortOnDrop(tokio::spawn(restarts::run_worker(ctx.clone())));
+    let triggered = ctx
+        .restarts
+        .take_triggers()
+        .expect("the controller takes the restart triggers once");
+    let triggered = futures::stream::unfold(triggered, |mut rx| async move {
+        rx.recv().await.map(|r| (r, rx))
+    });
+
     let (reader, writer) = reflector::store();
     let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
         .default_backoff()
@@ -470,6 +489,7 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
+        .reconcile_on(triggered)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -482,7 +502,17 @@ pub async fn run(
             }
         })
         .await;
+    drop(worker);
     Ok(())
+}
+
+/// Aborts a spawned task when dropped, so it never outlives its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ use tracing::{info, instrument, warn};
 use super::status::{Outcome, next_status};
 use super::{Context, Error, refresh_delay, validate};
 use crate::api::v1alpha1::{
-    ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreConnection, StoreKind, VaultStore,
+    ClusterVaultStore, DeletionPolicy, RolloutStatus, ScopedSecret, StoreConnection, StoreKind,
+    VaultStore,
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::{self, Resolved};
@@ -70,6 +71,11 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 content_hash: &done.content_hash,
                 wrote: done.wrote,
                 rollouts: done.rollouts.as_ref(),
+                restarts: &restart_records(
+                    &ctx,
+                    ss.namespace().as_deref().unwrap_or_default(),
+                    &done.secret_name,
+                ),
                 expiring: done.expiring.as_deref(),
             };
             if let Err(e) = write_status(&ss, &ctx, &outcome, now).await {
@@ -381,9 +387,12 @@ async fn apply_rotation(
     Ok(first_end)
 }
 
-/// Restarts the consumers of the Secret when its content changed from a previous content
-/// (never on the first sync, never when the content is equal). Restart failures are reported
-/// per workload; they do not fail the sync, which already succeeded.
+/// Queues restarts of the consumers of the Secret when its content changed from a previous
+/// content (never on the first sync, never when the content is equal); the restart worker
+/// applies them after the coalescing window, within the budget. When the content is equal,
+/// restarts the status still shows as queued but this process does not know (it restarted
+/// before applying them) are queued again. Failures are reported per workload; they do not
+/// fail the sync, which already succeeded.
 async fn restart_consumers(
     ss: &ScopedSecret,
     ctx: &Context,
@@ -396,11 +405,12 @@ async fn restart_consumers(
     let namespace = ss.namespace().unwrap_or_default();
     let ns = namespace.as_str();
     let previous = ss.status.as_ref().and_then(|s| s.content_hash.as_deref())?;
-    if previous == content_hash {
-        return None;
-    }
     // The Secret is ours under another name only after a rename: nothing consumed it yet.
     if ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) != Some(secret_name) {
+        return None;
+    }
+    if previous == content_hash {
+        requeue_unfinished(ss, ctx, secret_name);
         return None;
     }
     let rollout_spec = ss.spec.rollout.as_ref();
@@ -443,10 +453,13 @@ async fn restart_consumers(
             paused: Some(note),
         });
     }
-    let workloads = match rollout::apply::list_workloads(&ctx.client, ns).await {
+    let argo = ctx.restarts.argo_rollouts(&ctx.client).await;
+    let workloads = match rollout::apply::list_workloads(&ctx.client, ns, argo).await {
         Ok(w) => w,
         Err(e) => {
-            let note = format!("failed to list the workloads of namespace {ns} to restart: {e}");
+            let note = format!(
+                "failed to list the workloads of namespace {ns} to restart: {e} (the operator's ClusterRole needs list on deployments, statefulsets and daemonsets)"
+            );
             warn!("{note}");
             publish(ss, ctx, EventType::Warning, "RolloutFailed", &note).await;
             return Some(rollout::apply::Report::default());
@@ -454,44 +467,100 @@ async fn restart_consumers(
     };
     let empty = std::collections::BTreeMap::new();
     let data = desired.data.as_ref().unwrap_or(&empty);
-    let outcomes = rollout::apply::restart_consumers(
-        &ctx.client,
-        ns,
+    let outcomes = rollout::apply::plan(
         secret_name,
         rollout_spec,
         &workloads,
         &change,
         &ctx.hmac_key,
         data,
-    )
-    .await;
+    );
+    let source = (ns.to_string(), ss.name_any());
+    ctx.restarts.enqueue(outcomes.iter().filter_map(|o| {
+        let hash = o.hash.clone().filter(|_| o.result == "Queued")?;
+        Some(rollout::queue::Request {
+            workload: rollout::queue::WorkloadRef {
+                namespace: ns.to_string(),
+                kind: o.kind,
+                name: o.name.clone(),
+            },
+            secret: secret_name.to_string(),
+            hash,
+            source: source.clone(),
+            urgent: revocation,
+        })
+    }));
     for o in &outcomes {
-        let (type_, reason) = match o.result.as_str() {
-            "Restarted" => (EventType::Normal, "RolloutRestarted"),
-            r if r.starts_with("Failed") => (EventType::Warning, "RolloutFailed"),
-            _ => (EventType::Normal, "RolloutSkipped"),
-        };
-        if o.result == "Restarted" {
-            ctx.metrics.wrote("workload_restart");
-            let reference = k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some("apps/v1".into()),
-                kind: Some(o.kind.as_str().into()),
-                name: Some(o.name.clone()),
-                namespace: Some(ns.to_string()),
-                ..Default::default()
-            };
-            publish_on(ctx, &reference, type_, reason, &o.note).await;
-        }
-        // Keys-unchanged skips are the normal case for selective readers: no event noise.
-        if o.result != "Skipped:KeysUnchanged" && o.result != "Skipped:AlreadyCurrent" {
-            publish(ss, ctx, type_, reason, &o.note).await;
+        if o.notable {
+            publish(ss, ctx, EventType::Normal, "RolloutSkipped", &o.note).await;
         }
         info!(workload = %o.name, kind = o.kind.as_str(), result = %o.result, "rollout");
     }
+    let skipped = outcomes.iter().filter(|o| o.hash.is_none()).count();
+    ctx.metrics.restarted("skipped", skipped);
     Some(rollout::apply::Report {
         outcomes,
         paused: None,
     })
+}
+
+/// Queues again the restarts `status.rollouts` shows as `Queued` or `Deferred` that this
+/// process does not know: they were decided before the operator restarted. The worker reads
+/// each workload before patching, so one that already carries the hash is left alone.
+fn requeue_unfinished(ss: &ScopedSecret, ctx: &Context, secret_name: &str) {
+    let Some(status) = ss.status.as_ref() else {
+        return;
+    };
+    let ns = ss.namespace().unwrap_or_default();
+    let source = (ns.clone(), ss.name_any());
+    let requests: Vec<_> = {
+        let queue = ctx.restarts.queue();
+        status
+            .rollouts
+            .iter()
+            .filter(|r| r.result == "Queued" || r.result == "Deferred")
+            .filter_map(|r| {
+                let workload = rollout::queue::WorkloadRef {
+                    namespace: ns.clone(),
+                    kind: rollout::WorkloadKind::parse(&r.kind)?,
+                    name: r.name.clone(),
+                };
+                if queue.knows(&workload, secret_name) {
+                    return None;
+                }
+                Some(rollout::queue::Request {
+                    workload,
+                    secret: secret_name.to_string(),
+                    hash: r.hash.clone()?,
+                    source: source.clone(),
+                    urgent: false,
+                })
+            })
+            .collect()
+    };
+    if !requests.is_empty() {
+        info!(
+            count = requests.len(),
+            "queueing again restarts decided before the operator restarted"
+        );
+        ctx.restarts.enqueue(requests);
+    }
+}
+
+/// What the restart queue knows of the restarts of `secret_name`, as status entries.
+fn restart_records(ctx: &Context, ns: &str, secret_name: &str) -> Vec<RolloutStatus> {
+    ctx.restarts
+        .queue()
+        .records_for(ns, secret_name)
+        .into_iter()
+        .map(|(w, r)| RolloutStatus {
+            kind: w.kind.as_str().to_string(),
+            name: w.name,
+            hash: Some(r.hash),
+            result: r.result,
+            time: Time(jiff::Timestamp::from_second(r.at.as_second()).unwrap_or(r.at)),
+        })
+        .collect()
 }
 
 /// After `target.name` changed, the Secret written under the old name is deleted — under
@@ -706,7 +775,7 @@ async fn publish(ss: &ScopedSecret, ctx: &Context, type_: EventType, reason: &st
     publish_on(ctx, &ss.object_ref(&()), type_, reason, note).await;
 }
 
-async fn publish_on(
+pub(super) async fn publish_on(
     ctx: &Context,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
     type_: EventType,

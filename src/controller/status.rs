@@ -27,6 +27,9 @@ pub enum Outcome<'a> {
         wrote: bool,
         /// What the change did about restarts, when the content changed.
         rollouts: Option<&'a crate::rollout::apply::Report>,
+        /// What the restart queue knows of this Secret's restarts since (`Deferred`,
+        /// `Restarted`, …): it updates the matching `status.rollouts` entries.
+        restarts: &'a [crate::api::v1alpha1::RolloutStatus],
         /// Keys expiring within the horizon, as a sentence.
         expiring: Option<&'a str>,
     },
@@ -64,6 +67,7 @@ pub fn next_status(
             content_hash,
             wrote,
             rollouts,
+            restarts,
             expiring,
         } => {
             let had = status.conditions.iter().any(|c| c.type_ == KEYS_EXPIRING);
@@ -113,6 +117,16 @@ pub fn next_status(
                         time: now.clone(),
                     })
                     .collect();
+            }
+            for entry in &mut status.rollouts {
+                if let Some(latest) = restarts
+                    .iter()
+                    .find(|r| r.kind == entry.kind && r.name == entry.name && r.hash == entry.hash)
+                    && latest.result != entry.result
+                {
+                    entry.result = latest.result.clone();
+                    entry.time = latest.time.clone();
+                }
             }
             let changed = status.content_hash.as_deref() != Some(*content_hash);
             if changed {
@@ -223,6 +237,7 @@ mod tests {
             content_hash: hash,
             wrote,
             rollouts: None,
+            restarts: &[],
             expiring: None,
         }
     }

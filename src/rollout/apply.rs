@@ -1,35 +1,50 @@
-//! Reading the workloads of a namespace and applying restart decisions.
+//! Talking to the API server about workloads: listing them, deciding per workload (the
+//! outcomes a reconcile reports), and applying one [`Batch`] of the restart queue.
 //!
-//! The restart is a server-side apply of the one pod-template annotation, under a field
-//! manager of its own per Secret (`scoped-secrets-rollout.<secret>`), so that the annotations
-//! of two Secrets on one workload never remove each other and nothing else of the workload is
-//! claimed. A workload deleted between listing and patching is skipped; a refused patch
-//! (409/422) is reported, not retried forever.
+//! A batch is one server-side apply of the workload's pod-template annotations under the one
+//! field manager `scoped-secrets-rollout`, forcing only those fields. The patch carries every
+//! `checksum.scopedsecrets.io/*` annotation the workload holds (read from the live object just
+//! before) with the batch's new hashes on top: applying fewer fields would make the server drop
+//! the ones this manager applied before. One patch, however many Secrets changed: one rollout.
+//! A workload deleted before its patch is skipped; a refused patch (409/422) is reported, not
+//! retried forever.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use serde_json::json;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
 
-use super::{Change, Decision, Skip, Workload, WorkloadKind, annotation_key, decide, targets};
+use super::queue::{Batch, WorkloadRef};
+use super::{
+    CHECKSUM_PREFIX, Change, Decision, Skip, Workload, WorkloadKind, annotation_key, decide,
+    targets,
+};
 use crate::api::v1alpha1::Rollout;
 use crate::render::HmacKey;
+
+/// The field manager of the restart annotations.
+pub const FIELD_MANAGER: &str = "scoped-secrets-rollout";
 
 /// What happened to one workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub kind: WorkloadKind,
     pub name: String,
-    /// The hash written (or found) in its annotation.
+    /// The hash written (or to be written) in its annotation.
     pub hash: Option<String>,
-    /// `Restarted`, `Skipped:<reason>`, or `Failed:<reason>`.
+    /// `Queued`, `Restarted`, `Skipped:<reason>`, or `Failed:<reason>`.
     pub result: String,
     /// A sentence for the event, naming no value.
     pub note: String,
+    /// Whether the note deserves an event on the ScopedSecret (a paused workload, live reload
+    /// honoured or refused); the common skips and plain queueing make none.
+    pub notable: bool,
 }
 
 /// What one content change did about restarts.
@@ -38,6 +53,29 @@ pub struct Report {
     pub outcomes: Vec<Outcome>,
     /// Why restarts are paused (the breaker tripped), if they are.
     pub paused: Option<String>,
+}
+
+/// The Argo Rollouts `Rollout` resource.
+pub fn argo_rollout_resource() -> ApiResource {
+    ApiResource {
+        group: "argoproj.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "argoproj.io/v1alpha1".into(),
+        kind: "Rollout".into(),
+        plural: "rollouts".into(),
+    }
+}
+
+/// Whether the API server serves Argo Rollouts (`rollouts.argoproj.io`). Any failure to tell
+/// counts as "no": a cluster without Argo Rollouts must never fail a restart.
+pub async fn argo_rollouts_served(client: &Client) -> bool {
+    match client
+        .list_api_group_resources("argoproj.io/v1alpha1")
+        .await
+    {
+        Ok(list) => list.resources.iter().any(|r| r.name == "rollouts"),
+        Err(_) => false,
+    }
 }
 
 fn to_workload(
@@ -63,10 +101,11 @@ fn to_workload(
     })
 }
 
-/// Deployments, StatefulSets and DaemonSets of `namespace`.
+/// Deployments, StatefulSets and DaemonSets of `namespace`, and Argo Rollouts when `argo`.
 pub async fn list_workloads(
     client: &Client,
     namespace: &str,
+    argo: bool,
 ) -> Result<Vec<Workload>, kube::Error> {
     let lp = ListParams::default();
     let mut out = Vec::new();
@@ -116,55 +155,34 @@ pub async fn list_workloads(
             false,
         ));
     }
+    if argo {
+        let api = Api::<DynamicObject>::namespaced_with(
+            client.clone(),
+            namespace,
+            &argo_rollout_resource(),
+        );
+        for r in api.list(&lp).await? {
+            // A Rollout with `workloadRef` has no template of its own: the Deployment it
+            // references is a consumer in its own right.
+            let template = r.data["spec"]["template"].clone();
+            let template: Option<PodTemplateSpec> = serde_json::from_value(template).ok();
+            let paused = r.data["spec"]["paused"].as_bool().unwrap_or(false);
+            out.extend(to_workload(
+                WorkloadKind::Rollout,
+                r.name_any(),
+                r.labels().clone(),
+                r.annotations().clone(),
+                template,
+                paused,
+            ));
+        }
+    }
     Ok(out)
 }
 
-/// The field manager of the restart annotation of `secret`.
-pub fn field_manager(secret: &str) -> String {
-    // Field manager names are at most 128 characters.
-    let mut m = format!("scoped-secrets-rollout.{secret}");
-    m.truncate(128);
-    m
-}
-
-async fn patch(
-    client: &Client,
-    ns: &str,
-    kind: WorkloadKind,
-    name: &str,
-    secret: &str,
-    hash: &str,
-) -> Result<(), kube::Error> {
-    let (api_version, kind_str) = ("apps/v1", kind.as_str());
-    let body = json!({
-        "apiVersion": api_version,
-        "kind": kind_str,
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"template": {"metadata": {"annotations": {annotation_key(secret): hash}}}}
-    });
-    let pp = PatchParams::apply(&field_manager(secret)).force();
-    match kind {
-        WorkloadKind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns)
-            .patch(name, &pp, &Patch::Apply(&body))
-            .await
-            .map(|_| ()),
-        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), ns)
-            .patch(name, &pp, &Patch::Apply(&body))
-            .await
-            .map(|_| ()),
-        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), ns)
-            .patch(name, &pp, &Patch::Apply(&body))
-            .await
-            .map(|_| ()),
-    }
-}
-
-/// Restarts the consumers of `secret` in `ns` that `change` affects; returns one outcome per
-/// targeted workload.
-#[allow(clippy::too_many_arguments)]
-pub async fn restart_consumers(
-    client: &Client,
-    ns: &str,
+/// Decides for every workload the strategy targets; `Restart` decisions come back as
+/// `Queued` outcomes with the hash to write.
+pub fn plan(
     secret: &str,
     rollout: Option<&Rollout>,
     workloads: &[Workload],
@@ -172,71 +190,366 @@ pub async fn restart_consumers(
     key: &HmacKey,
     data: &BTreeMap<String, ByteString>,
 ) -> Vec<Outcome> {
-    let mut outcomes = Vec::new();
-    for (w, consumption) in targets(rollout, workloads, secret) {
-        let decision = decide(w, &consumption, secret, change, key, data);
-        let what = format!("{}/{}", w.kind.as_str(), w.name);
-        let outcome = match decision {
-            Decision::Skip(skip) => Outcome {
-                kind: w.kind,
-                name: w.name.clone(),
-                hash: None,
-                result: format!("Skipped:{}", skip.as_str()),
-                note: match skip {
-                    Skip::Paused => format!(
-                        "{what} is paused: not restarted; resume it to pick up Secret {secret}"
-                    ),
-                    Skip::LiveReload => format!(
-                        "{what} reads Secret {secret} through volumes only and asked for live reload: the kubelet refreshes its files"
-                    ),
-                    Skip::KeysUnchanged => {
-                        format!("{what} reads none of the changed keys of Secret {secret}")
-                    }
-                    Skip::AlreadyCurrent => {
-                        format!("{what} already runs with the current content of Secret {secret}")
-                    }
-                },
-            },
-            Decision::Restart {
-                hash,
-                live_reload_refused,
-            } => match patch(client, ns, w.kind, &w.name, secret, &hash).await {
-                Ok(()) => Outcome {
-                    kind: w.kind,
-                    name: w.name.clone(),
-                    hash: Some(hash),
-                    result: "Restarted".into(),
-                    note: if live_reload_refused {
-                        format!(
-                            "restarted {what} for Secret {secret}: it asked for live reload but reads the Secret through env or subPath, which only a restart refreshes"
-                        )
-                    } else {
-                        format!("restarted {what}: Secret {secret} changed keys it reads")
-                    },
-                },
-                Err(kube::Error::Api(s)) if s.code == 404 => Outcome {
+    targets(rollout, workloads, secret)
+        .into_iter()
+        .map(|(w, consumption)| {
+            let what = format!("{}/{}", w.kind.as_str(), w.name);
+            match decide(w, &consumption, secret, change, key, data) {
+                Decision::Skip(skip) => Outcome {
+                    notable: matches!(skip, Skip::Paused | Skip::LiveReload),
                     kind: w.kind,
                     name: w.name.clone(),
                     hash: None,
-                    result: "Skipped:Deleted".into(),
-                    note: format!("{what} was deleted before it could be restarted"),
+                    result: format!("Skipped:{}", skip.as_str()),
+                    note: match skip {
+                        Skip::Paused => format!(
+                            "{what} is paused: not restarted; resume it to pick up Secret {secret}"
+                        ),
+                        Skip::LiveReload => format!(
+                            "{what} reads Secret {secret} through volumes only and asked for live reload: the kubelet refreshes its files"
+                        ),
+                        Skip::KeysUnchanged => {
+                            format!("{what} reads none of the changed keys of Secret {secret}")
+                        }
+                        Skip::AlreadyCurrent => format!(
+                            "{what} already runs with the current content of Secret {secret}"
+                        ),
+                    },
                 },
-                Err(e) => Outcome {
+                Decision::Restart {
+                    hash,
+                    live_reload_refused,
+                } => Outcome {
+                    notable: live_reload_refused,
                     kind: w.kind,
                     name: w.name.clone(),
                     hash: Some(hash),
-                    result: match &e {
-                        kube::Error::Api(s) if s.code == 403 => "Failed:Forbidden".into(),
-                        kube::Error::Api(s) if s.code == 409 || s.code == 422 => {
-                            "Failed:Refused".into()
-                        }
-                        _ => "Failed:KubernetesError".into(),
+                    result: "Queued".into(),
+                    note: if live_reload_refused {
+                        format!(
+                            "{what} asked for live reload but reads Secret {secret} through env or subPath, which only a restart refreshes: it will be restarted"
+                        )
+                    } else {
+                        format!("{what} will be restarted: Secret {secret} changed keys it reads")
                     },
-                    note: format!("failed to restart {what} for Secret {secret}: {e}"),
                 },
-            },
-        };
-        outcomes.push(outcome);
+            }
+        })
+        .collect()
+}
+
+async fn get_as<K>(api: Api<K>, name: &str) -> Result<Option<Value>, kube::Error>
+where
+    K: Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    Ok(api
+        .get_opt(name)
+        .await?
+        .map(|o| serde_json::to_value(o).expect("API objects serialize")))
+}
+
+/// The live object of `w` as JSON, `None` when it is gone.
+pub async fn fetch(client: &Client, w: &WorkloadRef) -> Result<Option<Value>, kube::Error> {
+    let (c, ns, name) = (client.clone(), w.namespace.as_str(), w.name.as_str());
+    match w.kind {
+        WorkloadKind::Deployment => get_as(Api::<Deployment>::namespaced(c, ns), name).await,
+        WorkloadKind::StatefulSet => get_as(Api::<StatefulSet>::namespaced(c, ns), name).await,
+        WorkloadKind::DaemonSet => get_as(Api::<DaemonSet>::namespaced(c, ns), name).await,
+        WorkloadKind::Rollout => {
+            let api = Api::<DynamicObject>::namespaced_with(c, ns, &argo_rollout_resource());
+            get_as(api, name).await
+        }
     }
-    outcomes
+}
+
+fn json<K: Serialize>(v: Result<K, kube::Error>) -> Result<Value, kube::Error> {
+    v.map(|o| serde_json::to_value(o).expect("API objects serialize"))
+}
+
+async fn apply(client: &Client, w: &WorkloadRef, body: &Value) -> Result<Value, kube::Error> {
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(body);
+    let (c, ns, name) = (client.clone(), w.namespace.as_str(), w.name.as_str());
+    match w.kind {
+        WorkloadKind::Deployment => json(
+            Api::<Deployment>::namespaced(c, ns)
+                .patch(name, &pp, &patch)
+                .await,
+        ),
+        WorkloadKind::StatefulSet => json(
+            Api::<StatefulSet>::namespaced(c, ns)
+                .patch(name, &pp, &patch)
+                .await,
+        ),
+        WorkloadKind::DaemonSet => json(
+            Api::<DaemonSet>::namespaced(c, ns)
+                .patch(name, &pp, &patch)
+                .await,
+        ),
+        WorkloadKind::Rollout => json(
+            Api::<DynamicObject>::namespaced_with(c, ns, &argo_rollout_resource())
+                .patch(name, &pp, &patch)
+                .await,
+        ),
+    }
+}
+
+/// What applying one batch did, per Secret of the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Secret name → `Restarted`, `Skipped:<reason>` or `Failed:<reason>`.
+    pub results: BTreeMap<String, String>,
+    /// Whether a patch went out (the workload now rolls).
+    pub patched: bool,
+    /// A sentence for events and logs, naming no value.
+    pub note: String,
+}
+
+impl Applied {
+    fn all(batch: &Batch, result: &str, note: String) -> Self {
+        Applied {
+            results: batch
+                .annotations
+                .keys()
+                .map(|s| (s.clone(), result.to_string()))
+                .collect(),
+            patched: false,
+            note,
+        }
+    }
+}
+
+/// The pod-template annotations of a workload object.
+fn template_annotations(obj: &Value) -> BTreeMap<String, String> {
+    obj["spec"]["template"]["metadata"]["annotations"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Applies one batch: reads the live workload, and patches it once when any of the batch's
+/// annotations differs from what it holds.
+pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
+    let w = &batch.workload;
+    let what = format!("{}/{}", w.kind.as_str(), w.name);
+    let secrets = batch
+        .annotations
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let live = match fetch(client, w).await {
+        Ok(Some(live)) => live,
+        Ok(None) => {
+            return Applied::all(
+                batch,
+                "Skipped:Deleted",
+                format!("{what} was deleted before it could be restarted"),
+            );
+        }
+        Err(e) => return failed(batch, &what, &secrets, e),
+    };
+    if live["spec"]["paused"].as_bool() == Some(true) {
+        return Applied::all(
+            batch,
+            "Skipped:Paused",
+            format!("{what} is paused: not restarted; resume it to pick up Secret {secrets}"),
+        );
+    }
+    let current = template_annotations(&live);
+    let mut results = BTreeMap::new();
+    for (secret, hash) in &batch.annotations {
+        let same = current.get(&annotation_key(secret)) == Some(hash);
+        let result = if same {
+            "Skipped:AlreadyCurrent"
+        } else {
+            "Restarted"
+        };
+        results.insert(secret.clone(), result.to_string());
+    }
+    if results.values().all(|r| r != "Restarted") {
+        return Applied {
+            results,
+            patched: false,
+            note: format!("{what} already runs with the current content of Secret {secrets}"),
+        };
+    }
+    // Every checksum annotation it holds, the batch's on top: none is dropped.
+    let mut annotations: BTreeMap<String, String> = current
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(CHECKSUM_PREFIX))
+        .collect();
+    for (secret, hash) in &batch.annotations {
+        annotations.insert(annotation_key(secret), hash.clone());
+    }
+    let body = json!({
+        "apiVersion": w.kind.api_version(),
+        "kind": w.kind.as_str(),
+        "metadata": {"name": w.name, "namespace": w.namespace},
+        "spec": {"template": {"metadata": {"annotations": annotations}}}
+    });
+    match apply(client, w, &body).await {
+        Ok(_) => {
+            let restarted: Vec<&str> = results
+                .iter()
+                .filter(|(_, r)| *r == "Restarted")
+                .map(|(s, _)| s.as_str())
+                .collect();
+            Applied {
+                note: format!(
+                    "restarted {what}: Secret {} changed keys it reads",
+                    restarted.join(", ")
+                ),
+                results,
+                patched: true,
+            }
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Applied::all(
+            batch,
+            "Skipped:Deleted",
+            format!("{what} was deleted before it could be restarted"),
+        ),
+        Err(e) => failed(batch, &what, &secrets, e),
+    }
+}
+
+fn failed(batch: &Batch, what: &str, secrets: &str, e: kube::Error) -> Applied {
+    let result = match &e {
+        kube::Error::Api(s) if s.code == 403 => "Failed:Forbidden",
+        kube::Error::Api(s) if s.code == 409 || s.code == 422 => "Failed:Refused",
+        _ => "Failed:KubernetesError",
+    };
+    let hint = if result == "Failed:Forbidden" {
+        " (the operator's ClusterRole needs get and patch on this kind)"
+    } else {
+        ""
+    };
+    Applied::all(
+        batch,
+        result,
+        format!("failed to restart {what} for Secret {secrets}: {e}{hint}"),
+    )
+}
+
+fn int(v: &Value) -> i64 {
+    v.as_i64().unwrap_or(0)
+}
+
+/// Whether the rollout that a patch started has completed, from the workload's live object —
+/// the rules of `kubectl rollout status`. A workload that does not roll on its own
+/// (`OnDelete`) is complete at once.
+pub fn rollout_complete(kind: WorkloadKind, obj: &Value) -> bool {
+    let generation = int(&obj["metadata"]["generation"]);
+    let (spec, status) = (&obj["spec"], &obj["status"]);
+    let observed = match &status["observedGeneration"] {
+        // Argo Rollouts writes it as a string.
+        Value::String(s) => s.parse().unwrap_or(0),
+        v => int(v),
+    };
+    if observed < generation {
+        return false;
+    }
+    let on_delete = spec["updateStrategy"]["type"].as_str() == Some("OnDelete");
+    match kind {
+        WorkloadKind::Deployment => {
+            let replicas = spec["replicas"].as_i64().unwrap_or(1);
+            let updated = int(&status["updatedReplicas"]);
+            updated >= replicas
+                && int(&status["replicas"]) <= updated
+                && int(&status["availableReplicas"]) >= updated
+        }
+        WorkloadKind::StatefulSet => {
+            if on_delete {
+                return true;
+            }
+            let replicas = spec["replicas"].as_i64().unwrap_or(1);
+            let partition = int(&spec["updateStrategy"]["rollingUpdate"]["partition"]);
+            if int(&status["readyReplicas"]) < replicas {
+                return false;
+            }
+            if partition > 0 {
+                return int(&status["updatedReplicas"]) >= replicas - partition;
+            }
+            status["updateRevision"] == status["currentRevision"]
+        }
+        WorkloadKind::DaemonSet => {
+            if on_delete {
+                return true;
+            }
+            let desired = int(&status["desiredNumberScheduled"]);
+            int(&status["updatedNumberScheduled"]) >= desired
+                && int(&status["numberAvailable"]) >= desired
+        }
+        WorkloadKind::Rollout => matches!(
+            status["phase"].as_str(),
+            Some("Healthy" | "Paused" | "Degraded")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollout_completion_follows_kubectl_rollout_status() {
+        let dep = |generation: i64, observed: i64, updated: i64, total: i64, available: i64| {
+            json!({"metadata": {"generation": generation}, "spec": {"replicas": 3},
+                   "status": {"observedGeneration": observed, "updatedReplicas": updated,
+                              "replicas": total, "availableReplicas": available}})
+        };
+        let k = WorkloadKind::Deployment;
+        assert!(
+            !rollout_complete(k, &dep(2, 1, 3, 3, 3)),
+            "not observed yet"
+        );
+        assert!(!rollout_complete(k, &dep(2, 2, 1, 4, 3)), "still updating");
+        assert!(
+            !rollout_complete(k, &dep(2, 2, 3, 4, 3)),
+            "old pods terminating"
+        );
+        assert!(
+            !rollout_complete(k, &dep(2, 2, 3, 3, 2)),
+            "not all available"
+        );
+        assert!(rollout_complete(k, &dep(2, 2, 3, 3, 3)));
+
+        let sts = |update: &str, current: &str, ready: i64| {
+            json!({"metadata": {"generation": 1}, "spec": {"replicas": 2},
+                   "status": {"observedGeneration": 1, "readyReplicas": ready,
+                              "updateRevision": update, "currentRevision": current}})
+        };
+        let k = WorkloadKind::StatefulSet;
+        assert!(!rollout_complete(k, &sts("b", "a", 2)));
+        assert!(!rollout_complete(k, &sts("b", "b", 1)));
+        assert!(rollout_complete(k, &sts("b", "b", 2)));
+        let on_delete = json!({"metadata": {"generation": 1},
+            "spec": {"updateStrategy": {"type": "OnDelete"}}, "status": {"observedGeneration": 1}});
+        assert!(rollout_complete(k, &on_delete));
+
+        let ds = |updated: i64, available: i64| {
+            json!({"metadata": {"generation": 4}, "status": {"observedGeneration": 4,
+                   "desiredNumberScheduled": 5, "updatedNumberScheduled": updated,
+                   "numberAvailable": available}})
+        };
+        assert!(!rollout_complete(WorkloadKind::DaemonSet, &ds(4, 5)));
+        assert!(rollout_complete(WorkloadKind::DaemonSet, &ds(5, 5)));
+
+        let argo = |observed: &str, phase: &str| {
+            json!({"metadata": {"generation": 7},
+                   "status": {"observedGeneration": observed, "phase": phase}})
+        };
+        let k = WorkloadKind::Rollout;
+        assert!(!rollout_complete(k, &argo("6", "Healthy")));
+        assert!(!rollout_complete(k, &argo("7", "Progressing")));
+        assert!(rollout_complete(k, &argo("7", "Healthy")));
+        assert!(
+            rollout_complete(k, &argo("7", "Paused")),
+            "a canary step waits on people"
+        );
+    }
 }

@@ -8,12 +8,15 @@
 //! it does not read, and the decision converges: a workload whose annotation already holds
 //! the current hash is not patched again.
 //!
-//! `breaker` pauses restarts from a Secret whose content flaps. Not built yet (see README):
-//! the coalescing window, the cluster-wide restart budget and Argo Rollouts.
+//! A restart decided by a reconcile is not applied there: it joins the cluster-wide
+//! [`queue`], which coalesces the requests for one workload within a short window into one
+//! patch and keeps at most a budget of rollouts in flight; the worker in `apply` patches.
+//! `breaker` pauses restarts from a Secret whose content flaps.
 
 pub mod apply;
 pub mod breaker;
 pub mod detect;
+pub mod queue;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -38,6 +41,8 @@ pub enum WorkloadKind {
     Deployment,
     StatefulSet,
     DaemonSet,
+    /// An Argo Rollouts `Rollout` (`argoproj.io/v1alpha1`), when that API exists.
+    Rollout,
 }
 
 impl WorkloadKind {
@@ -46,6 +51,25 @@ impl WorkloadKind {
             WorkloadKind::Deployment => "Deployment",
             WorkloadKind::StatefulSet => "StatefulSet",
             WorkloadKind::DaemonSet => "DaemonSet",
+            WorkloadKind::Rollout => "Rollout",
+        }
+    }
+
+    /// The kind named `s`, as written in `status.rollouts` and `rollout.targets`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "Deployment" => WorkloadKind::Deployment,
+            "StatefulSet" => WorkloadKind::StatefulSet,
+            "DaemonSet" => WorkloadKind::DaemonSet,
+            "Rollout" => WorkloadKind::Rollout,
+            _ => return None,
+        })
+    }
+
+    pub fn api_version(self) -> &'static str {
+        match self {
+            WorkloadKind::Rollout => "argoproj.io/v1alpha1",
+            _ => "apps/v1",
         }
     }
 }

@@ -11,7 +11,8 @@
 //! subresource (writes there change only `status`, writes to the main resource never change
 //! `status` of a resource that has the subresource); `metadata.generation` bumped only by
 //! changes outside metadata and status; `uid`, `resourceVersion`, `creationTimestamp`;
-//! TokenRequest; injected failures.
+//! TokenRequest; injected failures; discovery of the API groups registered with
+//! `serve_group` (any other discovery path answers 404, as for a CRD not installed).
 //! Not modelled: watches (answered 405), garbage collection, finalizers, admission,
 //! field-manager conflicts (every apply acts as forced), dry-run.
 
@@ -45,6 +46,8 @@ struct State {
     requests: Vec<Recorded>,
     failures: VecDeque<(String, String, u16)>,
     counter: u64,
+    /// Discovery documents served at `/apis/<group>/<version>`, by group-version.
+    groups: BTreeMap<String, Value>,
 }
 
 /// The fake API server. Clones share one store.
@@ -54,13 +57,14 @@ pub struct FakeKube {
 }
 
 /// Resources with a `status` subresource: writes to the main resource leave status alone.
-const WITH_STATUS: [&str; 6] = [
+const WITH_STATUS: [&str; 7] = [
     "scopedsecrets",
     "deployments",
     "statefulsets",
     "daemonsets",
     "namespaces",
     "vaultstores",
+    "rollouts",
 ];
 
 impl FakeKube {
@@ -110,6 +114,23 @@ impl FakeKube {
             path_contains.to_string(),
             status,
         ));
+    }
+
+    /// Serves discovery for `group_version` (e.g. `argoproj.io/v1alpha1`) listing namespaced
+    /// resources `(plural, kind)`, as when a CRD of that group is installed.
+    pub fn serve_group(&self, group_version: &str, resources: &[(&str, &str)]) {
+        let resources: Vec<Value> = resources
+            .iter()
+            .map(|(plural, kind)| {
+                json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind,
+                       "verbs": ["get", "list", "watch", "patch"]})
+            })
+            .collect();
+        self.state.lock().unwrap().groups.insert(
+            group_version.to_string(),
+            json!({"kind": "APIResourceList", "apiVersion": "v1",
+                   "groupVersion": group_version, "resources": resources}),
+        );
     }
 
     /// Stores an object directly (not recorded), as the API server would after a create or
@@ -203,6 +224,13 @@ impl FakeKube {
         {
             let (_, _, code) = state.failures.remove(i).unwrap();
             return status_response(code, "injected failure");
+        }
+        if method == "GET"
+            && let Some(doc) = path
+                .strip_prefix("/apis/")
+                .and_then(|gv| state.groups.get(gv.trim_end_matches('/')))
+        {
+            return respond(200, &doc.clone());
         }
         let Some(p) = parse_path(&path) else {
             return status_response(404, &format!("no such path {path}"));
