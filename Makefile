@@ -1,5 +1,5 @@
 # One entry point for developer tasks. `make help` lists them.
-.PHONY: help fmt clippy test e2e generate chart bench demo ci
+.PHONY: help fmt clippy deny test e2e generate chart bench demo ci
 
 help: ## this list
 	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -9,6 +9,9 @@ fmt: ## format the code
 
 clippy: ## lint, warnings are errors
 	cargo clippy --all-targets --locked -- -D warnings
+
+deny: ## cargo-deny: licenses, bans, sources (pinned; not advisories, they need GitHub)
+	bash -c 'source scripts/tools.sh && ensure_cargo_deny && cargo deny check licenses bans sources'
 
 test: ## the test suite (starts its own OpenBao dev servers; needs `bao`, kubectl and helm, see scripts/tools.sh)
 	bash -c 'source scripts/tools.sh && ensure_bao && ensure_kube_tools && cargo nextest run --locked --no-fail-fast'

