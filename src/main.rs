@@ -56,6 +56,14 @@ enum Command {
         /// Seconds after which a rollout that has not completed stops holding its slot.
         #[arg(long, default_value_t = 600)]
         rollout_deadline_seconds: u64,
+        /// Serve only the ScopedSecrets of these namespaces (repeat the flag or separate with
+        /// commas), with namespaced RBAC (deploy/namespaced/); default: all namespaces.
+        #[arg(
+            long = "watch-namespace",
+            env = "WATCH_NAMESPACES",
+            value_delimiter = ','
+        )]
+        watch_namespaces: Vec<String>,
         /// Run the controller only while holding the Lease `scoped-secrets-leader` in
         /// --namespace (needed with more than one replica).
         #[arg(long, env = "LEADER_ELECTION")]
@@ -139,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
             restart_window_seconds,
             max_restarts_in_flight,
             rollout_deadline_seconds,
+            watch_namespaces,
             leader_election,
             lease_duration_seconds,
         } => {
@@ -167,6 +176,11 @@ async fn main() -> anyhow::Result<()> {
                     budget: max_restarts_in_flight as usize,
                     deadline: std::time::Duration::from_secs(rollout_deadline_seconds),
                 },
+                watch_namespaces: watch_namespaces
+                    .into_iter()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
                 ..Config::default()
             };
             tracing::info!(

@@ -888,6 +888,69 @@ fn namespaced_overlay_grants_the_same_calls_without_cluster_wide_secret_access()
     }
 }
 
+/// The namespaces named by `--watch-namespace` in the operator container's args.
+fn watched_namespaces(r: &Rendered) -> BTreeSet<String> {
+    let args = pod_spec(r.deployment()).containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    let mut out = BTreeSet::new();
+    for (i, a) in args.iter().enumerate() {
+        let list = if let Some(v) = a.strip_prefix("--watch-namespace=") {
+            v.to_string()
+        } else if a == "--watch-namespace" {
+            args.get(i + 1).cloned().unwrap_or_default()
+        } else {
+            continue;
+        };
+        out.extend(list.split(',').map(|n| n.trim().to_string()));
+    }
+    out
+}
+
+#[test]
+fn namespaced_overlay_runs_the_operator_on_exactly_its_tenant_namespaces() {
+    let r = Rendered::from(&kustomize("deploy/namespaced"));
+    let (_, tenants) = r.grants(OPERATOR_NS, "scoped-secrets");
+    let with_roles: BTreeSet<String> = tenants.keys().cloned().collect();
+    assert_eq!(
+        watched_namespaces(&r),
+        with_roles,
+        "deploy/namespaced: --watch-namespace must list exactly the namespaces with a Role"
+    );
+    // The cluster-wide install watches everything.
+    assert!(watched_namespaces(&Rendered::from(&kustomize("deploy/"))).is_empty());
+}
+
+#[test]
+fn chart_with_watch_namespaces_grants_what_deploy_namespaced_grants() {
+    let chart = Rendered::from(&helm_template(&["watchNamespaces={shop-dev,shop-prod}"]));
+    let deploy = Rendered::from(&kustomize("deploy/namespaced"));
+    let (chart_operator, chart_tenants) = chart.grants(OPERATOR_NS, "scoped-secrets");
+    let (deploy_operator, deploy_tenants) = deploy.grants(OPERATOR_NS, "scoped-secrets");
+    assert_same_grants(
+        "chart (watchNamespaces) vs deploy/namespaced, operator",
+        &chart_operator,
+        &deploy_operator,
+    );
+    assert_eq!(
+        chart_tenants.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["shop-dev".to_string(), "shop-prod".to_string()])
+    );
+    let tenant = deploy_tenants
+        .values()
+        .next()
+        .expect("a tenant in deploy/namespaced");
+    for (ns, grants) in &chart_tenants {
+        assert_same_grants(&format!("chart tenant {ns}"), grants, tenant);
+    }
+    assert_eq!(
+        watched_namespaces(&chart),
+        BTreeSet::from(["shop-dev".to_string(), "shop-prod".to_string()])
+    );
+    assert!(watched_namespaces(&Rendered::from(&helm_template(&[]))).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // The chart.
 // ---------------------------------------------------------------------------------------------

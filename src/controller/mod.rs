@@ -130,6 +130,8 @@ pub struct Config {
     pub expiry_horizon: Duration,
     /// Coalescing window, restart budget and rollout deadline of restarts.
     pub pacing: crate::rollout::queue::Pacing,
+    /// Namespaces whose ScopedSecrets are served; empty: all namespaces.
+    pub watch_namespaces: Vec<String>,
 }
 
 impl Default for Config {
@@ -144,6 +146,7 @@ impl Default for Config {
             breaker_window: Duration::from_secs(600),
             expiry_horizon: Duration::from_secs(14 * 86_400),
             pacing: Default::default(),
+            watch_namespaces: Vec::new(),
         }
     }
 }
@@ -399,47 +402,135 @@ pub async fn run(
     metrics: Arc<Metrics>,
     ready: Readiness,
 ) -> anyhow::Result<()> {
-    let scoped: Api<ScopedSecret> = Api::all(client.clone());
-    if let Err(e) = scoped.list(&ListParams::default().limit(1)).await {
-        anyhow::bail!(
-            "failed to list ScopedSecrets ({e}); are the CRDs installed? `scoped-secrets crd | kubectl apply -f -`"
-        );
+    let scopes: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    for scope in &scopes {
+        let scoped: Api<ScopedSecret> = namespaced_or_all(&client, scope.as_deref());
+        if let Err(e) = scoped.list(&ListParams::default().limit(1)).await {
+            let where_ = scope
+                .as_deref()
+                .map_or("in all namespaces".to_string(), |ns| {
+                    format!("in namespace {ns}")
+                });
+            anyhow::bail!(
+                "failed to list ScopedSecrets {where_} ({e}); are the CRDs installed (`scoped-secrets crd | kubectl apply -f -`) and does the operator's RBAC grant list on scopedsecrets there (docs/security.md)?"
+            );
+        }
     }
     let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
     let concurrency = config.concurrency;
     let ctx =
         Arc::new(Context::new(client.clone(), source, hmac_key, config).with_metrics(metrics));
 
-    // The restart worker runs as long as the controller does (and stops with it when the
+    // The restart worker runs as long as the controllers do (and stops with them when the
     // Lease is lost).
     let worker = AbortOnDrop(tokio::spawn(restarts::run_worker(ctx.clone())));
-    let triggered = ctx
+    let mut triggered = ctx
         .restarts
         .take_triggers()
         .expect("the controller takes the restart triggers once");
-    let triggered = futures::stream::unfold(triggered, |mut rx| async move {
-        rx.recv().await.map(|r| (r, rx))
+    // One controller per scope; the worker's triggers go to the one watching their namespace.
+    let mut routes = HashMap::new();
+    let mut controllers = Vec::new();
+    let mut stores = Vec::new();
+    for scope in scopes {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        routes.insert(scope.clone(), tx);
+        let rx =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let (controller, store) = controller_for(&client, scope.as_deref(), concurrency);
+        stores.push(store);
+        controllers.push(
+            controller
+                .reconcile_on(rx)
+                .shutdown_on_signal()
+                .run(reconcile, error_policy, ctx.clone())
+                .for_each(|result| async move {
+                    if let Err(e) = result {
+                        // Reconcile errors are logged by error_policy; these are queue/watch
+                        // errors.
+                        match e {
+                            kube::runtime::controller::Error::ReconcilerFailed(..) => {}
+                            other => tracing::warn!("controller: {other}"),
+                        }
+                    }
+                }),
+        );
+    }
+    let router = AbortOnDrop(tokio::spawn(async move {
+        while let Some(obj) = triggered.recv().await {
+            let route = routes
+                .get(&None)
+                .or_else(|| routes.get(&obj.namespace.clone()));
+            if let Some(tx) = route {
+                let _ = tx.send(obj);
+            }
+        }
+    }));
+    tokio::spawn(async move {
+        for store in stores {
+            // kube's Store readiness wakes only the last of several concurrent waiters (the
+            // Controller waits on it too), so ask again every half second: once the Controller's
+            // wait has seen it, the answer is memoized and the next ask returns at once.
+            loop {
+                match tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready())
+                    .await
+                {
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => return,
+                    Err(_) => continue,
+                }
+            }
+        }
+        ready.set_ready();
     });
+    futures::future::join_all(controllers).await;
+    drop(router);
+    drop(worker);
+    Ok(())
+}
 
+fn namespaced_or_all<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The controller of ScopedSecrets in `namespace` (all namespaces when `None`), with the
+/// watches that map related objects back to them.
+fn controller_for(
+    client: &Client,
+    namespace: Option<&str>,
+    concurrency: u16,
+) -> (Controller<ScopedSecret>, reflector::Store<ScopedSecret>) {
+    let scoped: Api<ScopedSecret> = namespaced_or_all(client, namespace);
     let (reader, writer) = reflector::store();
     let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
         .default_backoff()
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
+    let store = reader.clone();
     let controller = Controller::for_stream(scoped_stream, reader);
-    let store = controller.store();
-    let ready_store = store.clone();
-    tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            ready.set_ready();
-        }
-    });
 
     // Managed Secrets only; mapped back by label so Retain (no owner reference) works too.
-    let secrets: Api<Secret> = Api::all(client.clone());
+    let secrets: Api<Secret> = namespaced_or_all(client, namespace);
     let secret_config = watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true"));
+    // Namespaces are cluster-scoped: in a namespaced scope only its own is watched.
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    let namespace_config = match namespace {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
     let (store_vs, store_cs, store_ns) = (store.clone(), store.clone(), store.clone());
-    controller
+    let controller = controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .watches(secrets, secret_config, |s: Secret| {
             let owner = s.labels().get(OWNER_LABEL).cloned();
@@ -453,7 +544,7 @@ pub async fn run(
             })
         })
         .watches(
-            Api::<VaultStore>::all(client.clone()),
+            namespaced_or_all::<VaultStore>(client, namespace),
             watcher::Config::default(),
             move |vs: VaultStore| {
                 referencing(
@@ -477,8 +568,8 @@ pub async fn run(
             },
         )
         .watches(
-            Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
-            watcher::Config::default(),
+            namespaces,
+            namespace_config,
             move |ns: k8s_openapi::api::core::v1::Namespace| {
                 let name = ns.name_any();
                 store_ns
@@ -488,22 +579,8 @@ pub async fn run(
                     .map(|ss| ObjectRef::from_obj(ss.as_ref()))
                     .collect::<Vec<_>>()
             },
-        )
-        .reconcile_on(triggered)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                // Reconcile errors are logged by error_policy; these are queue/watch errors.
-                match e {
-                    kube::runtime::controller::Error::ReconcilerFailed(..) => {}
-                    other => tracing::warn!("controller: {other}"),
-                }
-            }
-        })
-        .await;
-    drop(worker);
-    Ok(())
+        );
+    (controller, store)
 }
 
 /// Aborts a spawned task when dropped, so it never outlives its owner.

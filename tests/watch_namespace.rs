@@ -1,0 +1,135 @@
+//! The namespaced mode: `controller::run` with `watch_namespaces` against the in-memory API
+//! server serves the listed namespaces only, and never lists or watches a namespaced resource
+//! cluster-wide — what the Roles of `deploy/namespaced/` allow and nothing more.
+//!
+//! The fake answers watches with 405, so the controllers work from their initial lists (and
+//! retry the watches with backoff): enough to see what is served and which calls are made.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use scoped_secrets::controller::{Config, run};
+use scoped_secrets::metrics::{Metrics, Readiness};
+use scoped_secrets::vault::memory::MemorySource;
+use serde_json::json;
+use support::fake_api::FakeKube;
+
+fn cluster() -> FakeKube {
+    let fake = FakeKube::new();
+    for ns in ["shop-dev", "shop-prod"] {
+        let env = ns.trim_start_matches("shop-");
+        fake.insert(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {
+                "scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": env}}
+        }));
+        fake.insert(json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": "api", "namespace": ns},
+            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}
+        }));
+    }
+    fake.insert(json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "scoped-secrets"}
+    }));
+    fake.insert(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
+        "metadata": {"name": "vault"},
+        "spec": {
+            "address": "http://vault:8200",
+            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
+            "access": [{"namespaceSelector": {}, "projects": ["shop"]}]
+        }
+    }));
+    fake
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_listed_namespaces_are_served_and_nothing_namespaced_is_read_cluster_wide() {
+    let fake = cluster();
+    let vault = Arc::new(MemorySource::new());
+    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    let config = Config {
+        watch_namespaces: vec!["shop-dev".into()],
+        ..Config::default()
+    };
+    let ready = Readiness::default();
+    let operator = tokio::spawn(run(
+        fake.client(),
+        vault,
+        config,
+        Arc::new(Metrics::default()),
+        ready.clone(),
+    ));
+    let start = Instant::now();
+    while fake.get_typed::<Secret>(Some("shop-dev"), "api").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "Secret shop-dev/api was not written within 20 s; requests: {:#?}",
+            fake.requests()
+                .iter()
+                .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give a wrongly scoped controller time to show itself.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ready_now = ready.is_ready();
+    operator.abort();
+
+    assert!(
+        fake.get_typed::<Secret>(Some("shop-prod"), "api").is_none(),
+        "a namespace that is not listed was served"
+    );
+    assert!(
+        ready_now,
+        "/readyz must turn true once the watched namespace's cache is synced"
+    );
+    let namespaced = ["scopedsecrets", "secrets", "vaultstores", "events"];
+    let mut cluster_wide = Vec::new();
+    for r in fake.requests() {
+        let segs: Vec<&str> = r.path.trim_matches('/').split('/').collect();
+        let in_namespace = segs.contains(&"namespaces") && segs.len() > 4;
+        let resource = if in_namespace {
+            segs.iter()
+                .position(|s| *s == "namespaces")
+                .and_then(|i| segs.get(i + 2))
+        } else {
+            segs.last()
+        };
+        let Some(resource) = resource else { continue };
+        if !namespaced.contains(resource) {
+            continue;
+        }
+        let ns = segs
+            .iter()
+            .position(|s| *s == "namespaces")
+            .and_then(|i| segs.get(i + 1))
+            .copied();
+        if !matches!(ns, Some("shop-dev") | Some("scoped-secrets")) || !in_namespace {
+            cluster_wide.push(format!("{} {}?{}", r.method, r.path, r.query));
+        }
+    }
+    assert!(
+        cluster_wide.is_empty(),
+        "calls outside the watched namespace and the operator's own: {cluster_wide:#?}"
+    );
+    // Namespaces are watched by name only.
+    let ns_lists: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/api/v1/namespaces")
+        .map(|r| r.query.clone())
+        .collect();
+    assert!(!ns_lists.is_empty());
+    assert!(
+        ns_lists
+            .iter()
+            .all(|q| q.contains("fieldSelector=metadata.name%3Dshop-dev")),
+        "{ns_lists:?}"
+    );
+}
