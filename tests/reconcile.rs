@@ -789,15 +789,7 @@ async fn a_content_change_restarts_exactly_the_consumers_that_read_changed_keys(
         restarts(&w).is_empty(),
         "restarts wait for the coalescing window"
     );
-    let queued: Vec<(String, String)> = w
-        .ss("shop-dev", "api")
-        .status
-        .clone()
-        .unwrap()
-        .rollouts
-        .iter()
-        .map(|r| (r.name.clone(), r.result.clone()))
-        .collect();
+    let queued = results(&w, "shop-dev", "api");
     assert!(
         queued.contains(&("whole".into(), "Queued".into())),
         "{queued:?}"
@@ -942,17 +934,8 @@ async fn a_restart_queued_when_the_operator_stopped_is_applied_once_by_the_next_
         .unwrap();
     restart_due(&fresh).await;
     assert_eq!(restarts(&w).len(), 1, "not twice");
-    let results: Vec<(String, String)> = w
-        .ss("shop-dev", "api")
-        .status
-        .clone()
-        .unwrap()
-        .rollouts
-        .iter()
-        .map(|r| (r.name.clone(), r.result.clone()))
-        .collect();
     assert_eq!(
-        results,
+        results(&w, "shop-dev", "api"),
         vec![
             ("done".to_string(), "Skipped:AlreadyCurrent".to_string()),
             ("web".to_string(), "Restarted".to_string())
@@ -1393,6 +1376,7 @@ async fn revoke_asks_exactly_the_readers_of_the_path_to_sync_and_skips_the_break
     );
 }
 
+/// `status.rollouts` of a ScopedSecret as (workload, result).
 fn results(w: &World, ns: &str, name: &str) -> Vec<(String, String)> {
     w.ss(ns, name)
         .status
