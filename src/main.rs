@@ -61,7 +61,8 @@ enum Command {
         #[arg(
             long = "watch-namespace",
             env = "WATCH_NAMESPACES",
-            value_delimiter = ','
+            value_delimiter = ',',
+            value_parser = namespace_name
         )]
         watch_namespaces: Vec<String>,
         /// Run the controller only while holding the Lease `scoped-secrets-leader` in
@@ -180,6 +181,8 @@ async fn main() -> anyhow::Result<()> {
                     .into_iter()
                     .map(|n| n.trim().to_string())
                     .filter(|n| !n.is_empty())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
                     .collect(),
                 ..Config::default()
             };
@@ -209,6 +212,24 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+    }
+}
+
+/// A `--watch-namespace` entry: a Kubernetes namespace name (RFC 1123 label).
+fn namespace_name(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit)"
+        ))
     }
 }
 

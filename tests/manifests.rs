@@ -949,6 +949,18 @@ fn chart_with_watch_namespaces_grants_what_deploy_namespaced_grants() {
         BTreeSet::from(["shop-dev".to_string(), "shop-prod".to_string()])
     );
     assert!(watched_namespaces(&Rendered::from(&helm_template(&[]))).is_empty());
+    // Watching its own namespace too renders no two objects of one name.
+    let docs = helm_template(&[&format!("watchNamespaces={{{OPERATOR_NS},shop-dev}}")]);
+    let mut seen = BTreeSet::new();
+    for d in &docs {
+        let id = format!(
+            "{} {}/{}",
+            d["kind"].as_str().unwrap_or_default(),
+            d["metadata"]["namespace"].as_str().unwrap_or_default(),
+            d["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        assert!(seen.insert(id.clone()), "rendered twice: {id}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1583,3 +1583,225 @@ async fn argo_rollouts_are_consumers_when_the_api_exists_and_ignored_when_it_doe
         results(&w, "shop-dev", "api")
     );
 }
+
+#[tokio::test]
+async fn a_value_changed_and_changed_back_within_the_window_restarts_nothing_and_loses_nothing() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("A"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    restart_due(&w.ctx).await;
+    let h_a = template_annotation(&w, "shop-dev", "web", "api").unwrap();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    // A → B → A within one window: the queued restart to B is withdrawn.
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("B"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("A"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.clear_requests();
+    restart_due(&w.ctx).await;
+    assert!(
+        restarts(&w).is_empty(),
+        "the pods already run A: {:?}",
+        restarts(&w)
+    );
+    assert_eq!(template_annotation(&w, "shop-dev", "web", "api"), Some(h_a));
+    // A real change to B afterwards restarts once.
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("B"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    restart_due(&w.ctx).await;
+    assert_eq!(restarts(&w).len(), 1);
+}
+
+#[tokio::test]
+async fn a_second_change_within_the_window_keeps_the_restart_owed_by_the_first() {
+    let w = world();
+    w.add(deployment(
+        "shop-dev",
+        "reads-level",
+        key_ref("api", "LOG_LEVEL"),
+    ));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    // An unrelated key changes within the window.
+    w.vault.put(
+        "shop",
+        &[
+            ("LOG_LEVEL", Some("info")),
+            ("DB_HOST", Some("db2")),
+            ("FEATURE_X", Some("off")),
+        ],
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        results(&w, "shop-dev", "api"),
+        vec![("reads-level".to_string(), "Queued".to_string())],
+        "the restart owed by the first change stays visible"
+    );
+    restart_due(&w.ctx).await;
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(restarts(&w).len(), 1);
+    assert_eq!(
+        results(&w, "shop-dev", "api"),
+        vec![("reads-level".to_string(), "Restarted".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn a_restart_owed_when_the_operator_stopped_survives_a_change_made_while_it_was_down() {
+    let w = world();
+    w.add(deployment(
+        "shop-dev",
+        "reads-level",
+        key_ref("api", "LOG_LEVEL"),
+    ));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    // Stopped before the window passed; meanwhile an unrelated key changes.
+    w.vault.put(
+        "shop",
+        &[
+            ("LOG_LEVEL", Some("info")),
+            ("DB_HOST", Some("db2")),
+            ("FEATURE_X", Some("off")),
+        ],
+    );
+    let fresh = w.context(Config::default());
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
+    assert_eq!(restarts(&w).len(), 1, "the owed restart is applied");
+    assert!(template_annotation(&w, "shop-dev", "reads-level", "api").is_some());
+}
+
+#[tokio::test]
+async fn the_breaker_withdraws_restarts_already_queued() {
+    let w = world();
+    let ctx = w.context(Config {
+        breaker_changes: 1,
+        ..Config::default()
+    });
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    for level in ["a", "b"] {
+        w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some(level))]);
+        reconcile(w.ss("shop-dev", "api"), ctx.clone())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "True"
+    );
+    restart_due(&ctx).await;
+    assert!(restarts(&w).is_empty(), "{:?}", restarts(&w));
+    assert_eq!(
+        results(&w, "shop-dev", "api"),
+        vec![("web".to_string(), "Skipped:Flapping".to_string())]
+    );
+    // Not queued again from status either, by this operator or the next.
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    let fresh = w.context(Config::default());
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
+    restart_due(&ctx).await;
+    assert!(restarts(&w).is_empty());
+}
+
+#[tokio::test]
+async fn a_transient_patch_failure_is_retried_and_a_refused_one_is_not() {
+    let mut w = world();
+    let mut config = Config::default();
+    config.pacing.window = Duration::ZERO;
+    w.ctx = w.context(config);
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(deployment("shop-dev", "guarded", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.fail_next("PATCH", "deployments/web", 500);
+    w.fake.fail_next("PATCH", "deployments/guarded", 422);
+    tick(&w.ctx, std::time::Instant::now()).await;
+    assert!(template_annotation(&w, "shop-dev", "web", "api").is_none());
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let after_failure = results(&w, "shop-dev", "api");
+    assert!(
+        after_failure.contains(&("guarded".into(), "Failed:Refused".into())),
+        "{after_failure:?}"
+    );
+    // The retry is due after its backoff (5 s); the refused one is not tried again.
+    let later = std::time::Instant::now() + Duration::from_secs(30);
+    w.fake.clear_requests();
+    tick(&w.ctx, later).await;
+    assert!(template_annotation(&w, "shop-dev", "web", "api").is_some());
+    let patched: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        patched,
+        vec!["/apis/apps/v1/namespaces/shop-dev/deployments/web".to_string()]
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(
+        results(&w, "shop-dev", "api").contains(&("web".into(), "Restarted".into())),
+        "{:?}",
+        results(&w, "shop-dev", "api")
+    );
+}
+
+#[tokio::test]
+async fn a_change_whose_consumers_cannot_be_listed_waits_with_the_secret_unchanged() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.fake.fail_next("GET", "/deployments", 503);
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "KubernetesError");
+    assert!(err.to_string().contains("list on deployments"), "{err}");
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
+        "debug",
+        "not changed before its restarts can be planned"
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    restart_due(&w.ctx).await;
+    assert_eq!(restarts(&w).len(), 1);
+}
+
+#[tokio::test]
+async fn a_batch_that_ends_without_a_patch_frees_its_slot_at_once() {
+    let w = world();
+    let mut config = Config::default();
+    config.pacing.budget = 1;
+    let ctx = w.context(config);
+    w.add(rolling_deployment("shop-dev", "a", env_from("api")));
+    w.add(rolling_deployment("shop-dev", "b", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("x"))]);
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    w.fake
+        .remove("apis/apps/v1", Some("shop-dev"), "deployments", "a");
+    restart_due(&ctx).await;
+    assert_eq!(restarts(&w).len(), 1, "b goes in the same pass");
+    assert!(template_annotation(&w, "shop-dev", "b", "api").is_some());
+}

@@ -287,8 +287,8 @@ pub struct RolloutStatus {
     pub hash: Option<String>,
     /// `Queued` (waiting for the coalescing window), `Deferred` (waiting for the restart
     /// budget), `Restarted`, `Skipped:<reason>` (`KeysUnchanged`, `AlreadyCurrent`,
-    /// `LiveReload`, `Paused`, `Deleted`) or `Failed:<reason>` (`Forbidden`, `Refused`,
-    /// `KubernetesError`).
+    /// `LiveReload`, `Paused`, `Deleted`, `Flapping`) or `Failed:<reason>` (`Forbidden`,
+    /// `Refused`, `KubernetesError` — retried 5 times with backoff).
     pub result: String,
     /// When it reached this result.
     pub time: Time,

@@ -435,14 +435,25 @@ pub async fn run(
     // One controller per scope; the worker's triggers go to the one watching their namespace.
     let mut routes = HashMap::new();
     let mut controllers = Vec::new();
-    let mut stores = Vec::new();
+    // Ready once every scope's cache has been filled by its first list.
+    let synced = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let scope_count = scopes.len();
     for scope in scopes {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         routes.insert(scope.clone(), tx);
         let rx =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-        let (controller, store) = controller_for(&client, scope.as_deref(), concurrency);
-        stores.push(store);
+        let (synced, ready) = (synced.clone(), ready.clone());
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let on_synced = move || {
+            use std::sync::atomic::Ordering;
+            if first.swap(false, Ordering::SeqCst)
+                && synced.fetch_add(1, Ordering::SeqCst) + 1 == scope_count
+            {
+                ready.set_ready();
+            }
+        };
+        let controller = controller_for(&client, scope.as_deref(), concurrency, on_synced);
         controllers.push(
             controller
                 .reconcile_on(rx)
@@ -470,23 +481,6 @@ pub async fn run(
             }
         }
     }));
-    tokio::spawn(async move {
-        for store in stores {
-            // kube's Store readiness wakes only the last of several concurrent waiters (the
-            // Controller waits on it too), so ask again every half second: once the Controller's
-            // wait has seen it, the answer is memoized and the next ask returns at once.
-            loop {
-                match tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready())
-                    .await
-                {
-                    Ok(Ok(())) => break,
-                    Ok(Err(_)) => return,
-                    Err(_) => continue,
-                }
-            }
-        }
-        ready.set_ready();
-    });
     futures::future::join_all(controllers).await;
     drop(router);
     drop(worker);
@@ -505,15 +499,24 @@ where
 }
 
 /// The controller of ScopedSecrets in `namespace` (all namespaces when `None`), with the
-/// watches that map related objects back to them.
+/// watches that map related objects back to them. `on_synced` is called when the cache of
+/// ScopedSecrets is filled by a complete list (first and later re-lists).
 fn controller_for(
     client: &Client,
     namespace: Option<&str>,
     concurrency: u16,
-) -> (Controller<ScopedSecret>, reflector::Store<ScopedSecret>) {
+    on_synced: impl Fn() + Send + 'static,
+) -> Controller<ScopedSecret> {
     let scoped: Api<ScopedSecret> = namespaced_or_all(client, namespace);
     let (reader, writer) = reflector::store();
+    // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
+    // several waiters, and the Controller waits on it already.
     let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
+        .inspect(move |e| {
+            if matches!(e, Ok(watcher::Event::InitDone)) {
+                on_synced();
+            }
+        })
         .default_backoff()
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
@@ -530,7 +533,7 @@ fn controller_for(
         None => watcher::Config::default(),
     };
     let (store_vs, store_cs, store_ns) = (store.clone(), store.clone(), store.clone());
-    let controller = controller
+    controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .watches(secrets, secret_config, |s: Secret| {
             let owner = s.labels().get(OWNER_LABEL).cloned();
@@ -579,8 +582,7 @@ fn controller_for(
                     .map(|ss| ObjectRef::from_obj(ss.as_ref()))
                     .collect::<Vec<_>>()
             },
-        );
-    (controller, store)
+        )
 }
 
 /// Aborts a spawned task when dropped, so it never outlives its owner.

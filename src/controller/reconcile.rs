@@ -249,6 +249,9 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     }
     let changed_keys = changed_key_names(existing.as_ref(), &desired);
     let wrote = render::needs_write(existing.as_ref(), &desired);
+    // The consumers are listed before the Secret changes: a change whose restarts cannot be
+    // planned is not applied yet (the reconcile fails and is retried), so none is lost.
+    let workloads = list_consumers(ss, ctx, &request.secret_name, &content_hash).await?;
     if wrote {
         // Keys added by hand belong to another field manager, which server-side apply
         // would leave in place: remove them first.
@@ -312,6 +315,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         &content_hash,
         &desired,
         revocation,
+        workloads,
     )
     .await;
     if let Some(v) = force {
@@ -387,12 +391,58 @@ async fn apply_rotation(
     Ok(first_end)
 }
 
+/// Whether this reconcile will plan restarts: the content changed from a previous content of
+/// the same Secret, restarts are not off, and this change was not handled already.
+fn plans_restarts(ss: &ScopedSecret, ctx: &Context, secret_name: &str, content_hash: &str) -> bool {
+    let Some(status) = ss.status.as_ref() else {
+        return false;
+    };
+    let Some(previous) = status.content_hash.as_deref() else {
+        return false;
+    };
+    let off = ss
+        .spec
+        .rollout
+        .as_ref()
+        .is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None);
+    let key = format!("{}/{secret_name}", ss.namespace().unwrap_or_default());
+    previous != content_hash
+        && status.secret_name.as_deref() == Some(secret_name)
+        && !off
+        && ctx.rolled_out.lock().unwrap().get(&key).map(String::as_str) != Some(content_hash)
+}
+
+/// The workloads of the namespace, when this reconcile plans restarts. Argo Rollouts are
+/// included when the cluster serves them.
+async fn list_consumers(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    secret_name: &str,
+    content_hash: &str,
+) -> Result<Option<Vec<rollout::Workload>>, Error> {
+    if !plans_restarts(ss, ctx, secret_name, content_hash) {
+        return Ok(None);
+    }
+    let ns = ss.namespace().unwrap_or_default();
+    let argo = ctx.restarts.argo_rollouts(&ctx.client).await;
+    rollout::apply::list_workloads(&ctx.client, &ns, argo)
+        .await
+        .map(Some)
+        .map_err(|e| Error::Kube {
+            action: format!(
+                "list the workloads of namespace {ns} to plan the restarts of a change (the operator needs list on deployments, statefulsets and daemonsets there; the Secret is updated once they can be listed)"
+            ),
+            source: e,
+        })
+}
+
 /// Queues restarts of the consumers of the Secret when its content changed from a previous
 /// content (never on the first sync, never when the content is equal); the restart worker
-/// applies them after the coalescing window, within the budget. When the content is equal,
-/// restarts the status still shows as queued but this process does not know (it restarted
-/// before applying them) are queued again. Failures are reported per workload; they do not
-/// fail the sync, which already succeeded.
+/// applies them after the coalescing window, within the budget. Consumers still owed a
+/// restart from an earlier change keep it (with the current hash) unless they already carry
+/// it. When the content is equal, restarts the status still shows as queued but this process
+/// does not know (it restarted before applying them) are queued again.
+#[allow(clippy::too_many_arguments)]
 async fn restart_consumers(
     ss: &ScopedSecret,
     ctx: &Context,
@@ -401,6 +451,7 @@ async fn restart_consumers(
     content_hash: &str,
     desired: &Secret,
     revocation: bool,
+    workloads: Option<Vec<rollout::Workload>>,
 ) -> Option<rollout::apply::Report> {
     let namespace = ss.namespace().unwrap_or_default();
     let ns = namespace.as_str();
@@ -409,14 +460,16 @@ async fn restart_consumers(
     if ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) != Some(secret_name) {
         return None;
     }
-    if previous == content_hash {
-        requeue_unfinished(ss, ctx, secret_name);
-        return None;
-    }
     let rollout_spec = ss.spec.rollout.as_ref();
     if rollout_spec.is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None) {
         return None;
     }
+    if previous == content_hash {
+        requeue_unfinished(ss, ctx, secret_name);
+        return None;
+    }
+    // Listed before the Secret was written, when this change is to be planned.
+    let workloads = workloads?;
     let change = if changed_keys.is_empty() {
         rollout::Change::Unfinished
     } else {
@@ -430,7 +483,7 @@ async fn restart_consumers(
         }
         rolled.insert(breaker_key.clone(), content_hash.to_string());
     }
-    // A flapping value pauses the restarts it would cause.
+    // A flapping value pauses the restarts it would cause, and those it already queued.
     let resume = ss
         .annotations()
         .get(rollout::breaker::RESUME_ANNOTATION)
@@ -441,9 +494,11 @@ async fn restart_consumers(
         (tripped, breaker.describe(&breaker_key))
     };
     if tripped && !revocation {
+        let withdrawn = ctx.restarts.queue().cancel_secret(ns, secret_name);
         let note = format!(
-            "Secret {secret_name} changed {count} times within {}s: restarts from it are paused until fewer changes fall in that window, or the annotation {} of the ScopedSecret is changed",
+            "Secret {secret_name} changed {count} times within {}s: restarts from it are paused ({} queued withdrawn) until fewer changes fall in that window, or the annotation {} of the ScopedSecret is changed",
             window.as_secs(),
+            withdrawn.len(),
             rollout::breaker::RESUME_ANNOTATION
         );
         warn!("{note}");
@@ -453,18 +508,15 @@ async fn restart_consumers(
             paused: Some(note),
         });
     }
-    let argo = ctx.restarts.argo_rollouts(&ctx.client).await;
-    let workloads = match rollout::apply::list_workloads(&ctx.client, ns, argo).await {
-        Ok(w) => w,
-        Err(e) => {
-            let note = format!(
-                "failed to list the workloads of namespace {ns} to restart: {e} (the operator's ClusterRole needs list on deployments, statefulsets and daemonsets)"
-            );
-            warn!("{note}");
-            publish(ss, ctx, EventType::Warning, "RolloutFailed", &note).await;
-            return Some(rollout::apply::Report::default());
-        }
-    };
+    // Consumers still owed a restart of this Secret: queued here, or shown queued in status.
+    let mut owed = ctx.restarts.queue().pending_for(ns, secret_name);
+    owed.extend(
+        ss.status
+            .iter()
+            .flat_map(|s| s.rollouts.iter())
+            .filter(|r| r.result == "Queued" || r.result == "Deferred")
+            .filter_map(|r| Some((rollout::WorkloadKind::parse(&r.kind)?, r.name.clone()))),
+    );
     let empty = std::collections::BTreeMap::new();
     let data = desired.data.as_ref().unwrap_or(&empty);
     let outcomes = rollout::apply::plan(
@@ -472,18 +524,28 @@ async fn restart_consumers(
         rollout_spec,
         &workloads,
         &change,
+        &owed,
         &ctx.hmac_key,
         data,
     );
     let source = (ns.to_string(), ss.name_any());
+    let workload_ref = |o: &rollout::apply::Outcome| rollout::queue::WorkloadRef {
+        namespace: ns.to_string(),
+        kind: o.kind,
+        name: o.name.clone(),
+    };
+    {
+        // A restart no longer needed (the workload carries the current hash, is paused, left
+        // for live reload) is withdrawn; the others are queued with the current hash.
+        let mut queue = ctx.restarts.queue();
+        for o in outcomes.iter().filter(|o| o.result != "Queued") {
+            queue.cancel(&workload_ref(o), secret_name);
+        }
+    }
     ctx.restarts.enqueue(outcomes.iter().filter_map(|o| {
         let hash = o.hash.clone().filter(|_| o.result == "Queued")?;
         Some(rollout::queue::Request {
-            workload: rollout::queue::WorkloadRef {
-                namespace: ns.to_string(),
-                kind: o.kind,
-                name: o.name.clone(),
-            },
+            workload: workload_ref(o),
             secret: secret_name.to_string(),
             hash,
             source: source.clone(),

@@ -20,10 +20,16 @@ use super::Context;
 use super::reconcile::publish_on;
 use crate::api::v1alpha1::ScopedSecret;
 use crate::rollout::apply::{Applied, apply_batch, argo_rollouts_served, fetch, rollout_complete};
-use crate::rollout::queue::{Pacing, Queue, Record, Request, Source};
+use crate::rollout::queue::{Batch, Pacing, Queue, Record, Request, Source};
 
 /// How often rollouts in flight are looked at.
 const FLIGHT_POLL: Duration = Duration::from_secs(5);
+/// A restart that failed for a transient reason is tried again after 5 s, 10 s, 20 s, …
+const RETRY_BASE: Duration = Duration::from_secs(5);
+/// Attempts of one restart before its failure stands.
+const MAX_ATTEMPTS: u32 = 5;
+/// How long the result of a restart is kept for the status of its ScopedSecrets.
+const RECORD_AGE: Duration = Duration::from_secs(3600);
 /// How long the answer to "does this cluster serve Argo Rollouts?" is trusted.
 const DISCOVERY_TTL: Duration = Duration::from_secs(300);
 
@@ -85,9 +91,14 @@ impl Restarter {
         {
             return known;
         }
-        let served = argo_rollouts_served(client).await;
-        *self.argo.lock().unwrap() = Some((Instant::now(), served));
-        served
+        match argo_rollouts_served(client).await {
+            Some(served) => {
+                *self.argo.lock().unwrap() = Some((Instant::now(), served));
+                served
+            }
+            // Discovery failed: not cached, asked again next time.
+            None => false,
+        }
     }
 }
 
@@ -119,45 +130,72 @@ pub async fn tick(ctx: &Context, now: Instant) {
             Err(e) => debug!(workload = %w, "could not read rollout progress: {e}"),
         }
     }
-    let taken = restarts.queue().take(now, jiff::Timestamp::now());
-    if !taken.newly_deferred.is_empty() {
-        info!(
-            waiting = taken.waiting,
-            "restart budget full: restarts deferred"
-        );
-        restarts.trigger(&taken.newly_deferred);
-    }
-    for batch in &taken.batches {
-        let applied = apply_batch(&ctx.client, batch).await;
-        let wall = jiff::Timestamp::now();
-        {
-            let mut queue = restarts.queue();
-            for (secret, result) in &applied.results {
-                let hash = batch.annotations[secret].clone();
-                let record = Record {
-                    hash,
-                    result: result.clone(),
-                    at: wall,
-                };
-                queue.record(&batch.workload, secret, record);
-            }
-            if applied.patched {
-                queue.started(batch.workload.clone(), Instant::now());
-            }
+    // A batch that ends without a patch (skipped, failed) frees its slot at once: take again
+    // until every batch taken was patched or nothing is due.
+    let mut newly_waiting = 0;
+    let mut deferred = BTreeSet::new();
+    loop {
+        let taken = restarts.queue().take(now, jiff::Timestamp::now());
+        newly_waiting += taken.newly_waiting;
+        deferred.extend(taken.newly_deferred);
+        if taken.batches.is_empty() {
+            break;
         }
-        announce(ctx, batch, &applied).await;
-        restarts.trigger(&batch.sources);
+        let mut all_patched = true;
+        for batch in taken.batches {
+            let applied = apply_batch(&ctx.client, &batch).await;
+            all_patched &= applied.patched;
+            record(ctx, batch, &applied).await;
+        }
+        if all_patched {
+            break;
+        }
+    }
+    restarts.queue().prune(jiff::Timestamp::now(), RECORD_AGE);
+    if !deferred.is_empty() {
+        info!("restart budget full: restarts deferred");
+        restarts.trigger(&deferred);
     }
     let (in_flight, waiting) = {
         let queue = restarts.queue();
         (queue.in_flight_len(), queue.deferred_len())
     };
     ctx.metrics.restarts_state(in_flight, waiting);
-    ctx.metrics.restarted("deferred", taken.newly_waiting);
+    ctx.metrics.restarted("deferred", newly_waiting);
+}
+
+/// Records what applying `batch` did, retries a transient failure with backoff, and tells the
+/// ScopedSecrets concerned.
+async fn record(ctx: &Context, batch: Batch, applied: &Applied) {
+    let restarts = &ctx.restarts;
+    let wall = jiff::Timestamp::now();
+    let retry = applied.retryable && batch.attempts < MAX_ATTEMPTS;
+    {
+        let mut queue = restarts.queue();
+        for (secret, result) in &applied.results {
+            let record = Record {
+                hash: batch.annotations[secret].clone(),
+                result: result.clone(),
+                at: wall,
+            };
+            queue.record(&batch.workload, secret, record);
+        }
+        if applied.patched {
+            queue.started(batch.workload.clone(), Instant::now());
+        }
+    }
+    announce(ctx, &batch, applied).await;
+    restarts.trigger(&batch.sources);
+    if retry {
+        let delay = RETRY_BASE.saturating_mul(1 << batch.attempts.min(6));
+        warn!(workload = %batch.workload, attempt = batch.attempts + 1, "restart failed, retrying in {}s: {}", delay.as_secs(), applied.note);
+        restarts.queue().retry(batch, Instant::now() + delay);
+        restarts.wake.notify_one();
+    }
 }
 
 /// Events and metrics for one applied batch.
-async fn announce(ctx: &Context, batch: &crate::rollout::queue::Batch, applied: &Applied) {
+async fn announce(ctx: &Context, batch: &Batch, applied: &Applied) {
     let w = &batch.workload;
     let (type_, reason, metric) = if applied.patched {
         (EventType::Normal, "RolloutRestarted", "restarted")

@@ -105,6 +105,15 @@ pub fn next_status(
                     );
                 }
             }
+            if rollouts.is_some_and(|r| r.paused.is_some()) {
+                // The breaker withdrew the restarts still queued.
+                for entry in &mut status.rollouts {
+                    if entry.result == "Queued" || entry.result == "Deferred" {
+                        entry.result = "Skipped:Flapping".into();
+                        entry.time = now.clone();
+                    }
+                }
+            }
             if let Some(report) = rollouts.filter(|r| r.paused.is_none()) {
                 status.rollouts = report
                     .outcomes

@@ -9,7 +9,7 @@
 //! A workload deleted before its patch is skipped; a refused patch (409/422) is reported, not
 //! retried forever.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -66,15 +66,17 @@ pub fn argo_rollout_resource() -> ApiResource {
     }
 }
 
-/// Whether the API server serves Argo Rollouts (`rollouts.argoproj.io`). Any failure to tell
-/// counts as "no": a cluster without Argo Rollouts must never fail a restart.
-pub async fn argo_rollouts_served(client: &Client) -> bool {
+/// Whether the API server serves Argo Rollouts (`rollouts.argoproj.io`): `Some(false)` when
+/// the group is not found, `None` when discovery failed (ask again later). Either way a cluster
+/// without Argo Rollouts never fails a restart.
+pub async fn argo_rollouts_served(client: &Client) -> Option<bool> {
     match client
         .list_api_group_resources("argoproj.io/v1alpha1")
         .await
     {
-        Ok(list) => list.resources.iter().any(|r| r.name == "rollouts"),
-        Err(_) => false,
+        Ok(list) => Some(list.resources.iter().any(|r| r.name == "rollouts")),
+        Err(kube::Error::Api(s)) if s.code == 404 => Some(false),
+        Err(_) => None,
     }
 }
 
@@ -161,7 +163,18 @@ pub async fn list_workloads(
             namespace,
             &argo_rollout_resource(),
         );
-        for r in api.list(&lp).await? {
+        // Argo Rollouts are optional: an install whose RBAC lacks them still restarts its
+        // Deployments, StatefulSets and DaemonSets.
+        let rollouts = match api.list(&lp).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot list Argo Rollouts in namespace {namespace} ({e}): they are not restarted; grant get, list, patch on rollouts.argoproj.io"
+                );
+                Vec::new()
+            }
+        };
+        for r in rollouts {
             // A Rollout with `workloadRef` has no template of its own: the Deployment it
             // references is a consumer in its own right.
             let template = r.data["spec"]["template"].clone();
@@ -181,12 +194,15 @@ pub async fn list_workloads(
 }
 
 /// Decides for every workload the strategy targets; `Restart` decisions come back as
-/// `Queued` outcomes with the hash to write.
+/// `Queued` outcomes with the hash to write. Workloads in `owed` still wait for a restart from
+/// an earlier change of this Secret: they are decided as [`Change::Owed`], so the owed restart
+/// is kept (with the current hash) or dropped when they already carry it.
 pub fn plan(
     secret: &str,
     rollout: Option<&Rollout>,
     workloads: &[Workload],
     change: &Change,
+    owed: &BTreeSet<(WorkloadKind, String)>,
     key: &HmacKey,
     data: &BTreeMap<String, ByteString>,
 ) -> Vec<Outcome> {
@@ -194,6 +210,11 @@ pub fn plan(
         .into_iter()
         .map(|(w, consumption)| {
             let what = format!("{}/{}", w.kind.as_str(), w.name);
+            let change = if owed.contains(&(w.kind, w.name.clone())) {
+                &Change::Owed
+            } else {
+                change
+            };
             match decide(w, &consumption, secret, change, key, data) {
                 Decision::Skip(skip) => Outcome {
                     notable: matches!(skip, Skip::Paused | Skip::LiveReload),
@@ -303,6 +324,8 @@ pub struct Applied {
     pub patched: bool,
     /// A sentence for events and logs, naming no value.
     pub note: String,
+    /// The failure was transient (5xx, 429, transport): worth another attempt.
+    pub retryable: bool,
 }
 
 impl Applied {
@@ -315,6 +338,7 @@ impl Applied {
                 .collect(),
             patched: false,
             note,
+            retryable: false,
         }
     }
 }
@@ -376,6 +400,7 @@ pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
             results,
             patched: false,
             note: format!("{what} already runs with the current content of Secret {secrets}"),
+            retryable: false,
         };
     }
     // Every checksum annotation it holds, the batch's on top: none is dropped.
@@ -406,6 +431,7 @@ pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
                 ),
                 results,
                 patched: true,
+                retryable: false,
             }
         }
         Err(kube::Error::Api(s)) if s.code == 404 => Applied::all(
@@ -428,11 +454,13 @@ fn failed(batch: &Batch, what: &str, secrets: &str, e: kube::Error) -> Applied {
     } else {
         ""
     };
-    Applied::all(
+    let mut applied = Applied::all(
         batch,
         result,
         format!("failed to restart {what} for Secret {secrets}: {e}{hint}"),
-    )
+    );
+    applied.retryable = result == "Failed:KubernetesError";
+    applied
 }
 
 fn int(v: &Value) -> i64 {
@@ -456,6 +484,15 @@ pub fn rollout_complete(kind: WorkloadKind, obj: &Value) -> bool {
     let on_delete = spec["updateStrategy"]["type"].as_str() == Some("OnDelete");
     match kind {
         WorkloadKind::Deployment => {
+            // A rollout past its progress deadline has failed: it holds no slot any more.
+            let stuck = status["conditions"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c["type"] == "Progressing" && c["reason"] == "ProgressDeadlineExceeded"
+                })
+            });
+            if stuck {
+                return true;
+            }
             let replicas = spec["replicas"].as_i64().unwrap_or(1);
             let updated = int(&status["updatedReplicas"]);
             updated >= replicas
@@ -517,6 +554,13 @@ mod tests {
             "not all available"
         );
         assert!(rollout_complete(k, &dep(2, 2, 3, 3, 3)));
+        let mut stuck = dep(2, 2, 1, 4, 3);
+        stuck["status"]["conditions"] = json!([{"type": "Progressing", "status": "False",
+                                                "reason": "ProgressDeadlineExceeded"}]);
+        assert!(
+            rollout_complete(k, &stuck),
+            "a failed rollout frees its slot"
+        );
 
         let sts = |update: &str, current: &str, ready: i64| {
             json!({"metadata": {"generation": 1}, "spec": {"replicas": 2},

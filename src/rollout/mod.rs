@@ -130,6 +130,9 @@ pub enum Change {
     /// its restarts: which keys changed is unknown, so only consumers whose annotation is
     /// present and stale restart.
     Unfinished,
+    /// A restart of this consumer is still owed (queued, deferred, or queued before the
+    /// operator restarted): it restarts unless it already carries the current hash.
+    Owed,
 }
 
 /// HMAC prefix of the keys `reads` selects, as written in the annotation.
@@ -219,9 +222,13 @@ pub fn decide(
     if current == Some(&hash) {
         return Decision::Skip(Skip::AlreadyCurrent);
     }
+    // A consumer whose annotation holds an older hash of the keys it reads runs older values of
+    // them: it restarts whatever changed this time.
+    let stale = current.is_some();
     let affected = match change {
-        Change::Keys(keys) => consumption.reads.touches(keys),
-        Change::Unfinished => current.is_some(),
+        Change::Keys(keys) => consumption.reads.touches(keys) || stale,
+        Change::Unfinished => stale,
+        Change::Owed => true,
     };
     if !affected {
         return Decision::Skip(Skip::KeysUnchanged);

@@ -59,6 +59,8 @@ pub struct Batch {
     /// The ScopedSecrets to tell about the result.
     pub sources: BTreeSet<Source>,
     pub urgent: bool,
+    /// Earlier attempts that failed for a transient reason.
+    pub attempts: u32,
 }
 
 /// The last known state of the restart of one workload for one Secret.
@@ -156,6 +158,7 @@ impl Queue {
                     annotations: BTreeMap::new(),
                     sources: BTreeSet::new(),
                     urgent: false,
+                    attempts: 0,
                 },
                 due,
                 deferred: false,
@@ -178,6 +181,87 @@ impl Queue {
                 at: wall,
             },
         );
+    }
+
+    /// Withdraws the restart of `workload` for `secret` (a later plan found it unnecessary: the
+    /// workload already carries the current hash, or no longer reads the Secret). A batch left
+    /// with no annotation is dropped.
+    pub fn cancel(&mut self, workload: &WorkloadRef, secret: &str) {
+        if let Some(p) = self.pending.get_mut(workload)
+            && p.batch.annotations.remove(secret).is_some()
+        {
+            self.records.remove(&(workload.clone(), secret.to_string()));
+            if p.batch.annotations.is_empty() {
+                self.pending.remove(workload);
+            }
+        }
+    }
+
+    /// Withdraws every non-urgent pending restart of `secret` in `namespace` (its breaker
+    /// tripped); returns the workloads concerned.
+    pub fn cancel_secret(&mut self, namespace: &str, secret: &str) -> Vec<WorkloadRef> {
+        let hit: Vec<WorkloadRef> = self
+            .pending
+            .iter()
+            .filter(|(w, p)| {
+                w.namespace == namespace
+                    && !p.batch.urgent
+                    && p.batch.annotations.contains_key(secret)
+            })
+            .map(|(w, _)| w.clone())
+            .collect();
+        for w in &hit {
+            self.cancel(w, secret);
+        }
+        hit
+    }
+
+    /// The workloads with a pending restart for `secret` in `namespace`.
+    pub fn pending_for(&self, namespace: &str, secret: &str) -> BTreeSet<(WorkloadKind, String)> {
+        self.pending
+            .iter()
+            .filter(|(w, p)| w.namespace == namespace && p.batch.annotations.contains_key(secret))
+            .map(|(w, _)| (w.kind, w.name.clone()))
+            .collect()
+    }
+
+    /// Puts back a batch whose patch failed for a transient reason, due at `due`. Requests for
+    /// the workload that arrived meanwhile keep their newer hashes.
+    pub fn retry(&mut self, mut batch: Batch, due: Instant) {
+        batch.attempts += 1;
+        match self.pending.get_mut(&batch.workload) {
+            Some(p) => {
+                for (secret, hash) in batch.annotations {
+                    p.batch.annotations.entry(secret).or_insert(hash);
+                }
+                p.batch.sources.extend(batch.sources);
+                p.batch.urgent |= batch.urgent;
+                p.batch.attempts = p.batch.attempts.max(batch.attempts);
+            }
+            None => {
+                self.pending.insert(
+                    batch.workload.clone(),
+                    Pending {
+                        batch,
+                        due,
+                        deferred: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Forgets the records older than `age` that no pending restart needs: the ScopedSecrets
+    /// were asked to reconcile when they were made, so their status has them by then.
+    pub fn prune(&mut self, now: jiff::Timestamp, age: std::time::Duration) {
+        let pending = &self.pending;
+        self.records.retain(|(w, secret), r| {
+            let young = now.duration_since(r.at).unsigned_abs() < age;
+            young
+                || pending
+                    .get(w)
+                    .is_some_and(|p| p.batch.annotations.contains_key(secret))
+        });
     }
 
     /// Whether a restart of `workload` for `secret` is pending or was handled since start.
@@ -469,5 +553,32 @@ mod tests {
         assert_eq!(q.records_for("shop", "s")[0].1.result, "Restarted");
         assert!(q.records_for("other", "s").is_empty());
         assert_eq!(q.next_due(), Some(t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn cancelled_retried_and_pruned_entries() {
+        let t0 = Instant::now();
+        let mut q = Queue::new(pacing(10));
+        q.enqueue(req("api", "s", "h"), t0, wall());
+        q.enqueue(req("api", "t", "h"), t0, wall());
+        q.cancel(&w("api"), "s");
+        assert_eq!(q.pending_for("shop", "s"), BTreeSet::new());
+        assert_eq!(q.pending_len(), 1, "t still pending");
+        assert_eq!(q.cancel_secret("shop", "t"), vec![w("api")]);
+        assert_eq!(q.pending_len(), 0, "an empty batch is dropped");
+
+        q.enqueue(req("web", "s", "h1"), t0, wall());
+        let mut taken = q.take(t0 + Duration::from_secs(10), wall()).batches;
+        let failed = taken.remove(0);
+        // A newer request arrives before the retry: its hash wins.
+        q.enqueue(req("web", "s", "h2"), t0 + Duration::from_secs(11), wall());
+        q.retry(failed, t0 + Duration::from_secs(15));
+        let again = q.take(t0 + Duration::from_secs(30), wall()).batches;
+        assert_eq!(again[0].annotations["s"], "h2");
+        assert_eq!(again[0].attempts, 1);
+
+        let later = wall() + jiff::SignedDuration::from_secs(7200);
+        q.prune(later, Duration::from_secs(3600));
+        assert!(q.records_for("shop", "s").is_empty());
     }
 }
