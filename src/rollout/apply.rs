@@ -424,11 +424,19 @@ pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
                 .filter(|(_, r)| *r == "Restarted")
                 .map(|(s, _)| s.as_str())
                 .collect();
+            let on_delete = live["spec"]["updateStrategy"]["type"].as_str() == Some("OnDelete");
             Applied {
-                note: format!(
-                    "restarted {what}: Secret {} changed keys it reads",
-                    restarted.join(", ")
-                ),
+                note: if on_delete {
+                    format!(
+                        "updated the pod template of {what} for Secret {}: its update strategy is OnDelete, so its pods pick the change up only when they are deleted",
+                        restarted.join(", ")
+                    )
+                } else {
+                    format!(
+                        "restarted {what}: Secret {} changed keys it reads",
+                        restarted.join(", ")
+                    )
+                },
                 results,
                 patched: true,
                 retryable: false,
