@@ -1709,15 +1709,10 @@ async fn the_breaker_withdraws_restarts_already_queued() {
         results(&w, "shop-dev", "api"),
         vec![("web".to_string(), "Skipped:Flapping".to_string())]
     );
-    // Not queued again from status either, by this operator or the next.
+    // Not queued again from status while the breaker holds.
     reconcile(w.ss("shop-dev", "api"), ctx.clone())
         .await
         .unwrap();
-    let fresh = w.context(Config::default());
-    reconcile(w.ss("shop-dev", "api"), fresh.clone())
-        .await
-        .unwrap();
-    restart_due(&fresh).await;
     restart_due(&ctx).await;
     assert!(restarts(&w).is_empty());
 }
@@ -1804,4 +1799,58 @@ async fn a_batch_that_ends_without_a_patch_frees_its_slot_at_once() {
     restart_due(&ctx).await;
     assert_eq!(restarts(&w).len(), 1, "b goes in the same pass");
     assert!(template_annotation(&w, "shop-dev", "b", "api").is_some());
+}
+
+#[tokio::test]
+async fn when_the_breaker_clears_the_withheld_restart_goes_out_onto_the_current_content() {
+    let w = world();
+    let ctx = w.context(Config {
+        breaker_changes: 1,
+        breaker_window: Duration::from_millis(300),
+        ..Config::default()
+    });
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(deployment("shop-dev", "other", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    let run = |ctx: Arc<Context>| {
+        let ss = w.ss("shop-dev", "api");
+        async move {
+            reconcile(ss, ctx.clone()).await.unwrap();
+            restart_due(&ctx).await;
+        }
+    };
+    run(ctx.clone()).await;
+    for level in ["a", "b", "c"] {
+        w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some(level))]);
+        run(ctx.clone()).await;
+    }
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "True"
+    );
+    let while_paused = template_annotation(&w, "shop-dev", "web", "api");
+    // Nothing changes any more; the window passes.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    w.fake.clear_requests();
+    run(ctx.clone()).await;
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "False",
+        "the condition clears without another change"
+    );
+    let patched: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        patched.len(),
+        2,
+        "both consumers run the paused content: {patched:?}"
+    );
+    assert_ne!(
+        template_annotation(&w, "shop-dev", "web", "api"),
+        while_paused
+    );
+    // Once.
+    w.fake.clear_requests();
+    run(ctx.clone()).await;
+    run(ctx.clone()).await;
+    assert!(restarts(&w).is_empty());
 }

@@ -391,8 +391,32 @@ async fn apply_rotation(
     Ok(first_end)
 }
 
+/// Whether restarts from this Secret were paused by the breaker (`RolloutsPaused=True`) and the
+/// breaker has cleared since (its window passed, or the resume annotation changed): the
+/// restarts it withheld are owed now.
+fn resuming(ss: &ScopedSecret, ctx: &Context, secret_name: &str) -> bool {
+    let paused = ss.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == super::status::ROLLOUTS_PAUSED && c.status == "True")
+    });
+    if !paused {
+        return false;
+    }
+    let key = format!("{}/{secret_name}", ss.namespace().unwrap_or_default());
+    let resume = ss
+        .annotations()
+        .get(rollout::breaker::RESUME_ANNOTATION)
+        .map(String::as_str);
+    !ctx.breaker
+        .lock()
+        .unwrap()
+        .tripped(&key, std::time::Instant::now(), resume)
+}
+
 /// Whether this reconcile will plan restarts: the content changed from a previous content of
-/// the same Secret, restarts are not off, and this change was not handled already.
+/// the same Secret (and this change was not handled already), or restarts resume after a
+/// pause; and restarts are not off.
 fn plans_restarts(ss: &ScopedSecret, ctx: &Context, secret_name: &str, content_hash: &str) -> bool {
     let Some(status) = ss.status.as_ref() else {
         return false;
@@ -406,10 +430,11 @@ fn plans_restarts(ss: &ScopedSecret, ctx: &Context, secret_name: &str, content_h
         .as_ref()
         .is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None);
     let key = format!("{}/{secret_name}", ss.namespace().unwrap_or_default());
-    previous != content_hash
-        && status.secret_name.as_deref() == Some(secret_name)
+    let changed = previous != content_hash
+        && ctx.rolled_out.lock().unwrap().get(&key).map(String::as_str) != Some(content_hash);
+    status.secret_name.as_deref() == Some(secret_name)
         && !off
-        && ctx.rolled_out.lock().unwrap().get(&key).map(String::as_str) != Some(content_hash)
+        && (changed || resuming(ss, ctx, secret_name))
 }
 
 /// The workloads of the namespace, when this reconcile plans restarts. Argo Rollouts are
@@ -465,6 +490,9 @@ async fn restart_consumers(
         return None;
     }
     if previous == content_hash {
+        if let Some(workloads) = workloads.filter(|_| resuming(ss, ctx, secret_name)) {
+            return Some(resume_restarts(ss, ctx, secret_name, desired, &workloads));
+        }
         requeue_unfinished(ss, ctx, secret_name);
         return None;
     }
@@ -528,30 +556,7 @@ async fn restart_consumers(
         &ctx.hmac_key,
         data,
     );
-    let source = (ns.to_string(), ss.name_any());
-    let workload_ref = |o: &rollout::apply::Outcome| rollout::queue::WorkloadRef {
-        namespace: ns.to_string(),
-        kind: o.kind,
-        name: o.name.clone(),
-    };
-    {
-        // A restart no longer needed (the workload carries the current hash, is paused, left
-        // for live reload) is withdrawn; the others are queued with the current hash.
-        let mut queue = ctx.restarts.queue();
-        for o in outcomes.iter().filter(|o| o.result != "Queued") {
-            queue.cancel(&workload_ref(o), secret_name);
-        }
-    }
-    ctx.restarts.enqueue(outcomes.iter().filter_map(|o| {
-        let hash = o.hash.clone().filter(|_| o.result == "Queued")?;
-        Some(rollout::queue::Request {
-            workload: workload_ref(o),
-            secret: secret_name.to_string(),
-            hash,
-            source: source.clone(),
-            urgent: revocation,
-        })
-    }));
+    queue_outcomes(ctx, ns, &ss.name_any(), secret_name, &outcomes, revocation);
     for o in &outcomes {
         if o.notable {
             publish(ss, ctx, EventType::Normal, "RolloutSkipped", &o.note).await;
@@ -564,6 +569,72 @@ async fn restart_consumers(
         outcomes,
         paused: None,
     })
+}
+
+/// Settles a plan in the restart queue: `Queued` outcomes are queued with their hash; a restart
+/// the plan found unnecessary (the workload carries the current hash, is paused, is left to
+/// live reload) is withdrawn.
+fn queue_outcomes(
+    ctx: &Context,
+    ns: &str,
+    scoped_secret: &str,
+    secret_name: &str,
+    outcomes: &[rollout::apply::Outcome],
+    urgent: bool,
+) {
+    let workload = |o: &rollout::apply::Outcome| rollout::queue::WorkloadRef {
+        namespace: ns.to_string(),
+        kind: o.kind,
+        name: o.name.clone(),
+    };
+    {
+        let mut queue = ctx.restarts.queue();
+        for o in outcomes.iter().filter(|o| o.result != "Queued") {
+            queue.cancel(&workload(o), secret_name);
+        }
+    }
+    let source = (ns.to_string(), scoped_secret.to_string());
+    ctx.restarts.enqueue(outcomes.iter().filter_map(|o| {
+        let hash = o.hash.clone().filter(|_| o.result == "Queued")?;
+        Some(rollout::queue::Request {
+            workload: workload(o),
+            secret: secret_name.to_string(),
+            hash,
+            source: source.clone(),
+            urgent,
+        })
+    }));
+}
+
+/// The breaker cleared: every consumer not already running the current content is owed the
+/// restart it withheld.
+fn resume_restarts(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    secret_name: &str,
+    desired: &Secret,
+    workloads: &[rollout::Workload],
+) -> rollout::apply::Report {
+    let ns = ss.namespace().unwrap_or_default();
+    let empty = std::collections::BTreeMap::new();
+    let outcomes = rollout::apply::plan(
+        secret_name,
+        ss.spec.rollout.as_ref(),
+        workloads,
+        &rollout::Change::Owed,
+        &Default::default(),
+        &ctx.hmac_key,
+        desired.data.as_ref().unwrap_or(&empty),
+    );
+    queue_outcomes(ctx, &ns, &ss.name_any(), secret_name, &outcomes, false);
+    info!(
+        queued = outcomes.iter().filter(|o| o.result == "Queued").count(),
+        "the breaker cleared: restarts withheld while paused are queued"
+    );
+    rollout::apply::Report {
+        outcomes,
+        paused: None,
+    }
 }
 
 /// Queues again the restarts `status.rollouts` shows as `Queued` or `Deferred` that this

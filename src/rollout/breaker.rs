@@ -31,6 +31,27 @@ impl Breaker {
     /// Records a content change of `secret` (a `namespace/name` key) at `now`; `resume` is the
     /// current value of the resume annotation. True when restarts from it must pause.
     pub fn record(&mut self, secret: &str, now: Instant, resume: Option<&str>) -> bool {
+        let max = self.max_changes;
+        let q = self.current(secret, now, resume);
+        q.push_back(now);
+        q.len() > max
+    }
+
+    /// Whether restarts from `secret` are paused at `now`, without recording a change: false
+    /// once the window has passed or the resume annotation changed.
+    pub fn tripped(&mut self, secret: &str, now: Instant, resume: Option<&str>) -> bool {
+        let max = self.max_changes;
+        self.current(secret, now, resume).len() > max
+    }
+
+    /// The changes of `secret` within the window, after a changed resume annotation cleared
+    /// them.
+    fn current(
+        &mut self,
+        secret: &str,
+        now: Instant,
+        resume: Option<&str>,
+    ) -> &mut VecDeque<Instant> {
         if let Some(r) = resume
             && self.resumed_with.get(secret).map(String::as_str) != Some(r)
         {
@@ -44,8 +65,7 @@ impl Breaker {
         {
             q.pop_front();
         }
-        q.push_back(now);
-        q.len() > self.max_changes
+        q
     }
 
     /// Changes counted, and the window, for messages.
@@ -77,7 +97,9 @@ mod tests {
             !b.record("ns/other", at(30), None),
             "other Secrets are not affected"
         );
+        assert!(b.tripped("ns/api", at(31), None));
         // Once the early changes leave the window, restarts resume.
+        assert!(!b.tripped("ns/api", at(615), None));
         assert!(!b.record("ns/api", at(615), None));
     }
 
@@ -87,10 +109,13 @@ mod tests {
         let t0 = Instant::now();
         assert!(!b.record("ns/api", t0, None));
         assert!(b.record("ns/api", t0, None));
+        assert!(b.tripped("ns/api", t0, None));
+        assert!(!b.tripped("ns/api", t0, Some("2026-11-24")));
         assert!(!b.record("ns/api", t0, Some("2026-11-24")));
         assert!(
             b.record("ns/api", t0, Some("2026-11-24")),
             "the same value does not clear again"
         );
+        assert!(!b.record("ns/api", t0, Some("2026-11-25")));
     }
 }
