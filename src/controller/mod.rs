@@ -369,6 +369,10 @@ fn trigger_hash(ss: &ScopedSecret) -> Option<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     ss.metadata.generation.hash(&mut h);
     ss.annotations().get(FORCE_SYNC_ANNOTATION).hash(&mut h);
+    // A person resuming paused restarts expects them at once.
+    ss.annotations()
+        .get(crate::rollout::breaker::RESUME_ANNOTATION)
+        .hash(&mut h);
     ss.metadata.uid.hash(&mut h);
     Some(h.finish())
 }
@@ -597,6 +601,40 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconciles_are_triggered_by_spec_force_sync_and_resume_but_not_by_status() {
+        let base: ScopedSecret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": "api", "namespace": "shop-dev", "generation": 1, "uid": "u"},
+            "spec": {"storeRef": {"name": "vault"}}
+        }))
+        .unwrap();
+        let with = |f: &dyn Fn(&mut ScopedSecret)| {
+            let mut ss = base.clone();
+            f(&mut ss);
+            trigger_hash(&ss)
+        };
+        let annotate = |key: &'static str| {
+            move |ss: &mut ScopedSecret| {
+                ss.annotations_mut().insert(key.into(), "x".into());
+            }
+        };
+        assert_ne!(
+            with(&|ss| ss.metadata.generation = Some(2)),
+            trigger_hash(&base)
+        );
+        assert_ne!(with(&annotate(FORCE_SYNC_ANNOTATION)), trigger_hash(&base));
+        assert_ne!(
+            with(&annotate(crate::rollout::breaker::RESUME_ANNOTATION)),
+            trigger_hash(&base)
+        );
+        assert_eq!(
+            with(&|ss| ss.status = Some(Default::default())),
+            trigger_hash(&base)
+        );
+        assert_eq!(with(&annotate("unrelated")), trigger_hash(&base));
+    }
 
     #[test]
     fn backoff_grows_exponentially_is_capped_and_jittered() {
