@@ -1854,3 +1854,71 @@ async fn when_the_breaker_clears_the_withheld_restart_goes_out_onto_the_current_
     run(ctx.clone()).await;
     assert!(restarts(&w).is_empty());
 }
+
+#[tokio::test]
+async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_store() {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::Api;
+    use kube::runtime::watcher;
+    use scoped_secrets::api::v1alpha1::{ClusterVaultStore, VaultStore};
+    use scoped_secrets::controller::caches::cached;
+
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    let client = w.fake.client();
+    let (namespaces, a) = cached(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (stores, b) = cached(
+        Api::<VaultStore>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (cluster, c) = cached(
+        Api::<ClusterVaultStore>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    w.ctx.caches.add(namespaces, stores, cluster);
+    let _watchers = [
+        tokio::spawn(a.for_each(|_| async {})),
+        tokio::spawn(b.for_each(|_| async {})),
+        tokio::spawn(c.for_each(|_| async {})),
+    ];
+    let start = std::time::Instant::now();
+    while w.ctx.caches.namespace("shop-dev").is_none()
+        || w.ctx.caches.cluster_store("vault").is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "caches never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let gets: Vec<String> = w
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && !r.query.contains("watch=true"))
+        .map(|r| r.path)
+        .collect();
+    assert!(
+        !gets.contains(&"/api/v1/namespaces/shop-dev".to_string()),
+        "{gets:?}"
+    );
+    assert!(
+        !gets.iter().any(|p| p.contains("clustervaultstores")),
+        "{gets:?}"
+    );
+    assert!(w.secret("shop-dev", "api").is_some());
+    // A store the cache does not hold is asked of the API server, and reported missing.
+    w.add(scoped_secret(
+        "x",
+        "shop-dev",
+        json!({"storeRef": {"name": "missing"}}),
+    ));
+    let err = w.reconcile("shop-dev", "x").await.unwrap_err();
+    assert_eq!(err.category(), "StoreNotFound");
+}

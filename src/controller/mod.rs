@@ -6,6 +6,7 @@
 //! access) wait for a change, transient ones (Vault, the API server) back off with jitter
 //! and are retried until they recover — no object is ever dropped from the queue.
 
+pub mod caches;
 mod reconcile;
 pub mod restarts;
 pub mod status;
@@ -173,6 +174,9 @@ pub struct Context {
     pub(crate) rolled_out: Mutex<HashMap<String, String>>,
     /// The cluster-wide restart queue and its worker's state.
     pub restarts: restarts::Restarter,
+    /// Informer caches of namespaces and stores, filled by the running controllers (empty
+    /// when reconciles are driven without them, as in tests: reads go to the API server).
+    pub caches: caches::Caches,
 }
 
 impl Context {
@@ -204,6 +208,7 @@ impl Context {
             breaker,
             rolled_out: Mutex::new(HashMap::new()),
             restarts,
+            caches: Default::default(),
         }
     }
 
@@ -457,7 +462,7 @@ pub async fn run(
                 ready.set_ready();
             }
         };
-        let controller = controller_for(&client, scope.as_deref(), concurrency, on_synced);
+        let controller = controller_for(&ctx, scope.as_deref(), concurrency, on_synced);
         controllers.push(
             controller
                 .reconcile_on(rx)
@@ -506,11 +511,12 @@ where
 /// watches that map related objects back to them. `on_synced` is called when the cache of
 /// ScopedSecrets is filled by a complete list (first and later re-lists).
 fn controller_for(
-    client: &Client,
+    ctx: &Context,
     namespace: Option<&str>,
     concurrency: u16,
     on_synced: impl Fn() + Send + 'static,
 ) -> Controller<ScopedSecret> {
+    let client = &ctx.client;
     let scoped: Api<ScopedSecret> = namespaced_or_all(client, namespace);
     let (reader, writer) = reflector::store();
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
@@ -537,6 +543,18 @@ fn controller_for(
         None => watcher::Config::default(),
     };
     let (store_vs, store_cs, store_ns) = (store.clone(), store.clone(), store.clone());
+    // Namespaces and stores are kept (informer caches) for the reconciles to read.
+    let (namespace_cache, namespaces) = caches::cached(namespaces, namespace_config);
+    let (vault_store_cache, vault_stores) = caches::cached(
+        namespaced_or_all::<VaultStore>(client, namespace),
+        watcher::Config::default(),
+    );
+    let (cluster_store_cache, cluster_stores) = caches::cached(
+        Api::<ClusterVaultStore>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    ctx.caches
+        .add(namespace_cache, vault_store_cache, cluster_store_cache);
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .watches(secrets, secret_config, |s: Secret| {
@@ -550,33 +568,24 @@ fn controller_for(
                 }
             })
         })
-        .watches(
-            namespaced_or_all::<VaultStore>(client, namespace),
-            watcher::Config::default(),
-            move |vs: VaultStore| {
-                referencing(
-                    &store_vs,
-                    StoreKind::VaultStore,
-                    &vs.name_any(),
-                    vs.namespace().as_deref(),
-                )
-            },
-        )
-        .watches(
-            Api::<ClusterVaultStore>::all(client.clone()),
-            watcher::Config::default(),
-            move |cs: ClusterVaultStore| {
-                referencing(
-                    &store_cs,
-                    StoreKind::ClusterVaultStore,
-                    &cs.name_any(),
-                    None,
-                )
-            },
-        )
-        .watches(
+        .watches_stream(vault_stores, move |vs: VaultStore| {
+            referencing(
+                &store_vs,
+                StoreKind::VaultStore,
+                &vs.name_any(),
+                vs.namespace().as_deref(),
+            )
+        })
+        .watches_stream(cluster_stores, move |cs: ClusterVaultStore| {
+            referencing(
+                &store_cs,
+                StoreKind::ClusterVaultStore,
+                &cs.name_any(),
+                None,
+            )
+        })
+        .watches_stream(
             namespaces,
-            namespace_config,
             move |ns: k8s_openapi::api::core::v1::Namespace| {
                 let name = ns.name_any();
                 store_ns

@@ -146,11 +146,16 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     let name = ss.name_any();
 
     // fetch + validate: the namespace's labels, the request, the store, access, auth.
-    let namespace = Api::<Namespace>::all(ctx.client.clone())
-        .get(&ns)
-        .await
-        .map_err(kube_err(format!("read namespace {ns}")))?;
-    let ns_labels = namespace.metadata.labels.unwrap_or_default();
+    let ns_labels = match ctx.caches.namespace(&ns) {
+        Some(cached) => cached.metadata.labels.clone().unwrap_or_default(),
+        None => Api::<Namespace>::all(ctx.client.clone())
+            .get(&ns)
+            .await
+            .map_err(kube_err(format!("read namespace {ns}")))?
+            .metadata
+            .labels
+            .unwrap_or_default(),
+    };
     let request = validate::request(ss, &ns_labels)?;
     let store = fetch_store(ss, ctx, &ns).await?;
     if let StoreKind::ClusterVaultStore = store.kind
@@ -766,15 +771,18 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Fetch
     let r = &ss.spec.store_ref;
     match r.kind {
         StoreKind::VaultStore => {
-            let store = Api::<VaultStore>::namespaced(ctx.client.clone(), ns)
-                .get_opt(&r.name)
-                .await
-                .map_err(kube_err(format!("read VaultStore {ns}/{}", r.name)))?
-                .ok_or_else(|| Error::StoreNotFound {
-                    kind: "VaultStore",
-                    name: r.name.clone(),
-                    namespace: Some(ns.into()),
-                })?;
+            let store = match ctx.caches.vault_store(ns, &r.name) {
+                Some(cached) => VaultStore::clone(&cached),
+                None => Api::<VaultStore>::namespaced(ctx.client.clone(), ns)
+                    .get_opt(&r.name)
+                    .await
+                    .map_err(kube_err(format!("read VaultStore {ns}/{}", r.name)))?
+                    .ok_or_else(|| Error::StoreNotFound {
+                        kind: "VaultStore",
+                        name: r.name.clone(),
+                        namespace: Some(ns.into()),
+                    })?,
+            };
             Ok(FetchedStore {
                 kind: r.kind,
                 name: r.name.clone(),
@@ -785,15 +793,18 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Fetch
             })
         }
         StoreKind::ClusterVaultStore => {
-            let store = Api::<ClusterVaultStore>::all(ctx.client.clone())
-                .get_opt(&r.name)
-                .await
-                .map_err(kube_err(format!("read ClusterVaultStore {}", r.name)))?
-                .ok_or_else(|| Error::StoreNotFound {
-                    kind: "ClusterVaultStore",
-                    name: r.name.clone(),
-                    namespace: None,
-                })?;
+            let store = match ctx.caches.cluster_store(&r.name) {
+                Some(cached) => ClusterVaultStore::clone(&cached),
+                None => Api::<ClusterVaultStore>::all(ctx.client.clone())
+                    .get_opt(&r.name)
+                    .await
+                    .map_err(kube_err(format!("read ClusterVaultStore {}", r.name)))?
+                    .ok_or_else(|| Error::StoreNotFound {
+                        kind: "ClusterVaultStore",
+                        name: r.name.clone(),
+                        namespace: None,
+                    })?,
+            };
             Ok(FetchedStore {
                 kind: r.kind,
                 name: r.name.clone(),
