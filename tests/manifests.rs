@@ -98,7 +98,9 @@ const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     (Cluster, "apps", "statefulsets", "list"),
     (Cluster, "apps", "daemonsets", "list"),
     (Cluster, "argoproj.io", "rollouts", "list"),
-    // rollout/apply.rs fetch: `.get_opt(name)` before a patch and while a rollout is in flight.
+    // rollout/apply.rs fetch: `.get_opt(name)` before a patch and while a rollout is in flight
+    // (and apply_batch: `Api::<Secret>.get_metadata_opt` — does the Secret still exist? — under
+    // the secrets get rule above).
     (Cluster, "apps", "deployments", "get"),
     (Cluster, "apps", "statefulsets", "get"),
     (Cluster, "apps", "daemonsets", "get"),

@@ -1922,3 +1922,22 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
     let err = w.reconcile("shop-dev", "x").await.unwrap_err();
     assert_eq!(err.category(), "StoreNotFound");
 }
+
+#[tokio::test]
+async fn a_restart_for_a_secret_deleted_meanwhile_is_not_applied() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    // The ScopedSecret is deleted within the window; the garbage collector takes the Secret.
+    w.fake.remove("api/v1", Some("shop-dev"), "secrets", "api");
+    restart_due(&w.ctx).await;
+    assert!(
+        restarts(&w).is_empty(),
+        "pods must not be restarted onto a missing Secret"
+    );
+    let records = w.ctx.restarts.queue().records_for("shop-dev", "api");
+    assert_eq!(records[0].1.result, "Skipped:SecretDeleted");
+}

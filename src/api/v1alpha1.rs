@@ -287,7 +287,7 @@ pub struct RolloutStatus {
     pub hash: Option<String>,
     /// `Queued` (waiting for the coalescing window), `Deferred` (waiting for the restart
     /// budget), `Restarted`, `Skipped:<reason>` (`KeysUnchanged`, `AlreadyCurrent`,
-    /// `LiveReload`, `Paused`, `Deleted`, `Flapping`) or `Failed:<reason>` (`Forbidden`,
+    /// `LiveReload`, `Paused`, `Deleted`, `SecretDeleted`, `Flapping`) or `Failed:<reason>` (`Forbidden`,
     /// `Refused`, `KubernetesError` — retried 5 times with backoff).
     pub result: String,
     /// When it reached this result.

@@ -377,6 +377,39 @@ pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
         }
         Err(e) => return failed(batch, &what, &secrets, e),
     };
+    // A Secret deleted since (its ScopedSecret was deleted) must not restart pods onto a
+    // missing Secret.
+    let mut gone = Vec::new();
+    for secret in batch.annotations.keys() {
+        match Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &w.namespace)
+            .get_metadata_opt(secret)
+            .await
+        {
+            Ok(None) => gone.push(secret.clone()),
+            Ok(Some(_)) => {}
+            Err(e) => return failed(batch, &what, &secrets, e),
+        }
+    }
+    if !gone.is_empty() {
+        let mut rest = batch.clone();
+        for secret in &gone {
+            rest.annotations.remove(secret);
+        }
+        let mut applied = if rest.annotations.is_empty() {
+            Applied::all(batch, "Skipped:SecretDeleted", String::new())
+        } else {
+            Box::pin(apply_batch(client, &rest)).await
+        };
+        for secret in gone {
+            applied
+                .results
+                .insert(secret, "Skipped:SecretDeleted".into());
+        }
+        if applied.note.is_empty() {
+            applied.note = format!("{what} not restarted: Secret {secrets} was deleted");
+        }
+        return applied;
+    }
     if live["spec"]["paused"].as_bool() == Some(true) {
         return Applied::all(
             batch,
