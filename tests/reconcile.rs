@@ -1767,7 +1767,11 @@ async fn a_change_whose_consumers_cannot_be_listed_waits_with_the_secret_unchang
     w.fake.fail_next("GET", "/deployments", 503);
     let err = w.reconcile("shop-dev", "api").await.unwrap_err();
     assert_eq!(err.category(), "KubernetesError");
-    assert!(err.to_string().contains("list on deployments"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("list the workloads of namespace shop-dev"),
+        "{err}"
+    );
     assert_eq!(
         data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
         "debug",
@@ -1940,4 +1944,30 @@ async fn a_restart_for_a_secret_deleted_meanwhile_is_not_applied() {
     );
     let records = w.ctx.restarts.queue().records_for("shop-dev", "api");
     assert_eq!(records[0].1.result, "Skipped:SecretDeleted");
+}
+
+#[tokio::test]
+async fn without_permission_to_list_workloads_the_secret_still_follows_vault_and_an_event_says_why()
+{
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.fake.fail_next("GET", "/deployments", 403);
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
+        "warn"
+    );
+    restart_due(&w.ctx).await;
+    assert!(restarts(&w).is_empty());
+    let warned = w.fake.writes_to("events").into_iter().any(|e| {
+        e.body.as_ref().is_some_and(|b| {
+            b["reason"] == "RolloutFailed"
+                && b["note"].as_str().unwrap_or("").contains("grant list")
+        })
+    });
+    assert!(warned, "a RolloutFailed event names the missing permission");
 }

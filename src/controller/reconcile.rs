@@ -455,15 +455,28 @@ async fn list_consumers(
     }
     let ns = ss.namespace().unwrap_or_default();
     let argo = ctx.restarts.argo_rollouts(&ctx.client).await;
-    rollout::apply::list_workloads(&ctx.client, &ns, argo)
-        .await
-        .map(Some)
-        .map_err(|e| Error::Kube {
+    match rollout::apply::list_workloads(&ctx.client, &ns, argo).await {
+        Ok(workloads) => Ok(Some(workloads)),
+        // Not allowed to list them: a setting, not an outage. The Secret still follows Vault;
+        // the restarts cannot happen, and the event says why.
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            let note = format!(
+                "cannot list the workloads of namespace {ns} ({}): the Secret is updated but nothing is restarted; grant list, get and patch on deployments, statefulsets and daemonsets, or set spec.rollout.strategy: None",
+                s.message
+            );
+            warn!("{note}");
+            publish(ss, ctx, EventType::Warning, "RolloutFailed", &note).await;
+            Ok(None)
+        }
+        // An outage: the change waits (the reconcile fails and is retried), so that its
+        // restarts are not lost.
+        Err(e) => Err(Error::Kube {
             action: format!(
-                "list the workloads of namespace {ns} to plan the restarts of a change (the operator needs list on deployments, statefulsets and daemonsets there; the Secret is updated once they can be listed)"
+                "list the workloads of namespace {ns} to plan the restarts of a change (the Secret is updated once they can be listed)"
             ),
             source: e,
-        })
+        }),
+    }
 }
 
 /// Queues restarts of the consumers of the Secret when its content changed from a previous
