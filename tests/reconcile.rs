@@ -1615,8 +1615,8 @@ async fn a_value_changed_and_changed_back_within_the_window_restarts_nothing_and
     assert_eq!(restarts(&w).len(), 1);
 }
 
-#[tokio::test]
-async fn a_second_change_within_the_window_keeps_the_restart_owed_by_the_first() {
+/// A world where a change of LOG_LEVEL has queued a restart of `reads-level`.
+async fn level_change_queued() -> World {
     let w = world();
     w.add(deployment(
         "shop-dev",
@@ -1627,7 +1627,11 @@ async fn a_second_change_within_the_window_keeps_the_restart_owed_by_the_first()
     w.reconcile("shop-dev", "api").await.unwrap();
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
-    // An unrelated key changes within the window.
+    w
+}
+
+/// A change of project keys `reads-level` does not read.
+fn unrelated_change(w: &World) {
     w.vault.put(
         "shop",
         &[
@@ -1636,6 +1640,13 @@ async fn a_second_change_within_the_window_keeps_the_restart_owed_by_the_first()
             ("FEATURE_X", Some("off")),
         ],
     );
+}
+
+#[tokio::test]
+async fn a_second_change_within_the_window_keeps_the_restart_owed_by_the_first() {
+    let w = level_change_queued().await;
+    // An unrelated key changes within the window.
+    unrelated_change(&w);
     w.reconcile("shop-dev", "api").await.unwrap();
     assert_eq!(
         results(&w, "shop-dev", "api"),
@@ -1653,25 +1664,9 @@ async fn a_second_change_within_the_window_keeps_the_restart_owed_by_the_first()
 
 #[tokio::test]
 async fn a_restart_owed_when_the_operator_stopped_survives_a_change_made_while_it_was_down() {
-    let w = world();
-    w.add(deployment(
-        "shop-dev",
-        "reads-level",
-        key_ref("api", "LOG_LEVEL"),
-    ));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
-    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = level_change_queued().await;
     // Stopped before the window passed; meanwhile an unrelated key changes.
-    w.vault.put(
-        "shop",
-        &[
-            ("LOG_LEVEL", Some("info")),
-            ("DB_HOST", Some("db2")),
-            ("FEATURE_X", Some("off")),
-        ],
-    );
+    unrelated_change(&w);
     let fresh = w.context(Config::default());
     reconcile(w.ss("shop-dev", "api"), fresh.clone())
         .await
