@@ -1878,7 +1878,7 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
     );
-    w.ctx.caches.add(namespaces, stores, cluster);
+    w.ctx.caches.add(None, namespaces, stores, cluster);
     let _watchers = [
         tokio::spawn(a.for_each(|_| async {})),
         tokio::spawn(b.for_each(|_| async {})),
@@ -1886,7 +1886,7 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
     ];
     let start = std::time::Instant::now();
     while w.ctx.caches.namespace("shop-dev").is_none()
-        || w.ctx.caches.cluster_store("vault").is_none()
+        || w.ctx.caches.cluster_store("shop-dev", "vault").is_none()
     {
         assert!(
             start.elapsed() < Duration::from_secs(10),

@@ -50,8 +50,8 @@ where
     }
 }
 
-/// A cache of `api` and the stream of applied objects that fills it (to hand to
-/// `Controller::watches_stream`).
+/// A cache of `api` and the stream of touched (applied or deleted) objects that fills it (to
+/// hand to `Controller::watches_stream`).
 pub fn cached<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -73,51 +73,64 @@ where
             }
         })
         .default_backoff()
-        .applied_objects();
+        // Deletions too: a deleted store must re-sync its users at once.
+        .touched_objects();
     (Cache { store, synced }, stream)
 }
 
-/// Every cache, of every controller (one per watched namespace, or one for all).
+/// The caches of one controller: the namespace it serves (`None`: all).
+struct Scope {
+    namespace: Option<String>,
+    namespaces: Cache<Namespace>,
+    vault_stores: Cache<VaultStore>,
+    cluster_stores: Cache<ClusterVaultStore>,
+}
+
+/// Every cache, of every controller (one per watched namespace, or one for all). A reconcile
+/// reads the caches of the controller serving its namespace: the ones whose events trigger it.
 #[derive(Default)]
 pub struct Caches {
-    namespaces: RwLock<Vec<Cache<Namespace>>>,
-    vault_stores: RwLock<Vec<Cache<VaultStore>>>,
-    cluster_stores: RwLock<Vec<Cache<ClusterVaultStore>>>,
+    scopes: RwLock<Vec<Scope>>,
 }
 
 impl Caches {
+    /// The caches of the controller serving `namespace` (`None`: all namespaces).
     pub fn add(
         &self,
+        namespace: Option<&str>,
         namespaces: Cache<Namespace>,
         vault_stores: Cache<VaultStore>,
         cluster_stores: Cache<ClusterVaultStore>,
     ) {
-        self.namespaces.write().unwrap().push(namespaces);
-        self.vault_stores.write().unwrap().push(vault_stores);
-        self.cluster_stores.write().unwrap().push(cluster_stores);
+        self.scopes.write().unwrap().push(Scope {
+            namespace: namespace.map(String::from),
+            namespaces,
+            vault_stores,
+            cluster_stores,
+        });
     }
 
+    fn with<T>(&self, ns: &str, f: impl Fn(&Scope) -> Option<T>) -> Option<T> {
+        let scopes = self.scopes.read().unwrap();
+        let scope = scopes
+            .iter()
+            .find(|s| s.namespace.as_deref() == Some(ns))
+            .or_else(|| scopes.iter().find(|s| s.namespace.is_none()))?;
+        f(scope)
+    }
+
+    /// The Namespace `name`, from the caches serving it.
     pub fn namespace(&self, name: &str) -> Option<Arc<Namespace>> {
-        first(&self.namespaces, name, None)
+        self.with(name, |s| s.namespaces.get(name, None))
     }
 
+    /// The VaultStore `namespace/name`.
     pub fn vault_store(&self, namespace: &str, name: &str) -> Option<Arc<VaultStore>> {
-        first(&self.vault_stores, name, Some(namespace))
+        self.with(namespace, |s| s.vault_stores.get(name, Some(namespace)))
     }
 
-    pub fn cluster_store(&self, name: &str) -> Option<Arc<ClusterVaultStore>> {
-        first(&self.cluster_stores, name, None)
+    /// The ClusterVaultStore `name`, as seen by the controller serving `for_namespace`.
+    pub fn cluster_store(&self, for_namespace: &str, name: &str) -> Option<Arc<ClusterVaultStore>> {
+        self.with(for_namespace, |s| s.cluster_stores.get(name, None))
     }
-}
-
-fn first<K>(caches: &RwLock<Vec<Cache<K>>>, name: &str, namespace: Option<&str>) -> Option<Arc<K>>
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + Hash + Clone + Default,
-{
-    caches
-        .read()
-        .unwrap()
-        .iter()
-        .find_map(|c| c.get(name, namespace))
 }

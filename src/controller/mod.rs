@@ -553,8 +553,12 @@ fn controller_for(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
     );
-    ctx.caches
-        .add(namespace_cache, vault_store_cache, cluster_store_cache);
+    ctx.caches.add(
+        namespace,
+        namespace_cache,
+        vault_store_cache,
+        cluster_store_cache,
+    );
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .watches(secrets, secret_config, |s: Secret| {

@@ -806,7 +806,7 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Fetch
             })
         }
         StoreKind::ClusterVaultStore => {
-            let store = match ctx.caches.cluster_store(&r.name) {
+            let store = match ctx.caches.cluster_store(ns, &r.name) {
                 Some(cached) => ClusterVaultStore::clone(&cached),
                 None => Api::<ClusterVaultStore>::all(ctx.client.clone())
                     .get_opt(&r.name)
