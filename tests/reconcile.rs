@@ -1734,6 +1734,10 @@ async fn a_transient_patch_failure_is_retried_and_a_refused_one_is_not() {
         after_failure.contains(&("guarded".into(), "Failed:Refused".into())),
         "{after_failure:?}"
     );
+    assert!(
+        after_failure.contains(&("web".into(), "Queued".into())),
+        "a restart waiting for its retry is still owed: {after_failure:?}"
+    );
     // The retry is due after its backoff (5 s); the refused one is not tried again.
     let later = std::time::Instant::now() + Duration::from_secs(30);
     w.fake.clear_requests();

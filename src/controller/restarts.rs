@@ -187,6 +187,18 @@ async fn record(ctx: &Context, batch: Batch, applied: &Applied) {
     announce(ctx, &batch, applied).await;
     restarts.trigger(&batch.sources);
     if retry {
+        // Pending again: shown `Queued`, so that status (and a next operator) still owes it.
+        {
+            let mut queue = restarts.queue();
+            for (secret, hash) in &batch.annotations {
+                let record = Record {
+                    hash: hash.clone(),
+                    result: "Queued".into(),
+                    at: wall,
+                };
+                queue.record(&batch.workload, secret, record);
+            }
+        }
         let delay = RETRY_BASE.saturating_mul(1 << batch.attempts.min(6));
         warn!(workload = %batch.workload, attempt = batch.attempts + 1, "restart failed, retrying in {}s: {}", delay.as_secs(), applied.note);
         restarts.queue().retry(batch, Instant::now() + delay);
