@@ -1970,3 +1970,204 @@ async fn without_permission_to_list_workloads_the_secret_still_follows_vault_and
     });
     assert!(warned, "a RolloutFailed event names the missing permission");
 }
+
+/// Two key-only consumers: reads-level (LOG_LEVEL) and reads-host (DB_HOST). Breaker: 1 change
+/// per 300 ms.
+fn breaker_world() -> (World, Arc<Context>) {
+    let w = world();
+    let ctx = w.context(Config {
+        breaker_changes: 1,
+        breaker_window: Duration::from_millis(300),
+        ..Config::default()
+    });
+    w.add(deployment(
+        "shop-dev",
+        "reads-level",
+        key_ref("api", "LOG_LEVEL"),
+    ));
+    w.add(deployment(
+        "shop-dev",
+        "reads-host",
+        key_ref("api", "DB_HOST"),
+    ));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    (w, ctx)
+}
+
+async fn run_once(w: &World, ctx: &Arc<Context>) {
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    restart_due(ctx).await;
+}
+
+#[tokio::test]
+async fn resuming_after_a_pause_restarts_only_consumers_of_withheld_keys() {
+    let (w, ctx) = breaker_world();
+    run_once(&w, &ctx).await;
+    for level in ["a", "b"] {
+        w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some(level))]);
+        run_once(&w, &ctx).await;
+    }
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "True"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    w.fake.clear_requests();
+    run_once(&w, &ctx).await;
+    let patched: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
+    assert!(
+        !patched.iter().any(|p| p.ends_with("/reads-host")),
+        "DB_HOST never changed, yet reads-host restarted on resume: {patched:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_change_after_a_pause_carries_the_restarts_the_pause_withheld() {
+    let (w, ctx) = breaker_world();
+    run_once(&w, &ctx).await;
+    // change 1 (DB_HOST): reads-host restarts; reads-level untouched, no annotation.
+    w.vault.put(
+        "shop",
+        &[
+            ("LOG_LEVEL", Some("info")),
+            ("DB_HOST", Some("db2")),
+            ("FEATURE_X", Some("off")),
+        ],
+    );
+    run_once(&w, &ctx).await;
+    // change 2 (LOG_LEVEL): trips; reads-level's restart is withheld.
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    run_once(&w, &ctx).await;
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "True"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The window passed; the next reconcile sees another DB_HOST change.
+    w.vault.put(
+        "shop",
+        &[
+            ("LOG_LEVEL", Some("info")),
+            ("DB_HOST", Some("db3")),
+            ("FEATURE_X", Some("off")),
+        ],
+    );
+    w.fake.clear_requests();
+    run_once(&w, &ctx).await;
+    run_once(&w, &ctx).await;
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "False"
+    );
+    assert!(
+        template_annotation(&w, "shop-dev", "reads-level", "api").is_some(),
+        "reads-level still runs the old LOG_LEVEL: {:?} / {:?}",
+        restarts(&w).into_iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        results(&w, "shop-dev", "api")
+    );
+}
+
+#[tokio::test]
+async fn a_pause_that_clears_without_permission_to_list_workloads_clears_once() {
+    let (w, ctx) = breaker_world();
+    run_once(&w, &ctx).await;
+    for level in ["a", "b"] {
+        w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some(level))]);
+        run_once(&w, &ctx).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut writes = Vec::new();
+    for _ in 0..3 {
+        w.fake.fail_next("GET", "/deployments", 403);
+        w.fake.clear_requests();
+        run_once(&w, &ctx).await;
+        writes.push(w.write_summary());
+    }
+    assert!(
+        writes.last().unwrap().is_empty(),
+        "no-op reconcile writes: {writes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_pending_when_the_operator_stops_is_applied_by_the_next() {
+    let mut w = world();
+    let mut config = Config::default();
+    config.pacing.window = Duration::ZERO;
+    w.ctx = w.context(config);
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.fail_next("PATCH", "deployments/web", 500);
+    tick(&w.ctx, std::time::Instant::now()).await;
+    w.reconcile("shop-dev", "api").await.unwrap();
+    // The operator restarts during the backoff.
+    let fresh = w.context(Config::default());
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
+    assert!(
+        template_annotation(&w, "shop-dev", "web", "api").is_some(),
+        "restart lost: {:?}",
+        results(&w, "shop-dev", "api")
+    );
+}
+
+#[tokio::test]
+async fn an_operator_restart_does_not_lift_a_pause_early() {
+    let (w, ctx) = breaker_world();
+    // long window: the breaker would hold for 10 minutes
+    let ctx = {
+        drop(ctx);
+        w.context(Config {
+            breaker_changes: 1,
+            ..Config::default()
+        })
+    };
+    run_once(&w, &ctx).await;
+    for level in ["a", "b", "c"] {
+        w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some(level))]);
+        run_once(&w, &ctx).await;
+    }
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "True"
+    );
+    let fresh = w.context(Config {
+        breaker_changes: 1,
+        ..Config::default()
+    });
+    w.fake.clear_requests();
+    run_once(&w, &fresh).await;
+    let patched: Vec<String> = restarts(&w).into_iter().map(|(p, _)| p).collect();
+    assert!(
+        patched.is_empty(),
+        "resumed by an operator restart within the window: {patched:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_copy_after_a_resume_does_not_resume_again() {
+    let (w, ctx) = breaker_world();
+    run_once(&w, &ctx).await;
+    for level in ["a", "b"] {
+        w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some(level))]);
+        run_once(&w, &ctx).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stale = w.ss("shop-dev", "api");
+    run_once(&w, &ctx).await; // resume, restarts applied
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    let before = results(&w, "shop-dev", "api");
+    w.fake.clear_requests();
+    reconcile(stale, ctx.clone()).await.unwrap();
+    restart_due(&ctx).await;
+    assert_eq!(before, results(&w, "shop-dev", "api"));
+}

@@ -174,6 +174,9 @@ pub struct Context {
     pub(crate) rolled_out: Mutex<HashMap<String, String>>,
     /// The cluster-wide restart queue and its worker's state.
     pub restarts: restarts::Restarter,
+    /// Per Secret (`namespace/name`), the names of the keys whose changes the breaker kept
+    /// from restarting anything: owed when it clears.
+    pub(crate) withheld: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     /// Informer caches of namespaces and stores, filled by the running controllers (empty
     /// when reconciles are driven without them, as in tests: reads go to the API server).
     pub caches: caches::Caches,
@@ -208,6 +211,7 @@ impl Context {
             breaker,
             rolled_out: Mutex::new(HashMap::new()),
             restarts,
+            withheld: Mutex::new(HashMap::new()),
             caches: Default::default(),
         }
     }

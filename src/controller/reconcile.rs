@@ -396,27 +396,78 @@ async fn apply_rotation(
     Ok(first_end)
 }
 
+/// The `RolloutsPaused=True` condition of the ScopedSecret, if restarts from it are paused.
+fn paused_condition(
+    ss: &ScopedSecret,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    ss.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == super::status::ROLLOUTS_PAUSED && c.status == "True")
+}
+
 /// Whether restarts from this Secret were paused by the breaker (`RolloutsPaused=True`) and the
-/// breaker has cleared since (its window passed, or the resume annotation changed): the
-/// restarts it withheld are owed now.
-fn resuming(ss: &ScopedSecret, ctx: &Context, secret_name: &str) -> bool {
-    let paused = ss.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == super::status::ROLLOUTS_PAUSED && c.status == "True")
-    });
-    if !paused {
+/// breaker has cleared since (its window passed, or the resume annotation changed), and this
+/// content was not resumed already: the restarts it withheld are owed now. A fresh operator
+/// restores the pause from the condition's transition time.
+fn resuming(ss: &ScopedSecret, ctx: &Context, secret_name: &str, content_hash: &str) -> bool {
+    let Some(condition) = paused_condition(ss) else {
+        return false;
+    };
+    let key = format!("{}/{secret_name}", ss.namespace().unwrap_or_default());
+    if ctx
+        .rolled_out
+        .lock()
+        .unwrap()
+        .get(&format!("{key}#resumed"))
+        .map(String::as_str)
+        == Some(content_hash)
+    {
         return false;
     }
-    let key = format!("{}/{secret_name}", ss.namespace().unwrap_or_default());
     let resume = ss
         .annotations()
         .get(rollout::breaker::RESUME_ANNOTATION)
         .map(String::as_str);
-    !ctx.breaker
+    let now = std::time::Instant::now();
+    let mut breaker = ctx.breaker.lock().unwrap();
+    restore_pause(&mut breaker, condition, &key, now, resume);
+    !breaker.tripped(&key, now, resume)
+}
+
+/// A fresh operator restores a pause shown by `RolloutsPaused=True` from the condition's
+/// transition time, so that restarting the operator does not lift it early.
+fn restore_pause(
+    breaker: &mut rollout::breaker::Breaker,
+    condition: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+    key: &str,
+    now: std::time::Instant,
+    resume: Option<&str>,
+) {
+    if !breaker.knows(key) {
+        let ago = jiff::Timestamp::now()
+            .duration_since(condition.last_transition_time.0)
+            .unsigned_abs();
+        breaker.restore_tripped(key, now, ago, resume);
+    }
+}
+
+/// Marks the pause of this Secret as resumed at `content_hash` (a lagging cache must not
+/// resume it twice).
+fn mark_resumed(ctx: &Context, key: &str, content_hash: &str) {
+    ctx.rolled_out
         .lock()
         .unwrap()
-        .tripped(&key, std::time::Instant::now(), resume)
+        .insert(format!("{key}#resumed"), content_hash.to_string());
+}
+
+/// The breaker cleared, but nothing is to be planned: only the condition turns `False`.
+fn pause_cleared() -> rollout::apply::Report {
+    rollout::apply::Report {
+        clears_pause_only: true,
+        ..Default::default()
+    }
 }
 
 /// Whether this reconcile will plan restarts: the content changed from a previous content of
@@ -439,7 +490,7 @@ fn plans_restarts(ss: &ScopedSecret, ctx: &Context, secret_name: &str, content_h
         && ctx.rolled_out.lock().unwrap().get(&key).map(String::as_str) != Some(content_hash);
     status.secret_name.as_deref() == Some(secret_name)
         && !off
-        && (changed || resuming(ss, ctx, secret_name))
+        && (changed || resuming(ss, ctx, secret_name, content_hash))
 }
 
 /// The workloads of the namespace, when this reconcile plans restarts. Argo Rollouts are
@@ -499,29 +550,31 @@ async fn restart_consumers(
     let namespace = ss.namespace().unwrap_or_default();
     let ns = namespace.as_str();
     let previous = ss.status.as_ref().and_then(|s| s.content_hash.as_deref())?;
+    let breaker_key = format!("{ns}/{secret_name}");
     // The Secret is ours under another name only after a rename: nothing consumed it yet.
-    if ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) != Some(secret_name) {
-        return None;
-    }
+    let renamed = ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) != Some(secret_name);
     let rollout_spec = ss.spec.rollout.as_ref();
-    if rollout_spec.is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None) {
-        return None;
+    let off =
+        rollout_spec.is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None);
+    if renamed || off {
+        // A pause that cleared meanwhile must not show forever.
+        let cleared = resuming(ss, ctx, secret_name, content_hash);
+        return cleared.then(pause_cleared);
     }
     if previous == content_hash {
-        if let Some(workloads) = workloads.filter(|_| resuming(ss, ctx, secret_name)) {
-            return Some(resume_restarts(ss, ctx, secret_name, desired, &workloads));
+        if resuming(ss, ctx, secret_name, content_hash) {
+            mark_resumed(ctx, &breaker_key, content_hash);
+            return Some(match workloads {
+                Some(workloads) => resume_restarts(ss, ctx, secret_name, desired, &workloads),
+                // They could not be listed (the event said why).
+                None => pause_cleared(),
+            });
         }
         requeue_unfinished(ss, ctx, secret_name);
         return None;
     }
     // Listed before the Secret was written, when this change is to be planned.
     let workloads = workloads?;
-    let change = if changed_keys.is_empty() {
-        rollout::Change::Unfinished
-    } else {
-        rollout::Change::Keys(changed_keys.iter().cloned().collect())
-    };
-    let breaker_key = format!("{ns}/{secret_name}");
     {
         let mut rolled = ctx.rolled_out.lock().unwrap();
         if rolled.get(&breaker_key).map(String::as_str) == Some(content_hash) {
@@ -535,11 +588,22 @@ async fn restart_consumers(
         .get(rollout::breaker::RESUME_ANNOTATION)
         .map(String::as_str);
     let (tripped, (count, window)) = {
+        let now = std::time::Instant::now();
         let mut breaker = ctx.breaker.lock().unwrap();
-        let tripped = breaker.record(&breaker_key, std::time::Instant::now(), resume);
+        if let Some(condition) = paused_condition(ss) {
+            restore_pause(&mut breaker, condition, &breaker_key, now, resume);
+        }
+        let tripped = breaker.record(&breaker_key, now, resume);
         (tripped, breaker.describe(&breaker_key))
     };
     if tripped && !revocation {
+        // What the paused changes touched is owed when the breaker clears.
+        ctx.withheld
+            .lock()
+            .unwrap()
+            .entry(breaker_key.clone())
+            .or_default()
+            .extend(changed_keys.iter().cloned());
         let withdrawn = ctx.restarts.queue().cancel_secret(ns, secret_name);
         let note = format!(
             "Secret {secret_name} changed {count} times within {}s: restarts from it are paused ({} queued withdrawn) until fewer changes fall in that window, or the annotation {} of the ScopedSecret is changed",
@@ -550,19 +614,28 @@ async fn restart_consumers(
         warn!("{note}");
         publish(ss, ctx, EventType::Warning, "RolloutsPaused", &note).await;
         return Some(rollout::apply::Report {
-            outcomes: Vec::new(),
             paused: Some(note),
+            ..Default::default()
         });
     }
-    // Consumers still owed a restart of this Secret: queued here, or shown queued in status.
-    let mut owed = ctx.restarts.queue().pending_for(ns, secret_name);
-    owed.extend(
-        ss.status
-            .iter()
-            .flat_map(|s| s.rollouts.iter())
-            .filter(|r| r.result == "Queued" || r.result == "Deferred")
-            .filter_map(|r| Some((rollout::WorkloadKind::parse(&r.kind)?, r.name.clone()))),
-    );
+    // A change arriving after a pause carries the changes the pause withheld.
+    let mut keys: std::collections::BTreeSet<String> = changed_keys.iter().cloned().collect();
+    let was_paused = paused_condition(ss).is_some();
+    if was_paused {
+        keys.extend(
+            ctx.withheld
+                .lock()
+                .unwrap()
+                .remove(&breaker_key)
+                .unwrap_or_default(),
+        );
+    }
+    let change = if keys.is_empty() {
+        rollout::Change::Unfinished
+    } else {
+        rollout::Change::Keys(keys)
+    };
+    let owed = owed_restarts(ss, ctx, secret_name, was_paused);
     let empty = std::collections::BTreeMap::new();
     let data = desired.data.as_ref().unwrap_or(&empty);
     let outcomes = rollout::apply::plan(
@@ -585,7 +658,7 @@ async fn restart_consumers(
     ctx.metrics.restarted("skipped", skipped);
     Some(rollout::apply::Report {
         outcomes,
-        paused: None,
+        ..Default::default()
     })
 }
 
@@ -624,8 +697,33 @@ fn queue_outcomes(
     }));
 }
 
-/// The breaker cleared: every consumer not already running the current content is owed the
-/// restart it withheld.
+/// The consumers still owed a restart of `secret_name`: queued here, or shown queued in status
+/// (also across an operator restart) — and, after a pause, those the breaker withdrew.
+fn owed_restarts(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    secret_name: &str,
+    after_pause: bool,
+) -> std::collections::BTreeSet<(rollout::WorkloadKind, String)> {
+    let ns = ss.namespace().unwrap_or_default();
+    let mut owed = ctx.restarts.queue().pending_for(&ns, secret_name);
+    owed.extend(
+        ss.status
+            .iter()
+            .flat_map(|s| s.rollouts.iter())
+            .filter(|r| {
+                r.result == "Queued"
+                    || r.result == "Deferred"
+                    || (after_pause && r.result == "Skipped:Flapping")
+            })
+            .filter_map(|r| Some((rollout::WorkloadKind::parse(&r.kind)?, r.name.clone()))),
+    );
+    owed
+}
+
+/// The breaker cleared with no new change: the consumers of the keys whose changes it
+/// withheld, those it withdrew, and those whose annotation is stale restart once onto the
+/// current content.
 fn resume_restarts(
     ss: &ScopedSecret,
     ctx: &Context,
@@ -634,13 +732,26 @@ fn resume_restarts(
     workloads: &[rollout::Workload],
 ) -> rollout::apply::Report {
     let ns = ss.namespace().unwrap_or_default();
+    let withheld = ctx
+        .withheld
+        .lock()
+        .unwrap()
+        .remove(&format!("{ns}/{secret_name}"))
+        .unwrap_or_default();
+    // Unknown after an operator restart: then the stale annotations and the withdrawn
+    // restarts tell.
+    let change = if withheld.is_empty() {
+        rollout::Change::Unfinished
+    } else {
+        rollout::Change::Keys(withheld)
+    };
     let empty = std::collections::BTreeMap::new();
     let outcomes = rollout::apply::plan(
         secret_name,
         ss.spec.rollout.as_ref(),
         workloads,
-        &rollout::Change::Owed,
-        &Default::default(),
+        &change,
+        &owed_restarts(ss, ctx, secret_name, true),
         &ctx.hmac_key,
         desired.data.as_ref().unwrap_or(&empty),
     );
@@ -651,7 +762,7 @@ fn resume_restarts(
     );
     rollout::apply::Report {
         outcomes,
-        paused: None,
+        ..Default::default()
     }
 }
 

@@ -114,7 +114,7 @@ pub fn next_status(
                     }
                 }
             }
-            if let Some(report) = rollouts.filter(|r| r.paused.is_none()) {
+            if let Some(report) = rollouts.filter(|r| r.paused.is_none() && !r.clears_pause_only) {
                 status.rollouts = report
                     .outcomes
                     .iter()

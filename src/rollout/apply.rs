@@ -53,6 +53,9 @@ pub struct Report {
     pub outcomes: Vec<Outcome>,
     /// Why restarts are paused (the breaker tripped), if they are.
     pub paused: Option<String>,
+    /// The breaker cleared but nothing could be planned (restarts are off, or the workloads
+    /// cannot be listed): only `RolloutsPaused` turns `False`; the recorded outcomes stay.
+    pub clears_pause_only: bool,
 }
 
 /// The Argo Rollouts `Rollout` resource.

@@ -68,6 +68,31 @@ impl Breaker {
         q
     }
 
+    /// Whether this process has seen `secret` (a fresh operator has not).
+    pub fn knows(&self, secret: &str) -> bool {
+        self.changes.contains_key(secret)
+    }
+
+    /// Restores, in a fresh process, a breaker that tripped `ago` (the `RolloutsPaused`
+    /// condition's transition time): it holds until the window has passed since then, or
+    /// until `resume` changes from its current value.
+    pub fn restore_tripped(
+        &mut self,
+        secret: &str,
+        now: Instant,
+        ago: Duration,
+        resume: Option<&str>,
+    ) {
+        let at = now.checked_sub(ago).unwrap_or(now);
+        self.changes.insert(
+            secret.to_string(),
+            std::iter::repeat_n(at, self.max_changes + 1).collect(),
+        );
+        if let Some(r) = resume {
+            self.resumed_with.insert(secret.to_string(), r.to_string());
+        }
+    }
+
     /// Changes counted, and the window, for messages.
     pub fn describe(&self, secret: &str) -> (usize, Duration) {
         (
@@ -101,6 +126,25 @@ mod tests {
         // Once the early changes leave the window, restarts resume.
         assert!(!b.tripped("ns/api", at(615), None));
         assert!(!b.record("ns/api", at(615), None));
+    }
+
+    #[test]
+    fn a_fresh_process_restores_a_trip_from_its_time() {
+        let mut b = Breaker::new(2, Duration::from_secs(600));
+        let t0 = Instant::now();
+        assert!(!b.knows("ns/api"));
+        b.restore_tripped("ns/api", t0, Duration::from_secs(100), Some("r1"));
+        assert!(b.knows("ns/api"));
+        assert!(
+            b.tripped("ns/api", t0, Some("r1")),
+            "the same annotation keeps it"
+        );
+        assert!(!b.tripped("ns/api", t0 + Duration::from_secs(501), Some("r1")));
+        b.restore_tripped("ns/other", t0, Duration::from_secs(100), Some("r1"));
+        assert!(
+            !b.tripped("ns/other", t0, Some("r2")),
+            "a changed annotation clears it"
+        );
     }
 
     #[test]
