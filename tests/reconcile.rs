@@ -2171,3 +2171,29 @@ async fn a_stale_copy_after_a_resume_does_not_resume_again() {
     restart_due(&ctx).await;
     assert_eq!(before, results(&w, "shop-dev", "api"));
 }
+
+#[tokio::test]
+async fn a_reverted_change_does_not_restart_a_consumer_that_never_had_the_annotation() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("B"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    // Back to what the pods run, within the window.
+    w.vault
+        .put("shop/envs/dev", &[("LOG_LEVEL", Some("debug"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.clear_requests();
+    restart_due(&w.ctx).await;
+    assert!(
+        restarts(&w).is_empty(),
+        "the pods already run the original content: {:?}",
+        results(&w, "shop-dev", "api")
+    );
+    // A real change afterwards still restarts it.
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("C"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    restart_due(&w.ctx).await;
+    assert_eq!(restarts(&w).len(), 1);
+}

@@ -321,6 +321,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         &desired,
         revocation,
         workloads,
+        existing.as_ref().and_then(|e| e.data.as_ref()),
     )
     .await;
     if let Some(v) = force {
@@ -546,6 +547,7 @@ async fn restart_consumers(
     desired: &Secret,
     revocation: bool,
     workloads: Option<Vec<rollout::Workload>>,
+    previous_data: Option<&std::collections::BTreeMap<String, k8s_openapi::ByteString>>,
 ) -> Option<rollout::apply::Report> {
     let namespace = ss.namespace().unwrap_or_default();
     let ns = namespace.as_str();
@@ -638,14 +640,18 @@ async fn restart_consumers(
     let owed = owed_restarts(ss, ctx, secret_name, was_paused);
     let empty = std::collections::BTreeMap::new();
     let data = desired.data.as_ref().unwrap_or(&empty);
+    let content = rollout::apply::Content {
+        key: &ctx.hmac_key,
+        data,
+        previous: previous_data,
+    };
     let outcomes = rollout::apply::plan(
         secret_name,
         rollout_spec,
         &workloads,
         &change,
         &owed,
-        &ctx.hmac_key,
-        data,
+        &content,
     );
     queue_outcomes(ctx, ns, &ss.name_any(), secret_name, &outcomes, revocation);
     for o in &outcomes {
@@ -693,6 +699,7 @@ fn queue_outcomes(
             hash,
             source: source.clone(),
             urgent,
+            baseline: o.baseline.clone(),
         })
     }));
 }
@@ -704,7 +711,7 @@ fn owed_restarts(
     ctx: &Context,
     secret_name: &str,
     after_pause: bool,
-) -> std::collections::BTreeSet<(rollout::WorkloadKind, String)> {
+) -> rollout::apply::Owed {
     let ns = ss.namespace().unwrap_or_default();
     let mut owed = ctx.restarts.queue().pending_for(&ns, secret_name);
     owed.extend(
@@ -716,7 +723,11 @@ fn owed_restarts(
                     || r.result == "Deferred"
                     || (after_pause && r.result == "Skipped:Flapping")
             })
-            .filter_map(|r| Some((rollout::WorkloadKind::parse(&r.kind)?, r.name.clone()))),
+            .filter_map(|r| Some((rollout::WorkloadKind::parse(&r.kind)?, r.name.clone())))
+            // Queued here already: keep what the queue knows of it.
+            .filter(|w| !owed.contains_key(w))
+            .map(|w| (w, None))
+            .collect::<Vec<_>>(),
     );
     owed
 }
@@ -746,14 +757,18 @@ fn resume_restarts(
         rollout::Change::Keys(withheld)
     };
     let empty = std::collections::BTreeMap::new();
+    let content = rollout::apply::Content {
+        key: &ctx.hmac_key,
+        data: desired.data.as_ref().unwrap_or(&empty),
+        previous: None,
+    };
     let outcomes = rollout::apply::plan(
         secret_name,
         ss.spec.rollout.as_ref(),
         workloads,
         &change,
         &owed_restarts(ss, ctx, secret_name, true),
-        &ctx.hmac_key,
-        desired.data.as_ref().unwrap_or(&empty),
+        &content,
     );
     queue_outcomes(ctx, &ns, &ss.name_any(), secret_name, &outcomes, false);
     info!(
@@ -796,6 +811,7 @@ fn requeue_unfinished(ss: &ScopedSecret, ctx: &Context, secret_name: &str) {
                     hash: r.hash.clone()?,
                     source: source.clone(),
                     urgent: false,
+                    baseline: None,
                 })
             })
             .collect()

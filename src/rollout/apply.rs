@@ -9,7 +9,7 @@
 //! A workload deleted before its patch is skipped; a refused patch (409/422) is reported, not
 //! retried forever.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -42,6 +42,10 @@ pub struct Outcome {
     pub result: String,
     /// A sentence for the event, naming no value.
     pub note: String,
+    /// For a queued restart of a workload without the annotation: the hash of what its pods
+    /// run (the Secret's content before this change). A later change back to it withdraws
+    /// the restart.
+    pub baseline: Option<String>,
     /// Whether the note deserves an event on the ScopedSecret (a paused workload, live reload
     /// honoured or refused); the common skips and plain queueing make none.
     pub notable: bool,
@@ -196,30 +200,62 @@ pub async fn list_workloads(
     Ok(out)
 }
 
+/// The Secret's content a plan decides on.
+pub struct Content<'a> {
+    pub key: &'a HmacKey,
+    pub data: &'a BTreeMap<String, ByteString>,
+    /// What the Secret held before this change, when it is known.
+    pub previous: Option<&'a BTreeMap<String, ByteString>>,
+}
+
+/// Workloads still owed a restart of one Secret, each with the hash of what its pods run
+/// when it has no annotation and that is known.
+pub type Owed = BTreeMap<(WorkloadKind, String), Option<String>>;
+
 /// Decides for every workload the strategy targets; `Restart` decisions come back as
 /// `Queued` outcomes with the hash to write. Workloads in `owed` still wait for a restart from
 /// an earlier change of this Secret: they are decided as [`Change::Owed`], so the owed restart
-/// is kept (with the current hash) or dropped when they already carry it.
+/// is kept (with the current hash) or dropped when they already carry it — or, without an
+/// annotation, when the content went back to what their pods run.
 pub fn plan(
     secret: &str,
     rollout: Option<&Rollout>,
     workloads: &[Workload],
     change: &Change,
-    owed: &BTreeSet<(WorkloadKind, String)>,
-    key: &HmacKey,
-    data: &BTreeMap<String, ByteString>,
+    owed: &Owed,
+    content: &Content<'_>,
 ) -> Vec<Outcome> {
+    let (key, data) = (content.key, content.data);
     targets(rollout, workloads, secret)
         .into_iter()
         .map(|(w, consumption)| {
             let what = format!("{}/{}", w.kind.as_str(), w.name);
-            let change = if owed.contains(&(w.kind, w.name.clone())) {
+            let owed_baseline = owed.get(&(w.kind, w.name.clone()));
+            let change = if owed_baseline.is_some() {
                 &Change::Owed
             } else {
                 change
             };
-            match decide(w, &consumption, secret, change, key, data) {
+            let unannotated = !w
+                .template_annotations
+                .contains_key(&super::annotation_key(secret));
+            let mut decision = decide(w, &consumption, secret, change, key, data);
+            if let Decision::Restart { hash, .. } = &decision
+                && unannotated
+                && owed_baseline.is_some_and(|b| b.as_ref() == Some(hash))
+            {
+                decision = Decision::Skip(Skip::AlreadyCurrent);
+            }
+            let baseline = match (&decision, owed_baseline) {
+                (Decision::Restart { .. }, Some(known)) => known.clone(),
+                (Decision::Restart { .. }, None) if unannotated => content
+                    .previous
+                    .map(|p| super::consumer_hash(key, p, &consumption.reads)),
+                _ => None,
+            };
+            match decision {
                 Decision::Skip(skip) => Outcome {
+                    baseline: None,
                     notable: matches!(skip, Skip::Paused | Skip::LiveReload),
                     kind: w.kind,
                     name: w.name.clone(),
@@ -244,6 +280,7 @@ pub fn plan(
                     hash,
                     live_reload_refused,
                 } => Outcome {
+                    baseline,
                     notable: live_reload_refused,
                     kind: w.kind,
                     name: w.name.clone(),

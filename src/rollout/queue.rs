@@ -48,6 +48,9 @@ pub struct Request {
     pub source: Source,
     /// A revocation: no window, no budget.
     pub urgent: bool,
+    /// The hash of what the workload's pods run, when it has no annotation (see
+    /// `apply::Outcome::baseline`).
+    pub baseline: Option<String>,
 }
 
 /// What the worker applies to one workload in one patch.
@@ -125,6 +128,8 @@ pub struct Queue {
     pending: BTreeMap<WorkloadRef, Pending>,
     in_flight: BTreeMap<WorkloadRef, Flight>,
     records: HashMap<(WorkloadRef, String), Record>,
+    /// Per pending (workload, Secret) without annotation: what its pods run.
+    baselines: HashMap<(WorkloadRef, String), String>,
 }
 
 impl Queue {
@@ -134,6 +139,7 @@ impl Queue {
             pending: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             records: HashMap::new(),
+            baselines: HashMap::new(),
         }
     }
 
@@ -172,6 +178,12 @@ impl Queue {
             .annotations
             .insert(req.secret.clone(), req.hash.clone());
         entry.batch.sources.insert(req.source);
+        if let Some(b) = req.baseline {
+            // The first one holds: what the pods ran before the first of these changes.
+            self.baselines
+                .entry((req.workload.clone(), req.secret.clone()))
+                .or_insert(b);
+        }
         let result = if entry.deferred { "Deferred" } else { "Queued" };
         self.records.insert(
             (req.workload, req.secret),
@@ -191,6 +203,8 @@ impl Queue {
             && p.batch.annotations.remove(secret).is_some()
         {
             self.records.remove(&(workload.clone(), secret.to_string()));
+            self.baselines
+                .remove(&(workload.clone(), secret.to_string()));
             if p.batch.annotations.is_empty() {
                 self.pending.remove(workload);
             }
@@ -216,12 +230,23 @@ impl Queue {
         hit
     }
 
-    /// The workloads with a pending restart for `secret` in `namespace`.
-    pub fn pending_for(&self, namespace: &str, secret: &str) -> BTreeSet<(WorkloadKind, String)> {
+    /// The workloads with a pending restart for `secret` in `namespace`, with the hash of what
+    /// their pods run when known.
+    pub fn pending_for(
+        &self,
+        namespace: &str,
+        secret: &str,
+    ) -> BTreeMap<(WorkloadKind, String), Option<String>> {
         self.pending
             .iter()
             .filter(|(w, p)| w.namespace == namespace && p.batch.annotations.contains_key(secret))
-            .map(|(w, _)| (w.kind, w.name.clone()))
+            .map(|(w, _)| {
+                let baseline = self
+                    .baselines
+                    .get(&(w.clone(), secret.to_string()))
+                    .cloned();
+                ((w.kind, w.name.clone()), baseline)
+            })
             .collect()
     }
 
@@ -288,6 +313,9 @@ impl Queue {
             let fits = self.in_flight.len() + taken.batches.len() < self.pacing.budget;
             if urgent || (fits && !busy) {
                 let p = self.pending.remove(&workload).expect("listed above");
+                for secret in p.batch.annotations.keys() {
+                    self.baselines.remove(&(workload.clone(), secret.clone()));
+                }
                 taken.batches.push(p.batch);
                 continue;
             }
@@ -408,6 +436,7 @@ mod tests {
             hash: hash.into(),
             source: ("shop".into(), secret.into()),
             urgent: false,
+            baseline: None,
         }
     }
 
@@ -562,7 +591,7 @@ mod tests {
         q.enqueue(req("api", "s", "h"), t0, wall());
         q.enqueue(req("api", "t", "h"), t0, wall());
         q.cancel(&w("api"), "s");
-        assert_eq!(q.pending_for("shop", "s"), BTreeSet::new());
+        assert!(q.pending_for("shop", "s").is_empty());
         assert_eq!(q.pending_len(), 1, "t still pending");
         assert_eq!(q.cancel_secret("shop", "t"), vec![w("api")]);
         assert_eq!(q.pending_len(), 0, "an empty batch is dropped");
