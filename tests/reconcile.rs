@@ -1927,22 +1927,47 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
 }
 
 #[tokio::test]
-async fn a_restart_for_a_secret_deleted_meanwhile_is_not_applied() {
+async fn a_restart_for_a_secret_deleted_meanwhile_waits_for_it_and_gives_up_if_it_stays_gone() {
     let w = world();
     w.add(deployment("shop-dev", "web", env_from("api")));
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     w.reconcile("shop-dev", "api").await.unwrap();
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
-    // The ScopedSecret is deleted within the window; the garbage collector takes the Secret.
+    // Deleted within the window (by hand, or with its ScopedSecret).
     w.fake.remove("api/v1", Some("shop-dev"), "secrets", "api");
     restart_due(&w.ctx).await;
     assert!(
         restarts(&w).is_empty(),
         "pods must not be restarted onto a missing Secret"
     );
+    // It stays gone (its ScopedSecret was deleted): the retries run out, nothing restarts.
+    let mut later = std::time::Instant::now();
+    for _ in 0..6 {
+        later += Duration::from_secs(600);
+        tick(&w.ctx, later).await;
+    }
+    assert!(restarts(&w).is_empty());
     let records = w.ctx.restarts.queue().records_for("shop-dev", "api");
     assert_eq!(records[0].1.result, "Skipped:SecretDeleted");
+}
+
+#[tokio::test]
+async fn a_secret_deleted_by_hand_is_repaired_and_the_owed_restart_follows() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.remove("api/v1", Some("shop-dev"), "secrets", "api");
+    restart_due(&w.ctx).await;
+    assert!(restarts(&w).is_empty());
+    // Drift repair recreates it with the same content; the retry then restarts.
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(w.secret("shop-dev", "api").is_some());
+    tick(&w.ctx, std::time::Instant::now() + Duration::from_secs(60)).await;
+    assert_eq!(restarts(&w).len(), 1);
 }
 
 #[tokio::test]

@@ -417,8 +417,9 @@ pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
         }
         Err(e) => return failed(batch, &what, &secrets, e),
     };
-    // A Secret deleted since (its ScopedSecret was deleted) must not restart pods onto a
-    // missing Secret.
+    // A Secret deleted since must not restart pods onto a missing Secret. Deleted by hand, the
+    // operator recreates it at once (drift repair), so this is retried; if its ScopedSecret was
+    // deleted, the retries run out and it stays skipped.
     let mut gone = Vec::new();
     for secret in batch.annotations.keys() {
         match Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &w.namespace)
@@ -448,6 +449,7 @@ pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
         if applied.note.is_empty() {
             applied.note = format!("{what} not restarted: Secret {secrets} was deleted");
         }
+        applied.retryable = true;
         return applied;
     }
     if live["spec"]["paused"].as_bool() == Some(true) {
