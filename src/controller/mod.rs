@@ -8,6 +8,7 @@
 
 pub mod caches;
 mod reconcile;
+mod restart_plan;
 pub mod restarts;
 pub mod status;
 pub mod validate;
