@@ -2222,3 +2222,146 @@ async fn a_reverted_change_does_not_restart_a_consumer_that_never_had_the_annota
     restart_due(&w.ctx).await;
     assert_eq!(restarts(&w).len(), 1);
 }
+
+#[tokio::test]
+async fn a_change_reverted_while_the_operator_was_down_restarts_nothing() {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("B"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    // Reverted while the operator was down: status remembers what the pods run.
+    w.vault
+        .put("shop/envs/dev", &[("LOG_LEVEL", Some("debug"))]);
+    let fresh = w.context(Config::default());
+    w.fake.clear_requests();
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
+    assert!(
+        restarts(&w).is_empty(),
+        "{:?}",
+        results(&w, "shop-dev", "api")
+    );
+}
+
+#[tokio::test]
+async fn a_change_reverted_while_its_restart_waits_for_a_retry_restarts_nothing() {
+    let mut w = world();
+    let mut config = Config::default();
+    config.pacing.window = Duration::ZERO;
+    w.ctx = w.context(config);
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("B"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.fail_next("PATCH", "deployments/web", 500);
+    // The attempt fails; its retry is due in 5 s.
+    tick(&w.ctx, std::time::Instant::now()).await;
+    assert!(template_annotation(&w, "shop-dev", "web", "api").is_none());
+    w.vault
+        .put("shop/envs/dev", &[("LOG_LEVEL", Some("debug"))]);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.fake.clear_requests();
+    tick(&w.ctx, std::time::Instant::now() + Duration::from_secs(60)).await;
+    assert!(
+        restarts(&w).is_empty(),
+        "{:?}",
+        results(&w, "shop-dev", "api")
+    );
+}
+
+#[tokio::test]
+async fn a_flap_back_to_what_the_pods_run_restarts_nothing_when_the_breaker_clears() {
+    let w = world();
+    let ctx = w.context(Config {
+        breaker_changes: 1,
+        breaker_window: Duration::from_millis(200),
+        ..Config::default()
+    });
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("B"))]);
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    // Back to what the pods run; this second change trips the breaker.
+    w.vault
+        .put("shop/envs/dev", &[("LOG_LEVEL", Some("debug"))]);
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "True"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.fake.clear_requests();
+    reconcile(w.ss("shop-dev", "api"), ctx.clone())
+        .await
+        .unwrap();
+    restart_due(&ctx).await;
+    assert_eq!(
+        condition(&w.ss("shop-dev", "api"), "RolloutsPaused").0,
+        "False"
+    );
+    assert!(
+        restarts(&w).is_empty(),
+        "{:?}",
+        results(&w, "shop-dev", "api")
+    );
+}
+
+#[tokio::test]
+async fn one_change_of_two_secrets_owed_across_an_operator_restart_restarts_once() {
+    let w = world();
+    w.vault
+        .put("shop/envs/dev/services/worker", &[("W", Some("1"))]);
+    w.add(deployment(
+        "shop-dev",
+        "both",
+        json!({"containers": [{"name": "c", "image": "x", "envFrom": [{"secretRef": {"name": "api"}}, {"secretRef": {"name": "worker"}}]}]}),
+    ));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.add(scoped_secret("worker", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.reconcile("shop-dev", "worker").await.unwrap();
+    w.vault.put(
+        "shop",
+        &[
+            ("LOG_LEVEL", Some("info")),
+            ("DB_HOST", Some("db2")),
+            ("FEATURE_X", Some("off")),
+        ],
+    );
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.reconcile("shop-dev", "worker").await.unwrap();
+    // The operator restarts: at start-up it queues every unfinished restart from status.
+    let fresh = w.context(Config::default());
+    let all: Vec<ScopedSecret> = ["api", "worker"]
+        .iter()
+        .map(|n| (*w.ss("shop-dev", n)).clone())
+        .collect();
+    scoped_secrets::controller::requeue_from_status(&fresh, &all);
+    w.fake.clear_requests();
+    reconcile(w.ss("shop-dev", "worker"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
+    reconcile(w.ss("shop-dev", "api"), fresh.clone())
+        .await
+        .unwrap();
+    restart_due(&fresh).await;
+    assert_eq!(
+        restarts(&w).len(),
+        1,
+        "{:?}",
+        results(&w, "shop-dev", "api")
+    );
+}

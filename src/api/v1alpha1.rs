@@ -292,6 +292,10 @@ pub struct RolloutStatus {
     pub result: String,
     /// When it reached this result.
     pub time: Time,
+    /// For a restart still owed to a workload without the annotation: the HMAC prefix of the
+    /// content its pods run. A change back to that content withdraws the restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
 }
 
 /// Where one key of the Secret comes from.

@@ -9,6 +9,7 @@
 pub mod caches;
 mod reconcile;
 mod restart_plan;
+pub use restart_plan::requeue_from_status;
 pub mod restarts;
 pub mod status;
 pub mod validate;
@@ -439,6 +440,17 @@ pub async fn run(
     let ctx =
         Arc::new(Context::new(client.clone(), source, hmac_key, config).with_metrics(metrics));
 
+    // Restarts a previous operator decided but did not apply are queued again first, all
+    // together (then each reconcile also checks its own).
+    for scope in &scopes {
+        let scoped: Api<ScopedSecret> = namespaced_or_all(&client, scope.as_deref());
+        match scoped.list(&ListParams::default()).await {
+            Ok(list) => requeue_from_status(&ctx, &list.items),
+            Err(e) => tracing::warn!(
+                "could not list ScopedSecrets to queue unfinished restarts again: {e}"
+            ),
+        }
+    }
     // The restart worker runs as long as the controllers do (and stops with them when the
     // Lease is lost).
     let worker = AbortOnDrop(tokio::spawn(restarts::run_worker(ctx.clone())));

@@ -338,10 +338,12 @@ fn owed_restarts(
                     || r.result == "Deferred"
                     || (after_pause && r.result == "Skipped:Flapping")
             })
-            .filter_map(|r| Some((rollout::WorkloadKind::parse(&r.kind)?, r.name.clone())))
+            .filter_map(|r| {
+                let w = (rollout::WorkloadKind::parse(&r.kind)?, r.name.clone());
+                Some((w, r.baseline.clone()))
+            })
             // Queued here already: keep what the queue knows of it.
-            .filter(|w| !owed.contains_key(w))
-            .map(|w| (w, None))
+            .filter(|(w, _)| !owed.contains_key(w))
             .collect::<Vec<_>>(),
     );
     owed
@@ -426,7 +428,7 @@ fn requeue_unfinished(ss: &ScopedSecret, ctx: &Context, secret_name: &str) {
                     hash: r.hash.clone()?,
                     source: source.clone(),
                     urgent: false,
-                    baseline: None,
+                    baseline: r.baseline.clone(),
                 })
             })
             .collect()
@@ -440,6 +442,24 @@ fn requeue_unfinished(ss: &ScopedSecret, ctx: &Context, secret_name: &str) {
     }
 }
 
+/// At start-up, before the restart worker runs: queues again, from every ScopedSecret's
+/// status, the restarts a previous operator decided but did not apply — all at once, so that
+/// those owed to one workload by several Secrets are coalesced again.
+pub fn requeue_from_status(ctx: &Context, scoped: &[ScopedSecret]) {
+    for ss in scoped {
+        let off = ss
+            .spec
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None);
+        if let Some(secret_name) = ss.status.as_ref().and_then(|s| s.secret_name.as_deref())
+            && !off
+        {
+            requeue_unfinished(ss, ctx, secret_name);
+        }
+    }
+}
+
 /// What the restart queue knows of the restarts of `secret_name`, as status entries.
 pub(super) fn restart_records(ctx: &Context, ns: &str, secret_name: &str) -> Vec<RolloutStatus> {
     ctx.restarts
@@ -447,6 +467,7 @@ pub(super) fn restart_records(ctx: &Context, ns: &str, secret_name: &str) -> Vec
         .records_for(ns, secret_name)
         .into_iter()
         .map(|(w, r)| RolloutStatus {
+            baseline: None,
             kind: w.kind.as_str().to_string(),
             name: w.name,
             hash: Some(r.hash),

@@ -183,6 +183,9 @@ async fn record(ctx: &Context, batch: Batch, applied: &Applied) {
         if applied.patched {
             queue.started(batch.workload.clone(), Instant::now());
         }
+        if !retry {
+            queue.settled(&batch);
+        }
     }
     announce(ctx, &batch, applied).await;
     restarts.trigger(&batch.sources);

@@ -119,6 +119,7 @@ pub fn next_status(
                     .outcomes
                     .iter()
                     .map(|o| crate::api::v1alpha1::RolloutStatus {
+                        baseline: o.baseline.clone(),
                         kind: o.kind.as_str().to_string(),
                         name: o.name.clone(),
                         hash: o.hash.clone(),

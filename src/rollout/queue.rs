@@ -313,9 +313,6 @@ impl Queue {
             let fits = self.in_flight.len() + taken.batches.len() < self.pacing.budget;
             if urgent || (fits && !busy) {
                 let p = self.pending.remove(&workload).expect("listed above");
-                for secret in p.batch.annotations.keys() {
-                    self.baselines.remove(&(workload.clone(), secret.clone()));
-                }
                 taken.batches.push(p.batch);
                 continue;
             }
@@ -338,6 +335,14 @@ impl Queue {
             }
         }
         taken
+    }
+
+    /// A batch is final (patched, or failed for good): what its pods ran no longer matters.
+    pub fn settled(&mut self, batch: &Batch) {
+        for secret in batch.annotations.keys() {
+            self.baselines
+                .remove(&(batch.workload.clone(), secret.clone()));
+        }
     }
 
     /// Records the result of a batch for each of its Secrets.
