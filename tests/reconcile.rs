@@ -866,10 +866,7 @@ async fn a_content_change_restarts_exactly_the_consumers_that_read_changed_keys(
 
 #[tokio::test]
 async fn a_change_made_while_the_operator_was_down_is_applied_once_after_restart() {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault
         .put("shop/envs/dev", &[("LOG_LEVEL", Some("error"))]);
     // A fresh operator: new context, same cluster state.
@@ -1133,10 +1130,7 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_annotation_clears_it() 
 
 #[tokio::test]
 async fn a_reconcile_that_still_sees_the_old_status_does_not_handle_the_change_twice() {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     // The informer cache lags: the second reconcile gets the object as it was before the first
     // one wrote its status.
@@ -1376,6 +1370,24 @@ async fn revoke_asks_exactly_the_readers_of_the_path_to_sync_and_skips_the_break
     );
 }
 
+/// A world where Deployment `web` reads all of Secret `api`, synced once.
+async fn web_reading_api() -> World {
+    let w = world();
+    w.add(deployment("shop-dev", "web", env_from("api")));
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w
+}
+
+/// Asserts that `status.rollouts` of `api` shows `result` for `workload`.
+fn assert_rollout(w: &World, workload: &str, result: &str) {
+    let got = results(w, "shop-dev", "api");
+    assert!(
+        got.contains(&(workload.to_string(), result.to_string())),
+        "{workload}: want {result} in {got:?}"
+    );
+}
+
 /// `status.rollouts` of a ScopedSecret as (workload, result).
 fn results(w: &World, ns: &str, name: &str) -> Vec<(String, String)> {
     w.ss(ns, name)
@@ -1522,10 +1534,7 @@ fn argo_rollout(ns: &str, name: &str, pod: Value) -> Value {
 #[tokio::test]
 async fn argo_rollouts_are_consumers_when_the_api_exists_and_ignored_when_it_does_not() {
     // Without the API: the Rollout object is invisible, nothing fails.
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
     restart_due(&w.ctx).await;
@@ -1577,19 +1586,12 @@ async fn argo_rollouts_are_consumers_when_the_api_exists_and_ignored_when_it_doe
         "{r}"
     );
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert!(
-        results(&w, "shop-dev", "api").contains(&("canary".into(), "Restarted".into())),
-        "{:?}",
-        results(&w, "shop-dev", "api")
-    );
+    assert_rollout(&w, "canary", "Restarted");
 }
 
 #[tokio::test]
 async fn a_value_changed_and_changed_back_within_the_window_restarts_nothing_and_loses_nothing() {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("A"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
     restart_due(&w.ctx).await;
@@ -1749,19 +1751,12 @@ async fn a_transient_patch_failure_is_retried_and_a_refused_one_is_not() {
         vec!["/apis/apps/v1/namespaces/shop-dev/deployments/web".to_string()]
     );
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert!(
-        results(&w, "shop-dev", "api").contains(&("web".into(), "Restarted".into())),
-        "{:?}",
-        results(&w, "shop-dev", "api")
-    );
+    assert_rollout(&w, "web", "Restarted");
 }
 
 #[tokio::test]
 async fn a_change_whose_consumers_cannot_be_listed_waits_with_the_secret_unchanged() {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.fake.fail_next("GET", "/deployments", 503);
     let err = w.reconcile("shop-dev", "api").await.unwrap_err();
@@ -1928,10 +1923,7 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
 
 #[tokio::test]
 async fn a_restart_for_a_secret_deleted_meanwhile_waits_for_it_and_gives_up_if_it_stays_gone() {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
     // Deleted within the window (by hand, or with its ScopedSecret).
@@ -1954,10 +1946,7 @@ async fn a_restart_for_a_secret_deleted_meanwhile_waits_for_it_and_gives_up_if_i
 
 #[tokio::test]
 async fn a_secret_deleted_by_hand_is_repaired_and_the_owed_restart_follows() {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
     w.fake.remove("api/v1", Some("shop-dev"), "secrets", "api");
@@ -1973,10 +1962,7 @@ async fn a_secret_deleted_by_hand_is_repaired_and_the_owed_restart_follows() {
 #[tokio::test]
 async fn without_permission_to_list_workloads_the_secret_still_follows_vault_and_an_event_says_why()
 {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     w.fake.fail_next("GET", "/deployments", 403);
     w.fake.clear_requests();
@@ -2199,10 +2185,7 @@ async fn a_stale_copy_after_a_resume_does_not_resume_again() {
 
 #[tokio::test]
 async fn a_reverted_change_does_not_restart_a_consumer_that_never_had_the_annotation() {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("B"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
     // Back to what the pods run, within the window.
@@ -2225,10 +2208,7 @@ async fn a_reverted_change_does_not_restart_a_consumer_that_never_had_the_annota
 
 #[tokio::test]
 async fn a_change_reverted_while_the_operator_was_down_restarts_nothing() {
-    let w = world();
-    w.add(deployment("shop-dev", "web", env_from("api")));
-    w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.reconcile("shop-dev", "api").await.unwrap();
+    let w = web_reading_api().await;
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("B"))]);
     w.reconcile("shop-dev", "api").await.unwrap();
     // Reverted while the operator was down: status remembers what the pods run.
