@@ -43,8 +43,8 @@ use Scope::{Cluster, OperatorNamespace};
 /// privilege nobody needs. Keep this list, `deploy/base/rbac.yaml`, the chart's
 /// `templates/rbac.yaml` and `docs/security.md` in step with the code.
 const API_CALLS: &[(Scope, &str, &str, &str)] = &[
-    // controller/mod.rs run: `Api::<ScopedSecret>::all(..).list(limit 1)` at start-up (are the
-    // CRDs installed?) and the reflector's `watcher` (an initial list, then watch).
+    // controller/mod.rs run: `Api::<ScopedSecret>::all(..).list(..)` at start-up (are the
+    // CRDs installed? unfinished restarts to queue again) and the reflector's `watcher` (an initial list, then watch).
     (Cluster, "scopedsecrets.io", "scopedsecrets", "list"),
     (Cluster, "scopedsecrets.io", "scopedsecrets", "watch"),
     // controller/reconcile.rs write_status: `api.get_status(..)` (decide on the live status).

@@ -422,17 +422,23 @@ pub async fn run(
     } else {
         config.watch_namespaces.iter().cloned().map(Some).collect()
     };
+    // The ScopedSecrets as they are at start-up: also the check that the CRDs are installed
+    // and the RBAC allows the list.
+    let mut existing = Vec::new();
     for scope in &scopes {
         let scoped: Api<ScopedSecret> = namespaced_or_all(&client, scope.as_deref());
-        if let Err(e) = scoped.list(&ListParams::default().limit(1)).await {
-            let where_ = scope
-                .as_deref()
-                .map_or("in all namespaces".to_string(), |ns| {
-                    format!("in namespace {ns}")
-                });
-            anyhow::bail!(
-                "failed to list ScopedSecrets {where_} ({e}); are the CRDs installed (`scoped-secrets crd | kubectl apply -f -`) and does the operator's RBAC grant list on scopedsecrets there (docs/security.md)?"
-            );
+        match scoped.list(&ListParams::default()).await {
+            Ok(list) => existing.extend(list.items),
+            Err(e) => {
+                let where_ = scope
+                    .as_deref()
+                    .map_or("in all namespaces".to_string(), |ns| {
+                        format!("in namespace {ns}")
+                    });
+                anyhow::bail!(
+                    "failed to list ScopedSecrets {where_} ({e}); are the CRDs installed (`scoped-secrets crd | kubectl apply -f -`) and does the operator's RBAC grant list on scopedsecrets there (docs/security.md)?"
+                );
+            }
         }
     }
     let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
@@ -442,15 +448,8 @@ pub async fn run(
 
     // Restarts a previous operator decided but did not apply are queued again first, all
     // together (then each reconcile also checks its own).
-    for scope in &scopes {
-        let scoped: Api<ScopedSecret> = namespaced_or_all(&client, scope.as_deref());
-        match scoped.list(&ListParams::default()).await {
-            Ok(list) => requeue_from_status(&ctx, &list.items),
-            Err(e) => tracing::warn!(
-                "could not list ScopedSecrets to queue unfinished restarts again: {e}"
-            ),
-        }
-    }
+    requeue_from_status(&ctx, &existing);
+    drop(existing);
     // The restart worker runs as long as the controllers do (and stops with them when the
     // Lease is lost).
     let worker = AbortOnDrop(tokio::spawn(restarts::run_worker(ctx.clone())));

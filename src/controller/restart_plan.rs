@@ -14,6 +14,19 @@ use super::{Context, Error};
 use crate::api::v1alpha1::{RolloutStatus, ScopedSecret};
 use crate::rollout;
 
+/// Whether the ScopedSecret turned restarts off (`rollout.strategy: None`).
+fn restarts_off(ss: &ScopedSecret) -> bool {
+    ss.spec
+        .rollout
+        .as_ref()
+        .is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None)
+}
+
+/// The key of a Secret in the breaker and the per-Secret maps: `namespace/name`.
+fn secret_key(ss: &ScopedSecret, secret_name: &str) -> String {
+    format!("{}/{secret_name}", ss.namespace().unwrap_or_default())
+}
+
 /// The `RolloutsPaused=True` condition of the ScopedSecret, if restarts from it are paused.
 fn paused_condition(ss: &ScopedSecret) -> Option<&Condition> {
     ss.status
@@ -31,7 +44,7 @@ fn resuming(ss: &ScopedSecret, ctx: &Context, secret_name: &str, content_hash: &
     let Some(condition) = paused_condition(ss) else {
         return false;
     };
-    let key = format!("{}/{secret_name}", ss.namespace().unwrap_or_default());
+    let key = secret_key(ss, secret_name);
     if ctx
         .rolled_out
         .lock()
@@ -96,16 +109,11 @@ fn plans_restarts(ss: &ScopedSecret, ctx: &Context, secret_name: &str, content_h
     let Some(previous) = status.content_hash.as_deref() else {
         return false;
     };
-    let off = ss
-        .spec
-        .rollout
-        .as_ref()
-        .is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None);
-    let key = format!("{}/{secret_name}", ss.namespace().unwrap_or_default());
+    let key = secret_key(ss, secret_name);
     let changed = previous != content_hash
         && ctx.rolled_out.lock().unwrap().get(&key).map(String::as_str) != Some(content_hash);
     status.secret_name.as_deref() == Some(secret_name)
-        && !off
+        && !restarts_off(ss)
         && (changed || resuming(ss, ctx, secret_name, content_hash))
 }
 
@@ -167,13 +175,10 @@ pub(super) async fn restart_consumers(
     let namespace = ss.namespace().unwrap_or_default();
     let ns = namespace.as_str();
     let previous = ss.status.as_ref().and_then(|s| s.content_hash.as_deref())?;
-    let breaker_key = format!("{ns}/{secret_name}");
+    let breaker_key = secret_key(ss, secret_name);
     // The Secret is ours under another name only after a rename: nothing consumed it yet.
     let renamed = ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) != Some(secret_name);
-    let rollout_spec = ss.spec.rollout.as_ref();
-    let off =
-        rollout_spec.is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None);
-    if renamed || off {
+    if renamed || restarts_off(ss) {
         // A pause that cleared meanwhile must not show forever.
         let cleared = resuming(ss, ctx, secret_name, content_hash);
         return cleared.then(pause_cleared);
@@ -262,7 +267,7 @@ pub(super) async fn restart_consumers(
     };
     let outcomes = rollout::apply::plan(
         secret_name,
-        rollout_spec,
+        ss.spec.rollout.as_ref(),
         &workloads,
         &change,
         &owed,
@@ -364,7 +369,7 @@ fn resume_restarts(
         .withheld
         .lock()
         .unwrap()
-        .remove(&format!("{ns}/{secret_name}"))
+        .remove(&secret_key(ss, secret_name))
         .unwrap_or_default();
     // Unknown after an operator restart: then the stale annotations and the withdrawn
     // restarts tell.
@@ -447,13 +452,8 @@ fn requeue_unfinished(ss: &ScopedSecret, ctx: &Context, secret_name: &str) {
 /// those owed to one workload by several Secrets are coalesced again.
 pub fn requeue_from_status(ctx: &Context, scoped: &[ScopedSecret]) {
     for ss in scoped {
-        let off = ss
-            .spec
-            .rollout
-            .as_ref()
-            .is_some_and(|r| r.strategy == crate::api::v1alpha1::RolloutStrategy::None);
         if let Some(secret_name) = ss.status.as_ref().and_then(|s| s.secret_name.as_deref())
-            && !off
+            && !restarts_off(ss)
         {
             requeue_unfinished(ss, ctx, secret_name);
         }

@@ -173,9 +173,12 @@ async fn record(ctx: &Context, batch: Batch, applied: &Applied) {
     {
         let mut queue = restarts.queue();
         for (secret, result) in &applied.results {
+            // A restart to be retried is pending again: shown `Queued`, so that status (and a
+            // next operator) still owes it.
+            let result = if retry { "Queued" } else { result.as_str() };
             let record = Record {
                 hash: batch.annotations[secret].clone(),
-                result: result.clone(),
+                result: result.to_string(),
                 at: wall,
             };
             queue.record(&batch.workload, secret, record);
@@ -190,18 +193,6 @@ async fn record(ctx: &Context, batch: Batch, applied: &Applied) {
     announce(ctx, &batch, applied).await;
     restarts.trigger(&batch.sources);
     if retry {
-        // Pending again: shown `Queued`, so that status (and a next operator) still owes it.
-        {
-            let mut queue = restarts.queue();
-            for (secret, hash) in &batch.annotations {
-                let record = Record {
-                    hash: hash.clone(),
-                    result: "Queued".into(),
-                    at: wall,
-                };
-                queue.record(&batch.workload, secret, record);
-            }
-        }
         let delay = RETRY_BASE.saturating_mul(1 << batch.attempts.min(6));
         warn!(workload = %batch.workload, attempt = batch.attempts + 1, "restart failed, retrying in {}s: {}", delay.as_secs(), applied.note);
         restarts.queue().retry(batch, Instant::now() + delay);

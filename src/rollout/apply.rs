@@ -395,17 +395,23 @@ fn template_annotations(obj: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Applies one batch: reads the live workload, and patches it once when any of the batch's
-/// annotations differs from what it holds.
-pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
+/// `Kind/name` of the batch's workload and its Secrets' names, for notes.
+fn names(batch: &Batch) -> (String, String) {
     let w = &batch.workload;
-    let what = format!("{}/{}", w.kind.as_str(), w.name);
     let secrets = batch
         .annotations
         .keys()
         .cloned()
         .collect::<Vec<_>>()
         .join(", ");
+    (format!("{}/{}", w.kind.as_str(), w.name), secrets)
+}
+
+/// Applies one batch: reads the live workload and checks that the batch's Secrets still exist,
+/// then patches it once when any of the batch's annotations differs from what it holds.
+pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
+    let w = &batch.workload;
+    let (what, secrets) = names(batch);
     let live = match fetch(client, w).await {
         Ok(Some(live)) => live,
         Ok(None) => {
@@ -431,27 +437,36 @@ pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
             Err(e) => return failed(batch, &what, &secrets, e),
         }
     }
-    if !gone.is_empty() {
-        let mut rest = batch.clone();
-        for secret in &gone {
-            rest.annotations.remove(secret);
-        }
-        let mut applied = if rest.annotations.is_empty() {
-            Applied::all(batch, "Skipped:SecretDeleted", String::new())
-        } else {
-            Box::pin(apply_batch(client, &rest)).await
-        };
-        for secret in gone {
-            applied
-                .results
-                .insert(secret, "Skipped:SecretDeleted".into());
-        }
-        if applied.note.is_empty() {
-            applied.note = format!("{what} not restarted: Secret {secrets} was deleted");
-        }
-        applied.retryable = true;
-        return applied;
+    if gone.is_empty() {
+        return apply_to(client, batch, &live).await;
     }
+    let mut rest = batch.clone();
+    for secret in &gone {
+        rest.annotations.remove(secret);
+    }
+    let mut applied = if rest.annotations.is_empty() {
+        Applied::all(
+            batch,
+            "Skipped:SecretDeleted",
+            format!("{what} not restarted: Secret {secrets} was deleted"),
+        )
+    } else {
+        apply_to(client, &rest, &live).await
+    };
+    for secret in gone {
+        applied
+            .results
+            .insert(secret, "Skipped:SecretDeleted".into());
+    }
+    applied.retryable = true;
+    applied
+}
+
+/// Applies `batch` to the workload whose live object is `live`: one patch when any of its
+/// annotations differs from what the workload holds.
+async fn apply_to(client: &Client, batch: &Batch, live: &Value) -> Applied {
+    let w = &batch.workload;
+    let (what, secrets) = names(batch);
     if live["spec"]["paused"].as_bool() == Some(true) {
         return Applied::all(
             batch,
@@ -459,7 +474,7 @@ pub async fn apply_batch(client: &Client, batch: &Batch) -> Applied {
             format!("{what} is paused: not restarted; resume it to pick up Secret {secrets}"),
         );
     }
-    let current = template_annotations(&live);
+    let current = template_annotations(live);
     let mut results = BTreeMap::new();
     for (secret, hash) in &batch.annotations {
         let same = current.get(&annotation_key(secret)) == Some(hash);

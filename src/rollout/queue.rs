@@ -143,10 +143,6 @@ impl Queue {
         }
     }
 
-    pub fn pacing(&self) -> Pacing {
-        self.pacing
-    }
-
     /// Adds a request. A request for a workload already pending joins its batch (the newest
     /// hash per Secret wins); otherwise a batch is opened, due after the window.
     pub fn enqueue(&mut self, req: Request, now: Instant, wall: jiff::Timestamp) {
