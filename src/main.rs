@@ -194,8 +194,11 @@ async fn main() -> anyhow::Result<()> {
             if !leader_election {
                 return controller::run(client, source, config, metrics, ready).await;
             }
-            let identity = std::env::var("POD_NAME")
-                .unwrap_or_else(|_| format!("scoped-secrets-{}", std::process::id()));
+            let identity = leader::identity(
+                std::env::var("POD_NAME").ok().as_deref(),
+                leader::hostname().as_deref(),
+                rand::random(),
+            );
             let namespace = config.operator_namespace.clone();
             leader::lead(
                 client.clone(),

@@ -9,6 +9,7 @@
 pub mod caches;
 mod reconcile;
 mod restart_plan;
+pub mod retain;
 pub use restart_plan::requeue_from_status;
 pub mod restarts;
 pub mod status;
@@ -164,8 +165,6 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<ObjectRef<ScopedSecret>, u32>>,
-    /// Last `force-sync` annotation value acted on, per object.
-    force_seen: Mutex<HashMap<ObjectRef<ScopedSecret>, String>>,
     /// Objects synced at least once since start.
     seen: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
     /// Content changes per Secret, to pause restarts from a flapping value.
@@ -208,7 +207,6 @@ impl Context {
             config,
             metrics: Arc::new(Metrics::default()),
             failures: Mutex::new(HashMap::new()),
-            force_seen: Mutex::new(HashMap::new()),
             seen: Mutex::new(Default::default()),
             breaker,
             rolled_out: Mutex::new(HashMap::new()),
@@ -248,6 +246,36 @@ impl Context {
     /// Clears the failure count.
     fn record_success(&self, obj: &ObjectRef<ScopedSecret>) {
         self.failures.lock().unwrap().remove(obj);
+    }
+
+    /// Drops what is kept for a ScopedSecret that is gone: its failure count, its mark as
+    /// synced and its metric series.
+    pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
+        self.failures.lock().unwrap().remove(obj);
+        let managed = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.remove(obj);
+            seen.len()
+        };
+        self.metrics.forget(
+            obj.namespace.as_deref().unwrap_or_default(),
+            &obj.name,
+            managed,
+        );
+    }
+
+    /// [`Context::forget`] every object of `namespace` (all when `None`) that `live` does not
+    /// hold: deletions missed while a watch was down show up as absences after a re-list.
+    fn forget_absent(&self, namespace: Option<&str>, live: &reflector::Store<ScopedSecret>) {
+        let known: Vec<ObjectRef<ScopedSecret>> =
+            self.seen.lock().unwrap().iter().cloned().collect();
+        for obj in known {
+            if namespace.is_none_or(|ns| obj.namespace.as_deref() == Some(ns))
+                && live.get(&obj).is_none()
+            {
+                self.forget(&obj);
+            }
+        }
     }
 }
 
@@ -527,7 +555,7 @@ where
 /// watches that map related objects back to them. `on_synced` is called when the cache of
 /// ScopedSecrets is filled by a complete list (first and later re-lists).
 fn controller_for(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     namespace: Option<&str>,
     concurrency: u16,
     on_synced: impl Fn() + Send + 'static,
@@ -537,11 +565,15 @@ fn controller_for(
     let (reader, writer) = reflector::store();
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
+    let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
     let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
-        .inspect(move |e| {
-            if matches!(e, Ok(watcher::Event::InitDone)) {
+        .inspect(move |e| match e {
+            Ok(watcher::Event::InitDone) => {
+                gone.forget_absent(scope.as_deref(), &live);
                 on_synced();
             }
+            Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
+            _ => {}
         })
         .default_backoff()
         .applied_objects()
