@@ -7,6 +7,7 @@
 //! and are retried until they recover — no object is ever dropped from the queue.
 
 pub mod caches;
+pub mod pipeline;
 mod reconcile;
 mod restart_plan;
 pub mod retain;

@@ -17,18 +17,17 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
+use super::pipeline::{self, StoreSpec};
 use super::restart_plan::{list_consumers, restart_consumers, restart_records};
 use super::retain::{self, Retention};
 use super::status::{Outcome, next_status, set_retention};
-use super::{Context, Error, refresh_delay, validate};
+use super::{Context, Error, refresh_delay};
 use crate::api::v1alpha1::{
-    ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreConnection, StoreKind, VaultStore,
+    ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreKind, VaultStore,
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
-use crate::resolve::{self, Resolved};
+use crate::resolve::Resolved;
 use crate::rollout;
-use crate::rotation;
-use crate::vault::{Identity, StoreHandle};
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
 /// What a successful sync did.
@@ -170,32 +169,8 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
             .labels
             .unwrap_or_default(),
     };
-    let request = validate::request(ss, &ns_labels)?;
     let store = fetch_store(ss, ctx, &ns).await?;
-    if let StoreKind::ClusterVaultStore = store.kind
-        && let Some(cluster) = &store.cluster_spec
-    {
-        validate::check_access(&store.name, cluster, &ns, &ns_labels, &request.coordinates)?;
-    }
-    let auth = validate::auth_plan(
-        store.kind,
-        &store.name,
-        store.namespace.as_deref(),
-        &store.connection,
-        &ns,
-    )?;
-    let (layout, timeout) =
-        validate::layout_and_timeout(store.kind, &store.name, &store.connection)?;
-    let handle = StoreHandle {
-        identity: Identity {
-            store: store.identity.clone(),
-            principal: auth.principal(),
-        },
-        connection: store.connection,
-        auth,
-        timeout,
-    };
-    let paths = layout.paths(&request.coordinates);
+    let plan = pipeline::plan(ss, &ns, &ns_labels, store)?;
 
     // A force-sync annotation value not acted on yet (status records the last one handled,
     // so an operator restart does not act on it again) bypasses the shared cache.
@@ -208,43 +183,26 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     let max_age = if forced {
         Duration::ZERO
     } else {
-        request.refresh
+        plan.request.refresh
     };
-    let layers = ctx.source.read_scopes(&handle, &paths, max_age).await?;
-
-    // resolve (pure)
-    let mut resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
-        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
-    let rotation_ends = apply_rotation(ss, ctx, &handle, &mut resolved).await?;
-    let expiries = crate::expiry::expiries(&resolved, &layers);
+    let now = jiff::Timestamp::now();
+    let built =
+        pipeline::build(ss, &plan, ctx.source.as_ref(), max_age, &ctx.hmac_key, now).await?;
+    let expiries = crate::expiry::expiries(&built.resolved, &built.layers);
     let dated: Vec<(&str, i64)> = expiries
         .iter()
         .map(|e| (e.key.as_str(), e.at.as_second()))
         .collect();
     ctx.metrics.key_expiries(&ns, &name, &dated);
-    let expiring =
-        crate::expiry::expiring(&expiries, jiff::Timestamp::now(), ctx.config.expiry_horizon);
-    if resolved.is_empty() && !ss.spec.allow_empty {
-        return Err(Error::EmptyResult {
-            coordinates: request.coordinates.to_string(),
-            paths: paths
-                .iter()
-                .map(|p| p.path.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
-    }
-
-    // build (pure)
-    let data = render::secret_data(&resolved);
-    let type_ = ss
-        .spec
-        .target
-        .as_ref()
-        .and_then(|t| t.type_.clone())
-        .unwrap_or_else(|| "Opaque".into());
-    let content_hash = render::content_hash(&ctx.hmac_key, &type_, &data);
-    let desired = render::desired_secret(ss, &request.secret_name, data, &content_hash);
+    let expiring = crate::expiry::expiring(&expiries, now, ctx.config.expiry_horizon);
+    let pipeline::Built {
+        resolved,
+        rotation_ends,
+        content_hash,
+        desired,
+        ..
+    } = built;
+    let request = plan.request;
 
     // apply: the only Secret writer.
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -407,62 +365,6 @@ pub(super) fn is_ours(secret: &Secret, owner: &str) -> bool {
         && labels.get(OWNER_LABEL).map(String::as_str) == Some(owner)
 }
 
-/// Adds the keys of `spec.rotation`: `as` = `new,old` while a key's overlap window is open,
-/// or `<KEY>_PREVIOUS`. Returns when the first open window ends, to refresh right then.
-async fn apply_rotation(
-    ss: &ScopedSecret,
-    ctx: &Context,
-    store: &StoreHandle,
-    resolved: &mut Resolved,
-) -> Result<Option<jiff::Timestamp>, Error> {
-    let now = jiff::Timestamp::now();
-    let mut first_end: Option<jiff::Timestamp> = None;
-    for (i, rule) in ss.spec.rotation.iter().enumerate() {
-        let Some(current) = resolved.get(&rule.key).cloned() else {
-            continue;
-        };
-        let overlap =
-            validate::parse_duration(&format!("spec.rotation[{i}].overlap"), &rule.overlap)?;
-        let vault_key = current
-            .renamed_from
-            .clone()
-            .unwrap_or_else(|| rule.key.clone());
-        let window = rotation::window(
-            ctx.source.as_ref(),
-            store,
-            &vault_key,
-            &current,
-            overlap,
-            now,
-        )
-        .await?;
-        if let Some(w) = &window {
-            first_end = Some(first_end.map_or(w.ends, |e| e.min(w.ends)));
-        }
-        if let Some((key, value)) = rotation::rotated_entry(rule, &current.value, window.as_ref()) {
-            if resolved.contains_key(&key) {
-                return Err(Error::InvalidSpec(format!(
-                    "spec.rotation[{i}] writes {key:?}, which is already a resolved key; choose another `as`"
-                )));
-            }
-            if !resolve::is_valid_key(&key) {
-                return Err(Error::InvalidSpec(format!(
-                    "spec.rotation[{i}] writes {key:?}, not a valid Secret key"
-                )));
-            }
-            resolved.insert(
-                key,
-                resolve::ResolvedKey {
-                    value,
-                    source: current.source.clone(),
-                    renamed_from: None,
-                },
-            );
-        }
-    }
-    Ok(first_end)
-}
-
 /// After `target.name` changed, the Secret written under the old name is deleted — under
 /// `deletionPolicy: Delete`, and only if it is still ours. Under `Retain` it stays.
 async fn remove_previous_target(
@@ -517,16 +419,7 @@ fn changed_key_names(existing: Option<&Secret>, desired: &Secret) -> Vec<String>
     names
 }
 
-struct FetchedStore {
-    kind: StoreKind,
-    name: String,
-    namespace: Option<String>,
-    connection: StoreConnection,
-    cluster_spec: Option<crate::api::v1alpha1::ClusterVaultStoreSpec>,
-    identity: String,
-}
-
-async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<FetchedStore, Error> {
+async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<StoreSpec, Error> {
     let r = &ss.spec.store_ref;
     match r.kind {
         StoreKind::VaultStore => {
@@ -542,14 +435,7 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Fetch
                         namespace: Some(ns.into()),
                     })?,
             };
-            Ok(FetchedStore {
-                kind: r.kind,
-                name: r.name.clone(),
-                namespace: Some(ns.into()),
-                identity: store_identity(&store, "VaultStore"),
-                connection: store.spec.connection,
-                cluster_spec: None,
-            })
+            Ok(StoreSpec::namespaced(&store))
         }
         StoreKind::ClusterVaultStore => {
             let store = match ctx.caches.cluster_store(ns, &r.name) {
@@ -564,28 +450,9 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Fetch
                         namespace: None,
                     })?,
             };
-            Ok(FetchedStore {
-                kind: r.kind,
-                name: r.name.clone(),
-                namespace: None,
-                identity: store_identity(&store, "ClusterVaultStore"),
-                connection: store.spec.connection.clone(),
-                cluster_spec: Some(store.spec),
-            })
+            Ok(StoreSpec::cluster(&store))
         }
     }
-}
-
-/// Store identity for caches: an edited store (new generation) gets fresh logins and reads.
-fn store_identity<K: Resource>(store: &K, kind: &str) -> String {
-    let m = store.meta();
-    format!(
-        "{kind}/{}/{}/{}/{}",
-        m.namespace.as_deref().unwrap_or(""),
-        m.name.as_deref().unwrap_or(""),
-        m.uid.as_deref().unwrap_or(""),
-        m.generation.unwrap_or(0)
-    )
 }
 
 async fn write_status(
