@@ -1,9 +1,11 @@
-//! The commands for application teams: `secret set|rm|unset|list|get` and `resolve`. They
-//! talk to Vault only and share the operator's scope layout, KV reading and resolution — one
+//! The commands for application teams: `secret set|rm|unset|list|get`, `resolve` and
+//! `render`. They talk to Vault only and share the operator's scope layout, KV reading and resolution — one
 //! implementation of inheritance, not two.
 //!
 //! Exit codes: 0 ok, 1 usage or validation error (nothing was changed), 2 Vault error.
 
+pub mod preview;
+pub mod render;
 pub mod resolve;
 pub mod secret;
 

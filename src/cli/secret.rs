@@ -411,7 +411,7 @@ async fn drop_key_metadata(kv: &Kv<'_>, path: &str, key: &str) -> Result<(), Cli
     write_custom_metadata(kv, path, meta).await
 }
 
-fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<String, CliError> {
+pub(crate) fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<String, CliError> {
     if let Some(v) = value {
         return Ok(v);
     }

@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod direct;
 pub mod kv;
 pub mod memory;
 
