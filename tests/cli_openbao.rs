@@ -666,3 +666,76 @@ async fn rotate_generates_a_new_value_and_revoke_destroys_the_previous_one() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
+
+/// Runs the CLI against a TLS server with `--ca-cert ca` and, when given, `SSL_CERT_FILE` (which
+/// the system root store reads on Linux) set to `system_roots`.
+fn cli_tls(bao: &OpenBao, ca: &std::path::Path, system_roots: Option<&std::path::Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"));
+    cmd.args(["secret", "list", "-p", "shop", "--ca-cert"])
+        .arg(ca)
+        .env("VAULT_ADDR", bao.addr())
+        .env("VAULT_TOKEN", bao.root_token())
+        .env_remove("SSL_CERT_DIR")
+        .stdin(Stdio::null());
+    match system_roots {
+        Some(roots) => cmd.env("SSL_CERT_FILE", roots),
+        None => cmd.env_remove("SSL_CERT_FILE"),
+    };
+    cmd.output().unwrap()
+}
+
+#[tokio::test]
+async fn a_ca_bundle_replaces_the_system_roots() {
+    let bao = OpenBao::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A CA that signed nothing this server shows: the one of its previous run.
+    let unrelated = dir.path().join("unrelated-ca.pem");
+    std::fs::write(&unrelated, bao.ca_pem().unwrap()).unwrap();
+    bao.restart().await;
+    let right = bao.ca_path().unwrap();
+    assert_ne!(
+        std::fs::read_to_string(&right).unwrap(),
+        std::fs::read_to_string(&unrelated).unwrap()
+    );
+
+    let out = cli_tls(&bao, &right, None);
+    assert_eq!(out.status.code(), Some(0), "the right CA: {}", text(&out));
+    let out = cli_tls(&bao, &unrelated, None);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unrelated CA: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("failed to reach Vault"),
+        "{}",
+        text(&out)
+    );
+    // The system roots trust the server, but the bundle does not: refused. (Merged with the
+    // system roots, any public CA could vouch for the address; this stands in for one.)
+    let out = cli_tls(&bao, &unrelated, Some(&right));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("failed to reach Vault"),
+        "{}",
+        text(&out)
+    );
+    // Without a bundle the system roots decide, as before.
+    let out = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+        .args(["secret", "list", "-p", "shop"])
+        .env("VAULT_ADDR", bao.addr())
+        .env("VAULT_TOKEN", bao.root_token())
+        .env_remove("VAULT_CACERT")
+        .env("SSL_CERT_FILE", &right)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "system roots: {}", text(&out));
+    // A file without a certificate is a usage error naming the flag.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate").unwrap();
+    let out = cli_tls(&bao, &empty, None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("--ca-cert"), "{}", text(&out));
+}
