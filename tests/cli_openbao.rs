@@ -290,7 +290,7 @@ async fn values_from_stdin_and_files_and_interop_with_the_bao_cli() {
     ));
     assert_eq!(
         env,
-        "FILED=\"from file\"\nFROM_BAO=yes\nPIPED=\"from stdin\"\n"
+        "FILED='from file'\nFROM_BAO='yes'\nPIPED='from stdin'\n"
     );
     let example = ok(&cli(
         &bao,
@@ -957,6 +957,60 @@ async fn rewriting_a_scope_keeps_the_json_types_of_other_keys() {
         row(&resolve_json(&bao, &["-p", "shop"]), "PORT").unwrap()["value"],
         "5432"
     );
+}
+
+/// Values a shell would mangle if they were not quoted right.
+const NASTY: [(&str, &str); 10] = [
+    ("QUOTES", r#"it's "quoted" \ back\slash"#),
+    ("SUBST", "$(touch pwned) ${HOME} $HOME"),
+    ("TICKS", "`id` ''"),
+    ("SPACES", "  two  spaces  "),
+    ("UNICODE", "grüße ✓ 日本"),
+    ("NEWLINES", "line 1\nline 2\n"),
+    ("CR", "a\r\nb\r"),
+    ("EMPTY", ""),
+    ("SEMI", "x; echo pwned; 'y"),
+    ("GLOB", "* ? [a-z] ~ #"),
+];
+
+#[tokio::test]
+async fn resolve_env_output_reads_back_unchanged_in_sh() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    let mut data = serde_json::Map::new();
+    for (k, v) in NASTY {
+        data.insert(k.into(), v.into());
+    }
+    bao.kv_put("shop", Value::Object(data)).await;
+    let env = ok(&cli(
+        &bao,
+        &root,
+        &["resolve", "-p", "shop", "-o", "env"],
+        None,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("env"), &env).unwrap();
+    for (k, v) in NASTY {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(". ./env; printf %s \"${k}\""))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), v, "{k} in:\n{env}");
+    }
+    assert!(!dir.path().join("pwned").exists(), "a value ran a command");
+    // A key that is no shell variable name is refused, and nothing is printed.
+    bao.kv_put("shop", json!({"db.host": "x", "OK": "y"})).await;
+    let out = cli(&bao, &root, &["resolve", "-p", "shop", "-o", "env"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(out.stdout.is_empty());
+    assert!(text(&out).contains("\"db.host\""), "{}", text(&out));
 }
 
 /// Runs the CLI against a TLS server with `--ca-cert ca` and, when given, `SSL_CERT_FILE` (which
