@@ -334,8 +334,8 @@ pub struct StoreConnection {
     /// Vault address, e.g. `https://vault.vault.svc:8200`.
     #[schemars(regex(pattern = r"^https?://[^\s/]+(/.*)?$"))]
     pub address: String,
-    /// PEM-encoded CA certificates that sign Vault's TLS certificate. Default: the system
-    /// roots.
+    /// PEM-encoded CA certificates that sign Vault's TLS certificate. Only these are trusted:
+    /// they replace the system roots. Default: the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
     /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
@@ -348,7 +348,9 @@ pub struct StoreConnection {
     /// `{project}`, `{environment}`, `{service}`. Default: `{project}`,
     /// `{project}/services/{service}`, `{project}/envs/{environment}`,
     /// `{project}/envs/{environment}/services/{service}`. A scope whose template needs a
-    /// missing environment is skipped.
+    /// missing environment is skipped. Each placeholder is a whole path segment, used once
+    /// (`{project}/{service}`, not `{project}-{service}`), and no two templates may be able to
+    /// produce the same path: give them a fixed segment that tells them apart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathTemplate>,
     /// How the operator logs in to Vault. Exactly one method.

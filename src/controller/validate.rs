@@ -337,9 +337,8 @@ pub fn layout_and_timeout(
     store_name: &str,
     conn: &StoreConnection,
 ) -> Result<(Layout, Duration), Error> {
-    let layout = Layout::from_templates(&conn.paths).map_err(|e| {
-        Error::InvalidStore(format!("{} {store_name}: spec.paths: {e}", kind.as_str()))
-    })?;
+    let layout = Layout::from_templates(&conn.paths)
+        .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?;
     let timeout = match &conn.timeout {
         Some(t) => parse_duration("spec.timeout", t)
             .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?,
