@@ -215,7 +215,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     // resolve (pure)
     let mut resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
         .map_err(|e| Error::InvalidSpec(e.to_string()))?;
-    let rotation_ends = apply_rotation(ss, ctx, &handle, &mut resolved).await?;
+    let rotation_ends = apply_rotation(ss, ctx, &handle, &mut resolved, max_age).await?;
     let expiries = crate::expiry::expiries(&resolved, &layers);
     let dated: Vec<(&str, i64)> = expiries
         .iter()
@@ -408,12 +408,14 @@ pub(super) fn is_ours(secret: &Secret, owner: &str) -> bool {
 }
 
 /// Adds the keys of `spec.rotation`: `as` = `new,old` while a key's overlap window is open,
-/// or `<KEY>_PREVIOUS`. Returns when the first open window ends, to refresh right then.
+/// or `<KEY>_PREVIOUS`. Returns when the first open window ends, to refresh right then. Old
+/// versions are read as fresh as the scopes (`max_age`): a forced sync sees a revocation.
 async fn apply_rotation(
     ss: &ScopedSecret,
     ctx: &Context,
     store: &StoreHandle,
     resolved: &mut Resolved,
+    max_age: Duration,
 ) -> Result<Option<jiff::Timestamp>, Error> {
     let now = jiff::Timestamp::now();
     let mut first_end: Option<jiff::Timestamp> = None;
@@ -434,6 +436,7 @@ async fn apply_rotation(
             &current,
             overlap,
             now,
+            max_age,
         )
         .await?;
         if let Some(w) = &window {
