@@ -497,7 +497,7 @@ async fn revoke(whose: &str, session: &Session) -> bool {
         Ok(Err(e)) => {
             tracing::debug!(
                 store = whose,
-                "failed to revoke a superseded Vault token: {}",
+                "failed to revoke a Vault token we minted: {}",
                 vault_messages(&e)
             );
             false
@@ -505,7 +505,7 @@ async fn revoke(whose: &str, session: &Session) -> bool {
         Err(_) => {
             tracing::debug!(
                 store = whose,
-                "failed to revoke a superseded Vault token: no answer in time"
+                "failed to revoke a Vault token we minted: no answer in time"
             );
             false
         }
@@ -515,13 +515,13 @@ async fn revoke(whose: &str, session: &Session) -> bool {
 /// Re-logins after Vault rejected an identity's token: at most one per identity per `every`.
 /// Pure: the caller passes the time.
 #[derive(Debug)]
-pub struct ReloginLimiter {
+struct ReloginLimiter {
     every: Duration,
     last: HashMap<Identity, Instant>,
 }
 
 impl ReloginLimiter {
-    pub fn new(every: Duration) -> Self {
+    fn new(every: Duration) -> Self {
         ReloginLimiter {
             every,
             last: HashMap::new(),
@@ -530,7 +530,7 @@ impl ReloginLimiter {
 
     /// `Ok` (and recorded) when `identity` may log in again at `now`; otherwise how long until
     /// it may.
-    pub fn try_acquire(&mut self, identity: &Identity, now: Instant) -> Result<(), Duration> {
+    fn try_acquire(&mut self, identity: &Identity, now: Instant) -> Result<(), Duration> {
         if let Some(at) = self.last.get(identity) {
             let next = *at + self.every;
             if now < next {
