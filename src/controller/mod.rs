@@ -7,7 +7,7 @@
 //! and are retried until they recover — no object is ever dropped from the queue.
 
 pub mod caches;
-pub mod failures;
+mod failures;
 mod reconcile;
 mod restart_plan;
 pub mod retain;
@@ -168,7 +168,7 @@ pub struct Context {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object (for the backoff) and the failure last logged.
-    pub failures: failures::Failures,
+    pub(crate) failures: failures::Failures,
     /// Objects synced at least once since start.
     seen: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
     /// Content changes per Secret, to pause restarts from a flapping value.
