@@ -196,10 +196,11 @@ async fn main() -> anyhow::Result<()> {
                     tracing::error!("{e}");
                 }
             });
-            let source = Arc::new(VaultReader::with_metrics(
+            let reader = Arc::new(VaultReader::with_metrics(
                 client.clone(),
                 metrics.vault.clone(),
             ));
+            let source = reader.clone();
             let config = Config {
                 operator_namespace: namespace,
                 concurrency,
@@ -225,7 +226,10 @@ async fn main() -> anyhow::Result<()> {
                 "starting scoped-secrets controller"
             );
             if !leader_election {
-                return controller::run(client, source, config, metrics, ready).await;
+                let result = controller::run(client, source, config, metrics, ready).await;
+                // No Vault token we minted outlives the process.
+                reader.shutdown().await;
+                return result;
             }
             let identity = leader::identity(
                 std::env::var("POD_NAME").ok().as_deref(),
@@ -233,7 +237,7 @@ async fn main() -> anyhow::Result<()> {
                 rand::random(),
             );
             let namespace = config.operator_namespace.clone();
-            leader::lead(
+            let result = leader::lead(
                 client.clone(),
                 &namespace,
                 &identity,
@@ -246,7 +250,9 @@ async fn main() -> anyhow::Result<()> {
                     move || controller::run(client, source, config, metrics, ready)
                 },
             )
-            .await
+            .await;
+            reader.shutdown().await;
+            result
         }
     }
 }

@@ -120,6 +120,7 @@ impl ScopeSource for Edited {
         store: &'a StoreHandle,
         path: &'a str,
         version: u64,
+        max_age: Duration,
     ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>> {
         Box::pin(async move {
             // The version the change would write: the latest one, edited, written now.
@@ -145,7 +146,7 @@ impl ScopeSource for Edited {
                     }));
                 }
             }
-            self.inner.read_version(store, path, version).await
+            self.inner.read_version(store, path, version, max_age).await
         })
     }
 }

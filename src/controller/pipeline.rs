@@ -154,7 +154,8 @@ pub async fn build(
         .await?;
     let mut resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
         .map_err(|e| Error::InvalidSpec(e.to_string()))?;
-    let rotation_ends = apply_rotation(ss, source, &plan.handle, now, &mut resolved).await?;
+    let rotation_ends =
+        apply_rotation(ss, source, &plan.handle, now, max_age, &mut resolved).await?;
     if resolved.is_empty() && !ss.spec.allow_empty {
         return Err(Error::EmptyResult {
             coordinates: plan.request.coordinates.to_string(),
@@ -185,12 +186,14 @@ pub async fn build(
 }
 
 /// Adds the keys of `spec.rotation`: `as` = `new,old` while a key's overlap window is open,
-/// or `<KEY>_PREVIOUS`. Returns when the first open window ends, to refresh right then.
+/// or `<KEY>_PREVIOUS`. Returns when the first open window ends, to refresh right then. Old
+/// versions are read as fresh as the scopes (`max_age`): a forced sync sees a revocation.
 async fn apply_rotation(
     ss: &ScopedSecret,
     source: &dyn ScopeSource,
     store: &StoreHandle,
     now: jiff::Timestamp,
+    max_age: Duration,
     resolved: &mut Resolved,
 ) -> Result<Option<jiff::Timestamp>, Error> {
     let mut first_end: Option<jiff::Timestamp> = None;
@@ -204,7 +207,8 @@ async fn apply_rotation(
             .renamed_from
             .clone()
             .unwrap_or_else(|| rule.key.clone());
-        let window = rotation::window(source, store, &vault_key, &current, overlap, now).await?;
+        let window =
+            rotation::window(source, store, &vault_key, &current, overlap, now, max_age).await?;
         if let Some(w) = &window {
             first_end = Some(first_end.map_or(w.ends, |e| e.min(w.ends)));
         }

@@ -123,7 +123,9 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 message: &err.to_string(),
             };
             if let Err(status_err) = write_status(&ss, &ctx, &outcome, &retention, now).await {
-                warn!(
+                // Secondary to `err`, which error_policy logs (once, not per retry); usually
+                // the same API server trouble.
+                tracing::debug!(
                     category = status_err.category(),
                     "failed to write status: {status_err}"
                 );

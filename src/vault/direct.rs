@@ -59,6 +59,7 @@ impl ScopeSource for DirectSource {
         store: &'a StoreHandle,
         path: &'a str,
         version: u64,
+        _max_age: Duration,
     ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>> {
         Box::pin(async move { self.kv(store).read_version(path, version).await })
     }
