@@ -131,9 +131,9 @@ impl Health {
         matches!(self.state, State::Down { .. })
     }
 
-    /// The refusal a read starting `now` would get, without claiming the probe: for a read
-    /// that has yet to wait for its store's share.
-    pub fn refusal(&self, now: Instant) -> Option<Admission> {
+    /// Since when and why a read starting `now` would be refused, without claiming the probe:
+    /// for a read that has yet to wait for its store's share.
+    pub fn refusal(&self, now: Instant) -> Option<(jiff::Timestamp, String)> {
         match &self.state {
             State::Down {
                 since,
@@ -141,10 +141,7 @@ impl Health {
                 next_probe,
                 probing,
                 ..
-            } if *probing || now < *next_probe => Some(Admission::Refuse {
-                since: *since,
-                last: last.clone(),
-            }),
+            } if *probing || now < *next_probe => Some((*since, last.clone())),
             _ => None,
         }
     }
@@ -308,7 +305,7 @@ impl Guarded {
         read: impl FnOnce() -> BoxFuture<'a, Result<T, VaultError>>,
     ) -> Result<T, VaultError> {
         let gate = self.gate(store);
-        let refuse = |since, last| {
+        let refused = |since, last| {
             self.metrics.fast_failures.inc();
             Err(VaultError::AddressDown {
                 address: gate.address.clone(),
@@ -316,28 +313,26 @@ impl Guarded {
                 last,
             })
         };
+        let busy = || {
+            self.metrics.deferrals.inc();
+            Err(VaultError::StoreBusy {
+                address: gate.address.clone(),
+            })
+        };
         // A down store's reads fail before they wait for a slot…
         let refusal = gate.health.lock().unwrap().refusal(Instant::now());
-        if let Some(Admission::Refuse { since, last }) = refusal {
-            return refuse(since, last);
+        if let Some((since, last)) = refusal {
+            return refused(since, last);
         }
         let Ok(Ok(_slot)) = tokio::time::timeout(SHARE_WAIT, gate.slots.acquire()).await else {
-            self.metrics.deferrals.inc();
-            return Err(VaultError::StoreBusy {
-                address: gate.address.clone(),
-            });
+            return busy();
         };
         // …and after: the reads that held the slots may have taken it down meanwhile.
         let in_flight = self.share - gate.slots.available_permits() - 1;
         let admission = gate.health.lock().unwrap().admit(Instant::now(), in_flight);
         let probe = match admission {
-            Admission::Refuse { since, last } => return refuse(since, last),
-            Admission::Wait => {
-                self.metrics.deferrals.inc();
-                return Err(VaultError::StoreBusy {
-                    address: gate.address.clone(),
-                });
-            }
+            Admission::Refuse { since, last } => return refused(since, last),
+            Admission::Wait => return busy(),
             Admission::Probe => true,
             Admission::Pass => false,
         };
