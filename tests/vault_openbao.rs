@@ -293,7 +293,9 @@ async fn stopped_vault_is_unavailable() {
         .read_scopes(&s, &paths(None), Duration::ZERO)
         .await
         .unwrap_err();
-    assert!(matches!(err, VaultError::Unavailable { .. }), "{err:?}");
+    // No connection: unreachable (category VaultUnavailable), what takes a store down.
+    assert!(matches!(err, VaultError::Unreachable { .. }), "{err:?}");
+    assert_eq!(err.category(), "VaultUnavailable");
 }
 
 #[tokio::test]
@@ -315,7 +317,7 @@ async fn hung_vault_times_out_as_unavailable() {
         .read_scopes(&s, &paths(None), Duration::ZERO)
         .await
         .unwrap_err();
-    assert!(matches!(err, VaultError::Unavailable { .. }), "{err:?}");
+    assert!(matches!(err, VaultError::Unreachable { .. }), "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the timeout bounded the call"

@@ -355,9 +355,15 @@ pub struct StoreConnection {
     pub paths: Vec<PathTemplate>,
     /// How the operator logs in to Vault. Exactly one method.
     pub auth: Auth,
-    /// Timeout of each Vault request, e.g. `10s`. Default `10s`.
+    /// Timeout of each Vault request, e.g. `10s`. Default `10s`, at most `30s`: an address
+    /// that never answers holds one of the operator's workers this long (after three such
+    /// timeouts in a row the store's reads fail at once until Vault answers a probe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('30s')",
+        "message": "timeout must be at most 30s"
+    }]))]
     pub timeout: Option<String>,
 }
 

@@ -163,7 +163,12 @@ impl Default for Config {
 /// Shared state of every reconcile.
 pub struct Context {
     pub client: Client,
+    /// Vault, behind the per-store guards of [`crate::vault::health`]: a store whose address
+    /// stopped answering fails at once, and no store reads on more than its share of the
+    /// workers.
     pub source: Arc<dyn ScopeSource>,
+    /// The source as given, guarded again by `with_metrics` to count into the served metrics.
+    unguarded: Arc<dyn ScopeSource>,
     pub hmac_key: HmacKey,
     pub recorder: Recorder,
     pub config: Config,
@@ -204,13 +209,15 @@ impl Context {
             config.breaker_window,
         ));
         let restarts = restarts::Restarter::new(config.pacing);
+        let metrics = Arc::new(Metrics::default());
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            source,
+            source: guarded(&source, &config, &metrics),
+            unguarded: source,
             hmac_key,
             config,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             failures: Default::default(),
             seen: Mutex::new(Default::default()),
             breaker,
@@ -223,6 +230,7 @@ impl Context {
 
     /// Uses `metrics` (the registry served on `/metrics`) instead of a private one.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.source = guarded(&self.unguarded, &self.config, &metrics);
         self.metrics = metrics;
         self
     }
@@ -278,6 +286,30 @@ impl Context {
         // Objects that failed without ever syncing are not in `seen`.
         self.failures.retain(|obj| !absent(obj));
     }
+}
+
+/// Reads of one store running at once: half of the workers (at least one), so that a store
+/// whose address hangs leaves the other half to every other store.
+pub fn store_share(concurrency: u16) -> usize {
+    usize::from(concurrency / 2).max(1)
+}
+
+fn guarded(
+    source: &Arc<dyn ScopeSource>,
+    config: &Config,
+    metrics: &Metrics,
+) -> Arc<dyn ScopeSource> {
+    Arc::new(crate::vault::health::Guarded::new(
+        source.clone(),
+        store_share(config.concurrency),
+        metrics.vault.clone(),
+    ))
+}
+
+/// Delay before a reconcile whose store had its share of the workers busy tries again:
+/// 2–4 s, spread so that the deferred ones do not come back together.
+pub fn deferral_delay() -> Duration {
+    Duration::from_secs(2).mul_f64(jitter(1.0, 2.0))
 }
 
 /// Random factor in `[lo, hi)`.

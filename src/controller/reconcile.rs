@@ -74,6 +74,10 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
             }),
         ),
     };
+    // Its store already has its share of the workers reading: give this one back, no status.
+    if let Err(Error::Vault(crate::vault::VaultError::StoreBusy { .. })) = &result {
+        return Ok(Action::requeue(super::deferral_delay()));
+    }
     let now = now();
     match result {
         Ok(done) => {

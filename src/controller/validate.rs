@@ -19,6 +19,9 @@ pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 pub const MIN_REFRESH: Duration = Duration::from_secs(10);
 /// Default timeout of a Vault call.
 pub const DEFAULT_VAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest timeout of a Vault call (also in the CRD schema): an address that never answers
+/// holds a reconcile worker this long.
+pub const MAX_VAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Parses a Go-style duration (`30s`, `1m`, `1h30m`, `500ms`).
 pub fn parse_duration(field: &str, value: &str) -> Result<Duration, Error> {
@@ -344,6 +347,15 @@ pub fn layout_and_timeout(
             .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?,
         None => DEFAULT_VAULT_TIMEOUT,
     };
+    if timeout > MAX_VAULT_TIMEOUT {
+        return Err(Error::InvalidStore(format!(
+            "{} {store_name}: spec.timeout {:?} is longer than the limit of {}s; set it to {}s or less (an address that never answers holds a reconcile worker for the whole timeout)",
+            kind.as_str(),
+            conn.timeout.as_deref().unwrap_or_default(),
+            MAX_VAULT_TIMEOUT.as_secs(),
+            MAX_VAULT_TIMEOUT.as_secs(),
+        )));
+    }
     Ok((layout, timeout.max(Duration::from_millis(100))))
 }
 
@@ -837,5 +849,55 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("exactly one"), "{err}");
+    }
+
+    #[test]
+    fn a_store_timeout_above_30s_is_refused_naming_the_field_and_the_limit() {
+        let with_timeout = |t: &str| StoreConnection {
+            timeout: Some(t.into()),
+            ..conn(Auth::default())
+        };
+        for ok in ["30s", "29s999ms", "500ms"] {
+            let (_, timeout) =
+                layout_and_timeout(StoreKind::VaultStore, "s", &with_timeout(ok)).unwrap();
+            assert!(timeout <= MAX_VAULT_TIMEOUT, "{ok}");
+        }
+        for too_long in ["31s", "30s1ms", "1m", "1h"] {
+            let err = layout_and_timeout(
+                StoreKind::ClusterVaultStore,
+                "vault",
+                &with_timeout(too_long),
+            )
+            .unwrap_err();
+            assert_eq!(err.category(), "InvalidStore");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("ClusterVaultStore vault: spec.timeout")
+                    && msg.contains(too_long)
+                    && msg.contains("limit of 30s"),
+                "{msg}"
+            );
+        }
+        let (_, default) =
+            layout_and_timeout(StoreKind::VaultStore, "s", &conn(Auth::default())).unwrap();
+        assert_eq!(default, DEFAULT_VAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn the_crd_schema_caps_the_store_timeout_at_the_same_limit() {
+        use kube::CustomResourceExt;
+        let rule = format!(
+            "duration(self) <= duration('{}s')",
+            MAX_VAULT_TIMEOUT.as_secs()
+        );
+        for crd in [VaultStore::crd(), ClusterVaultStore::crd()] {
+            let crd = serde_json::to_value(crd).unwrap();
+            let timeout = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+                ["properties"]["timeout"];
+            assert_eq!(
+                timeout["x-kubernetes-validations"][0]["rule"], rule,
+                "{timeout}"
+            );
+        }
     }
 }

@@ -4,7 +4,9 @@
 //! for that ScopedSecret (`max_age`, its refresh interval), and concurrent misses for one path
 //! wait on one request instead of each sending their own. Entries are keyed by Vault
 //! identity, so tenancy enforced by Vault policy is not bypassed through the cache. Errors are
-//! never cached, and a denial flushes nothing: a 403 for one path says nothing about the reads
+//! never cached for later readers — but the readers that waited on a read that failed share its
+//! failure instead of each trying again in turn (behind a Vault that never answers, twenty
+//! waiters would otherwise wait twenty timeouts, one after another). A denial flushes nothing: a 403 for one path says nothing about the reads
 //! of other paths. An entry lives no longer than the shortest refresh interval of the readers
 //! that used it since it was filled: values do not linger in memory after their last use.
 //! A hand-written map of per-key async mutexes is all this needs: the freshness bound is
@@ -26,10 +28,27 @@ pub struct CacheKey {
     pub path: String,
 }
 
-type Slot<V> = Arc<tokio::sync::Mutex<Option<(Instant, V)>>>;
+/// The last outcome of one key's reads.
+struct Outcome<V, E> {
+    /// The last value read, and when.
+    value: Option<(Instant, V)>,
+    /// The last read's failure and when it ended, while no read has succeeded since.
+    failed: Option<(Instant, E)>,
+}
 
-struct Entry<V> {
-    slot: Slot<V>,
+impl<V, E> Default for Outcome<V, E> {
+    fn default() -> Self {
+        Outcome {
+            value: None,
+            failed: None,
+        }
+    }
+}
+
+type Slot<V, E> = Arc<tokio::sync::Mutex<Outcome<V, E>>>;
+
+struct Entry<V, E> {
+    slot: Slot<V, E>,
     /// Shortest non-zero `max_age` of the readers since the last fill.
     ttl: Duration,
     /// When the value goes: last fill + ttl. `None` while never filled.
@@ -39,15 +58,15 @@ struct Entry<V> {
 /// How often expired entries are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Cache of values `V` read at some instant.
-pub struct ReadCache<V> {
-    entries: Mutex<(HashMap<CacheKey, Entry<V>>, Instant)>,
+/// Cache of values `V` read at some instant; reads fail with `E`.
+pub struct ReadCache<V, E> {
+    entries: Mutex<(HashMap<CacheKey, Entry<V, E>>, Instant)>,
     sweep_every: Duration,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
-impl<V: Clone> Default for ReadCache<V> {
+impl<V: Clone, E: Clone> Default for ReadCache<V, E> {
     fn default() -> Self {
         ReadCache {
             entries: Mutex::new((HashMap::new(), Instant::now())),
@@ -58,7 +77,7 @@ impl<V: Clone> Default for ReadCache<V> {
     }
 }
 
-impl<V: Clone> ReadCache<V> {
+impl<V: Clone, E: Clone> ReadCache<V, E> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -72,8 +91,9 @@ impl<V: Clone> ReadCache<V> {
     }
 
     /// The cached value if it is at most `max_age` old; otherwise runs `fetch` (once, for all
-    /// concurrent callers of the same key) and caches its success.
-    pub async fn get_or_fetch<E, F, Fut>(
+    /// concurrent callers of the same key) and caches its success. Callers that were waiting
+    /// while that fetch failed get its error; later callers fetch again.
+    pub async fn get_or_fetch<F, Fut>(
         &self,
         key: CacheKey,
         max_age: Duration,
@@ -84,17 +104,35 @@ impl<V: Clone> ReadCache<V> {
         Fut: Future<Output = Result<V, E>>,
     {
         let slot = self.slot(&key, max_age);
+        let arrived = Instant::now();
         let mut guard = slot.lock().await;
-        if let Some((at, value)) = guard.as_ref()
+        if let Some((at, value)) = guard.value.as_ref()
             && at.elapsed() <= max_age
         {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(value.clone());
         }
+        if let Some((ended, error)) = guard.failed.as_ref()
+            && *ended >= arrived
+        {
+            return Err(error.clone());
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let value = fetch().await?;
+        let value = match fetch().await {
+            Ok(value) => value,
+            Err(error) => {
+                let now = Instant::now();
+                guard.failed = Some((now, error.clone()));
+                if let Some(entry) = self.entries.lock().unwrap().0.get_mut(&key) {
+                    // Nothing worth keeping: swept once no one waits on it.
+                    entry.expires_at = Some(entry.expires_at.map_or(now, |at| at.min(now)));
+                }
+                return Err(error);
+            }
+        };
         let now = Instant::now();
-        *guard = Some((now, value.clone()));
+        guard.failed = None;
+        guard.value = Some((now, value.clone()));
         if let Some(entry) = self.entries.lock().unwrap().0.get_mut(&key) {
             entry.ttl = if max_age.is_zero() {
                 entry.ttl
@@ -124,7 +162,7 @@ impl<V: Clone> ReadCache<V> {
         )
     }
 
-    fn slot(&self, key: &CacheKey, max_age: Duration) -> Slot<V> {
+    fn slot(&self, key: &CacheKey, max_age: Duration) -> Slot<V, E> {
         let now = Instant::now();
         let mut guard = self.entries.lock().unwrap();
         let (entries, last_sweep) = &mut *guard;
@@ -166,7 +204,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_misses_for_one_path_send_one_request() {
-        let cache = Arc::new(ReadCache::<u32>::new());
+        let cache = Arc::new(ReadCache::<u32, ()>::new());
         let calls = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = (0..50)
             .map(|_| {
@@ -191,7 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_entry_older_than_the_callers_max_age_is_read_again() {
-        let cache = ReadCache::<u32>::new();
+        let cache = ReadCache::<u32, ()>::new();
         let v = cache
             .get_or_fetch(key("p", "a"), Duration::ZERO, || async { Ok::<_, ()>(1) })
             .await;
@@ -212,7 +250,7 @@ mod tests {
 
     #[tokio::test]
     async fn errors_are_not_cached_and_identities_do_not_share_reads() {
-        let cache = ReadCache::<u32>::new();
+        let cache = ReadCache::<u32, &str>::new();
         let long = Duration::from_secs(60);
         assert_eq!(
             cache
@@ -236,8 +274,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn readers_waiting_on_a_failing_read_share_its_failure_and_later_ones_try_again() {
+        let cache = Arc::new(ReadCache::<u32, &str>::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_fetch(key("hung", "a"), Duration::from_secs(60), || async {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Err::<u32, _>("no answer")
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Err("no answer"));
+        }
+        // One timeout for all ten, not ten timeouts one after another.
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let later = cache
+            .get_or_fetch(key("hung", "a"), Duration::from_secs(60), || async {
+                Ok::<_, &str>(5)
+            })
+            .await;
+        assert_eq!(later, Ok(5), "a failure is never served to a later reader");
+    }
+
+    #[tokio::test]
     async fn entries_expire_after_the_shortest_interval_of_their_readers() {
-        let cache = ReadCache::<u32>::with_sweep_every(Duration::ZERO);
+        let cache = ReadCache::<u32, ()>::with_sweep_every(Duration::ZERO);
         let fetch = || async { Ok::<_, ()>(1) };
         let ms = Duration::from_millis;
         let hour = Duration::from_secs(3600);

@@ -62,10 +62,10 @@ type SessionSlot = Arc<tokio::sync::Mutex<Option<Session>>>;
 pub struct VaultReader {
     kube: kube::Client,
     sessions: Mutex<HashMap<Identity, SessionSlot>>,
-    cache: ReadCache<ScopeData>,
+    cache: ReadCache<ScopeData, VaultError>,
     /// Old versions, shared like scope reads and as fresh as the caller asks: a version can be
     /// deleted or destroyed (a revocation) at any time.
-    versions: ReadCache<Option<VersionData>>,
+    versions: ReadCache<Option<VersionData>, VaultError>,
     /// Re-logins after Vault rejected a token, limited per identity.
     relogins: Mutex<ReloginLimiter>,
     metrics: VaultMetrics,

@@ -315,7 +315,7 @@ pub fn build_client(
     Ok(client)
 }
 
-/// Runs a Vault call with a timeout; running out is `Unavailable`.
+/// Runs a Vault call with a timeout; running out is `Unreachable`.
 pub async fn with_timeout<T>(
     timeout: Duration,
     address: &str,
@@ -323,7 +323,7 @@ pub async fn with_timeout<T>(
 ) -> Result<T, VaultError> {
     tokio::time::timeout(timeout, fut)
         .await
-        .map_err(|_| VaultError::Unavailable {
+        .map_err(|_| VaultError::Unreachable {
             address: address.to_string(),
             detail: format!("no answer within {}s", timeout.as_secs_f32()),
         })
@@ -374,12 +374,28 @@ pub fn unavailable_or_sealed(address: &str, e: &ClientError) -> VaultError {
         VaultError::Sealed {
             address: address.into(),
         }
+    } else if is_transport(e) {
+        VaultError::Unreachable {
+            address: address.into(),
+            detail,
+        }
     } else {
         VaultError::Unavailable {
             address: address.into(),
             detail,
         }
     }
+}
+
+/// The request or its answer never made it: connection refused or reset, TLS, timeout.
+fn is_transport(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::RestClientError {
+            source: rustify::errors::ClientError::RequestError { .. }
+                | rustify::errors::ClientError::ResponseError { .. },
+        }
+    )
 }
 
 /// Maps a failed read of `mount`/`path` to a [`VaultError`]: 403 is permission denied — never

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod client;
 pub mod direct;
+pub mod health;
 pub mod kv;
 pub mod memory;
 
@@ -110,8 +111,26 @@ pub struct StoreHandle {
 /// Secret involved — never a value or a token.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum VaultError {
+    /// Vault answered, but not usefully (a 5xx, an inconsistent answer).
     #[error("failed to reach Vault at {address}: {detail}")]
     Unavailable { address: String, detail: String },
+    /// No connection, or no answer within the store's timeout: what takes a store down.
+    #[error("failed to reach Vault at {address}: {detail}")]
+    Unreachable { address: String, detail: String },
+    /// The store's address stopped answering: its reads fail at once until a probe gets an
+    /// answer (see [`health`]).
+    #[error(
+        "Vault at {address} has not answered since {since} ({last}); reads through this store fail at once until a probe (one read every 5 s to 1 min) gets an answer: check the address and that Vault is reachable from the operator"
+    )]
+    AddressDown {
+        address: String,
+        since: jiff::Timestamp,
+        last: String,
+    },
+    /// The store already has its share of the reconcile workers reading from it; the
+    /// reconcile is queued again without a status change (see [`health`]).
+    #[error("the store at {address} already has its share of the workers reading; retrying")]
+    StoreBusy { address: String },
     #[error("Vault at {address} is sealed; unseal it (existing Secrets are kept meanwhile)")]
     Sealed { address: String },
     #[error(
@@ -144,7 +163,11 @@ impl VaultError {
     /// Fixed category, used as the status reason, event reason and metric label.
     pub fn category(&self) -> &'static str {
         match self {
-            VaultError::Unavailable { .. } | VaultError::Sealed { .. } => "VaultUnavailable",
+            VaultError::Unavailable { .. }
+            | VaultError::Unreachable { .. }
+            | VaultError::AddressDown { .. }
+            | VaultError::Sealed { .. } => "VaultUnavailable",
+            VaultError::StoreBusy { .. } => "StoreBusy",
             VaultError::PermissionDenied { .. } => "VaultPermissionDenied",
             VaultError::AuthFailed { .. } => "VaultAuthFailed",
             VaultError::ScopeDeleted { .. } => "ScopeDeleted",

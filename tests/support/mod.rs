@@ -1,5 +1,6 @@
 #![allow(dead_code, unused_imports)]
 
+pub mod fairness;
 pub mod fake_api;
 pub mod logs;
 pub mod openbao;
