@@ -47,6 +47,10 @@ pub struct PreviewArgs {
     /// Rollouts) instead of the cluster's.
     #[arg(long, value_name = "PATH", global = true)]
     pub workloads: Vec<PathBuf>,
+    /// With --dry-run: the operator's --max-restarts-in-flight, to say how many restarts
+    /// would wait for the restart budget.
+    #[arg(long, value_name = "N", default_value_t = 10, global = true)]
+    pub max_restarts_in_flight: usize,
 }
 
 /// The edit a command would make to one key of one scope.
@@ -277,6 +281,27 @@ fn assess(
     }
 }
 
+/// What the cluster-wide restart budget would do with the restarts, when it would hold some
+/// back: the operator rolls at most `in_flight` workloads at once (each workload once, however
+/// many of its Secrets change).
+pub fn budget(impacts: &[Impact], in_flight: usize) -> Option<String> {
+    let workloads: BTreeSet<(&str, &str)> = impacts
+        .iter()
+        .filter(|i| i.held.is_none())
+        .flat_map(|i| {
+            let ns = i.secret.split('/').next().unwrap_or_default();
+            i.restarts.iter().map(move |w| (ns, w.as_str()))
+        })
+        .collect();
+    (workloads.len() > in_flight).then(|| {
+        format!(
+            "Restart budget: {} workloads would restart, at most {in_flight} at once: {} wait their turn (oldest first), more if other rollouts are in flight.",
+            workloads.len(),
+            workloads.len() - in_flight
+        )
+    })
+}
+
 /// The table a person reads in two seconds.
 pub fn table(impacts: &[Impact]) -> String {
     let rows: Vec<[String; 4]> = impacts
@@ -468,6 +493,9 @@ pub async fn run(
         );
     } else {
         print!("{}", table(&impacts));
+        if let Some(line) = budget(&impacts, args.max_restarts_in_flight) {
+            println!("{line}");
+        }
     }
     for r in &results {
         if let Err((id, e)) = r {
@@ -620,6 +648,29 @@ mod tests {
         assert!(lines[1].contains("LOG_LEVEL") && lines[1].contains("Deployment/api"));
         assert!(lines[1].contains("Deployment/worker (KeysUnchanged)"));
         assert!(lines[2].contains("overridden") && lines[2].contains("held: breaker"));
+    }
+
+    #[test]
+    fn the_budget_line_counts_each_workload_once_and_only_past_the_budget() {
+        let impact = |ss: &str, restarts: &[&str]| Impact {
+            scoped_secret: format!("shop-dev/{ss}"),
+            secret: format!("shop-dev/{ss}"),
+            changed: ["K".to_string()].into(),
+            restarts: restarts.iter().map(|r| r.to_string()).collect(),
+            spared: vec![],
+            held: None,
+        };
+        // gateway reads both Secrets: one restart.
+        let impacts = vec![
+            impact("a", &["Deployment/gateway", "Deployment/a"]),
+            impact("b", &["Deployment/gateway", "Deployment/b"]),
+        ];
+        assert_eq!(budget(&impacts, 3), None);
+        let line = budget(&impacts, 2).unwrap();
+        assert!(
+            line.contains("3 workloads would restart, at most 2 at once: 1 wait"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -340,10 +340,7 @@ async fn write_secret(
         secrets
             .patch(
                 &name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
+                &merge_params(),
                 &Patch::Merge(json!({ "data": extra })),
             )
             .await
@@ -362,6 +359,15 @@ async fn write_secret(
         .map_err(refused("apply"))?;
     ctx.metrics.wrote("secret_apply");
     Ok(())
+}
+
+/// Parameters of the operator's JSON merge patches: its own field manager, so that managed
+/// fields show who changed what.
+pub(super) fn merge_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    }
 }
 
 /// Whether a Secret carries the labels of one managed by the ScopedSecret `owner`.

@@ -5,13 +5,12 @@
 //! collector deletes with the ScopedSecret.
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::status::RETAINED;
 use super::{Context, Error};
-use crate::FIELD_MANAGER;
 use crate::api::v1alpha1::{DeletionPolicy, ScopedSecret};
 
 /// What the stage established, for the `Retained` condition.
@@ -65,10 +64,7 @@ pub async fn release(ss: &ScopedSecret, ctx: &Context) -> Result<Retention, Erro
         secrets
             .patch(
                 &name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
+                &super::reconcile::merge_params(),
                 &Patch::Merge(&patch),
             )
             .await

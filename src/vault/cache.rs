@@ -58,9 +58,12 @@ struct Entry<V, E> {
 /// How often expired entries are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// The entries, and when they were last swept.
+type Entries<V, E> = (HashMap<CacheKey, Entry<V, E>>, Instant);
+
 /// Cache of values `V` read at some instant; reads fail with `E`.
 pub struct ReadCache<V, E> {
-    entries: Mutex<(HashMap<CacheKey, Entry<V, E>>, Instant)>,
+    entries: Mutex<Entries<V, E>>,
     sweep_every: Duration,
     hits: AtomicU64,
     misses: AtomicU64,
