@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -27,6 +27,7 @@ use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::{self, Resolved};
 use crate::rollout;
 use crate::rotation;
+use crate::template;
 use crate::vault::{Identity, StoreHandle};
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
@@ -34,6 +35,8 @@ use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 struct Synced {
     secret_name: String,
     resolved: Resolved,
+    /// Keys built by `spec.target.template`.
+    templated: template::Templated,
     content_hash: String,
     /// The Secret did not exist before.
     created: bool,
@@ -68,6 +71,7 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
             let outcome = Outcome::Synced {
                 secret_name: &done.secret_name,
                 resolved: &done.resolved,
+                templated: &done.templated,
                 content_hash: &done.content_hash,
                 wrote: done.wrote,
                 rollouts: done.rollouts.as_ref(),
@@ -221,8 +225,18 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         });
     }
 
+    // templates: the ConfigMaps they come from, then rendering (pure). After rotation, so a
+    // template can read `new,old`.
+    let template_spec = ss.spec.target.as_ref().and_then(|t| t.template.as_ref());
+    let files = fetch_template_files(ctx, &ns, template_spec).await?;
+    let template::Output {
+        resolved,
+        templated,
+    } = template::apply(resolved, template_spec, &files)?;
+
     // build (pure)
-    let data = render::secret_data(&resolved);
+    let mut data = render::secret_data(&resolved);
+    data.extend(template::secret_data(&templated));
     let type_ = ss
         .spec
         .target
@@ -330,6 +344,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     Ok(Synced {
         secret_name: request.secret_name,
         resolved,
+        templated,
         content_hash,
         created: existing.is_none(),
         wrote,
@@ -395,6 +410,27 @@ async fn apply_rotation(
         }
     }
     Ok(first_end)
+}
+
+/// The `data` of the ConfigMaps `spec.target.template.templateFrom` names, read from the
+/// API server (a missing one is left out: `template::apply` says which). Watched by name in
+/// `controller_for`, so an edit renders again.
+async fn fetch_template_files(
+    ctx: &Context,
+    ns: &str,
+    spec: Option<&crate::api::v1alpha1::TargetTemplate>,
+) -> Result<template::Files, Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let mut files = template::Files::new();
+    for name in template::config_maps(spec) {
+        let found = api.get_opt(&name).await.map_err(kube_err(format!(
+            "read ConfigMap {ns}/{name} (spec.target.template.templateFrom)"
+        )))?;
+        if let Some(cm) = found {
+            files.insert(name, cm.data.unwrap_or_default());
+        }
+    }
+    Ok(files)
 }
 
 /// After `target.name` changed, the Secret written under the old name is deleted — under
@@ -586,7 +622,7 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
             format!(
                 "created Secret {} with {} keys",
                 done.secret_name,
-                done.resolved.len()
+                done.resolved.len() + done.templated.len()
             ),
         )
     } else if !done.changed_keys.is_empty() && previous_hash != Some(done.content_hash.as_str()) {
@@ -607,7 +643,7 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
             ),
         )
     };
-    info!(secret = %done.secret_name, keys = done.resolved.len(), "{note}");
+    info!(secret = %done.secret_name, keys = done.resolved.len() + done.templated.len(), "{note}");
     publish(ss, ctx, EventType::Normal, reason, &note).await;
 }
 
