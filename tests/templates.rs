@@ -404,3 +404,23 @@ async fn a_template_reads_the_rotated_new_old_value() {
     w.reconcile().await.unwrap();
     assert_eq!(w.data()["accepted-keys.txt"], "new\nold");
 }
+
+#[tokio::test]
+async fn a_revocation_asks_a_scopedsecret_whose_template_reads_the_path_to_sync() {
+    let w = world();
+    // Replace: DB_PASSWORD (from shop/envs/dev) is only an input of DATABASE_URL.
+    w.fake.insert(scoped_secret(
+        json!({"data": {"DATABASE_URL": URL}, "mergePolicy": "Replace"}),
+    ));
+    w.reconcile().await.unwrap();
+    let asked =
+        scoped_secrets::cli::secret::ask_to_sync(&w.fake.client(), "shop/envs/dev", "revoke-1")
+            .await
+            .unwrap();
+    assert_eq!(asked, vec!["shop-dev/api".to_string()]);
+    let asked =
+        scoped_secrets::cli::secret::ask_to_sync(&w.fake.client(), "shop/envs/prod", "revoke-2")
+            .await
+            .unwrap();
+    assert!(asked.is_empty(), "{asked:?}");
+}
