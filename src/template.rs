@@ -73,14 +73,6 @@ pub struct Rendered {
 /// Templated keys by name.
 pub type Templated = BTreeMap<String, Rendered>;
 
-/// The Secret data of templated keys.
-pub fn secret_data(templated: &Templated) -> BTreeMap<String, ByteString> {
-    templated
-        .iter()
-        .map(|(k, r)| (k.clone(), ByteString(r.value.expose().as_bytes().to_vec())))
-        .collect()
-}
-
 /// The keys of the Secret once templates are applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Output {
@@ -94,7 +86,11 @@ impl Output {
     /// The Secret's data: resolved and templated keys.
     pub fn secret_data(&self) -> BTreeMap<String, ByteString> {
         let mut data = crate::render::secret_data(&self.resolved);
-        data.extend(secret_data(&self.templated));
+        data.extend(
+            self.templated
+                .iter()
+                .map(|(k, r)| (k.clone(), ByteString(r.value.expose().as_bytes().to_vec()))),
+        );
         data
     }
 
@@ -122,6 +118,8 @@ pub enum TemplateError {
         "{origin} is {size} bytes, over the {MAX_TEMPLATE_BYTES}-byte limit of one template; split it"
     )]
     TooLarge { origin: Origin, size: usize },
+    #[error("the templates of this ScopedSecret total {size} bytes, over the 1 MiB limit")]
+    TooMuchText { size: usize },
     #[error(
         "{origin} writes the key {key:?}, which is not a valid Secret key: use letters, digits, '-', '_' and '.'"
     )]
@@ -259,6 +257,11 @@ fn sources<'a>(
             });
         }
     }
+    // Compiling is not metered by fuel: the text is bounded instead.
+    let total: usize = out.iter().map(|s| s.text.len()).sum();
+    if total > MAX_SECRET_BYTES {
+        return Err(TemplateError::TooMuchText { size: total });
+    }
     let mut seen: BTreeMap<&str, &Origin> = BTreeMap::new();
     for s in &out {
         if !is_valid_key(&s.key) {
@@ -307,10 +310,10 @@ fn render_all(
             read: Mutex::default(),
             missed: Mutex::default(),
         });
-        let fail = |err: &minijinja::Error, compiled: bool| TemplateError::Render {
+        let fail = |err: &minijinja::Error, rendering: bool| TemplateError::Render {
             origin: source.origin.clone(),
             line: err.line(),
-            problem: problem(err, compiled, &lookups, source.text),
+            problem: problem(err, rendering, &lookups, source.text),
         };
         let template = env
             .template_from_named_str(name, source.text)
@@ -979,6 +982,26 @@ mod tests {
         assert!(e.contains("budget of work and memory"), "{e}");
         let e = err(&db(), &"{% if true %}".repeat(200));
         assert!(e.contains("syntax error") || e.contains("nested"), "{e}");
+        let files: Files = [(
+            "big".to_string(),
+            (0..17)
+                .map(|i| (format!("f{i}"), "y".repeat(MAX_TEMPLATE_BYTES)))
+                .collect(),
+        )]
+        .into();
+        let spec = TargetTemplate {
+            template_from: vec![TemplateFrom {
+                config_map: ConfigMapTemplates {
+                    name: "big".into(),
+                    items: vec![],
+                },
+            }],
+            ..Default::default()
+        };
+        assert!(matches!(
+            apply(db(), Some(&spec), &files),
+            Err(TemplateError::TooMuchText { .. })
+        ));
         let big = "x".repeat(MAX_TEMPLATE_BYTES + 1);
         assert!(matches!(
             render_one(&db(), &big),

@@ -229,14 +229,10 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     // template can read `new,old`.
     let template_spec = ss.spec.target.as_ref().and_then(|t| t.template.as_ref());
     let files = fetch_template_files(ctx, &ns, template_spec).await?;
-    let template::Output {
-        resolved,
-        templated,
-    } = template::apply(resolved, template_spec, &files)?;
+    let keys = template::apply(resolved, template_spec, &files)?;
 
     // build (pure)
-    let mut data = render::secret_data(&resolved);
-    data.extend(template::secret_data(&templated));
+    let data = keys.secret_data();
     let type_ = ss
         .spec
         .target
@@ -343,8 +339,8 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     }
     Ok(Synced {
         secret_name: request.secret_name,
-        resolved,
-        templated,
+        resolved: keys.resolved,
+        templated: keys.templated,
         content_hash,
         created: existing.is_none(),
         wrote,
