@@ -69,7 +69,8 @@ const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     // controller/reconcile.rs fetch_template_files: `Api::<ConfigMap>.get_opt(..)` of the
     // ConfigMaps spec.target.template.templateFrom names.
     (Cluster, "", "configmaps", "get"),
-    // controller/mod.rs controller_for: `metadata_watcher(Api::<ConfigMap>..)` (list, watch).
+    // controller/mod.rs controller_for: `watcher(Api::<PartialObjectMeta<ConfigMap>>..)`, a
+    // metadata-only list and watch.
     (Cluster, "", "configmaps", "list"),
     (Cluster, "", "configmaps", "watch"),
     // controller/reconcile.rs sync and remove_previous_target: `secrets.get_opt(..)` of the
