@@ -1066,6 +1066,58 @@ mod tests {
         ));
     }
 
+    /// The recipes users copy: every YAML block of docs/templates.md's "Recipes" renders.
+    #[test]
+    fn the_documented_recipes_render() {
+        let doc = include_str!("../docs/templates.md");
+        let start = doc.find("## Recipes").unwrap();
+        let section = &doc[start..];
+        let section = &section[..section[3..].find("\n## ").unwrap()];
+        let r = resolved(&[
+            ("DB_USER", "app"),
+            ("DB_PASSWORD", "p@ss\"w/rd é"),
+            ("DB_HOST", "db"),
+            ("REDIS_PASSWORD", "r:p"),
+            ("REDIS_HOST", "redis"),
+            ("API_KEYS", "new,old"),
+            ("LOG_LEVEL", "debug"),
+        ]);
+        let mut blocks = 0;
+        for block in section.split("```yaml\n").skip(1) {
+            let yaml = &block[..block.find("```").unwrap()];
+            let data: BTreeMap<String, String> = serde_yaml::from_str(yaml).unwrap();
+            let spec = TargetTemplate {
+                data,
+                ..Default::default()
+            };
+            let out = apply(r.clone(), Some(&spec), &Files::new())
+                .unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            blocks += 1;
+            if let Some(url) = out.templated.get("DATABASE_URL") {
+                assert_eq!(
+                    url.value.expose(),
+                    "postgres://app:p%40ss%22w%2Frd%20%C3%A9@db:5432/app?sslmode=require"
+                );
+            }
+            if let Some(json) = out.templated.get("config.json") {
+                let v: serde_json::Value = serde_json::from_str(json.value.expose()).unwrap();
+                assert_eq!(v["database"]["password"], "p@ss\"w/rd é");
+                assert_eq!(v["apiKeys"], serde_json::json!(["new", "old"]));
+            }
+            if let Some(props) = out.templated.get("application.properties") {
+                assert!(
+                    props
+                        .value
+                        .expose()
+                        .contains("spring.datasource.password=p@ss\"w/rd \\u00E9\n"),
+                    "{:?}",
+                    props.value.expose()
+                );
+            }
+        }
+        assert_eq!(blocks, 4, "URL, JSON, .env, properties");
+    }
+
     #[test]
     fn a_rotated_value_is_a_key_like_any_other() {
         let r = resolved(&[("API_KEYS", "new,old")]);
