@@ -14,7 +14,7 @@ deny: ## cargo-deny: licenses, bans, sources (pinned; not advisories, they need 
 	bash -c 'source scripts/tools.sh && ensure_cargo_deny && cargo deny check licenses bans sources'
 
 test: ## the test suite (starts its own OpenBao dev servers; needs `bao`, kubectl and helm, see scripts/tools.sh)
-	bash -c 'source scripts/tools.sh && ensure_bao && ensure_kube_tools && cargo nextest run --locked --no-fail-fast'
+	./scripts/test.sh
 
 e2e: ## end-to-end against the current kube context and VAULT_ADDR/VAULT_TOKEN
 	SCOPED_SECRETS_E2E=1 cargo nextest run --locked --test e2e --no-capture

@@ -1,19 +1,84 @@
 #!/usr/bin/env bash
-# The main job, end to end: with the current kube context (kind, k3d, any cluster) and
+# The main job. With a reachable cluster in the current kube context (kind, k3d, any) and
 # VAULT_ADDR/VAULT_TOKEN — or a local OpenBao dev server this script starts when VAULT_ADDR
-# is unset — install the CRDs, seed the example scopes, run the operator on this machine and
-# apply the example ScopedSecrets, then show the inherited values that landed in Secrets.
-# The operator keeps running in the foreground; Ctrl-C stops it (and the dev server).
+# is unset — it installs the CRDs, seeds the example scopes, runs the operator on this machine
+# and applies the example ScopedSecrets, then shows the inherited values that landed in
+# Secrets; the operator keeps running in the foreground (Ctrl-C stops it and the dev server).
+#
+# Without a cluster it says so in one line and runs the offline tour instead: a local
+# OpenBao dev server (on a free port, stopped at the end), the example scopes, `resolve` with
+# sources for two services, `render` of the example ScopedSecrets into the Secrets the
+# operator would write, a change previewed with `--dry-run` against the example workloads,
+# the change made, and the Secrets rendered again. Needs only Rust, Python 3 and this repo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/tools.sh
 source scripts/tools.sh
 
-ensure_kube_tools
-if ! "$KUBECTL_BIN" cluster-info --request-timeout=5s >/dev/null 2>&1; then
-  echo "demo: no reachable Kubernetes cluster in the current kube context." >&2
-  echo "      Create one (kind create cluster, k3d cluster create) or point KUBECONFIG at one, then run again." >&2
-  exit 1
+cluster_reachable() {
+  # No kube config at all: no cluster, and no need to fetch kubectl to find that out.
+  if [ -z "${KUBECONFIG:-}" ] && [ ! -f "$HOME/.kube/config" ] && [ -z "${KUBERNETES_SERVICE_HOST:-}" ]; then
+    return 1
+  fi
+  ensure_kube_tools >/dev/null 2>&1 || return 1
+  "$KUBECTL_BIN" cluster-info --request-timeout=5s >/dev/null 2>&1
+}
+
+offline_tour() {
+  ensure_bao
+  local port bin dir
+  port=${DEMO_VAULT_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+  dir=$(mktemp -d)
+  # The tour writes to Vault: always its own dev server, never the VAULT_ADDR of the shell.
+  "$BAO_BIN" server -dev -dev-root-token-id=root -dev-listen-address="127.0.0.1:$port" >"$dir/bao.log" 2>&1 &
+  local bao_pid=$!
+  trap 'kill '"$bao_pid"' 2>/dev/null || true; wait '"$bao_pid"' 2>/dev/null || true; rm -rf '"$dir" EXIT
+  export VAULT_ADDR="http://127.0.0.1:$port" VAULT_TOKEN=root
+  unset BAO_ADDR BAO_TOKEN VAULT_NAMESPACE
+  echo "== a local OpenBao dev server on $VAULT_ADDR (stopped at the end)"
+  for _ in $(seq 100); do BAO_ADDR=$VAULT_ADDR "$BAO_BIN" status >/dev/null 2>&1 && break; sleep 0.1; done
+
+  bin=${SCOPED_SECRETS_BIN:-}
+  if [ -z "$bin" ]; then
+    echo "== building scoped-secrets"
+    cargo build --locked --quiet
+    bin=${CARGO_TARGET_DIR:-target}/debug/scoped-secrets
+  fi
+  ss() { echo "\$ scoped-secrets $*"; "$bin" "$@"; }
+
+  echo "== seeding the example scopes of project shop"
+  PATH="$(dirname "$BAO_BIN"):$PATH" examples/seed-scopes.sh
+
+  echo
+  echo "== what api and web get in dev, and where each value comes from"
+  ss resolve -p shop -e dev -s api --show-values
+  echo
+  ss resolve -p shop -e dev -s web --show-values
+  echo
+  echo "== the Secrets the operator would write for examples/ (values masked; sources above each)"
+  ss render -f examples/
+  echo
+  echo "== preview a change: LOG_LEVEL=warn for every service in dev"
+  ss secret set -p shop -e dev -k LOG_LEVEL -v warn --dry-run -f examples/ --workloads examples/30-workloads.yaml
+  echo
+  echo "== make it"
+  ss secret set -p shop -e dev -k LOG_LEVEL -v warn
+  echo
+  echo "== the Secrets now (demo values shown, decoded)"
+  "$bin" render -f examples/ -o json --show-values | python3 -c '
+import base64, json, sys
+for s in json.load(sys.stdin)["items"]:
+    print("Secret %s/%s" % (s["metadata"]["namespace"], s["metadata"]["name"]))
+    for k, v in sorted(s.get("data", {}).items()):
+        print("  %-12s %s" % (k, base64.b64decode(v).decode()))'
+  echo
+  echo "Done. With a cluster (kind create cluster), ./scripts/demo.sh runs the operator itself."
+}
+
+if ! cluster_reachable; then
+  echo "demo: no reachable Kubernetes cluster in the current kube context: running the offline tour (Vault, resolve, render, a previewed change)."
+  offline_tour
+  exit 0
 fi
 k() { "$KUBECTL_BIN" "$@"; }
 

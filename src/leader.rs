@@ -14,6 +14,28 @@ use tracing::info;
 /// Name of the Lease in the operator's namespace.
 pub const LEASE_NAME: &str = "scoped-secrets-leader";
 
+/// This process's identity in the Lease: the pod's name (`POD_NAME`, from the downward API),
+/// else the hostname, plus a random suffix — every replica and every restart of one is a
+/// distinct holder. (A process id is not: it is 1 in every container.)
+pub fn identity(pod_name: Option<&str>, hostname: Option<&str>, suffix: u32) -> String {
+    let base = [pod_name, hostname]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .find(|s| !s.is_empty())
+        .unwrap_or("scoped-secrets");
+    format!("{base}-{suffix:08x}")
+}
+
+/// The hostname of this machine or pod, if it can be read.
+pub fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
 /// Waits for the Lease, then runs `run` while holding it; releases it when `run` ends. Returns
 /// an error when the Lease is lost while running. `shutdown` ends the wait of a follower.
 pub async fn lead<F, Fut, S>(
@@ -79,4 +101,21 @@ where
         Err(e) => tracing::warn!("the leader election task failed: {e}"),
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identity;
+
+    #[test]
+    fn identities_are_the_pod_or_host_name_with_a_random_suffix() {
+        assert_eq!(
+            identity(Some("op-7d9"), Some("host"), 0xab),
+            "op-7d9-000000ab"
+        );
+        assert_eq!(identity(None, Some("host\n"), 1), "host-00000001");
+        assert_eq!(identity(Some(""), None, 2), "scoped-secrets-00000002");
+        // Two replicas (or two starts) in containers that share every name differ.
+        assert_ne!(identity(None, Some("h"), 1), identity(None, Some("h"), 2));
+    }
 }

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use scoped_secrets::cli::preview::PreviewArgs;
+use scoped_secrets::cli::render::RenderArgs;
 use scoped_secrets::cli::resolve::ResolveArgs;
 use scoped_secrets::cli::secret::SecretCommand;
 use scoped_secrets::cli::{self, CliError, VaultArgs};
@@ -82,12 +84,23 @@ enum Command {
         command: SecretCommand,
         #[command(flatten)]
         vault: VaultArgs,
+        #[command(flatten)]
+        preview: PreviewArgs,
     },
     /// Show the effective values of a project / environment / service and their sources.
     #[command(after_help = RESOLVE_EXAMPLES)]
     Resolve {
         #[command(flatten)]
         args: ResolveArgs,
+        #[command(flatten)]
+        vault: VaultArgs,
+    },
+    /// Print the Secrets the operator would write for ScopedSecret, store and Namespace
+    /// manifests — no cluster needed; Vault is read with VAULT_ADDR / VAULT_TOKEN.
+    #[command(after_help = RENDER_EXAMPLES)]
+    Render {
+        #[command(flatten)]
+        args: RenderArgs,
         #[command(flatten)]
         vault: VaultArgs,
     },
@@ -101,6 +114,8 @@ const SECRET_EXAMPLES: &str = "Examples (VAULT_ADDR and VAULT_TOKEN from the env
   scoped-secrets secret rm    -p shop -e dev -s api -k FOO   # the inherited FOO shows again
   scoped-secrets secret unset -p shop -e dev -s api -k FOO   # hides an inherited FOO here
   scoped-secrets secret list  -p shop -e dev
+  scoped-secrets secret set   -p shop -k FOO -v BAR2 --dry-run   # which ScopedSecrets and workloads it touches
+  scoped-secrets secret set   -p shop -k FOO -v BAR2 --dry-run -f examples/ --workloads deploy.yaml   # offline
 Exit codes: 0 ok, 1 usage or validation (nothing changed), 2 Vault error.";
 
 const RESOLVE_EXAMPLES: &str = "Examples:
@@ -110,6 +125,14 @@ const RESOLVE_EXAMPLES: &str = "Examples:
   scoped-secrets resolve -f scopedsecret.yaml -p shop -e dev   # its templates too
   scoped-secrets resolve -p shop -e dev -s api -o env > .env
   scoped-secrets resolve -p shop -e dev -s api -o env --keys-only > .env.example";
+
+const RENDER_EXAMPLES: &str = "Examples (VAULT_ADDR and VAULT_TOKEN from the environment):
+  scoped-secrets render -f examples/
+  scoped-secrets render -f namespace.yaml -f store.yaml -f scopedsecret.yaml -o json
+  kustomize build overlays/dev | scoped-secrets render -f -      # CI: every ScopedSecret resolves
+  scoped-secrets render -f examples/ --show-values | kubectl apply -f -
+Values are masked unless --show-values. Exit codes: 0 all rendered, 1 a refusal (the
+controller's reason and message on stderr), 2 a Vault error.";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -123,8 +146,18 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     match cli.command {
-        Command::Secret { command, vault } => exit_with(cli::secret::run(command, &vault).await),
+        Command::Secret {
+            command,
+            vault,
+            preview,
+        } if preview.dry_run => {
+            exit_with(cli::preview::run_command(command, &vault, &preview).await)
+        }
+        Command::Secret { command, vault, .. } => {
+            exit_with(cli::secret::run(command, &vault).await)
+        }
         Command::Resolve { args, vault } => exit_with(cli::resolve::run(args, &vault).await),
+        Command::Render { args, vault } => exit_with(cli::render::run(&args, &vault).await),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -164,10 +197,11 @@ async fn main() -> anyhow::Result<()> {
                     tracing::error!("{e}");
                 }
             });
-            let source = Arc::new(VaultReader::with_metrics(
+            let reader = Arc::new(VaultReader::with_metrics(
                 client.clone(),
                 metrics.vault.clone(),
             ));
+            let source = reader.clone();
             let config = Config {
                 operator_namespace: namespace,
                 concurrency,
@@ -193,12 +227,18 @@ async fn main() -> anyhow::Result<()> {
                 "starting scoped-secrets controller"
             );
             if !leader_election {
-                return controller::run(client, source, config, metrics, ready).await;
+                let result = controller::run(client, source, config, metrics, ready).await;
+                // No Vault token we minted outlives the process.
+                reader.shutdown().await;
+                return result;
             }
-            let identity = std::env::var("POD_NAME")
-                .unwrap_or_else(|_| format!("scoped-secrets-{}", std::process::id()));
+            let identity = leader::identity(
+                std::env::var("POD_NAME").ok().as_deref(),
+                leader::hostname().as_deref(),
+                rand::random(),
+            );
             let namespace = config.operator_namespace.clone();
-            leader::lead(
+            let result = leader::lead(
                 client.clone(),
                 &namespace,
                 &identity,
@@ -211,7 +251,9 @@ async fn main() -> anyhow::Result<()> {
                     move || controller::run(client, source, config, metrics, ready)
                 },
             )
-            .await
+            .await;
+            reader.shutdown().await;
+            result
         }
     }
 }

@@ -3,9 +3,10 @@
 //! Labels are fixed categories only — never a free-text or per-object value — so the series
 //! count is bounded and nothing secret can reach a label.
 
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -97,6 +98,9 @@ pub struct Metrics {
     pub restarts_in_flight: Gauge,
     pub restarts_waiting: Gauge,
     pub vault: VaultMetrics,
+    /// The keys with an expiry series, per ScopedSecret: their series go when the key loses
+    /// its expiry date or the object goes, so series stay bounded by the live objects.
+    expiring_keys: Mutex<HashMap<ObjectLabels, BTreeSet<String>>>,
 }
 
 /// Labels of one ScopedSecret (names only).
@@ -124,7 +128,7 @@ impl Default for Metrics {
         let writes = Family::<WriteLabel, Counter>::default();
         registry.register(
             "api_writes",
-            "Writes to the Kubernetes API by kind (secret_apply, secret_prune, status, event)",
+            "Writes to the Kubernetes API by kind (secret_create, secret_apply, secret_prune, secret_release, secret_delete, status, event, workload_restart)",
             writes.clone(),
         );
         let key_expiry = Family::<KeyLabels, Gauge>::default();
@@ -196,6 +200,7 @@ impl Default for Metrics {
             restarts_in_flight,
             restarts_waiting,
             vault,
+            expiring_keys: Mutex::default(),
         }
     }
 }
@@ -225,14 +230,44 @@ impl Metrics {
         self.restarts_waiting.set(waiting as i64);
     }
 
-    pub fn key_expiry(&self, namespace: &str, scopedsecret: &str, key: &str, unix: i64) {
-        self.key_expiry
-            .get_or_create(&KeyLabels {
-                namespace: namespace.into(),
-                scopedsecret: scopedsecret.into(),
-                key: key.into(),
-            })
-            .set(unix);
+    /// The expiry dates of the keys of `namespace/scopedsecret` that have one, as `(key, unix
+    /// time)`; series of keys no longer listed are removed.
+    pub fn key_expiries(&self, namespace: &str, scopedsecret: &str, expiries: &[(&str, i64)]) {
+        let labels = |key: &str| KeyLabels {
+            namespace: namespace.into(),
+            scopedsecret: scopedsecret.into(),
+            key: key.into(),
+        };
+        let object = ObjectLabels {
+            namespace: namespace.into(),
+            name: scopedsecret.into(),
+        };
+        let mut tracked = self.expiring_keys.lock().unwrap();
+        let now: BTreeSet<String> = expiries.iter().map(|(k, _)| k.to_string()).collect();
+        for gone in tracked.get(&object).into_iter().flatten() {
+            if !now.contains(gone) {
+                self.key_expiry.remove(&labels(gone));
+            }
+        }
+        for (key, unix) in expiries {
+            self.key_expiry.get_or_create(&labels(key)).set(*unix);
+        }
+        if now.is_empty() {
+            tracked.remove(&object);
+        } else {
+            tracked.insert(object, now);
+        }
+    }
+
+    /// Removes every series of `namespace/name` (after the ScopedSecret is deleted);
+    /// `managed` is how many synced objects are left.
+    pub fn forget(&self, namespace: &str, name: &str, managed: usize) {
+        self.key_expiries(namespace, name, &[]);
+        self.last_sync.remove(&ObjectLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
+        self.managed.set(managed as i64);
     }
 
     /// Records a successful sync of `namespace/name`; `managed` is how many are synced.

@@ -4,7 +4,9 @@
 //! The previous value is the key's value in the latest earlier KV v2 version of its winning
 //! scope where it differed; the window starts at the `created_time` of the version that
 //! changed it. A previous version that was deleted or destroyed (a revocation) ends the window
-//! at once. Written under `as` joined with `,` (new first), or as `<KEY>_PREVIOUS`.
+//! at once — the versions are read no older than the caller's `max_age`, and afresh on a
+//! forced sync, so a revocation is seen by the sync it forces. Written under `as` joined with
+//! `,` (new first), or as `<KEY>_PREVIOUS`.
 
 use std::time::Duration;
 
@@ -22,7 +24,8 @@ pub struct Window {
     pub ends: jiff::Timestamp,
 }
 
-/// The open window of `current` (a resolved key) under `overlap` at `now`, if any.
+/// The open window of `current` (a resolved key) under `overlap` at `now`, if any. Versions
+/// are read no older than `max_age` (zero: from Vault, for a forced sync).
 pub async fn window(
     source: &dyn ScopeSource,
     store: &StoreHandle,
@@ -30,12 +33,13 @@ pub async fn window(
     current: &ResolvedKey,
     overlap: Duration,
     now: jiff::Timestamp,
+    max_age: Duration,
 ) -> Result<Option<Window>, VaultError> {
     let path = &current.source.path;
     let mut changed_in = current.source.version;
     let lowest = current.source.version.saturating_sub(MAX_HISTORY).max(1);
     for v in (lowest..current.source.version).rev() {
-        let Some(version) = source.read_version(store, path, v).await? else {
+        let Some(version) = source.read_version(store, path, v, max_age).await? else {
             return Ok(None);
         };
         // A deleted or destroyed version: revoked, it never shows again.
@@ -45,7 +49,10 @@ pub async fn window(
         match entries.get(key) {
             Some(Entry::Value(value)) if value == &current.value => changed_in = v,
             Some(Entry::Value(previous)) => {
-                let Some(changed) = source.read_version(store, path, changed_in).await? else {
+                let Some(changed) = source
+                    .read_version(store, path, changed_in, max_age)
+                    .await?
+                else {
                     return Ok(None);
                 };
                 let overlap =

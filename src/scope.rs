@@ -84,14 +84,31 @@ pub enum NameError {
         "{field} {value:?} is not a valid name: use letters, digits, '_', '-' and single dots between them (no '/', no '..')"
     )]
     Invalid { field: String, value: String },
-    #[error("path template {template:?} for scope {scope}: {problem}")]
+    #[error("spec.paths[{index}] (scope {scope}, template {template:?}) {problem}")]
     Template {
+        index: usize,
         scope: Scope,
         template: String,
         problem: String,
     },
-    #[error("path layout names scope {0} twice")]
-    DuplicateScope(Scope),
+    #[error(
+        "spec.paths[{index}] names scope {scope} again (spec.paths[{first}] already does): give each scope one template"
+    )]
+    DuplicateScope {
+        index: usize,
+        first: usize,
+        scope: Scope,
+    },
+    #[error(
+        "spec.paths[{first}] ({first_template:?}) and spec.paths[{second}] ({second_template:?}) can name the same Vault path (e.g. {example:?}), so one scope's values would be read as another's: make them differ in a fixed segment, as the default layout's \"{{project}}/services/{{service}}\" and \"{{project}}/envs/{{environment}}\" do"
+    )]
+    Overlap {
+        first: usize,
+        first_template: String,
+        second: usize,
+        second_template: String,
+        example: String,
+    },
 }
 
 /// Checks a project, environment or service name. `field` names it in the error.
@@ -164,16 +181,35 @@ const PLACEHOLDERS: [&str; 3] = ["project", "environment", "service"];
 
 impl Layout {
     /// Builds a layout from a store's `paths`; empty means the default layout.
+    ///
+    /// Refused, naming `spec.paths[i]`: a bad template (see [`check_template`]), a scope named
+    /// twice, and two templates that can produce the same path — then one scope's values
+    /// would be read (and written by the CLI) as another's.
     pub fn from_templates(templates: &[PathTemplate]) -> Result<Self, NameError> {
         if templates.is_empty() {
             return Ok(Layout::default());
         }
         let mut entries: Vec<(Scope, String)> = Vec::with_capacity(templates.len());
-        for t in templates {
-            if entries.iter().any(|(s, _)| *s == t.scope) {
-                return Err(NameError::DuplicateScope(t.scope));
+        for (index, t) in templates.iter().enumerate() {
+            if let Some(first) = entries.iter().position(|(s, _)| *s == t.scope) {
+                return Err(NameError::DuplicateScope {
+                    index,
+                    first,
+                    scope: t.scope,
+                });
             }
-            check_template(t.scope, &t.template)?;
+            check_template(index, t.scope, &t.template)?;
+            for (first, (_, earlier)) in entries.iter().enumerate() {
+                if let Some(example) = shared_path(earlier, &t.template) {
+                    return Err(NameError::Overlap {
+                        first,
+                        first_template: earlier.clone(),
+                        second: index,
+                        second_template: t.template.clone(),
+                        example,
+                    });
+                }
+            }
             entries.push((t.scope, t.template.clone()));
         }
         Ok(Layout { entries })
@@ -209,8 +245,21 @@ impl Layout {
     }
 }
 
-fn check_template(scope: Scope, template: &str) -> Result<(), NameError> {
+/// A placeholder segment's name (`{project}` → `project`), `None` for a fixed segment.
+fn placeholder(segment: &str) -> Option<&str> {
+    segment
+        .strip_prefix('{')?
+        .strip_suffix('}')
+        .filter(|name| !name.contains(['{', '}']))
+}
+
+/// Checks one template: relative, no empty, `.` or `..` segment, every placeholder a whole
+/// segment used once, and exactly the placeholders of its scope. With placeholders as whole
+/// segments and names that cannot hold `/`, a path names its coordinates unambiguously:
+/// `{project}-{service}` could not tell project `a-b` service `c` from project `a` service `b-c`.
+fn check_template(index: usize, scope: Scope, template: &str) -> Result<(), NameError> {
     let err = |problem: &str| NameError::Template {
+        index,
         scope,
         template: template.into(),
         problem: problem.into(),
@@ -221,39 +270,39 @@ fn check_template(scope: Scope, template: &str) -> Result<(), NameError> {
     if template.starts_with('/') || template.ends_with('/') {
         return Err(err("must not start or end with '/'"));
     }
-    if template
-        .split('/')
-        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err(err("has an empty, '.' or '..' segment"));
-    }
-    // Every `{...}` must be a known placeholder.
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let close = after.find('}').ok_or_else(|| err("has an unclosed '{'"))?;
-        let name = &after[..close];
+    let mut used: Vec<&str> = Vec::new();
+    for segment in template.split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Err(err("has an empty, '.' or '..' segment"));
+        }
+        let Some(name) = placeholder(segment) else {
+            if segment.contains(['{', '}']) {
+                return Err(err(&format!(
+                    "has segment {segment:?}: a placeholder must be a whole path segment, separated from the rest by '/' (e.g. \"{{project}}/{{service}}\", not \"{{project}}-{{service}}\"), so that two different projects, environments or services never share a path"
+                )));
+            }
+            continue;
+        };
         if !PLACEHOLDERS.contains(&name) {
             return Err(err(&format!(
-                "has unknown placeholder {{{name}}}; use {{project}}, {{environment}} or {{service}}"
+                "has unknown placeholder {segment}; use {{project}}, {{environment}} or {{service}}"
             )));
         }
-        rest = &after[close + 1..];
+        if used.contains(&name) {
+            return Err(err(&format!("uses {segment} twice")));
+        }
+        used.push(name);
     }
-    if rest.contains('}') || template.matches('}').count() != template.matches('{').count() {
-        return Err(err("has an unmatched '}'"));
-    }
-    if !template.contains("{project}") {
+    if !used.contains(&"project") {
         return Err(err(
             "must contain {project}, or projects would share values",
         ));
     }
-    let needs = |p: &str| template.contains(p);
     let expected_env = matches!(scope, Scope::Environment | Scope::EnvironmentService);
     let expected_svc = matches!(scope, Scope::Service | Scope::EnvironmentService);
-    if needs("{environment}") != expected_env || needs("{service}") != expected_svc {
+    if used.contains(&"environment") != expected_env || used.contains(&"service") != expected_svc {
         return Err(err(&format!(
-            "scope {scope} must use exactly the placeholders of its scope ({})",
+            "must use exactly the placeholders of scope {scope} ({})",
             match scope {
                 Scope::Project => "{project}",
                 Scope::Service => "{project}, {service}",
@@ -263,6 +312,30 @@ fn check_template(scope: Scope, template: &str) -> Result<(), NameError> {
         )));
     }
     Ok(())
+}
+
+/// A path that both (checked) templates can produce, for some coordinates each, if any.
+///
+/// Each placeholder is a whole segment used once per template, so the two templates' names are
+/// independent of each other: they meet exactly when they have as many segments and, segment
+/// by segment, two fixed segments are equal or a placeholder can take the other's value (any
+/// name, or a fixed segment that is a valid name).
+fn shared_path(a: &str, b: &str) -> Option<String> {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('/').collect(), b.split('/').collect());
+    if a.len() != b.len() {
+        return None;
+    }
+    let fits = |fixed: &str| validate_name("name", fixed).is_ok();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| match (placeholder(x), placeholder(y)) {
+            (Some(_), Some(_)) => Some("x"),
+            (Some(_), None) => fits(y).then_some(*y),
+            (None, Some(_)) => fits(x).then_some(*x),
+            (None, None) => (x == y).then_some(*x),
+        })
+        .collect::<Option<Vec<_>>>()
+        .map(|segments| segments.join("/"))
 }
 
 #[cfg(test)]
@@ -314,6 +387,18 @@ mod tests {
         assert_eq!(paths.len(), 2);
     }
 
+    fn layout(templates: &[(Scope, &str)]) -> Result<Layout, NameError> {
+        Layout::from_templates(
+            &templates
+                .iter()
+                .map(|(scope, template)| PathTemplate {
+                    scope: *scope,
+                    template: template.to_string(),
+                })
+                .collect::<Vec<_>>(),
+        )
+    }
+
     #[test]
     fn bad_templates_are_refused_with_the_problem_named() {
         let cases = [
@@ -325,7 +410,7 @@ mod tests {
                 "{project}/{team}",
                 "unknown placeholder {team}",
             ),
-            (Scope::Project, "{project", "unclosed"),
+            (Scope::Project, "{project", "whole path segment"),
             (Scope::Project, "static", "must contain {project}"),
             (Scope::Service, "{project}/x", "exactly the placeholders"),
             (
@@ -333,27 +418,147 @@ mod tests {
                 "{project}/{environment}",
                 "exactly the placeholders",
             ),
+            (
+                Scope::Project,
+                "{project}/x/{project}",
+                "uses {project} twice",
+            ),
         ];
         for (scope, template, want) in cases {
-            let err = Layout::from_templates(&[PathTemplate {
-                scope,
-                template: template.into(),
-            }])
-            .unwrap_err()
-            .to_string();
+            let first = (
+                Scope::EnvironmentService,
+                "{project}/{environment}/{service}",
+            );
+            let err = layout(&[first, (scope, template)]).unwrap_err().to_string();
             assert!(err.contains(want), "{template:?}: {err}");
+            assert!(
+                err.starts_with(&format!(
+                    "spec.paths[1] (scope {scope}, template {template:?})"
+                )),
+                "names the entry: {err}"
+            );
         }
     }
 
     #[test]
-    fn duplicate_scope_in_layout_is_refused() {
-        let t = PathTemplate {
-            scope: Scope::Project,
-            template: "{project}".into(),
-        };
+    fn placeholders_that_share_a_segment_are_refused() {
+        // `shop-a` + `b`, or `shop` + `a-b`: two coordinates, one path.
+        for template in [
+            "{project}-{service}",
+            "{project}/svc-{service}",
+            "{project}/{service}.conf",
+            "teams/{project}{service}",
+        ] {
+            let err = layout(&[(Scope::Service, template)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("spec.paths[0] (scope service")
+                    && err.contains("a placeholder must be a whole path segment"),
+                "{template:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn templates_of_two_scopes_that_can_name_one_path_are_refused() {
+        let cases = [
+            // Same shape: `shop/api` is service api and environment api.
+            (
+                [
+                    (Scope::Service, "{project}/{service}"),
+                    (Scope::Environment, "{project}/{environment}"),
+                ],
+                "x/x",
+            ),
+            // A fixed segment a placeholder can take: project `envs`, service `x`.
+            (
+                [
+                    (Scope::Project, "envs/{project}"),
+                    (Scope::Service, "{project}/{service}"),
+                ],
+                "envs/x",
+            ),
+            // Placeholders in another order.
+            (
+                [
+                    (Scope::Service, "{project}/{service}"),
+                    (Scope::Environment, "{environment}/{project}"),
+                ],
+                "x/x",
+            ),
+        ];
+        for (templates, example) in cases {
+            let err = layout(&templates).unwrap_err();
+            assert!(
+                matches!(&err, NameError::Overlap { first: 0, second: 1, example: e, .. } if e == example),
+                "{templates:?}: {err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.starts_with("spec.paths[0]") && text.contains("and spec.paths[1]"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn templates_told_apart_by_a_fixed_segment_or_their_length_are_accepted() {
+        layout(&[
+            (Scope::Project, "{project}"),
+            (Scope::Service, "{project}/svc/{service}"),
+            (Scope::Environment, "{project}/env/{environment}"),
+            (
+                Scope::EnvironmentService,
+                "{project}/env/{environment}/{service}",
+            ),
+        ])
+        .unwrap();
+        // Environment `svc` would make `{project}/{environment}/{service}` a service path.
+        assert!(matches!(
+            layout(&[
+                (Scope::Service, "{project}/svc/{service}"),
+                (Scope::EnvironmentService, "{project}/{environment}/{service}"),
+            ]),
+            Err(NameError::Overlap { example, .. }) if example == "x/svc/x"
+        ));
+        // A fixed segment that is no valid name cannot be taken by a placeholder.
+        layout(&[
+            (Scope::Project, "{project}/@"),
+            (Scope::Service, "{project}/{service}"),
+        ])
+        .unwrap();
         assert_eq!(
-            Layout::from_templates(&[t.clone(), t]),
-            Err(NameError::DuplicateScope(Scope::Project))
+            layout(&[]).unwrap(),
+            Layout::default(),
+            "no templates: the default layout"
+        );
+        let default: Vec<_> = Scope::ALL
+            .iter()
+            .map(|s| (*s, s.default_template()))
+            .collect();
+        assert_eq!(layout(&default).unwrap(), Layout::default());
+    }
+
+    #[test]
+    fn duplicate_scope_in_layout_is_refused() {
+        let err = layout(&[
+            (Scope::Project, "{project}"),
+            (Scope::Service, "{project}/s/{service}"),
+            (Scope::Project, "{project}/p"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err,
+            NameError::DuplicateScope {
+                index: 2,
+                first: 0,
+                scope: Scope::Project
+            }
+        );
+        assert!(
+            err.to_string()
+                .starts_with("spec.paths[2] names scope project again")
         );
     }
 

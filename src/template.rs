@@ -376,6 +376,7 @@ const FILTER_ERRORS: &[&str] = &[
     MAP_ERROR,
     ENV_NAME_ERROR,
     STRING_VALUE_ERROR,
+    NUL_ERROR,
 ];
 const URLENCODE_ERROR: &str = "urlencode expects a string or a number";
 const B64DECODE_ERROR: &str = "b64decode: the value is not valid base64";
@@ -383,6 +384,7 @@ const B64DECODE_UTF8_ERROR: &str = "b64decode: the decoded bytes are not UTF-8 t
 const MAP_ERROR: &str = "toenv and toproperties expect a map, such as `keys`";
 const ENV_NAME_ERROR: &str =
     "toenv: a key is not an environment variable name (letters, digits and '_', not first a digit)";
+const NUL_ERROR: &str = "toenv: a value holds a NUL byte, which an environment variable cannot";
 const STRING_VALUE_ERROR: &str = "toenv and toproperties expect string or number values";
 
 /// A user-facing description of `err`, never containing a value.
@@ -590,7 +592,8 @@ fn pairs(value: &Value) -> Result<Vec<(String, String)>, minijinja::Error> {
     Ok(out)
 }
 
-/// A `.env` file: `NAME=value` lines, values quoted as `scoped-secrets resolve -o env` does.
+/// A `.env` file: `NAME='value'` lines, quoted as `scoped-secrets resolve -o env` quotes them
+/// (POSIX single quotes: `set -a; . ./.env` reads every byte back as it was).
 fn toenv(value: Value) -> Result<String, minijinja::Error> {
     let mut out = String::new();
     for (name, v) in pairs(&value)? {
@@ -599,7 +602,10 @@ fn toenv(value: Value) -> Result<String, minijinja::Error> {
         if !valid {
             return Err(invalid(ENV_NAME_ERROR));
         }
-        out.push_str(&format!("{name}={}\n", crate::cli::resolve::env_quote(&v)));
+        if v.contains('\0') {
+            return Err(invalid(NUL_ERROR));
+        }
+        out.push_str(&format!("{name}={}\n", crate::cli::resolve::sh_quote(&v)));
     }
     Ok(out)
 }
@@ -811,7 +817,7 @@ mod tests {
         assert_eq!(one("{{ A | quote }}"), "' Mixed Case '");
         assert_eq!(
             one("{{ {'B': Q, 'A': A, 'N': 5} | toenv }}"),
-            "A=\" Mixed Case \"\nB=\"it's\"\nN=5\n"
+            "A=' Mixed Case '\nB='it'\\''s'\nN='5'\n"
         );
         assert_eq!(
             one("{{ {'db.url': 'jdbc:x://h/d?a=b', ' k:=': ' v#\\\\ é 😀'} | toproperties }}"),
@@ -886,7 +892,7 @@ mod tests {
             "only the listed items"
         );
         let env = out.templated[".env"].value.expose();
-        assert_eq!(env, "DB_PASSWORD=p@ss/w:rd\nDB_USER=app\n");
+        assert_eq!(env, "DB_PASSWORD='p@ss/w:rd'\nDB_USER='app'\n");
     }
 
     #[test]

@@ -290,7 +290,7 @@ async fn values_from_stdin_and_files_and_interop_with_the_bao_cli() {
     ));
     assert_eq!(
         env,
-        "FILED=\"from file\"\nFROM_BAO=yes\nPIPED=\"from stdin\"\n"
+        "FILED='from file'\nFROM_BAO='yes'\nPIPED='from stdin'\n"
     );
     let example = ok(&cli(
         &bao,
@@ -665,6 +665,425 @@ async fn rotate_generates_a_new_value_and_revoke_destroys_the_previous_one() {
         None,
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+/// The `current_version` of `secret/<path>`, read from its metadata.
+async fn current_version(bao: &OpenBao, path: &str) -> u64 {
+    let (status, meta) = bao
+        .raw(
+            "GET",
+            &format!("/v1/secret/metadata/{path}"),
+            Some(bao.root_token()),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{meta}");
+    meta["data"]["current_version"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn writes_over_a_deleted_latest_version_are_refused_unless_forced() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    bao.kv_put("shop/envs/dev", json!({"A": "1", "B": "2"}))
+        .await;
+    bao.kv_delete_latest("shop/envs/dev").await;
+    let scope = ["-p", "shop", "-e", "dev"];
+    let writes: [&[&str]; 4] = [
+        &["secret", "set", "-k", "C", "-v", "3"],
+        &["secret", "rm", "-k", "A"],
+        &["secret", "unset", "-k", "B"],
+        &["secret", "rotate", "-k", "A", "-v", "new"],
+    ];
+    for args in writes {
+        let args: Vec<&str> = args.iter().chain(&scope).copied().collect();
+        let out = cli(&bao, &root, &args, None);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        let said = text(&out);
+        for want in [
+            "latest version (1) of secret/shop/envs/dev",
+            "soft-deleted",
+            "bao kv undelete -mount=secret -versions=1 shop/envs/dev",
+            "scoped-secrets secret undelete",
+            "--force-new-version",
+        ] {
+            assert!(
+                said.contains(want),
+                "{args:?} does not say {want:?}: {said}"
+            );
+        }
+        assert_eq!(current_version(&bao, "shop/envs/dev").await, 1, "{args:?}");
+    }
+    // The scoped-secrets way back: the keys are there again, and writes work.
+    let out = ok(&cli(
+        &bao,
+        &root,
+        &["secret", "undelete", "-p", "shop", "-e", "dev"],
+        None,
+    ));
+    assert!(
+        out.contains("Undeleted version 1 of secret/shop/envs/dev"),
+        "{out}"
+    );
+    ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret", "set", "-p", "shop", "-e", "dev", "-k", "C", "-v", "3",
+        ],
+        None,
+    ));
+    assert_eq!(
+        bao.kv_get("shop/envs/dev").await,
+        json!({"A": "1", "B": "2", "C": "3"})
+    );
+    let out = cli(
+        &bao,
+        &root,
+        &["secret", "undelete", "-p", "shop", "-e", "dev"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "nothing to undelete: {}",
+        text(&out)
+    );
+
+    // Destroyed: no undelete, a rollback; --force-new-version writes only the new key.
+    bao.kv_destroy("shop/envs/dev", &[2]).await;
+    let out = cli(
+        &bao,
+        &root,
+        &[
+            "secret", "set", "-p", "shop", "-e", "dev", "-k", "D", "-v", "4",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("destroyed") && text(&out).contains("bao kv rollback -mount=secret"),
+        "{}",
+        text(&out)
+    );
+    let out = ok(&cli(
+        &bao,
+        &root,
+        &[
+            "secret",
+            "set",
+            "-p",
+            "shop",
+            "-e",
+            "dev",
+            "-k",
+            "D",
+            "-v",
+            "4",
+            "--force-new-version",
+        ],
+        None,
+    ));
+    assert!(out.contains("version 3"), "{out}");
+    assert_eq!(bao.kv_get("shop/envs/dev").await, json!({"D": "4"}));
+    // Reads of a deleted scope say so instead of showing it empty.
+    bao.kv_delete_latest("shop/envs/dev").await;
+    let out = cli(
+        &bao,
+        &root,
+        &["secret", "list", "-p", "shop", "-e", "dev"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("soft-deleted"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn owners_set_concurrently_on_different_keys_all_survive() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    let addr = bao.addr();
+    const WRITERS: usize = 10;
+    let handles: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            let (addr, root) = (addr.clone(), root.clone());
+            std::thread::spawn(move || {
+                Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+                    .args([
+                        "secret",
+                        "set",
+                        "-p",
+                        "shop",
+                        "-k",
+                        &format!("K{i}"),
+                        "-v",
+                        "x",
+                        "--owner",
+                        &format!("team-{i}"),
+                        "--expires",
+                        "2030-01-01T00:00:00Z",
+                    ])
+                    .env("VAULT_ADDR", addr)
+                    .env("VAULT_TOKEN", root)
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        ok(&h.join().unwrap());
+    }
+    let (_, meta) = bao
+        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
+        .await
+        .unwrap();
+    let custom = &meta["data"]["custom_metadata"];
+    for i in 0..WRITERS {
+        assert_eq!(
+            custom[format!("owner.K{i}")],
+            format!("team-{i}"),
+            "{custom}"
+        );
+        assert_eq!(
+            custom[format!("expires.K{i}")],
+            "2030-01-01T00:00:00Z",
+            "{custom}"
+        );
+    }
+    // `rm` drops exactly its key's owner and expiry.
+    ok(&cli(
+        &bao,
+        &root,
+        &["secret", "rm", "-p", "shop", "-k", "K0"],
+        None,
+    ));
+    let (_, meta) = bao
+        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
+        .await
+        .unwrap();
+    let custom = meta["data"]["custom_metadata"].as_object().unwrap();
+    assert!(!custom.contains_key("owner.K0") && !custom.contains_key("expires.K0"));
+    assert_eq!(custom.len(), 2 * (WRITERS - 1), "{custom:?}");
+}
+
+#[tokio::test]
+async fn owner_updates_need_the_patch_capability_and_say_so() {
+    let bao = OpenBao::start().await;
+    bao.write_policy(
+        "no-patch",
+        r#"path "secret/data/shop" { capabilities = ["create", "read", "update"] }
+           path "secret/metadata/shop" { capabilities = ["create", "read", "update"] }"#,
+    )
+    .await;
+    let token = bao.token_with_policies(&["no-patch"]).await;
+    let out = cli(
+        &bao,
+        &token,
+        &[
+            "secret", "set", "-p", "shop", "-k", "A", "-v", "1", "--owner", "alice",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("`patch` on \"secret/metadata/shop\""),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test]
+async fn rewriting_a_scope_keeps_the_json_types_of_other_keys() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    // As `bao kv put -format=json` would write it by hand.
+    let put = Command::new(bao.bin())
+        .args(["kv", "put", "-mount=secret", "shop", "-"])
+        .env("BAO_ADDR", bao.addr())
+        .env("BAO_TOKEN", &root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut put = put;
+    put.stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"PORT": 5432, "DEBUG": true, "RATIO": 0.5, "GONE": null, "NAME": "db"}"#)
+        .unwrap();
+    let put = put.wait_with_output().unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    for args in [
+        vec!["secret", "set", "-p", "shop", "-k", "NEW", "-v", "1"],
+        vec!["secret", "unset", "-p", "shop", "-k", "OTHER"],
+        vec!["secret", "rm", "-p", "shop", "-k", "NAME"],
+        vec!["secret", "rotate", "-p", "shop", "-k", "NEW", "-v", "2"],
+    ] {
+        ok(&cli(&bao, &root, &args, None));
+    }
+    assert_eq!(
+        bao.kv_get("shop").await,
+        json!({"PORT": 5432, "DEBUG": true, "RATIO": 0.5, "GONE": null, "OTHER": null, "NEW": "2"})
+    );
+    // Read as the operator reads them: their JSON text.
+    assert_eq!(
+        ok(&cli(
+            &bao,
+            &root,
+            &["secret", "get", "-p", "shop", "-k", "PORT"],
+            None
+        )),
+        "5432\n"
+    );
+    let list = ok(&cli(
+        &bao,
+        &root,
+        &["secret", "list", "-p", "shop", "--show-values"],
+        None,
+    ));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("DEBUG") && l.contains("true")),
+        "{list}"
+    );
+    assert_eq!(
+        row(&resolve_json(&bao, &["-p", "shop"]), "PORT").unwrap()["value"],
+        "5432"
+    );
+}
+
+/// Values a shell would mangle if they were not quoted right.
+const NASTY: [(&str, &str); 10] = [
+    ("QUOTES", r#"it's "quoted" \ back\slash"#),
+    ("SUBST", "$(touch pwned) ${HOME} $HOME"),
+    ("TICKS", "`id` ''"),
+    ("SPACES", "  two  spaces  "),
+    ("UNICODE", "grüße ✓ 日本"),
+    ("NEWLINES", "line 1\nline 2\n"),
+    ("CR", "a\r\nb\r"),
+    ("EMPTY", ""),
+    ("SEMI", "x; echo pwned; 'y"),
+    ("GLOB", "* ? [a-z] ~ #"),
+];
+
+#[tokio::test]
+async fn resolve_env_output_reads_back_unchanged_in_sh() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    let mut data = serde_json::Map::new();
+    for (k, v) in NASTY {
+        data.insert(k.into(), v.into());
+    }
+    bao.kv_put("shop", Value::Object(data)).await;
+    let env = ok(&cli(
+        &bao,
+        &root,
+        &["resolve", "-p", "shop", "-o", "env"],
+        None,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("env"), &env).unwrap();
+    for (k, v) in NASTY {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(". ./env; printf %s \"${k}\""))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), v, "{k} in:\n{env}");
+    }
+    assert!(!dir.path().join("pwned").exists(), "a value ran a command");
+    // A key that is no shell variable name is refused, and nothing is printed.
+    bao.kv_put("shop", json!({"db.host": "x", "OK": "y"})).await;
+    let out = cli(&bao, &root, &["resolve", "-p", "shop", "-o", "env"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(out.stdout.is_empty());
+    assert!(text(&out).contains("\"db.host\""), "{}", text(&out));
+}
+
+/// Runs the CLI against a TLS server with `--ca-cert ca` and, when given, `SSL_CERT_FILE` (which
+/// the system root store reads on Linux) set to `system_roots`.
+fn cli_tls(bao: &OpenBao, ca: &std::path::Path, system_roots: Option<&std::path::Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"));
+    cmd.args(["secret", "list", "-p", "shop", "--ca-cert"])
+        .arg(ca)
+        .env("VAULT_ADDR", bao.addr())
+        .env("VAULT_TOKEN", bao.root_token())
+        .env_remove("SSL_CERT_DIR")
+        .stdin(Stdio::null());
+    match system_roots {
+        Some(roots) => cmd.env("SSL_CERT_FILE", roots),
+        None => cmd.env_remove("SSL_CERT_FILE"),
+    };
+    cmd.output().unwrap()
+}
+
+#[tokio::test]
+async fn a_ca_bundle_replaces_the_system_roots() {
+    let bao = OpenBao::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A CA that signed nothing this server shows: the one of its previous run.
+    let unrelated = dir.path().join("unrelated-ca.pem");
+    std::fs::write(&unrelated, bao.ca_pem().unwrap()).unwrap();
+    bao.restart().await;
+    let right = bao.ca_path().unwrap();
+    assert_ne!(
+        std::fs::read_to_string(&right).unwrap(),
+        std::fs::read_to_string(&unrelated).unwrap()
+    );
+
+    let out = cli_tls(&bao, &right, None);
+    assert_eq!(out.status.code(), Some(0), "the right CA: {}", text(&out));
+    let out = cli_tls(&bao, &unrelated, None);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unrelated CA: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("failed to reach Vault"),
+        "{}",
+        text(&out)
+    );
+    // The system roots trust the server, but the bundle does not: refused. (Merged with the
+    // system roots, any public CA could vouch for the address; this stands in for one.)
+    let out = cli_tls(&bao, &unrelated, Some(&right));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("failed to reach Vault"),
+        "{}",
+        text(&out)
+    );
+    // Without a bundle the system roots decide, as before.
+    let out = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+        .args(["secret", "list", "-p", "shop"])
+        .env("VAULT_ADDR", bao.addr())
+        .env("VAULT_TOKEN", bao.root_token())
+        .env_remove("VAULT_CACERT")
+        .env("SSL_CERT_FILE", &right)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "system roots: {}", text(&out));
+    // A file without a certificate is a usage error naming the flag.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate").unwrap();
+    let out = cli_tls(&bao, &empty, None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("--ca-cert"), "{}", text(&out));
 }
 
 #[tokio::test]

@@ -691,6 +691,40 @@ async fn operator_syncs_inherited_values_repairs_drift_and_enforces_access() {
         "a Secret was written in a namespace the store does not admit"
     );
 
+    // 4b. Access covers the environment: the dev namespace asking for prod is refused and
+    // nothing is written.
+    apply_json(
+        &scoped,
+        "prod-reader",
+        json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": "prod-reader"},
+            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": store_name},
+                     "service": "api", "environment": "prod"}
+        }),
+    )
+    .await;
+    wait_for(
+        "ScopedSecret prod-reader in the dev namespace Ready=False AccessDenied",
+        Duration::from_secs(30),
+        || {
+            let scoped = scoped.clone();
+            async move {
+                let (r, why, _) = ss_status(&scoped, "prod-reader").await?;
+                if r == "False" && why == "AccessDenied" {
+                    Ok(())
+                } else {
+                    Err(format!("Ready={r} reason={why}"))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        secrets.get_opt("prod-reader").await.unwrap().is_none(),
+        "a dev namespace received a Secret of another environment"
+    );
+
     // 5. Invalid spec: an unknown store is StoreNotFound and does not stall others.
     apply_json(
         &scoped,

@@ -169,27 +169,23 @@ async fn first_sync_writes_the_inherited_secret_its_status_and_one_event() {
     assert_eq!(
         writes,
         vec![
-            "PATCH /api/v1/namespaces/shop-dev/secrets/api".to_string(),
+            // Created, never applied over a Secret someone else created meanwhile.
+            "POST /api/v1/namespaces/shop-dev/secrets".to_string(),
             "PATCH /apis/scopedsecrets.io/v1alpha1/namespaces/shop-dev/scopedsecrets/api/status"
                 .to_string(),
             "POST /apis/events.k8s.io/v1/namespaces/shop-dev/events".to_string(),
         ]
     );
-    let apply = &w.fake.writes()[0];
-    assert_eq!(
-        apply.content_type.as_deref(),
-        Some("application/apply-patch+yaml")
-    );
+    let create = &w.fake.writes()[0];
     assert!(
-        apply.query.contains("fieldManager=scoped-secrets"),
+        create.query.contains("fieldManager=scoped-secrets"),
         "{}",
-        apply.query
+        create.query
     );
     assert!(
-        apply.body.as_ref().unwrap().get("stringData").is_none(),
+        create.body.as_ref().unwrap().get("stringData").is_none(),
         "data, never stringData"
     );
-
     let secret = w.secret("shop-dev", "api").unwrap();
     let want: std::collections::BTreeMap<String, String> = [
         ("LOG_LEVEL", "debug"),
@@ -224,6 +220,28 @@ async fn first_sync_writes_the_inherited_secret_its_status_and_one_event() {
     assert!(status.content_hash.unwrap().starts_with("hmac-sha256:"));
     assert!(status.last_sync_time.is_some() && status.last_change_time.is_some());
     assert_eq!(status.observed_generation, ss.metadata.generation);
+    // Later changes are server-side applied under the same field manager.
+    w.vault.put(
+        "shop",
+        &[
+            ("LOG_LEVEL", Some("info")),
+            ("DB_HOST", Some("db2")),
+            ("FEATURE_X", Some("off")),
+        ],
+    );
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let apply = &w.fake.writes_to("secrets")[0];
+    assert_eq!(apply.method, "PATCH");
+    assert_eq!(
+        apply.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert!(
+        apply.query.contains("fieldManager=scoped-secrets"),
+        "{}",
+        apply.query
+    );
 }
 
 #[tokio::test]
@@ -414,6 +432,203 @@ async fn a_namespace_the_store_does_not_admit_gets_access_denied_and_no_vault_re
 }
 
 #[tokio::test]
+async fn a_dev_namespace_cannot_read_prod_by_setting_spec_environment() {
+    let w = world();
+    // shop-dev is labelled project=shop, environment=dev; the store's rule lists shop.
+    w.add(scoped_secret(
+        "api",
+        "shop-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "environment": "prod"}),
+    ));
+    w.vault
+        .put("shop/envs/prod", &[("DB_HOST", Some("prod-db"))]);
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "AccessDenied");
+    assert_eq!(
+        w.vault.reads(),
+        0,
+        "Vault was read for a refused environment"
+    );
+    assert!(
+        w.secret("shop-dev", "api").is_none(),
+        "a Secret was written"
+    );
+    let (status, reason, message) = condition(&w.ss("shop-dev", "api"), "Ready");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "AccessDenied")
+    );
+    assert!(message.contains("not to environment \"prod\""), "{message}");
+    assert!(
+        message.contains("environments"),
+        "names the rule field: {message}"
+    );
+
+    // The same request through a store without rules: the namespace's labels decide.
+    w.add(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
+        "metadata": {"name": "open"},
+        "spec": {
+            "address": "http://vault:8200",
+            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}}
+        }
+    }));
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["spec"]["storeRef"]["name"] = json!("open");
+    });
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "AccessDenied");
+    assert!(
+        err.to_string().contains("scopedsecrets.io/environment"),
+        "{err}"
+    );
+    assert_eq!(w.vault.reads(), 0);
+    assert!(w.secret("shop-dev", "api").is_none());
+
+    // A rule that opens the environment admits it.
+    w.add(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
+        "metadata": {"name": "open"},
+        "spec": {
+            "address": "http://vault:8200",
+            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
+            "access": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}, "projects": ["shop"], "environments": ["*"]}]
+        }
+    }));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["DB_HOST"],
+        "prod-db"
+    );
+}
+
+#[tokio::test]
+async fn retain_removes_the_owner_reference_before_a_missing_store_or_vault_outage_fails() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let owners = |w: &World| {
+        w.secret("shop-dev", "api")
+            .unwrap()
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .len()
+    };
+    assert_eq!(owners(&w), 1, "Delete: owned");
+
+    // Retain, while the store is gone: the sync fails, the owner reference goes anyway.
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["spec"]["deletionPolicy"] = json!("Retain");
+        obj["spec"]["storeRef"]["name"] = json!("gone");
+    });
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "StoreNotFound");
+    assert_eq!(
+        owners(&w),
+        0,
+        "the Secret would be garbage-collected with the ScopedSecret"
+    );
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["DB_PASSWORD"],
+        CANARY
+    );
+    let (status, reason, _) = condition(&w.ss("shop-dev", "api"), "Retained");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "OwnerReferenceRemoved")
+    );
+
+    // Back to Delete with Vault down: owned again only by a successful sync.
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["spec"]["deletionPolicy"] = json!("Delete");
+        obj["spec"]["storeRef"]["name"] = json!("vault");
+    });
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(owners(&w), 1);
+    assert!(
+        w.ss("shop-dev", "api")
+            .status
+            .clone()
+            .unwrap()
+            .conditions
+            .iter()
+            .all(|c| c.type_ != "Retained"),
+        "no Retained condition under Delete"
+    );
+    w.vault.fail_with(VaultError::Unavailable {
+        address: "http://vault:8200".into(),
+        detail: "connection refused".into(),
+    });
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["spec"]["deletionPolicy"] = json!("Retain");
+    });
+    w.fake.clear_requests();
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "VaultUnavailable");
+    assert_eq!(owners(&w), 0);
+    // The release is a metadata-only merge patch carrying the resourceVersion precondition.
+    let release = w
+        .fake
+        .writes_to("secrets")
+        .into_iter()
+        .find(|r| r.method == "PATCH")
+        .expect("a patch of the Secret");
+    let body = release.body.unwrap();
+    assert_eq!(body["metadata"].as_object().unwrap().len(), 2, "{body}");
+    assert!(body["metadata"]["resourceVersion"].is_string(), "{body}");
+    assert!(body.get("data").is_none(), "{body}");
+
+    // Once released, later reconciles of the same generation do not read the Secret for it.
+    w.fake.clear_requests();
+    let _ = w.reconcile("shop-dev", "api").await;
+    assert!(w.fake.writes_to("secrets").is_empty());
+}
+
+#[tokio::test]
+async fn a_secret_created_by_someone_else_meanwhile_is_not_taken_over() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.add(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "api", "namespace": "shop-dev"}, "data": {"mine": "eA=="}}));
+    // The operator's read comes before the other writer's create: it sees no Secret.
+    w.fake.fail_next("GET", "/secrets/api", 404);
+    let err = w.reconcile("shop-dev", "api").await.unwrap_err();
+    assert_eq!(err.category(), "SecretConflict");
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())
+            .keys()
+            .collect::<Vec<_>>(),
+        vec!["mine"],
+        "the other writer's Secret was overwritten"
+    );
+    let methods: Vec<String> = w
+        .fake
+        .writes_to("secrets")
+        .iter()
+        .map(|r| r.method.clone())
+        .collect();
+    assert_eq!(methods, vec!["POST"], "only the refused create");
+}
+
+#[tokio::test]
+async fn a_create_that_races_with_our_own_earlier_write_applies_over_it() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    w.vault.put(
+        "shop",
+        &[("LOG_LEVEL", Some("warn")), ("DB_HOST", Some("db2"))],
+    );
+    // A read that lags our own write (another replica, a cache) sees no Secret.
+    w.fake.fail_next("GET", "/secrets/api", 404);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["DB_HOST"],
+        "db2"
+    );
+}
+
+#[tokio::test]
 async fn invalid_specs_and_unknown_stores_are_reported_and_do_not_stall_others() {
     let w = world();
     w.add(scoped_secret(
@@ -528,14 +743,23 @@ async fn a_changed_force_sync_annotation_bypasses_the_cache_once() {
     });
     w.reconcile("shop-dev", "api").await.unwrap();
     w.reconcile("shop-dev", "api").await.unwrap();
+    // A restarted operator (a fresh context) does not act on the handled value again.
+    let restarted = w.context(Config::default());
+    reconcile(w.ss("shop-dev", "api"), restarted).await.unwrap();
     let ages = w.vault.max_ages();
     assert_eq!(
         ages,
         vec![
             Duration::from_secs(60),
             Duration::ZERO,
+            Duration::from_secs(60),
             Duration::from_secs(60)
         ]
+    );
+    let status = w.ss("shop-dev", "api").status.clone().unwrap();
+    assert_eq!(
+        status.force_sync_handled.as_deref(),
+        Some("2026-11-24T10:00:00Z")
     );
 }
 
@@ -565,7 +789,9 @@ async fn the_canary_value_appears_only_in_the_secret() {
             r.query,
             r.body.clone().unwrap_or_default()
         );
-        if r.path.ends_with("/secrets/api") && r.method == "PATCH" {
+        let writes_the_secret = (r.path.ends_with("/secrets/api") && r.method == "PATCH")
+            || (r.path.ends_with("/namespaces/shop-dev/secrets") && r.method == "POST");
+        if writes_the_secret {
             continue;
         }
         assert!(
@@ -619,18 +845,18 @@ async fn the_hmac_key_is_created_once_and_reused() {
 async fn a_failed_secret_write_is_a_kubernetes_error_and_keeps_status_honest() {
     let w = world();
     w.add(scoped_secret("api", "shop-dev", default_spec()));
-    w.fake.fail_next("PATCH", "/secrets/api", 500);
+    w.fake.fail_next("POST", "/secrets", 500);
     let err = w.reconcile("shop-dev", "api").await.unwrap_err();
     assert_eq!(err.category(), "KubernetesError");
     assert!(
-        err.to_string().contains("apply Secret shop-dev/api"),
+        err.to_string().contains("create Secret shop-dev/api"),
         "{err}"
     );
     assert_eq!(
         condition(&w.ss("shop-dev", "api"), "Ready").1,
         "KubernetesError"
     );
-    w.fake.fail_next("PATCH", "/secrets/api", 422);
+    w.fake.fail_next("POST", "/secrets", 422);
     let err = w.reconcile("shop-dev", "api").await.unwrap_err();
     assert_eq!(
         err.category(),
@@ -655,7 +881,7 @@ async fn reconciles_and_writes_are_counted_by_fixed_labels() {
     for want in [
         r#"scoped_secrets_reconciles_total{result="success"} 2"#,
         r#"scoped_secrets_reconciles_total{result="VaultUnavailable"} 1"#,
-        r#"scoped_secrets_api_writes_total{kind="secret_apply"} 1"#,
+        r#"scoped_secrets_api_writes_total{kind="secret_create"} 1"#,
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }

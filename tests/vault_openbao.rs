@@ -587,7 +587,11 @@ async fn old_versions_are_read_with_their_time_and_deleted_ones_are_marked() {
     bao.kv_delete_versions("shop", &[1]).await;
     let reader = VaultReader::new(fake_with_token(bao.root_token()).client());
     let s = store(&bao.addr(), token_plan());
-    let v2 = reader.read_version(&s, "shop", 2).await.unwrap().unwrap();
+    let v2 = reader
+        .read_version(&s, "shop", 2, LONG)
+        .await
+        .unwrap()
+        .unwrap();
     let entries = v2.entries.unwrap();
     assert!(matches!(entries.get("K"), Some(Entry::Value(v)) if v.expose() == "v2"));
     let age = jiff::Timestamp::now().as_second() - v2.created.as_second();
@@ -596,9 +600,19 @@ async fn old_versions_are_read_with_their_time_and_deleted_ones_are_marked() {
         "created_time parsed: {}",
         v2.created
     );
-    let v1 = reader.read_version(&s, "shop", 1).await.unwrap().unwrap();
+    let v1 = reader
+        .read_version(&s, "shop", 1, LONG)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(v1.entries.is_none(), "a deleted version has no entries");
-    assert!(reader.read_version(&s, "shop", 9).await.unwrap().is_none());
+    assert!(
+        reader
+            .read_version(&s, "shop", 9, LONG)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]

@@ -89,14 +89,18 @@ pub struct ScopedSecretSpec {
     /// Which workloads restart when the Secret's content changes: `Auto` (default: every
     /// Deployment, StatefulSet and DaemonSet of the namespace whose pods reference the Secret),
     /// `Explicit`, `Selector` or `None`. A workload restarts only when a key it reads changed,
-    /// never on the first sync. Not yet built: coalescing, a restart budget, a breaker for
-    /// flapping values, Argo Rollouts.
+    /// never on the first sync. Restarts owed to one workload within the coalescing window
+    /// make one rollout, a cluster-wide budget paces them, and a breaker pauses restarts from
+    /// a value that keeps changing; Argo Rollouts are consumers too where the cluster serves
+    /// them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
 
     /// What happens to the Secret when this ScopedSecret is deleted: `Delete` (default; the
-    /// Secret is garbage-collected through its owner reference) or `Retain` (the Secret stays,
-    /// its owner reference is removed).
+    /// Secret is garbage-collected through its owner reference) or `Retain` (the Secret stays:
+    /// its owner reference is removed first on every reconcile, before the store or Vault
+    /// are read, so it holds even while the store is missing or Vault is down — condition
+    /// `Retained`).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
@@ -322,7 +326,9 @@ pub struct ScopedSecretStatus {
     pub observed_generation: Option<i64>,
     /// `Ready` and `Synced`, with a reason: `Synced`, `VaultUnavailable`,
     /// `VaultPermissionDenied`, `AccessDenied`, `InvalidSpec`, `StoreNotFound`,
-    /// `ScopeDeleted`, `EmptyResult`, `InvalidTemplate`, `KubernetesError`.
+    /// `ScopeDeleted`, `EmptyResult`, `InvalidTemplate`, `KubernetesError`. Also
+    /// `KeysExpiring`, `RolloutsPaused` and, under `deletionPolicy: Retain`, `Retained` (the
+    /// Secret carries no owner reference and survives the ScopedSecret's deletion).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Name of the Secret written.
@@ -345,6 +351,12 @@ pub struct ScopedSecretStatus {
     /// The workloads the last content change restarted or skipped, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollouts: Vec<RolloutStatus>,
+    /// The value of the annotation `scopedsecrets.io/force-sync` the operator last acted on.
+    /// A different value forces one uncached read of Vault (and a `revoke-…` value an
+    /// immediate restart of the consumers); kept here so that an operator restart does not
+    /// act on an old value again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_sync_handled: Option<String>,
 }
 
 /// What the last content change did to one workload.
@@ -413,8 +425,8 @@ pub struct StoreConnection {
     /// Vault address, e.g. `https://vault.vault.svc:8200`.
     #[schemars(regex(pattern = r"^https?://[^\s/]+(/.*)?$"))]
     pub address: String,
-    /// PEM-encoded CA certificates that sign Vault's TLS certificate. Default: the system
-    /// roots.
+    /// PEM-encoded CA certificates that sign Vault's TLS certificate. Only these are trusted:
+    /// they replace the system roots. Default: the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<String>,
     /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
@@ -427,7 +439,9 @@ pub struct StoreConnection {
     /// `{project}`, `{environment}`, `{service}`. Default: `{project}`,
     /// `{project}/services/{service}`, `{project}/envs/{environment}`,
     /// `{project}/envs/{environment}/services/{service}`. A scope whose template needs a
-    /// missing environment is skipped.
+    /// missing environment is skipped. Each placeholder is a whole path segment, used once
+    /// (`{project}/{service}`, not `{project}-{service}`), and no two templates may be able to
+    /// produce the same path: give them a fixed segment that tells them apart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathTemplate>,
     /// How the operator logs in to Vault. Exactly one method.
@@ -590,6 +604,15 @@ pub struct AccessRule {
     /// Projects those namespaces may read. `*` admits every project.
     #[schemars(length(min = 1))]
     pub projects: Vec<String>,
+    /// Environments those namespaces may read. `*` admits every environment. Omitted: only
+    /// the environment named by the namespace's own label `scopedsecrets.io/environment` —
+    /// none when it has no such label (a ScopedSecret without an environment, which reads
+    /// only the `project` and `service` scopes, is always admitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environments: Option<Vec<String>>,
+    /// Services those namespaces may read. `*` admits every service. Omitted: every service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<String>>,
 }
 
 /// A Vault connection usable by ScopedSecrets of its own namespace.
@@ -626,8 +649,11 @@ pub struct ClusterVaultStoreSpec {
     #[serde(flatten)]
     pub connection: StoreConnection,
     /// Who may use this store: each rule admits the namespaces its selector matches to the
-    /// projects it lists. Omitted: a namespace may read only the project named by its own
-    /// label `scopedsecrets.io/project`.
+    /// projects, environments and services it lists; a request is served only when one rule
+    /// selecting its namespace admits its project, environment and service together.
+    /// Omitted: a namespace may read only the project named by its own label
+    /// `scopedsecrets.io/project` and, when it has the label `scopedsecrets.io/environment`,
+    /// only that environment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub access: Vec<AccessRule>,
 }

@@ -1,9 +1,11 @@
-//! The commands for application teams: `secret set|rm|unset|list|get` and `resolve`. They
-//! talk to Vault only and share the operator's scope layout, KV reading and resolution — one
+//! The commands for application teams: `secret set|rm|unset|list|get`, `resolve` and
+//! `render`. They talk to Vault only and share the operator's scope layout, KV reading and resolution — one
 //! implementation of inheritance, not two.
 //!
 //! Exit codes: 0 ok, 1 usage or validation error (nothing was changed), 2 Vault error.
 
+pub mod preview;
+pub mod render;
 pub mod resolve;
 pub mod secret;
 
@@ -62,7 +64,8 @@ pub struct VaultArgs {
         global = true
     )]
     pub vault_namespace: Option<String>,
-    /// PEM file of the CA that signs Vault's certificate.
+    /// PEM file of the CAs that sign Vault's certificate; only they are trusted (the system
+    /// roots are not).
     #[arg(long, env = "VAULT_CACERT", global = true)]
     pub ca_cert: Option<std::path::PathBuf>,
 }
@@ -83,9 +86,21 @@ impl VaultArgs {
             .or_else(|| std::env::var("BAO_TOKEN").ok())
             .ok_or_else(|| CliError::Usage("no Vault token: set VAULT_TOKEN or --token".into()))?;
         let ca = match &self.ca_cert {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                CliError::Usage(format!("failed to read --ca-cert {}: {e}", path.display()))
-            })?),
+            Some(path) => {
+                let pem = std::fs::read_to_string(path).map_err(|e| {
+                    CliError::Usage(format!("failed to read --ca-cert {}: {e}", path.display()))
+                })?;
+                // Only these CAs are trusted (not the system roots): say so when there are none.
+                if reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                    .map_or(true, |certs| certs.is_empty())
+                {
+                    return Err(CliError::Usage(format!(
+                        "--ca-cert {} holds no PEM certificate",
+                        path.display()
+                    )));
+                }
+                Some(pem)
+            }
             None => None,
         };
         Ok(build_client(

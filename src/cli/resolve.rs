@@ -21,7 +21,7 @@ pub enum Output {
     Json,
     /// The same list as YAML.
     Yaml,
-    /// `KEY=value` lines for a local `.env` file (prints values).
+    /// `KEY='value'` lines that `sh` reads back unchanged (`set -a; . ./.env`); prints values.
     Env,
 }
 
@@ -95,20 +95,60 @@ pub fn output_rows(output: &template::Output, show: bool) -> Vec<Row> {
     out
 }
 
-/// Quotes a value for a `.env` line when it needs it.
-pub fn env_quote(v: &str) -> String {
-    let plain = !v.is_empty()
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:@+,=%".contains(c));
-    if plain {
-        return v.to_string();
+/// Whether `key` can be a shell variable: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_shell_name(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Quotes a value for `sh`: between single quotes every byte is literal — `$`, backticks,
+/// backslashes, newlines and carriage returns included —, and a `'` is written as `'\''`
+/// (close the quote, an escaped quote, open it again).
+pub fn sh_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// The `-o env` text: one `KEY='value'` line per key (`KEY=` with `keys_only`), safe to
+/// `source`: refused, naming the keys, when a key is not a shell variable name or a value holds
+/// a NUL byte (a shell variable cannot) — nothing is printed then.
+pub fn env_file(resolved: &Resolved, keys_only: bool) -> Result<String, CliError> {
+    let pairs: Vec<(&str, &str)> = resolved
+        .iter()
+        .map(|(k, r)| (k.as_str(), r.value.expose()))
+        .collect();
+    env_text(&pairs, keys_only)
+}
+
+/// [`env_file`] of any keys and values (`resolve -f`: resolved and templated keys).
+pub fn env_text(pairs: &[(&str, &str)], keys_only: bool) -> Result<String, CliError> {
+    let bad: Vec<&str> = pairs
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|k| !is_shell_name(k))
+        .collect();
+    if !bad.is_empty() {
+        return Err(CliError::Usage(format!(
+            "-o env writes shell variables, and {bad:?} {} not a shell variable name (letters, digits and '_', not starting with a digit): use -o json",
+            if bad.len() == 1 { "is" } else { "are" }
+        )));
     }
-    let escaped = v
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('$', "\\$")
-        .replace('\n', "\\n");
-    format!("\"{escaped}\"")
+    let mut out = String::new();
+    for (k, value) in pairs {
+        if keys_only {
+            out.push_str(&format!("{k}=\n"));
+            continue;
+        }
+        if value.contains('\0') {
+            return Err(CliError::Usage(format!(
+                "the value of {k} holds a NUL byte, which a shell variable cannot: use -o json"
+            )));
+        }
+        out.push_str(&format!("{k}={}\n", sh_quote(value)));
+    }
+    Ok(out)
 }
 
 /// A scope with the names that select it, e.g. `environment-service (shop / dev / api)`.
@@ -231,15 +271,7 @@ pub async fn run(args: ResolveArgs, vault: &VaultArgs) -> Result<(), CliError> {
             "{}",
             serde_yaml::to_string(&rows(&resolved, args.show_values)).expect("rows serialise")
         ),
-        Output::Env => {
-            for (k, r) in &resolved {
-                if args.keys_only {
-                    println!("{k}=");
-                } else {
-                    println!("{k}={}", env_quote(r.value.expose()));
-                }
-            }
-        }
+        Output::Env => print!("{}", env_file(&resolved, args.keys_only)?),
     }
     Ok(())
 }
@@ -365,14 +397,14 @@ async fn run_file(
         ),
         Output::Yaml => print!("{}", serde_yaml::to_string(&rows).expect("rows serialise")),
         Output::Env => {
-            let data = output.secret_data();
-            for (k, v) in &data {
-                if args.keys_only {
-                    println!("{k}=");
-                } else {
-                    println!("{k}={}", env_quote(&String::from_utf8_lossy(&v.0)));
-                }
-            }
+            let data: Vec<(String, String)> = output
+                .secret_data()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .collect();
+            let pairs: Vec<(&str, &str)> =
+                data.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            print!("{}", env_text(&pairs, args.keys_only)?);
         }
     }
     Ok(())
@@ -555,11 +587,48 @@ mod tests {
         assert!(Cmd::try_parse_from(["resolve", "-e", "dev"]).is_err());
     }
 
+    fn one_key(key: &str, value: &str) -> Resolved {
+        resolve(&[ScopeData {
+            scope: Scope::Project,
+            path: "shop".into(),
+            version: Some(1),
+            entries: [(key.to_string(), Entry::Value(SecretValue::new(value)))].into(),
+            custom_metadata: Default::default(),
+        }])
+    }
+
     #[test]
-    fn env_values_are_quoted_when_needed() {
-        assert_eq!(env_quote("abc-1.2"), "abc-1.2");
-        assert_eq!(env_quote("a b"), "\"a b\"");
-        assert_eq!(env_quote("x\"$y\n"), "\"x\\\"\\$y\\n\"");
-        assert_eq!(env_quote(""), "\"\"");
+    fn env_values_are_single_quoted_with_quotes_escaped() {
+        assert_eq!(sh_quote("abc-1.2"), "'abc-1.2'");
+        assert_eq!(sh_quote(""), "''");
+        assert_eq!(sh_quote("it's $(x) `y`"), r"'it'\''s $(x) `y`'");
+        assert_eq!(sh_quote("a\nb\r"), "'a\nb\r'");
+        assert_eq!(
+            env_file(&one_key("DB_URL", "p'w"), false).unwrap(),
+            "DB_URL='p'\\''w'\n"
+        );
+        assert_eq!(
+            env_file(&one_key("DB_URL", "x"), true).unwrap(),
+            "DB_URL=\n"
+        );
+    }
+
+    #[test]
+    fn env_refuses_keys_that_are_no_shell_variable_and_nul_bytes() {
+        for key in ["db.host", "1ST", "A-B", "X;rm"] {
+            let err = env_file(&one_key(key, "v"), false).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{key:?}")) && err.contains("-o json"),
+                "{err}"
+            );
+            assert!(env_file(&one_key(key, "v"), true).is_err(), "{key}");
+        }
+        for key in ["A", "_a1", "DB_HOST"] {
+            assert!(is_shell_name(key), "{key}");
+        }
+        let err = env_file(&one_key("K", "a\0b"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NUL") && !err.contains("a\0b"), "{err}");
     }
 }

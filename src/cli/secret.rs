@@ -2,19 +2,27 @@
 //!
 //! Owner and expiry of a key live in the scope's KV v2 custom metadata as `owner.<KEY>` and
 //! `expires.<KEY>` (RFC 3339), so they survive new versions and are visible to `bao kv metadata
-//! get`.
+//! get`. KV v2 has no check-and-set on metadata, so they are changed with a JSON merge patch
+//! (`PATCH <mount>/metadata/<path>`): the server merges the keys under its own lock, and two
+//! people setting owners of different keys at once both keep theirs.
 //!
 //! Writes replace the scope's whole KV v2 secret with check-and-set on the version read, and
 //! read again and retry when someone else wrote in between — two people editing one scope never
-//! lose each other's write.
+//! lose each other's write. The keys a command does not touch are written back as the JSON
+//! they were (a number stays a number). A scope whose latest version is deleted or destroyed is
+//! not written over unless asked (`--force-new-version`): the new version would hold only the
+//! key written, and every Secret reading the scope would lose the others.
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 
 use clap::Subcommand;
 use serde_json::{Map, Value};
-use vaultrs::api::kv2::requests::SetSecretRequestOptions;
+use vaultrs::api::kv2::requests::{
+    ReadSecretMetadataRequest, ReadSecretRequest, SetSecretRequestOptions,
+};
 use vaultrs::client::VaultClient;
+use vaultrs::error::ClientError;
 
 use super::{CliError, ScopeArgs, VaultArgs, check_key};
 use crate::resolve::{Entry, MAX_SECRET_BYTES};
@@ -47,6 +55,8 @@ pub enum SecretCommand {
         /// stored as KV v2 custom metadata `expires.<KEY>`.
         #[arg(long)]
         expires: Option<String>,
+        #[command(flatten)]
+        force: ForceNewVersion,
     },
     /// Remove KEY from this scope: an inherited value shows again.
     Rm {
@@ -54,6 +64,8 @@ pub enum SecretCommand {
         scope: ScopeArgs,
         #[arg(short, long)]
         key: String,
+        #[command(flatten)]
+        force: ForceNewVersion,
     },
     /// Write a tombstone for KEY at this scope: an inherited value is hidden here.
     Unset {
@@ -61,6 +73,14 @@ pub enum SecretCommand {
         scope: ScopeArgs,
         #[arg(short, long)]
         key: String,
+        #[command(flatten)]
+        force: ForceNewVersion,
+    },
+    /// Undelete the scope's latest KV version when it was soft-deleted (`bao kv delete`), so
+    /// its keys are read — and can be changed — again.
+    Undelete {
+        #[command(flatten)]
+        scope: ScopeArgs,
     },
     /// The keys set at exactly this scope (values masked unless --show-values).
     List {
@@ -93,6 +113,8 @@ pub enum SecretCommand {
         /// The overlap of the ScopedSecrets' rotation rules, to print when the old value goes.
         #[arg(long, default_value = "24h")]
         overlap: String,
+        #[command(flatten)]
+        force: ForceNewVersion,
     },
     /// Revoke KEY's previous value at once: destroy the earlier KV versions that hold it, so it
     /// leaves every overlap window on the next sync. Then force that sync (see the output).
@@ -102,6 +124,16 @@ pub enum SecretCommand {
         #[arg(short, long)]
         key: String,
     },
+}
+
+/// `--force-new-version`, shared by the commands that write a new version.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct ForceNewVersion {
+    /// Write a new version even when the scope's latest version is deleted or destroyed. The
+    /// new version holds only what this command writes (the deleted keys stay deleted), and
+    /// every Secret reading the scope loses the other keys on its next sync.
+    #[arg(long = "force-new-version")]
+    pub force_new_version: bool,
 }
 
 fn kv<'a>(client: &'a VaultClient, vault: &'a VaultArgs, address: &'a str) -> Kv<'a> {
@@ -115,53 +147,156 @@ fn kv<'a>(client: &'a VaultClient, vault: &'a VaultArgs, address: &'a str) -> Kv
     }
 }
 
-/// The scope's current entries as KV JSON and the version to check-and-set against.
-async fn read_raw(
+/// What a scope's latest version holds.
+enum Current {
+    /// Its entries as written (raw JSON per key: a string, `null` for a tombstone, or a
+    /// number or boolean written by hand) and the version to check-and-set against (0: none).
+    Live {
+        entries: Map<String, Value>,
+        version: u64,
+    },
+    /// The latest version was deleted or destroyed.
+    Deleted { version: u64, state: &'static str },
+}
+
+/// Reads the scope's latest version as raw JSON (the operator's reader turns every value into
+/// text; a rewrite must not).
+async fn read_raw(kv: &Kv<'_>, scope: Scope, path: &str) -> Result<Current, CliError> {
+    // A path written between our 404 and the reader's second look is read again.
+    for _ in 0..3 {
+        let endpoint = ReadSecretRequest::builder()
+            .mount(kv.mount)
+            .path(path)
+            .build()
+            .expect("mount and path are set");
+        let result = with_timeout(
+            kv.timeout,
+            kv.address,
+            vaultrs::api::exec_with_result(kv.client, endpoint),
+        )
+        .await?;
+        match result {
+            Ok(response) => {
+                let entries = match response.data {
+                    Value::Object(map) => map,
+                    _ => Map::new(),
+                };
+                return Ok(Current::Live {
+                    entries,
+                    version: response.metadata.version,
+                });
+            }
+            // No secret, or a deleted latest version: the shared reader tells them apart.
+            Err(e) if status_code(&e) == Some(404) => {
+                let p = ScopePath {
+                    scope,
+                    path: path.to_string(),
+                };
+                match kv.read_scope(&p).await {
+                    Ok(data) if data.version.is_none() => {
+                        return Ok(Current::Live {
+                            entries: Map::new(),
+                            version: 0,
+                        });
+                    }
+                    Ok(_) => continue,
+                    Err(VaultError::ScopeDeleted { version, state, .. }) => {
+                        return Ok(Current::Deleted { version, state });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(read_error(kv.address, kv.mount, kv.method, path, e).into()),
+        }
+    }
+    Err(CliError::Vault(VaultError::Unavailable {
+        address: kv.address.to_string(),
+        detail: format!(
+            "{}/data/{path} kept changing while being read; try again",
+            kv.mount
+        ),
+    }))
+}
+
+/// The entries of a scope that is read, not written: a deleted latest version is the Vault
+/// error the operator reports too.
+async fn read_entries(
     kv: &Kv<'_>,
     scope: Scope,
     path: &str,
 ) -> Result<(Map<String, Value>, u64), CliError> {
-    let p = ScopePath {
-        scope,
-        path: path.to_string(),
-    };
-    match kv.read_scope(&p).await {
-        Ok(data) => Ok((
-            data.entries
-                .into_iter()
-                .map(|(k, e)| {
-                    let v = match e {
-                        Entry::Value(v) => Value::String(v.expose().to_string()),
-                        Entry::Tombstone => Value::Null,
-                    };
-                    (k, v)
-                })
-                .collect(),
-            data.version.unwrap_or(0),
-        )),
-        // A deleted latest version: writing a new version on top of it is the fix.
-        Err(VaultError::ScopeDeleted { version, .. }) => Ok((Map::new(), version)),
-        Err(e) => Err(e.into()),
+    match read_raw(kv, scope, path).await? {
+        Current::Live { entries, version } => Ok((entries, version)),
+        Current::Deleted { version, state } => Err(CliError::Vault(VaultError::ScopeDeleted {
+            mount: kv.mount.to_string(),
+            path: path.to_string(),
+            version,
+            state,
+        })),
     }
+}
+
+/// Why a write over a deleted latest version is refused, and the ways out.
+fn deleted_refusal(mount: &str, path: &str, version: u64, state: &str, at: &str) -> CliError {
+    let restore = if state == "soft-deleted" {
+        format!(
+            "undelete it first (`scoped-secrets secret undelete` with the same scope flags, or `bao kv undelete -mount={mount} -versions={version} {path}`) and run this again"
+        )
+    } else {
+        format!(
+            "a destroyed version cannot be undeleted: bring back an earlier one with `bao kv rollback -mount={mount} -version=N {path}` (`bao kv metadata get -mount={mount} {path}` lists them) and run this again"
+        )
+    };
+    CliError::Usage(format!(
+        "the latest version ({version}) of {mount}/{path} ({at}) is {state}: a new version now would hold only what this command writes, and every Secret reading this scope would lose its other keys. To keep them, {restore}; to write a new version anyway, add --force-new-version"
+    ))
+}
+
+/// The size a scope's entries take in a Secret: non-string values count as their JSON text.
+fn entries_size(entries: &Map<String, Value>) -> usize {
+    entries
+        .iter()
+        .map(|(k, v)| {
+            k.len()
+                + match v {
+                    Value::Null => 0,
+                    Value::String(s) => s.len(),
+                    other => other.to_string().len(),
+                }
+        })
+        .sum()
+}
+
+/// Where and how a command writes: the scope, its path, a label for messages, and whether a
+/// deleted latest version may be written over.
+struct Target<'a> {
+    scope: Scope,
+    path: &'a str,
+    at: &'a str,
+    force_new_version: bool,
 }
 
 /// Applies `edit` to the scope's entries and writes them with check-and-set, retrying lost
 /// races. `edit` returns false when there is nothing to write. Returns the new version.
 async fn update(
     kv: &Kv<'_>,
-    scope: Scope,
-    path: &str,
+    target: &Target<'_>,
     mut edit: impl FnMut(&mut Map<String, Value>) -> Result<bool, CliError>,
 ) -> Result<Option<u64>, CliError> {
+    let path = target.path;
     for _ in 0..CAS_ATTEMPTS {
-        let (mut entries, version) = read_raw(kv, scope, path).await?;
+        let (mut entries, version) = match read_raw(kv, target.scope, path).await? {
+            Current::Live { entries, version } => (entries, version),
+            // Check-and-set against the deleted version: the new one goes on top of it.
+            Current::Deleted { version, .. } if target.force_new_version => (Map::new(), version),
+            Current::Deleted { version, state } => {
+                return Err(deleted_refusal(kv.mount, path, version, state, target.at));
+            }
+        };
         if !edit(&mut entries)? {
             return Ok(None);
         }
-        let size: usize = entries
-            .iter()
-            .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
-            .sum();
+        let size = entries_size(&entries);
         if size > MAX_SECRET_BYTES {
             return Err(CliError::Usage(format!(
                 "the scope would hold {size} bytes, over the 1 MiB limit of a Kubernetes Secret"
@@ -370,20 +505,71 @@ async fn custom_metadata(
     }
 }
 
-async fn write_custom_metadata(
+/// Merges `changes` into the custom metadata of `path` on the server: a JSON merge patch of
+/// `<mount>/metadata/<path>` (a `null` removes a key). Vault and OpenBao apply it under the
+/// path's lock, so concurrent patches of different keys all survive — a read, merge and write
+/// here would lose one of them, and metadata writes have no check-and-set.
+async fn patch_custom_metadata(
     kv: &Kv<'_>,
     path: &str,
-    meta: std::collections::HashMap<String, String>,
+    changes: Map<String, Value>,
 ) -> Result<(), CliError> {
-    let mut req = vaultrs::api::kv2::requests::SetSecretMetadataRequest::builder();
-    req.custom_metadata(meta);
-    with_timeout(
-        kv.timeout,
-        kv.address,
-        vaultrs::kv2::set_metadata(kv.client, kv.mount, path, Some(&mut req)),
-    )
-    .await?
-    .map_err(|e| read_error(kv.address, kv.mount, kv.method, path, e).into())
+    use reqwest::header::{CONTENT_TYPE, HeaderValue};
+    use rustify::client::Client as _;
+    use rustify::endpoint::MiddleWare as _;
+    // vaultrs has no endpoint for this PATCH, and rustify sets no Content-Type (Vault answers
+    // 415 without `application/merge-patch+json`): build the request here, with the client's
+    // own middleware adding the API prefix, token and Vault namespace.
+    let body = serde_json::to_vec(&serde_json::json!({ "custom_metadata": changes }))
+        .expect("a JSON object serialises");
+    let map_err = |e: rustify::errors::ClientError| ClientError::RestClientError { source: e };
+    let request = (|| {
+        let mut req = rustify::http::build_request(
+            kv.client.http.base(),
+            &format!("{}/metadata/{path}", kv.mount),
+            rustify::enums::RequestMethod::PATCH,
+            None,
+            Some(body),
+        )?;
+        // The middleware only needs an endpoint for its type; it does not read it.
+        let endpoint = ReadSecretMetadataRequest::builder()
+            .mount(kv.mount)
+            .path(path)
+            .build()
+            .expect("mount and path are set");
+        kv.client.middle.request(&endpoint, &mut req)?;
+        req.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/merge-patch+json"),
+        );
+        Ok(req)
+    })()
+    .map_err(map_err);
+    let result = match request {
+        Ok(req) => with_timeout(kv.timeout, kv.address, kv.client.http.execute(req))
+            .await?
+            .map(drop)
+            .map_err(map_err),
+        Err(e) => Err(e),
+    };
+    result.map_err(|e| {
+        let mount = kv.mount;
+        match status_code(&e) {
+            Some(403) => CliError::Vault(VaultError::AuthFailed {
+                method: "token",
+                detail: format!(
+                    "Vault denied patching {mount}/metadata/{path} (403): owner and expiry are merged into the scope's custom metadata, so the token's policy needs `patch` on \"{mount}/metadata/{path}\""
+                ),
+            }),
+            Some(405) => CliError::Vault(VaultError::Unavailable {
+                address: kv.address.to_string(),
+                detail: format!(
+                    "{mount}/metadata/{path} does not accept PATCH (405): owner and expiry need KV v2 metadata patching (Vault 1.9 or later, OpenBao)"
+                ),
+            }),
+            _ => read_error(kv.address, mount, kv.method, path, e).into(),
+        }
+    })
 }
 
 async fn set_key_metadata(
@@ -393,27 +579,28 @@ async fn set_key_metadata(
     owner: Option<&str>,
     expires: Option<&str>,
 ) -> Result<(), CliError> {
-    let mut meta = custom_metadata(kv, path).await?;
+    let mut changes = Map::new();
     if let Some(o) = owner {
-        meta.insert(format!("owner.{key}"), o.to_string());
+        changes.insert(format!("owner.{key}"), o.into());
     }
     if let Some(e) = expires {
-        meta.insert(format!("expires.{key}"), e.to_string());
+        changes.insert(format!("expires.{key}"), e.into());
     }
-    write_custom_metadata(kv, path, meta).await
+    patch_custom_metadata(kv, path, changes).await
 }
 
 async fn drop_key_metadata(kv: &Kv<'_>, path: &str, key: &str) -> Result<(), CliError> {
-    let mut meta = custom_metadata(kv, path).await?;
-    let before = meta.len();
-    meta.retain(|k, _| k != &format!("owner.{key}") && k != &format!("expires.{key}"));
-    if meta.len() == before {
+    let names = [format!("owner.{key}"), format!("expires.{key}")];
+    let meta = custom_metadata(kv, path).await?;
+    // Most keys have neither: no patch, and no `patch` capability needed for a plain `rm`.
+    if !names.iter().any(|n| meta.contains_key(n)) {
         return Ok(());
     }
-    write_custom_metadata(kv, path, meta).await
+    let changes = names.into_iter().map(|n| (n, Value::Null)).collect();
+    patch_custom_metadata(kv, path, changes).await
 }
 
-fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<String, CliError> {
+pub(crate) fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<String, CliError> {
     if let Some(v) = value {
         return Ok(v);
     }
@@ -445,14 +632,21 @@ fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result<String, Cl
 /// Runs one `secret` command, printing to stdout.
 pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> {
     // Validate everything before talking to Vault: bad input changes nothing.
-    let (scope_args, key) = match &cmd {
-        SecretCommand::Set { scope, key, .. }
-        | SecretCommand::Rm { scope, key }
-        | SecretCommand::Unset { scope, key }
-        | SecretCommand::Get { scope, key }
-        | SecretCommand::Rotate { scope, key, .. }
-        | SecretCommand::Revoke { scope, key } => (scope, Some(key.clone())),
-        SecretCommand::List { scope, .. } => (scope, None),
+    let (scope_args, key, force) = match &cmd {
+        SecretCommand::Set {
+            scope, key, force, ..
+        }
+        | SecretCommand::Rm { scope, key, force }
+        | SecretCommand::Unset { scope, key, force }
+        | SecretCommand::Rotate {
+            scope, key, force, ..
+        } => (scope, Some(key.clone()), force.force_new_version),
+        SecretCommand::Get { scope, key } | SecretCommand::Revoke { scope, key } => {
+            (scope, Some(key.clone()), false)
+        }
+        SecretCommand::List { scope, .. } | SecretCommand::Undelete { scope } => {
+            (scope, None, false)
+        }
     };
     let (scope, path) = scope_args.scope_path()?;
     if let Some(k) = &key {
@@ -462,6 +656,12 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
     let address = vault.address();
     let client = vault.client()?;
     let kv = kv(&client, vault, &address);
+    let target = Target {
+        scope,
+        path: &path,
+        at: &at,
+        force_new_version: force,
+    };
     match cmd {
         SecretCommand::Set {
             key,
@@ -479,7 +679,7 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                     value.len()
                 )));
             }
-            let version = update(&kv, scope, &path, |e| {
+            let version = update(&kv, &target, |e| {
                 e.insert(key.clone(), Value::String(value.clone()));
                 Ok(true)
             })
@@ -490,7 +690,7 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
             println!("Set {key} at {at}, version {}", version.unwrap_or_default());
         }
         SecretCommand::Rm { key, .. } => {
-            let version = update(&kv, scope, &path, |e| Ok(e.remove(&key).is_some())).await?;
+            let version = update(&kv, &target, |e| Ok(e.remove(&key).is_some())).await?;
             match version {
                 Some(v) => {
                     drop_key_metadata(&kv, &path, &key).await?;
@@ -504,7 +704,7 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
             }
         }
         SecretCommand::Unset { key, .. } => {
-            let version = update(&kv, scope, &path, |e| {
+            let version = update(&kv, &target, |e| {
                 Ok(e.insert(key.clone(), Value::Null) != Some(Value::Null))
             })
             .await?;
@@ -516,7 +716,7 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
             }
         }
         SecretCommand::List { show_values, .. } => {
-            let (entries, version) = read_raw(&kv, scope, &path).await?;
+            let (entries, version) = read_entries(&kv, scope, &path).await?;
             if entries.is_empty() {
                 eprintln!("nothing is set at {at} ({}/{path})", vault.mount);
                 return Ok(());
@@ -527,8 +727,10 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 .values()
                 .map(|v| match v {
                     Value::Null => "<unset>".to_string(),
-                    Value::String(s) if show_values => s.clone(),
-                    _ => "****".to_string(),
+                    _ if !show_values => "****".to_string(),
+                    Value::String(s) => s.clone(),
+                    // A number or boolean written by hand: its JSON text, as the Secret holds it.
+                    other => other.to_string(),
                 })
                 .collect();
             let vw = shown.iter().map(String::len).max().unwrap_or(5).max(5);
@@ -561,7 +763,7 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 }
                 None => read_value(value, value_file)?,
             };
-            let version = update(&kv, scope, &path, |e| {
+            let version = update(&kv, &target, |e| {
                 let previous = e.insert(key.clone(), Value::String(value.clone()));
                 if previous.as_ref().and_then(Value::as_str) == Some(value.as_str()) {
                     return Err(CliError::Usage(format!(
@@ -632,16 +834,54 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
             }
         }
         SecretCommand::Get { key, .. } => {
-            let (entries, _) = read_raw(&kv, scope, &path).await?;
+            let (entries, _) = read_entries(&kv, scope, &path).await?;
             match entries.get(&key) {
                 Some(Value::String(s)) => println!("{s}"),
-                Some(_) => {
+                Some(Value::Null) => {
                     return Err(CliError::Usage(format!(
                         "{key} is unset (a tombstone) at {at}"
                     )));
                 }
+                Some(other) => println!("{other}"),
                 None => return Err(CliError::Usage(format!("{key} is not set at {at}"))),
             }
+        }
+        SecretCommand::Undelete { .. } => {
+            let mount = &vault.mount;
+            let (version, state) = match read_raw(&kv, scope, &path).await? {
+                Current::Deleted { version, state } => (version, state),
+                Current::Live { version: 0, .. } => {
+                    return Err(CliError::Usage(format!(
+                        "nothing to undelete: {mount}/{path} ({at}) has no versions"
+                    )));
+                }
+                Current::Live { version, .. } => {
+                    return Err(CliError::Usage(format!(
+                        "nothing to undelete: the latest version ({version}) of {mount}/{path} ({at}) is readable"
+                    )));
+                }
+            };
+            if state != "soft-deleted" {
+                return Err(CliError::Usage(format!(
+                    "the latest version ({version}) of {mount}/{path} ({at}) is {state} and cannot be undeleted: bring back an earlier one with `bao kv rollback -mount={mount} -version=N {path}`"
+                )));
+            }
+            with_timeout(
+                kv.timeout,
+                kv.address,
+                vaultrs::kv2::undelete_versions(kv.client, mount, &path, vec![version]),
+            )
+            .await?
+            .map_err(|e| match read_error(kv.address, mount, kv.method, &path, e) {
+                VaultError::PermissionDenied { .. } => CliError::Vault(VaultError::AuthFailed {
+                    method: "token",
+                    detail: format!(
+                        "Vault denied undeleting {mount}/{path} (403): the token's policy needs `update` on \"{mount}/undelete/{path}\""
+                    ),
+                }),
+                other => other.into(),
+            })?;
+            println!("Undeleted version {version} of {mount}/{path} ({at})");
         }
     }
     Ok(())

@@ -7,8 +7,11 @@
 //! and are retried until they recover — no object is ever dropped from the queue.
 
 pub mod caches;
+mod failures;
+pub mod pipeline;
 mod reconcile;
 mod restart_plan;
+pub mod retain;
 pub use restart_plan::requeue_from_status;
 pub mod restarts;
 pub mod status;
@@ -100,8 +103,10 @@ impl Error {
         }
     }
 
-    /// Permanent errors need a change somewhere (the spec, a store, a namespace label) and
-    /// are retried slowly; the watches on those objects bring the retry forward.
+    /// Permanent errors need a change somewhere (the spec, a store, a namespace label, a
+    /// Vault policy) and are retried slowly; the watches on those objects bring the retry
+    /// forward. A Vault 403 is the policy's answer, not an outage: retrying it every few
+    /// seconds only loads Vault.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
@@ -111,6 +116,7 @@ impl Error {
                 | Error::AccessDenied(_)
                 | Error::SecretConflict { .. }
                 | Error::InvalidTemplate(_)
+                | Error::Vault(VaultError::PermissionDenied { .. })
         )
     }
 }
@@ -166,10 +172,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    /// Consecutive failures per object, for the backoff.
-    failures: Mutex<HashMap<ObjectRef<ScopedSecret>, u32>>,
-    /// Last `force-sync` annotation value acted on, per object.
-    force_seen: Mutex<HashMap<ObjectRef<ScopedSecret>, String>>,
+    /// Consecutive failures per object (for the backoff) and the failure last logged.
+    pub(crate) failures: failures::Failures,
     /// Objects synced at least once since start.
     seen: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
     /// Content changes per Secret, to pause restarts from a flapping value.
@@ -211,8 +215,7 @@ impl Context {
             hmac_key,
             config,
             metrics: Arc::new(Metrics::default()),
-            failures: Mutex::new(HashMap::new()),
-            force_seen: Mutex::new(HashMap::new()),
+            failures: Default::default(),
             seen: Mutex::new(Default::default()),
             breaker,
             rolled_out: Mutex::new(HashMap::new()),
@@ -226,14 +229,6 @@ impl Context {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
         self
-    }
-
-    /// Records a failure and returns how many in a row there have been.
-    fn record_failure(&self, obj: &ObjectRef<ScopedSecret>) -> u32 {
-        let mut failures = self.failures.lock().unwrap();
-        let n = failures.entry(obj.clone()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
     }
 
     /// Marks `obj` as synced (and records it in the metrics); true the first time since start.
@@ -251,7 +246,41 @@ impl Context {
 
     /// Clears the failure count.
     fn record_success(&self, obj: &ObjectRef<ScopedSecret>) {
-        self.failures.lock().unwrap().remove(obj);
+        self.failures.forget(obj);
+    }
+
+    /// Drops what is kept for a ScopedSecret that is gone: its failure count, its mark as
+    /// synced and its metric series.
+    pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
+        self.failures.forget(obj);
+        let managed = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.remove(obj);
+            seen.len()
+        };
+        self.metrics.forget(
+            obj.namespace.as_deref().unwrap_or_default(),
+            &obj.name,
+            managed,
+        );
+    }
+
+    /// [`Context::forget`] every object of `namespace` (all when `None`) that `live` does not
+    /// hold: deletions missed while a watch was down show up as absences after a re-list.
+    fn forget_absent(&self, namespace: Option<&str>, live: &reflector::Store<ScopedSecret>) {
+        let absent = |obj: &ObjectRef<ScopedSecret>| {
+            namespace.is_none_or(|ns| obj.namespace.as_deref() == Some(ns))
+                && live.get(obj).is_none()
+        };
+        let known: Vec<ObjectRef<ScopedSecret>> =
+            self.seen.lock().unwrap().iter().cloned().collect();
+        for obj in known {
+            if absent(&obj) {
+                self.forget(&obj);
+            }
+        }
+        // Objects that failed without ever syncing are not in `seen`.
+        self.failures.retain(|obj| !absent(obj));
     }
 }
 
@@ -279,23 +308,27 @@ pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
     exp.min(max).mul_f64(jitter(0.8, 1.2))
 }
 
-/// Delay before retrying a failed reconcile: permanent errors every `backoff_max`; transient
-/// ones exponentially from `backoff_base`, never longer than the object's refresh interval —
-/// it would have read Vault again by then anyway, so an outage ends for it soon after Vault is
-/// back.
+/// Delay before retrying a failed reconcile: permanent errors every `backoff_max` (±20 %, so
+/// that objects refused together do not retry together); transient ones exponentially from
+/// `backoff_base`, never longer than the object's refresh interval — it would have read Vault
+/// again by then anyway, so an outage ends for it soon after Vault is back.
 pub fn retry_delay(attempt: u32, permanent: bool, refresh: Duration, config: &Config) -> Duration {
     if permanent {
-        return config.backoff_max;
+        return config.backoff_max.mul_f64(jitter(0.8, 1.2));
     }
     let cap = config.backoff_max.min(refresh.max(config.backoff_base));
     backoff_delay(attempt, config.backoff_base, cap)
 }
 
 /// Requeue after a failed reconcile (see [`retry_delay`]). Never `await_change`: a Vault outage
-/// ends without any change to the object, and it must recover by itself.
+/// ends without any change to the object, and it must recover by itself. Logged at WARN with
+/// its category when a failure starts or changes; its repeats at DEBUG (the status, the event
+/// and the metric still count every one).
 pub fn error_policy(ss: Arc<ScopedSecret>, err: &Error, ctx: Arc<Context>) -> Action {
     let obj = ObjectRef::from_obj(ss.as_ref());
-    let attempt = ctx.record_failure(&obj);
+    let message = err.to_string();
+    let failures::Recorded { attempt, repeat } =
+        ctx.failures.record(&obj, err.category(), &message);
     let refresh = ss
         .spec
         .refresh_interval
@@ -303,14 +336,15 @@ pub fn error_policy(ss: Arc<ScopedSecret>, err: &Error, ctx: Arc<Context>) -> Ac
         .and_then(|r| validate::parse_duration("spec.refreshInterval", r).ok())
         .unwrap_or(validate::DEFAULT_REFRESH);
     let delay = retry_delay(attempt, err.is_permanent(), refresh, &ctx.config);
-    tracing::warn!(
-        namespace = ss.namespace().as_deref().unwrap_or_default(),
-        name = %ss.name_any(),
-        category = err.category(),
-        attempt,
-        retry_in_s = delay.as_secs(),
-        "reconcile failed: {err}"
-    );
+    let namespace = ss.namespace().unwrap_or_default();
+    let name = ss.name_any();
+    let category = err.category();
+    let retry_in_s = delay.as_secs();
+    if repeat {
+        tracing::debug!(%namespace, %name, category, attempt, retry_in_s, "reconcile failed again: {message}");
+    } else {
+        tracing::warn!(%namespace, %name, category, attempt, retry_in_s, "reconcile failed: {message}");
+    }
     Action::requeue(delay)
 }
 
@@ -552,7 +586,7 @@ where
 /// watches that map related objects back to them. `on_synced` is called when the cache of
 /// ScopedSecrets is filled by a complete list (first and later re-lists).
 fn controller_for(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     namespace: Option<&str>,
     concurrency: u16,
     on_synced: impl Fn() + Send + 'static,
@@ -562,11 +596,15 @@ fn controller_for(
     let (reader, writer) = reflector::store();
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
+    let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
     let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
-        .inspect(move |e| {
-            if matches!(e, Ok(watcher::Event::InitDone)) {
+        .inspect(move |e| match e {
+            Ok(watcher::Event::InitDone) => {
+                gone.forget_absent(scope.as_deref(), &live);
                 on_synced();
             }
+            Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
+            _ => {}
         })
         .default_backoff()
         .applied_objects()
@@ -788,7 +826,21 @@ mod tests {
         assert!(retry_delay(1, false, minute, &config) <= Duration::from_secs(6));
         let hour = Duration::from_secs(3600);
         assert!(retry_delay(20, false, hour, &config) <= config.backoff_max.mul_f64(1.2));
-        assert_eq!(retry_delay(1, true, minute, &config), config.backoff_max);
+        for _ in 0..50 {
+            let permanent = retry_delay(1, true, minute, &config);
+            assert!(
+                permanent >= config.backoff_max.mul_f64(0.8)
+                    && permanent <= config.backoff_max.mul_f64(1.2),
+                "{permanent:?}"
+            );
+        }
+        let spread: std::collections::HashSet<_> = (0..50)
+            .map(|_| retry_delay(1, true, minute, &config))
+            .collect();
+        assert!(
+            spread.len() > 40,
+            "objects refused together must not retry together"
+        );
     }
 
     #[test]
@@ -820,6 +872,22 @@ mod tests {
     #[test]
     fn permanent_and_transient_errors_are_told_apart() {
         assert!(Error::InvalidSpec("x".into()).is_permanent());
+        assert!(
+            Error::Vault(VaultError::PermissionDenied {
+                mount: "secret".into(),
+                path: "shop".into(),
+                method: "kubernetes"
+            })
+            .is_permanent(),
+            "a Vault policy denial waits for a change, like access denied"
+        );
+        assert!(
+            !Error::Vault(VaultError::AuthFailed {
+                method: "kubernetes",
+                detail: "x".into()
+            })
+            .is_permanent()
+        );
         assert!(Error::AccessDenied("x".into()).is_permanent());
         assert!(
             !Error::Vault(VaultError::Sealed {

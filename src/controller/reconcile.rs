@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -17,23 +17,24 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
+use super::pipeline::{self, StoreSpec};
 use super::restart_plan::{list_consumers, restart_consumers, restart_records};
-use super::status::{Outcome, next_status};
-use super::{Context, Error, refresh_delay, validate};
+use super::retain::{self, Retention};
+use super::status::{Outcome, next_status, set_retention};
+use super::{Context, Error, refresh_delay};
 use crate::api::v1alpha1::{
-    ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreConnection, StoreKind, VaultStore,
+    ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreKind, VaultStore,
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
-use crate::resolve::{self, Resolved};
+use crate::resolve::Resolved;
 use crate::rollout;
-use crate::rotation;
 use crate::template;
-use crate::vault::{Identity, StoreHandle};
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
 /// What a successful sync did.
 struct Synced {
     secret_name: String,
+    /// Resolved keys written as they are.
     resolved: Resolved,
     /// Keys built by `spec.target.template`.
     templated: template::Templated,
@@ -51,6 +52,8 @@ struct Synced {
     rotation_ends: Option<jiff::Timestamp>,
     /// Keys expiring within the horizon, as a sentence.
     expiring: Option<String>,
+    /// The `force-sync` annotation value acted on, when this sync was forced by it.
+    force_sync: Option<String>,
 }
 
 /// Reconciles one ScopedSecret.
@@ -59,11 +62,21 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
     let obj = ObjectRef::from_obj(ss.as_ref());
     let started = std::time::Instant::now();
     let limit = ctx.config.reconcile_timeout;
-    let result = match tokio::time::timeout(limit, sync(&ss, &ctx)).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::Timeout {
-            seconds: limit.as_secs(),
-        }),
+    // Retain first: whatever fails later, the Secret must not go with the ScopedSecret.
+    let staged = async {
+        match retain::release(&ss, &ctx).await {
+            Ok(retention) => (retention, sync(&ss, &ctx).await),
+            Err(e) => (Retention::Failed(e.to_string()), Err(e)),
+        }
+    };
+    let (retention, result) = match tokio::time::timeout(limit, staged).await {
+        Ok(staged) => staged,
+        Err(_) => (
+            Retention::Unknown,
+            Err(Error::Timeout {
+                seconds: limit.as_secs(),
+            }),
+        ),
     };
     let now = now();
     match result {
@@ -81,8 +94,9 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                     &done.secret_name,
                 ),
                 expiring: done.expiring.as_deref(),
+                force_sync: done.force_sync.as_deref(),
             };
-            if let Err(e) = write_status(&ss, &ctx, &outcome, now).await {
+            if let Err(e) = write_status(&ss, &ctx, &outcome, &retention, now).await {
                 ctx.metrics.reconciled(e.category(), started.elapsed());
                 return Err(e);
             }
@@ -113,8 +127,10 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 reason: err.category(),
                 message: &err.to_string(),
             };
-            if let Err(status_err) = write_status(&ss, &ctx, &outcome, now).await {
-                warn!(
+            if let Err(status_err) = write_status(&ss, &ctx, &outcome, &retention, now).await {
+                // Secondary to `err`, which error_policy logs (once, not per retry); usually
+                // the same API server trouble.
+                tracing::debug!(
                     category = status_err.category(),
                     "failed to write status: {status_err}"
                 );
@@ -160,87 +176,49 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
             .labels
             .unwrap_or_default(),
     };
-    let request = validate::request(ss, &ns_labels)?;
     let store = fetch_store(ss, ctx, &ns).await?;
-    if let StoreKind::ClusterVaultStore = store.kind
-        && let Some(cluster) = &store.cluster_spec
-    {
-        validate::check_access(
-            &store.name,
-            cluster,
-            &ns,
-            &ns_labels,
-            &request.coordinates.project,
-        )?;
-    }
-    let auth = validate::auth_plan(
-        store.kind,
-        &store.name,
-        store.namespace.as_deref(),
-        &store.connection,
-        &ns,
-    )?;
-    let (layout, timeout) =
-        validate::layout_and_timeout(store.kind, &store.name, &store.connection)?;
-    let handle = StoreHandle {
-        identity: Identity {
-            store: store.identity.clone(),
-            principal: auth.principal(),
-        },
-        connection: store.connection,
-        auth,
-        timeout,
-    };
-    let paths = layout.paths(&request.coordinates);
+    let plan = pipeline::plan(ss, &ns, &ns_labels, store)?;
 
-    // A changed force-sync annotation bypasses the shared cache.
-    let obj = ObjectRef::from_obj(ss);
+    // A force-sync annotation value not acted on yet (status records the last one handled,
+    // so an operator restart does not act on it again) bypasses the shared cache.
     let force = ss.annotations().get(FORCE_SYNC_ANNOTATION).cloned();
-    let forced = force.is_some() && ctx.force_seen.lock().unwrap().get(&obj) != force.as_ref();
+    let handled = ss
+        .status
+        .as_ref()
+        .and_then(|s| s.force_sync_handled.as_ref());
+    let forced = force.is_some() && handled != force.as_ref();
     let max_age = if forced {
         Duration::ZERO
     } else {
-        request.refresh
+        plan.request.refresh
     };
-    let layers = ctx.source.read_scopes(&handle, &paths, max_age).await?;
-
-    // resolve (pure)
-    let mut resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
-        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
-    let rotation_ends = apply_rotation(ss, ctx, &handle, &mut resolved).await?;
-    let expiries = crate::expiry::expiries(&resolved, &layers);
-    for e in &expiries {
-        ctx.metrics.key_expiry(&ns, &name, &e.key, e.at.as_second());
-    }
-    let expiring =
-        crate::expiry::expiring(&expiries, jiff::Timestamp::now(), ctx.config.expiry_horizon);
-    if resolved.is_empty() && !ss.spec.allow_empty {
-        return Err(Error::EmptyResult {
-            coordinates: request.coordinates.to_string(),
-            paths: paths
-                .iter()
-                .map(|p| p.path.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
-    }
-
-    // templates: the ConfigMaps they come from, then rendering (pure). After rotation, so a
-    // template can read `new,old`.
-    let template_spec = ss.spec.target.as_ref().and_then(|t| t.template.as_ref());
-    let files = fetch_template_files(ctx, &ns, template_spec).await?;
-    let keys = template::apply(resolved, template_spec, &files)?;
-
-    // build (pure)
-    let data = keys.secret_data();
-    let type_ = ss
-        .spec
-        .target
-        .as_ref()
-        .and_then(|t| t.type_.clone())
-        .unwrap_or_else(|| "Opaque".into());
-    let content_hash = render::content_hash(&ctx.hmac_key, &type_, &data);
-    let desired = render::desired_secret(ss, &request.secret_name, data, &content_hash);
+    let now = jiff::Timestamp::now();
+    let files = fetch_template_files(ctx, &ns, pipeline::template_spec(ss)).await?;
+    let built = pipeline::build(
+        ss,
+        &plan,
+        ctx.source.as_ref(),
+        max_age,
+        &ctx.hmac_key,
+        now,
+        &files,
+    )
+    .await?;
+    let expiries = crate::expiry::expiries(&built.resolved, &built.layers);
+    let dated: Vec<(&str, i64)> = expiries
+        .iter()
+        .map(|e| (e.key.as_str(), e.at.as_second()))
+        .collect();
+    ctx.metrics.key_expiries(&ns, &name, &dated);
+    let expiring = crate::expiry::expiring(&expiries, now, ctx.config.expiry_horizon);
+    let pipeline::Built {
+        keys,
+        rotation_ends,
+        content_hash,
+        desired,
+        ..
+    } = built;
+    let request = plan.request;
 
     // apply: the only Secret writer.
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -251,16 +229,13 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
             "read Secret {ns}/{}",
             request.secret_name
         )))?;
-    if let Some(existing) = &existing {
-        let labels = existing.labels();
-        let ours = labels.get(MANAGED_LABEL).map(String::as_str) == Some(MANAGED_LABEL_VALUE)
-            && labels.get(OWNER_LABEL) == Some(&name);
-        if !ours {
-            return Err(Error::SecretConflict {
-                namespace: ns.clone(),
-                name: request.secret_name.clone(),
-            });
-        }
+    if let Some(existing) = &existing
+        && !is_ours(existing, &name)
+    {
+        return Err(Error::SecretConflict {
+            namespace: ns.clone(),
+            name: request.secret_name.clone(),
+        });
     }
     let changed_keys = changed_key_names(existing.as_ref(), &desired);
     let wrote = render::needs_write(existing.as_ref(), &desired);
@@ -268,55 +243,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     // planned is not applied yet (the reconcile fails and is retried), so none is lost.
     let workloads = list_consumers(ss, ctx, &request.secret_name, &content_hash).await?;
     if wrote {
-        // Keys added by hand belong to another field manager, which server-side apply
-        // would leave in place: remove them first.
-        let extra: BTreeMap<String, serde_json::Value> = existing
-            .as_ref()
-            .and_then(|e| e.data.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|(k, _)| !desired.data.as_ref().is_some_and(|d| d.contains_key(*k)))
-            .map(|(k, _)| (k.clone(), serde_json::Value::Null))
-            .collect();
-        if !extra.is_empty() {
-            secrets
-                .patch(
-                    &request.secret_name,
-                    &PatchParams {
-                        field_manager: Some(FIELD_MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &Patch::Merge(json!({ "data": extra })),
-                )
-                .await
-                .map_err(kube_err(format!(
-                    "remove hand-added keys from Secret {ns}/{}",
-                    request.secret_name
-                )))?;
-            ctx.metrics.wrote("secret_prune");
-        }
-        secrets
-            .patch(
-                &request.secret_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&desired),
-            )
-            .await
-            .map_err(|e| match &e {
-                // The API server refused the Secret itself (e.g. a type whose required keys
-                // are missing): a spec problem, not an outage.
-                kube::Error::Api(s) if s.code == 422 || s.code == 400 => {
-                    Error::InvalidSpec(format!(
-                        "the API server refused Secret {ns}/{}: {}",
-                        request.secret_name, s.message
-                    ))
-                }
-                _ => Error::Kube {
-                    action: format!("apply Secret {ns}/{}", request.secret_name),
-                    source: e,
-                },
-            })?;
-        ctx.metrics.wrote("secret_apply");
+        write_secret(ctx, &secrets, existing.as_ref(), &desired, &name).await?;
     }
     remove_previous_target(ss, ctx, &secrets, &request.secret_name).await?;
     // A revocation (`secret revoke` sets force-sync to `revoke-…`) restarts at once,
@@ -334,10 +261,8 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         existing.as_ref().and_then(|e| e.data.as_ref()),
     )
     .await;
-    if let Some(v) = force {
-        ctx.force_seen.lock().unwrap().insert(obj, v);
-    }
     Ok(Synced {
+        force_sync: if forced { force } else { None },
         secret_name: request.secret_name,
         resolved: keys.resolved,
         templated: keys.templated,
@@ -352,60 +277,109 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     })
 }
 
-/// Adds the keys of `spec.rotation`: `as` = `new,old` while a key's overlap window is open,
-/// or `<KEY>_PREVIOUS`. Returns when the first open window ends, to refresh right then.
-async fn apply_rotation(
-    ss: &ScopedSecret,
+/// The only Secret writer. A Secret that does not exist yet is created (POST), so one
+/// created by someone else between our read and our write is never taken over: the 409
+/// is a `SecretConflict` unless the Secret turns out to be ours. An existing Secret is
+/// brought to `desired` by server-side apply, after removing keys added by hand.
+async fn write_secret(
     ctx: &Context,
-    store: &StoreHandle,
-    resolved: &mut Resolved,
-) -> Result<Option<jiff::Timestamp>, Error> {
-    let now = jiff::Timestamp::now();
-    let mut first_end: Option<jiff::Timestamp> = None;
-    for (i, rule) in ss.spec.rotation.iter().enumerate() {
-        let Some(current) = resolved.get(&rule.key).cloned() else {
-            continue;
-        };
-        let overlap =
-            validate::parse_duration(&format!("spec.rotation[{i}].overlap"), &rule.overlap)?;
-        let vault_key = current
-            .renamed_from
-            .clone()
-            .unwrap_or_else(|| rule.key.clone());
-        let window = rotation::window(
-            ctx.source.as_ref(),
-            store,
-            &vault_key,
-            &current,
-            overlap,
-            now,
-        )
-        .await?;
-        if let Some(w) = &window {
-            first_end = Some(first_end.map_or(w.ends, |e| e.min(w.ends)));
+    secrets: &Api<Secret>,
+    existing: Option<&Secret>,
+    desired: &Secret,
+    owner: &str,
+) -> Result<(), Error> {
+    let name = desired.name_any();
+    let ns = desired.namespace().unwrap_or_default();
+    // The API server refused the Secret itself (e.g. a type whose required keys are
+    // missing): a spec problem, not an outage.
+    let refused = |action: &'static str| {
+        let (ns, name) = (ns.clone(), name.clone());
+        move |e: kube::Error| match &e {
+            kube::Error::Api(s) if s.code == 422 || s.code == 400 => Error::InvalidSpec(format!(
+                "the API server refused Secret {ns}/{name}: {}",
+                s.message
+            )),
+            _ => Error::Kube {
+                action: format!("{action} Secret {ns}/{name}"),
+                source: e,
+            },
         }
-        if let Some((key, value)) = rotation::rotated_entry(rule, &current.value, window.as_ref()) {
-            if resolved.contains_key(&key) {
-                return Err(Error::InvalidSpec(format!(
-                    "spec.rotation[{i}] writes {key:?}, which is already a resolved key; choose another `as`"
-                )));
+    };
+    let raced;
+    let existing = match existing {
+        Some(existing) => existing,
+        None => {
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            match secrets.create(&params, desired).await {
+                Ok(_) => {
+                    ctx.metrics.wrote("secret_create");
+                    return Ok(());
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(refused("create")(e)),
             }
-            if !resolve::is_valid_key(&key) {
-                return Err(Error::InvalidSpec(format!(
-                    "spec.rotation[{i}] writes {key:?}, not a valid Secret key"
-                )));
+            // Created meanwhile: ours (another replica, a lagging read) is applied over;
+            // anyone else's is left alone.
+            raced = secrets
+                .get_opt(&name)
+                .await
+                .map_err(kube_err(format!("read Secret {ns}/{name}")))?;
+            match raced.as_ref() {
+                Some(s) if is_ours(s, owner) => s,
+                _ => {
+                    return Err(Error::SecretConflict {
+                        namespace: ns,
+                        name,
+                    });
+                }
             }
-            resolved.insert(
-                key,
-                resolve::ResolvedKey {
-                    value,
-                    source: current.source.clone(),
-                    renamed_from: None,
+        }
+    };
+    // Keys added by hand belong to another field manager, which server-side apply would
+    // leave in place: remove them first.
+    let extra: BTreeMap<String, serde_json::Value> = existing
+        .data
+        .iter()
+        .flatten()
+        .filter(|(k, _)| !desired.data.as_ref().is_some_and(|d| d.contains_key(*k)))
+        .map(|(k, _)| (k.clone(), serde_json::Value::Null))
+        .collect();
+    if !extra.is_empty() {
+        secrets
+            .patch(
+                &name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
                 },
-            );
-        }
+                &Patch::Merge(json!({ "data": extra })),
+            )
+            .await
+            .map_err(kube_err(format!(
+                "remove hand-added keys from Secret {ns}/{name}"
+            )))?;
+        ctx.metrics.wrote("secret_prune");
     }
-    Ok(first_end)
+    secrets
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(desired),
+        )
+        .await
+        .map_err(refused("apply"))?;
+    ctx.metrics.wrote("secret_apply");
+    Ok(())
+}
+
+/// Whether a Secret carries the labels of one managed by the ScopedSecret `owner`.
+pub(super) fn is_ours(secret: &Secret, owner: &str) -> bool {
+    let labels = secret.labels();
+    labels.get(MANAGED_LABEL).map(String::as_str) == Some(MANAGED_LABEL_VALUE)
+        && labels.get(OWNER_LABEL).map(String::as_str) == Some(owner)
 }
 
 /// The `data` of the ConfigMaps `spec.target.template.templateFrom` names, read from the
@@ -448,10 +422,7 @@ async fn remove_previous_target(
         .get_opt(previous)
         .await
         .map_err(kube_err(format!("read previous Secret {ns}/{previous}")))?;
-    let ours = old.as_ref().is_some_and(|s| {
-        s.labels().get(MANAGED_LABEL).map(String::as_str) == Some(MANAGED_LABEL_VALUE)
-            && s.labels().get(OWNER_LABEL) == Some(&ss.name_any())
-    });
+    let ours = old.as_ref().is_some_and(|s| is_ours(s, &ss.name_any()));
     if ours {
         match secrets.delete(previous, &Default::default()).await {
             Ok(_) => ctx.metrics.wrote("secret_delete"),
@@ -486,16 +457,7 @@ fn changed_key_names(existing: Option<&Secret>, desired: &Secret) -> Vec<String>
     names
 }
 
-struct FetchedStore {
-    kind: StoreKind,
-    name: String,
-    namespace: Option<String>,
-    connection: StoreConnection,
-    cluster_spec: Option<crate::api::v1alpha1::ClusterVaultStoreSpec>,
-    identity: String,
-}
-
-async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<FetchedStore, Error> {
+async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<StoreSpec, Error> {
     let r = &ss.spec.store_ref;
     match r.kind {
         StoreKind::VaultStore => {
@@ -511,14 +473,7 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Fetch
                         namespace: Some(ns.into()),
                     })?,
             };
-            Ok(FetchedStore {
-                kind: r.kind,
-                name: r.name.clone(),
-                namespace: Some(ns.into()),
-                identity: store_identity(&store, "VaultStore"),
-                connection: store.spec.connection,
-                cluster_spec: None,
-            })
+            Ok(StoreSpec::namespaced(&store))
         }
         StoreKind::ClusterVaultStore => {
             let store = match ctx.caches.cluster_store(ns, &r.name) {
@@ -533,42 +488,24 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Fetch
                         namespace: None,
                     })?,
             };
-            Ok(FetchedStore {
-                kind: r.kind,
-                name: r.name.clone(),
-                namespace: None,
-                identity: store_identity(&store, "ClusterVaultStore"),
-                connection: store.spec.connection.clone(),
-                cluster_spec: Some(store.spec),
-            })
+            Ok(StoreSpec::cluster(&store))
         }
     }
-}
-
-/// Store identity for caches: an edited store (new generation) gets fresh logins and reads.
-fn store_identity<K: Resource>(store: &K, kind: &str) -> String {
-    let m = store.meta();
-    format!(
-        "{kind}/{}/{}/{}/{}",
-        m.namespace.as_deref().unwrap_or(""),
-        m.name.as_deref().unwrap_or(""),
-        m.uid.as_deref().unwrap_or(""),
-        m.generation.unwrap_or(0)
-    )
 }
 
 async fn write_status(
     ss: &ScopedSecret,
     ctx: &Context,
     outcome: &Outcome<'_>,
+    retention: &Retention,
     now: Time,
 ) -> Result<(), Error> {
-    let status = next_status(
-        ss.status.as_ref(),
-        outcome,
-        ss.metadata.generation,
-        now.clone(),
-    );
+    let next = |prev: Option<&crate::api::v1alpha1::ScopedSecretStatus>, now: Time| {
+        let mut status = next_status(prev, outcome, ss.metadata.generation, now.clone());
+        set_retention(&mut status, retention, ss.metadata.generation, &now);
+        status
+    };
+    let status = next(ss.status.as_ref(), now.clone());
     if ss.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -583,7 +520,7 @@ async fn write_status(
             "read status of ScopedSecret {ns}/{}",
             ss.name_any()
         )))?;
-    let status = next_status(live.status.as_ref(), outcome, ss.metadata.generation, now);
+    let status = next(live.status.as_ref(), now);
     if live.status.as_ref() == Some(&status) {
         return Ok(());
     }

@@ -16,6 +16,8 @@ pub const REASON_SYNCED: &str = "Synced";
 pub const KEYS_EXPIRING: &str = "KeysExpiring";
 /// Condition set while restarts from a flapping Secret are paused.
 pub const ROLLOUTS_PAUSED: &str = "RolloutsPaused";
+/// Condition of `deletionPolicy: Retain`: whether the Secret is free of the owner reference.
+pub const RETAINED: &str = "Retained";
 
 /// The outcome a status is derived from.
 pub enum Outcome<'a> {
@@ -36,6 +38,9 @@ pub enum Outcome<'a> {
         restarts: &'a [crate::api::v1alpha1::RolloutStatus],
         /// Keys expiring within the horizon, as a sentence.
         expiring: Option<&'a str>,
+        /// The `force-sync` annotation value this sync acted on, recorded so that it is not
+        /// acted on again (after an operator restart either).
+        force_sync: Option<&'a str>,
     },
     /// The reconcile failed; the existing Secret (if any) is kept as it was.
     Failed { reason: &'a str, message: &'a str },
@@ -97,7 +102,11 @@ pub fn next_status(
             rollouts,
             restarts,
             expiring,
+            force_sync,
         } => {
+            if let Some(value) = force_sync {
+                status.force_sync_handled = Some(value.to_string());
+            }
             let had = status.conditions.iter().any(|c| c.type_ == KEYS_EXPIRING);
             if expiring.is_some() || had {
                 let (reason, message) = match expiring {
@@ -221,6 +230,46 @@ pub fn next_status(
     status
 }
 
+/// Sets, clears or keeps the `Retained` condition after the `Retain` stage.
+pub fn set_retention(
+    status: &mut ScopedSecretStatus,
+    retention: &super::retain::Retention,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    use super::retain::Retention;
+    let secret = status
+        .secret_name
+        .as_deref()
+        .unwrap_or("of this ScopedSecret");
+    match retention {
+        Retention::Delete => status.conditions.retain(|c| c.type_ != RETAINED),
+        Retention::Unknown => {}
+        Retention::Retained => set_condition(
+            &mut status.conditions,
+            RETAINED,
+            true,
+            "OwnerReferenceRemoved",
+            &format!(
+                "deletionPolicy is Retain: Secret {secret} carries no owner reference and stays when this ScopedSecret is deleted"
+            ),
+            generation,
+            now,
+        ),
+        Retention::Failed(message) => set_condition(
+            &mut status.conditions,
+            RETAINED,
+            false,
+            "KubernetesError",
+            &format!(
+                "deletionPolicy is Retain but the owner reference could not be removed yet, so deleting this ScopedSecret now would delete the Secret: {message}"
+            ),
+            generation,
+            now,
+        ),
+    }
+}
+
 fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
@@ -285,6 +334,7 @@ mod tests {
             rollouts: None,
             restarts: &[],
             expiring: None,
+            force_sync: None,
         }
     }
 
@@ -333,6 +383,7 @@ mod tests {
                 rollouts: None,
                 restarts: &[],
                 expiring: None,
+                force_sync: None,
             },
             Some(1),
             t(100),
@@ -437,5 +488,50 @@ mod tests {
             "a drift repair is not a content change"
         );
         assert_eq!(repaired.last_sync_time, Some(t(600)));
+    }
+
+    #[test]
+    fn the_retained_condition_follows_the_policy_and_stays_on_unknown() {
+        use crate::controller::retain::Retention;
+        let r = resolved();
+        let mut s = next_status(None, &synced(&r, "h1", true), Some(1), t(100));
+        set_retention(&mut s, &Retention::Retained, Some(1), &t(100));
+        assert_eq!(cond(&s, RETAINED).status, "True");
+        assert!(cond(&s, RETAINED).message.contains("Secret api"));
+        let before = s.clone();
+        set_retention(&mut s, &Retention::Unknown, Some(1), &t(200));
+        assert_eq!(s, before);
+        set_retention(&mut s, &Retention::Failed("503".into()), Some(1), &t(300));
+        assert_eq!(cond(&s, RETAINED).status, "False");
+        assert_eq!(cond(&s, RETAINED).last_transition_time, t(300));
+        set_retention(&mut s, &Retention::Delete, Some(2), &t(400));
+        assert!(s.conditions.iter().all(|c| c.type_ != RETAINED));
+    }
+
+    #[test]
+    fn a_handled_force_sync_value_is_recorded_only_by_a_sync() {
+        let r = resolved();
+        let mut outcome = synced(&r, "h1", false);
+        if let Outcome::Synced { force_sync, .. } = &mut outcome {
+            *force_sync = Some("revoke-1");
+        }
+        let s = next_status(None, &outcome, Some(1), t(100));
+        assert_eq!(s.force_sync_handled.as_deref(), Some("revoke-1"));
+        let failed = next_status(
+            Some(&s),
+            &Outcome::Failed {
+                reason: "VaultUnavailable",
+                message: "down",
+            },
+            Some(1),
+            t(200),
+        );
+        assert_eq!(failed.force_sync_handled.as_deref(), Some("revoke-1"));
+        let later = next_status(Some(&failed), &synced(&r, "h1", false), Some(1), t(300));
+        assert_eq!(
+            later.force_sync_handled.as_deref(),
+            Some("revoke-1"),
+            "kept"
+        );
     }
 }

@@ -126,48 +126,126 @@ pub fn request(
     })
 }
 
-/// Whether a ClusterVaultStore serves `namespace` (with `labels`) for `project`.
+/// Whether a ClusterVaultStore serves `namespace` (with `labels`) for `coordinates`.
+///
+/// Without rules a namespace reads only its labelled project and, when it has the
+/// environment label, only that environment. With rules, one rule selecting the namespace
+/// must admit the project, the environment and the service together. A spec that names
+/// another project or environment than the namespace's labels is refused here, before
+/// anything is read from Vault.
 pub fn check_access(
     store_name: &str,
     store: &ClusterVaultStoreSpec,
     namespace: &str,
     labels: &BTreeMap<String, String>,
-    project: &str,
+    coordinates: &Coordinates,
 ) -> Result<(), Error> {
+    let project = coordinates.project.as_str();
+    let environment = coordinates.environment.as_deref();
+    let service = coordinates.service.as_deref();
+    let env_label = labels.get(ENVIRONMENT_LABEL).map(String::as_str);
     if store.access.is_empty() {
-        return match labels.get(PROJECT_LABEL) {
-            Some(p) if p == project => Ok(()),
-            Some(p) => Err(Error::AccessDenied(format!(
-                "ClusterVaultStore {store_name} has no spec.access rules, so namespace {namespace} may read only project {p:?} (its label {PROJECT_LABEL}), not {project:?}; add a spec.access rule admitting this namespace to project {project:?}"
+        let denied = |detail: String| {
+            Error::AccessDenied(format!(
+                "ClusterVaultStore {store_name} has no spec.access rules, so {detail}"
+            ))
+        };
+        match labels.get(PROJECT_LABEL) {
+            Some(p) if p == project => {}
+            Some(p) => {
+                return Err(denied(format!(
+                    "namespace {namespace} may read only project {p:?} (its label {PROJECT_LABEL}), not {project:?}; add a spec.access rule selecting this namespace with projects [{project:?}]"
+                )));
+            }
+            None => {
+                return Err(denied(format!(
+                    "namespace {namespace} has no label {PROJECT_LABEL} and may read nothing; label the namespace {PROJECT_LABEL}={project} or add a spec.access rule selecting it with projects [{project:?}]"
+                )));
+            }
+        }
+        return match (env_label, environment) {
+            (Some(own), Some(env)) if own != env => Err(denied(format!(
+                "namespace {namespace} may read only environment {own:?} (its label {ENVIRONMENT_LABEL}), not {env:?}; remove spec.environment, or add a spec.access rule selecting this namespace with projects [{project:?}] and environments [{env:?}]"
             ))),
-            None => Err(Error::AccessDenied(format!(
-                "ClusterVaultStore {store_name} has no spec.access rules and namespace {namespace} has no label {PROJECT_LABEL}; label the namespace {PROJECT_LABEL}={project} or add a spec.access rule admitting it to project {project:?}"
-            ))),
+            _ => Ok(()),
         };
     }
-    let mut namespace_admitted = false;
+
+    // The closest a rule came, to say what would admit the request.
+    let mut closest = Closest::NoRuleSelects;
     for (i, rule) in store.access.iter().enumerate() {
         let selector = Selector::try_from(rule.namespace_selector.clone()).map_err(|e| {
             Error::InvalidStore(format!(
                 "ClusterVaultStore {store_name} spec.access[{i}].namespaceSelector is invalid: {e}"
             ))
         })?;
-        if selector.matches(labels) {
-            namespace_admitted = true;
-            if rule.projects.iter().any(|p| p == "*" || p == project) {
-                return Ok(());
-            }
+        if !selector.matches(labels) {
+            continue;
         }
+        if !admits(&rule.projects, project) {
+            closest = closest.max(Closest::Project);
+            continue;
+        }
+        let environment_ok = match (environment, &rule.environments) {
+            (None, _) => true,
+            (Some(env), Some(listed)) => admits(listed, env),
+            // Omitted: only the namespace's own labelled environment.
+            (Some(env), None) => env_label == Some(env),
+        };
+        if !environment_ok {
+            closest = closest.max(Closest::Environment(i));
+            continue;
+        }
+        if let (Some(svc), Some(listed)) = (service, &rule.services)
+            && !admits(listed, svc)
+        {
+            closest = closest.max(Closest::Service(i));
+            continue;
+        }
+        return Ok(());
     }
-    Err(Error::AccessDenied(if namespace_admitted {
-        format!(
-            "the spec.access rules of ClusterVaultStore {store_name} that select namespace {namespace} do not list project {project:?}; add it to a rule's projects"
-        )
-    } else {
-        format!(
-            "no spec.access rule of ClusterVaultStore {store_name} selects namespace {namespace}; add a rule whose namespaceSelector matches its labels, with projects [{project:?}]"
-        )
+    let prefix = format!("ClusterVaultStore {store_name}");
+    Err(Error::AccessDenied(match closest {
+        Closest::NoRuleSelects => format!(
+            "no spec.access rule of {prefix} selects namespace {namespace}; add a rule whose namespaceSelector matches its labels, with projects [{project:?}]"
+        ),
+        Closest::Project => format!(
+            "the spec.access rules of {prefix} that select namespace {namespace} do not list project {project:?}; add it to a rule's projects"
+        ),
+        Closest::Environment(i) => {
+            let env = environment.unwrap_or_default();
+            let own = match (&store.access[i].environments, env_label) {
+                (Some(_), _) => String::new(),
+                (None, Some(own)) => format!(
+                    " (without spec.access[{i}].environments it admits only the namespace's own environment {own:?}, from its label {ENVIRONMENT_LABEL})"
+                ),
+                (None, None) => format!(
+                    " (without spec.access[{i}].environments it admits no environment, since the namespace has no label {ENVIRONMENT_LABEL})"
+                ),
+            };
+            format!(
+                "spec.access[{i}] of {prefix} admits namespace {namespace} to project {project:?} but not to environment {env:?}{own}; add {env:?} to its environments, or correct spec.environment"
+            )
+        }
+        Closest::Service(i) => format!(
+            "spec.access[{i}] of {prefix} admits namespace {namespace} to project {project:?} but not to service {:?}; add it to its services, or correct spec.service",
+            service.unwrap_or_default()
+        ),
     }))
+}
+
+/// How far the best rule got, in the order the checks run (for the refusal message).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Closest {
+    NoRuleSelects,
+    Project,
+    Environment(usize),
+    Service(usize),
+}
+
+/// Whether a rule's list admits `name` (`*` admits every name).
+fn admits(listed: &[String], name: &str) -> bool {
+    listed.iter().any(|l| l == "*" || l == name)
 }
 
 /// Turns the store's `auth` into a plan with every namespace decided. A namespaced
@@ -259,9 +337,8 @@ pub fn layout_and_timeout(
     store_name: &str,
     conn: &StoreConnection,
 ) -> Result<(Layout, Duration), Error> {
-    let layout = Layout::from_templates(&conn.paths).map_err(|e| {
-        Error::InvalidStore(format!("{} {store_name}: spec.paths: {e}", kind.as_str()))
-    })?;
+    let layout = Layout::from_templates(&conn.paths)
+        .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?;
     let timeout = match &conn.timeout {
         Some(t) => parse_duration("spec.timeout", t)
             .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?,
@@ -412,19 +489,50 @@ mod tests {
                 ..Default::default()
             },
             projects: projects.iter().map(|p| p.to_string()).collect(),
+            environments: None,
+            services: None,
         }
+    }
+
+    fn list(names: &[&str]) -> Option<Vec<String>> {
+        Some(names.iter().map(|n| n.to_string()).collect())
+    }
+
+    fn at(project: &str, environment: Option<&str>, service: &str) -> Coordinates {
+        Coordinates::new(project, environment, Some(service)).unwrap()
     }
 
     #[test]
     fn without_rules_a_namespace_reads_only_its_labelled_project() {
         let store = cluster_store(vec![]);
+        let shop = labels(&[(PROJECT_LABEL, "shop")]);
+        assert!(check_access("vault", &store, "shop-dev", &shop, &at("shop", None, "api")).is_ok());
+        let err =
+            check_access("vault", &store, "shop-dev", &shop, &at("bank", None, "api")).unwrap_err();
+        assert_eq!(err.category(), "AccessDenied");
+        assert!(err.to_string().contains("not \"bank\""), "{err}");
+        let err = check_access(
+            "vault",
+            &store,
+            "x",
+            &BTreeMap::new(),
+            &at("shop", None, "api"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("has no label"), "{err}");
+    }
+
+    #[test]
+    fn without_rules_a_namespace_labelled_with_an_environment_reads_only_that_environment() {
+        let store = cluster_store(vec![]);
+        let dev = labels(&[(PROJECT_LABEL, "shop"), (ENVIRONMENT_LABEL, "dev")]);
         assert!(
             check_access(
                 "vault",
                 &store,
                 "shop-dev",
-                &labels(&[(PROJECT_LABEL, "shop")]),
-                "shop"
+                &dev,
+                &at("shop", Some("dev"), "api")
             )
             .is_ok()
         );
@@ -432,31 +540,178 @@ mod tests {
             "vault",
             &store,
             "shop-dev",
-            &labels(&[(PROJECT_LABEL, "shop")]),
-            "bank",
+            &dev,
+            &at("shop", Some("prod"), "api"),
         )
         .unwrap_err();
         assert_eq!(err.category(), "AccessDenied");
-        assert!(err.to_string().contains("not \"bank\""), "{err}");
-        let err = check_access("vault", &store, "x", &BTreeMap::new(), "shop").unwrap_err();
-        assert!(err.to_string().contains("has no label"), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(ENVIRONMENT_LABEL), "names the label: {msg}");
+        assert!(msg.contains("not \"prod\""), "{msg}");
+        assert!(
+            msg.contains("environments [\"prod\"]"),
+            "names the rule that admits it: {msg}"
+        );
+        // Any service of the admitted project and environment.
+        assert!(
+            check_access(
+                "vault",
+                &store,
+                "shop-dev",
+                &dev,
+                &at("shop", Some("dev"), "web")
+            )
+            .is_ok()
+        );
+        // Unlabelled environment: every environment of the labelled project (documented).
+        let shop = labels(&[(PROJECT_LABEL, "shop")]);
+        assert!(
+            check_access(
+                "vault",
+                &store,
+                "shop",
+                &shop,
+                &at("shop", Some("prod"), "api")
+            )
+            .is_ok()
+        );
+    }
+
+    /// Every combination of project, environment and service against one rule.
+    #[test]
+    fn a_rule_admits_a_request_only_when_project_environment_and_service_all_match() {
+        let ns = labels(&[("team", "shop"), (ENVIRONMENT_LABEL, "dev")]);
+        let unlabelled = labels(&[("team", "shop")]);
+        let other_team = labels(&[("team", "bank")]);
+        let mut open_env = rule(&[("team", "shop")], &["shop"]);
+        open_env.environments = list(&["*"]);
+        let mut listed = rule(&[("team", "shop")], &["shop"]);
+        listed.environments = list(&["staging", "prod"]);
+        listed.services = list(&["api"]);
+        let default_env = rule(&[("team", "shop")], &["shop"]);
+        // (rule, namespace labels, coordinates, admitted)
+        let cases: Vec<(&AccessRule, &BTreeMap<String, String>, Coordinates, bool)> = vec![
+            // environments omitted: the namespace's labelled environment only.
+            (&default_env, &ns, at("shop", Some("dev"), "api"), true),
+            (&default_env, &ns, at("shop", Some("prod"), "api"), false),
+            (&default_env, &ns, at("shop", None, "api"), true),
+            (
+                &default_env,
+                &unlabelled,
+                at("shop", Some("dev"), "api"),
+                false,
+            ),
+            (&default_env, &unlabelled, at("shop", None, "api"), true),
+            (&default_env, &ns, at("bank", Some("dev"), "api"), false),
+            // environments: ["*"] opens every environment; services omitted: every service.
+            (&open_env, &ns, at("shop", Some("prod"), "web"), true),
+            (
+                &open_env,
+                &unlabelled,
+                at("shop", Some("prod"), "api"),
+                true,
+            ),
+            (&open_env, &ns, at("bank", Some("prod"), "api"), false),
+            // Listed environments and services, both must match.
+            (&listed, &ns, at("shop", Some("prod"), "api"), true),
+            (&listed, &ns, at("shop", Some("staging"), "api"), true),
+            (&listed, &ns, at("shop", Some("dev"), "api"), false),
+            (&listed, &ns, at("shop", Some("prod"), "web"), false),
+            (&listed, &ns, at("shop", None, "api"), true),
+            (&listed, &ns, at("shop", None, "web"), false),
+            // A rule that does not select the namespace admits nothing.
+            (
+                &open_env,
+                &other_team,
+                at("shop", Some("dev"), "api"),
+                false,
+            ),
+        ];
+        for (i, (rule, ns_labels, coordinates, admitted)) in cases.into_iter().enumerate() {
+            let store = cluster_store(vec![rule.clone()]);
+            let result = check_access("vault", &store, "ns", ns_labels, &coordinates);
+            assert_eq!(
+                result.is_ok(),
+                admitted,
+                "case {i}: {coordinates} -> {result:?}"
+            );
+            if let Err(e) = result {
+                assert_eq!(e.category(), "AccessDenied", "case {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_rule_must_admit_the_whole_request() {
+        // One rule admits prod for web only, another every environment's api only: prod/api
+        // is admitted by neither, even though each axis is admitted by some rule.
+        let mut web_prod = rule(&[("team", "shop")], &["shop"]);
+        web_prod.environments = list(&["prod"]);
+        web_prod.services = list(&["web"]);
+        let mut api_dev = rule(&[("team", "shop")], &["shop"]);
+        api_dev.environments = list(&["dev"]);
+        api_dev.services = list(&["api"]);
+        let store = cluster_store(vec![web_prod, api_dev]);
+        let ns = labels(&[("team", "shop")]);
+        assert!(check_access("vault", &store, "ns", &ns, &at("shop", Some("prod"), "web")).is_ok());
+        assert!(check_access("vault", &store, "ns", &ns, &at("shop", Some("dev"), "api")).is_ok());
+        let err =
+            check_access("vault", &store, "ns", &ns, &at("shop", Some("prod"), "api")).unwrap_err();
+        // The closest rule (project and environment admitted) is the one named.
+        assert!(err.to_string().contains("spec.access[0]"), "{err}");
+    }
+
+    #[test]
+    fn refusals_say_which_rule_field_would_admit_the_request() {
+        let ns = labels(&[("team", "shop"), (ENVIRONMENT_LABEL, "dev")]);
+        let store = cluster_store(vec![rule(&[("team", "shop")], &["shop"])]);
+        let err = check_access(
+            "vault",
+            &store,
+            "shop-dev",
+            &ns,
+            &at("shop", Some("prod"), "api"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("spec.access[0]"), "{err}");
+        assert!(err.contains("environments"), "{err}");
+        assert!(err.contains("own environment \"dev\""), "{err}");
+        let mut services = rule(&[("team", "shop")], &["shop"]);
+        services.services = list(&["web"]);
+        let store = cluster_store(vec![services]);
+        let err = check_access(
+            "vault",
+            &store,
+            "shop-dev",
+            &ns,
+            &at("shop", Some("dev"), "api"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not to service \"api\""), "{err}");
     }
 
     #[test]
     fn rules_admit_selected_namespaces_to_listed_projects_only() {
-        let store = cluster_store(vec![
-            rule(&[("team", "shop")], &["shop"]),
-            rule(&[("team", "ops")], &["*"]),
-        ]);
+        let mut ops = rule(&[("team", "ops")], &["*"]);
+        ops.environments = list(&["*"]);
+        let store = cluster_store(vec![rule(&[("team", "shop")], &["shop"]), ops]);
         let shop = labels(&[("team", "shop")]);
-        assert!(check_access("vault", &store, "ns", &shop, "shop").is_ok());
-        let err = check_access("vault", &store, "ns", &shop, "bank").unwrap_err();
+        assert!(check_access("vault", &store, "ns", &shop, &at("shop", None, "api")).is_ok());
+        let err = check_access("vault", &store, "ns", &shop, &at("bank", None, "api")).unwrap_err();
         assert!(
             err.to_string().contains("do not list project \"bank\""),
             "{err}"
         );
-        let err =
-            check_access("vault", &store, "ns", &labels(&[("team", "other")]), "shop").unwrap_err();
+        let err = check_access(
+            "vault",
+            &store,
+            "ns",
+            &labels(&[("team", "other")]),
+            &at("shop", None, "api"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("no spec.access rule"), "{err}");
         assert!(
             check_access(
@@ -464,7 +719,7 @@ mod tests {
                 &store,
                 "ns",
                 &labels(&[("team", "ops")]),
-                "anything"
+                &at("anything", Some("prod"), "x")
             )
             .is_ok()
         );
@@ -474,7 +729,7 @@ mod tests {
             &store,
             "ns",
             &labels(&[(PROJECT_LABEL, "bank")]),
-            "bank",
+            &at("bank", None, "api"),
         );
         assert!(err.is_err());
     }

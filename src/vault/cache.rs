@@ -4,7 +4,8 @@
 //! for that ScopedSecret (`max_age`, its refresh interval), and concurrent misses for one path
 //! wait on one request instead of each sending their own. Entries are keyed by Vault
 //! identity, so tenancy enforced by Vault policy is not bypassed through the cache. Errors are
-//! never cached. An entry lives no longer than the shortest refresh interval of the readers
+//! never cached, and a denial flushes nothing: a 403 for one path says nothing about the reads
+//! of other paths. An entry lives no longer than the shortest refresh interval of the readers
 //! that used it since it was filled: values do not linger in memory after their last use.
 //! A hand-written map of per-key async mutexes is all this needs: the freshness bound is
 //! chosen per caller, which TTL-at-insert caches do not model.
@@ -113,15 +114,6 @@ impl<V: Clone> ReadCache<V> {
     /// Whether the cache holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Drops every entry of `identity` (after its credentials stopped working).
-    pub fn forget_identity(&self, identity: &Identity) {
-        self.entries
-            .lock()
-            .unwrap()
-            .0
-            .retain(|k, _| &k.identity != identity);
     }
 
     /// `(hits, misses)` so far.
@@ -240,14 +232,7 @@ mod tests {
                 .await,
             Ok(2)
         );
-        cache.forget_identity(&key("p", "a").identity);
-        assert_eq!(cache.len(), 1, "only identity b is left");
-        assert_eq!(
-            cache
-                .get_or_fetch(key("p", "a"), long, || async { Ok::<_, &str>(3) })
-                .await,
-            Ok(3)
-        );
+        assert_eq!(cache.len(), 2, "one entry per identity");
     }
 
     #[tokio::test]

@@ -2,14 +2,23 @@
 //!
 //! One login per [`Identity`], reused until two thirds of its lease have passed (a static
 //! token from a Secret is re-read every five minutes), never a login per reconcile — leaked
-//! tokens from per-request logins have taken Vault clusters down. Reads go through the shared
-//! [`ReadCache`]. Every call has a timeout.
+//! tokens from per-request logins have taken Vault clusters down. A token we minted (Kubernetes
+//! or AppRole login) is revoked when a new login replaces it and at shutdown
+//! ([`VaultReader::shutdown`]); a static token is the user's and never revoked.
+//!
+//! A 403 is a policy answer, not a broken session: the token is checked with one `lookup-self`
+//! and only a token Vault no longer accepts leads to a new login, at most once per identity per
+//! minute ([`RELOGIN_EVERY`]). A plain denial flushes nothing: other readers' cached reads stay.
+//!
+//! Reads go through the shared [`ReadCache`], old KV versions (rotation windows) too: a version
+//! is immutable only until it is deleted or destroyed, so it is cached no longer than the
+//! reader's refresh interval and re-read on a forced sync. Every call has a timeout.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::{BoxFuture, try_join_all};
+use futures::future::{BoxFuture, join_all};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::Api;
@@ -32,10 +41,19 @@ use crate::scope::ScopePath;
 const STATIC_TOKEN_REFRESH: Duration = Duration::from_secs(300);
 /// Lifetime asked of a ServiceAccount token for Kubernetes auth (the API server's minimum).
 const SA_TOKEN_SECONDS: i64 = 600;
+/// An identity whose token Vault stopped accepting logs in again at most this often: a token
+/// revoked in a loop, or a `lookup-self` the policy does not allow, must not become a login
+/// storm.
+pub const RELOGIN_EVERY: Duration = Duration::from_secs(60);
 
 struct Session {
     client: Arc<VaultClient>,
     refresh_at: Instant,
+    /// Minted by our own login (Kubernetes, AppRole): revoked when replaced or at shutdown.
+    /// `false` for a static token from a Secret — the user's, never revoked by us.
+    minted: bool,
+    /// Timeout of the store's calls, for the revocation.
+    timeout: Duration,
 }
 
 type SessionSlot = Arc<tokio::sync::Mutex<Option<Session>>>;
@@ -45,8 +63,11 @@ pub struct VaultReader {
     kube: kube::Client,
     sessions: Mutex<HashMap<Identity, SessionSlot>>,
     cache: ReadCache<ScopeData>,
-    /// Old versions never change: cached for an hour.
+    /// Old versions, shared like scope reads and as fresh as the caller asks: a version can be
+    /// deleted or destroyed (a revocation) at any time.
     versions: ReadCache<Option<VersionData>>,
+    /// Re-logins after Vault rejected a token, limited per identity.
+    relogins: Mutex<ReloginLimiter>,
     metrics: VaultMetrics,
 }
 
@@ -62,6 +83,7 @@ impl VaultReader {
             sessions: Mutex::new(HashMap::new()),
             cache: ReadCache::new(),
             versions: ReadCache::new(),
+            relogins: Mutex::new(ReloginLimiter::new(RELOGIN_EVERY)),
             metrics,
         }
     }
@@ -77,26 +99,126 @@ impl VaultReader {
     }
 
     async fn session(&self, store: &StoreHandle) -> Result<Arc<VaultClient>, VaultError> {
-        let slot = {
-            let mut sessions = self.sessions.lock().unwrap();
-            sessions.entry(store.identity.clone()).or_default().clone()
-        };
+        self.session_replacing(store, None).await
+    }
+
+    /// The identity's client: the current session's, or a new login when there is none, it
+    /// is due for renewal, or it is `rejected` (Vault no longer accepts that token). A replaced
+    /// token we minted is revoked — unless it is the rejected one, which is dead already.
+    async fn session_replacing(
+        &self,
+        store: &StoreHandle,
+        rejected: Option<&Arc<VaultClient>>,
+    ) -> Result<Arc<VaultClient>, VaultError> {
+        let slot = self.slot(&store.identity);
         // Holding the slot's lock through the login coalesces concurrent logins.
         let mut guard = slot.lock().await;
-        if let Some(session) = guard.as_ref()
-            && Instant::now() < session.refresh_at
-        {
-            return Ok(session.client.clone());
+        if let Some(session) = guard.as_ref() {
+            let is_rejected = rejected.is_some_and(|r| Arc::ptr_eq(r, &session.client));
+            if !is_rejected && Instant::now() < session.refresh_at {
+                return Ok(session.client.clone());
+            }
         }
         let session = self.login(store).await?;
         let client = session.client.clone();
-        *guard = Some(session);
+        if let Some(old) = guard.replace(session)
+            && old.minted
+            && !rejected.is_some_and(|r| Arc::ptr_eq(r, &old.client))
+        {
+            // It would stay valid for the rest of its TTL: every renewal would leave one more
+            // live token behind.
+            revoke(&store.identity.store, &old).await;
+        }
         Ok(client)
     }
 
-    fn forget_session(&self, identity: &Identity) {
-        self.sessions.lock().unwrap().remove(identity);
-        self.cache.forget_identity(identity);
+    fn slot(&self, identity: &Identity) -> SessionSlot {
+        let mut sessions = self.sessions.lock().unwrap();
+        sessions.entry(identity.clone()).or_default().clone()
+    }
+
+    /// Whether `client` is still the identity's current session.
+    async fn is_current(&self, identity: &Identity, client: &Arc<VaultClient>) -> bool {
+        let slot = self.slot(identity);
+        let guard = slot.lock().await;
+        guard
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(&s.client, client))
+    }
+
+    /// What a 403 on a read made with `used` means. Mostly the policy does not grant the
+    /// path — a spec problem: `denied` is returned as it is, with no login and no cached read
+    /// flushed. Only when Vault no longer accepts the token itself (revoked, expired early;
+    /// checked with one `lookup-self`) is there a new login, at most once per identity per
+    /// [`RELOGIN_EVERY`]; the client to retry the read with is returned.
+    async fn after_denial(
+        &self,
+        store: &StoreHandle,
+        used: &Arc<VaultClient>,
+        denied: VaultError,
+    ) -> Result<Arc<VaultClient>, VaultError> {
+        // A renewal replaced the session while the read was under way: retry with the new one.
+        if !self.is_current(&store.identity, used).await {
+            return self.session(store).await;
+        }
+        if token_accepted(store, used).await? {
+            return Err(denied);
+        }
+        let method = store.auth.method();
+        let allowed = self
+            .relogins
+            .lock()
+            .unwrap()
+            .try_acquire(&store.identity, Instant::now());
+        if let Err(wait) = allowed {
+            return Err(VaultError::AuthFailed {
+                method,
+                detail: format!(
+                    "Vault no longer accepts the token of this store's {method} login (revoked or expired early); the next login is allowed in {}s (at most one a minute)",
+                    wait.as_secs().max(1)
+                ),
+            });
+        }
+        tracing::debug!(
+            store = %store.identity.store,
+            method,
+            "Vault rejected the session's token: logging in again"
+        );
+        let client = self.session_replacing(store, Some(used)).await?;
+        // A static token read again from its Secret may be the same dead one: say so, rather
+        // than blame the policy on the retry.
+        if let AuthPlan::Token { token } = &store.auth
+            && !token_accepted(store, &client).await?
+        {
+            return Err(VaultError::AuthFailed {
+                method,
+                detail: format!(
+                    "Vault does not accept the token in Secret {}/{} (key {:?}): it was revoked or has expired; put a valid token there",
+                    token.namespace, token.name, token.key
+                ),
+            });
+        }
+        Ok(client)
+    }
+
+    /// Revokes every token this reader minted (Kubernetes and AppRole logins) and forgets
+    /// every session, so that no token outlives the operator. Static tokens from Secrets are
+    /// the user's and stay valid. Returns how many tokens were revoked. The reader logs in
+    /// again if it is used afterwards.
+    pub async fn shutdown(&self) -> usize {
+        let slots: Vec<(Identity, SessionSlot)> = self.sessions.lock().unwrap().drain().collect();
+        let revocations = slots.into_iter().map(|(identity, slot)| async move {
+            let session = slot.lock().await.take();
+            match session {
+                Some(s) if s.minted => revoke(&identity.store, &s).await,
+                _ => false,
+            }
+        });
+        join_all(revocations)
+            .await
+            .into_iter()
+            .filter(|revoked| *revoked)
+            .count()
     }
 
     async fn login(&self, store: &StoreHandle) -> Result<Session, VaultError> {
@@ -110,6 +232,8 @@ impl VaultReader {
                 return Ok(Session {
                     client: Arc::new(client_for(store, &token)?),
                     refresh_at: Instant::now() + STATIC_TOKEN_REFRESH,
+                    minted: false,
+                    timeout: store.timeout,
                 });
             }
             AuthPlan::AppRole {
@@ -156,6 +280,8 @@ impl VaultReader {
         Ok(Session {
             client: Arc::new(client_for(store, &token)?),
             refresh_at: Instant::now() + refresh,
+            minted: true,
+            timeout: store.timeout,
         })
     }
 
@@ -240,7 +366,9 @@ impl VaultReader {
         max_age: Duration,
     ) -> Result<Vec<ScopeData>, VaultError> {
         let mount = store.connection.kv.mount.as_str();
-        try_join_all(paths.iter().map(|p| {
+        // All reads, then the first failure in path order: the same failure every retry (one
+        // status message, one log line), not whichever path answered first.
+        let reads = join_all(paths.iter().map(|p| {
             let key = CacheKey {
                 identity: store.identity.clone(),
                 mount: mount.to_string(),
@@ -261,7 +389,8 @@ impl VaultReader {
                 Ok::<_, VaultError>(read)
             }
         }))
-        .await
+        .await;
+        reads.into_iter().collect()
     }
 
     async fn read_path(
@@ -289,6 +418,7 @@ impl ScopeSource for VaultReader {
         store: &'a StoreHandle,
         path: &'a str,
         version: u64,
+        max_age: Duration,
     ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>> {
         Box::pin(async move {
             let client = self.session(store).await?;
@@ -297,8 +427,10 @@ impl ScopeSource for VaultReader {
                 mount: store.connection.kv.mount.clone(),
                 path: format!("{path}@{version}"),
             };
+            // Not an hour: a destroyed version must leave the Secret on the next refresh, and
+            // on a forced sync (max_age zero) at once.
             self.versions
-                .get_or_fetch(key, Duration::from_secs(3600), || async {
+                .get_or_fetch(key, max_age, || async {
                     Kv {
                         client: &client,
                         address: &store.connection.address,
@@ -323,15 +455,94 @@ impl ScopeSource for VaultReader {
         Box::pin(async move {
             let client = self.session(store).await?;
             match self.read_all(store, &client, paths, max_age).await {
-                // The token may have been revoked or expired early: log in again once.
-                Err(VaultError::PermissionDenied { .. }) => {
-                    self.forget_session(&store.identity);
-                    let client = self.session(store).await?;
+                Err(denied @ VaultError::PermissionDenied { .. }) => {
+                    let client = self.after_denial(store, &client, denied).await?;
                     self.read_all(store, &client, paths, max_age).await
                 }
                 other => other,
             }
         })
+    }
+}
+
+/// Whether Vault still accepts the token of `client`: one `lookup-self`, which the `default`
+/// policy allows. 401/403 mean the token is gone; an unreachable Vault is an error; any other
+/// answer (a body this vaultrs does not parse) came from a token Vault accepted.
+async fn token_accepted(store: &StoreHandle, client: &VaultClient) -> Result<bool, VaultError> {
+    let address = &store.connection.address;
+    match with_timeout(store.timeout, address, vaultrs::token::lookup_self(client)).await? {
+        Ok(_) => Ok(true),
+        Err(e) => match status_code(&e) {
+            Some(401 | 403) => Ok(false),
+            Some(code) if code >= 500 => Err(unavailable_or_sealed(address, &e)),
+            Some(_) => Ok(true),
+            None if matches!(e, ClientError::RestClientError { .. }) => {
+                Err(unavailable_or_sealed(address, &e))
+            }
+            None => Ok(true),
+        },
+    }
+}
+
+/// `revoke-self` with the session's token; failures are only logged (at DEBUG: the token
+/// expires with its TTL anyway). `whose` names the store, for the log.
+async fn revoke(whose: &str, session: &Session) -> bool {
+    let revoked = tokio::time::timeout(
+        session.timeout,
+        vaultrs::token::revoke_self(session.client.as_ref()),
+    )
+    .await;
+    match revoked {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(
+                store = whose,
+                "failed to revoke a Vault token we minted: {}",
+                vault_messages(&e)
+            );
+            false
+        }
+        Err(_) => {
+            tracing::debug!(
+                store = whose,
+                "failed to revoke a Vault token we minted: no answer in time"
+            );
+            false
+        }
+    }
+}
+
+/// Re-logins after Vault rejected an identity's token: at most one per identity per `every`.
+/// Pure: the caller passes the time.
+#[derive(Debug)]
+struct ReloginLimiter {
+    every: Duration,
+    last: HashMap<Identity, Instant>,
+}
+
+impl ReloginLimiter {
+    fn new(every: Duration) -> Self {
+        ReloginLimiter {
+            every,
+            last: HashMap::new(),
+        }
+    }
+
+    /// `Ok` (and recorded) when `identity` may log in again at `now`; otherwise how long until
+    /// it may.
+    fn try_acquire(&mut self, identity: &Identity, now: Instant) -> Result<(), Duration> {
+        if let Some(at) = self.last.get(identity) {
+            let next = *at + self.every;
+            if now < next {
+                return Err(next - now);
+            }
+        }
+        // Entries older than the period limit nothing any more.
+        let every = self.every;
+        self.last
+            .retain(|_, at| now.saturating_duration_since(*at) < every);
+        self.last.insert(identity.clone(), now);
+        Ok(())
     }
 }
 
@@ -369,5 +580,51 @@ fn kube_reason(e: &kube::Error) -> String {
         ),
         kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(principal: &str) -> Identity {
+        Identity {
+            store: "ClusterVaultStore//vault/u/1".into(),
+            principal: principal.into(),
+        }
+    }
+
+    #[test]
+    fn an_identity_logs_in_again_at_most_once_a_minute() {
+        let mut limiter = ReloginLimiter::new(RELOGIN_EVERY);
+        let t0 = Instant::now();
+        let (a, b) = (identity("a"), identity("b"));
+        assert_eq!(limiter.try_acquire(&a, t0), Ok(()));
+        for s in [1, 30, 59] {
+            let wait = limiter
+                .try_acquire(&a, t0 + Duration::from_secs(s))
+                .unwrap_err();
+            assert_eq!(wait, Duration::from_secs(60 - s));
+        }
+        assert_eq!(
+            limiter.try_acquire(&b, t0 + Duration::from_secs(1)),
+            Ok(()),
+            "identities are limited separately"
+        );
+        assert_eq!(
+            limiter.try_acquire(&a, t0 + Duration::from_secs(60)),
+            Ok(())
+        );
+        assert!(
+            limiter
+                .try_acquire(&a, t0 + Duration::from_secs(61))
+                .is_err()
+        );
+        // Old entries go: the map does not grow with identities seen once.
+        assert_eq!(
+            limiter.try_acquire(&identity("c"), t0 + Duration::from_secs(200)),
+            Ok(())
+        );
+        assert_eq!(limiter.last.len(), 1);
     }
 }

@@ -265,7 +265,8 @@ pub fn parse_entries(data: Value) -> std::collections::BTreeMap<String, Entry> {
 }
 
 /// A Vault client for `address` with `token`, honouring a Vault namespace and an in-memory
-/// PEM CA bundle; every request it makes times out after `timeout`.
+/// PEM CA bundle — which then replaces the system roots —; every request it makes times out
+/// after `timeout`.
 pub fn build_client(
     address: &str,
     namespace: Option<&str>,
@@ -297,10 +298,12 @@ pub fn build_client(
             .ok_or_else(|| {
                 VaultError::InvalidStore("spec.caBundle holds no PEM certificate".into())
             })?;
+        // Only the bundle: a CA bundle pins who may speak for Vault. Merged with the system
+        // roots, any public CA could issue a certificate for the address and be trusted.
         let http = reqwest::ClientBuilder::new()
             .tls_backend_rustls()
             .timeout(timeout)
-            .tls_certs_merge(certs)
+            .tls_certs_only(certs)
             .build()
             .map_err(|e| {
                 VaultError::InvalidStore(format!(

@@ -150,6 +150,7 @@ impl ScopeSource for MemorySource {
         _store: &'a StoreHandle,
         path: &'a str,
         version: u64,
+        _max_age: Duration,
     ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>> {
         Box::pin(async move {
             if let Some(err) = self.failure.lock().unwrap().clone() {

@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod direct;
 pub mod kv;
 pub mod memory;
 
@@ -171,11 +172,14 @@ pub trait ScopeSource: Send + Sync + 'static {
         max_age: Duration,
     ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>>;
 
-    /// One version of a path (for rotation windows); `None` when it does not exist.
+    /// One version of a path (for rotation windows); `None` when it does not exist. `max_age`
+    /// bounds a cached read as for [`Self::read_scopes`]: a version can be deleted or destroyed
+    /// (revoked) at any time, so a forced sync (zero) never trusts a cached one.
     fn read_version<'a>(
         &'a self,
         store: &'a StoreHandle,
         path: &'a str,
         version: u64,
+        max_age: Duration,
     ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>>;
 }

@@ -584,6 +584,15 @@ impl State {
                 } else if content_type.is_some_and(|c| c.contains("json-patch")) {
                     return status_response(415, "json-patch is not modelled by the fake");
                 } else {
+                    // A resourceVersion in a merge patch is a precondition, as on the API
+                    // server: a patch computed from an older read fails with 409.
+                    if let (Some(want), Some(old)) = (
+                        patch["metadata"]["resourceVersion"].as_str(),
+                        existing.as_ref(),
+                    ) && Some(want) != old["metadata"]["resourceVersion"].as_str()
+                    {
+                        return status_response(409, "the object has been modified");
+                    }
                     merge_patch(&mut obj, &patch);
                 }
                 let stored = if on_status {

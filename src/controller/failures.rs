@@ -1,0 +1,115 @@
+//! Failing objects: how many failures in a row (for the backoff) and which failure was last
+//! logged, so that `error_policy` logs a failure at WARN once — when it starts and when it
+//! changes — and its repeats at DEBUG. A retry every few seconds of the same Vault outage must
+//! not bury the log.
+//!
+//! One map, keyed by object; an entry leaves when its object syncs or is deleted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kube::runtime::reflector::ObjectRef;
+
+use crate::api::v1alpha1::ScopedSecret;
+
+/// One failing object.
+#[derive(Debug, Default)]
+struct Failing {
+    attempts: u32,
+    /// Category and message of the failure last logged at WARN.
+    logged: Option<(&'static str, String)>,
+}
+
+/// What [`Failures::record`] decided for one failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// Failures in a row, this one included (1-based).
+    pub attempt: u32,
+    /// A repeat of the failure logged last: log it at DEBUG only.
+    pub repeat: bool,
+}
+
+/// The failing objects; clones share one map.
+#[derive(Clone, Debug, Default)]
+pub struct Failures(Arc<Mutex<HashMap<ObjectRef<ScopedSecret>, Failing>>>);
+
+impl Failures {
+    /// Records a failure of `obj`.
+    pub fn record(
+        &self,
+        obj: &ObjectRef<ScopedSecret>,
+        category: &'static str,
+        message: &str,
+    ) -> Recorded {
+        let mut map = self.0.lock().unwrap();
+        let entry = map.entry(obj.clone()).or_default();
+        entry.attempts = entry.attempts.saturating_add(1);
+        let repeat = entry
+            .logged
+            .as_ref()
+            .is_some_and(|(c, m)| *c == category && m == message);
+        if !repeat {
+            entry.logged = Some((category, message.to_string()));
+        }
+        Recorded {
+            attempt: entry.attempts,
+            repeat,
+        }
+    }
+
+    /// `obj` synced (or is gone): the next failure is news again.
+    pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
+        self.0.lock().unwrap().remove(obj);
+    }
+
+    /// Keeps only the objects for which `keep` is true (the others are gone).
+    pub fn retain(&self, keep: impl Fn(&ObjectRef<ScopedSecret>) -> bool) {
+        self.0.lock().unwrap().retain(|obj, _| keep(obj));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_news_when_it_starts_changes_or_returns_after_a_success() {
+        let failures = Failures::default();
+        let api = ObjectRef::<ScopedSecret>::new("api").within("shop-dev");
+        let web = ObjectRef::<ScopedSecret>::new("web").within("shop-dev");
+        let down = "failed to reach Vault";
+        let r = |attempt, repeat| Recorded { attempt, repeat };
+        assert_eq!(failures.record(&api, "VaultUnavailable", down), r(1, false));
+        assert_eq!(failures.record(&api, "VaultUnavailable", down), r(2, true));
+        assert_eq!(failures.record(&api, "VaultUnavailable", down), r(3, true));
+        assert_eq!(
+            failures.record(&web, "VaultUnavailable", down),
+            r(1, false),
+            "per object"
+        );
+        assert_eq!(
+            failures.record(&api, "VaultUnavailable", "Vault is sealed"),
+            r(4, false),
+            "a new message is news, the count goes on"
+        );
+        assert_eq!(
+            failures.record(&api, "Timeout", "Vault is sealed"),
+            r(5, false)
+        );
+        assert_eq!(
+            failures.record(&api, "Timeout", "Vault is sealed"),
+            r(6, true)
+        );
+        failures.forget(&api);
+        assert_eq!(
+            failures.record(&api, "Timeout", "Vault is sealed"),
+            r(1, false)
+        );
+        failures.forget(&api);
+        failures.forget(&web);
+        assert!(
+            failures.0.lock().unwrap().is_empty(),
+            "entries leave with their objects"
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! The `Retain` stage: under `deletionPolicy: Retain` the Secret must survive the deletion of
+//! its ScopedSecret whatever else is broken, so the owner reference is removed first — with a
+//! metadata-only patch, before the store, the namespace or Vault are looked at. A sync that
+//! fails later (missing store, Vault down) then cannot leave a Secret that the garbage
+//! collector deletes with the ScopedSecret.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::status::RETAINED;
+use super::{Context, Error};
+use crate::FIELD_MANAGER;
+use crate::api::v1alpha1::{DeletionPolicy, ScopedSecret};
+
+/// What the stage established, for the `Retained` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Retention {
+    /// `deletionPolicy: Delete`: the Secret is owned and goes with the ScopedSecret.
+    Delete,
+    /// No Secret of this ScopedSecret carries its owner reference.
+    Retained,
+    /// The owner reference could not be removed (the message says why).
+    Failed(String),
+    /// Not known (the reconcile timed out first): the condition stays as it was.
+    Unknown,
+}
+
+/// Removes this ScopedSecret's owner reference from the Secrets it manages (the current
+/// target and the one recorded in status) when the policy is `Retain`. Reads nothing when
+/// the status already reports the current generation retained.
+pub async fn release(ss: &ScopedSecret, ctx: &Context) -> Result<Retention, Error> {
+    if ss.spec.deletion_policy != DeletionPolicy::Retain {
+        return Ok(Retention::Delete);
+    }
+    if already_released(ss) {
+        return Ok(Retention::Retained);
+    }
+    let Some(ns) = ss.namespace() else {
+        return Ok(Retention::Retained);
+    };
+    let uid = ss.meta().uid.clone().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    for name in secret_names(ss) {
+        let kube_err = |action: &str| {
+            let action = format!("{action} Secret {ns}/{name} (deletionPolicy: Retain)");
+            move |source| Error::Kube { action, source }
+        };
+        let Some(secret) = secrets.get_opt(&name).await.map_err(kube_err("read"))? else {
+            continue;
+        };
+        let ours = super::reconcile::is_ours(&secret, &ss.name_any());
+        let refs = secret.metadata.owner_references.clone().unwrap_or_default();
+        if !ours || !refs.iter().any(|r| r.uid == uid) {
+            continue;
+        }
+        let kept: Vec<_> = refs.into_iter().filter(|r| r.uid != uid).collect();
+        // The resourceVersion makes the patch conditional: a concurrent change fails it (409)
+        // and the reconcile is retried, instead of writing a list read before that change.
+        let patch = json!({"metadata": {
+            "resourceVersion": secret.resource_version(),
+            "ownerReferences": if kept.is_empty() { serde_json::Value::Null } else { json!(kept) },
+        }});
+        secrets
+            .patch(
+                &name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(kube_err("remove the owner reference from"))?;
+        ctx.metrics.wrote("secret_release");
+        tracing::info!(
+            secret = %name,
+            "removed the owner reference: the Secret stays when the ScopedSecret is deleted"
+        );
+    }
+    Ok(Retention::Retained)
+}
+
+/// The status already says this generation's Secret is retained.
+fn already_released(ss: &ScopedSecret) -> bool {
+    ss.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == RETAINED
+                && c.status == "True"
+                && c.observed_generation == ss.metadata.generation
+        })
+    })
+}
+
+/// The Secrets this ScopedSecret may own: the current target and the last one written.
+fn secret_names(ss: &ScopedSecret) -> Vec<String> {
+    let target = ss
+        .spec
+        .target
+        .as_ref()
+        .and_then(|t| t.name.clone())
+        .unwrap_or_else(|| ss.name_any());
+    let mut names = vec![target];
+    if let Some(previous) = ss.status.as_ref().and_then(|s| s.secret_name.clone())
+        && !names.contains(&previous)
+    {
+        names.push(previous);
+    }
+    names
+}
