@@ -17,6 +17,7 @@ pub mod rollout;
 pub mod rotation;
 pub mod scope;
 pub mod telemetry;
+pub mod template;
 pub mod vault;
 
 /// Field manager of every write the operator makes (server-side apply).

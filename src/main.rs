@@ -122,6 +122,7 @@ const RESOLVE_EXAMPLES: &str = "Examples:
   scoped-secrets resolve -p shop -e dev -s api
   scoped-secrets resolve -p shop -e dev -s api -o json --show-values
   scoped-secrets resolve -p shop -e dev -s api --explain FOO
+  scoped-secrets resolve -f scopedsecret.yaml -p shop -e dev   # its templates too
   scoped-secrets resolve -p shop -e dev -s api -o env > .env
   scoped-secrets resolve -p shop -e dev -s api -o env --keys-only > .env.example";
 

@@ -1085,3 +1085,75 @@ async fn a_ca_bundle_replaces_the_system_roots() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("--ca-cert"), "{}", text(&out));
 }
+
+#[tokio::test]
+async fn resolve_f_renders_the_templates_of_a_scopedsecret_file_masked_unless_asked() {
+    let bao = OpenBao::start().await;
+    let root = bao.root_token().to_string();
+    for (flags, kv) in [
+        (vec!["-p", "shop"], ["DB_HOST", "db.shop"]),
+        (vec!["-p", "shop", "-s", "api"], ["DB_USER", "api"]),
+        (vec!["-p", "shop", "-e", "dev"], ["DB_PASSWORD", CANARY]),
+    ] {
+        let mut args = vec!["secret", "set"];
+        args.extend(flags);
+        args.extend(["-k", kv[0], "-v", kv[1]]);
+        ok(&cli(&bao, &root, &args, None));
+    }
+    let manifest = r#"
+apiVersion: scopedsecrets.io/v1alpha1
+kind: ScopedSecret
+metadata: {name: api, namespace: shop-dev}
+spec:
+  storeRef: {kind: ClusterVaultStore, name: vault}
+  target:
+    template:
+      mergePolicy: Replace
+      data:
+        DATABASE_URL: "postgres://{{ DB_USER }}:{{ DB_PASSWORD | urlencode }}@{{ DB_HOST }}/app"
+      templateFrom:
+        - configMap: {name: api-templates}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: api-templates, namespace: shop-dev}
+data:
+  config.json: |
+    {"password": {{ DB_PASSWORD | tojson }}}
+"#;
+    // Project and environment stand in for the namespace labels.
+    let args = ["resolve", "-f", "-", "-p", "shop", "-e", "dev"];
+    let table = ok(&cli(&bao, &root, &args, Some(manifest)));
+    assert!(!table.contains(CANARY), "masked by default: {table}");
+    assert!(
+        table.contains("DATABASE_URL  ****   template spec.target.template.data <- DB_HOST, DB_PASSWORD, DB_USER"),
+        "{table}"
+    );
+    let mut with_values = args.to_vec();
+    with_values.extend(["-o", "json", "--show-values"]);
+    let rows: Vec<Value> =
+        serde_json::from_str(&ok(&cli(&bao, &root, &with_values, Some(manifest)))).unwrap();
+    assert_eq!(rows.len(), 2, "Replace: only the templated keys: {rows:?}");
+    assert_eq!(
+        row(&rows, "DATABASE_URL").unwrap()["value"],
+        format!("postgres://api:{CANARY}@db.shop/app")
+    );
+    assert_eq!(
+        row(&rows, "DATABASE_URL").unwrap()["inputs"],
+        json!(["DB_HOST", "DB_PASSWORD", "DB_USER"])
+    );
+    assert_eq!(
+        row(&rows, "config.json").unwrap()["value"],
+        format!("{{\"password\": \"{CANARY}\"}}\n")
+    );
+
+    let broken = manifest.replace("DB_USER }}", "DB_USR }}");
+    let out = cli(&bao, &root, &args, Some(&broken));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains("spec.target.template.data.DATABASE_URL, line 1") && msg.contains("DB_USR"),
+        "{msg}"
+    );
+    assert!(!msg.contains(CANARY), "{msg}");
+}

@@ -66,6 +66,13 @@ const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     // controller/mod.rs run: `.watches(Api::<Namespace>::all(..), ..)`.
     (Cluster, "", "namespaces", "list"),
     (Cluster, "", "namespaces", "watch"),
+    // controller/reconcile.rs fetch_template_files: `Api::<ConfigMap>.get_opt(..)` of the
+    // ConfigMaps spec.target.template.templateFrom names.
+    (Cluster, "", "configmaps", "get"),
+    // controller/mod.rs controller_for: `watcher(Api::<PartialObjectMeta<ConfigMap>>..)`, a
+    // metadata-only list and watch.
+    (Cluster, "", "configmaps", "list"),
+    (Cluster, "", "configmaps", "watch"),
     // controller/reconcile.rs sync and remove_previous_target: `secrets.get_opt(..)` of the
     // target and the previous target; vault/client.rs read_credential: `get_opt` of appRole /
     // token credential Secrets; controller/mod.rs ensure_hmac_key: `get_opt` / `get` of the
@@ -129,6 +136,7 @@ fn resource_of_api_type(ty: &str) -> Option<&'static str> {
         "ClusterVaultStore" => "clustervaultstores",
         "Secret" => "secrets",
         "Namespace" => "namespaces",
+        "ConfigMap" => "configmaps",
         "ServiceAccount" => "serviceaccounts",
         "Deployment" => "deployments",
         "StatefulSet" => "statefulsets",

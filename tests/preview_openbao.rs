@@ -42,8 +42,12 @@ fn row<'a>(table: &'a str, scopedsecret: &str) -> &'a str {
 }
 
 async fn seed(bao: &OpenBao) {
-    bao.kv_put("shop", json!({"LOG_LEVEL": "info", "DB_HOST": "db"}))
-        .await;
+    // DB_USER: the example api's template builds DATABASE_URL from it.
+    bao.kv_put(
+        "shop",
+        json!({"LOG_LEVEL": "info", "DB_HOST": "db", "DB_USER": "app"}),
+    )
+    .await;
     bao.kv_put(
         "shop/envs/dev",
         json!({"LOG_LEVEL": "debug", "DB_PASSWORD": "pw"}),
@@ -197,7 +201,11 @@ async fn with_a_kube_context_the_preview_reads_the_clusters_objects() {
     };
     let impacts = impact(&manifests, source, &change).await;
     let api = impacts[0].as_ref().unwrap();
-    assert_eq!(api.changed.iter().collect::<Vec<_>>(), vec!["DB_HOST"]);
+    // The example's DATABASE_URL is built from DB_HOST: it changes with it.
+    assert_eq!(
+        api.changed.iter().collect::<Vec<_>>(),
+        vec!["DATABASE_URL", "DB_HOST"]
+    );
     assert_eq!(api.restarts, vec!["Deployment/api"]);
     assert_eq!(api.spared, vec!["Deployment/worker (KeysUnchanged)"]);
     // Nothing was written to the cluster.

@@ -179,6 +179,79 @@ pub struct Target {
     /// Extra annotations on the Secret.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Values and whole files built from the resolved keys with templates (minijinja, a
+    /// Jinja2 dialect), e.g. a `DATABASE_URL` from its parts. See docs/templates.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TargetTemplate>,
+}
+
+/// Templates that build Secret keys from the resolved keys.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetTemplate {
+    /// Secret key → template text, e.g. `DATABASE_URL: "postgres://{{ DB_USER }}:{{ DB_PASSWORD
+    /// | urlencode }}@{{ DB_HOST }}/app"`. Every resolved key (after `keys` and `rotation`) is a
+    /// variable by its name, and all of them are in the map `keys` (`{{ keys["tls.crt"] }}` for
+    /// names that are not identifiers). Using a key that is not resolved is an error
+    /// (`InvalidTemplate`), unless guarded with `| default(...)` or `is defined`. Filters
+    /// besides Jinja's built-ins: `urlencode`, `b64encode`, `b64decode`, `quote` (shell),
+    /// `toenv`, `toproperties`. Templates cannot read files, the network, the environment or
+    /// the clock, and each ScopedSecret's templates share a bounded budget of work and memory.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data: BTreeMap<String, String>,
+    /// `Merge` (default): templated keys are written along with the resolved keys, and a
+    /// templated key replaces a resolved key of the same name. `Replace`: only the templated
+    /// keys are written.
+    #[serde(default)]
+    pub merge_policy: MergePolicy,
+    /// Whole-file templates kept in ConfigMaps of the ScopedSecret's namespace, e.g. a
+    /// `config.json`. Editing such a ConfigMap renders the Secret again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub template_from: Vec<TemplateFrom>,
+}
+
+/// How templated keys and resolved keys combine.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum MergePolicy {
+    /// Resolved keys and templated keys; a templated key wins over a resolved one.
+    #[default]
+    Merge,
+    /// Only the templated keys.
+    Replace,
+}
+
+/// A source of whole-file templates.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateFrom {
+    /// A ConfigMap of the ScopedSecret's namespace whose keys hold templates.
+    pub config_map: ConfigMapTemplates,
+}
+
+/// Templates held in a ConfigMap's `data`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapTemplates {
+    /// Name of the ConfigMap, in the ScopedSecret's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The ConfigMap keys to render, each into a Secret key. Empty: every key of the
+    /// ConfigMap's `data`, under its own name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<TemplateItem>,
+}
+
+/// One ConfigMap key holding a template.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateItem {
+    /// Key of the ConfigMap's `data` holding the template, e.g. `config.json`.
+    #[schemars(regex(pattern = KEY_PATTERN))]
+    pub key: String,
+    /// Secret key the rendered file is written under. Default: `key`.
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = KEY_PATTERN))]
+    pub as_: Option<String>,
 }
 
 /// Keep a key's previous value for an overlap window after it changes.
@@ -253,9 +326,9 @@ pub struct ScopedSecretStatus {
     pub observed_generation: Option<i64>,
     /// `Ready` and `Synced`, with a reason: `Synced`, `VaultUnavailable`,
     /// `VaultPermissionDenied`, `AccessDenied`, `InvalidSpec`, `StoreNotFound`,
-    /// `ScopeDeleted`, `EmptyResult`, `KubernetesError`. Also `KeysExpiring`,
-    /// `RolloutsPaused` and, under `deletionPolicy: Retain`, `Retained` (the Secret carries
-    /// no owner reference and survives the ScopedSecret's deletion).
+    /// `ScopeDeleted`, `EmptyResult`, `InvalidTemplate`, `KubernetesError`. Also
+    /// `KeysExpiring`, `RolloutsPaused` and, under `deletionPolicy: Retain`, `Retained` (the
+    /// Secret carries no owner reference and survives the ScopedSecret's deletion).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Name of the Secret written.
@@ -319,6 +392,24 @@ pub struct KeyStatus {
     /// Key name in Vault, when renamed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// Scope that won: `project`, `service`, `environment` or `environment-service`.
+    pub scope: String,
+    /// KV v2 path (under the mount) of that scope.
+    pub path: String,
+    /// KV v2 version of that path read.
+    pub version: u64,
+    /// For a key built by a template: the resolved keys the template read, with their
+    /// sources. `scope` is then `template`, `path` names the template and `version` is 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<KeyInput>,
+}
+
+/// A resolved key a templated key was built from — never its value.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyInput {
+    /// Name of the resolved key (after renames).
+    pub name: String,
     /// Scope that won: `project`, `service`, `environment` or `environment-service`.
     pub scope: String,
     /// KV v2 path (under the mount) of that scope.

@@ -202,10 +202,20 @@ pub async fn impact(
         if !reads {
             continue;
         }
+        let files = manifests.template_files(&ns);
         let built = async {
-            let before =
-                pipeline::build(ss, &plan, source.as_ref(), Duration::ZERO, &key, now).await?;
-            let after = pipeline::build(ss, &plan, &edited, Duration::ZERO, &key, now).await?;
+            let before = pipeline::build(
+                ss,
+                &plan,
+                source.as_ref(),
+                Duration::ZERO,
+                &key,
+                now,
+                &files,
+            )
+            .await?;
+            let after =
+                pipeline::build(ss, &plan, &edited, Duration::ZERO, &key, now, &files).await?;
             Ok::<_, crate::controller::Error>((before, after))
         };
         match built.await {
@@ -407,6 +417,18 @@ pub async fn cluster_manifests(client: &kube::Client) -> Result<Manifests, Strin
         .await
         .map_err(why("scopedsecrets"))?
         .items;
+    // The ConfigMaps templates read (`templateFrom`), by name.
+    for ss in &m.scoped_secrets {
+        let ns = ss.metadata.namespace.clone().unwrap_or_default();
+        let spec = ss.spec.target.as_ref().and_then(|t| t.template.as_ref());
+        for name in crate::template::config_maps(spec) {
+            let api = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &ns);
+            if let Some(cm) = api.get_opt(&name).await.map_err(why("configmaps"))? {
+                m.config_maps
+                    .insert((ns.clone(), name), cm.data.unwrap_or_default());
+            }
+        }
+    }
     let mut add = |items: Vec<Value>| {
         for item in items {
             m.add_value(item, "cluster").ok();

@@ -55,6 +55,8 @@ pub struct Manifests {
     /// (namespace, name) → store.
     pub vault_stores: BTreeMap<(String, String), VaultStore>,
     pub scoped_secrets: Vec<ScopedSecret>,
+    /// (namespace, name) → `data` of ConfigMaps, for templates' `templateFrom`.
+    pub config_maps: BTreeMap<(String, String), BTreeMap<String, String>>,
     /// (namespace, workload): Deployments, StatefulSets, DaemonSets, Argo Rollouts.
     pub workloads: Vec<(String, Workload)>,
     /// Documents of other kinds, skipped.
@@ -65,6 +67,15 @@ pub struct Manifests {
 const DEFAULT_NAMESPACE: &str = "default";
 
 impl Manifests {
+    /// The ConfigMaps of `namespace`, as templates' `templateFrom` reads them.
+    pub fn template_files(&self, namespace: &str) -> crate::template::Files {
+        self.config_maps
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|((_, name), data)| (name.clone(), data.clone()))
+            .collect()
+    }
+
     /// Reads every path (`-` is `stdin`).
     pub fn load(paths: &[PathBuf], mut stdin: impl Read) -> Result<Self, CliError> {
         let mut manifests = Manifests::default();
@@ -123,6 +134,14 @@ impl Manifests {
                 for item in value["items"].as_array().cloned().unwrap_or_default() {
                     self.add_value(item, at)?;
                 }
+            }
+            ("v1", "ConfigMap") => {
+                let cm: k8s_openapi::api::core::v1::ConfigMap =
+                    serde_json::from_value(value).map_err(typed("ConfigMap"))?;
+                let ns = cm.metadata.namespace.unwrap_or(DEFAULT_NAMESPACE.into());
+                let name = cm.metadata.name.unwrap_or_default();
+                self.config_maps
+                    .insert((ns, name), cm.data.unwrap_or_default());
             }
             ("v1", "Namespace") => {
                 let name = value["metadata"]["name"].as_str().unwrap_or_default();
@@ -254,7 +273,9 @@ pub async fn render_all(manifests: &Manifests, source: &dyn ScopeSource) -> Vec<
         let (auth, outcome) = match planned {
             Ok(plan) => {
                 let auth = plan.handle.auth.method().to_string();
-                let built = pipeline::build(ss, &plan, source, Duration::ZERO, &key, now).await;
+                let files = manifests.template_files(&ns);
+                let built =
+                    pipeline::build(ss, &plan, source, Duration::ZERO, &key, now, &files).await;
                 (Some(auth), built)
             }
             Err(e) => (None, Err(e)),
@@ -304,13 +325,31 @@ fn sources_comment(r: &Rendered, built: &Built) -> String {
         store.name,
         r.auth.as_deref().unwrap_or("?"),
     );
-    let width = built.resolved.keys().map(String::len).max().unwrap_or(3);
-    for (key, k) in &built.resolved {
+    // The keys the Secret holds: resolved ones with their source, templated ones with the
+    // template and the keys it read.
+    let keys = &built.keys;
+    let width = keys
+        .resolved
+        .keys()
+        .chain(keys.templated.keys())
+        .map(String::len)
+        .max()
+        .unwrap_or(3);
+    for (key, k) in &keys.resolved {
         out.push_str(&format!(
             "#   {key:width$}  {:19}  {} v{}\n",
             k.source.scope.as_str(),
             k.source.path,
             k.source.version
+        ));
+    }
+    for (key, t) in &keys.templated {
+        let inputs: Vec<&str> = t.inputs.keys().map(String::as_str).collect();
+        out.push_str(&format!(
+            "#   {key:width$}  {:19}  {} <- {}\n",
+            "template",
+            t.origin.path(),
+            inputs.join(", ")
         ));
     }
     out
@@ -432,7 +471,14 @@ items:
             Some(DEFAULT_NAMESPACE)
         );
         assert!(m.cluster_stores.contains_key("vault"));
-        assert_eq!(m.skipped, 1, "the ConfigMap");
+        assert_eq!(m.skipped, 0);
+        assert_eq!(
+            m.template_files(DEFAULT_NAMESPACE)
+                .keys()
+                .collect::<Vec<_>>(),
+            ["c"],
+            "the ConfigMap, for templates"
+        );
         assert_eq!(m.workloads.len(), 1, "the Deployment");
         assert_eq!(m.workloads_in(DEFAULT_NAMESPACE)[0].name, "web");
         let err = m

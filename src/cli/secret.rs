@@ -348,7 +348,8 @@ async fn update(
     }))
 }
 
-/// Annotates every ScopedSecret whose status lists a key from `path` with a new force-sync
+/// Annotates every ScopedSecret whose status lists a key from `path` (or a templated key built
+/// from one: with `mergePolicy: Replace` the input is not a key itself) with a new force-sync
 /// value `stamp` (`revoke-…`: the operator exempts it from the restart breaker). Returns
 /// their `namespace/name`s; an error string when the cluster cannot be asked.
 pub async fn ask_to_sync(
@@ -365,10 +366,11 @@ pub async fn ask_to_sync(
         .map_err(|e| format!("failed to list ScopedSecrets: {e}"))?;
     let mut asked = Vec::new();
     for ss in list.items {
-        let reads = ss
-            .status
-            .as_ref()
-            .is_some_and(|s| s.keys.iter().any(|k| k.path == path));
+        let reads = ss.status.as_ref().is_some_and(|s| {
+            s.keys
+                .iter()
+                .any(|k| k.path == path || k.inputs.iter().any(|i| i.path == path))
+        });
         if !reads {
             continue;
         }

@@ -62,6 +62,8 @@ pub enum Error {
         "resolving {coordinates} yielded no keys (paths read: {paths}); check the project, environment and paths, or set spec.allowEmpty: true"
     )]
     EmptyResult { coordinates: String, paths: String },
+    #[error("invalid template: {0}")]
+    InvalidTemplate(#[from] crate::template::TemplateError),
     #[error(
         "Secret {namespace}/{name} exists and is not managed by this ScopedSecret; delete or rename it, or set spec.target.name to another name"
     )]
@@ -94,6 +96,7 @@ impl Error {
             Error::AccessDenied(_) => "AccessDenied",
             Error::Vault(e) => e.category(),
             Error::EmptyResult { .. } => "EmptyResult",
+            Error::InvalidTemplate(_) => "InvalidTemplate",
             Error::SecretConflict { .. } => "SecretConflict",
             Error::Kube { .. } => "KubernetesError",
             Error::Timeout { .. } => "Timeout",
@@ -112,6 +115,7 @@ impl Error {
                 | Error::InvalidStore(_)
                 | Error::AccessDenied(_)
                 | Error::SecretConflict { .. }
+                | Error::InvalidTemplate(_)
                 | Error::Vault(VaultError::PermissionDenied { .. })
         )
     }
@@ -474,6 +478,27 @@ fn referencing(
         .collect()
 }
 
+/// ScopedSecrets of `namespace` whose `spec.target.template.templateFrom` names the ConfigMap
+/// `name`.
+fn using_config_map(
+    store: &reflector::Store<ScopedSecret>,
+    name: &str,
+    namespace: Option<&str>,
+) -> Vec<ObjectRef<ScopedSecret>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|ss| {
+            ss.metadata.namespace.as_deref() == namespace
+                && crate::template::config_maps(
+                    ss.spec.target.as_ref().and_then(|t| t.template.as_ref()),
+                )
+                .contains(name)
+        })
+        .map(|ss| ObjectRef::from_obj(ss.as_ref()))
+        .collect()
+}
+
 /// Runs the controller until SIGTERM / Ctrl-C. `ready` is set once the ScopedSecret cache
 /// has synced.
 pub async fn run(
@@ -629,6 +654,18 @@ fn controller_for(
         None => watcher::Config::default(),
     };
     let (store_vs, store_cs, store_ns) = (store.clone(), store.clone(), store.clone());
+    // ConfigMaps holding templates: metadata only (an edit changes the resourceVersion) and
+    // no cache, so the operator keeps nothing per ConfigMap and receives no ConfigMap data;
+    // a reconcile reads the few it needs by name.
+    let store_cm = store.clone();
+    let config_maps = watcher(
+        namespaced_or_all::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::ConfigMap>>(
+            client, namespace,
+        ),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
     // Namespaces and stores are kept (informer caches) for the reconciles to read.
     let (namespace_cache, namespaces) = caches::cached(namespaces, namespace_config);
     let (vault_store_cache, vault_stores) = caches::cached(
@@ -673,6 +710,9 @@ fn controller_for(
                 &cs.name_any(),
                 None,
             )
+        })
+        .watches_stream(config_maps, move |cm| {
+            using_config_map(&store_cm, &cm.name_any(), cm.namespace().as_deref())
         })
         .watches_stream(
             namespaces,
@@ -733,6 +773,36 @@ mod tests {
             trigger_hash(&base)
         );
         assert_eq!(with(&annotate("unrelated")), trigger_hash(&base));
+    }
+
+    #[test]
+    fn a_config_map_maps_to_the_scopedsecrets_of_its_namespace_that_name_it() {
+        let ss = |ns: &str, name: &str, cm: Option<&str>| -> ScopedSecret {
+            let mut spec = serde_json::json!({"storeRef": {"name": "vault"}});
+            if let Some(cm) = cm {
+                spec["target"] = serde_json::json!({"template": {"templateFrom": [{"configMap": {"name": cm}}]}});
+            }
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+                "metadata": {"name": name, "namespace": ns}, "spec": spec
+            }))
+            .unwrap()
+        };
+        let (reader, mut writer) = reflector::store::<ScopedSecret>();
+        for obj in [
+            ss("shop-dev", "api", Some("templates")),
+            ss("shop-dev", "web", Some("other")),
+            ss("shop-dev", "plain", None),
+            ss("bank-dev", "api", Some("templates")),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(obj));
+        }
+        let names: Vec<String> = using_config_map(&reader, "templates", Some("shop-dev"))
+            .into_iter()
+            .map(|r| format!("{}/{}", r.namespace.unwrap(), r.name))
+            .collect();
+        assert_eq!(names, vec!["shop-dev/api".to_string()]);
+        assert!(using_config_map(&reader, "unrelated", Some("shop-dev")).is_empty());
     }
 
     #[test]

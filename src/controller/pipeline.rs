@@ -22,6 +22,7 @@ use crate::render::{self, HmacKey};
 use crate::resolve::{self, Resolved, ScopeData};
 use crate::rotation;
 use crate::scope::ScopePath;
+use crate::template;
 use crate::vault::{Identity, ScopeSource, StoreHandle};
 
 /// A store as a ScopedSecret sees it.
@@ -130,8 +131,11 @@ pub fn plan(
 pub struct Built {
     /// The scopes as read.
     pub layers: Vec<ScopeData>,
-    /// Every key of the Secret with its source.
+    /// Every resolved key (after selection and rotation) with its source.
     pub resolved: Resolved,
+    /// The keys of the Secret once `spec.target.template` is applied: resolved keys written
+    /// as they are, and templated keys with their inputs.
+    pub keys: template::Output,
     /// When the first open rotation window closes.
     pub rotation_ends: Option<jiff::Timestamp>,
     pub content_hash: String,
@@ -139,8 +143,9 @@ pub struct Built {
 }
 
 /// The `read` → `resolve` → `build` stages: reads the plan's scopes (no older than
-/// `max_age`; zero forces fresh reads), resolves them, adds rotation windows open at `now`
-/// and renders the Secret with its keyed content hash.
+/// `max_age`; zero forces fresh reads), resolves them, adds rotation windows open at `now`,
+/// applies the templates (`files`: the `data` of the ConfigMaps `templateFrom` names) and
+/// renders the Secret with its keyed content hash.
 pub async fn build(
     ss: &ScopedSecret,
     plan: &Plan,
@@ -148,6 +153,7 @@ pub async fn build(
     max_age: Duration,
     hmac_key: &HmacKey,
     now: jiff::Timestamp,
+    files: &template::Files,
 ) -> Result<Built, Error> {
     let layers = source
         .read_scopes(&plan.handle, &plan.paths, max_age)
@@ -167,7 +173,9 @@ pub async fn build(
                 .join(", "),
         });
     }
-    let data = render::secret_data(&resolved);
+    // After rotation, so a template can read `new,old`.
+    let keys = template::apply(resolved.clone(), template_spec(ss), files)?;
+    let data = keys.secret_data();
     let type_ = ss
         .spec
         .target
@@ -179,10 +187,16 @@ pub async fn build(
     Ok(Built {
         layers,
         resolved,
+        keys,
         rotation_ends,
         content_hash,
         desired,
     })
+}
+
+/// `spec.target.template`, if any.
+pub fn template_spec(ss: &ScopedSecret) -> Option<&crate::api::v1alpha1::TargetTemplate> {
+    ss.spec.target.as_ref().and_then(|t| t.template.as_ref())
 }
 
 /// Adds the keys of `spec.rotation`: `as` = `new,old` while a key's overlap window is open,

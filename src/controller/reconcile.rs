@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -28,12 +28,16 @@ use crate::api::v1alpha1::{
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::Resolved;
 use crate::rollout;
+use crate::template;
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
 /// What a successful sync did.
 struct Synced {
     secret_name: String,
+    /// Resolved keys written as they are.
     resolved: Resolved,
+    /// Keys built by `spec.target.template`.
+    templated: template::Templated,
     content_hash: String,
     /// The Secret did not exist before.
     created: bool,
@@ -84,6 +88,7 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
             let outcome = Outcome::Synced {
                 secret_name: &done.secret_name,
                 resolved: &done.resolved,
+                templated: &done.templated,
                 content_hash: &done.content_hash,
                 wrote: done.wrote,
                 rollouts: done.rollouts.as_ref(),
@@ -192,8 +197,17 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         plan.request.refresh
     };
     let now = jiff::Timestamp::now();
-    let built =
-        pipeline::build(ss, &plan, ctx.source.as_ref(), max_age, &ctx.hmac_key, now).await?;
+    let files = fetch_template_files(ctx, &ns, pipeline::template_spec(ss)).await?;
+    let built = pipeline::build(
+        ss,
+        &plan,
+        ctx.source.as_ref(),
+        max_age,
+        &ctx.hmac_key,
+        now,
+        &files,
+    )
+    .await?;
     let expiries = crate::expiry::expiries(&built.resolved, &built.layers);
     let dated: Vec<(&str, i64)> = expiries
         .iter()
@@ -202,7 +216,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     ctx.metrics.key_expiries(&ns, &name, &dated);
     let expiring = crate::expiry::expiring(&expiries, now, ctx.config.expiry_horizon);
     let pipeline::Built {
-        resolved,
+        keys,
         rotation_ends,
         content_hash,
         desired,
@@ -254,7 +268,8 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     Ok(Synced {
         force_sync: if forced { force } else { None },
         secret_name: request.secret_name,
-        resolved,
+        resolved: keys.resolved,
+        templated: keys.templated,
         content_hash,
         created: existing.is_none(),
         wrote,
@@ -375,6 +390,27 @@ pub(super) fn is_ours(secret: &Secret, owner: &str) -> bool {
     let labels = secret.labels();
     labels.get(MANAGED_LABEL).map(String::as_str) == Some(MANAGED_LABEL_VALUE)
         && labels.get(OWNER_LABEL).map(String::as_str) == Some(owner)
+}
+
+/// The `data` of the ConfigMaps `spec.target.template.templateFrom` names, read from the
+/// API server (a missing one is left out: `template::apply` says which). Watched by name in
+/// `controller_for`, so an edit renders again.
+async fn fetch_template_files(
+    ctx: &Context,
+    ns: &str,
+    spec: Option<&crate::api::v1alpha1::TargetTemplate>,
+) -> Result<template::Files, Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let mut files = template::Files::new();
+    for name in template::config_maps(spec) {
+        let found = api.get_opt(&name).await.map_err(kube_err(format!(
+            "read ConfigMap {ns}/{name} (spec.target.template.templateFrom)"
+        )))?;
+        if let Some(cm) = found {
+            files.insert(name, cm.data.unwrap_or_default());
+        }
+    }
+    Ok(files)
 }
 
 /// After `target.name` changed, the Secret written under the old name is deleted — under
@@ -529,7 +565,7 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
             format!(
                 "created Secret {} with {} keys",
                 done.secret_name,
-                done.resolved.len()
+                done.resolved.len() + done.templated.len()
             ),
         )
     } else if !done.changed_keys.is_empty() && previous_hash != Some(done.content_hash.as_str()) {
@@ -550,7 +586,7 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
             ),
         )
     };
-    info!(secret = %done.secret_name, keys = done.resolved.len(), "{note}");
+    info!(secret = %done.secret_name, keys = done.resolved.len() + done.templated.len(), "{note}");
     publish(ss, ctx, EventType::Normal, reason, &note).await;
 }
 

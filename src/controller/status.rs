@@ -5,8 +5,9 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::v1alpha1::{KeyStatus, ScopedSecretStatus};
+use crate::api::v1alpha1::{KeyInput, KeyStatus, ScopedSecretStatus};
 use crate::resolve::Resolved;
+use crate::template::Templated;
 
 pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
@@ -23,7 +24,10 @@ pub enum Outcome<'a> {
     /// The Secret holds the resolved content.
     Synced {
         secret_name: &'a str,
+        /// Resolved keys written as they are.
         resolved: &'a Resolved,
+        /// Keys built by templates.
+        templated: &'a Templated,
         content_hash: &'a str,
         /// Whether the Secret was written in this reconcile.
         wrote: bool,
@@ -42,9 +46,10 @@ pub enum Outcome<'a> {
     Failed { reason: &'a str, message: &'a str },
 }
 
-/// Per-key sources for `status.keys`.
-pub fn key_statuses(resolved: &Resolved) -> Vec<KeyStatus> {
-    resolved
+/// Per-key sources for `status.keys`, sorted by name. A templated key has the scope
+/// `template`, the template as its path, and its inputs with their sources.
+pub fn key_statuses(resolved: &Resolved, templated: &Templated) -> Vec<KeyStatus> {
+    let mut keys: Vec<KeyStatus> = resolved
         .iter()
         .map(|(name, k)| KeyStatus {
             name: name.clone(),
@@ -52,8 +57,30 @@ pub fn key_statuses(resolved: &Resolved) -> Vec<KeyStatus> {
             scope: k.source.scope.as_str().to_string(),
             path: k.source.path.clone(),
             version: k.source.version,
+            inputs: Vec::new(),
         })
-        .collect()
+        .collect();
+    keys.extend(templated.iter().map(|(name, t)| {
+        KeyStatus {
+            name: name.clone(),
+            from: None,
+            scope: "template".into(),
+            path: t.origin.path(),
+            version: 0,
+            inputs: t
+                .inputs
+                .iter()
+                .map(|(input, source)| KeyInput {
+                    name: input.clone(),
+                    scope: source.scope.as_str().to_string(),
+                    path: source.path.clone(),
+                    version: source.version,
+                })
+                .collect(),
+        }
+    }));
+    keys.sort_by(|a, b| a.name.cmp(&b.name));
+    keys
 }
 
 /// The next status from the previous one, the outcome, the object's generation and now.
@@ -69,6 +96,7 @@ pub fn next_status(
         Outcome::Synced {
             secret_name,
             resolved,
+            templated,
             content_hash,
             wrote,
             rollouts,
@@ -155,16 +183,21 @@ pub fn next_status(
                 status.last_sync_time = Some(now.clone());
             }
             status.secret_name = Some(secret_name.to_string());
-            status.keys = key_statuses(resolved);
+            status.keys = key_statuses(resolved, templated);
             status.content_hash = Some(content_hash.to_string());
-            (
-                true,
-                REASON_SYNCED,
+            let message = if templated.is_empty() {
                 format!(
                     "Secret {secret_name} holds {} resolved keys",
                     resolved.len()
-                ),
-            )
+                )
+            } else {
+                format!(
+                    "Secret {secret_name} holds {} resolved and {} templated keys",
+                    resolved.len(),
+                    templated.len()
+                )
+            };
+            (true, REASON_SYNCED, message)
         }
         Outcome::Failed { reason, message } => (false, *reason, message.to_string()),
     };
@@ -275,6 +308,8 @@ mod tests {
     use crate::resolve::{Entry, ScopeData, SecretValue, resolve};
     use crate::scope::Scope;
 
+    static NO_TEMPLATES: Templated = Templated::new();
+
     fn t(secs: i64) -> Time {
         Time(jiff::Timestamp::from_second(secs).unwrap())
     }
@@ -293,6 +328,7 @@ mod tests {
         Outcome::Synced {
             secret_name: "api",
             resolved: r,
+            templated: &NO_TEMPLATES,
             content_hash: hash,
             wrote,
             rollouts: None,
@@ -318,7 +354,8 @@ mod tests {
                 from: None,
                 scope: "environment".into(),
                 path: "shop/envs/dev".into(),
-                version: 4
+                version: 4,
+                inputs: vec![],
             }]
         );
         assert_eq!(s.content_hash.as_deref(), Some("h1"));
@@ -326,6 +363,63 @@ mod tests {
         assert_eq!(s.last_change_time, Some(t(100)));
         assert_eq!(cond(&s, READY).status, "True");
         assert_eq!(cond(&s, SYNCED).reason, "Synced");
+    }
+
+    #[test]
+    fn templated_keys_list_their_inputs_with_scopes_never_values() {
+        let spec = crate::api::v1alpha1::TargetTemplate {
+            data: [("URL".to_string(), "db://{{ DB_HOST }}/app".to_string())].into(),
+            ..Default::default()
+        };
+        let out = crate::template::apply(resolved(), Some(&spec), &Default::default()).unwrap();
+        let s = next_status(
+            None,
+            &Outcome::Synced {
+                secret_name: "api",
+                resolved: &out.resolved,
+                templated: &out.templated,
+                content_hash: "h1",
+                wrote: true,
+                rollouts: None,
+                restarts: &[],
+                expiring: None,
+                force_sync: None,
+            },
+            Some(1),
+            t(100),
+        );
+        assert_eq!(s.keys.len(), 2);
+        assert_eq!(s.keys[0].inputs, vec![], "a resolved key has no inputs");
+        assert_eq!(
+            s.keys[1],
+            KeyStatus {
+                name: "URL".into(),
+                from: None,
+                scope: "template".into(),
+                path: "spec.target.template.data".into(),
+                version: 0,
+                inputs: vec![KeyInput {
+                    name: "DB_HOST".into(),
+                    scope: "environment".into(),
+                    path: "shop/envs/dev".into(),
+                    version: 4,
+                }],
+            }
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("db://"), "{json}");
+        assert!(
+            !serde_json::to_value(&s.keys[0])
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .contains_key("inputs"),
+            "the shape of resolved keys is unchanged"
+        );
+        assert_eq!(
+            cond(&s, READY).message,
+            "Secret api holds 1 resolved and 1 templated keys"
+        );
     }
 
     #[test]
