@@ -225,6 +225,22 @@ pub fn explain(layers: &[ScopeData], key: &str, show: bool) -> String {
     out
 }
 
+/// Every scope of `coords` in the default layout, read with the CLI's token.
+async fn read_layers(vault: &VaultArgs, coords: &Coordinates) -> Result<Vec<ScopeData>, CliError> {
+    let address = vault.address();
+    let client = vault.client()?;
+    let kv = Kv {
+        client: &client,
+        address: &address,
+        mount: &vault.mount,
+        method: "token",
+        timeout: std::time::Duration::from_secs(10),
+        requests: None,
+    };
+    let paths = Layout::default().paths(coords);
+    Ok(try_join_all(paths.iter().map(|p| kv.read_scope(p))).await?)
+}
+
 /// Runs `resolve`, printing to stdout.
 pub async fn run(args: ResolveArgs, vault: &VaultArgs) -> Result<(), CliError> {
     if let Some(k) = &args.explain {
@@ -243,18 +259,7 @@ pub async fn run(args: ResolveArgs, vault: &VaultArgs) -> Result<(), CliError> {
             CliError::Usage("give -p PROJECT (with -e, -s), or -f SCOPEDSECRET.yaml".into())
         })?
         .coordinates()?;
-    let address = vault.address();
-    let client = vault.client()?;
-    let kv = Kv {
-        client: &client,
-        address: &address,
-        mount: &vault.mount,
-        method: "token",
-        timeout: std::time::Duration::from_secs(10),
-        requests: None,
-    };
-    let paths = Layout::default().paths(&coords);
-    let layers = try_join_all(paths.iter().map(|p| kv.read_scope(p))).await?;
+    let layers = read_layers(vault, &coords).await?;
     if let Some(key) = &args.explain {
         print!("{}", explain(&layers, key, args.show_values));
         return Ok(());
@@ -367,18 +372,7 @@ async fn run_file(
     let manifest = parse_manifest(&yaml)?;
     let ss = &manifest.scoped_secret;
     let coords = manifest_coordinates(ss, args.scope.as_ref())?;
-    let address = vault.address();
-    let client = vault.client()?;
-    let kv = Kv {
-        client: &client,
-        address: &address,
-        mount: &vault.mount,
-        method: "token",
-        timeout: std::time::Duration::from_secs(10),
-        requests: None,
-    };
-    let paths = Layout::default().paths(&coords);
-    let layers = try_join_all(paths.iter().map(|p| kv.read_scope(p))).await?;
+    let layers = read_layers(vault, &coords).await?;
     if let Some(key) = &args.explain {
         print!("{}", explain(&layers, key, args.show_values));
         return Ok(());
