@@ -12,7 +12,6 @@ use kube::runtime::controller::Action;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::restarts::tick;
 use scoped_secrets::controller::{Config, Context, error_policy, reconcile};
-use scoped_secrets::render::HmacKey;
 use scoped_secrets::vault::VaultError;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
@@ -28,23 +27,10 @@ struct World {
 
 fn world() -> World {
     let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "shop-dev", "labels": {
-            "scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev", "team": "shop"}}
-    }));
+    support::shop::shop_dev(&fake);
     fake.insert(json!({
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "bank-dev", "labels": {"scopedsecrets.io/project": "shop"}}
-    }));
-    fake.insert(json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {
-            "address": "http://vault:8200",
-            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
-            "access": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}, "projects": ["shop"]}]
-        }
     }));
     let vault = Arc::new(MemorySource::new());
     vault.put(
@@ -60,12 +46,7 @@ fn world() -> World {
         "shop/envs/dev/services/api",
         &[("DB_PASSWORD", Some(CANARY)), ("FEATURE_X", None)],
     );
-    let ctx = Arc::new(Context::new(
-        fake.client(),
-        vault.clone(),
-        HmacKey::new(vec![7; 32]),
-        Config::default(),
-    ));
+    let ctx = support::shop::context(&fake, vault.clone(), Config::default());
     World { fake, vault, ctx }
 }
 
@@ -96,12 +77,7 @@ impl World {
 
     /// A second operator context on the same cluster and Vault (another config, or a restart).
     fn context(&self, config: Config) -> Arc<Context> {
-        Arc::new(Context::new(
-            self.fake.client(),
-            self.vault.clone(),
-            HmacKey::new(vec![7; 32]),
-            config,
-        ))
+        support::shop::context(&self.fake, self.vault.clone(), config)
     }
 
     /// Changes the stored ScopedSecret as a user's edit would.

@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::Secret;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::restarts::tick;
 use scoped_secrets::controller::{Config, Context, reconcile};
-use scoped_secrets::render::HmacKey;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
 use support::fake_api::FakeKube;
@@ -30,20 +29,7 @@ struct World {
 /// database's user and host, the `dev` environment its password.
 fn world() -> World {
     let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "shop-dev", "labels": {
-            "scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev", "team": "shop"}}
-    }));
-    fake.insert(json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {
-            "address": "http://vault:8200",
-            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
-            "access": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}, "projects": ["shop"]}]
-        }
-    }));
+    support::shop::shop_dev(&fake);
     let vault = Arc::new(MemorySource::new());
     vault.put(
         "shop",
@@ -54,12 +40,7 @@ fn world() -> World {
         ],
     );
     vault.put("shop/envs/dev", &[("DB_PASSWORD", Some(CANARY))]);
-    let ctx = Arc::new(Context::new(
-        fake.client(),
-        vault.clone(),
-        HmacKey::new(vec![7; 32]),
-        Config::default(),
-    ));
+    let ctx = support::shop::context(&fake, vault.clone(), Config::default());
     World { fake, vault, ctx }
 }
 

@@ -4,5 +4,6 @@ pub mod fairness;
 pub mod fake_api;
 pub mod logs;
 pub mod openbao;
+pub mod shop;
 
 pub use logs::capture_logs;
