@@ -16,6 +16,7 @@ pub mod resolve;
 pub mod rollout;
 pub mod rotation;
 pub mod scope;
+pub mod shell;
 pub mod telemetry;
 pub mod template;
 pub mod vault;

@@ -597,15 +597,13 @@ fn pairs(value: &Value) -> Result<Vec<(String, String)>, minijinja::Error> {
 fn toenv(value: Value) -> Result<String, minijinja::Error> {
     let mut out = String::new();
     for (name, v) in pairs(&value)? {
-        let valid = name.chars().next().is_some_and(|c| !c.is_ascii_digit())
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
+        if !crate::shell::is_variable_name(&name) {
             return Err(invalid(ENV_NAME_ERROR));
         }
         if v.contains('\0') {
             return Err(invalid(NUL_ERROR));
         }
-        out.push_str(&format!("{name}={}\n", crate::cli::resolve::sh_quote(&v)));
+        out.push_str(&format!("{name}={}\n", crate::shell::quote(&v)));
     }
     Ok(out)
 }

@@ -95,21 +95,7 @@ pub fn output_rows(output: &template::Output, show: bool) -> Vec<Row> {
     out
 }
 
-/// Whether `key` can be a shell variable: `[A-Za-z_][A-Za-z0-9_]*`.
-pub fn is_shell_name(key: &str) -> bool {
-    let mut bytes = key.bytes();
-    bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-/// Quotes a value for `sh`: between single quotes every byte is literal — `$`, backticks,
-/// backslashes, newlines and carriage returns included —, and a `'` is written as `'\''`
-/// (close the quote, an escaped quote, open it again).
-pub fn sh_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
-}
+pub use crate::shell::{is_variable_name as is_shell_name, quote as sh_quote};
 
 /// The `-o env` text: one `KEY='value'` line per key (`KEY=` with `keys_only`), safe to
 /// `source`: refused, naming the keys, when a key is not a shell variable name or a value holds
