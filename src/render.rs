@@ -79,6 +79,15 @@ pub fn secret_data(resolved: &Resolved) -> BTreeMap<String, ByteString> {
         .collect()
 }
 
+/// The Secret's type: `spec.target.type`, by default `Opaque`.
+pub fn secret_type(ss: &ScopedSecret) -> String {
+    ss.spec
+        .target
+        .as_ref()
+        .and_then(|t| t.type_.clone())
+        .unwrap_or_else(|| "Opaque".to_string())
+}
+
 /// The Secret as the operator wants it: what it applies with server-side apply.
 pub fn desired_secret(
     ss: &ScopedSecret,
@@ -87,7 +96,7 @@ pub fn desired_secret(
     content_hash: &str,
 ) -> Secret {
     let target = ss.spec.target.clone().unwrap_or_default();
-    let type_ = target.type_.unwrap_or_else(|| "Opaque".to_string());
+    let type_ = secret_type(ss);
 
     let mut labels = target.labels;
     labels.insert(MANAGED_LABEL.to_string(), MANAGED_LABEL_VALUE.to_string());

@@ -420,8 +420,7 @@ pub async fn cluster_manifests(client: &kube::Client) -> Result<Manifests, Strin
     // The ConfigMaps templates read (`templateFrom`), by name.
     for ss in &m.scoped_secrets {
         let ns = ss.metadata.namespace.clone().unwrap_or_default();
-        let spec = ss.spec.target.as_ref().and_then(|t| t.template.as_ref());
-        for name in crate::template::config_maps(spec) {
+        for name in crate::template::config_maps(pipeline::template_spec(ss)) {
             let api = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &ns);
             if let Some(cm) = api.get_opt(&name).await.map_err(why("configmaps"))? {
                 m.config_maps
@@ -434,16 +433,9 @@ pub async fn cluster_manifests(client: &kube::Client) -> Result<Manifests, Strin
             m.add_value(item, "cluster").ok();
         }
     };
-    let as_values = |items: Vec<Value>| items;
-    add(as_values(
-        list_values::<Deployment>(client, "deployments").await?,
-    ));
-    add(as_values(
-        list_values::<StatefulSet>(client, "statefulsets").await?,
-    ));
-    add(as_values(
-        list_values::<DaemonSet>(client, "daemonsets").await?,
-    ));
+    add(list_values::<Deployment>(client, "deployments").await?);
+    add(list_values::<StatefulSet>(client, "statefulsets").await?);
+    add(list_values::<DaemonSet>(client, "daemonsets").await?);
     Ok(m)
 }
 

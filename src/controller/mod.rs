@@ -490,10 +490,7 @@ fn using_config_map(
         .into_iter()
         .filter(|ss| {
             ss.metadata.namespace.as_deref() == namespace
-                && crate::template::config_maps(
-                    ss.spec.target.as_ref().and_then(|t| t.template.as_ref()),
-                )
-                .contains(name)
+                && crate::template::config_maps(pipeline::template_spec(ss)).contains(name)
         })
         .map(|ss| ObjectRef::from_obj(ss.as_ref()))
         .collect()

@@ -176,13 +176,7 @@ pub async fn build(
     // After rotation, so a template can read `new,old`.
     let keys = template::apply(resolved.clone(), template_spec(ss), files)?;
     let data = keys.secret_data();
-    let type_ = ss
-        .spec
-        .target
-        .as_ref()
-        .and_then(|t| t.type_.clone())
-        .unwrap_or_else(|| "Opaque".into());
-    let content_hash = render::content_hash(hmac_key, &type_, &data);
+    let content_hash = render::content_hash(hmac_key, &render::secret_type(ss), &data);
     let desired = render::desired_secret(ss, &plan.request.secret_name, data, &content_hash);
     Ok(Built {
         layers,

@@ -91,13 +91,7 @@ fn already_released(ss: &ScopedSecret) -> bool {
 
 /// The Secrets this ScopedSecret may own: the current target and the last one written.
 fn secret_names(ss: &ScopedSecret) -> Vec<String> {
-    let target = ss
-        .spec
-        .target
-        .as_ref()
-        .and_then(|t| t.name.clone())
-        .unwrap_or_else(|| ss.name_any());
-    let mut names = vec![target];
+    let mut names = vec![super::validate::secret_name(ss)];
     if let Some(previous) = ss.status.as_ref().and_then(|s| s.secret_name.clone())
         && !names.contains(&previous)
     {

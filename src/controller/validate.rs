@@ -124,9 +124,18 @@ pub fn request(
     }
     Ok(Request {
         coordinates,
-        secret_name: target.name.unwrap_or_else(|| name.to_string()),
+        secret_name: secret_name(ss),
         refresh,
     })
+}
+
+/// The Secret a ScopedSecret writes: `spec.target.name`, by default its own name.
+pub fn secret_name(ss: &ScopedSecret) -> String {
+    ss.spec
+        .target
+        .as_ref()
+        .and_then(|t| t.name.clone())
+        .unwrap_or_else(|| ss.metadata.name.clone().unwrap_or_default())
 }
 
 /// Whether a ClusterVaultStore serves `namespace` (with `labels`) for `coordinates`.
