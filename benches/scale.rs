@@ -17,12 +17,13 @@
 //!    runs only this section.
 //!
 //! 5. Restarts (`cargo bench --bench scale -- restarts` runs only this section): a
-//!    project-level value read by 100 ScopedSecrets of one namespace changes; each has its own
-//!    Deployment, and 10 gateway Deployments read 10 of the Secrets each. Prints the patches
-//!    made (one per workload, against one per Secret per workload without coalescing), the
-//!    most rollouts in flight at once (the budget), the rounds needed when each rollout takes
-//!    one round, and the planning cost per ScopedSecret. The in-memory API server stands in for
-//!    the cluster; a simulated Deployment controller completes every rollout in one round.
+//!    project-level value read by 100 ScopedSecrets of one namespace changes; 1,000
+//!    Deployments read them (one each, every tenth ten). The workload controller's reconcile
+//!    runs over every workload in rounds of 5 s on a manual clock. Prints the patches made
+//!    (one per workload, against one per Secret per workload without coalescing), the most
+//!    rollouts in flight at once (the budget), the rounds, the memory of the workload cache
+//!    per workload and the cost of one workload reconcile. The in-memory API server stands in
+//!    for the cluster; a simulated Deployment controller completes every rollout in one round.
 //!
 //! 6. Fairness (`cargo bench --bench scale -- fairness` runs only this section): 20
 //!    ScopedSecrets on a store whose address accepts connections and never answers (timeout
@@ -53,7 +54,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use scoped_secrets::api::v1alpha1::{KvEngine, ScopedSecret, StoreConnection};
-use scoped_secrets::controller::{Config, Context, reconcile};
+use scoped_secrets::controller::{Config, Context, reconcile, workloads};
 use scoped_secrets::render::{self, HmacKey};
 use scoped_secrets::resolve::{self, Entry, ScopeData, SecretValue};
 use scoped_secrets::scope::{Coordinates, Layout, Scope};
@@ -96,7 +97,7 @@ fn pure_stages() {
         let resolved = resolve::select(resolve::resolve(&layers), None).unwrap();
         let data = render::secret_data(&resolved);
         let hash = render::content_hash(&key, "Opaque", &data);
-        let secret = render::desired_secret(&ss, "api", data, &hash);
+        let secret = render::desired_secret(&ss, "api", data, &hash, "{}");
         total_keys += secret.data.map_or(0, |d| d.len());
     }
     let per = start.elapsed() / n;
@@ -613,12 +614,14 @@ fn resources_in_children() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 5. Restarts: coalescing and the budget.
+// 5. Restarts: the workload controller, coalescing and the budget.
 // ---------------------------------------------------------------------------------------------
 
 async fn restarts() {
-    const SERVICES: usize = 100;
-    const GATEWAYS: usize = 10;
+    const SECRETS: usize = 100;
+    const WORKLOADS: usize = 1000;
+    /// Every tenth workload is a gateway reading ten Secrets.
+    const GATEWAY_READS: usize = 10;
     let fake = fake_kube::FakeKube::new();
     fake.insert(
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop-e0",
@@ -636,35 +639,45 @@ async fn restarts() {
             .map(|s| json!({"secretRef": {"name": s}}))
             .collect();
         json!({"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": "shop-e0"},
+            "metadata": {"name": name, "namespace": "shop-e0", "labels": {"app": name}},
             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
                      "template": {"metadata": {"labels": {"app": name}},
-                                  "spec": {"containers": [{"name": "c", "image": "x", "envFrom": refs}]}}},
+                                  "spec": {"containers": [{"name": "c", "image": "registry.example/app:1.2.3",
+                                           "args": ["--serve"], "resources": {"requests": {"cpu": "100m"}},
+                                           "envFrom": refs}]}}},
             "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}})
     };
     let vault = Arc::new(scoped_secrets::vault::memory::MemorySource::new());
     vault.put("shop", &[("SHARED_TOKEN", Some("v1"))]);
-    for s in 0..SERVICES {
+    for s in 0..SECRETS {
         fake.insert(
             json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
             "metadata": {"name": format!("s{s}"), "namespace": "shop-e0"},
             "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}}),
         );
-        fake.insert(deployment(format!("d{s}"), vec![format!("s{s}")]));
     }
-    for g in 0..GATEWAYS {
-        let per = SERVICES / GATEWAYS;
-        let reads = (g * per..(g + 1) * per).map(|s| format!("s{s}")).collect();
-        fake.insert(deployment(format!("gateway{g}"), reads));
+    for w in 0..WORKLOADS {
+        let reads = if w % 10 == 0 {
+            (0..GATEWAY_READS)
+                .map(|k| format!("s{}", (w / 10 + k * 10) % SECRETS))
+                .collect()
+        } else {
+            vec![format!("s{}", w % SECRETS)]
+        };
+        fake.insert(deployment(format!("d{w}"), reads));
     }
-    let ctx = Arc::new(Context::new(
-        fake.client(),
-        vault.clone(),
-        HmacKey::new(vec![3; 32]),
-        Config::default(),
-    ));
+    let clock = Arc::new(scoped_secrets::clock::ManualClock::default());
+    let ctx = Arc::new(
+        Context::new(
+            fake.client(),
+            vault.clone(),
+            HmacKey::new(vec![3; 32]),
+            Config::default(),
+        )
+        .with_clock(clock.clone()),
+    );
     let sync_all = || async {
-        for s in 0..SERVICES {
+        for s in 0..SECRETS {
             let ss = Arc::new(
                 fake.get_typed::<ScopedSecret>(Some("shop-e0"), &format!("s{s}"))
                     .unwrap(),
@@ -672,41 +685,78 @@ async fn restarts() {
             reconcile(ss, ctx.clone()).await.unwrap();
         }
     };
+    let restarts = workloads::Restarts::new(ctx.clone());
     sync_all().await;
+    // The workload cache, filled from one list (a fresh cache, so the count is its own).
+    let before = live_heap();
+    workloads::snapshot(&restarts, None).await.unwrap();
+    let cache = live_heap() - before;
+    let settle = || async {
+        workloads::snapshot(&restarts, None).await.unwrap();
+        let started = Instant::now();
+        for r in workloads::reconcile_all(&restarts).await {
+            r.unwrap();
+        }
+        started.elapsed()
+    };
+    settle().await;
     vault.put("shop", &[("SHARED_TOKEN", Some("v2"))]);
-    let start = Instant::now();
-    sync_all().await;
-    let changed_in = start.elapsed();
+    // Each ScopedSecret refreshes on its own schedule, spread over 5 s.
+    for s in 0..SECRETS {
+        let ss = Arc::new(
+            fake.get_typed::<ScopedSecret>(Some("shop-e0"), &format!("s{s}"))
+                .unwrap(),
+        );
+        reconcile(ss, ctx.clone()).await.unwrap();
+        if s % 20 == 19 {
+            clock.advance(Duration::from_secs(1));
+        }
+    }
     fake.clear_requests();
-    let t0 = Instant::now() + ctx.config.pacing.window;
-    let (mut rounds, mut most_in_flight, mut patches) = (0, 0, 0);
+    let restarted_at = |d: &serde_json::Value| {
+        d["metadata"]["annotations"]["scopedsecrets.io/restarted-at"].clone()
+    };
+    let (mut rounds, mut most_in_flight, mut reconcile_time) = (0, 0, Duration::ZERO);
+    let mut restarted = std::collections::BTreeMap::new();
     loop {
-        scoped_secrets::controller::restarts::tick(&ctx, t0 + Duration::from_secs(rounds)).await;
+        clock.advance(Duration::from_secs(5));
+        reconcile_time += settle().await;
         rounds += 1;
-        let now_patches = fake.writes_to("deployments").len();
-        most_in_flight = most_in_flight.max(now_patches - patches);
-        patches = now_patches;
+        let ds = fake.list_values("deployments");
+        let in_flight = ds
+            .iter()
+            .filter(|d| d["metadata"]["generation"] != d["status"]["observedGeneration"])
+            .count();
+        most_in_flight = most_in_flight.max(in_flight);
+        for d in &ds {
+            if !restarted_at(d).is_null() {
+                restarted.insert(d["metadata"]["name"].to_string(), restarted_at(d));
+            }
+        }
         // The Deployment controller: every started rollout completes within the round.
-        for mut d in fake.list_values("deployments") {
+        for mut d in ds {
             if d["metadata"]["generation"] != d["status"]["observedGeneration"] {
                 d["status"]["observedGeneration"] = d["metadata"]["generation"].clone();
                 fake.insert(d);
             }
         }
-        let q = ctx.restarts.queue();
-        if q.pending_len() == 0 && q.in_flight_len() == 0 {
+        if restarted.len() == WORKLOADS || rounds >= 1000 {
             break;
         }
-        assert!(rounds < 1000, "the restart queue does not drain");
     }
-    let workloads = SERVICES + GATEWAYS;
-    let naive = SERVICES + GATEWAYS * (SERVICES / GATEWAYS);
+    let patches = fake
+        .writes_to("deployments")
+        .iter()
+        .filter(|w| w.body.as_ref().is_some_and(|b| !restarted_at(b).is_null()))
+        .count();
+    let naive = (WORKLOADS / 10) * GATEWAY_READS + WORKLOADS - WORKLOADS / 10;
     println!(
-        "restarts, one project-level change read by {SERVICES} ScopedSecrets ({workloads} consumer workloads, {GATEWAYS} of them reading {} Secrets each): {patches} patches (one per workload; {naive} without coalescing), at most {most_in_flight} in flight (budget {}), drained in {} rounds of one rollout each; the change reconciled in {:?} per ScopedSecret (listing the namespace's workloads included)",
-        SERVICES / GATEWAYS,
+        "restarts, one project-level value read by {SECRETS} ScopedSecrets and {WORKLOADS} Deployments (every tenth reading {GATEWAY_READS} Secrets), refreshed over 5 s: {patches} patches for {} workloads restarted ({naive} without coalescing), at most {most_in_flight} rollouts in flight (budget {}), {rounds} rounds of 5 s; workload cache {} per workload ({} for {WORKLOADS}); {:?} per workload reconcile",
+        restarted.len(),
         ctx.config.pacing.budget,
-        rounds - 1,
-        changed_in / SERVICES as u32,
+        cache / WORKLOADS as isize,
+        mib_b(cache),
+        reconcile_time / (rounds * WORKLOADS as u32),
     );
 }
 

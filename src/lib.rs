@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod controller;
 pub mod crd;
 pub mod expiry;

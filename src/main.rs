@@ -207,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 expiry_horizon: std::time::Duration::from_secs(expiry_horizon_days * 86_400),
                 breaker_changes,
-                pacing: scoped_secrets::rollout::queue::Pacing {
+                pacing: scoped_secrets::rollout::Pacing {
                     window: std::time::Duration::from_secs(restart_window_seconds),
                     budget: max_restarts_in_flight as usize,
                     deadline: std::time::Duration::from_secs(rollout_deadline_seconds),

@@ -94,6 +94,7 @@ pub fn desired_secret(
     secret_name: &str,
     data: BTreeMap<String, ByteString>,
     content_hash: &str,
+    key_hashes: &str,
 ) -> Secret {
     let target = ss.spec.target.clone().unwrap_or_default();
     let type_ = secret_type(ss);
@@ -114,6 +115,11 @@ pub fn desired_secret(
     annotations.insert(
         CONTENT_HASH_ANNOTATION.to_string(),
         content_hash.to_string(),
+    );
+    // What the workload controller computes restarts from, reading Secret metadata only.
+    annotations.insert(
+        crate::rollout::KEY_HASHES_ANNOTATION.to_string(),
+        key_hashes.to_string(),
     );
     let metadata_hash = metadata_digest(&type_, &labels, &annotations, owner_references.is_some());
     annotations.insert(METADATA_HASH_ANNOTATION.to_string(), metadata_hash);
@@ -278,7 +284,7 @@ mod tests {
             annotations: [("note".to_string(), "x".to_string())].into(),
             ..Default::default()
         });
-        let d = desired_secret(&s, "api-env", data(&[("A", "1")]), "hmac-sha256:ab");
+        let d = desired_secret(&s, "api-env", data(&[("A", "1")]), "hmac-sha256:ab", "{}");
         let labels = d.metadata.labels.as_ref().unwrap();
         assert_eq!(
             labels[MANAGED_LABEL], "true",
@@ -303,9 +309,9 @@ mod tests {
     fn retain_policy_writes_no_owner_reference() {
         let mut s = ss();
         s.spec.deletion_policy = DeletionPolicy::Retain;
-        let d = desired_secret(&s, "api", data(&[]), "h");
+        let d = desired_secret(&s, "api", data(&[]), "h", "{}");
         assert!(d.metadata.owner_references.is_none());
-        let owned = desired_secret(&ss(), "api", data(&[]), "h");
+        let owned = desired_secret(&ss(), "api", data(&[]), "h", "{}");
         assert!(
             needs_write(Some(&owned), &d),
             "switching to Retain must drop the owner reference"
@@ -314,7 +320,7 @@ mod tests {
 
     #[test]
     fn equal_secret_needs_no_write_and_any_drift_does() {
-        let d = desired_secret(&ss(), "api", data(&[("A", "1")]), "h");
+        let d = desired_secret(&ss(), "api", data(&[("A", "1")]), "h", "{}");
         assert!(needs_write(None, &d));
         let mut existing = d.clone();
         // Server-added metadata and foreign labels do not count as drift.
@@ -353,8 +359,8 @@ mod tests {
             labels: [("team".to_string(), "shop".to_string())].into(),
             ..Default::default()
         });
-        let before = desired_secret(&s, "api", data(&[]), "h");
-        let after = desired_secret(&ss(), "api", data(&[]), "h");
+        let before = desired_secret(&s, "api", data(&[]), "h", "{}");
+        let after = desired_secret(&ss(), "api", data(&[]), "h", "{}");
         assert!(needs_write(Some(&before), &after));
     }
 }

@@ -44,12 +44,15 @@ use Scope::{Cluster, OperatorNamespace};
 /// `templates/rbac.yaml` and `docs/security.md` in step with the code.
 const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     // controller/mod.rs run: `Api::<ScopedSecret>::all(..).list(..)` at start-up (are the
-    // CRDs installed? unfinished restarts to queue again) and the reflector's `watcher` (an initial list, then watch).
+    // CRDs installed?) and the reflectors' `watcher` (an initial list, then watch) of the
+    // ScopedSecret controller and of the workload controller (controller/workloads.rs).
     (Cluster, "scopedsecrets.io", "scopedsecrets", "list"),
     (Cluster, "scopedsecrets.io", "scopedsecrets", "watch"),
-    // controller/reconcile.rs write_status: `api.get_status(..)` (decide on the live status).
+    // controller/reconcile.rs write_status: `api.get_status(..)` (decide on the live status);
+    // controller/workloads.rs record: the same before writing `status.rollouts`.
     (Cluster, "scopedsecrets.io", "scopedsecrets/status", "get"),
-    // controller/reconcile.rs write_status: `api.patch_status(.., Patch::Apply)`.
+    // controller/reconcile.rs write_status: `api.patch_status(.., Patch::Apply)`;
+    // controller/workloads.rs record: `api.patch_status(.., Patch::Merge)` of `status.rollouts`.
     (Cluster, "scopedsecrets.io", "scopedsecrets/status", "patch"),
     // controller/reconcile.rs fetch_store: `Api::<VaultStore>::namespaced(..).get_opt(..)`.
     (Cluster, "scopedsecrets.io", "vaultstores", "get"),
@@ -78,7 +81,9 @@ const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     // token credential Secrets; controller/mod.rs ensure_hmac_key: `get_opt` / `get` of the
     // HMAC key (in the operator's namespace, covered by this cluster-wide rule).
     (Cluster, "", "secrets", "get"),
-    // controller/mod.rs run: `.watches(Api::<Secret>::all(..), labels(managed=true), ..)`.
+    // controller/mod.rs run: `.watches(Api::<Secret>::all(..), labels(managed=true), ..)`;
+    // controller/workloads.rs run_scope: `watcher(Api::<PartialObjectMeta<Secret>>..)`, the
+    // same Secrets, metadata only (their key hashes).
     (Cluster, "", "secrets", "list"),
     (Cluster, "", "secrets", "watch"),
     // controller/reconcile.rs sync: `secrets.patch(.., Patch::Merge)` (remove hand-added keys)
@@ -95,23 +100,21 @@ const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     (OperatorNamespace, "coordination.k8s.io", "leases", "patch"),
     // vault/client.rs service_account_token: `Api::<ServiceAccount>.create_token_request(..)`.
     (Cluster, "", "serviceaccounts/token", "create"),
-    // controller/reconcile.rs publish_on: `ctx.recorder.publish(..)` — kube's events::Recorder
+    // controller/events.rs publish_on: `ctx.recorder.publish(..)` — kube's events::Recorder
     // creates an events.k8s.io/v1 Event, and patches it when the same event repeats.
     (Cluster, "events.k8s.io", "events", "create"),
     (Cluster, "events.k8s.io", "events", "patch"),
-    // rollout/apply.rs list_workloads: `Api::<Deployment|StatefulSet|DaemonSet>.list(..)`, and
-    // `Api::<DynamicObject>` of rollouts.argoproj.io when discovery finds it.
+    // controller/workloads.rs workload_controller: `watcher(Api::<DynamicObject>..)` of
+    // Deployments, StatefulSets, DaemonSets, and of rollouts.argoproj.io when discovery finds
+    // it (an initial list, then watch).
     (Cluster, "apps", "deployments", "list"),
     (Cluster, "apps", "statefulsets", "list"),
     (Cluster, "apps", "daemonsets", "list"),
     (Cluster, "argoproj.io", "rollouts", "list"),
-    // rollout/apply.rs fetch: `.get_opt(name)` before a patch and while a rollout is in flight
-    // (and apply_batch: `Api::<Secret>.get_metadata_opt` — does the Secret still exist? — under
-    // the secrets get rule above).
-    (Cluster, "apps", "deployments", "get"),
-    (Cluster, "apps", "statefulsets", "get"),
-    (Cluster, "apps", "daemonsets", "get"),
-    (Cluster, "argoproj.io", "rollouts", "get"),
+    (Cluster, "apps", "deployments", "watch"),
+    (Cluster, "apps", "statefulsets", "watch"),
+    (Cluster, "apps", "daemonsets", "watch"),
+    (Cluster, "argoproj.io", "rollouts", "watch"),
     // rollout/apply.rs apply: `.patch(name, .., Patch::Apply)` of the checksum annotations.
     (Cluster, "apps", "deployments", "patch"),
     (Cluster, "apps", "statefulsets", "patch"),
@@ -128,21 +131,22 @@ fn api_calls() -> BTreeSet<Grant> {
         .collect()
 }
 
-/// The resource (without subresource) a Rust type passed to `kube::Api` stands for.
-fn resource_of_api_type(ty: &str) -> Option<&'static str> {
+/// The resources (without subresource) a Rust type passed to `kube::Api` stands for.
+fn resource_of_api_type(ty: &str) -> Option<&'static [&'static str]> {
     Some(match ty.rsplit("::").next().unwrap_or(ty) {
-        "ScopedSecret" => "scopedsecrets",
-        "VaultStore" => "vaultstores",
-        "ClusterVaultStore" => "clustervaultstores",
-        "Secret" => "secrets",
-        "Namespace" => "namespaces",
-        "ConfigMap" => "configmaps",
-        "ServiceAccount" => "serviceaccounts",
-        "Deployment" => "deployments",
-        "StatefulSet" => "statefulsets",
-        "DaemonSet" => "daemonsets",
-        // Only Argo Rollouts are read as dynamic objects (rollout/apply.rs).
-        "DynamicObject" => "rollouts",
+        "ScopedSecret" => &["scopedsecrets"],
+        "VaultStore" => &["vaultstores"],
+        "ClusterVaultStore" => &["clustervaultstores"],
+        "Secret" => &["secrets"],
+        "Namespace" => &["namespaces"],
+        "ConfigMap" => &["configmaps"],
+        "ServiceAccount" => &["serviceaccounts"],
+        "Deployment" => &["deployments"],
+        "StatefulSet" => &["statefulsets"],
+        "DaemonSet" => &["daemonsets"],
+        // Workloads are read and patched as dynamic objects (controller/workloads.rs,
+        // rollout/apply.rs).
+        "DynamicObject" => &["deployments", "statefulsets", "daemonsets", "rollouts"],
         _ => return None,
     })
 }
@@ -182,8 +186,10 @@ fn api_call_list_names_every_resource_the_operator_code_uses() {
                 continue;
             }
             match resource_of_api_type(&cap[1]) {
-                Some(r) => {
-                    used.entry(r.to_string()).or_default().insert(rel.clone());
+                Some(resources) => {
+                    for r in resources {
+                        used.entry(r.to_string()).or_default().insert(rel.clone());
+                    }
                 }
                 None => unknown.push(format!("{rel}: Api<{}>", &cap[1])),
             }

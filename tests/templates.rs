@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
-use scoped_secrets::controller::restarts::tick;
 use scoped_secrets::controller::{Config, Context, reconcile};
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
@@ -23,6 +22,8 @@ struct World {
     fake: FakeKube,
     vault: Arc<MemorySource>,
     ctx: Arc<Context>,
+    clock: Arc<scoped_secrets::clock::ManualClock>,
+    restarts: Arc<scoped_secrets::controller::workloads::Restarts>,
 }
 
 /// Namespace `shop-dev` of project `shop`, environment `dev`; the `shop` scopes hold the
@@ -40,8 +41,16 @@ fn world() -> World {
         ],
     );
     vault.put("shop/envs/dev", &[("DB_PASSWORD", Some(CANARY))]);
-    let ctx = support::shop::context(&fake, vault.clone(), Config::default());
-    World { fake, vault, ctx }
+    let clock = Arc::new(scoped_secrets::clock::ManualClock::default());
+    let ctx = support::shop::context_at(&fake, vault.clone(), Config::default(), clock.clone());
+    let restarts = scoped_secrets::controller::workloads::Restarts::new(ctx.clone());
+    World {
+        fake,
+        vault,
+        ctx,
+        clock,
+        restarts,
+    }
 }
 
 fn scoped_secret(template: Value) -> Value {
@@ -106,12 +115,12 @@ fn deployment(name: &str, key: &str) -> Value {
 
 /// The Deployments restarted once the coalescing window has passed.
 async fn restarted(w: &World) -> Vec<String> {
-    let later = std::time::Instant::now() + w.ctx.config.pacing.window + Duration::from_secs(1);
-    tick(&w.ctx, later).await;
-    w.fake
-        .writes_to("deployments")
+    w.clock
+        .advance(w.ctx.config.pacing.window + Duration::from_secs(1));
+    support::shop::settle(&w.fake, &w.restarts)
+        .await
         .into_iter()
-        .map(|r| r.path.rsplit('/').next().unwrap().to_string())
+        .map(|name| name.trim_start_matches("deployments/").to_string())
         .collect()
 }
 

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
 use scoped_secrets::api::v1alpha1::{KvEngine, ScopedSecret, StoreConnection};
-use scoped_secrets::controller::{Config, Context, Error, error_policy, reconcile, restarts};
+use scoped_secrets::controller::workloads::Restarts;
+use scoped_secrets::controller::{Config, Context, Error, error_policy, reconcile};
 use scoped_secrets::render::HmacKey;
 use scoped_secrets::resolve::ScopeData;
 use scoped_secrets::scope::{Scope, ScopePath};
@@ -576,8 +577,11 @@ async fn secret_revoke_removes_the_old_value_from_every_secret_and_restarts_each
         rig.reconcile(service).await.unwrap();
         assert_eq!(rig.data(service)["API_KEYS"], "fresh,leaked");
     }
-    // A refresh within the interval: served from the shared cache, nothing changes.
+    // A refresh within the interval: served from the shared cache, nothing changes. The
+    // workload controller has seen the consumers (their baselines).
     rig.reconcile("api").await.unwrap();
+    let restarts = Restarts::new(rig.ctx.clone());
+    assert!(support::shop::settle(&rig.fake, &restarts).await.is_empty());
     rig.fake.clear_requests();
 
     // `secret revoke` as a user runs it: the CLI destroys the versions in Vault; its kube part
@@ -606,14 +610,18 @@ async fn secret_revoke_removes_the_old_value_from_every_secret_and_restarts_each
         .await
         .unwrap();
     assert_eq!(asked, ["shop-dev/api", "shop-dev/web"]);
-    // What the controller does on the annotation: reconcile each, and the restart worker's
-    // next pass (a revocation skips the coalescing window).
+    // What the controllers do on the annotation: reconcile each, then the workloads (a
+    // revocation skips the coalescing window).
     for name in &asked {
         rig.reconcile(name.trim_start_matches("shop-dev/"))
             .await
             .unwrap();
     }
-    restarts::tick(&rig.ctx, Instant::now()).await;
+    let restarted = support::shop::settle(&rig.fake, &restarts).await;
+    assert_eq!(
+        restarted,
+        ["deployments/api-server", "deployments/web-server"]
+    );
     let elapsed = started.elapsed();
     for service in ["api", "web"] {
         let data = rig.data(service);
@@ -636,14 +644,11 @@ async fn secret_revoke_removes_the_old_value_from_every_secret_and_restarts_each
             "{patches:?}"
         );
     }
-    // Later refreshes and worker passes restart nothing more.
+    // Later refreshes and workload reconciles restart nothing more.
     for name in ["api", "web"] {
         rig.reconcile(name).await.unwrap();
     }
-    restarts::tick(&rig.ctx, Instant::now() + Duration::from_secs(60)).await;
-    for consumer in ["api-server", "web-server"] {
-        assert_eq!(rig.restarts_of(consumer).len(), 1, "{consumer}");
-    }
+    assert!(support::shop::settle(&rig.fake, &restarts).await.is_empty());
 }
 
 // ---- logs ----

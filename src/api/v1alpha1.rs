@@ -348,7 +348,8 @@ pub struct ScopedSecretStatus {
     /// When the Secret's content (its HMAC) last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_change_time: Option<Time>,
-    /// The workloads the last content change restarted or skipped, and why.
+    /// What became of the restarts of this Secret's consumers, one entry per workload: written
+    /// by the operator's workload controller when a workload's result changes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollouts: Vec<RolloutStatus>,
     /// The value of the annotation `scopedsecrets.io/force-sync` the operator last acted on.
@@ -357,6 +358,28 @@ pub struct ScopedSecretStatus {
     /// act on an old value again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_sync_handled: Option<String>,
+    /// Recent content changes, kept for the restart breaker so that it survives an operator
+    /// restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangeHistory>,
+}
+
+/// The recent content changes of the Secret, as the restart breaker counts them.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeHistory {
+    /// When the content changed, oldest first: only changes inside the breaker's window, at
+    /// most one more than the changes it tolerates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub times: Vec<Time>,
+    /// The value of the annotation `scopedsecrets.io/resume-rollouts` last acted on: a
+    /// different value clears `times`, and restarts paused by the breaker resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_handled: Option<String>,
+    /// The `contentHash` a revocation (`secret revoke`) wrote: restarts onto it skip the
+    /// coalescing window, the restart budget and the breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<String>,
 }
 
 /// What the last content change did to one workload.
@@ -371,14 +394,15 @@ pub struct RolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
     /// `Queued` (waiting for the coalescing window), `Deferred` (waiting for the restart
-    /// budget), `Restarted`, `Skipped:<reason>` (`KeysUnchanged`, `AlreadyCurrent`,
-    /// `LiveReload`, `Paused`, `Deleted`, `SecretDeleted`, `Flapping`) or `Failed:<reason>` (`Forbidden`,
-    /// `Refused`, `KubernetesError` — retried 5 times with backoff).
+    /// budget, or for its own rollout to complete), `Restarted`, `Skipped:<reason>`
+    /// (`LiveReload`, `Paused`, `Flapping`) or `Failed:<reason>` (`Forbidden`, `Refused`; an
+    /// outage is retried with backoff and not recorded).
     pub result: String,
     /// When it reached this result.
     pub time: Time,
-    /// For a restart still owed to a workload without the annotation: the HMAC prefix of the
-    /// content its pods run. A change back to that content withdraws the restart.
+    /// No longer written: what the pods of a workload never restarted by the operator run is
+    /// kept on the workload itself (its metadata annotation `checksum.scopedsecrets.io/<secret>`).
+    /// Kept so that statuses written by earlier versions still parse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
 }

@@ -5,8 +5,8 @@
 //! context. Each ScopedSecret whose scopes include the changed path is run through the
 //! controller's pipeline twice — as Vault is, and with the change applied in memory — and the
 //! keys whose value would differ are the keys that change; the workloads that would restart
-//! are decided by the controller's own key-level rules ([`crate::rollout::targets`] and
-//! [`crate::rollout::decide`]). The result is a short table.
+//! are decided by the controller's own key-level rules ([`crate::rollout::targeted`] and
+//! [`crate::rollout::spared_by`]). The result is a short table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ use crate::controller::pipeline::{self, Built};
 use crate::controller::status::ROLLOUTS_PAUSED;
 use crate::render::HmacKey;
 use crate::resolve::{Entry, ScopeData, SecretValue};
-use crate::rollout::{self, Change as KeysChange, Decision, Workload, WorkloadKind};
+use crate::rollout::{self, Workload, WorkloadKind};
 use crate::scope::ScopePath;
 use crate::vault::direct::DirectSource;
 use crate::vault::{ScopeSource, StoreHandle, VaultError, VersionData};
@@ -221,7 +221,7 @@ pub async fn impact(
         match built.await {
             Ok((before, after)) => {
                 let workloads = manifests.workloads_in(&ns);
-                out.push(Ok(assess(ss, id, &before, &after, &workloads, &key)));
+                out.push(Ok(assess(ss, id, &before, &after, &workloads)));
             }
             Err(e) => out.push(Err((id, e))),
         }
@@ -236,7 +236,6 @@ fn assess(
     before: &Built,
     after: &Built,
     workloads: &[Workload],
-    key: &HmacKey,
 ) -> Impact {
     let empty = BTreeMap::new();
     let old = before.desired.data.as_ref().unwrap_or(&empty);
@@ -260,12 +259,14 @@ fn assess(
                 w
             })
             .collect();
-        let change = KeysChange::Keys(changed.clone());
-        for (w, consumption) in rollout::targets(ss.spec.rollout.as_ref(), &fresh, &secret) {
+        for w in &fresh {
+            let Some(consumption) = rollout::targeted(ss.spec.rollout.as_ref(), w, &secret) else {
+                continue;
+            };
             let name = format!("{}/{}", w.kind.as_str(), w.name);
-            match rollout::decide(w, &consumption, &secret, &change, key, new) {
-                Decision::Restart { .. } => restarts.push(name),
-                Decision::Skip(why) => spared.push(format!("{name} ({})", why.as_str())),
+            match rollout::spared_by(w, &consumption, &changed) {
+                None => restarts.push(name),
+                Some(why) => spared.push(format!("{name} ({why})")),
             }
         }
     }

@@ -7,21 +7,19 @@
 //! and are retried until they recover — no object is ever dropped from the queue.
 
 pub mod caches;
+pub mod events;
 mod failures;
 pub mod pipeline;
 mod reconcile;
-mod restart_plan;
 pub mod retain;
-pub use restart_plan::requeue_from_status;
-pub mod restarts;
 pub mod status;
 pub mod validate;
+pub mod workloads;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, PostParams};
@@ -142,7 +140,7 @@ pub struct Config {
     /// Keys expiring within this horizon are reported (`KeysExpiring`).
     pub expiry_horizon: Duration,
     /// Coalescing window, restart budget and rollout deadline of restarts.
-    pub pacing: crate::rollout::queue::Pacing,
+    pub pacing: crate::rollout::Pacing,
     /// Namespaces whose ScopedSecrets are served; empty: all namespaces.
     pub watch_namespaces: Vec<String>,
 }
@@ -181,17 +179,8 @@ pub struct Context {
     pub(crate) failures: failures::Failures,
     /// Objects synced at least once since start.
     seen: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
-    /// Content changes per Secret, to pause restarts from a flapping value.
-    pub(crate) breaker: Mutex<crate::rollout::breaker::Breaker>,
-    /// Per Secret (`namespace/name`), the content hash whose restarts were already handled:
-    /// a reconcile that still sees the previous status (the cache lags our own write) must
-    /// not handle the same change twice.
-    pub(crate) rolled_out: Mutex<HashMap<String, String>>,
-    /// The cluster-wide restart queue and its worker's state.
-    pub restarts: restarts::Restarter,
-    /// Per Secret (`namespace/name`), the names of the keys whose changes the breaker kept
-    /// from restarting anything: owed when it clears.
-    pub(crate) withheld: Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
+    /// Where the breaker, the restart window and the budget read the time.
+    pub clock: Arc<dyn crate::clock::Clock>,
     /// Informer caches of namespaces and stores, filled by the running controllers (empty
     /// when reconciles are driven without them, as in tests: reads go to the API server).
     pub caches: caches::Caches,
@@ -208,11 +197,6 @@ impl Context {
             controller: "scoped-secrets".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        let breaker = Mutex::new(crate::rollout::breaker::Breaker::new(
-            config.breaker_changes,
-            config.breaker_window,
-        ));
-        let restarts = restarts::Restarter::new(config.pacing);
         let metrics = Arc::new(Metrics::default());
         Context {
             recorder: Recorder::new(client.clone(), reporter),
@@ -224,10 +208,7 @@ impl Context {
             metrics,
             failures: Default::default(),
             seen: Mutex::new(Default::default()),
-            breaker,
-            rolled_out: Mutex::new(HashMap::new()),
-            restarts,
-            withheld: Mutex::new(HashMap::new()),
+            clock: Arc::new(crate::clock::SystemClock),
             caches: Default::default(),
         }
     }
@@ -236,6 +217,12 @@ impl Context {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.source = guarded(&self.unguarded, &self.config, &metrics);
         self.metrics = metrics;
+        self
+    }
+
+    /// Reads the time from `clock` (tests move a manual one).
+    pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -510,13 +497,12 @@ pub async fn run(
     } else {
         config.watch_namespaces.iter().cloned().map(Some).collect()
     };
-    // The ScopedSecrets as they are at start-up: also the check that the CRDs are installed
-    // and the RBAC allows the list.
-    let mut existing = Vec::new();
+    // The check that the CRDs are installed and the RBAC allows the list, with a message
+    // that says so.
     for scope in &scopes {
         let scoped: Api<ScopedSecret> = namespaced_or_all(&client, scope.as_deref());
-        match scoped.list(&ListParams::default()).await {
-            Ok(list) => existing.extend(list.items),
+        match scoped.list(&ListParams::default().limit(1)).await {
+            Ok(_) => {}
             Err(e) => {
                 let where_ = scope
                     .as_deref()
@@ -534,28 +520,14 @@ pub async fn run(
     let ctx =
         Arc::new(Context::new(client.clone(), source, hmac_key, config).with_metrics(metrics));
 
-    // Restarts a previous operator decided but did not apply are queued again first, all
-    // together (then each reconcile also checks its own).
-    requeue_from_status(&ctx, &existing);
-    drop(existing);
-    // The restart worker runs as long as the controllers do (and stops with them when the
-    // Lease is lost).
-    let worker = AbortOnDrop(tokio::spawn(restarts::run_worker(ctx.clone())));
-    let mut triggered = ctx
-        .restarts
-        .take_triggers()
-        .expect("the controller takes the restart triggers once");
-    // One controller per scope; the worker's triggers go to the one watching their namespace.
-    let mut routes = HashMap::new();
+    // Restarts: a controller keyed by workload per scope, next to the ScopedSecret controller.
+    let restarts = workloads::Restarts::new(ctx.clone());
     let mut controllers = Vec::new();
     // Ready once every scope's cache has been filled by its first list.
     let synced = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let scope_count = scopes.len();
     for scope in scopes {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        routes.insert(scope.clone(), tx);
-        let rx =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        controllers.push(workloads::run_scope(restarts.clone(), scope.clone()).boxed());
         let (synced, ready) = (synced.clone(), ready.clone());
         let first = std::sync::atomic::AtomicBool::new(true);
         let on_synced = move || {
@@ -569,7 +541,6 @@ pub async fn run(
         let controller = controller_for(&ctx, scope.as_deref(), concurrency, on_synced);
         controllers.push(
             controller
-                .reconcile_on(rx)
                 .shutdown_on_signal()
                 .run(reconcile, error_policy, ctx.clone())
                 .for_each(|result| async move {
@@ -581,22 +552,11 @@ pub async fn run(
                             other => tracing::warn!("controller: {other}"),
                         }
                     }
-                }),
+                })
+                .boxed(),
         );
     }
-    let router = AbortOnDrop(tokio::spawn(async move {
-        while let Some(obj) = triggered.recv().await {
-            let route = routes
-                .get(&None)
-                .or_else(|| routes.get(&obj.namespace.clone()));
-            if let Some(tx) = route {
-                let _ = tx.send(obj);
-            }
-        }
-    }));
     futures::future::join_all(controllers).await;
-    drop(router);
-    drop(worker);
     Ok(())
 }
 
@@ -723,15 +683,6 @@ fn controller_for(
                     .collect::<Vec<_>>()
             },
         )
-}
-
-/// Aborts a spawned task when dropped, so it never outlives its owner.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]

@@ -177,7 +177,14 @@ pub async fn build(
     let keys = template::apply(resolved.clone(), template_spec(ss), files)?;
     let data = keys.secret_data();
     let content_hash = render::content_hash(hmac_key, &render::secret_type(ss), &data);
-    let desired = render::desired_secret(ss, &plan.request.secret_name, data, &content_hash);
+    let key_hashes = crate::rollout::KeyHashes::compute(hmac_key, &data).to_annotation();
+    let desired = render::desired_secret(
+        ss,
+        &plan.request.secret_name,
+        data,
+        &content_hash,
+        &key_hashes,
+    );
     Ok(Built {
         layers,
         resolved,

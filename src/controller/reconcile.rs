@@ -11,23 +11,23 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
+use super::events::publish;
 use super::pipeline::{self, StoreSpec};
-use super::restart_plan::{list_consumers, restart_consumers, restart_records};
 use super::retain::{self, Retention};
 use super::status::{Outcome, next_status, set_retention};
 use super::{Context, Error, refresh_delay};
 use crate::api::v1alpha1::{
-    ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreKind, VaultStore,
+    ChangeHistory, ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreKind, VaultStore,
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::Resolved;
-use crate::rollout;
+use crate::rollout::breaker;
 use crate::template;
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
@@ -46,8 +46,10 @@ struct Synced {
     /// Names of keys whose value was added, changed or removed (names only).
     changed_keys: Vec<String>,
     refresh: Duration,
-    /// What the change did about restarts, when the content changed from a previous one.
-    rollouts: Option<rollout::apply::Report>,
+    /// The recent content changes, for the restart breaker.
+    changes: ChangeHistory,
+    /// Until when the breaker pauses restarts from this Secret, if it does.
+    paused_until: Option<jiff::Timestamp>,
     /// When the first open rotation window closes.
     rotation_ends: Option<jiff::Timestamp>,
     /// Keys expiring within the horizon, as a sentence.
@@ -82,21 +84,18 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
     if let Err(Error::Vault(crate::vault::VaultError::StoreBusy { .. })) = &result {
         return Ok(Action::requeue(super::deferral_delay()));
     }
-    let now = now();
+    let now = seconds(ctx.clock.now());
     match result {
         Ok(done) => {
+            let paused = done.paused_until.map(|_| paused_note(&ctx, &done));
             let outcome = Outcome::Synced {
                 secret_name: &done.secret_name,
                 resolved: &done.resolved,
                 templated: &done.templated,
                 content_hash: &done.content_hash,
                 wrote: done.wrote,
-                rollouts: done.rollouts.as_ref(),
-                restarts: &restart_records(
-                    &ctx,
-                    ss.namespace().as_deref().unwrap_or_default(),
-                    &done.secret_name,
-                ),
+                changes: &done.changes,
+                paused: paused.as_deref(),
                 expiring: done.expiring.as_deref(),
                 force_sync: done.force_sync.as_deref(),
             };
@@ -105,6 +104,16 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 return Err(e);
             }
             announce(&ss, &ctx, &done).await;
+            let was_paused = ss.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == super::status::ROLLOUTS_PAUSED && c.status == "True")
+            });
+            if done.paused_until.is_some() && !was_paused {
+                let note = paused_note(&ctx, &done);
+                warn!("{note}");
+                publish(&ss, &ctx, EventType::Warning, "RolloutsPaused", &note).await;
+            }
             let was_expiring = ss.status.as_ref().is_some_and(|s| {
                 s.conditions
                     .iter()
@@ -119,10 +128,16 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
             let first_since_start = ctx.mark_synced(&obj);
             ctx.record_success(&obj);
             let mut delay = refresh_delay(done.refresh, first_since_start);
-            // The old value leaves the Secret right when its window closes.
+            // The old value leaves the Secret right when its window closes; the breaker's
+            // condition turns when its pause ends.
+            let until = |ends: jiff::Timestamp, now: jiff::Timestamp| {
+                Duration::from_secs((ends.as_second() - now.as_second() + 1).max(1) as u64)
+            };
             if let Some(ends) = done.rotation_ends {
-                let until = ends.as_second() - jiff::Timestamp::now().as_second() + 1;
-                delay = delay.min(Duration::from_secs(until.max(1) as u64));
+                delay = delay.min(until(ends, jiff::Timestamp::now()));
+            }
+            if let Some(ends) = done.paused_until {
+                delay = delay.min(until(ends, ctx.clock.now()));
             }
             Ok(Action::requeue(delay))
         }
@@ -153,10 +168,9 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
     }
 }
 
-fn now() -> Time {
+fn seconds(t: jiff::Timestamp) -> Time {
     // The API server keeps seconds; so do we, so that a status read back compares equal.
-    let secs = jiff::Timestamp::now().as_second();
-    Time(jiff::Timestamp::from_second(secs).expect("now is a valid timestamp"))
+    Time(jiff::Timestamp::from_second(t.as_second()).expect("a valid timestamp"))
 }
 
 fn kube_err(action: String) -> impl FnOnce(kube::Error) -> Error {
@@ -243,28 +257,36 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     }
     let changed_keys = changed_key_names(existing.as_ref(), &desired);
     let wrote = render::needs_write(existing.as_ref(), &desired);
-    // The consumers are listed before the Secret changes: a change whose restarts cannot be
-    // planned is not applied yet (the reconcile fails and is retried), so none is lost.
-    let workloads = list_consumers(ss, ctx, &request.secret_name, &content_hash).await?;
     if wrote {
         write_secret(ctx, &secrets, existing.as_ref(), &desired, &name).await?;
     }
     remove_previous_target(ss, ctx, &secrets, &request.secret_name).await?;
-    // A revocation (`secret revoke` sets force-sync to `revoke-…`) restarts at once,
-    // exempt from the breaker.
+    // The workload controller restarts the consumers from the Secret's published key hashes;
+    // what it needs from here is the change history (breaker) and whether a revocation
+    // (`secret revoke` sets force-sync to `revoke-…`) wrote this content: its restarts skip the
+    // window, the budget and the breaker.
     let revocation = forced && force.as_deref().is_some_and(|v| v.starts_with("revoke-"));
-    let rollouts = restart_consumers(
-        ss,
-        ctx,
-        &request.secret_name,
-        &changed_keys,
-        &content_hash,
-        &desired,
-        revocation,
-        workloads,
-        existing.as_ref().and_then(|e| e.data.as_ref()),
-    )
-    .await;
+    let limits = breaker::Limits {
+        max_changes: ctx.config.breaker_changes,
+        window: ctx.config.breaker_window,
+    };
+    let previous = ss.status.as_ref();
+    let changes = breaker::record(
+        previous.and_then(|s| s.changes.as_ref()),
+        &breaker::Sync {
+            changed: previous
+                .and_then(|s| s.content_hash.as_deref())
+                .is_some_and(|h| h != content_hash),
+            resume: ss
+                .annotations()
+                .get(breaker::RESUME_ANNOTATION)
+                .map(String::as_str),
+            revocation: revocation.then_some(content_hash.as_str()),
+        },
+        limits,
+        ctx.clock.now(),
+    );
+    let paused_until = breaker::paused_until(&changes, limits, ctx.clock.now());
     Ok(Synced {
         force_sync: if forced { force } else { None },
         secret_name: request.secret_name,
@@ -275,7 +297,8 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         wrote,
         changed_keys,
         refresh: request.refresh,
-        rollouts,
+        changes,
+        paused_until,
         rotation_ends,
         expiring,
     })
@@ -534,6 +557,10 @@ async fn write_status(
     if live.status.as_ref() == Some(&status) {
         return Ok(());
     }
+    // `status.rollouts` belongs to the workload controller (its own field manager): not
+    // applied here, so this apply never takes it away.
+    let mut status = status;
+    status.rollouts.clear();
     let patch = json!({
         "apiVersion": ScopedSecret::api_version(&()),
         "kind": ScopedSecret::kind(&()),
@@ -551,6 +578,17 @@ async fn write_status(
     )))?;
     ctx.metrics.wrote("status");
     Ok(())
+}
+
+/// Why restarts from the Secret are paused, for the condition and the event.
+fn paused_note(ctx: &Context, done: &Synced) -> String {
+    format!(
+        "Secret {} changed {} times within {}s: restarts from it are paused until fewer changes fall in that window, or the annotation {} of the ScopedSecret is changed; the Secret keeps following Vault",
+        done.secret_name,
+        done.changes.times.len(),
+        ctx.config.breaker_window.as_secs(),
+        breaker::RESUME_ANNOTATION
+    )
 }
 
 /// Events and a log line for what a successful sync changed. Nothing for a no-op.
@@ -588,42 +626,4 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
     };
     info!(secret = %done.secret_name, keys = done.resolved.len() + done.templated.len(), "{note}");
     publish(ss, ctx, EventType::Normal, reason, &note).await;
-}
-
-pub(super) async fn publish(
-    ss: &ScopedSecret,
-    ctx: &Context,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    publish_on(ctx, &ss.object_ref(&()), type_, reason, note).await;
-}
-
-pub(super) async fn publish_on(
-    ctx: &Context,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    let mut note = note.to_string();
-    if note.len() > 1000 {
-        let cut = (0..=1000)
-            .rev()
-            .find(|i| note.is_char_boundary(*i))
-            .unwrap_or(0);
-        note.truncate(cut);
-    }
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Sync".into(),
-        secondary: None,
-    };
-    match ctx.recorder.publish(&event, reference).await {
-        Ok(()) => ctx.metrics.wrote("event"),
-        Err(e) => warn!("failed to publish event {reason}: {e}"),
-    }
 }

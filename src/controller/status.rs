@@ -31,11 +31,10 @@ pub enum Outcome<'a> {
         content_hash: &'a str,
         /// Whether the Secret was written in this reconcile.
         wrote: bool,
-        /// What the change did about restarts, when the content changed.
-        rollouts: Option<&'a crate::rollout::apply::Report>,
-        /// What the restart queue knows of this Secret's restarts since (`Deferred`,
-        /// `Restarted`, …): it updates the matching `status.rollouts` entries.
-        restarts: &'a [crate::api::v1alpha1::RolloutStatus],
+        /// The recent content changes, for the restart breaker.
+        changes: &'a crate::api::v1alpha1::ChangeHistory,
+        /// Why restarts from the Secret are paused, while the breaker pauses them.
+        paused: Option<&'a str>,
         /// Keys expiring within the horizon, as a sentence.
         expiring: Option<&'a str>,
         /// The `force-sync` annotation value this sync acted on, recorded so that it is not
@@ -99,8 +98,8 @@ pub fn next_status(
             templated,
             content_hash,
             wrote,
-            rollouts,
-            restarts,
+            changes,
+            paused,
             expiring,
             force_sync,
         } => {
@@ -123,57 +122,22 @@ pub fn next_status(
                     &now,
                 );
             }
-            if let Some(report) = rollouts {
-                let paused = report.paused.is_some();
-                let had_condition = status.conditions.iter().any(|c| c.type_ == ROLLOUTS_PAUSED);
-                if paused || had_condition {
-                    let (reason, message) = match &report.paused {
-                        Some(why) => ("Flapping", why.as_str()),
-                        None => ("Resumed", "restarts run again"),
-                    };
-                    set_condition(
-                        &mut status.conditions,
-                        ROLLOUTS_PAUSED,
-                        paused,
-                        reason,
-                        message,
-                        generation,
-                        &now,
-                    );
-                }
-            }
-            if rollouts.is_some_and(|r| r.paused.is_some()) {
-                // The breaker withdrew the restarts still queued.
-                for entry in &mut status.rollouts {
-                    if entry.result == "Queued" || entry.result == "Deferred" {
-                        entry.result = "Skipped:Flapping".into();
-                        entry.time = now.clone();
-                    }
-                }
-            }
-            if let Some(report) = rollouts.filter(|r| r.paused.is_none() && !r.clears_pause_only) {
-                status.rollouts = report
-                    .outcomes
-                    .iter()
-                    .map(|o| crate::api::v1alpha1::RolloutStatus {
-                        baseline: o.baseline.clone(),
-                        kind: o.kind.as_str().to_string(),
-                        name: o.name.clone(),
-                        hash: o.hash.clone(),
-                        result: o.result.clone(),
-                        time: now.clone(),
-                    })
-                    .collect();
-            }
-            for entry in &mut status.rollouts {
-                if let Some(latest) = restarts
-                    .iter()
-                    .find(|r| r.kind == entry.kind && r.name == entry.name && r.hash == entry.hash)
-                    && latest.result != entry.result
-                {
-                    entry.result = latest.result.clone();
-                    entry.time = latest.time.clone();
-                }
+            status.changes = (**changes != Default::default()).then(|| (*changes).clone());
+            let had_condition = status.conditions.iter().any(|c| c.type_ == ROLLOUTS_PAUSED);
+            if paused.is_some() || had_condition {
+                let (reason, message) = match paused {
+                    Some(why) => ("Flapping", *why),
+                    None => ("Resumed", "restarts run again"),
+                };
+                set_condition(
+                    &mut status.conditions,
+                    ROLLOUTS_PAUSED,
+                    paused.is_some(),
+                    reason,
+                    message,
+                    generation,
+                    &now,
+                );
             }
             let changed = status.content_hash.as_deref() != Some(*content_hash);
             if changed {
@@ -324,6 +288,12 @@ mod tests {
         }])
     }
 
+    static NO_CHANGES: crate::api::v1alpha1::ChangeHistory = crate::api::v1alpha1::ChangeHistory {
+        times: Vec::new(),
+        resume_handled: None,
+        revocation: None,
+    };
+
     fn synced<'a>(r: &'a Resolved, hash: &'a str, wrote: bool) -> Outcome<'a> {
         Outcome::Synced {
             secret_name: "api",
@@ -331,8 +301,8 @@ mod tests {
             templated: &NO_TEMPLATES,
             content_hash: hash,
             wrote,
-            rollouts: None,
-            restarts: &[],
+            changes: &NO_CHANGES,
+            paused: None,
             expiring: None,
             force_sync: None,
         }
@@ -380,8 +350,8 @@ mod tests {
                 templated: &out.templated,
                 content_hash: "h1",
                 wrote: true,
-                rollouts: None,
-                restarts: &[],
+                changes: &NO_CHANGES,
+                paused: None,
                 expiring: None,
                 force_sync: None,
             },

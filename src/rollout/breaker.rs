@@ -1,165 +1,173 @@
 //! The breaker for flapping values (pure): when one Secret's content changes more than
 //! `max_changes` times within `window`, restarts caused by it pause — a flapping value must
-//! never mint thousands of ReplicaSets. They resume when the window has passed, or when a
-//! person changes the ScopedSecret's annotation `scopedsecrets.io/resume-rollouts`.
+//! never mint thousands of ReplicaSets. They resume when fewer changes fall in the window, or
+//! when a person changes the ScopedSecret's annotation `scopedsecrets.io/resume-rollouts`.
+//!
+//! The change times live in the ScopedSecret's status ([`ChangeHistory`]), written by the sync
+//! that changed the content, so an operator restart or a failover neither lifts a pause early
+//! nor forgets the changes that lead to one.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::v1alpha1::ChangeHistory;
 
 /// Annotation whose change clears a tripped breaker.
 pub const RESUME_ANNOTATION: &str = "scopedsecrets.io/resume-rollouts";
 
-/// Content changes per Secret within a sliding window.
-#[derive(Debug)]
-pub struct Breaker {
-    max_changes: usize,
-    window: Duration,
-    changes: HashMap<String, VecDeque<Instant>>,
-    resumed_with: HashMap<String, String>,
+/// How many changes within how long trip the breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_changes: usize,
+    pub window: Duration,
 }
 
-impl Breaker {
-    pub fn new(max_changes: usize, window: Duration) -> Self {
-        Breaker {
-            max_changes,
-            window,
-            changes: HashMap::new(),
-            resumed_with: HashMap::new(),
-        }
-    }
+/// What a sync tells the breaker.
+pub struct Sync<'a> {
+    /// The content changed from a previous content in this sync.
+    pub changed: bool,
+    /// The current value of the resume annotation.
+    pub resume: Option<&'a str>,
+    /// The content hash written, when this sync was a revocation.
+    pub revocation: Option<&'a str>,
+}
 
-    /// Records a content change of `secret` (a `namespace/name` key) at `now`; `resume` is the
-    /// current value of the resume annotation. True when restarts from it must pause.
-    pub fn record(&mut self, secret: &str, now: Instant, resume: Option<&str>) -> bool {
-        let max = self.max_changes;
-        let q = self.current(secret, now, resume);
-        q.push_back(now);
-        q.len() > max
-    }
+fn since(window: Duration, now: Timestamp) -> Timestamp {
+    now - jiff::SignedDuration::try_from(window).unwrap_or(jiff::SignedDuration::MAX)
+}
 
-    /// Whether restarts from `secret` are paused at `now`, without recording a change: false
-    /// once the window has passed or the resume annotation changed.
-    pub fn tripped(&mut self, secret: &str, now: Instant, resume: Option<&str>) -> bool {
-        let max = self.max_changes;
-        self.current(secret, now, resume).len() > max
+/// The history after a sync at `now`: a changed resume annotation clears it, changes older than
+/// the window leave it, a content change joins it; at most `max_changes + 1` are kept (enough
+/// to know the breaker is tripped and until when).
+pub fn record(
+    prev: Option<&ChangeHistory>,
+    sync: &Sync<'_>,
+    limits: Limits,
+    now: Timestamp,
+) -> ChangeHistory {
+    let mut h = prev.cloned().unwrap_or_default();
+    if let Some(resume) = sync.resume
+        && h.resume_handled.as_deref() != Some(resume)
+    {
+        h.times.clear();
+        h.resume_handled = Some(resume.to_string());
     }
+    let start = since(limits.window, now);
+    h.times.retain(|t| t.0 > start);
+    if sync.changed {
+        h.times.push(Time(now));
+        h.revocation = sync.revocation.map(str::to_string);
+    }
+    let excess = h.times.len().saturating_sub(limits.max_changes + 1);
+    h.times.drain(..excess);
+    h
+}
 
-    /// The changes of `secret` within the window, after a changed resume annotation cleared
-    /// them.
-    fn current(
-        &mut self,
-        secret: &str,
-        now: Instant,
-        resume: Option<&str>,
-    ) -> &mut VecDeque<Instant> {
-        if let Some(r) = resume
-            && self.resumed_with.get(secret).map(String::as_str) != Some(r)
-        {
-            self.resumed_with.insert(secret.to_string(), r.to_string());
-            self.changes.remove(secret);
-        }
-        let q = self.changes.entry(secret.to_string()).or_default();
-        while q
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > self.window)
-        {
-            q.pop_front();
-        }
-        q
+/// Until when restarts from the Secret are paused at `now`, or `None` when they are not: the
+/// moment the oldest change in the window leaves it and the count falls to the limit.
+pub fn paused_until(h: &ChangeHistory, limits: Limits, now: Timestamp) -> Option<Timestamp> {
+    let start = since(limits.window, now);
+    let recent: Vec<Timestamp> = h.times.iter().map(|t| t.0).filter(|t| *t > start).collect();
+    if recent.len() <= limits.max_changes {
+        return None;
     }
-
-    /// Whether this process has seen `secret` (a fresh operator has not).
-    pub fn knows(&self, secret: &str) -> bool {
-        self.changes.contains_key(secret)
-    }
-
-    /// Restores, in a fresh process, a breaker that tripped `ago` (the `RolloutsPaused`
-    /// condition's transition time): it holds until the window has passed since then, or
-    /// until `resume` changes from its current value.
-    pub fn restore_tripped(
-        &mut self,
-        secret: &str,
-        now: Instant,
-        ago: Duration,
-        resume: Option<&str>,
-    ) {
-        let at = now.checked_sub(ago).unwrap_or(now);
-        self.changes.insert(
-            secret.to_string(),
-            std::iter::repeat_n(at, self.max_changes + 1).collect(),
-        );
-        if let Some(r) = resume {
-            self.resumed_with.insert(secret.to_string(), r.to_string());
-        }
-    }
-
-    /// Changes counted, and the window, for messages.
-    pub fn describe(&self, secret: &str) -> (usize, Duration) {
-        (
-            self.changes.get(secret).map_or(0, VecDeque::len),
-            self.window,
-        )
-    }
+    let leaves = recent[recent.len() - limits.max_changes - 1];
+    Some(leaves + jiff::SignedDuration::try_from(limits.window).unwrap_or_default())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits {
+        max_changes: 3,
+        window: Duration::from_secs(600),
+    };
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn change(h: &ChangeHistory, t: i64) -> ChangeHistory {
+        let sync = Sync {
+            changed: true,
+            resume: None,
+            revocation: None,
+        };
+        record(Some(h), &sync, LIMITS, at(t))
+    }
+
     #[test]
     fn trips_past_the_limit_within_the_window_and_recovers_after_it() {
-        let mut b = Breaker::new(3, Duration::from_secs(600));
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        assert!(!b.record("ns/api", at(0), None));
-        assert!(!b.record("ns/api", at(10), None));
-        assert!(!b.record("ns/api", at(20), None));
-        assert!(
-            b.record("ns/api", at(30), None),
-            "the fourth change in ten minutes trips"
+        let mut h = ChangeHistory::default();
+        for t in [0, 10, 20] {
+            h = change(&h, t);
+            assert_eq!(paused_until(&h, LIMITS, at(t)), None);
+        }
+        h = change(&h, 30);
+        assert_eq!(
+            paused_until(&h, LIMITS, at(30)),
+            Some(at(600)),
+            "the fourth change in ten minutes trips until the first leaves the window"
         );
-        assert!(
-            !b.record("ns/other", at(30), None),
-            "other Secrets are not affected"
-        );
-        assert!(b.tripped("ns/api", at(31), None));
-        // Once the early changes leave the window, restarts resume.
-        assert!(!b.tripped("ns/api", at(615), None));
-        assert!(!b.record("ns/api", at(615), None));
+        assert_eq!(paused_until(&h, LIMITS, at(601)), None);
+        // Bounded: a value flapping all day keeps max + 1 entries.
+        for t in 40..200 {
+            h = change(&h, t);
+        }
+        assert_eq!(h.times.len(), 4);
+        assert_eq!(paused_until(&h, LIMITS, at(200)), Some(at(196 + 600)));
     }
 
     #[test]
-    fn a_fresh_process_restores_a_trip_from_its_time() {
-        let mut b = Breaker::new(2, Duration::from_secs(600));
-        let t0 = Instant::now();
-        assert!(!b.knows("ns/api"));
-        b.restore_tripped("ns/api", t0, Duration::from_secs(100), Some("r1"));
-        assert!(b.knows("ns/api"));
+    fn a_changed_resume_annotation_clears_it_once() {
+        let mut h = ChangeHistory::default();
+        for t in 0..4 {
+            h = change(&h, t);
+        }
+        assert!(paused_until(&h, LIMITS, at(5)).is_some());
+        let resume = |h: &ChangeHistory, value: &str, changed: bool| {
+            let sync = Sync {
+                changed,
+                resume: Some(value),
+                revocation: None,
+            };
+            record(Some(h), &sync, LIMITS, at(6))
+        };
+        h = resume(&h, "r1", false);
+        assert_eq!(paused_until(&h, LIMITS, at(6)), None);
+        assert_eq!(h.resume_handled.as_deref(), Some("r1"));
+        for _ in 0..4 {
+            h = resume(&h, "r1", true);
+        }
         assert!(
-            b.tripped("ns/api", t0, Some("r1")),
-            "the same annotation keeps it"
-        );
-        assert!(!b.tripped("ns/api", t0 + Duration::from_secs(501), Some("r1")));
-        b.restore_tripped("ns/other", t0, Duration::from_secs(100), Some("r1"));
-        assert!(
-            !b.tripped("ns/other", t0, Some("r2")),
-            "a changed annotation clears it"
-        );
-    }
-
-    #[test]
-    fn a_changed_resume_annotation_clears_it() {
-        let mut b = Breaker::new(1, Duration::from_secs(600));
-        let t0 = Instant::now();
-        assert!(!b.record("ns/api", t0, None));
-        assert!(b.record("ns/api", t0, None));
-        assert!(b.tripped("ns/api", t0, None));
-        assert!(!b.tripped("ns/api", t0, Some("2026-11-24")));
-        assert!(!b.record("ns/api", t0, Some("2026-11-24")));
-        assert!(
-            b.record("ns/api", t0, Some("2026-11-24")),
+            paused_until(&h, LIMITS, at(6)).is_some(),
             "the same value does not clear again"
         );
-        assert!(!b.record("ns/api", t0, Some("2026-11-25")));
+    }
+
+    #[test]
+    fn a_revocation_is_remembered_until_the_next_change() {
+        let sync = Sync {
+            changed: true,
+            resume: None,
+            revocation: Some("hmac-sha256:r"),
+        };
+        let h = record(None, &sync, LIMITS, at(0));
+        assert_eq!(h.revocation.as_deref(), Some("hmac-sha256:r"));
+        let quiet = Sync {
+            changed: false,
+            resume: None,
+            revocation: None,
+        };
+        assert_eq!(
+            record(Some(&h), &quiet, LIMITS, at(1))
+                .revocation
+                .as_deref(),
+            Some("hmac-sha256:r")
+        );
+        assert_eq!(change(&h, 2).revocation, None);
     }
 }

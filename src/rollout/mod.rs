@@ -1,24 +1,22 @@
-//! Rollout restarts: when a Secret's content changes, the workloads that read the changed keys
-//! get a pod-template annotation `checksum.scopedsecrets.io/<secret>: <hmac prefix>`, which
-//! makes their controller roll them.
+//! Rollout restarts: the workloads that read a Secret carry the pod-template annotation
+//! `checksum.scopedsecrets.io/<secret>: <hmac prefix>` of the keys they read; when it differs
+//! from the Secret's current content, setting it makes their controller roll them.
 //!
-//! `detect` finds consumers and what they read; [`plan`] decides (pure) who restarts and
-//! why not; `apply` patches. The annotation holds an HMAC of just the keys a workload reads
-//! (the whole Secret for `envFrom` and whole volumes), so a workload never restarts for a key
-//! it does not read, and the decision converges: a workload whose annotation already holds
-//! the current hash is not patched again.
-//!
-//! A restart decided by a reconcile is not applied there: it joins the cluster-wide
-//! [`queue`], which coalesces the requests for one workload within a short window into one
-//! patch and keeps at most a budget of rollouts in flight; the worker in `apply` patches.
-//! `breaker` pauses restarts from a Secret whose content flaps.
+//! `detect` finds what a pod template reads (pure); [`KeyHashes`] is what the Secret writer
+//! publishes on the managed Secret (per-key HMACs, never values) so that the workload
+//! controller works from Secret metadata alone; `desired` computes, per workload, which
+//! annotations to apply and when (pure); `breaker` pauses restarts from a flapping value
+//! (pure); `apply` patches workloads and reads rollout progress. The controller driving them is
+//! `controller::workloads`.
 
 pub mod apply;
 pub mod breaker;
+pub mod desired;
 pub mod detect;
-pub mod queue;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use k8s_openapi::ByteString;
@@ -30,10 +28,38 @@ use crate::api::v1alpha1::{Rollout, RolloutStrategy};
 use crate::render::HmacKey;
 use detect::{Consumption, Reads, consumption};
 
-/// Prefix of the pod-template annotation, followed by the Secret's name.
+/// Prefix of the pod-template annotation, followed by the Secret's name. On the workload's own
+/// metadata, the same key records the hash of what its pods run before the operator ever
+/// restarted it (a baseline: metadata annotations roll nothing).
 pub const CHECKSUM_PREFIX: &str = "checksum.scopedsecrets.io/";
 /// Workload annotation asking for kubelet's file refresh instead of a restart.
 pub const RELOAD_ANNOTATION: &str = "scopedsecrets.io/reload";
+/// Workload metadata annotation: when the operator last patched its pod template. A rollout
+/// started less than the rollout deadline ago and not complete holds a restart slot.
+pub const RESTARTED_AT_ANNOTATION: &str = "scopedsecrets.io/restarted-at";
+/// Annotation on a managed Secret: the HMACs of its keys (never a value).
+pub const KEY_HASHES_ANNOTATION: &str = "scopedsecrets.io/key-hashes";
+
+/// Coalescing window, restart budget and rollout deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pacing {
+    /// How long a workload's inputs must be quiet before it restarts.
+    pub window: Duration,
+    /// Workloads in flight at most, cluster-wide.
+    pub budget: usize,
+    /// A rollout not complete after this no longer holds its slot.
+    pub deadline: Duration,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Pacing {
+            window: Duration::from_secs(10),
+            budget: 10,
+            deadline: Duration::from_secs(600),
+        }
+    }
+}
 
 /// The workload kinds restarted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -74,7 +100,7 @@ impl WorkloadKind {
     }
 }
 
-/// What planning needs to know of one workload.
+/// What the restart decision needs to know of one workload.
 #[derive(Clone, Debug)]
 pub struct Workload {
     pub kind: WorkloadKind,
@@ -83,59 +109,60 @@ pub struct Workload {
     pub annotations: BTreeMap<String, String>,
     pub template_annotations: BTreeMap<String, String>,
     pub pod_spec: PodSpec,
+    /// A paused Deployment or Rollout: not patched.
     pub paused: bool,
+}
+
+/// What became of a workload's restart for one Secret, as `status.rollouts` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutResult {
+    /// Waiting for the coalescing window.
+    Queued,
+    /// Waiting for the restart budget.
+    Deferred,
+    Restarted,
+    Skipped(Skip),
+    Failed(Failure),
 }
 
 /// Why a consumer is not restarted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Skip {
-    /// None of the keys it reads changed.
-    KeysUnchanged,
-    /// Its annotation already holds the current hash.
-    AlreadyCurrent,
     /// It asked for live reload and reads the Secret only through plain volumes.
     LiveReload,
-    /// A paused Deployment is not patched.
+    /// A paused Deployment (or Rollout) is not patched.
     Paused,
+    /// The breaker paused restarts from this Secret.
+    Flapping,
 }
 
-impl Skip {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Skip::KeysUnchanged => "KeysUnchanged",
-            Skip::AlreadyCurrent => "AlreadyCurrent",
-            Skip::LiveReload => "LiveReload",
-            Skip::Paused => "Paused",
-        }
+/// Why a restart failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    Forbidden,
+    Refused,
+    KubernetesError,
+}
+
+impl fmt::Display for RolloutResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            RolloutResult::Queued => "Queued",
+            RolloutResult::Deferred => "Deferred",
+            RolloutResult::Restarted => "Restarted",
+            RolloutResult::Skipped(Skip::LiveReload) => "Skipped:LiveReload",
+            RolloutResult::Skipped(Skip::Paused) => "Skipped:Paused",
+            RolloutResult::Skipped(Skip::Flapping) => "Skipped:Flapping",
+            RolloutResult::Failed(Failure::Forbidden) => "Failed:Forbidden",
+            RolloutResult::Failed(Failure::Refused) => "Failed:Refused",
+            RolloutResult::Failed(Failure::KubernetesError) => "Failed:KubernetesError",
+        };
+        f.write_str(s)
     }
 }
 
-/// The decision for one workload.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Restart {
-        hash: String,
-        /// It asked for live reload but reads through env or subPath, so it restarts.
-        live_reload_refused: bool,
-    },
-    Skip(Skip),
-}
-
-/// What changed in the Secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// These keys changed (added, removed or new value).
-    Keys(BTreeSet<String>),
-    /// The Secret already holds the new content but the previous reconcile did not finish
-    /// its restarts: which keys changed is unknown, so only consumers whose annotation is
-    /// present and stale restart.
-    Unfinished,
-    /// A restart of this consumer is still owed (queued, deferred, or queued before the
-    /// operator restarted): it restarts unless it already carries the current hash.
-    Owed,
-}
-
-/// HMAC prefix of the keys `reads` selects, as written in the annotation.
+/// HMAC prefix of the keys `reads` selects — the format of the annotations the operator wrote
+/// before it published [`KeyHashes`]; still what a whole-Secret or single-key reader carries.
 pub fn consumer_hash(key: &HmacKey, data: &BTreeMap<String, ByteString>, reads: &Reads) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes()).expect("HMAC accepts any key length");
     for (k, v) in data {
@@ -150,10 +177,106 @@ pub fn consumer_hash(key: &HmacKey, data: &BTreeMap<String, ByteString>, reads: 
             mac.update(&v.0);
         }
     }
-    mac.finalize().into_bytes()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&mac.finalize().into_bytes()[..8])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why `workload`, reading the Secret as `consumption`, would not restart for a change of
+/// the keys `changed` — `None` when it would (the `--dry-run` preview's rule).
+pub fn spared_by(
+    workload: &Workload,
+    consumption: &Consumption,
+    changed: &std::collections::BTreeSet<String>,
+) -> Option<&'static str> {
+    if !consumption.reads.touches(changed) {
+        return Some("KeysUnchanged");
+    }
+    let wants_live = workload
+        .annotations
+        .get(RELOAD_ANNOTATION)
+        .is_some_and(|v| v == "live");
+    if wants_live && consumption.live_reloadable() {
+        return Some("LiveReload");
+    }
+    workload.paused.then_some("Paused")
+}
+
+/// Marker of the whole-Secret hash in [`KeyHashes`] (no Secret key can be `*`).
+const WHOLE: &str = "*";
+
+/// The HMACs of a Secret's keys, published in its annotation [`KEY_HASHES_ANNOTATION`] by the
+/// Secret writer: the workload controller computes every workload's annotation from them and
+/// never reads a value. Per key: the first 16 bytes of the HMAC of that key alone (whose first
+/// 8 are what a single-key reader's annotation always held), and the hash of the whole Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyHashes(BTreeMap<String, String>);
+
+impl KeyHashes {
+    pub fn compute(key: &HmacKey, data: &BTreeMap<String, ByteString>) -> Self {
+        let mut hashes: BTreeMap<String, String> = data
+            .iter()
+            .map(|(k, v)| {
+                let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes())
+                    .expect("HMAC accepts any key length");
+                mac.update(&(k.len() as u64).to_be_bytes());
+                mac.update(k.as_bytes());
+                mac.update(&(v.0.len() as u64).to_be_bytes());
+                mac.update(&v.0);
+                (k.clone(), hex(&mac.finalize().into_bytes()[..16]))
+            })
+            .collect();
+        hashes.insert(WHOLE.into(), consumer_hash(key, data, &Reads::Whole));
+        KeyHashes(hashes)
+    }
+
+    /// The annotation value (JSON).
+    pub fn to_annotation(&self) -> String {
+        serde_json::to_string(&self.0).expect("a string map serializes")
+    }
+
+    /// Parses the annotation; `None` when it is missing or malformed (a Secret written by an
+    /// older operator: its workloads wait until the next write publishes it).
+    pub fn parse(annotation: &str) -> Option<Self> {
+        let map: BTreeMap<String, String> = serde_json::from_str(annotation).ok()?;
+        map.contains_key(WHOLE).then_some(KeyHashes(map))
+    }
+
+    fn keys(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().filter(|(k, _)| k.as_str() != WHOLE)
+    }
+
+    /// The annotation value of a workload reading `reads`. Equal to [`consumer_hash`] for
+    /// whole-Secret readers, readers of every key, of a single key and of none — so workloads
+    /// restarted by earlier versions are not restarted again; readers of several but not all
+    /// keys get an HMAC over their keys' hashes.
+    pub fn for_reads(&self, key: &HmacKey, reads: &Reads) -> String {
+        let Reads::Keys(wanted) = reads else {
+            return self.0[WHOLE].clone();
+        };
+        let read: Vec<(&String, &String)> =
+            self.keys().filter(|(k, _)| wanted.contains(*k)).collect();
+        if read.len() == self.keys().count() {
+            return self.0[WHOLE].clone();
+        }
+        match read.as_slice() {
+            [] => consumer_hash(key, &BTreeMap::new(), &Reads::Whole),
+            [(_, hash)] => hash[..16.min(hash.len())].to_string(),
+            several => {
+                let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes())
+                    .expect("HMAC accepts any key length");
+                mac.update(b"keys-v2");
+                for (k, hash) in several {
+                    mac.update(&(k.len() as u64).to_be_bytes());
+                    mac.update(k.as_bytes());
+                    mac.update(hash.as_bytes());
+                }
+                hex(&mac.finalize().into_bytes()[..8])
+            }
+        }
+    }
 }
 
 /// The annotation key for `secret`.
@@ -161,92 +284,35 @@ pub fn annotation_key(secret: &str) -> String {
     format!("{CHECKSUM_PREFIX}{secret}")
 }
 
-/// Which workloads the strategy names, with how they read the Secret. A workload named
-/// explicitly or by selector that does not reference the Secret is taken to read all of it.
-pub fn targets<'a>(
+/// How `workload` reads `secret` when the rollout strategy makes it a consumer: `Auto` takes
+/// workloads that reference the Secret, `Explicit` the named ones and `Selector` the selected
+/// ones (taken to read all of it when they do not reference it), `None` none.
+pub fn targeted(
     rollout: Option<&Rollout>,
-    workloads: &'a [Workload],
+    workload: &Workload,
     secret: &str,
-) -> Vec<(&'a Workload, Consumption)> {
+) -> Option<Consumption> {
     let strategy = rollout.map(|r| r.strategy).unwrap_or_default();
     let whole = || Consumption {
         reads: Reads::Whole,
         env: true,
         sub_path: false,
     };
+    let referenced = || consumption(&workload.pod_spec, secret);
     match strategy {
-        RolloutStrategy::None => Vec::new(),
-        RolloutStrategy::Auto => workloads
+        RolloutStrategy::None => None,
+        RolloutStrategy::Auto => referenced(),
+        RolloutStrategy::Explicit => rollout?
+            .targets
             .iter()
-            .filter_map(|w| consumption(&w.pod_spec, secret).map(|c| (w, c)))
-            .collect(),
-        RolloutStrategy::Explicit => {
-            let named = rollout.map(|r| r.targets.as_slice()).unwrap_or_default();
-            workloads
-                .iter()
-                .filter(|w| {
-                    named
-                        .iter()
-                        .any(|t| t.kind == w.kind.as_str() && t.name == w.name)
-                })
-                .map(|w| (w, consumption(&w.pod_spec, secret).unwrap_or_else(whole)))
-                .collect()
-        }
+            .any(|t| t.kind == workload.kind.as_str() && t.name == workload.name)
+            .then(|| referenced().unwrap_or_else(whole)),
         RolloutStrategy::Selector => {
-            let Some(selector) = rollout
-                .and_then(|r| r.selector.clone())
-                .and_then(|s| Selector::try_from(s).ok())
-            else {
-                return Vec::new();
-            };
-            workloads
-                .iter()
-                .filter(|w| selector.matches(&w.labels))
-                .map(|w| (w, consumption(&w.pod_spec, secret).unwrap_or_else(whole)))
-                .collect()
+            let selector = Selector::try_from(rollout?.selector.clone()?).ok()?;
+            selector
+                .matches(&workload.labels)
+                .then(|| referenced().unwrap_or_else(whole))
         }
-    }
-}
-
-/// Decides, for one consumer, whether it restarts.
-pub fn decide(
-    workload: &Workload,
-    consumption: &Consumption,
-    secret: &str,
-    change: &Change,
-    key: &HmacKey,
-    data: &BTreeMap<String, ByteString>,
-) -> Decision {
-    let hash = consumer_hash(key, data, &consumption.reads);
-    let current = workload.template_annotations.get(&annotation_key(secret));
-    if current == Some(&hash) {
-        return Decision::Skip(Skip::AlreadyCurrent);
-    }
-    // A consumer whose annotation holds an older hash of the keys it reads runs older values of
-    // them: it restarts whatever changed this time.
-    let stale = current.is_some();
-    let affected = match change {
-        Change::Keys(keys) => consumption.reads.touches(keys) || stale,
-        Change::Unfinished => stale,
-        Change::Owed => true,
-    };
-    if !affected {
-        return Decision::Skip(Skip::KeysUnchanged);
-    }
-    let wants_live = workload
-        .annotations
-        .get(RELOAD_ANNOTATION)
-        .map(String::as_str)
-        == Some("live");
-    if wants_live && consumption.live_reloadable() {
-        return Decision::Skip(Skip::LiveReload);
-    }
-    if workload.paused {
-        return Decision::Skip(Skip::Paused);
-    }
-    Decision::Restart {
-        hash,
-        live_reload_refused: wants_live,
     }
 }
 
@@ -267,11 +333,66 @@ mod tests {
             .collect()
     }
 
-    fn workload(name: &str, pod: serde_json::Value) -> Workload {
+    fn keys(k: &[&str]) -> Reads {
+        Reads::Keys(k.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn key_hashes_give_the_annotations_earlier_versions_wrote() {
+        let d = data(&[("A", "1"), ("B", "2"), ("C", "3")]);
+        let h = KeyHashes::compute(&key(), &d);
+        for reads in [
+            Reads::Whole,
+            keys(&["A"]),
+            keys(&["C"]),
+            keys(&["A", "B", "C"]),
+            keys(&["missing"]),
+            keys(&["A", "missing"]),
+        ] {
+            assert_eq!(
+                h.for_reads(&key(), &reads),
+                consumer_hash(&key(), &d, &reads),
+                "{reads:?}"
+            );
+        }
+        assert_eq!(KeyHashes::parse(&h.to_annotation()), Some(h));
+        assert_eq!(KeyHashes::parse("{\"A\": \"x\"}"), None);
+    }
+
+    #[test]
+    fn a_subset_hash_covers_only_the_keys_read() {
+        let before = KeyHashes::compute(&key(), &data(&[("A", "1"), ("B", "2"), ("C", "3")]));
+        let c_changed = KeyHashes::compute(&key(), &data(&[("A", "1"), ("B", "2"), ("C", "x")]));
+        let a_changed = KeyHashes::compute(&key(), &data(&[("A", "x"), ("B", "2"), ("C", "3")]));
+        let ab = keys(&["A", "B"]);
+        assert_eq!(
+            before.for_reads(&key(), &ab),
+            c_changed.for_reads(&key(), &ab)
+        );
+        assert_ne!(
+            before.for_reads(&key(), &ab),
+            a_changed.for_reads(&key(), &ab)
+        );
+        assert_ne!(
+            before.for_reads(&key(), &Reads::Whole),
+            c_changed.for_reads(&key(), &Reads::Whole)
+        );
+        assert_ne!(
+            before.for_reads(&key(), &ab),
+            KeyHashes::compute(
+                &HmacKey::new(vec![1; 32]),
+                &data(&[("A", "1"), ("B", "2"), ("C", "3")])
+            )
+            .for_reads(&HmacKey::new(vec![1; 32]), &ab),
+            "keyed"
+        );
+    }
+
+    fn workload(pod: serde_json::Value, app: &str) -> Workload {
         Workload {
             kind: WorkloadKind::Deployment,
-            name: name.into(),
-            labels: [("app".to_string(), name.to_string())].into(),
+            name: app.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
             annotations: BTreeMap::new(),
             template_annotations: BTreeMap::new(),
             pod_spec: serde_json::from_value(pod).unwrap(),
@@ -279,139 +400,20 @@ mod tests {
         }
     }
 
-    fn env_from() -> serde_json::Value {
-        json!({"containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "api"}}]}]})
-    }
-
-    fn key_ref(k: &str) -> serde_json::Value {
-        json!({"containers": [{"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "api", "key": k}}}]}]})
-    }
-
-    fn changed(keys: &[&str]) -> Change {
-        Change::Keys(keys.iter().map(|s| s.to_string()).collect())
-    }
-
-    #[test]
-    fn a_workload_restarts_only_for_keys_it_reads() {
-        let d = data(&[("A", "1"), ("B", "2")]);
-        let reads_a = workload("a", key_ref("A"));
-        let c = consumption(&reads_a.pod_spec, "api").unwrap();
-        assert_eq!(
-            decide(&reads_a, &c, "api", &changed(&["B"]), &key(), &d),
-            Decision::Skip(Skip::KeysUnchanged)
-        );
-        assert!(matches!(
-            decide(&reads_a, &c, "api", &changed(&["A"]), &key(), &d),
-            Decision::Restart { .. }
-        ));
-        let whole = workload("w", env_from());
-        let c = consumption(&whole.pod_spec, "api").unwrap();
-        assert!(matches!(
-            decide(&whole, &c, "api", &changed(&["B"]), &key(), &d),
-            Decision::Restart { .. }
-        ));
-    }
-
-    #[test]
-    fn the_hash_covers_only_the_keys_read_and_converges() {
-        let reads_a = Reads::Keys(["A".to_string()].into());
-        let before = consumer_hash(&key(), &data(&[("A", "1"), ("B", "2")]), &reads_a);
-        assert_eq!(
-            before,
-            consumer_hash(&key(), &data(&[("A", "1"), ("B", "changed")]), &reads_a)
-        );
-        assert_ne!(
-            before,
-            consumer_hash(&key(), &data(&[("A", "2"), ("B", "2")]), &reads_a)
-        );
-        assert_ne!(
-            before,
-            consumer_hash(&key(), &data(&[("A", "1"), ("B", "2")]), &Reads::Whole)
-        );
-        // A workload already annotated with the current hash is not patched again.
-        let mut w = workload("a", key_ref("A"));
-        let d = data(&[("A", "1")]);
-        w.template_annotations
-            .insert(annotation_key("api"), consumer_hash(&key(), &d, &reads_a));
-        let c = consumption(&w.pod_spec, "api").unwrap();
-        assert_eq!(
-            decide(&w, &c, "api", &changed(&["A"]), &key(), &d),
-            Decision::Skip(Skip::AlreadyCurrent)
-        );
-    }
-
-    #[test]
-    fn an_unfinished_change_restarts_only_stale_annotated_consumers() {
-        let d = data(&[("A", "1")]);
-        let mut w = workload("a", env_from());
-        let c = consumption(&w.pod_spec, "api").unwrap();
-        assert_eq!(
-            decide(&w, &c, "api", &Change::Unfinished, &key(), &d),
-            Decision::Skip(Skip::KeysUnchanged)
-        );
-        w.template_annotations
-            .insert(annotation_key("api"), "stale".into());
-        assert!(matches!(
-            decide(&w, &c, "api", &Change::Unfinished, &key(), &d),
-            Decision::Restart { .. }
-        ));
-    }
-
-    #[test]
-    fn live_reload_skips_plain_volume_consumers_and_paused_deployments_are_skipped() {
-        let d = data(&[("A", "1")]);
-        let mut vol = workload(
-            "v",
-            json!({"containers": [{"name": "c", "volumeMounts": [{"name": "s", "mountPath": "/s"}]}],
-                                            "volumes": [{"name": "s", "secret": {"secretName": "api"}}]}),
-        );
-        vol.annotations
-            .insert(RELOAD_ANNOTATION.into(), "live".into());
-        let c = consumption(&vol.pod_spec, "api").unwrap();
-        assert_eq!(
-            decide(&vol, &c, "api", &changed(&["A"]), &key(), &d),
-            Decision::Skip(Skip::LiveReload)
-        );
-        let mut env = workload("e", env_from());
-        env.annotations
-            .insert(RELOAD_ANNOTATION.into(), "live".into());
-        let c = consumption(&env.pod_spec, "api").unwrap();
-        assert!(matches!(
-            decide(&env, &c, "api", &changed(&["A"]), &key(), &d),
-            Decision::Restart {
-                live_reload_refused: true,
-                ..
-            }
-        ));
-        let mut paused = workload("p", env_from());
-        paused.paused = true;
-        let c = consumption(&paused.pod_spec, "api").unwrap();
-        assert_eq!(
-            decide(&paused, &c, "api", &changed(&["A"]), &key(), &d),
-            Decision::Skip(Skip::Paused)
-        );
-    }
-
     #[test]
     fn strategies_pick_their_targets() {
-        let ws = vec![
-            workload("api", env_from()),
-            workload("other", json!({"containers": [{"name": "c"}]})),
-        ];
-        let names = |r: Option<&Rollout>| {
-            targets(r, &ws, "api")
-                .iter()
-                .map(|(w, _)| w.name.clone())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(names(None), vec!["api"]);
-        assert!(
-            names(Some(&Rollout {
-                strategy: RolloutStrategy::None,
-                ..Default::default()
-            }))
-            .is_empty()
+        let reader = workload(
+            json!({"containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "api"}}]}]}),
+            "api",
         );
+        let other = workload(json!({"containers": [{"name": "c"}]}), "other");
+        assert!(targeted(None, &reader, "api").is_some());
+        assert!(targeted(None, &other, "api").is_none());
+        let none = Rollout {
+            strategy: RolloutStrategy::None,
+            ..Default::default()
+        };
+        assert!(targeted(Some(&none), &reader, "api").is_none());
         let explicit = Rollout {
             strategy: RolloutStrategy::Explicit,
             targets: vec![RolloutTarget {
@@ -420,7 +422,15 @@ mod tests {
             }],
             ..Default::default()
         };
-        assert_eq!(names(Some(&explicit)), vec!["other"]);
+        assert!(targeted(Some(&explicit), &reader, "api").is_none());
+        assert_eq!(
+            targeted(Some(&explicit), &other, "api").map(|c| c.reads),
+            Some(Reads::Whole),
+            "a named workload that does not reference the Secret is taken to read all of it"
+        );
+        let mut sts = other.clone();
+        sts.kind = WorkloadKind::StatefulSet;
+        assert!(targeted(Some(&explicit), &sts, "api").is_none());
         let selector = Rollout {
             strategy: RolloutStrategy::Selector,
             selector: Some(
@@ -428,11 +438,34 @@ mod tests {
             ),
             ..Default::default()
         };
-        assert_eq!(names(Some(&selector)), vec!["other"]);
-        // A named workload that does not reference the Secret is taken to read all of it.
-        assert_eq!(
-            targets(Some(&explicit), &ws, "api")[0].1.reads,
-            Reads::Whole
-        );
+        assert!(targeted(Some(&selector), &other, "api").is_some());
+        assert!(targeted(Some(&selector), &reader, "api").is_none());
+    }
+
+    #[test]
+    fn results_serialize_to_the_documented_status_strings() {
+        let all = [
+            (RolloutResult::Queued, "Queued"),
+            (RolloutResult::Deferred, "Deferred"),
+            (RolloutResult::Restarted, "Restarted"),
+            (
+                RolloutResult::Skipped(Skip::LiveReload),
+                "Skipped:LiveReload",
+            ),
+            (RolloutResult::Skipped(Skip::Paused), "Skipped:Paused"),
+            (RolloutResult::Skipped(Skip::Flapping), "Skipped:Flapping"),
+            (
+                RolloutResult::Failed(Failure::Forbidden),
+                "Failed:Forbidden",
+            ),
+            (RolloutResult::Failed(Failure::Refused), "Failed:Refused"),
+            (
+                RolloutResult::Failed(Failure::KubernetesError),
+                "Failed:KubernetesError",
+            ),
+        ];
+        for (result, text) in all {
+            assert_eq!(result.to_string(), text);
+        }
     }
 }

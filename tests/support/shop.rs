@@ -39,3 +39,49 @@ pub fn context(fake: &FakeKube, source: Arc<dyn ScopeSource>, config: Config) ->
         config,
     ))
 }
+
+/// [`context`] reading the time from `clock`.
+pub fn context_at(
+    fake: &FakeKube,
+    source: Arc<dyn ScopeSource>,
+    config: Config,
+    clock: Arc<scoped_secrets::clock::ManualClock>,
+) -> Arc<Context> {
+    Arc::new(
+        Context::new(fake.client(), source, HmacKey::new(vec![7; 32]), config).with_clock(clock),
+    )
+}
+
+/// Fills the workload controller's caches from `fake` and reconciles every workload once, as
+/// the running controller would after the events so far. Returns the workloads restarted
+/// (their pod template's checksum annotations changed), as `plural/name`, sorted.
+pub async fn settle(
+    fake: &FakeKube,
+    restarts: &Arc<scoped_secrets::controller::workloads::Restarts>,
+) -> Vec<String> {
+    use scoped_secrets::controller::workloads;
+    let templates = || -> std::collections::BTreeMap<String, serde_json::Value> {
+        ["deployments", "statefulsets", "daemonsets", "rollouts"]
+            .into_iter()
+            .flat_map(|plural| {
+                fake.list_values(plural).into_iter().map(move |o| {
+                    let name = format!("{plural}/{}", o["metadata"]["name"].as_str().unwrap());
+                    (
+                        name,
+                        o["spec"]["template"]["metadata"]["annotations"].clone(),
+                    )
+                })
+            })
+            .collect()
+    };
+    let before = templates();
+    workloads::snapshot(restarts, None).await.unwrap();
+    for result in workloads::reconcile_all(restarts).await {
+        result.unwrap();
+    }
+    templates()
+        .into_iter()
+        .filter(|(name, after)| before.get(name).is_some_and(|b| b != after))
+        .map(|(name, _)| name)
+        .collect()
+}

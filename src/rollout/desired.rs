@@ -1,0 +1,488 @@
+//! The desired restart annotations of one workload (pure): a function of the workload and the
+//! managed Secrets as they are now, and of the time.
+//!
+//! For each Secret the workload consumes (by the rollout strategy of the Secret's
+//! ScopedSecret), the hash it should carry is computed from the Secret's published key hashes;
+//! what its pods run is its pod-template annotation or, for a workload never restarted by the
+//! operator, the baseline in its metadata annotation. A workload seen for the first time gets a
+//! baseline (no rollout); one whose pods run other content is restarted once its inputs have
+//! been quiet for the window — every Secret owed in one patch, one rollout — unless restarts
+//! from that Secret are paused (breaker), the workload is paused, or it asked for live reload
+//! and reads only plain volumes. A revocation restarts at once. First sync, no-op refresh,
+//! drift repair, operator restart, failover: nothing differs, nothing to do.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::detect::Consumption;
+use super::{
+    KeyHashes, RELOAD_ANNOTATION, RolloutResult, Skip, Workload, annotation_key, targeted,
+};
+use crate::api::v1alpha1::Rollout;
+use crate::render::HmacKey;
+
+/// One managed Secret of the workload's namespace, as the workload controller sees it.
+#[derive(Clone, Debug)]
+pub struct SecretView<'a> {
+    pub name: &'a str,
+    /// The rollout strategy of its ScopedSecret.
+    pub rollout: Option<&'a Rollout>,
+    pub hashes: &'a KeyHashes,
+    /// When its content last changed: the window runs from here.
+    pub changed_at: Timestamp,
+    /// Until when the breaker pauses restarts from it.
+    pub paused_until: Option<Timestamp>,
+    /// Its content was written by a revocation: no window, budget or breaker.
+    pub urgent: bool,
+}
+
+/// What one Secret asks of the workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Its pods run the current content.
+    Current,
+    /// Never seen: record the current hash as what its pods run.
+    Baseline(String),
+    /// Restart onto `hash`; `live_reload_refused` when it asked for live reload but reads
+    /// through env or subPath.
+    Restart {
+        hash: String,
+        live_reload_refused: bool,
+    },
+    /// Restart onto `hash`, not before `at` (the window).
+    Wait { hash: String, at: Timestamp },
+    /// Not restarted, and why; `until` when that ends by itself (the breaker).
+    Skip {
+        hash: String,
+        why: Skip,
+        until: Option<Timestamp>,
+    },
+}
+
+/// The decision for one workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Per consumed Secret, what it needs.
+    pub needs: BTreeMap<String, Need>,
+    /// Pod-template annotations to apply now (Secret → hash): one patch, one rollout.
+    pub restart: BTreeMap<String, String>,
+    /// Metadata baselines to record (Secret → hash): roll nothing.
+    pub baselines: BTreeMap<String, String>,
+    /// A revocation is among the restarts: the budget does not hold it back.
+    pub urgent: bool,
+    /// When to look again, if something waits on time.
+    pub requeue_at: Option<Timestamp>,
+}
+
+impl Plan {
+    /// The status result of each consumed Secret that is not current (before the budget is
+    /// applied: a restart is `Queued` until it is patched).
+    pub fn results(&self) -> impl Iterator<Item = (&str, &str, RolloutResult)> {
+        self.needs.iter().filter_map(|(secret, need)| {
+            let (hash, result) = match need {
+                Need::Current | Need::Baseline(_) => return None,
+                Need::Restart { hash, .. } | Need::Wait { hash, .. } => {
+                    (hash, RolloutResult::Queued)
+                }
+                Need::Skip { hash, why, .. } => (hash, RolloutResult::Skipped(*why)),
+            };
+            Some((secret.as_str(), hash.as_str(), result))
+        })
+    }
+}
+
+/// What the pods of `workload` run of `secret`: the pod-template annotation, else the
+/// metadata baseline.
+fn running<'w>(workload: &'w Workload, secret: &str) -> Option<&'w String> {
+    let key = annotation_key(secret);
+    workload
+        .template_annotations
+        .get(&key)
+        .or_else(|| workload.annotations.get(&key))
+}
+
+fn need(
+    workload: &Workload,
+    consumption: &Consumption,
+    secret: &SecretView<'_>,
+    key: &HmacKey,
+    now: Timestamp,
+    window: Duration,
+) -> Need {
+    let hash = secret.hashes.for_reads(key, &consumption.reads);
+    let Some(running) = running(workload, secret.name) else {
+        return Need::Baseline(hash);
+    };
+    if *running == hash {
+        return Need::Current;
+    }
+    let wants_live = workload
+        .annotations
+        .get(RELOAD_ANNOTATION)
+        .is_some_and(|v| v == "live");
+    let skip = |why, until| Need::Skip {
+        hash: hash.clone(),
+        why,
+        until,
+    };
+    if wants_live && consumption.live_reloadable() {
+        return skip(Skip::LiveReload, None);
+    }
+    if workload.paused {
+        return skip(Skip::Paused, None);
+    }
+    if !secret.urgent
+        && let Some(until) = secret.paused_until.filter(|u| *u > now)
+    {
+        return skip(Skip::Flapping, Some(until));
+    }
+    let due = secret.changed_at + jiff::SignedDuration::try_from(window).unwrap_or_default();
+    if secret.urgent || due <= now {
+        Need::Restart {
+            hash,
+            live_reload_refused: wants_live,
+        }
+    } else {
+        Need::Wait { hash, at: due }
+    }
+}
+
+/// The plan for `workload` given the managed Secrets of its namespace.
+pub fn plan(
+    workload: &Workload,
+    secrets: &[SecretView<'_>],
+    key: &HmacKey,
+    now: Timestamp,
+    window: Duration,
+) -> Plan {
+    let mut plan = Plan::default();
+    for secret in secrets {
+        let Some(consumption) = targeted(secret.rollout, workload, secret.name) else {
+            continue;
+        };
+        let need = need(workload, &consumption, secret, key, now, window);
+        if let Need::Baseline(hash) = &need {
+            plan.baselines.insert(secret.name.to_string(), hash.clone());
+        }
+        // A live-reloading workload keeps no stale baseline: its files follow the Secret.
+        if let Need::Skip {
+            hash,
+            why: Skip::LiveReload,
+            ..
+        } = &need
+            && !workload
+                .template_annotations
+                .contains_key(&annotation_key(secret.name))
+        {
+            plan.baselines.insert(secret.name.to_string(), hash.clone());
+        }
+        plan.urgent |= secret.urgent && matches!(need, Need::Restart { .. });
+        plan.needs.insert(secret.name.to_string(), need);
+    }
+    let waits: Vec<Timestamp> = plan
+        .needs
+        .values()
+        .filter_map(|n| match n {
+            Need::Wait { at, .. } => Some(*at),
+            _ => None,
+        })
+        .collect();
+    // One rollout for everything owed: a restart waits for the last of its Secrets to be quiet,
+    // unless a revocation takes them all at once.
+    if plan.urgent || waits.is_empty() {
+        for (secret, need) in &plan.needs {
+            if let Need::Restart { hash, .. } | Need::Wait { hash, .. } = need {
+                plan.restart.insert(secret.clone(), hash.clone());
+            }
+        }
+    }
+    let until = plan.needs.values().filter_map(|n| match n {
+        Need::Skip { until, .. } => *until,
+        _ => None,
+    });
+    let last_wait = if plan.urgent {
+        None
+    } else {
+        waits.into_iter().max()
+    };
+    plan.requeue_at = last_wait.into_iter().chain(until).min();
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::v1alpha1::{RolloutStrategy, RolloutTarget};
+    use k8s_openapi::ByteString;
+    use serde_json::{Value, json};
+
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn key() -> HmacKey {
+        HmacKey::new(vec![7; 32])
+    }
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn hashes(pairs: &[(&str, &str)]) -> KeyHashes {
+        let data = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+            .collect();
+        KeyHashes::compute(&key(), &data)
+    }
+
+    fn view<'a>(name: &'a str, hashes: &'a KeyHashes, changed_at: i64) -> SecretView<'a> {
+        SecretView {
+            name,
+            rollout: None,
+            hashes,
+            changed_at: at(changed_at),
+            paused_until: None,
+            urgent: false,
+        }
+    }
+
+    fn workload(pod: Value) -> Workload {
+        Workload {
+            kind: super::super::WorkloadKind::Deployment,
+            name: "web".into(),
+            labels: Default::default(),
+            annotations: Default::default(),
+            template_annotations: Default::default(),
+            pod_spec: serde_json::from_value(pod).unwrap(),
+            paused: false,
+        }
+    }
+
+    fn with_template(mut w: Workload, secret: &str, hash: &str) -> Workload {
+        w.template_annotations
+            .insert(annotation_key(secret), hash.to_string());
+        w
+    }
+
+    fn plan_at(w: &Workload, secrets: &[SecretView<'_>], now: i64) -> Plan {
+        plan(w, secrets, &key(), at(now), WINDOW)
+    }
+
+    /// Every way a pod template reads a Secret, with the keys it reads.
+    fn reference_forms() -> Vec<(&'static str, Value, &'static [&'static str])> {
+        vec![
+            (
+                "secretKeyRef",
+                json!({"containers": [{"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "api", "key": "A"}}}]}]}),
+                &["A"],
+            ),
+            (
+                "envFrom",
+                json!({"containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "api"}}]}]}),
+                &["A", "B", "C"],
+            ),
+            (
+                "whole volume",
+                json!({"containers": [{"name": "c", "volumeMounts": [{"name": "v", "mountPath": "/s"}]}], "volumes": [{"name": "v", "secret": {"secretName": "api"}}]}),
+                &["A", "B", "C"],
+            ),
+            (
+                "volume items",
+                json!({"containers": [{"name": "c"}], "volumes": [{"name": "v", "secret": {"secretName": "api", "items": [{"key": "B", "path": "b"}]}}]}),
+                &["B"],
+            ),
+            (
+                "projected",
+                json!({"containers": [{"name": "c"}], "volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": "api", "items": [{"key": "A", "path": "a"}]}}]}}]}),
+                &["A"],
+            ),
+            (
+                "init container",
+                json!({"containers": [{"name": "c"}], "initContainers": [{"name": "i", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "api", "key": "B"}}}]}]}),
+                &["B"],
+            ),
+            (
+                "ephemeral container",
+                json!({"containers": [{"name": "c"}], "ephemeralContainers": [{"name": "e", "envFrom": [{"secretRef": {"name": "api"}}]}]}),
+                &["A", "B", "C"],
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_reference_form_restarts_exactly_when_a_key_it_reads_changed() {
+        let old = hashes(&[("A", "1"), ("B", "1"), ("C", "1")]);
+        for (form, pod, reads) in reference_forms() {
+            let w = workload(pod);
+            // First seen: a baseline of what the pods run, no rollout.
+            let first = plan_at(&w, &[view("api", &old, 0)], 100);
+            assert!(first.restart.is_empty(), "{form}");
+            let baseline = first.baselines["api"].clone();
+            let mut seen = w.clone();
+            seen.annotations
+                .insert(annotation_key("api"), baseline.clone());
+            assert_eq!(
+                plan_at(&seen, &[view("api", &old, 0)], 100),
+                Plan {
+                    needs: [("api".to_string(), Need::Current)].into(),
+                    ..Default::default()
+                },
+                "{form}: nothing to do once recorded"
+            );
+            for changed in ["A", "B", "C"] {
+                let mut pairs = vec![("A", "1"), ("B", "1"), ("C", "1")];
+                pairs.iter_mut().find(|(k, _)| *k == changed).unwrap().1 = "2";
+                let new = hashes(&pairs);
+                let reads_it = reads.contains(&changed);
+                let p = plan_at(&seen, &[view("api", &new, 100)], 110);
+                assert_eq!(!p.restart.is_empty(), reads_it, "{form}: {changed} changed");
+                // The same from a pod-template annotation written by an earlier restart.
+                let restarted = with_template(w.clone(), "api", &baseline);
+                let p = plan_at(&restarted, &[view("api", &new, 100)], 110);
+                assert_eq!(
+                    !p.restart.is_empty(),
+                    reads_it,
+                    "{form}: {changed} changed, annotated"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_restart_waits_for_the_window_then_carries_every_secret_owed() {
+        let (a0, a1) = (hashes(&[("K", "0")]), hashes(&[("K", "1")]));
+        let (b0, b1) = (hashes(&[("L", "0")]), hashes(&[("L", "1")]));
+        let pod = json!({"containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "a"}}, {"secretRef": {"name": "b"}}]}]});
+        let w = with_template(
+            with_template(
+                workload(pod),
+                "a",
+                &a0.for_reads(&key(), &super::super::detect::Reads::Whole),
+            ),
+            "b",
+            &b0.for_reads(&key(), &super::super::detect::Reads::Whole),
+        );
+        // a changed at 100, b at 105: nothing before 115, then one patch with both.
+        let secrets = [view("a", &a1, 100), view("b", &b1, 105)];
+        let early = plan_at(&w, &secrets, 110);
+        assert!(early.restart.is_empty());
+        assert_eq!(early.requeue_at, Some(at(115)));
+        assert_eq!(
+            early.results().map(|(s, _, r)| (s, r)).collect::<Vec<_>>(),
+            vec![("a", RolloutResult::Queued), ("b", RolloutResult::Queued)]
+        );
+        let due = plan_at(&w, &secrets, 115);
+        assert_eq!(due.restart.keys().collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(due.requeue_at, None);
+        // A value that went back to what the pods run restarts nothing.
+        let back = [view("a", &a0, 100), view("b", &b0, 105)];
+        assert!(plan_at(&w, &back, 200).restart.is_empty());
+    }
+
+    #[test]
+    fn a_revocation_restarts_at_once_with_whatever_else_is_owed() {
+        let (a0, a1) = (hashes(&[("K", "0")]), hashes(&[("K", "1")]));
+        let (b0, b1) = (hashes(&[("L", "0")]), hashes(&[("L", "1")]));
+        let pod = json!({"containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "a"}}, {"secretRef": {"name": "b"}}]}]});
+        let whole = super::super::detect::Reads::Whole;
+        let w = with_template(
+            with_template(workload(pod), "a", &a0.for_reads(&key(), &whole)),
+            "b",
+            &b0.for_reads(&key(), &whole),
+        );
+        let mut revoked = view("a", &a1, 100);
+        revoked.urgent = true;
+        revoked.paused_until = Some(at(500));
+        let p = plan_at(&w, &[revoked, view("b", &b1, 100)], 100);
+        assert!(p.urgent);
+        assert_eq!(p.restart.len(), 2);
+    }
+
+    #[test]
+    fn the_breaker_paused_workloads_and_live_reload_hold_restarts_back() {
+        let (old, new) = (hashes(&[("K", "0")]), hashes(&[("K", "1")]));
+        let whole = super::super::detect::Reads::Whole;
+        let env =
+            json!({"containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "api"}}]}]});
+        let w = with_template(workload(env.clone()), "api", &old.for_reads(&key(), &whole));
+
+        let mut flapping = view("api", &new, 0);
+        flapping.paused_until = Some(at(600));
+        let p = plan_at(&w, &[flapping.clone()], 100);
+        assert!(p.restart.is_empty());
+        assert_eq!(p.requeue_at, Some(at(600)));
+        assert_eq!(
+            p.results().next().unwrap().2,
+            RolloutResult::Skipped(Skip::Flapping)
+        );
+        // When the pause ends, the workload restarts once onto the current content.
+        assert_eq!(plan_at(&w, &[flapping], 600).restart.len(), 1);
+
+        let mut paused = w.clone();
+        paused.paused = true;
+        let p = plan_at(&paused, &[view("api", &new, 0)], 100);
+        assert!(p.restart.is_empty());
+        assert_eq!(
+            p.results().next().unwrap().2,
+            RolloutResult::Skipped(Skip::Paused)
+        );
+
+        let volume = json!({"containers": [{"name": "c", "volumeMounts": [{"name": "v", "mountPath": "/s"}]}], "volumes": [{"name": "v", "secret": {"secretName": "api"}}]});
+        let mut live = with_template(workload(volume), "api", &old.for_reads(&key(), &whole));
+        live.annotations
+            .insert(RELOAD_ANNOTATION.into(), "live".into());
+        let p = plan_at(&live, &[view("api", &new, 0)], 100);
+        assert!(p.restart.is_empty());
+        assert_eq!(
+            p.results().next().unwrap().2,
+            RolloutResult::Skipped(Skip::LiveReload)
+        );
+        // Live reload through env is refused: env only changes with a restart.
+        let mut env_live = w.clone();
+        env_live
+            .annotations
+            .insert(RELOAD_ANNOTATION.into(), "live".into());
+        let p = plan_at(&env_live, &[view("api", &new, 0)], 100);
+        assert!(matches!(
+            p.needs["api"],
+            Need::Restart {
+                live_reload_refused: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn explicit_and_selector_strategies_decide_who_consumes_and_none_restarts_nothing() {
+        let (old, new) = (hashes(&[("K", "0")]), hashes(&[("K", "1")]));
+        let plain = with_template(
+            workload(json!({"containers": [{"name": "c"}]})),
+            "api",
+            &old.for_reads(&key(), &super::super::detect::Reads::Whole),
+        );
+        let explicit = Rollout {
+            strategy: RolloutStrategy::Explicit,
+            targets: vec![RolloutTarget {
+                kind: "Deployment".into(),
+                name: "web".into(),
+            }],
+            ..Default::default()
+        };
+        let mut v = view("api", &new, 0);
+        v.rollout = Some(&explicit);
+        assert_eq!(plan_at(&plain, &[v.clone()], 100).restart.len(), 1);
+        let none = Rollout {
+            strategy: RolloutStrategy::None,
+            ..Default::default()
+        };
+        v.rollout = Some(&none);
+        assert!(plan_at(&plain, &[v], 100).needs.is_empty());
+        assert!(
+            plan_at(&plain, &[view("api", &new, 0)], 100)
+                .needs
+                .is_empty(),
+            "Auto: not a reader"
+        );
+    }
+}
