@@ -14,7 +14,7 @@
 //! references, not the objects. A change of a managed Secret or a ScopedSecret triggers the
 //! workloads of its namespace that may read it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -239,7 +239,10 @@ impl Managed {
 /// Each leaves when the cache shows its `restarted-at` (or the deadline passed): the cluster
 /// stays the record.
 #[derive(Default)]
-struct Launched(HashMap<(WorkloadKind, String, String), Timestamp>);
+struct Launched(HashMap<WorkloadId, Timestamp>);
+
+/// A workload: kind, namespace, name.
+type WorkloadId = (WorkloadKind, String, String);
 
 /// What every workload reconcile shares: the operator's context, every scope's caches and the
 /// single writer of restarts.
@@ -248,6 +251,10 @@ pub struct Restarts {
     scopes: Mutex<Vec<Arc<Scope>>>,
     /// Taken to check the budget and patch, so two reconciles never both take the last slot.
     writer: tokio::sync::Mutex<Launched>,
+    /// Workloads waiting for the budget, and the rollouts last counted in flight: for the
+    /// gauges only.
+    waiting: Mutex<HashSet<WorkloadId>>,
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Restarts {
@@ -256,6 +263,8 @@ impl Restarts {
             ctx,
             scopes: Mutex::new(Vec::new()),
             writer: Default::default(),
+            waiting: Default::default(),
+            in_flight: Default::default(),
         })
     }
 
@@ -265,11 +274,7 @@ impl Restarts {
 
     /// Workloads whose rollout, started by a restart less than the deadline ago, is not
     /// complete — in every scope — and whether `me` is one of them.
-    fn in_flight(
-        &self,
-        launched: &mut Launched,
-        me: &(WorkloadKind, String, String),
-    ) -> (usize, bool) {
+    fn in_flight(&self, launched: &mut Launched, me: &WorkloadId) -> (usize, bool) {
         let now = self.now();
         let deadline = jiff::SignedDuration::try_from(self.ctx.config.pacing.deadline)
             .unwrap_or(jiff::SignedDuration::MAX);
@@ -366,17 +371,21 @@ async fn apply_plan(
     for (secret, hash) in &plan.baselines {
         want.metadata.insert(annotation_key(secret), hash.clone());
     }
+    let id = (w.kind, ns.to_string(), w.name.clone());
     if plan.restart.is_empty() {
+        r.wait(&id, false);
         if want != held {
             patch(r, w, ns, &want).await?;
         }
         return Ok((results, requeue_at(plan.requeue_at, now)));
     }
-    let id = (w.kind, ns.to_string(), w.name.clone());
     let mut launched = r.writer.lock().await;
     let (in_flight, mine) = r.in_flight(&mut launched, &id);
-    ctx.metrics.restarts_state(in_flight, 0);
-    if !plan.urgent && (mine || in_flight >= ctx.config.pacing.budget) {
+    let deferred = !plan.urgent && (mine || in_flight >= ctx.config.pacing.budget);
+    r.wait(&id, deferred);
+    let waiting = r.waiting.lock().unwrap().len();
+    r.gauges(Some(in_flight + usize::from(!deferred)), waiting);
+    if deferred {
         set(RolloutResult::Deferred);
         return Ok((results, Action::requeue(BUDGET_POLL)));
     }
@@ -420,6 +429,31 @@ fn requeue_at(at: Option<Timestamp>, now: Timestamp) -> Action {
 }
 
 impl Restarts {
+    /// Records whether `id` waits for the budget, and updates the gauges.
+    fn wait(&self, id: &WorkloadId, waits: bool) {
+        let mut waiting = self.waiting.lock().unwrap();
+        let changed = if waits {
+            waiting.insert(id.clone())
+        } else {
+            waiting.remove(id)
+        };
+        if changed {
+            if waits {
+                self.ctx.metrics.restarted("deferred", 1);
+            }
+            self.gauges(None, waiting.len());
+        }
+    }
+
+    fn gauges(&self, in_flight: Option<usize>, waiting: usize) {
+        use std::sync::atomic::Ordering;
+        if let Some(n) = in_flight {
+            self.in_flight.store(n, Ordering::Relaxed);
+        }
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        self.ctx.metrics.restarts_state(in_flight, waiting);
+    }
+
     fn scope_of(&self, namespace: &str) -> Option<Arc<Scope>> {
         self.scopes
             .lock()
