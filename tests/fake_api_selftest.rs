@@ -670,3 +670,63 @@ async fn a_kube_client_over_tcp_lists_and_watches() {
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_objects_reach_exactly_the_watches_that_select_them() {
+    const NAMESPACES: usize = 40;
+    const OBJECTS: usize = 10_000;
+    let fake = FakeKube::new();
+    fake.record_bodies(false);
+    let client = fake.client();
+    let mut per_namespace = Vec::new();
+    for i in 0..NAMESPACES {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &format!("ns{i}"));
+        per_namespace.push(
+            api.watch(&WatchParams::default(), "1")
+                .await
+                .unwrap()
+                .boxed(),
+        );
+    }
+    let all: Api<ConfigMap> = Api::all(client.clone());
+    let mut labelled = all
+        .watch(&WatchParams::default().labels("pick=yes"), "1")
+        .await
+        .unwrap()
+        .boxed();
+    assert_eq!(fake.open_watches(), NAMESPACES + 1);
+
+    let start = std::time::Instant::now();
+    for n in 0..OBJECTS {
+        fake.insert(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("cm{n}"), "namespace": format!("ns{}", n % NAMESPACES),
+                         "labels": {"pick": if n % 100 == 0 { "yes" } else { "no" }}},
+            "data": {"k": "v"}}));
+    }
+    let stored = start.elapsed();
+    for (i, stream) in per_namespace.iter_mut().enumerate() {
+        for _ in 0..OBJECTS / NAMESPACES {
+            match next(stream).await.unwrap() {
+                WatchEvent::Added(cm) => {
+                    assert_eq!(cm.metadata.namespace, Some(format!("ns{i}")))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    for _ in 0..OBJECTS / 100 {
+        match next(&mut labelled).await.unwrap() {
+            WatchEvent::Added(cm) => assert_eq!(cm.metadata.labels.unwrap()["pick"], "yes"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let drained = start.elapsed();
+    println!(
+        "{OBJECTS} objects stored with {} watches open: {stored:?}; all events read by then: {drained:?}",
+        NAMESPACES + 1
+    );
+    // Watches whose client went away are dropped.
+    drop(per_namespace);
+    drop(labelled);
+    assert_eq!(fake.open_watches(), 0);
+}

@@ -42,7 +42,7 @@
 //! or orphan propagation, admission and validation, associative lists in field ownership
 //! (`k:` keys), JSON patches (415), dry-run, authentication and RBAC.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -186,6 +186,10 @@ struct State {
     compacted_all: u64,
     watchers: HashMap<Res, Vec<Watcher>>,
     bookmark_interval: Duration,
+    /// Uids of the stored objects, and per uid the objects naming it as an owner: what the
+    /// garbage collector looks at when it is deleted.
+    uids: HashSet<String>,
+    dependents: HashMap<String, BTreeSet<Key>>,
 }
 
 impl Default for State {
@@ -205,6 +209,8 @@ impl Default for State {
             compacted_all: 0,
             watchers: HashMap::new(),
             bookmark_interval: Duration::from_secs(1),
+            uids: HashSet::new(),
+            dependents: HashMap::new(),
         }
     }
 }
@@ -670,6 +676,16 @@ fn owned_leaves(v: &Value, status_write: bool, has_status: bool) -> BTreeSet<Fie
     out
 }
 
+/// The uids an object's owner references name.
+fn owner_uids(obj: &Value) -> Vec<String> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str().map(String::from))
+        .collect()
+}
+
 fn value_at<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter().try_fold(v, |v, k| v.get(k))
 }
@@ -758,7 +774,7 @@ impl State {
                     let g = old["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
                     obj["metadata"]["generation"] = json!(g);
                 }
-                self.objects.insert(key.clone(), obj.clone());
+                self.put(key.clone(), obj.clone());
                 self.emit(&key, "MODIFIED", obj.clone(), Some(old.clone()));
             }
             None => {
@@ -767,7 +783,7 @@ impl State {
                 meta.insert("resourceVersion".into(), json!(self.counter.to_string()));
                 meta.insert("creationTimestamp".into(), json!("2026-01-01T00:00:00Z"));
                 meta.insert("generation".into(), json!(1));
-                self.objects.insert(key.clone(), obj.clone());
+                self.put(key.clone(), obj.clone());
                 self.emit(&key, "ADDED", obj.clone(), None);
             }
         }
@@ -798,53 +814,70 @@ impl State {
         }
     }
 
-    /// Deletes an object (a DELETED event with a new resourceVersion), then what it owned.
-    fn delete(&mut self, key: &Key) -> Option<Value> {
-        let mut obj = self.objects.remove(key)?;
-        self.owners.remove(key);
-        self.counter += 1;
-        obj["metadata"]["resourceVersion"] = json!(self.counter.to_string());
-        self.emit(key, "DELETED", obj.clone(), None);
-        self.collect_garbage();
-        Some(obj)
-    }
-
-    /// Background propagation: deletes every object whose owner references all name objects
-    /// that no longer exist, until none is left (dependents of dependents go too).
-    fn collect_garbage(&mut self) {
-        loop {
-            let uids: BTreeSet<&str> = self
-                .objects
-                .values()
-                .filter_map(|o| o["metadata"]["uid"].as_str())
-                .collect();
-            let orphans: Vec<Key> = self
-                .objects
-                .iter()
-                .filter(|(_, o)| {
-                    o["metadata"]["ownerReferences"]
-                        .as_array()
-                        .is_some_and(|refs| {
-                            !refs.is_empty()
-                                && refs
-                                    .iter()
-                                    .all(|r| r["uid"].as_str().is_none_or(|u| !uids.contains(u)))
-                        })
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            if orphans.is_empty() {
-                return;
-            }
-            for key in orphans {
-                if let Some(mut obj) = self.objects.remove(&key) {
-                    self.owners.remove(&key);
-                    self.counter += 1;
-                    obj["metadata"]["resourceVersion"] = json!(self.counter.to_string());
-                    self.emit(&key, "DELETED", obj, None);
+    /// Stores `obj` under `key`, keeping the uid and owner-reference indexes.
+    fn put(&mut self, key: Key, obj: Value) {
+        if let Some(old) = self.objects.get(&key) {
+            for uid in owner_uids(old) {
+                if let Some(deps) = self.dependents.get_mut(&uid) {
+                    deps.remove(&key);
                 }
             }
         }
+        for uid in owner_uids(&obj) {
+            self.dependents.entry(uid).or_default().insert(key.clone());
+        }
+        if let Some(uid) = obj["metadata"]["uid"].as_str() {
+            self.uids.insert(uid.to_string());
+        }
+        self.objects.insert(key, obj);
+    }
+
+    /// Removes the object under `key`, keeping the indexes.
+    fn take(&mut self, key: &Key) -> Option<Value> {
+        let obj = self.objects.remove(key)?;
+        for uid in owner_uids(&obj) {
+            if let Some(deps) = self.dependents.get_mut(&uid) {
+                deps.remove(key);
+            }
+        }
+        if let Some(uid) = obj["metadata"]["uid"].as_str() {
+            self.uids.remove(uid);
+        }
+        self.owners.remove(key);
+        Some(obj)
+    }
+
+    /// Deletes one object: a DELETED event carrying a new resourceVersion.
+    fn delete_one(&mut self, key: &Key) -> Option<Value> {
+        let mut obj = self.take(key)?;
+        self.counter += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.counter.to_string());
+        self.emit(key, "DELETED", obj.clone(), None);
+        Some(obj)
+    }
+
+    /// Deletes an object, then, as the garbage collector does with background propagation,
+    /// every object whose owner references all name objects that no longer exist, and their
+    /// dependents in turn.
+    fn delete(&mut self, key: &Key) -> Option<Value> {
+        let deleted = self.delete_one(key)?;
+        let mut gone: Vec<String> = deleted["metadata"]["uid"]
+            .as_str()
+            .map(String::from)
+            .into_iter()
+            .collect();
+        while let Some(uid) = gone.pop() {
+            for dependent in self.dependents.remove(&uid).unwrap_or_default() {
+                let orphaned = self
+                    .objects
+                    .get(&dependent)
+                    .is_some_and(|o| owner_uids(o).iter().all(|u| !self.uids.contains(u)));
+                if orphaned && let Some(obj) = self.delete_one(&dependent) {
+                    gone.extend(obj["metadata"]["uid"].as_str().map(String::from));
+                }
+            }
+        }
+        Some(deleted)
     }
 
     /// Gives `owner` the fields a non-apply write changed (taking them from any other
