@@ -29,6 +29,7 @@ fn value(secret: &Secret, key: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_operator_syncs_follows_a_forced_sync_and_its_secret_is_collected_on_delete() {
+    let logs = support::capture_logs();
     let fake = FakeKube::new();
     support::shop::shop_dev(&fake);
     let vault = Arc::new(MemorySource::new());
@@ -96,4 +97,13 @@ async fn the_running_operator_syncs_follows_a_forced_sync_and_its_secret_is_coll
     let secrets: Api<Secret> = Api::namespaced(client, "shop-dev");
     assert!(secrets.get_opt("api").await.unwrap().is_none());
     assert_eq!(operator.stop().await, None);
+    // A healthy run through watches warns about nothing (a broken watch would: kube's
+    // watcher and the controller log its errors).
+    let warnings: Vec<String> = logs
+        .contents()
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .map(String::from)
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
 }
