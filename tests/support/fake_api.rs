@@ -1376,6 +1376,18 @@ impl State {
             .and_then(|o| o["kind"].as_str())
             .map(String::from)
             .unwrap_or_else(|| {
+                let known = [
+                    ("configmaps", "ConfigMap"),
+                    ("serviceaccounts", "ServiceAccount"),
+                    ("statefulsets", "StatefulSet"),
+                    ("daemonsets", "DaemonSet"),
+                    ("scopedsecrets", "ScopedSecret"),
+                    ("vaultstores", "VaultStore"),
+                    ("clustervaultstores", "ClusterVaultStore"),
+                ];
+                if let Some((_, kind)) = known.iter().find(|(plural, _)| *plural == res.1) {
+                    return kind.to_string();
+                }
                 // Singular, capitalised: enough for a bookmark's kind.
                 let singular = res.1.trim_end_matches('s');
                 let mut c = singular.chars();
