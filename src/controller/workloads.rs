@@ -127,6 +127,16 @@ pub fn trim(obj: &mut DynamicObject) {
     obj.data = json!({"spec": kept, "status": status});
 }
 
+/// Keeps of a managed Secret's metadata what the decision reads: its labels and the two hash
+/// annotations. Another annotation may be large, or even hold values (a
+/// `last-applied-configuration` left by `kubectl apply`).
+fn trim_secret(s: &mut PartialObjectMeta<Secret>) {
+    s.metadata.managed_fields = None;
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.retain(|k, _| k == KEY_HASHES_ANNOTATION || k == CONTENT_HASH_ANNOTATION);
+    }
+}
+
 /// The decision's view of a (trimmed) workload.
 fn view(kind: WorkloadKind, obj: &DynamicObject) -> Option<Workload> {
     let template: PodTemplateSpec =
@@ -707,7 +717,8 @@ pub async fn run_scope(r: Arc<Restarts>, namespace: Option<String>) {
         watcher(
             namespaced_or_all::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true")),
-        ),
+        )
+        .modify(trim_secret),
     )
     .default_backoff()
     .touched_objects();
@@ -928,7 +939,8 @@ pub async fn snapshot(r: &Arc<Restarts>, namespace: Option<&str>) -> Result<(), 
     let listed = namespaced_or_all::<Secret>(client, namespace)
         .list_metadata(&lp.clone().labels(&format!("{MANAGED_LABEL}=true")))
         .await?;
-    for s in listed.items {
+    for mut s in listed.items {
+        trim_secret(&mut s);
         sw.apply_watcher_event(&watcher::Event::Apply(s));
     }
     let (scoped, mut cw) = reflector::store::<ScopedSecret>();
