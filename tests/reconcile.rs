@@ -2060,24 +2060,28 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
     use futures::StreamExt;
     use k8s_openapi::api::core::v1::Namespace;
     use kube::Api;
+    use kube::core::PartialObjectMeta;
     use kube::runtime::watcher;
     use scoped_secrets::api::v1alpha1::{ClusterVaultStore, VaultStore};
-    use scoped_secrets::controller::caches::cached;
+    use scoped_secrets::controller::caches::{cached, trim_namespace};
 
     let w = world();
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     let client = w.fake.client();
     let (namespaces, a) = cached(
-        Api::<Namespace>::all(client.clone()),
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default(),
+        trim_namespace,
     );
     let (stores, b) = cached(
         Api::<VaultStore>::all(client.clone()),
         watcher::Config::default(),
+        |_| {},
     );
     let (cluster, c) = cached(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
+        |_| {},
     );
     w.ctx.caches.add(None, namespaces, stores, cluster);
     let _watchers = [

@@ -2,6 +2,12 @@
 //! VaultStores and ClusterVaultStores. The Controller watches them anyway (to re-sync the
 //! ScopedSecrets that use them); keeping what it sees saves a GET of each per reconcile.
 //!
+//! Every cache keeps only what a reconcile reads ([`trim_meta`] and the `trim_*` functions run
+//! on each object before it is stored): no `managedFields`, no
+//! `kubectl.kubernetes.io/last-applied-configuration` copy of the whole object, and Namespaces
+//! as metadata only (their labels). At 10,000 ScopedSecrets the stores are most of the
+//! operator's memory, and `managedFields` alone is often larger than the spec.
+//!
 //! A cache answers only once its first list is complete; before that, and for an object it
 //! does not hold (a store not created yet), the reconcile reads from the API server, so a
 //! missing object is reported from the API server's answer, never from a cache still filling.
@@ -15,13 +21,54 @@ use std::sync::{Arc, RwLock};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 
-use crate::api::v1alpha1::{ClusterVaultStore, VaultStore};
+use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, VaultStore};
+
+/// The prefix of the labels and annotations the operator reads on its own objects
+/// (`scopedsecrets.io/force-sync`, `…/resume-rollouts`): the others are dropped from the caches.
+const OWN_PREFIX: &str = "scopedsecrets.io/";
+
+/// Drops what no reconcile reads from an object's metadata on its way into a cache:
+/// `managedFields` (server-side apply bookkeeping, often the largest part of a small object)
+/// and the `last-applied-configuration` annotation (`kubectl apply`'s copy of the object).
+pub fn trim_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A ScopedSecret as the controller keeps it: spec, status, and of the metadata only what the
+/// reconcile reads — name, namespace, uid, generation, resourceVersion and the operator's own
+/// `scopedsecrets.io/` annotations and labels.
+pub fn trim_scoped_secret(ss: &mut ScopedSecret) {
+    trim_meta(&mut ss.metadata);
+    let meta = &mut ss.metadata;
+    for map in [meta.annotations.as_mut(), meta.labels.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        map.retain(|k, _| k.starts_with(OWN_PREFIX));
+    }
+    meta.owner_references = None;
+    meta.finalizers = None;
+}
+
+/// A Namespace as the caches keep it: name and labels (scope labels, store access
+/// selectors), nothing else.
+pub fn trim_namespace(ns: &mut PartialObjectMeta<Namespace>) {
+    trim_meta(&mut ns.metadata);
+    ns.metadata.annotations = None;
+    ns.metadata.owner_references = None;
+    ns.metadata.finalizers = None;
+}
 
 /// One watched kind: the reflector's store and whether its first list is complete.
 pub struct Cache<K: Resource + 'static>
@@ -50,11 +97,12 @@ where
     }
 }
 
-/// A cache of `api` and the stream of touched (applied or deleted) objects that fills it (to
-/// hand to `Controller::watches_stream`).
+/// A cache of `api`, each object passed through `trim` before it is stored, and the stream of
+/// touched (applied or deleted) objects that fills it (to hand to `Controller::watches_stream`).
 pub fn cached<K>(
     api: Api<K>,
     config: watcher::Config,
+    trim: fn(&mut K),
 ) -> (
     Cache<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -66,7 +114,7 @@ where
     let (store, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let flag = synced.clone();
-    let stream = reflector::reflector(writer, watcher(api, config))
+    let stream = reflector::reflector(writer, watcher(api, config).modify(trim))
         .inspect(move |e| {
             if matches!(e, Ok(watcher::Event::InitDone)) {
                 flag.store(true, Ordering::SeqCst);
@@ -81,7 +129,7 @@ where
 /// The caches of one controller: the namespace it serves (`None`: all).
 struct Scope {
     namespace: Option<String>,
-    namespaces: Cache<Namespace>,
+    namespaces: Cache<PartialObjectMeta<Namespace>>,
     vault_stores: Cache<VaultStore>,
     cluster_stores: Cache<ClusterVaultStore>,
 }
@@ -98,7 +146,7 @@ impl Caches {
     pub fn add(
         &self,
         namespace: Option<&str>,
-        namespaces: Cache<Namespace>,
+        namespaces: Cache<PartialObjectMeta<Namespace>>,
         vault_stores: Cache<VaultStore>,
         cluster_stores: Cache<ClusterVaultStore>,
     ) {
@@ -119,8 +167,8 @@ impl Caches {
         f(scope)
     }
 
-    /// The Namespace `name`, from the caches serving it.
-    pub fn namespace(&self, name: &str) -> Option<Arc<Namespace>> {
+    /// The Namespace `name` (its metadata), from the caches serving it.
+    pub fn namespace(&self, name: &str) -> Option<Arc<PartialObjectMeta<Namespace>>> {
         self.with(name, |s| s.namespaces.get(name, None))
     }
 
@@ -132,5 +180,84 @@ impl Caches {
     /// The ClusterVaultStore `name`, as seen by the controller serving `for_namespace`.
     pub fn cluster_store(&self, for_namespace: &str, name: &str) -> Option<Arc<ClusterVaultStore>> {
         self.with(for_namespace, |s| s.cluster_stores.get(name, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_scopedsecret_keeps_spec_status_and_only_the_operators_own_metadata() {
+        let mut ss: ScopedSecret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {
+                "name": "api", "namespace": "shop-dev", "uid": "u", "generation": 3,
+                "resourceVersion": "42",
+                "labels": {"app.kubernetes.io/instance": "shop", "scopedsecrets.io/tier": "a"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"a huge\": \"copy\"}",
+                    "argocd.argoproj.io/tracking-id": "shop:x",
+                    "scopedsecrets.io/force-sync": "1"
+                },
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "o"}],
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]
+            },
+            "spec": {"storeRef": {"name": "vault"}, "refreshInterval": "1m"},
+            "status": {"observedGeneration": 3, "contentHash": "hmac-sha256:ab"}
+        }))
+        .unwrap();
+        let (spec, status) = (ss.spec.clone(), ss.status.clone());
+        trim_scoped_secret(&mut ss);
+        let m = &ss.metadata;
+        assert_eq!(m.managed_fields, None);
+        assert_eq!(m.owner_references, None);
+        assert_eq!(
+            m.annotations.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            vec!["scopedsecrets.io/force-sync"]
+        );
+        assert_eq!(
+            m.labels.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            vec!["scopedsecrets.io/tier"]
+        );
+        assert_eq!(
+            (
+                m.name.as_deref(),
+                m.namespace.as_deref(),
+                m.uid.as_deref(),
+                m.generation,
+                m.resource_version.as_deref()
+            ),
+            (
+                Some("api"),
+                Some("shop-dev"),
+                Some("u"),
+                Some(3),
+                Some("42")
+            )
+        );
+        assert_eq!(ss.spec, spec);
+        assert_eq!(ss.status, status);
+    }
+
+    #[test]
+    fn a_cached_namespace_is_its_name_and_labels() {
+        let mut ns: PartialObjectMeta<Namespace> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {
+                "name": "shop-dev",
+                "labels": {"scopedsecrets.io/project": "shop", "team": "shop"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "owner": "x"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"}
+        }))
+        .unwrap();
+        trim_namespace(&mut ns);
+        assert_eq!(ns.metadata.name.as_deref(), Some("shop-dev"));
+        assert_eq!(ns.metadata.labels.as_ref().unwrap().len(), 2);
+        assert_eq!(ns.metadata.annotations, None);
+        assert_eq!(ns.metadata.managed_fields, None);
     }
 }

@@ -626,18 +626,21 @@ fn controller_for(
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
     let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
-    let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
-        .inspect(move |e| match e {
-            Ok(watcher::Event::InitDone) => {
-                gone.forget_absent(scope.as_deref(), &live);
-                on_synced();
-            }
-            Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
-            _ => {}
-        })
-        .default_backoff()
-        .applied_objects()
-        .predicate_filter(trigger_hash, Default::default());
+    let scoped_stream = reflector::reflector(
+        writer,
+        watcher(scoped, watcher::Config::default()).modify(caches::trim_scoped_secret),
+    )
+    .inspect(move |e| match e {
+        Ok(watcher::Event::InitDone) => {
+            gone.forget_absent(scope.as_deref(), &live);
+            on_synced();
+        }
+        Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
+        _ => {}
+    })
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(trigger_hash, Default::default());
     let store = reader.clone();
     let controller = Controller::for_stream(scoped_stream, reader);
 
@@ -645,7 +648,10 @@ fn controller_for(
     let secrets: Api<Secret> = namespaced_or_all(client, namespace);
     let secret_config = watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true"));
     // Namespaces are cluster-scoped: in a namespaced scope only its own is watched.
-    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    let namespaces =
+        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(
+            client.clone(),
+        );
     let namespace_config = match namespace {
         Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
         None => watcher::Config::default(),
@@ -664,14 +670,17 @@ fn controller_for(
     .default_backoff()
     .touched_objects();
     // Namespaces and stores are kept (informer caches) for the reconciles to read.
-    let (namespace_cache, namespaces) = caches::cached(namespaces, namespace_config);
+    let (namespace_cache, namespaces) =
+        caches::cached(namespaces, namespace_config, caches::trim_namespace);
     let (vault_store_cache, vault_stores) = caches::cached(
         namespaced_or_all::<VaultStore>(client, namespace),
         watcher::Config::default(),
+        |vs| caches::trim_meta(&mut vs.metadata),
     );
     let (cluster_store_cache, cluster_stores) = caches::cached(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
+        |cs| caches::trim_meta(&mut cs.metadata),
     );
     ctx.caches.add(
         namespace,
@@ -713,7 +722,7 @@ fn controller_for(
         })
         .watches_stream(
             namespaces,
-            move |ns: k8s_openapi::api::core::v1::Namespace| {
+            move |ns: kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>| {
                 let name = ns.name_any();
                 store_ns
                     .state()
