@@ -258,9 +258,10 @@ impl Context {
     }
 
     /// Drops what is kept for a ScopedSecret that is gone: its failure count, its mark as
-    /// synced and its metric series.
+    /// synced, the resourceVersion its Secret was verified at and its metric series.
     pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
         self.failures.forget(obj);
+        self.caches.forget(obj);
         let managed = {
             let mut seen = self.seen.lock().unwrap();
             seen.remove(obj);
@@ -289,6 +290,7 @@ impl Context {
         }
         // Objects that failed without ever syncing are not in `seen`.
         self.failures.retain(|obj| !absent(obj));
+        self.caches.retain_verified(|obj| !absent(obj));
     }
 }
 
@@ -644,9 +646,14 @@ fn controller_for(
     let store = reader.clone();
     let controller = Controller::for_stream(scoped_stream, reader);
 
-    // Managed Secrets only; mapped back by label so Retain (no owner reference) works too.
-    let secrets: Api<Secret> = namespaced_or_all(client, namespace);
-    let secret_config = watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true"));
+    // Managed Secrets only, metadata only (the operator holds no Secret value): mapped back by
+    // label so Retain (no owner reference) works too, and kept for the no-op check of the
+    // apply stage (caches.rs).
+    let (secret_cache, secrets) = caches::cached(
+        namespaced_or_all::<kube::core::PartialObjectMeta<Secret>>(client, namespace),
+        watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true")),
+        caches::trim_secret,
+    );
     // Namespaces are cluster-scoped: in a namespaced scope only its own is watched.
     let namespaces =
         Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(
@@ -684,13 +691,16 @@ fn controller_for(
     );
     ctx.caches.add(
         namespace,
-        namespace_cache,
-        vault_store_cache,
-        cluster_store_cache,
+        caches::ScopeCaches {
+            namespaces: namespace_cache,
+            vault_stores: vault_store_cache,
+            cluster_stores: cluster_store_cache,
+            secrets: secret_cache,
+        },
     );
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .watches(secrets, secret_config, |s: Secret| {
+        .watches_stream(secrets, |s: kube::core::PartialObjectMeta<Secret>| {
             let owner = s.labels().get(OWNER_LABEL).cloned();
             let ns = s.namespace();
             owner.map(|name| {
