@@ -9,6 +9,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod expiry;
+pub mod kube_client;
 pub mod leader;
 pub mod metrics;
 pub mod render;

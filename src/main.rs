@@ -11,7 +11,7 @@ use scoped_secrets::cli::{self, CliError, VaultArgs};
 use scoped_secrets::controller::{self, Config};
 use scoped_secrets::metrics::{self, Metrics, Readiness};
 use scoped_secrets::vault::client::VaultReader;
-use scoped_secrets::{crd, leader, telemetry};
+use scoped_secrets::{crd, kube_client, leader, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +74,13 @@ enum Command {
         /// Seconds a leader's Lease lasts without renewal; a follower takes over within this.
         #[arg(long, default_value_t = 15)]
         lease_duration_seconds: u64,
+        /// Client-side limit of the controller's Kubernetes API requests per second (bursts
+        /// of --kube-burst above it); 0 turns it off. A no-op refresh makes no request.
+        #[arg(long, env = "KUBE_QPS", default_value_t = 50.0)]
+        kube_qps: f32,
+        /// Kubernetes API requests sent at once before --kube-qps applies.
+        #[arg(long, env = "KUBE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        kube_burst: u32,
     },
     /// Print the CRDs as YAML (`scoped-secrets crd | kubectl apply -f -`).
     Crd,
@@ -185,9 +192,15 @@ async fn main() -> anyhow::Result<()> {
             watch_namespaces,
             leader_election,
             lease_duration_seconds,
+            kube_qps,
+            kube_burst,
         } => {
             telemetry::init(&log_level, log_format == "json");
-            let client = kube::Client::try_default().await?;
+            let (client, lease_client) = kube_client::clients(kube_client::RateLimit {
+                qps: kube_qps,
+                burst: kube_burst,
+            })
+            .await?;
             let metrics = Arc::new(Metrics::default());
             let ready = Readiness::default();
             let (m, r) = (metrics.clone(), ready.clone());
@@ -239,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
             );
             let namespace = config.operator_namespace.clone();
             let result = leader::lead(
-                client.clone(),
+                lease_client,
                 &namespace,
                 &identity,
                 lease_duration_seconds,

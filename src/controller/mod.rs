@@ -195,6 +195,10 @@ pub struct Context {
     /// Informer caches of namespaces and stores, filled by the running controllers (empty
     /// when reconciles are driven without them, as in tests: reads go to the API server).
     pub caches: caches::Caches,
+    /// ScopedSecrets whose spec no operator has handled yet (new ones, edited ones) and that
+    /// this process has not reconciled yet: while there are any, refreshes wait
+    /// ([`reconcile_in_order`]).
+    awaiting_first: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
 }
 
 impl Context {
@@ -229,6 +233,7 @@ impl Context {
             restarts,
             withheld: Mutex::new(HashMap::new()),
             caches: Default::default(),
+            awaiting_first: Default::default(),
         }
     }
 
@@ -262,6 +267,7 @@ impl Context {
     pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
         self.failures.forget(obj);
         self.caches.forget(obj);
+        self.awaiting_first.lock().unwrap().remove(obj);
         let managed = {
             let mut seen = self.seen.lock().unwrap();
             seen.remove(obj);
@@ -291,7 +297,66 @@ impl Context {
         // Objects that failed without ever syncing are not in `seen`.
         self.failures.retain(|obj| !absent(obj));
         self.caches.retain_verified(|obj| !absent(obj));
+        self.awaiting_first
+            .lock()
+            .unwrap()
+            .retain(|obj| !absent(obj));
     }
+}
+
+/// Whether no operator has handled this spec yet: a new ScopedSecret (no status) or an
+/// edited one (`status.observedGeneration` behind). Every reconcile, failed or not, records
+/// the generation, so a failing object does not stay "new".
+fn spec_unhandled(ss: &ScopedSecret) -> bool {
+    ss.status.as_ref().and_then(|s| s.observed_generation) != ss.metadata.generation
+        || ss.status.is_none()
+}
+
+/// Whether a reconcile of `ss` would be a plain refresh: its spec handled, no force-sync
+/// annotation pending.
+fn plain_refresh(ss: &ScopedSecret) -> bool {
+    let force = ss.annotations().get(FORCE_SYNC_ANNOTATION);
+    let handled = ss
+        .status
+        .as_ref()
+        .and_then(|s| s.force_sync_handled.as_ref());
+    !spec_unhandled(ss) && (force.is_none() || force == handled)
+}
+
+impl Context {
+    /// Notes a ScopedSecret as it arrives from the watch: one whose spec was never handled
+    /// goes ahead of refreshes until this process reconciles it.
+    fn arrived(&self, ss: &ScopedSecret) {
+        if spec_unhandled(ss) {
+            self.awaiting_first
+                .lock()
+                .unwrap()
+                .insert(ObjectRef::from_obj(ss));
+        }
+    }
+
+    /// Whether the reconcile of `ss` should give its worker to a ScopedSecret still waiting
+    /// for its first sync.
+    fn yields_to_first_syncs(&self, ss: &ScopedSecret) -> bool {
+        let awaiting = self.awaiting_first.lock().unwrap();
+        !awaiting.is_empty() && !awaiting.contains(&ObjectRef::from_obj(ss)) && plain_refresh(ss)
+    }
+}
+
+/// The controller's reconcile: [`reconcile`], except that while ScopedSecrets wait for their
+/// first sync (a new namespace of 2,000, an operator installed into a full cluster), a plain
+/// refresh of one already synced comes back in a few seconds instead of taking a worker, the
+/// API rate limit and Vault's time. First syncs then finish as fast as the rate allows, not
+/// behind refreshes (external-secrets #4180). Spec edits and force-syncs never wait; a hand
+/// edit of a Secret is repaired once the first syncs are done.
+pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if ctx.yields_to_first_syncs(&ss) {
+        return Ok(Action::requeue(deferral_delay()));
+    }
+    let obj = ObjectRef::from_obj(ss.as_ref());
+    let result = reconcile(ss, ctx.clone()).await;
+    ctx.awaiting_first.lock().unwrap().remove(&obj);
+    result
 }
 
 /// Reads of one store running at once: half of the workers (at least one), so that a store
@@ -573,7 +638,7 @@ pub async fn run(
             controller
                 .reconcile_on(rx)
                 .shutdown_on_signal()
-                .run(reconcile, error_policy, ctx.clone())
+                .run(reconcile_in_order, error_policy, ctx.clone())
                 .for_each(|result| async move {
                     if let Err(e) = result {
                         // Reconcile errors are logged by error_policy; these are queue/watch
@@ -638,6 +703,7 @@ fn controller_for(
             on_synced();
         }
         Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
+        Ok(watcher::Event::Apply(ss) | watcher::Event::InitApply(ss)) => gone.arrived(ss),
         _ => {}
     })
     .default_backoff()
@@ -819,6 +885,65 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["shop-dev/api".to_string()]);
         assert!(using_config_map(&reader, "unrelated", Some("shop-dev")).is_empty());
+    }
+
+    /// A client for a Context whose reconciles are not run.
+    fn no_api_server() -> Client {
+        Client::new(
+            tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+                Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("no API server"))
+            }),
+            "default",
+        )
+    }
+
+    fn scoped_secret(name: &str, status: serde_json::Value) -> ScopedSecret {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": name, "namespace": "shop-dev", "generation": 2},
+            "spec": {"storeRef": {"name": "vault"}},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn refreshes_wait_while_scopedsecrets_await_their_first_sync() {
+        let ctx = Context::new(
+            no_api_server(),
+            Arc::new(crate::vault::memory::MemorySource::new()),
+            HmacKey::new(vec![1; 32]),
+            Config::default(),
+        );
+        let synced = scoped_secret("synced", serde_json::json!({"observedGeneration": 2}));
+        let mut new = scoped_secret("new", serde_json::Value::Null);
+        new.status = None;
+        let edited = scoped_secret("edited", serde_json::json!({"observedGeneration": 1}));
+        let mut forced = synced.clone();
+        forced.metadata.name = Some("forced".into());
+        forced
+            .annotations_mut()
+            .insert(FORCE_SYNC_ANNOTATION.into(), "now".into());
+
+        ctx.arrived(&synced);
+        assert!(!ctx.yields_to_first_syncs(&synced), "nothing awaits");
+        ctx.arrived(&new);
+        ctx.arrived(&edited);
+        assert!(ctx.yields_to_first_syncs(&synced), "a refresh waits");
+        assert!(!ctx.yields_to_first_syncs(&new));
+        assert!(!ctx.yields_to_first_syncs(&edited));
+        assert!(
+            !ctx.yields_to_first_syncs(&forced),
+            "a force-sync never waits"
+        );
+
+        // Reconciled (or gone): refreshes go on.
+        ctx.awaiting_first
+            .lock()
+            .unwrap()
+            .remove(&ObjectRef::from_obj(&new));
+        ctx.forget(&ObjectRef::from_obj(&edited));
+        assert!(!ctx.yields_to_first_syncs(&synced));
     }
 
     #[test]
