@@ -2074,21 +2074,25 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default(),
         trim_namespace,
+        |_| true,
     );
     let (vault_stores, b) = cached(
         Api::<VaultStore>::all(client.clone()),
         watcher::Config::default(),
         |_| {},
+        |_| true,
     );
     let (cluster_stores, c) = cached(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
         |_| {},
+        |_| true,
     );
     let (secrets, d) = cached(
         Api::<PartialObjectMeta<Secret>>::all(client.clone()),
         watcher::Config::default(),
         trim_secret,
+        |_| true,
     );
     w.ctx.caches.add(
         None,

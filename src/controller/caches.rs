@@ -127,12 +127,28 @@ where
     }
 }
 
-/// A cache of `api`, each object passed through `trim` before it is stored, and the stream of
-/// touched (applied or deleted) objects that fills it (to hand to `Controller::watches_stream`).
+/// Whether a watch event is about an object `keep` accepts (the bookkeeping events of a list
+/// always are): how a shard drops the objects of other shards before they are stored.
+pub fn kept<K>(
+    event: &Result<watcher::Event<K>, watcher::Error>,
+    keep: &impl Fn(&K) -> bool,
+) -> bool {
+    match event {
+        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) => {
+            keep(o)
+        }
+        _ => true,
+    }
+}
+
+/// A cache of `api`, each object passed through `trim` before it is stored and only those
+/// `keep` accepts stored at all, and the stream of touched (applied or deleted) objects that
+/// fills it (to hand to `Controller::watches_stream`).
 pub fn cached<K>(
     api: Api<K>,
     config: watcher::Config,
     trim: fn(&mut K),
+    keep: impl Fn(&K) -> bool + Send + 'static,
 ) -> (
     Cache<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -144,7 +160,10 @@ where
     let (store, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let flag = synced.clone();
-    let stream = reflector::reflector(writer, watcher(api, config).modify(trim))
+    let events = watcher(api, config)
+        .filter(move |e| std::future::ready(kept(e, &keep)))
+        .modify(trim);
+    let stream = reflector::reflector(writer, events)
         .inspect(move |e| {
             if matches!(e, Ok(watcher::Event::InitDone)) {
                 flag.store(true, Ordering::SeqCst);

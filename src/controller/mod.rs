@@ -14,6 +14,7 @@ mod restart_plan;
 pub mod retain;
 pub use restart_plan::requeue_from_status;
 pub mod restarts;
+pub mod shard;
 pub mod status;
 pub mod validate;
 
@@ -145,6 +146,18 @@ pub struct Config {
     pub pacing: crate::rollout::queue::Pacing,
     /// Namespaces whose ScopedSecrets are served; empty: all namespaces.
     pub watch_namespaces: Vec<String>,
+    /// The shard served (`--shard-index` of `--shard-count`): only ScopedSecrets whose
+    /// namespace hashes to it. `None`: every namespace.
+    pub shard: Option<shard::Shard>,
+}
+
+impl Config {
+    /// Whether this operator serves the ScopedSecrets of `namespace` (as far as sharding
+    /// goes; `watch_namespaces` is applied by the watches themselves).
+    pub fn serves(&self, namespace: Option<&str>) -> bool {
+        self.shard
+            .is_none_or(|s| namespace.is_some_and(|ns| s.serves(ns)))
+    }
 }
 
 impl Default for Config {
@@ -160,6 +173,7 @@ impl Default for Config {
             expiry_horizon: Duration::from_secs(14 * 86_400),
             pacing: Default::default(),
             watch_namespaces: Vec::new(),
+            shard: None,
         }
     }
 }
@@ -583,7 +597,11 @@ pub async fn run(
     for scope in &scopes {
         let scoped: Api<ScopedSecret> = namespaced_or_all(&client, scope.as_deref());
         match scoped.list(&ListParams::default()).await {
-            Ok(list) => existing.extend(list.items),
+            Ok(list) => existing.extend(
+                list.items
+                    .into_iter()
+                    .filter(|ss| config.serves(ss.metadata.namespace.as_deref())),
+            ),
             Err(e) => {
                 let where_ = scope
                     .as_deref()
@@ -693,9 +711,24 @@ fn controller_for(
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
     let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
+    // A shard keeps only its own namespaces' objects (shard.rs).
+    let config = ctx.config.clone();
+    let serves = move |namespace: Option<&str>| config.serves(namespace);
+    let (s1, s2, s3, s4) = (
+        serves.clone(),
+        serves.clone(),
+        serves.clone(),
+        serves.clone(),
+    );
     let scoped_stream = reflector::reflector(
         writer,
-        watcher(scoped, watcher::Config::default()).modify(caches::trim_scoped_secret),
+        watcher(scoped, watcher::Config::default())
+            .filter(move |e| {
+                futures::future::ready(caches::kept(e, &|ss: &ScopedSecret| {
+                    s1(ss.metadata.namespace.as_deref())
+                }))
+            })
+            .modify(caches::trim_scoped_secret),
     )
     .inspect(move |e| match e {
         Ok(watcher::Event::InitDone) => {
@@ -719,6 +752,7 @@ fn controller_for(
         namespaced_or_all::<kube::core::PartialObjectMeta<Secret>>(client, namespace),
         watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true")),
         caches::trim_secret,
+        move |s| s2(s.metadata.namespace.as_deref()),
     );
     // Namespaces are cluster-scoped: in a namespaced scope only its own is watched.
     let namespaces =
@@ -743,17 +777,23 @@ fn controller_for(
     .default_backoff()
     .touched_objects();
     // Namespaces and stores are kept (informer caches) for the reconciles to read.
-    let (namespace_cache, namespaces) =
-        caches::cached(namespaces, namespace_config, caches::trim_namespace);
+    let (namespace_cache, namespaces) = caches::cached(
+        namespaces,
+        namespace_config,
+        caches::trim_namespace,
+        move |ns| s3(ns.metadata.name.as_deref()),
+    );
     let (vault_store_cache, vault_stores) = caches::cached(
         namespaced_or_all::<VaultStore>(client, namespace),
         watcher::Config::default(),
         |vs| caches::trim_meta(&mut vs.metadata),
+        move |vs| s4(vs.metadata.namespace.as_deref()),
     );
     let (cluster_store_cache, cluster_stores) = caches::cached(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
         |cs| caches::trim_meta(&mut cs.metadata),
+        |_| true,
     );
     ctx.caches.add(
         namespace,
