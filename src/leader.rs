@@ -3,7 +3,7 @@
 //! follower takes over within the lease duration after the leader stops renewing; a leader
 //! that shuts down (SIGTERM) finishes its in-flight reconciles and releases the Lease, so the
 //! takeover is immediate. A leader that loses the Lease exits, and its pod restarts as a
-//! follower.
+//! follower. Each shard (`--shard-index`) has its own Lease, so each has its own leader.
 
 use std::future::Future;
 
@@ -11,8 +11,16 @@ use anyhow::anyhow;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::info;
 
-/// Name of the Lease in the operator's namespace.
+/// Name of the Lease in the operator's namespace (of an unsharded operator).
 pub const LEASE_NAME: &str = "scoped-secrets-leader";
+
+/// The Lease of `shard`: `scoped-secrets-leader-<index>` when sharded, else [`LEASE_NAME`].
+pub fn lease_name(shard: Option<crate::controller::shard::Shard>) -> String {
+    match shard {
+        Some(s) => format!("{LEASE_NAME}-{}", s.index()),
+        None => LEASE_NAME.to_string(),
+    }
+}
 
 /// This process's identity in the Lease: the pod's name (`POD_NAME`, from the downward API),
 /// else the hostname, plus a random suffix — every replica and every restart of one is a
@@ -36,11 +44,13 @@ pub fn hostname() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-/// Waits for the Lease, then runs `run` while holding it; releases it when `run` ends. Returns
-/// an error when the Lease is lost while running. `shutdown` ends the wait of a follower.
+/// Waits for the Lease `lease` (see [`lease_name`]), then runs `run` while holding it;
+/// releases it when `run` ends. Returns an error when the Lease is lost while running.
+/// `shutdown` ends the wait of a follower.
 pub async fn lead<F, Fut, S>(
     client: kube::Client,
     namespace: &str,
+    lease: &str,
     identity: &str,
     duration_seconds: u64,
     shutdown: S,
@@ -51,7 +61,7 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
     S: Future<Output = ()>,
 {
-    let manager = LeaseManagerBuilder::new(client, LEASE_NAME)
+    let manager = LeaseManagerBuilder::new(client, lease)
         .with_namespace(namespace)
         .with_identity(identity)
         .with_duration(duration_seconds)
@@ -59,11 +69,11 @@ where
         .with_field_manager(format!("scoped-secrets-leader.{identity}"))
         .build()
         .await
-        .map_err(|e| anyhow!("failed to set up the leader Lease {namespace}/{LEASE_NAME}: {e}"))?;
+        .map_err(|e| anyhow!("failed to set up the leader Lease {namespace}/{lease}: {e}"))?;
     let (mut leader, task) = manager.watch().await;
     info!(
         identity,
-        "waiting to become the leader (Lease {namespace}/{LEASE_NAME})"
+        "waiting to become the leader (Lease {namespace}/{lease})"
     );
     tokio::pin!(shutdown);
     while !*leader.borrow_and_update() {
@@ -86,7 +96,7 @@ where
                 changed = leader.changed() => {
                     if changed.is_err() || !*leader.borrow_and_update() {
                         break Err(anyhow!(
-                            "lost the leader Lease {namespace}/{LEASE_NAME}; exiting so that only the new leader writes"
+                            "lost the leader Lease {namespace}/{lease}; exiting so that only the new leader writes"
                         ));
                     }
                 }

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod controller;
 pub mod crd;
 pub mod expiry;
+pub mod kube_client;
 pub mod leader;
 pub mod metrics;
 pub mod render;

@@ -8,10 +8,11 @@ use scoped_secrets::cli::render::RenderArgs;
 use scoped_secrets::cli::resolve::ResolveArgs;
 use scoped_secrets::cli::secret::SecretCommand;
 use scoped_secrets::cli::{self, CliError, VaultArgs};
+use scoped_secrets::controller::shard::{self, Shard};
 use scoped_secrets::controller::{self, Config};
 use scoped_secrets::metrics::{self, Metrics, Readiness};
 use scoped_secrets::vault::client::VaultReader;
-use scoped_secrets::{crd, leader, telemetry};
+use scoped_secrets::{crd, kube_client, leader, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +75,22 @@ enum Command {
         /// Seconds a leader's Lease lasts without renewal; a follower takes over within this.
         #[arg(long, default_value_t = 15)]
         lease_duration_seconds: u64,
+        /// Client-side limit of the controller's Kubernetes API requests per second (bursts
+        /// of --kube-burst above it); 0 turns it off. A no-op refresh makes no request.
+        #[arg(long, env = "KUBE_QPS", default_value_t = 50.0)]
+        kube_qps: f32,
+        /// Number of shards: each replica serves the ScopedSecrets of the namespaces that hash
+        /// to its shard (docs/operations.md#sharding).
+        #[arg(long, env = "SHARD_COUNT", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        shard_count: u32,
+        /// This replica's shard (0-based, below --shard-count). Default with --shard-count
+        /// above 1: the StatefulSet pod ordinal (POD_INDEX, else the hostname's suffix) modulo
+        /// the count, so pods o, o+N, … serve the same shard, one leading.
+        #[arg(long, env = "SHARD_INDEX")]
+        shard_index: Option<u32>,
+        /// Kubernetes API requests sent at once before --kube-qps applies.
+        #[arg(long, env = "KUBE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        kube_burst: u32,
     },
     /// Print the CRDs as YAML (`scoped-secrets crd | kubectl apply -f -`).
     Crd,
@@ -185,9 +202,18 @@ async fn main() -> anyhow::Result<()> {
             watch_namespaces,
             leader_election,
             lease_duration_seconds,
+            kube_qps,
+            kube_burst,
+            shard_count,
+            shard_index,
         } => {
             telemetry::init(&log_level, log_format == "json");
-            let client = kube::Client::try_default().await?;
+            let shard = shard(shard_index, shard_count)?;
+            let (client, lease_client) = kube_client::clients(kube_client::RateLimit {
+                qps: kube_qps,
+                burst: kube_burst,
+            })
+            .await?;
             let metrics = Arc::new(Metrics::default());
             let ready = Readiness::default();
             let (m, r) = (metrics.clone(), ready.clone());
@@ -219,11 +245,13 @@ async fn main() -> anyhow::Result<()> {
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
                     .collect(),
+                shard,
                 ..Config::default()
             };
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
                 revision = env!("SCOPED_SECRETS_GIT_REVISION"),
+                shard = shard.map(|s| s.to_string()),
                 "starting scoped-secrets controller"
             );
             if !leader_election {
@@ -239,8 +267,9 @@ async fn main() -> anyhow::Result<()> {
             );
             let namespace = config.operator_namespace.clone();
             let result = leader::lead(
-                client.clone(),
+                lease_client,
                 &namespace,
+                &leader::lease_name(shard),
                 &identity,
                 lease_duration_seconds,
                 shutdown_signal(),
@@ -256,6 +285,30 @@ async fn main() -> anyhow::Result<()> {
             result
         }
     }
+}
+
+/// The shard this replica serves: `--shard-index`, else the pod ordinal modulo the count;
+/// `None` unsharded.
+fn shard(index: Option<u32>, count: u32) -> anyhow::Result<Option<Shard>> {
+    if count == 1 && index.is_none_or(|i| i == 0) {
+        return Ok(None);
+    }
+    let shard = match index {
+        Some(i) => Shard::new(i, count)?,
+        None => {
+            let ordinal = shard::pod_ordinal(
+                std::env::var("POD_INDEX").ok().as_deref(),
+                leader::hostname().as_deref(),
+            )
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--shard-count {count} needs --shard-index, or a StatefulSet pod ordinal (POD_INDEX or a hostname ending in -<number>)"
+                )
+            })?;
+            Shard::from_ordinal(ordinal, count)?
+        }
+    };
+    Ok(Some(shard))
 }
 
 /// A `--watch-namespace` entry: a Kubernetes namespace name (RFC 1123 label).

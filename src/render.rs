@@ -179,6 +179,21 @@ pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
     let Some(existing) = existing else {
         return true;
     };
+    let empty_data = BTreeMap::new();
+    let data_equal = existing.data.as_ref().unwrap_or(&empty_data)
+        == desired.data.as_ref().unwrap_or(&empty_data);
+    let type_equal = existing.type_.as_deref().unwrap_or("Opaque")
+        == desired.type_.as_deref().unwrap_or("Opaque");
+    !(data_equal
+        && type_equal
+        && existing.string_data.is_none()
+        && metadata_matches(&existing.metadata, desired))
+}
+
+/// Whether a Secret's metadata has everything the operator sets on `desired`: its labels and
+/// annotations (the content and metadata hashes among them) and the same ScopedSecret owner
+/// reference. Others' labels and annotations do not matter.
+pub fn metadata_matches(existing: &ObjectMeta, desired: &Secret) -> bool {
     let subset = |want: &Option<BTreeMap<String, String>>,
                   have: &Option<BTreeMap<String, String>>| {
         let empty = BTreeMap::new();
@@ -188,11 +203,6 @@ pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
             .iter()
             .all(|(k, v)| have.get(k) == Some(v))
     };
-    let empty_data = BTreeMap::new();
-    let data_equal = existing.data.as_ref().unwrap_or(&empty_data)
-        == desired.data.as_ref().unwrap_or(&empty_data);
-    let type_equal = existing.type_.as_deref().unwrap_or("Opaque")
-        == desired.type_.as_deref().unwrap_or("Opaque");
     let ours = |refs: &Option<Vec<OwnerReference>>| {
         refs.iter()
             .flatten()
@@ -200,17 +210,10 @@ pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
             .map(|r| r.uid.clone())
             .collect::<Vec<_>>()
     };
-    let owner_equal =
-        ours(&existing.metadata.owner_references) == ours(&desired.metadata.owner_references);
-    !(data_equal
-        && type_equal
-        && owner_equal
-        && existing.string_data.is_none()
-        && subset(&desired.metadata.labels, &existing.metadata.labels)
-        && subset(
-            &desired.metadata.annotations,
-            &existing.metadata.annotations,
-        ))
+    let want = &desired.metadata;
+    ours(&existing.owner_references) == ours(&want.owner_references)
+        && subset(&want.labels, &existing.labels)
+        && subset(&want.annotations, &existing.annotations)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use scoped_secrets::leader::lead;
+use scoped_secrets::leader::{LEASE_NAME, lead};
 use support::fake_api::FakeKube;
 
 async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) {
@@ -34,6 +34,7 @@ async fn one_instance_leads_and_the_other_takes_over_when_it_stops() {
     let a = tokio::spawn(lead(
         fake.client(),
         "scoped-secrets",
+        LEASE_NAME,
         "a",
         3,
         std::future::pending(),
@@ -53,6 +54,7 @@ async fn one_instance_leads_and_the_other_takes_over_when_it_stops() {
     let b = tokio::spawn(lead(
         fake.client(),
         "scoped-secrets",
+        LEASE_NAME,
         "b",
         3,
         std::future::pending(),
@@ -94,6 +96,7 @@ async fn a_follower_stops_waiting_on_shutdown() {
     let a = tokio::spawn(lead(
         fake.client(),
         "ns",
+        LEASE_NAME,
         "a",
         3,
         std::future::pending(),
@@ -108,6 +111,7 @@ async fn a_follower_stops_waiting_on_shutdown() {
     let result = lead(
         fake.client(),
         "ns",
+        LEASE_NAME,
         "b",
         3,
         tokio::time::sleep(Duration::from_secs(1)),

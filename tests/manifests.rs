@@ -389,6 +389,7 @@ struct Rendered {
     roles: Vec<Role>,
     role_bindings: Vec<RoleBinding>,
     deployments: Vec<Deployment>,
+    stateful_sets: Vec<k8s_openapi::api::apps::v1::StatefulSet>,
     services: Vec<Service>,
     network_policies: Vec<NetworkPolicy>,
     pdbs: Vec<PodDisruptionBudget>,
@@ -414,6 +415,7 @@ impl Rendered {
                 ("rbac.authorization.k8s.io/v1", "Role") => r.roles.push(typed(doc)),
                 ("rbac.authorization.k8s.io/v1", "RoleBinding") => r.role_bindings.push(typed(doc)),
                 ("apps/v1", "Deployment") => r.deployments.push(typed(doc)),
+                ("apps/v1", "StatefulSet") => r.stateful_sets.push(typed(doc)),
                 ("networking.k8s.io/v1", "NetworkPolicy") => r.network_policies.push(typed(doc)),
                 ("policy/v1", "PodDisruptionBudget") => r.pdbs.push(typed(doc)),
                 ("monitoring.coreos.com/v1", "ServiceMonitor") => {
@@ -438,6 +440,7 @@ impl Rendered {
             ("Role", self.roles.len()),
             ("RoleBinding", self.role_bindings.len()),
             ("Deployment", self.deployments.len()),
+            ("StatefulSet", self.stateful_sets.len()),
             ("Service", self.services.len()),
             ("NetworkPolicy", self.network_policies.len()),
             ("PodDisruptionBudget", self.pdbs.len()),
@@ -1464,4 +1467,57 @@ fn dockerfile_builds_the_locked_release_binary_into_a_nonroot_distroless_image()
         builder >= msrv,
         "the builder's Rust 1.{builder} is older than rust-version 1.{msrv}"
     );
+}
+
+#[test]
+fn chart_with_shards_runs_a_statefulset_whose_pods_pick_their_shard_from_the_ordinal() {
+    let r = Rendered::from(&helm_template(&["shards=3", "replicaCount=2"]));
+    assert!(r.deployments.is_empty(), "sharded: no Deployment");
+    assert_eq!(r.stateful_sets.len(), 1);
+    let sts = r.stateful_sets[0].spec.as_ref().unwrap();
+    assert_eq!(sts.replicas, Some(6), "3 shards x 2 pods each");
+    assert_eq!(sts.pod_management_policy.as_deref(), Some("Parallel"));
+    let pod = sts.template.spec.as_ref().unwrap();
+    assert_restricted(pod, "chart StatefulSet");
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap();
+    assert!(
+        args.windows(2).any(|w| w == ["--shard-count", "3"]),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--leader-election".to_string()), "{args:?}");
+    let pod_index = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_INDEX")
+        .expect("POD_INDEX from the downward API");
+    assert_eq!(
+        pod_index
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("metadata.labels['apps.kubernetes.io/pod-index']")
+    );
+    // The binary accepts the args (clap parses them before printing help).
+    let mut help = args.clone();
+    help.push("--help".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+        .args(&help)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Unsharded (the default) stays a Deployment, with the rate limits passed on.
+    let r = Rendered::from(&helm_template(&[]));
+    assert!(r.stateful_sets.is_empty());
+    let args = pod_spec(r.deployment()).containers[0].args.clone().unwrap();
+    for pair in [["--kube-qps", "50"], ["--kube-burst", "100"]] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+    }
+    assert!(!args.contains(&"--shard-count".to_string()));
 }

@@ -7,9 +7,13 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use scoped_secrets::api::v1alpha1::ScopedSecret;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::watcher;
+use scoped_secrets::api::v1alpha1::{ClusterVaultStore, ScopedSecret};
+use scoped_secrets::controller::caches::{self, Cache, ScopeCaches};
 use scoped_secrets::controller::{Config, Context, error_policy, reconcile};
 use scoped_secrets::vault::VaultError;
 use scoped_secrets::vault::memory::MemorySource;
@@ -1124,32 +1128,52 @@ async fn keys_near_their_expiry_are_reported_once_as_condition_event_and_metric(
 #[tokio::test]
 async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_store() {
     use futures::StreamExt;
-    use k8s_openapi::api::core::v1::Namespace;
     use kube::Api;
     use kube::runtime::watcher;
-    use scoped_secrets::api::v1alpha1::{ClusterVaultStore, VaultStore};
-    use scoped_secrets::controller::caches::cached;
+    use scoped_secrets::api::v1alpha1::VaultStore;
+    use scoped_secrets::controller::caches::{cached, trim_namespace, trim_secret};
 
     let w = world();
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     let client = w.fake.client();
     let (namespaces, a) = cached(
-        Api::<Namespace>::all(client.clone()),
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default(),
+        trim_namespace,
+        |_| true,
     );
-    let (stores, b) = cached(
+    let (vault_stores, b) = cached(
         Api::<VaultStore>::all(client.clone()),
         watcher::Config::default(),
+        |_| {},
+        |_| true,
     );
-    let (cluster, c) = cached(
+    let (cluster_stores, c) = cached(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
+        |_| {},
+        |_| true,
     );
-    w.ctx.caches.add(None, namespaces, stores, cluster);
+    let (secrets, d) = cached(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        watcher::Config::default(),
+        trim_secret,
+        |_| true,
+    );
+    w.ctx.caches.add(
+        None,
+        ScopeCaches {
+            namespaces,
+            vault_stores,
+            cluster_stores,
+            secrets,
+        },
+    );
     let _watchers = [
         tokio::spawn(a.for_each(|_| async {})),
         tokio::spawn(b.for_each(|_| async {})),
         tokio::spawn(c.for_each(|_| async {})),
+        tokio::spawn(d.for_each(|_| async {})),
     ];
     let start = std::time::Instant::now();
     while w.ctx.caches.namespace("shop-dev").is_none()
@@ -1187,4 +1211,177 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
     ));
     let err = w.reconcile("shop-dev", "x").await.unwrap_err();
     assert_eq!(err.category(), "StoreNotFound");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The no-op check from the metadata cache of managed Secrets (caches.rs).
+// ---------------------------------------------------------------------------------------------
+
+/// The informer caches a running controller keeps, filled here by re-listing the fake.
+struct Informers {
+    namespaces: reflector::store::Writer<PartialObjectMeta<Namespace>>,
+    cluster_stores: reflector::store::Writer<ClusterVaultStore>,
+    secrets: reflector::store::Writer<PartialObjectMeta<Secret>>,
+}
+
+fn relist<K>(writer: &mut reflector::store::Writer<K>, objects: Vec<Value>, trim: fn(&mut K))
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for obj in objects {
+        let mut obj: K = serde_json::from_value(obj).unwrap();
+        trim(&mut obj);
+        writer.apply_watcher_event(&watcher::Event::InitApply(obj));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+}
+
+impl Informers {
+    /// Caches for `ctx`, filled from the fake as it is now.
+    fn attach(w: &World, ctx: &Context) -> Self {
+        let (namespaces, ns_writer) = reflector::store();
+        let (vault_stores, _) = reflector::store();
+        let (cluster_stores, cs_writer) = reflector::store();
+        let (secrets, secret_writer) = reflector::store();
+        ctx.caches.add(
+            None,
+            ScopeCaches {
+                namespaces: Cache::filled(namespaces),
+                vault_stores: Cache::filled(vault_stores),
+                cluster_stores: Cache::filled(cluster_stores),
+                secrets: Cache::filled(secrets),
+            },
+        );
+        let mut informers = Informers {
+            namespaces: ns_writer,
+            cluster_stores: cs_writer,
+            secrets: secret_writer,
+        };
+        informers.relist(w);
+        informers
+    }
+
+    /// What the watches would have delivered by now.
+    fn relist(&mut self, w: &World) {
+        relist(
+            &mut self.namespaces,
+            w.fake.list_values("namespaces"),
+            caches::trim_namespace,
+        );
+        relist(
+            &mut self.cluster_stores,
+            w.fake.list_values("clustervaultstores"),
+            |_| {},
+        );
+        let managed = w
+            .fake
+            .list_values("secrets")
+            .into_iter()
+            .filter(|s| s["metadata"]["labels"]["scopedsecrets.io/managed"] == "true")
+            .collect();
+        relist(&mut self.secrets, managed, caches::trim_secret);
+    }
+}
+
+fn request_summary(w: &World) -> Vec<String> {
+    w.fake
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_no_op_refresh_makes_no_api_request_once_the_secret_is_verified() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    let mut informers = Informers::attach(&w, &w.ctx);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert!(
+        w.fake
+            .requests()
+            .iter()
+            .all(|r| !(r.method == "GET" && r.path.contains("/secrets/"))),
+        "the cache says there is no Secret yet: created without a read, {:?}",
+        request_summary(&w)
+    );
+    informers.relist(&w);
+    for _ in 0..3 {
+        w.fake.clear_requests();
+        w.reconcile("shop-dev", "api").await.unwrap();
+        assert_eq!(
+            request_summary(&w),
+            Vec::<String>::new(),
+            "a no-op refresh needs no API request"
+        );
+    }
+    // A changed value is still written (the content hash in the cache no longer matches).
+    w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
+        "warn"
+    );
+    // The record goes with the ScopedSecret.
+    assert_eq!(w.ctx.caches.verified_len(), 1);
+    w.ctx.forget(&ObjectRef::new("api").within("shop-dev"));
+    assert_eq!(w.ctx.caches.verified_len(), 0);
+}
+
+#[tokio::test]
+async fn a_hand_edit_seen_by_the_metadata_cache_is_read_and_repaired() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    let mut informers = Informers::attach(&w, &w.ctx);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let good = data(&w.secret("shop-dev", "api").unwrap());
+    informers.relist(&w);
+
+    // The edit keeps every label and annotation: only the resourceVersion tells.
+    let mut secret = w
+        .fake
+        .get("api/v1", Some("shop-dev"), "secrets", "api")
+        .unwrap();
+    secret["data"]["LOG_LEVEL"] = json!("aGFja2Vk");
+    w.fake.insert(secret);
+    informers.relist(&w);
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(data(&w.secret("shop-dev", "api").unwrap()), good);
+    let summary = request_summary(&w);
+    assert!(
+        summary.contains(&"GET /api/v1/namespaces/shop-dev/secrets/api".to_string()),
+        "the edited Secret is read: {summary:?}"
+    );
+
+    // Repaired and seen again: quiet.
+    informers.relist(&w);
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(request_summary(&w), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_restarted_operator_reads_each_secret_once_and_writes_nothing() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+
+    let restarted = w.context(Config::default());
+    let _informers = Informers::attach(&w, &restarted);
+    w.fake.clear_requests();
+    reconcile(w.ss("shop-dev", "api"), restarted.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        request_summary(&w),
+        vec!["GET /api/v1/namespaces/shop-dev/secrets/api".to_string()],
+        "one read of the Secret, nothing else"
+    );
+    w.fake.clear_requests();
+    reconcile(w.ss("shop-dev", "api"), restarted).await.unwrap();
+    assert_eq!(request_summary(&w), Vec::<String>::new());
 }

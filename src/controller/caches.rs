@@ -2,26 +2,89 @@
 //! VaultStores and ClusterVaultStores. The Controller watches them anyway (to re-sync the
 //! ScopedSecrets that use them); keeping what it sees saves a GET of each per reconcile.
 //!
+//! Every cache keeps only what a reconcile reads ([`trim_meta`] and the `trim_*` functions run
+//! on each object before it is stored): no `managedFields`, no
+//! `kubectl.kubernetes.io/last-applied-configuration` copy of the whole object, and Namespaces
+//! as metadata only (their labels). At 10,000 ScopedSecrets the stores are most of the
+//! operator's memory, and `managedFields` alone is often larger than the spec.
+//!
+//! Managed Secrets are cached as metadata only (a label-selected metadata watch: the operator
+//! holds no Secret value), with the resourceVersion each was last written or read at by this
+//! process ([`Caches::verified`]). A Secret whose cached metadata still shows that
+//! resourceVersion has not changed since; if it also carries the content hash the reconcile
+//! wants, the reconcile needs no GET: a no-op refresh makes no API request at all. A hand
+//! edit changes the resourceVersion, its watch event triggers a reconcile, and that one reads
+//! the Secret and repairs it.
+//!
 //! A cache answers only once its first list is complete; before that, and for an object it
 //! does not hold (a store not created yet), the reconcile reads from the API server, so a
 //! missing object is reported from the API server's answer, never from a cache still filling.
 //! The event that triggers a reconcile is applied to the cache before the reconcile runs, so
 //! an edited store or relabelled namespace is seen by the reconcile it causes.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 
-use crate::api::v1alpha1::{ClusterVaultStore, VaultStore};
+use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, VaultStore};
+
+/// The prefix of the labels and annotations the operator reads on its own objects
+/// (`scopedsecrets.io/force-sync`, `…/resume-rollouts`): the others are dropped from the caches.
+const OWN_PREFIX: &str = "scopedsecrets.io/";
+
+/// Drops what no reconcile reads from an object's metadata on its way into a cache:
+/// `managedFields` (server-side apply bookkeeping, often the largest part of a small object)
+/// and the `last-applied-configuration` annotation (`kubectl apply`'s copy of the object).
+pub fn trim_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A managed Secret's metadata as the cache keeps it: labels, annotations (the content and
+/// metadata hashes), owner references and resourceVersion — what the no-op check compares.
+pub fn trim_secret(secret: &mut PartialObjectMeta<Secret>) {
+    trim_meta(&mut secret.metadata);
+    secret.metadata.finalizers = None;
+}
+
+/// A ScopedSecret as the controller keeps it: spec, status, and of the metadata only what the
+/// reconcile reads — name, namespace, uid, generation, resourceVersion and the operator's own
+/// `scopedsecrets.io/` annotations and labels.
+pub fn trim_scoped_secret(ss: &mut ScopedSecret) {
+    trim_meta(&mut ss.metadata);
+    let meta = &mut ss.metadata;
+    for map in [meta.annotations.as_mut(), meta.labels.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        map.retain(|k, _| k.starts_with(OWN_PREFIX));
+    }
+    meta.owner_references = None;
+    meta.finalizers = None;
+}
+
+/// A Namespace as the caches keep it: name and labels (scope labels, store access
+/// selectors), nothing else.
+pub fn trim_namespace(ns: &mut PartialObjectMeta<Namespace>) {
+    trim_meta(&mut ns.metadata);
+    ns.metadata.annotations = None;
+    ns.metadata.owner_references = None;
+    ns.metadata.finalizers = None;
+}
 
 /// One watched kind: the reflector's store and whether its first list is complete.
 pub struct Cache<K: Resource + 'static>
@@ -37,6 +100,20 @@ where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone + Default,
 {
+    /// A cache over a store the caller fills (through its `reflector::Writer`), complete from
+    /// the start: for driving reconciles without a running controller.
+    pub fn filled(store: Store<K>) -> Self {
+        Cache {
+            store,
+            synced: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Whether the first list is complete: only then does an absence mean anything.
+    fn synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
     fn get(&self, name: &str, namespace: Option<&str>) -> Option<Arc<K>> {
         if !self.synced.load(Ordering::SeqCst) {
             return None;
@@ -50,11 +127,28 @@ where
     }
 }
 
-/// A cache of `api` and the stream of touched (applied or deleted) objects that fills it (to
-/// hand to `Controller::watches_stream`).
+/// Whether a watch event is about an object `keep` accepts (the bookkeeping events of a list
+/// always are): how a shard drops the objects of other shards before they are stored.
+pub fn kept<K>(
+    event: &Result<watcher::Event<K>, watcher::Error>,
+    keep: &impl Fn(&K) -> bool,
+) -> bool {
+    match event {
+        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) => {
+            keep(o)
+        }
+        _ => true,
+    }
+}
+
+/// A cache of `api`, each object passed through `trim` before it is stored and only those
+/// `keep` accepts stored at all, and the stream of touched (applied or deleted) objects that
+/// fills it (to hand to `Controller::watches_stream`).
 pub fn cached<K>(
     api: Api<K>,
     config: watcher::Config,
+    trim: fn(&mut K),
+    keep: impl Fn(&K) -> bool + Send + 'static,
 ) -> (
     Cache<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -66,7 +160,10 @@ where
     let (store, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let flag = synced.clone();
-    let stream = reflector::reflector(writer, watcher(api, config))
+    let events = watcher(api, config)
+        .filter(move |e| std::future::ready(kept(e, &keep)))
+        .modify(trim);
+    let stream = reflector::reflector(writer, events)
         .inspect(move |e| {
             if matches!(e, Ok(watcher::Event::InitDone)) {
                 flag.store(true, Ordering::SeqCst);
@@ -81,9 +178,29 @@ where
 /// The caches of one controller: the namespace it serves (`None`: all).
 struct Scope {
     namespace: Option<String>,
-    namespaces: Cache<Namespace>,
+    namespaces: Cache<PartialObjectMeta<Namespace>>,
     vault_stores: Cache<VaultStore>,
     cluster_stores: Cache<ClusterVaultStore>,
+    /// Managed Secrets (label `scopedsecrets.io/managed=true`), metadata only.
+    secrets: Cache<PartialObjectMeta<Secret>>,
+}
+
+/// The caches of one controller, to hand to [`Caches::add`].
+pub struct ScopeCaches {
+    pub namespaces: Cache<PartialObjectMeta<Namespace>>,
+    pub vault_stores: Cache<VaultStore>,
+    pub cluster_stores: Cache<ClusterVaultStore>,
+    pub secrets: Cache<PartialObjectMeta<Secret>>,
+}
+
+/// What the caches know about a managed Secret.
+pub enum CachedSecret {
+    /// Nothing: no cache serves the namespace, or its first list is not complete.
+    Unknown,
+    /// The list is complete and holds no managed Secret of that name.
+    Absent,
+    /// Its metadata as last seen.
+    Present(Arc<PartialObjectMeta<Secret>>),
 }
 
 /// Every cache, of every controller (one per watched namespace, or one for all). A reconcile
@@ -91,22 +208,26 @@ struct Scope {
 #[derive(Default)]
 pub struct Caches {
     scopes: RwLock<Vec<Scope>>,
+    /// Per ScopedSecret: its Secret's name and the resourceVersion this process last wrote or
+    /// read it at (and found it as wanted). Lost on restart: then each Secret is read once.
+    verified: Mutex<HashMap<ObjectRef<ScopedSecret>, (String, String)>>,
 }
 
 impl Caches {
     /// The caches of the controller serving `namespace` (`None`: all namespaces).
-    pub fn add(
-        &self,
-        namespace: Option<&str>,
-        namespaces: Cache<Namespace>,
-        vault_stores: Cache<VaultStore>,
-        cluster_stores: Cache<ClusterVaultStore>,
-    ) {
+    pub fn add(&self, namespace: Option<&str>, caches: ScopeCaches) {
+        let ScopeCaches {
+            namespaces,
+            vault_stores,
+            cluster_stores,
+            secrets,
+        } = caches;
         self.scopes.write().unwrap().push(Scope {
             namespace: namespace.map(String::from),
             namespaces,
             vault_stores,
             cluster_stores,
+            secrets,
         });
     }
 
@@ -119,8 +240,8 @@ impl Caches {
         f(scope)
     }
 
-    /// The Namespace `name`, from the caches serving it.
-    pub fn namespace(&self, name: &str) -> Option<Arc<Namespace>> {
+    /// The Namespace `name` (its metadata), from the caches serving it.
+    pub fn namespace(&self, name: &str) -> Option<Arc<PartialObjectMeta<Namespace>>> {
         self.with(name, |s| s.namespaces.get(name, None))
     }
 
@@ -132,5 +253,168 @@ impl Caches {
     /// The ClusterVaultStore `name`, as seen by the controller serving `for_namespace`.
     pub fn cluster_store(&self, for_namespace: &str, name: &str) -> Option<Arc<ClusterVaultStore>> {
         self.with(for_namespace, |s| s.cluster_stores.get(name, None))
+    }
+
+    /// The managed Secret `namespace/name` as the cache of the controller serving `namespace`
+    /// sees it.
+    pub fn managed_secret(&self, namespace: &str, name: &str) -> CachedSecret {
+        self.with(namespace, |s| {
+            Some(if !s.secrets.synced() {
+                CachedSecret::Unknown
+            } else {
+                match s.secrets.get(name, Some(namespace)) {
+                    Some(meta) => CachedSecret::Present(meta),
+                    None => CachedSecret::Absent,
+                }
+            })
+        })
+        .unwrap_or(CachedSecret::Unknown)
+    }
+
+    /// The resourceVersion at which this process last wrote or read the Secret `secret` of
+    /// `obj` and found it as wanted.
+    pub fn verified(&self, obj: &ObjectRef<ScopedSecret>, secret: &str) -> Option<String> {
+        let verified = self.verified.lock().unwrap();
+        let (name, rv) = verified.get(obj)?;
+        (name == secret).then(|| rv.clone())
+    }
+
+    /// Records that the Secret `secret` of `obj` is as wanted at `resource_version` (`None`:
+    /// not known, forgets the record).
+    pub fn set_verified(
+        &self,
+        obj: &ObjectRef<ScopedSecret>,
+        secret: &str,
+        resource_version: Option<String>,
+    ) {
+        let mut verified = self.verified.lock().unwrap();
+        match resource_version {
+            Some(rv) => {
+                verified.insert(obj.clone(), (secret.to_string(), rv));
+            }
+            None => {
+                verified.remove(obj);
+            }
+        }
+    }
+
+    /// Drops what is kept for a ScopedSecret that is gone.
+    pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
+        self.verified.lock().unwrap().remove(obj);
+    }
+
+    /// Keeps the verification records of the ScopedSecrets `keep` accepts.
+    pub fn retain_verified(&self, keep: impl Fn(&ObjectRef<ScopedSecret>) -> bool) {
+        self.verified.lock().unwrap().retain(|obj, _| keep(obj));
+    }
+
+    /// ScopedSecrets with a verification record (for tests of the pruning).
+    pub fn verified_len(&self) -> usize {
+        self.verified.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_scopedsecret_keeps_spec_status_and_only_the_operators_own_metadata() {
+        let mut ss: ScopedSecret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {
+                "name": "api", "namespace": "shop-dev", "uid": "u", "generation": 3,
+                "resourceVersion": "42",
+                "labels": {"app.kubernetes.io/instance": "shop", "scopedsecrets.io/tier": "a"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"a huge\": \"copy\"}",
+                    "argocd.argoproj.io/tracking-id": "shop:x",
+                    "scopedsecrets.io/force-sync": "1"
+                },
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "o"}],
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]
+            },
+            "spec": {"storeRef": {"name": "vault"}, "refreshInterval": "1m"},
+            "status": {"observedGeneration": 3, "contentHash": "hmac-sha256:ab"}
+        }))
+        .unwrap();
+        let (spec, status) = (ss.spec.clone(), ss.status.clone());
+        trim_scoped_secret(&mut ss);
+        let m = &ss.metadata;
+        assert_eq!(m.managed_fields, None);
+        assert_eq!(m.owner_references, None);
+        assert_eq!(
+            m.annotations.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            vec!["scopedsecrets.io/force-sync"]
+        );
+        assert_eq!(
+            m.labels.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            vec!["scopedsecrets.io/tier"]
+        );
+        assert_eq!(
+            (
+                m.name.as_deref(),
+                m.namespace.as_deref(),
+                m.uid.as_deref(),
+                m.generation,
+                m.resource_version.as_deref()
+            ),
+            (
+                Some("api"),
+                Some("shop-dev"),
+                Some("u"),
+                Some(3),
+                Some("42")
+            )
+        );
+        assert_eq!(ss.spec, spec);
+        assert_eq!(ss.status, status);
+    }
+
+    #[test]
+    fn a_cached_namespace_is_its_name_and_labels() {
+        let mut ns: PartialObjectMeta<Namespace> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {
+                "name": "shop-dev",
+                "labels": {"scopedsecrets.io/project": "shop", "team": "shop"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "owner": "x"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"}
+        }))
+        .unwrap();
+        trim_namespace(&mut ns);
+        assert_eq!(ns.metadata.name.as_deref(), Some("shop-dev"));
+        assert_eq!(ns.metadata.labels.as_ref().unwrap().len(), 2);
+        assert_eq!(ns.metadata.annotations, None);
+        assert_eq!(ns.metadata.managed_fields, None);
+    }
+
+    #[test]
+    fn a_cached_secret_keeps_the_hashes_it_is_compared_by() {
+        let mut s: PartialObjectMeta<Secret> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {
+                "name": "api", "namespace": "shop-dev", "resourceVersion": "7",
+                "labels": {"scopedsecrets.io/managed": "true"},
+                "annotations": {
+                    "scopedsecrets.io/content-hash": "hmac-sha256:ab",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}"
+                },
+                "managedFields": [{"manager": "scoped-secrets", "operation": "Apply"}]
+            },
+            "data": {"K": "dg=="}
+        }))
+        .unwrap();
+        trim_secret(&mut s);
+        let a = s.metadata.annotations.as_ref().unwrap();
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            vec![crate::render::CONTENT_HASH_ANNOTATION]
+        );
+        assert_eq!(s.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(s.metadata.managed_fields, None);
     }
 }

@@ -12,6 +12,7 @@ mod failures;
 pub mod pipeline;
 mod reconcile;
 pub mod retain;
+pub mod shard;
 pub mod status;
 pub mod validate;
 pub mod workloads;
@@ -143,6 +144,18 @@ pub struct Config {
     pub pacing: crate::rollout::Pacing,
     /// Namespaces whose ScopedSecrets are served; empty: all namespaces.
     pub watch_namespaces: Vec<String>,
+    /// The shard served (`--shard-index` of `--shard-count`): only ScopedSecrets whose
+    /// namespace hashes to it. `None`: every namespace.
+    pub shard: Option<shard::Shard>,
+}
+
+impl Config {
+    /// Whether this operator serves the ScopedSecrets of `namespace` (as far as sharding
+    /// goes; `watch_namespaces` is applied by the watches themselves).
+    pub fn serves(&self, namespace: Option<&str>) -> bool {
+        self.shard
+            .is_none_or(|s| namespace.is_some_and(|ns| s.serves(ns)))
+    }
 }
 
 impl Default for Config {
@@ -158,6 +171,7 @@ impl Default for Config {
             expiry_horizon: Duration::from_secs(14 * 86_400),
             pacing: Default::default(),
             watch_namespaces: Vec::new(),
+            shard: None,
         }
     }
 }
@@ -184,6 +198,10 @@ pub struct Context {
     /// Informer caches of namespaces and stores, filled by the running controllers (empty
     /// when reconciles are driven without them, as in tests: reads go to the API server).
     pub caches: caches::Caches,
+    /// ScopedSecrets whose spec no operator has handled yet (new ones, edited ones) and that
+    /// this process has not reconciled yet: while there are any, refreshes wait
+    /// ([`reconcile_in_order`]).
+    awaiting_first: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
 }
 
 impl Context {
@@ -210,6 +228,7 @@ impl Context {
             seen: Mutex::new(Default::default()),
             clock: Arc::new(crate::clock::SystemClock),
             caches: Default::default(),
+            awaiting_first: Default::default(),
         }
     }
 
@@ -245,9 +264,11 @@ impl Context {
     }
 
     /// Drops what is kept for a ScopedSecret that is gone: its failure count, its mark as
-    /// synced and its metric series.
+    /// synced, the resourceVersion its Secret was verified at and its metric series.
     pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
         self.failures.forget(obj);
+        self.caches.forget(obj);
+        self.awaiting_first.lock().unwrap().remove(obj);
         let managed = {
             let mut seen = self.seen.lock().unwrap();
             seen.remove(obj);
@@ -276,7 +297,67 @@ impl Context {
         }
         // Objects that failed without ever syncing are not in `seen`.
         self.failures.retain(|obj| !absent(obj));
+        self.caches.retain_verified(|obj| !absent(obj));
+        self.awaiting_first
+            .lock()
+            .unwrap()
+            .retain(|obj| !absent(obj));
     }
+}
+
+/// Whether no operator has handled this spec yet: a new ScopedSecret (no status) or an
+/// edited one (`status.observedGeneration` behind). Every reconcile, failed or not, records
+/// the generation, so a failing object does not stay "new".
+fn spec_unhandled(ss: &ScopedSecret) -> bool {
+    ss.status.as_ref().and_then(|s| s.observed_generation) != ss.metadata.generation
+        || ss.status.is_none()
+}
+
+/// Whether a reconcile of `ss` would be a plain refresh: its spec handled, no force-sync
+/// annotation pending.
+fn plain_refresh(ss: &ScopedSecret) -> bool {
+    let force = ss.annotations().get(FORCE_SYNC_ANNOTATION);
+    let handled = ss
+        .status
+        .as_ref()
+        .and_then(|s| s.force_sync_handled.as_ref());
+    !spec_unhandled(ss) && (force.is_none() || force == handled)
+}
+
+impl Context {
+    /// Notes a ScopedSecret as it arrives from the watch: one whose spec was never handled
+    /// goes ahead of refreshes until this process reconciles it.
+    fn arrived(&self, ss: &ScopedSecret) {
+        if spec_unhandled(ss) {
+            self.awaiting_first
+                .lock()
+                .unwrap()
+                .insert(ObjectRef::from_obj(ss));
+        }
+    }
+
+    /// Whether the reconcile of `ss` should give its worker to a ScopedSecret still waiting
+    /// for its first sync.
+    fn yields_to_first_syncs(&self, ss: &ScopedSecret) -> bool {
+        let awaiting = self.awaiting_first.lock().unwrap();
+        !awaiting.is_empty() && !awaiting.contains(&ObjectRef::from_obj(ss)) && plain_refresh(ss)
+    }
+}
+
+/// The controller's reconcile: [`reconcile`], except that while ScopedSecrets wait for their
+/// first sync (a new namespace of 2,000, an operator installed into a full cluster), a plain
+/// refresh of one already synced comes back in a few seconds instead of taking a worker, the
+/// API rate limit and Vault's time. First syncs then finish as fast as the rate allows, not
+/// behind refreshes (external-secrets #4180). Spec edits and force-syncs never wait; a hand
+/// edit of a Secret is repaired once the first syncs are done.
+pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if ctx.yields_to_first_syncs(&ss) {
+        return Ok(Action::requeue(deferral_delay()));
+    }
+    let obj = ObjectRef::from_obj(ss.as_ref());
+    let result = reconcile(ss, ctx.clone()).await;
+    ctx.awaiting_first.lock().unwrap().remove(&obj);
+    result
 }
 
 /// Reads of one store running at once: half of the workers (at least one), so that a store
@@ -542,7 +623,7 @@ pub async fn run(
         controllers.push(
             controller
                 .shutdown_on_signal()
-                .run(reconcile, error_policy, ctx.clone())
+                .run(reconcile_in_order, error_policy, ctx.clone())
                 .for_each(|result| async move {
                     if let Err(e) = result {
                         // Reconcile errors are logged by error_policy; these are queue/watch
@@ -591,26 +672,54 @@ fn controller_for(
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
     let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
-    let scoped_stream = reflector::reflector(writer, watcher(scoped, watcher::Config::default()))
-        .inspect(move |e| match e {
-            Ok(watcher::Event::InitDone) => {
-                gone.forget_absent(scope.as_deref(), &live);
-                on_synced();
-            }
-            Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
-            _ => {}
-        })
-        .default_backoff()
-        .applied_objects()
-        .predicate_filter(trigger_hash, Default::default());
+    // A shard keeps only its own namespaces' objects (shard.rs).
+    let config = ctx.config.clone();
+    let serves = move |namespace: Option<&str>| config.serves(namespace);
+    let (s1, s2, s3, s4) = (
+        serves.clone(),
+        serves.clone(),
+        serves.clone(),
+        serves.clone(),
+    );
+    let scoped_stream = reflector::reflector(
+        writer,
+        watcher(scoped, watcher::Config::default())
+            .filter(move |e| {
+                futures::future::ready(caches::kept(e, &|ss: &ScopedSecret| {
+                    s1(ss.metadata.namespace.as_deref())
+                }))
+            })
+            .modify(caches::trim_scoped_secret),
+    )
+    .inspect(move |e| match e {
+        Ok(watcher::Event::InitDone) => {
+            gone.forget_absent(scope.as_deref(), &live);
+            on_synced();
+        }
+        Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
+        Ok(watcher::Event::Apply(ss) | watcher::Event::InitApply(ss)) => gone.arrived(ss),
+        _ => {}
+    })
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(trigger_hash, Default::default());
     let store = reader.clone();
     let controller = Controller::for_stream(scoped_stream, reader);
 
-    // Managed Secrets only; mapped back by label so Retain (no owner reference) works too.
-    let secrets: Api<Secret> = namespaced_or_all(client, namespace);
-    let secret_config = watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true"));
+    // Managed Secrets only, metadata only (the operator holds no Secret value): mapped back by
+    // label so Retain (no owner reference) works too, and kept for the no-op check of the
+    // apply stage (caches.rs).
+    let (secret_cache, secrets) = caches::cached(
+        namespaced_or_all::<kube::core::PartialObjectMeta<Secret>>(client, namespace),
+        watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true")),
+        caches::trim_secret,
+        move |s| s2(s.metadata.namespace.as_deref()),
+    );
     // Namespaces are cluster-scoped: in a namespaced scope only its own is watched.
-    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    let namespaces =
+        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(
+            client.clone(),
+        );
     let namespace_config = match namespace {
         Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
         None => watcher::Config::default(),
@@ -629,24 +738,36 @@ fn controller_for(
     .default_backoff()
     .touched_objects();
     // Namespaces and stores are kept (informer caches) for the reconciles to read.
-    let (namespace_cache, namespaces) = caches::cached(namespaces, namespace_config);
+    let (namespace_cache, namespaces) = caches::cached(
+        namespaces,
+        namespace_config,
+        caches::trim_namespace,
+        move |ns| s3(ns.metadata.name.as_deref()),
+    );
     let (vault_store_cache, vault_stores) = caches::cached(
         namespaced_or_all::<VaultStore>(client, namespace),
         watcher::Config::default(),
+        |vs| caches::trim_meta(&mut vs.metadata),
+        move |vs| s4(vs.metadata.namespace.as_deref()),
     );
     let (cluster_store_cache, cluster_stores) = caches::cached(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
+        |cs| caches::trim_meta(&mut cs.metadata),
+        |_| true,
     );
     ctx.caches.add(
         namespace,
-        namespace_cache,
-        vault_store_cache,
-        cluster_store_cache,
+        caches::ScopeCaches {
+            namespaces: namespace_cache,
+            vault_stores: vault_store_cache,
+            cluster_stores: cluster_store_cache,
+            secrets: secret_cache,
+        },
     );
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
-        .watches(secrets, secret_config, |s: Secret| {
+        .watches_stream(secrets, |s: kube::core::PartialObjectMeta<Secret>| {
             let owner = s.labels().get(OWNER_LABEL).cloned();
             let ns = s.namespace();
             owner.map(|name| {
@@ -678,7 +799,7 @@ fn controller_for(
         })
         .watches_stream(
             namespaces,
-            move |ns: k8s_openapi::api::core::v1::Namespace| {
+            move |ns: kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>| {
                 let name = ns.name_any();
                 store_ns
                     .state()
@@ -756,6 +877,65 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["shop-dev/api".to_string()]);
         assert!(using_config_map(&reader, "unrelated", Some("shop-dev")).is_empty());
+    }
+
+    /// A client for a Context whose reconciles are not run.
+    fn no_api_server() -> Client {
+        Client::new(
+            tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+                Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("no API server"))
+            }),
+            "default",
+        )
+    }
+
+    fn scoped_secret(name: &str, status: serde_json::Value) -> ScopedSecret {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": name, "namespace": "shop-dev", "generation": 2},
+            "spec": {"storeRef": {"name": "vault"}},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn refreshes_wait_while_scopedsecrets_await_their_first_sync() {
+        let ctx = Context::new(
+            no_api_server(),
+            Arc::new(crate::vault::memory::MemorySource::new()),
+            HmacKey::new(vec![1; 32]),
+            Config::default(),
+        );
+        let synced = scoped_secret("synced", serde_json::json!({"observedGeneration": 2}));
+        let mut new = scoped_secret("new", serde_json::Value::Null);
+        new.status = None;
+        let edited = scoped_secret("edited", serde_json::json!({"observedGeneration": 1}));
+        let mut forced = synced.clone();
+        forced.metadata.name = Some("forced".into());
+        forced
+            .annotations_mut()
+            .insert(FORCE_SYNC_ANNOTATION.into(), "now".into());
+
+        ctx.arrived(&synced);
+        assert!(!ctx.yields_to_first_syncs(&synced), "nothing awaits");
+        ctx.arrived(&new);
+        ctx.arrived(&edited);
+        assert!(ctx.yields_to_first_syncs(&synced), "a refresh waits");
+        assert!(!ctx.yields_to_first_syncs(&new));
+        assert!(!ctx.yields_to_first_syncs(&edited));
+        assert!(
+            !ctx.yields_to_first_syncs(&forced),
+            "a force-sync never waits"
+        );
+
+        // Reconciled (or gone): refreshes go on.
+        ctx.awaiting_first
+            .lock()
+            .unwrap()
+            .remove(&ObjectRef::from_obj(&new));
+        ctx.forget(&ObjectRef::from_obj(&edited));
+        assert!(!ctx.yields_to_first_syncs(&synced));
     }
 
     #[test]

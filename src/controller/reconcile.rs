@@ -17,6 +17,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
+use super::caches::CachedSecret;
 use super::events::publish;
 use super::pipeline::{self, StoreSpec};
 use super::retain::{self, Retention};
@@ -240,13 +241,8 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
 
     // apply: the only Secret writer.
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = secrets
-        .get_opt(&request.secret_name)
-        .await
-        .map_err(kube_err(format!(
-            "read Secret {ns}/{}",
-            request.secret_name
-        )))?;
+    let obj = ObjectRef::from_obj(ss);
+    let existing = existing_secret(ctx, &secrets, &obj, &desired).await?;
     if let Some(existing) = &existing
         && !is_ours(existing, &name)
     {
@@ -257,9 +253,15 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     }
     let changed_keys = changed_key_names(existing.as_ref(), &desired);
     let wrote = render::needs_write(existing.as_ref(), &desired);
-    if wrote {
-        write_secret(ctx, &secrets, existing.as_ref(), &desired, &name).await?;
-    }
+    let verified_at = if wrote {
+        write_secret(ctx, &secrets, existing.as_ref(), &desired, &name).await?
+    } else {
+        existing
+            .as_ref()
+            .and_then(|e| e.metadata.resource_version.clone())
+    };
+    ctx.caches
+        .set_verified(&obj, &request.secret_name, verified_at);
     remove_previous_target(ss, ctx, &secrets, &request.secret_name).await?;
     // The workload controller restarts the consumers from the Secret's published key hashes;
     // what it needs from here is the change history (breaker) and whether a revocation
@@ -304,17 +306,56 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     })
 }
 
+/// The existence check of the apply stage: the Secret `desired` names, as it is now. Read
+/// from the API server unless the metadata cache of managed Secrets answers:
+/// - absent (from a complete list): `None` — a create that races another is a 409, handled
+///   by `write_secret`;
+/// - unchanged since this process last wrote or read it (same resourceVersion) and carrying
+///   every label, annotation (the content and metadata hashes among them) and owner reference
+///   `desired` has: `desired` itself stands for it, since the Secret at that resourceVersion
+///   was found equal to a desired Secret with this very content hash. No request.
+///
+/// Anything else (a hand edit changed the resourceVersion, the content hash moved, no cache)
+/// reads the Secret, so drift is compared against the real object and repaired.
+async fn existing_secret(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    obj: &ObjectRef<ScopedSecret>,
+    desired: &Secret,
+) -> Result<Option<Secret>, Error> {
+    let name = desired.name_any();
+    let ns = desired.namespace().unwrap_or_default();
+    match ctx.caches.managed_secret(&ns, &name) {
+        CachedSecret::Absent => return Ok(None),
+        CachedSecret::Present(meta)
+            if meta.metadata.resource_version.is_some()
+                && meta.metadata.resource_version == ctx.caches.verified(obj, &name)
+                && render::metadata_matches(&meta.metadata, desired) =>
+        {
+            let mut same = desired.clone();
+            same.metadata.resource_version = meta.metadata.resource_version.clone();
+            return Ok(Some(same));
+        }
+        _ => {}
+    }
+    secrets
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("read Secret {ns}/{name}")))
+}
+
 /// The only Secret writer. A Secret that does not exist yet is created (POST), so one
 /// created by someone else between our read and our write is never taken over: the 409
 /// is a `SecretConflict` unless the Secret turns out to be ours. An existing Secret is
-/// brought to `desired` by server-side apply, after removing keys added by hand.
+/// brought to `desired` by server-side apply, after removing keys added by hand. Returns the
+/// resourceVersion the Secret has as written.
 async fn write_secret(
     ctx: &Context,
     secrets: &Api<Secret>,
     existing: Option<&Secret>,
     desired: &Secret,
     owner: &str,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let name = desired.name_any();
     let ns = desired.namespace().unwrap_or_default();
     // The API server refused the Secret itself (e.g. a type whose required keys are
@@ -341,9 +382,9 @@ async fn write_secret(
                 ..Default::default()
             };
             match secrets.create(&params, desired).await {
-                Ok(_) => {
+                Ok(created) => {
                     ctx.metrics.wrote("secret_create");
-                    return Ok(());
+                    return Ok(created.metadata.resource_version);
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(e) => return Err(refused("create")(e)),
@@ -355,6 +396,10 @@ async fn write_secret(
                 .await
                 .map_err(kube_err(format!("read Secret {ns}/{name}")))?;
             match raced.as_ref() {
+                // Already as wanted (our own earlier write, not in the cache yet).
+                Some(s) if is_ours(s, owner) && !render::needs_write(Some(s), desired) => {
+                    return Ok(s.metadata.resource_version.clone());
+                }
                 Some(s) if is_ours(s, owner) => s,
                 _ => {
                     return Err(Error::SecretConflict {
@@ -387,7 +432,7 @@ async fn write_secret(
             )))?;
         ctx.metrics.wrote("secret_prune");
     }
-    secrets
+    let applied = secrets
         .patch(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -396,7 +441,7 @@ async fn write_secret(
         .await
         .map_err(refused("apply"))?;
     ctx.metrics.wrote("secret_apply");
-    Ok(())
+    Ok(applied.metadata.resource_version)
 }
 
 /// Parameters of the operator's JSON merge patches: its own field manager, so that managed

@@ -706,6 +706,20 @@ fn targets_any(ss: &ScopedSecret) -> bool {
     })
 }
 
+/// A watch-stream filter keeping only the objects of the namespaces this operator's shard
+/// serves (`--shard-index`; everything when not sharded).
+fn served<K: kube::Resource>(
+    ctx: &Context,
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) -> futures::future::Ready<bool> + use<K>
+{
+    let config = ctx.config.clone();
+    move |e| {
+        futures::future::ready(super::caches::kept(e, &|o: &K| {
+            config.serves(o.meta().namespace.as_deref())
+        }))
+    }
+}
+
 /// Runs the workload controllers of one watch scope (`None`: all namespaces) until shutdown.
 pub async fn run_scope(r: Arc<Restarts>, namespace: Option<String>) {
     let client = r.ctx.client.clone();
@@ -718,6 +732,7 @@ pub async fn run_scope(r: Arc<Restarts>, namespace: Option<String>) {
             namespaced_or_all::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true")),
         )
+        .filter(served(&r.ctx))
         .modify(trim_secret),
     )
     .default_backoff()
@@ -728,7 +743,9 @@ pub async fn run_scope(r: Arc<Restarts>, namespace: Option<String>) {
         watcher(
             namespaced_or_all::<ScopedSecret>(&client, ns),
             watcher::Config::default(),
-        ),
+        )
+        .filter(served(&r.ctx))
+        .modify(super::caches::trim_scoped_secret),
     )
     .default_backoff()
     .touched_objects();
@@ -859,7 +876,9 @@ fn workload_controller(
     let store = writer.as_reader();
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).modify(trim),
+        watcher(api, watcher::Config::default())
+            .filter(served(&r.ctx))
+            .modify(trim),
     )
     .default_backoff()
     .applied_objects();
