@@ -74,6 +74,24 @@ enum Command {
         /// Seconds a leader's Lease lasts without renewal; a follower takes over within this.
         #[arg(long, default_value_t = 15)]
         lease_duration_seconds: u64,
+        /// Receive Vault's audit stream (a `socket` audit device, UDP) on HOST:PORT: a write
+        /// to a path a ScopedSecret reads refreshes it at once (docs/operations.md).
+        #[arg(long, env = "AUDIT_LISTEN_ADDR", value_name = "HOST:PORT")]
+        audit_listen_addr: Option<std::net::SocketAddr>,
+        /// Accept audit entries only from these networks (CIDR or address, comma-separated);
+        /// default: from anywhere (an entry only causes a rate-limited read of Vault).
+        #[arg(
+            long,
+            env = "AUDIT_ALLOW_FROM",
+            value_delimiter = ',',
+            value_name = "CIDR",
+            requires = "audit_listen_addr"
+        )]
+        audit_allow_from: Vec<scoped_secrets::audit::Cidr>,
+        /// Also accept a `tcp` socket audit device on --audit-listen-addr. Vault refuses to
+        /// start while a `tcp` device cannot connect: prefer UDP (docs/operations.md).
+        #[arg(long, env = "AUDIT_TCP", requires = "audit_listen_addr")]
+        audit_tcp: bool,
     },
     /// Print the CRDs as YAML (`scoped-secrets crd | kubectl apply -f -`).
     Crd,
@@ -185,6 +203,9 @@ async fn main() -> anyhow::Result<()> {
             watch_namespaces,
             leader_election,
             lease_duration_seconds,
+            audit_listen_addr,
+            audit_allow_from,
+            audit_tcp,
         } => {
             telemetry::init(&log_level, log_format == "json");
             let client = kube::Client::try_default().await?;
@@ -219,6 +240,11 @@ async fn main() -> anyhow::Result<()> {
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
                     .collect(),
+                audit: audit_listen_addr.map(|addr| scoped_secrets::audit::ListenConfig {
+                    addr,
+                    tcp: audit_tcp,
+                    allow_from: audit_allow_from,
+                }),
                 ..Config::default()
             };
             tracing::info!(

@@ -3,6 +3,7 @@
 //! changed.
 
 mod support;
+use support::kv_path;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -1550,9 +1551,10 @@ async fn revoke_asks_exactly_the_readers_of_the_path_to_sync_and_skips_the_break
         "True"
     );
 
-    let asked = scoped_secrets::cli::secret::ask_to_sync(&w.fake.client(), path, "revoke-1")
-        .await
-        .unwrap();
+    let asked =
+        scoped_secrets::cli::sync::ask_to_sync(&w.fake.client(), &kv_path(path), "revoke-1")
+            .await
+            .unwrap();
     assert_eq!(
         asked,
         vec!["shop-dev/api".to_string()],

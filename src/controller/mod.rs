@@ -8,6 +8,7 @@
 
 pub mod caches;
 mod failures;
+pub mod index;
 pub mod pipeline;
 mod reconcile;
 mod restart_plan;
@@ -15,6 +16,7 @@ pub mod retain;
 pub use restart_plan::requeue_from_status;
 pub mod restarts;
 pub mod status;
+pub mod trigger;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -145,6 +147,11 @@ pub struct Config {
     pub pacing: crate::rollout::queue::Pacing,
     /// Namespaces whose ScopedSecrets are served; empty: all namespaces.
     pub watch_namespaces: Vec<String>,
+    /// Where Vault's audit stream is received, if anywhere.
+    pub audit: Option<crate::audit::ListenConfig>,
+    /// Audit entries refresh the readers of one path at most this often (plus once at the
+    /// end of the interval).
+    pub audit_min_interval: Duration,
 }
 
 impl Default for Config {
@@ -160,6 +167,8 @@ impl Default for Config {
             expiry_horizon: Duration::from_secs(14 * 86_400),
             pacing: Default::default(),
             watch_namespaces: Vec::new(),
+            audit: None,
+            audit_min_interval: trigger::AUDIT_MIN_INTERVAL,
         }
     }
 }
@@ -195,6 +204,8 @@ pub struct Context {
     /// Informer caches of namespaces and stores, filled by the running controllers (empty
     /// when reconciles are driven without them, as in tests: reads go to the API server).
     pub caches: caches::Caches,
+    /// Which ScopedSecrets read which paths, and the refreshes asked of them.
+    pub triggers: trigger::Triggers,
 }
 
 impl Context {
@@ -214,6 +225,7 @@ impl Context {
         ));
         let restarts = restarts::Restarter::new(config.pacing);
         let metrics = Arc::new(Metrics::default());
+        let triggers = trigger::Triggers::new(source.clone(), config.audit_min_interval);
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -229,6 +241,7 @@ impl Context {
             restarts,
             withheld: Mutex::new(HashMap::new()),
             caches: Default::default(),
+            triggers,
         }
     }
 
@@ -261,6 +274,7 @@ impl Context {
     /// synced and its metric series.
     pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
         self.failures.forget(obj);
+        self.triggers.forget(obj);
         let managed = {
             let mut seen = self.seen.lock().unwrap();
             seen.remove(obj);
@@ -289,6 +303,7 @@ impl Context {
         }
         // Objects that failed without ever syncing are not in `seen`.
         self.failures.retain(|obj| !absent(obj));
+        self.triggers.retain(|obj| !absent(obj));
     }
 }
 
@@ -529,6 +544,20 @@ pub async fn run(
             }
         }
     }
+    // Bound before anything else starts: a taken port fails the start with a clear message.
+    let audit = match &config.audit {
+        Some(audit) => Some(
+            crate::audit::Listener::bind(audit.clone())
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "failed to listen on {} for Vault's audit stream ({e}); choose another --audit-listen-addr",
+                        audit.addr
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
     let concurrency = config.concurrency;
     let ctx =
@@ -541,10 +570,25 @@ pub async fn run(
     // The restart worker runs as long as the controllers do (and stops with them when the
     // Lease is lost).
     let worker = AbortOnDrop(tokio::spawn(restarts::run_worker(ctx.clone())));
-    let mut triggered = ctx
+    let restart_triggers = ctx
         .restarts
         .take_triggers()
         .expect("the controller takes the restart triggers once");
+    let refresh_triggers = ctx
+        .triggers
+        .take_receiver()
+        .expect("the controller takes the refresh triggers once");
+    let mut triggered = futures::stream::select(
+        tokio_stream_of(restart_triggers),
+        tokio_stream_of(refresh_triggers),
+    );
+    // Vault's audit stream, received as long as the controllers run.
+    let listener = audit.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "receiving Vault's audit stream");
+        }
+        AbortOnDrop(tokio::spawn(trigger::listen(ctx.clone(), listener)))
+    });
     // One controller per scope; the worker's triggers go to the one watching their namespace.
     let mut routes = HashMap::new();
     let mut controllers = Vec::new();
@@ -585,7 +629,7 @@ pub async fn run(
         );
     }
     let router = AbortOnDrop(tokio::spawn(async move {
-        while let Some(obj) = triggered.recv().await {
+        while let Some(obj) = triggered.next().await {
             let route = routes
                 .get(&None)
                 .or_else(|| routes.get(&obj.namespace.clone()));
@@ -595,9 +639,19 @@ pub async fn run(
         }
     }));
     futures::future::join_all(controllers).await;
+    drop(listener);
     drop(router);
     drop(worker);
     Ok(())
+}
+
+/// A channel's receiver as a stream.
+fn tokio_stream_of<T: Send + 'static>(
+    rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + Unpin {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
 }
 
 fn namespaced_or_all<K>(client: &Client, namespace: Option<&str>) -> Api<K>

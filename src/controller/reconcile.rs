@@ -23,7 +23,7 @@ use super::retain::{self, Retention};
 use super::status::{Outcome, next_status, set_retention};
 use super::{Context, Error, refresh_delay};
 use crate::api::v1alpha1::{
-    ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreKind, VaultStore,
+    ClusterVaultStore, DeletionPolicy, LastTrigger, ScopedSecret, StoreKind, VaultStore,
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::Resolved;
@@ -54,6 +54,8 @@ struct Synced {
     expiring: Option<String>,
     /// The `force-sync` annotation value acted on, when this sync was forced by it.
     force_sync: Option<String>,
+    /// What brought this sync.
+    trigger: LastTrigger,
 }
 
 /// Reconciles one ScopedSecret.
@@ -99,6 +101,7 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 ),
                 expiring: done.expiring.as_deref(),
                 force_sync: done.force_sync.as_deref(),
+                trigger: done.trigger,
             };
             if let Err(e) = write_status(&ss, &ctx, &outcome, &retention, now).await {
                 ctx.metrics.reconciled(e.category(), started.elapsed());
@@ -168,6 +171,9 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         .namespace()
         .ok_or_else(|| Error::InvalidSpec("ScopedSecret has no namespace".into()))?;
     let name = ss.name_any();
+    // Why this reconcile runs, when a trigger asked for it (see `trigger`).
+    let obj = ObjectRef::from_obj(ss);
+    let pending = ctx.triggers.take(&obj);
 
     // fetch + validate: the namespace's labels, the request, the store, access, auth.
     let ns_labels = match ctx.caches.namespace(&ns) {
@@ -180,8 +186,13 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
             .labels
             .unwrap_or_default(),
     };
-    let store = fetch_store(ss, ctx, &ns).await?;
-    let plan = pipeline::plan(ss, &ns, &ns_labels, store)?;
+    let plan = match fetch_store(ss, ctx, &ns).await {
+        Ok(store) => pipeline::plan(ss, &ns, &ns_labels, store),
+        Err(e) => Err(e),
+    };
+    // The path index follows the plan: a refused one reads nothing.
+    ctx.triggers.planned(&obj, plan.as_ref().ok());
+    let plan = plan?;
 
     // A force-sync annotation value not acted on yet (status records the last one handled,
     // so an operator restart does not act on it again) bypasses the shared cache.
@@ -191,6 +202,14 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         .as_ref()
         .and_then(|s| s.force_sync_handled.as_ref());
     let forced = force.is_some() && handled != force.as_ref();
+    let trigger = match &pending {
+        Some(p) => p.trigger,
+        None if forced && force.as_deref().is_some_and(crate::cli::sync::is_cli_stamp) => {
+            LastTrigger::Cli
+        }
+        None if forced => LastTrigger::ForceSync,
+        None => LastTrigger::Refresh,
+    };
     let max_age = if forced {
         Duration::ZERO
     } else {
@@ -208,6 +227,8 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         &files,
     )
     .await?;
+    // Other readers of a path found newer here are refreshed now, not on their own schedule.
+    ctx.triggers.saw(&obj, &built.layers);
     let expiries = crate::expiry::expiries(&built.resolved, &built.layers);
     let dated: Vec<(&str, i64)> = expiries
         .iter()
@@ -248,6 +269,10 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     let workloads = list_consumers(ss, ctx, &request.secret_name, &content_hash).await?;
     if wrote {
         write_secret(ctx, &secrets, existing.as_ref(), &desired, &name).await?;
+        if let Some(p) = &pending {
+            ctx.metrics
+                .triggered_write(p.trigger.as_str(), p.seen.elapsed());
+        }
     }
     remove_previous_target(ss, ctx, &secrets, &request.secret_name).await?;
     // A revocation (`secret revoke` sets force-sync to `revoke-…`) restarts at once,
@@ -278,6 +303,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         rollouts,
         rotation_ends,
         expiring,
+        trigger,
     })
 }
 
