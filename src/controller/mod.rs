@@ -622,6 +622,11 @@ pub async fn run(
                         // errors.
                         match e {
                             kube::runtime::controller::Error::ReconcilerFailed(..) => {}
+                            // Expected after a deletion: the Secret collected with its
+                            // ScopedSecret maps back to an object that is gone.
+                            kube::runtime::controller::Error::ObjectNotFound(obj) => {
+                                tracing::debug!("controller: {obj} is gone, nothing to do")
+                            }
                             other => tracing::warn!("controller: {other}"),
                         }
                     }

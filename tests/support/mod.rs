@@ -4,6 +4,7 @@ pub mod fairness;
 pub mod fake_api;
 pub mod logs;
 pub mod openbao;
+pub mod operator;
 pub mod shop;
 
 pub use logs::capture_logs;
