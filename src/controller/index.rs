@@ -116,6 +116,8 @@ pub struct Reader {
 pub struct NewVersion {
     pub path: VaultPath,
     pub version: u64,
+    /// The identity the version was read as: its cached read holds the version already.
+    pub read_as: Identity,
     pub stale: Vec<Reader>,
 }
 
@@ -214,6 +216,7 @@ impl PathIndex {
             return Vec::new();
         };
         let location = entry.reads.location.clone();
+        let read_as = entry.reads.identity.clone();
         let mut read = Vec::new();
         for layer in layers {
             if !entry.reads.paths.contains(&layer.path) {
@@ -250,6 +253,7 @@ impl PathIndex {
                 out.push(NewVersion {
                     path: key,
                     version,
+                    read_as: read_as.clone(),
                     stale,
                 });
             }

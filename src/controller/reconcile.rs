@@ -171,9 +171,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         .namespace()
         .ok_or_else(|| Error::InvalidSpec("ScopedSecret has no namespace".into()))?;
     let name = ss.name_any();
-    // Why this reconcile runs, when a trigger asked for it (see `trigger`).
     let obj = ObjectRef::from_obj(ss);
-    let pending = ctx.triggers.take(&obj);
 
     // fetch + validate: the namespace's labels, the request, the store, access, auth.
     let ns_labels = match ctx.caches.namespace(&ns) {
@@ -202,14 +200,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         .as_ref()
         .and_then(|s| s.force_sync_handled.as_ref());
     let forced = force.is_some() && handled != force.as_ref();
-    let trigger = match &pending {
-        Some(p) => p.trigger,
-        None if forced && force.as_deref().is_some_and(crate::cli::sync::is_cli_stamp) => {
-            LastTrigger::Cli
-        }
-        None if forced => LastTrigger::ForceSync,
-        None => LastTrigger::Refresh,
-    };
+
     let max_age = if forced {
         Duration::ZERO
     } else {
@@ -217,6 +208,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     };
     let now = jiff::Timestamp::now();
     let files = fetch_template_files(ctx, &ns, pipeline::template_spec(ss)).await?;
+    let read_started = std::time::Instant::now();
     let built = pipeline::build(
         ss,
         &plan,
@@ -229,6 +221,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     .await?;
     // Other readers of a path found newer here are refreshed now, not on their own schedule.
     ctx.triggers.saw(&obj, &built.layers);
+
     let expiries = crate::expiry::expiries(&built.resolved, &built.layers);
     let dated: Vec<(&str, i64)> = expiries
         .iter()
@@ -264,6 +257,17 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     }
     let changed_keys = changed_key_names(existing.as_ref(), &desired);
     let wrote = render::needs_write(existing.as_ref(), &desired);
+    // What brought this content: a trigger (audit, CLI, a peer), else the annotation, else
+    // the refresh.
+    let pending = ctx.triggers.take(&obj, read_started, wrote);
+    let trigger = match &pending {
+        Some(p) => p.trigger,
+        None if forced && force.as_deref().is_some_and(crate::cli::sync::is_cli_stamp) => {
+            LastTrigger::Cli
+        }
+        None if forced => LastTrigger::ForceSync,
+        None => LastTrigger::Refresh,
+    };
     // The consumers are listed before the Secret changes: a change whose restarts cannot be
     // planned is not applied yet (the reconcile fails and is retried), so none is lost.
     let workloads = list_consumers(ss, ctx, &request.secret_name, &content_hash).await?;

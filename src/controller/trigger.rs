@@ -26,7 +26,7 @@ use super::pipeline::Plan;
 use crate::api::v1alpha1::{LastTrigger, ScopedSecret};
 use crate::audit::{self, Received};
 use crate::resolve::ScopeData;
-use crate::vault::ScopeSource;
+use crate::vault::{Identity, ScopeSource};
 
 /// Why a reader is being refreshed, until its reconcile takes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,9 @@ pub struct Pending {
     pub trigger: LastTrigger,
     /// When the change was first seen (the audit entry arrived, a peer read the version).
     pub seen: Instant,
+    /// When the refresh was asked for (the cached reads dropped): a read that began earlier
+    /// may predate the change, so only a later one takes this reason.
+    pub asked: Instant,
 }
 
 /// What the limiter decides for one entry of a path.
@@ -160,9 +163,23 @@ impl Triggers {
         self.pending.lock().unwrap().retain(|obj, _| keep(obj));
     }
 
-    /// Takes the reason `obj` is being refreshed, if a trigger asked for it.
-    pub fn take(&self, obj: &ObjectRef<ScopedSecret>) -> Option<Pending> {
-        self.pending.lock().unwrap().remove(obj)
+    /// Takes the reason `obj` is being refreshed, if a trigger asked for it. A reconcile whose
+    /// read `changed` the Secret takes it: the change is what the trigger announced, even when
+    /// the reconcile began for another reason just before. One that changed nothing takes it
+    /// only when its read of Vault began after the trigger (`read_started`): an earlier read
+    /// may have missed the change, which the reconcile the trigger queued then brings.
+    pub fn take(
+        &self,
+        obj: &ObjectRef<ScopedSecret>,
+        read_started: Instant,
+        changed: bool,
+    ) -> Option<Pending> {
+        let mut pending = self.pending.lock().unwrap();
+        if changed || pending.get(obj)?.asked <= read_started {
+            pending.remove(obj)
+        } else {
+            None
+        }
     }
 
     /// Every ScopedSecret that reads `path` (names only, for tests and tools).
@@ -180,7 +197,7 @@ impl Triggers {
     /// the path. Returns how many were asked.
     pub fn changed(&self, path: &VaultPath, trigger: LastTrigger, seen: Instant) -> usize {
         let readers = self.index.lock().unwrap().readers(path);
-        self.refresh(path, &readers, trigger, seen);
+        self.refresh(path, &readers, None, trigger, seen);
         readers.len()
     }
 
@@ -193,27 +210,47 @@ impl Triggers {
         news.iter()
             .map(|n| {
                 tracing::debug!(path = %n.path, version = n.version, readers = n.stale.len(), "a new version of a path: refreshing its other readers");
-                self.refresh(&n.path, &n.stale, LastTrigger::PeerPath, now);
+                self.refresh(&n.path, &n.stale, Some(&n.read_as), LastTrigger::PeerPath, now);
                 n.stale.len()
             })
             .sum()
     }
 
-    fn refresh(&self, path: &VaultPath, readers: &[Reader], trigger: LastTrigger, seen: Instant) {
-        let mut identities: Vec<_> = readers.iter().map(|r| &r.identity).collect();
+    /// Drops the cached reads of `path` of every reader's identity but `fresh` (whose cached
+    /// read is the new version already), records `trigger` and queues the readers.
+    fn refresh(
+        &self,
+        path: &VaultPath,
+        readers: &[Reader],
+        fresh: Option<&Identity>,
+        trigger: LastTrigger,
+        seen: Instant,
+    ) {
+        let mut identities: Vec<_> = readers
+            .iter()
+            .map(|r| &r.identity)
+            .filter(|i| Some(*i) != fresh)
+            .collect();
         identities.sort_by(|a, b| (&a.store, &a.principal).cmp(&(&b.store, &b.principal)));
         identities.dedup();
         for identity in identities {
             self.source
                 .invalidate(identity, &path.location.mount, &path.path);
         }
+        let asked = Instant::now();
         let mut pending = self.pending.lock().unwrap();
         for r in readers {
-            // An earlier reason still waiting keeps its instant: the latency counts from the
-            // first change the reconcile brings.
+            // An earlier reason still waiting keeps its `seen`: the latency counts from the
+            // first change the reconcile brings; `asked` moves, so that only a read after this
+            // invalidation takes it.
             pending
                 .entry(r.obj.clone())
-                .or_insert(Pending { trigger, seen });
+                .and_modify(|p| p.asked = asked)
+                .or_insert(Pending {
+                    trigger,
+                    seen,
+                    asked,
+                });
         }
         drop(pending);
         for r in readers {
