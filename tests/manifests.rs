@@ -1521,3 +1521,125 @@ fn chart_with_shards_runs_a_statefulset_whose_pods_pick_their_shard_from_the_ord
     }
     assert!(!args.contains(&"--shard-count".to_string()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Vault's audit stream (docs/operations.md#on-the-fly-vaults-audit-stream): off by default,
+// a UDP Service and listener when enabled.
+// ---------------------------------------------------------------------------------------------
+
+/// The audit Service of a rendering, if any, and the operator container's args.
+fn audit_parts(r: &Rendered) -> (Option<&Service>, Vec<String>) {
+    let svc = r.services.iter().find(|s| {
+        s.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.ends_with("-audit"))
+    });
+    let args = pod_spec(r.deployment()).containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    (svc, args)
+}
+
+/// The Service sends UDP `port` to the container port named `audit` of the operator's pods.
+fn assert_audit_service(svc: &Service, d: &Deployment, port: i32, what: &str) {
+    let spec = svc.spec.as_ref().unwrap();
+    let pod_labels = labels(d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap());
+    assert!(
+        spec.selector
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| pod_labels.get(k) == Some(v)),
+        "{what}: the audit Service selects the operator pod"
+    );
+    let ports = serde_json::to_value(spec.ports.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        ports,
+        serde_json::json!([{"name": "audit", "port": port, "targetPort": "audit", "protocol": "UDP"}]),
+        "{what}"
+    );
+    let container_ports =
+        serde_json::to_value(pod_spec(d).containers[0].ports.as_ref().unwrap()).unwrap();
+    assert!(
+        container_ports.as_array().unwrap().contains(
+            &serde_json::json!({"name": "audit", "containerPort": port, "protocol": "UDP"})
+        ),
+        "{what}: {container_ports}"
+    );
+}
+
+#[test]
+fn the_audit_listener_is_off_by_default() {
+    for (what, r) in [
+        ("chart", Rendered::from(&helm_template(&[]))),
+        ("deploy/", Rendered::from(&kustomize("deploy/"))),
+    ] {
+        let (svc, args) = audit_parts(&r);
+        assert!(svc.is_none(), "{what}: no audit Service by default");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--audit")),
+            "{what}: {args:?}"
+        );
+    }
+}
+
+#[test]
+fn chart_with_audit_enabled_listens_on_udp_behind_a_service_and_admits_vault_only() {
+    let r = Rendered::from(&helm_template(&[
+        "audit.enabled=true",
+        "audit.allowFrom={10.0.0.0/8,192.168.1.5}",
+        "networkPolicy.audit.from[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=vault",
+    ]));
+    let d = r.deployment();
+    let (svc, args) = audit_parts(&r);
+    assert_audit_service(svc.expect("the audit Service"), d, 9300, "chart");
+    let joined = args.join(" ");
+    assert!(
+        joined.contains("--audit-listen-addr 0.0.0.0:9300")
+            && joined.contains("--audit-allow-from 10.0.0.0/8,192.168.1.5"),
+        "{args:?}"
+    );
+    assert_binary_accepts(d, "chart with audit.enabled");
+    let ingress = serde_json::to_value(
+        r.network_policies[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .ingress
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ingress[1],
+        serde_json::json!({"ports": [{"port": "audit", "protocol": "UDP"}],
+                           "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vault"}}}]}),
+        "{ingress:#}"
+    );
+}
+
+#[test]
+fn deploy_audit_component_adds_the_udp_listener_and_its_service() {
+    // An overlay as a user writes it; kustomize takes relative paths only.
+    let overlay = tempfile::tempdir().unwrap();
+    let up = "../".repeat(overlay.path().components().count() - 1);
+    let root = format!("{up}{}", ROOT.trim_start_matches('/'));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [{root}/deploy]\ncomponents: [{root}/deploy/audit]\n"
+        ),
+    )
+    .unwrap();
+    let r = Rendered::from(&kustomize(overlay.path().to_str().unwrap()));
+    let d = r.deployment();
+    let (svc, args) = audit_parts(&r);
+    assert_audit_service(svc.expect("the audit Service"), d, 9300, "deploy/audit");
+    assert!(
+        args.contains(&"--audit-listen-addr=0.0.0.0:9300".to_string()),
+        "{args:?}"
+    );
+    assert_binary_accepts(d, "deploy/ with deploy/audit");
+}

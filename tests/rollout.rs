@@ -535,9 +535,13 @@ async fn a_revocation_restarts_at_once_past_the_window_the_budget_and_the_breake
         Some("True")
     );
 
-    let asked = scoped_secrets::cli::secret::ask_to_sync(&r.fake.client(), API_PATH, "revoke-1")
-        .await
-        .unwrap();
+    let asked = scoped_secrets::cli::sync::ask_to_sync(
+        &r.fake.client(),
+        &support::kv_path(API_PATH),
+        "revoke-1",
+    )
+    .await
+    .unwrap();
     assert_eq!(asked, vec!["shop-dev/api".to_string()]);
     r.vault
         .put(API_PATH, &[("DB_PASSWORD", Some("after-revoke"))]);

@@ -3,6 +3,7 @@
 //! ConfigMaps, `InvalidTemplate`, and key-level restarts of the readers of a templated key.
 
 mod support;
+use support::kv_path;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -403,14 +404,20 @@ async fn a_revocation_asks_a_scopedsecret_whose_template_reads_the_path_to_sync(
         json!({"data": {"DATABASE_URL": URL}, "mergePolicy": "Replace"}),
     ));
     w.reconcile().await.unwrap();
-    let asked =
-        scoped_secrets::cli::secret::ask_to_sync(&w.fake.client(), "shop/envs/dev", "revoke-1")
-            .await
-            .unwrap();
+    let asked = scoped_secrets::cli::sync::ask_to_sync(
+        &w.fake.client(),
+        &kv_path("shop/envs/dev"),
+        "revoke-1",
+    )
+    .await
+    .unwrap();
     assert_eq!(asked, vec!["shop-dev/api".to_string()]);
-    let asked =
-        scoped_secrets::cli::secret::ask_to_sync(&w.fake.client(), "shop/envs/prod", "revoke-2")
-            .await
-            .unwrap();
+    let asked = scoped_secrets::cli::sync::ask_to_sync(
+        &w.fake.client(),
+        &kv_path("shop/envs/prod"),
+        "revoke-2",
+    )
+    .await
+    .unwrap();
     assert!(asked.is_empty(), "{asked:?}");
 }

@@ -4,6 +4,7 @@
 //! at shutdown; expected outcomes and repeated failures do not flood the log.
 
 mod support;
+use support::kv_path;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -606,9 +607,10 @@ async fn secret_revoke_removes_the_old_value_from_every_secret_and_restarts_each
     assert!(stdout.contains("destroyed versions 1"), "{stdout}");
     let cli_done = started.elapsed();
     let stamp = format!("revoke-{}", jiff::Timestamp::now().as_second());
-    let asked = scoped_secrets::cli::secret::ask_to_sync(&rig.fake.client(), "shop", &stamp)
-        .await
-        .unwrap();
+    let asked =
+        scoped_secrets::cli::sync::ask_to_sync(&rig.fake.client(), &kv_path("shop"), &stamp)
+            .await
+            .unwrap();
     assert_eq!(asked, ["shop-dev/api", "shop-dev/web"]);
     // What the controllers do on the annotation: reconcile each, then the workloads (a
     // revocation skips the coalescing window).

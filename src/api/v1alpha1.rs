@@ -317,6 +317,36 @@ pub enum DeletionPolicy {
     Retain,
 }
 
+/// What brought a content change to a ScopedSecret's Secret.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LastTrigger {
+    /// The periodic refresh (`spec.refreshInterval`), or a change of the ScopedSecret, its
+    /// store or its namespace.
+    Refresh,
+    /// A new value of the annotation `scopedsecrets.io/force-sync`.
+    ForceSync,
+    /// Vault's audit stream reported a write to a path the ScopedSecret reads.
+    Audit,
+    /// `scoped-secrets secret set|rm|unset|rotate|revoke` asked for it.
+    Cli,
+    /// Another ScopedSecret reading the same path found a new version of it.
+    PeerPath,
+}
+
+impl LastTrigger {
+    /// The value as written in the status (and the metrics' `trigger` label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LastTrigger::Refresh => "refresh",
+            LastTrigger::ForceSync => "force-sync",
+            LastTrigger::Audit => "audit",
+            LastTrigger::Cli => "cli",
+            LastTrigger::PeerPath => "peer-path",
+        }
+    }
+}
+
 /// Observed state of a ScopedSecret. Never holds a value.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -348,6 +378,11 @@ pub struct ScopedSecretStatus {
     /// When the Secret's content (its HMAC) last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_change_time: Option<Time>,
+    /// What brought that change: `refresh`, `force-sync`, `audit` (Vault's audit stream),
+    /// `cli` (`scoped-secrets secret …`) or `peer-path` (another reader of the same path saw
+    /// the new version first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_trigger: Option<LastTrigger>,
     /// What became of the restarts of this Secret's consumers, one entry per workload: written
     /// by the operator's workload controller when a workload's result changes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

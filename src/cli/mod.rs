@@ -8,6 +8,7 @@ pub mod preview;
 pub mod render;
 pub mod resolve;
 pub mod secret;
+pub mod sync;
 
 use std::time::Duration;
 

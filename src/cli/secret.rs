@@ -25,6 +25,7 @@ use vaultrs::client::VaultClient;
 use vaultrs::error::ClientError;
 
 use super::{CliError, ScopeArgs, VaultArgs, check_key};
+use crate::controller::index::{Location, VaultPath};
 use crate::resolve::{Entry, MAX_SECRET_BYTES};
 use crate::scope::{Scope, ScopePath};
 use crate::vault::VaultError;
@@ -56,7 +57,7 @@ pub enum SecretCommand {
         #[arg(long)]
         expires: Option<String>,
         #[command(flatten)]
-        force: ForceNewVersion,
+        write: WriteArgs,
     },
     /// Remove KEY from this scope: an inherited value shows again.
     Rm {
@@ -65,7 +66,7 @@ pub enum SecretCommand {
         #[arg(short, long)]
         key: String,
         #[command(flatten)]
-        force: ForceNewVersion,
+        write: WriteArgs,
     },
     /// Write a tombstone for KEY at this scope: an inherited value is hidden here.
     Unset {
@@ -74,7 +75,7 @@ pub enum SecretCommand {
         #[arg(short, long)]
         key: String,
         #[command(flatten)]
-        force: ForceNewVersion,
+        write: WriteArgs,
     },
     /// Undelete the scope's latest KV version when it was soft-deleted (`bao kv delete`), so
     /// its keys are read — and can be changed — again.
@@ -114,7 +115,7 @@ pub enum SecretCommand {
         #[arg(long, default_value = "24h")]
         overlap: String,
         #[command(flatten)]
-        force: ForceNewVersion,
+        write: WriteArgs,
     },
     /// Revoke KEY's previous value at once: destroy the earlier KV versions that hold it, so it
     /// leaves every overlap window on the next sync. Then force that sync (see the output).
@@ -126,14 +127,18 @@ pub enum SecretCommand {
     },
 }
 
-/// `--force-new-version`, shared by the commands that write a new version.
+/// The flags shared by the commands that write a new version.
 #[derive(clap::Args, Debug, Clone, Copy)]
-pub struct ForceNewVersion {
+pub struct WriteArgs {
     /// Write a new version even when the scope's latest version is deleted or destroyed. The
     /// new version holds only what this command writes (the deleted keys stay deleted), and
     /// every Secret reading the scope loses the other keys on its next sync.
     #[arg(long = "force-new-version")]
     pub force_new_version: bool,
+    /// Do not ask the ScopedSecrets that read the scope to sync now (by default they are,
+    /// with the current kube context): the change arrives with their next refresh.
+    #[arg(long = "no-sync")]
+    pub no_sync: bool,
 }
 
 fn kv<'a>(client: &'a VaultClient, vault: &'a VaultArgs, address: &'a str) -> Kv<'a> {
@@ -346,45 +351,6 @@ async fn update(
             "gave up after {CAS_ATTEMPTS} check-and-set conflicts on {path}; try again"
         ),
     }))
-}
-
-/// Annotates every ScopedSecret whose status lists a key from `path` (or a templated key built
-/// from one: with `mergePolicy: Replace` the input is not a key itself) with a new force-sync
-/// value `stamp` (`revoke-…`: the operator exempts it from the restart breaker). Returns
-/// their `namespace/name`s; an error string when the cluster cannot be asked.
-pub async fn ask_to_sync(
-    client: &kube::Client,
-    path: &str,
-    stamp: &str,
-) -> Result<Vec<String>, String> {
-    use crate::api::v1alpha1::ScopedSecret;
-    use kube::api::{Api, ListParams, Patch, PatchParams};
-    let all: Api<ScopedSecret> = Api::all(client.clone());
-    let list = all
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| format!("failed to list ScopedSecrets: {e}"))?;
-    let mut asked = Vec::new();
-    for ss in list.items {
-        let reads = ss.status.as_ref().is_some_and(|s| {
-            s.keys
-                .iter()
-                .any(|k| k.path == path || k.inputs.iter().any(|i| i.path == path))
-        });
-        if !reads {
-            continue;
-        }
-        let ns = ss.metadata.namespace.clone().unwrap_or_default();
-        let name = ss.metadata.name.clone().unwrap_or_default();
-        let patch =
-            serde_json::json!({"metadata": {"annotations": {crate::FORCE_SYNC_ANNOTATION: stamp}}});
-        Api::<ScopedSecret>::namespaced(client.clone(), &ns)
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|e| format!("failed to annotate ScopedSecret {ns}/{name}: {e}"))?;
-        asked.push(format!("{ns}/{name}"));
-    }
-    Ok(asked)
 }
 
 /// A random value of `bytes` bytes from the OS CSPRNG, base64url without padding.
@@ -632,22 +598,23 @@ pub(crate) fn read_value(value: Option<String>, file: Option<PathBuf>) -> Result
 /// Runs one `secret` command, printing to stdout.
 pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> {
     // Validate everything before talking to Vault: bad input changes nothing.
-    let (scope_args, key, force) = match &cmd {
+    let (scope_args, key, write) = match &cmd {
         SecretCommand::Set {
-            scope, key, force, ..
+            scope, key, write, ..
         }
-        | SecretCommand::Rm { scope, key, force }
-        | SecretCommand::Unset { scope, key, force }
+        | SecretCommand::Rm { scope, key, write }
+        | SecretCommand::Unset { scope, key, write }
         | SecretCommand::Rotate {
-            scope, key, force, ..
-        } => (scope, Some(key.clone()), force.force_new_version),
+            scope, key, write, ..
+        } => (scope, Some(key.clone()), Some(*write)),
         SecretCommand::Get { scope, key } | SecretCommand::Revoke { scope, key } => {
-            (scope, Some(key.clone()), false)
+            (scope, Some(key.clone()), None)
         }
         SecretCommand::List { scope, .. } | SecretCommand::Undelete { scope } => {
-            (scope, None, false)
+            (scope, None, None)
         }
     };
+    let force = write.is_some_and(|w| w.force_new_version);
     let (scope, path) = scope_args.scope_path()?;
     if let Some(k) = &key {
         check_key(k)?;
@@ -662,6 +629,12 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
         at: &at,
         force_new_version: force,
     };
+    let changed = VaultPath::new(
+        Location::new(vault.vault_namespace.as_deref(), &vault.mount),
+        &path,
+    );
+    // Whether a new version was written: its readers are asked to sync.
+    let mut wrote = false;
     match cmd {
         SecretCommand::Set {
             key,
@@ -688,13 +661,15 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 set_key_metadata(&kv, &path, &key, owner.as_deref(), expires.as_deref()).await?;
             }
             println!("Set {key} at {at}, version {}", version.unwrap_or_default());
+            wrote = true;
         }
         SecretCommand::Rm { key, .. } => {
             let version = update(&kv, &target, |e| Ok(e.remove(&key).is_some())).await?;
             match version {
                 Some(v) => {
                     drop_key_metadata(&kv, &path, &key).await?;
-                    println!("Removed {key} from {at}, version {v}")
+                    println!("Removed {key} from {at}, version {v}");
+                    wrote = true;
                 }
                 None => {
                     return Err(CliError::Usage(format!(
@@ -709,9 +684,12 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
             })
             .await?;
             match version {
-                Some(v) => println!(
-                    "Unset {key} at {at} (tombstone: inherited values are hidden here), version {v}"
-                ),
+                Some(v) => {
+                    println!(
+                        "Unset {key} at {at} (tombstone: inherited values are hidden here), version {v}"
+                    );
+                    wrote = true;
+                }
                 None => println!("{key} is already unset at {at}"),
             }
         }
@@ -780,6 +758,7 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 )
                 .map(|t| jiff::Timestamp::from_second(t.as_second()).unwrap_or(t));
             println!("Rotated {key} at {at}, version {version}");
+            wrote = true;
             if let Ok(ends) = ends {
                 println!(
                     "ScopedSecrets with a rotation rule for {key} keep the previous value until {ends} (overlap {})",
@@ -808,20 +787,9 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
                 "Revoked the previous value of {key} at {at}: destroyed versions {list} of {}/{path}",
                 vault.mount
             );
-            let stamp = format!("revoke-{}", jiff::Timestamp::now().as_second());
-            let asked = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                kube::Client::try_default(),
-            )
-            .await
-            {
-                Ok(Ok(client)) => ask_to_sync(&client, &path, &stamp).await,
-                _ => Err("no usable kube context".to_string()),
-            };
-            match asked {
-                Ok(names) if names.is_empty() => {
-                    println!("No ScopedSecret reads {}/{path}.", vault.mount)
-                }
+            let stamp = format!("revoke-{}", jiff::Timestamp::now().as_millisecond());
+            match super::sync::ask_with_context(&changed, &stamp).await {
+                Ok(names) if names.is_empty() => println!("No ScopedSecret reads {changed}."),
                 Ok(names) => println!(
                     "Asked {} ScopedSecrets to sync now (their consumers restart at once): {}",
                     names.len(),
@@ -883,6 +851,9 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
             })?;
             println!("Undeleted version {version} of {mount}/{path} ({at})");
         }
+    }
+    if wrote && let Some(write) = write {
+        super::sync::after_change(&changed, write.no_sync).await;
     }
     Ok(())
 }

@@ -9,14 +9,17 @@
 pub mod caches;
 pub mod events;
 mod failures;
+pub mod index;
 pub mod pipeline;
 mod reconcile;
 pub mod retain;
 pub mod shard;
 pub mod status;
+pub mod trigger;
 pub mod validate;
 pub mod workloads;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +35,8 @@ use kube::{Client, ResourceExt};
 use rand::Rng;
 
 pub use reconcile::reconcile;
+
+use crate::audit::AbortOnDrop;
 
 use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreKind, VaultStore};
 use crate::metrics::{Metrics, Readiness};
@@ -147,6 +152,11 @@ pub struct Config {
     /// The shard served (`--shard-index` of `--shard-count`): only ScopedSecrets whose
     /// namespace hashes to it. `None`: every namespace.
     pub shard: Option<shard::Shard>,
+    /// Where Vault's audit stream is received, if anywhere.
+    pub audit: Option<crate::audit::ListenConfig>,
+    /// Audit entries refresh the readers of one path at most this often (plus once at the
+    /// end of the interval).
+    pub audit_min_interval: Duration,
 }
 
 impl Config {
@@ -172,6 +182,8 @@ impl Default for Config {
             pacing: Default::default(),
             watch_namespaces: Vec::new(),
             shard: None,
+            audit: None,
+            audit_min_interval: trigger::AUDIT_MIN_INTERVAL,
         }
     }
 }
@@ -202,6 +214,8 @@ pub struct Context {
     /// this process has not reconciled yet: while there are any, refreshes wait
     /// ([`reconcile_in_order`]).
     awaiting_first: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
+    /// Which ScopedSecrets read which paths, and the refreshes asked of them.
+    pub triggers: trigger::Triggers,
 }
 
 impl Context {
@@ -216,6 +230,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         let metrics = Arc::new(Metrics::default());
+        let triggers = trigger::Triggers::new(source.clone(), config.audit_min_interval);
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -229,6 +244,7 @@ impl Context {
             clock: Arc::new(crate::clock::SystemClock),
             caches: Default::default(),
             awaiting_first: Default::default(),
+            triggers,
         }
     }
 
@@ -269,6 +285,7 @@ impl Context {
         self.failures.forget(obj);
         self.caches.forget(obj);
         self.awaiting_first.lock().unwrap().remove(obj);
+        self.triggers.forget(obj);
         let managed = {
             let mut seen = self.seen.lock().unwrap();
             seen.remove(obj);
@@ -302,6 +319,7 @@ impl Context {
             .lock()
             .unwrap()
             .retain(|obj| !absent(obj));
+        self.triggers.retain(|obj| !absent(obj));
     }
 }
 
@@ -596,6 +614,20 @@ pub async fn run(
             }
         }
     }
+    // Bound before anything else starts: a taken port fails the start with a clear message.
+    let audit = match &config.audit {
+        Some(audit) => Some(
+            crate::audit::Listener::bind(audit.clone())
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "failed to listen on {} for Vault's audit stream ({e}); choose another --audit-listen-addr",
+                        audit.addr
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
     let concurrency = config.concurrency;
     let ctx =
@@ -603,12 +635,28 @@ pub async fn run(
 
     // Restarts: a controller keyed by workload per scope, next to the ScopedSecret controller.
     let restarts = workloads::Restarts::new(ctx.clone());
+    let mut triggered = ctx
+        .triggers
+        .take_receiver()
+        .expect("the controller takes the refresh triggers once");
+    // Vault's audit stream, received as long as the controllers run.
+    let listener = audit.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "receiving Vault's audit stream");
+        }
+        AbortOnDrop(tokio::spawn(trigger::listen(ctx.clone(), listener)))
+    });
+    // One controller per scope; refreshes asked by triggers (the audit stream, peers of a
+    // path) go to the one watching their namespace.
+    let mut routes = HashMap::new();
     let mut controllers = Vec::new();
     // Ready once every scope's cache has been filled by its first list.
     let synced = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let scope_count = scopes.len();
     for scope in scopes {
         controllers.push(workloads::run_scope(restarts.clone(), scope.clone()).boxed());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        routes.insert(scope.clone(), tx);
         let (synced, ready) = (synced.clone(), ready.clone());
         let first = std::sync::atomic::AtomicBool::new(true);
         let on_synced = move || {
@@ -622,6 +670,7 @@ pub async fn run(
         let controller = controller_for(&ctx, scope.as_deref(), concurrency, on_synced);
         controllers.push(
             controller
+                .reconcile_on(tokio_stream_of(rx))
                 .shutdown_on_signal()
                 .run(reconcile_in_order, error_policy, ctx.clone())
                 .for_each(|result| async move {
@@ -642,8 +691,29 @@ pub async fn run(
                 .boxed(),
         );
     }
+    let router = AbortOnDrop(tokio::spawn(async move {
+        while let Some(obj) = triggered.recv().await {
+            let route = routes
+                .get(&None)
+                .or_else(|| routes.get(&obj.namespace.clone()));
+            if let Some(tx) = route {
+                let _ = tx.send(obj);
+            }
+        }
+    }));
     futures::future::join_all(controllers).await;
+    drop(listener);
+    drop(router);
     Ok(())
+}
+
+/// A channel's receiver as a stream.
+fn tokio_stream_of<T: Send + 'static>(
+    rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + Unpin {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
 }
 
 fn namespaced_or_all<K>(client: &Client, namespace: Option<&str>) -> Api<K>

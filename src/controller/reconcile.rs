@@ -24,7 +24,8 @@ use super::retain::{self, Retention};
 use super::status::{Outcome, next_status, set_retention};
 use super::{Context, Error, refresh_delay};
 use crate::api::v1alpha1::{
-    ChangeHistory, ClusterVaultStore, DeletionPolicy, ScopedSecret, StoreKind, VaultStore,
+    ChangeHistory, ClusterVaultStore, DeletionPolicy, LastTrigger, ScopedSecret, StoreKind,
+    VaultStore,
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::resolve::Resolved;
@@ -57,6 +58,8 @@ struct Synced {
     expiring: Option<String>,
     /// The `force-sync` annotation value acted on, when this sync was forced by it.
     force_sync: Option<String>,
+    /// What brought this sync.
+    trigger: LastTrigger,
 }
 
 /// Reconciles one ScopedSecret.
@@ -99,6 +102,7 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
                 paused: paused.as_deref(),
                 expiring: done.expiring.as_deref(),
                 force_sync: done.force_sync.as_deref(),
+                trigger: done.trigger,
             };
             if let Err(e) = write_status(&ss, &ctx, &outcome, &retention, now).await {
                 ctx.metrics.reconciled(e.category(), started.elapsed());
@@ -183,6 +187,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         .namespace()
         .ok_or_else(|| Error::InvalidSpec("ScopedSecret has no namespace".into()))?;
     let name = ss.name_any();
+    let obj = ObjectRef::from_obj(ss);
 
     // fetch + validate: the namespace's labels, the request, the store, access, auth.
     let ns_labels = match ctx.caches.namespace(&ns) {
@@ -195,8 +200,13 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
             .labels
             .unwrap_or_default(),
     };
-    let store = fetch_store(ss, ctx, &ns).await?;
-    let plan = pipeline::plan(ss, &ns, &ns_labels, store)?;
+    let plan = match fetch_store(ss, ctx, &ns).await {
+        Ok(store) => pipeline::plan(ss, &ns, &ns_labels, store),
+        Err(e) => Err(e),
+    };
+    // The path index follows the plan: a refused one reads nothing.
+    ctx.triggers.planned(&obj, plan.as_ref().ok());
+    let plan = plan?;
 
     // A force-sync annotation value not acted on yet (status records the last one handled,
     // so an operator restart does not act on it again) bypasses the shared cache.
@@ -206,6 +216,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         .as_ref()
         .and_then(|s| s.force_sync_handled.as_ref());
     let forced = force.is_some() && handled != force.as_ref();
+
     let max_age = if forced {
         Duration::ZERO
     } else {
@@ -213,6 +224,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     };
     let now = jiff::Timestamp::now();
     let files = fetch_template_files(ctx, &ns, pipeline::template_spec(ss)).await?;
+    let read_started = std::time::Instant::now();
     let built = pipeline::build(
         ss,
         &plan,
@@ -223,6 +235,9 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         &files,
     )
     .await?;
+    // Other readers of a path found newer here are refreshed now, not on their own schedule.
+    ctx.triggers.saw(&obj, &built.layers);
+
     let expiries = crate::expiry::expiries(&built.resolved, &built.layers);
     let dated: Vec<(&str, i64)> = expiries
         .iter()
@@ -253,8 +268,24 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
     }
     let changed_keys = changed_key_names(existing.as_ref(), &desired);
     let wrote = render::needs_write(existing.as_ref(), &desired);
+    // What brought this content: a trigger (audit, CLI, a peer), else the annotation, else
+    // the refresh.
+    let pending = ctx.triggers.take(&obj, read_started, wrote);
+    let trigger = match &pending {
+        Some(p) => p.trigger,
+        None if forced && force.as_deref().is_some_and(crate::cli::sync::is_cli_stamp) => {
+            LastTrigger::Cli
+        }
+        None if forced => LastTrigger::ForceSync,
+        None => LastTrigger::Refresh,
+    };
     let verified_at = if wrote {
-        write_secret(ctx, &secrets, existing.as_ref(), &desired, &name).await?
+        let written = write_secret(ctx, &secrets, existing.as_ref(), &desired, &name).await?;
+        if let Some(p) = &pending {
+            ctx.metrics
+                .triggered_write(p.trigger.as_str(), p.seen.elapsed());
+        }
+        written
     } else {
         existing
             .as_ref()
@@ -303,6 +334,7 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
         paused_until,
         rotation_ends,
         expiring,
+        trigger,
     })
 }
 

@@ -40,6 +40,8 @@ pub enum Outcome<'a> {
         /// The `force-sync` annotation value this sync acted on, recorded so that it is not
         /// acted on again (after an operator restart either).
         force_sync: Option<&'a str>,
+        /// What brought this sync: `status.lastTrigger` when the content changed.
+        trigger: crate::api::v1alpha1::LastTrigger,
     },
     /// The reconcile failed; the existing Secret (if any) is kept as it was.
     Failed { reason: &'a str, message: &'a str },
@@ -102,6 +104,7 @@ pub fn next_status(
             paused,
             expiring,
             force_sync,
+            trigger,
         } => {
             if let Some(value) = force_sync {
                 status.force_sync_handled = Some(value.to_string());
@@ -142,6 +145,7 @@ pub fn next_status(
             let changed = status.content_hash.as_deref() != Some(*content_hash);
             if changed {
                 status.last_change_time = Some(now.clone());
+                status.last_trigger = Some(*trigger);
             }
             if *wrote || changed || status.last_sync_time.is_none() {
                 status.last_sync_time = Some(now.clone());
@@ -269,6 +273,7 @@ fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::v1alpha1::LastTrigger;
     use crate::resolve::{Entry, ScopeData, SecretValue, resolve};
     use crate::scope::Scope;
 
@@ -305,6 +310,7 @@ mod tests {
             paused: None,
             expiring: None,
             force_sync: None,
+            trigger: LastTrigger::Refresh,
         }
     }
 
@@ -336,6 +342,38 @@ mod tests {
     }
 
     #[test]
+    fn last_trigger_names_what_brought_the_last_content_change_only() {
+        let r = resolved();
+        let with = |hash, trigger| {
+            let mut outcome = synced(&r, hash, true);
+            if let Outcome::Synced { trigger: t, .. } = &mut outcome {
+                *t = trigger;
+            }
+            outcome
+        };
+        let s = next_status(None, &with("h1", LastTrigger::Refresh), Some(1), t(100));
+        assert_eq!(s.last_trigger, Some(LastTrigger::Refresh));
+        let s = next_status(Some(&s), &with("h2", LastTrigger::Audit), Some(1), t(101));
+        assert_eq!(s.last_trigger, Some(LastTrigger::Audit));
+        // A peer's refresh that finds the same content says nothing about the last change.
+        let s = next_status(
+            Some(&s),
+            &with("h2", LastTrigger::PeerPath),
+            Some(1),
+            t(102),
+        );
+        assert_eq!(s.last_trigger, Some(LastTrigger::Audit));
+        assert_eq!(
+            serde_json::to_value(&s).unwrap()["lastTrigger"],
+            serde_json::json!("audit")
+        );
+        assert_eq!(
+            serde_json::to_value(LastTrigger::PeerPath).unwrap(),
+            serde_json::json!("peer-path")
+        );
+    }
+
+    #[test]
     fn templated_keys_list_their_inputs_with_scopes_never_values() {
         let spec = crate::api::v1alpha1::TargetTemplate {
             data: [("URL".to_string(), "db://{{ DB_HOST }}/app".to_string())].into(),
@@ -354,6 +392,7 @@ mod tests {
                 paused: None,
                 expiring: None,
                 force_sync: None,
+                trigger: LastTrigger::Refresh,
             },
             Some(1),
             t(100),

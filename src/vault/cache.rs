@@ -53,6 +53,8 @@ struct Entry<V, E> {
     ttl: Duration,
     /// When the value goes: last fill + ttl. `None` while never filled.
     expires_at: Option<Instant>,
+    /// When a trigger last said the path changed: a value read before is not served.
+    invalidated_at: Option<Instant>,
 }
 
 /// How often expired entries are swept out.
@@ -111,6 +113,7 @@ impl<V: Clone, E: Clone> ReadCache<V, E> {
         let mut guard = slot.lock().await;
         if let Some((at, value)) = guard.value.as_ref()
             && at.elapsed() <= max_age
+            && !self.invalidated_since(&key, *at)
         {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(value.clone());
@@ -121,6 +124,9 @@ impl<V: Clone, E: Clone> ReadCache<V, E> {
             return Err(error.clone());
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        // A value is as old as the read that began before it: an invalidation that arrives
+        // while the read is under way makes it stale for later readers.
+        let started = Instant::now();
         let value = match fetch().await {
             Ok(value) => value,
             Err(error) => {
@@ -135,7 +141,7 @@ impl<V: Clone, E: Clone> ReadCache<V, E> {
         };
         let now = Instant::now();
         guard.failed = None;
-        guard.value = Some((now, value.clone()));
+        guard.value = Some((started, value.clone()));
         if let Some(entry) = self.entries.lock().unwrap().0.get_mut(&key) {
             entry.ttl = if max_age.is_zero() {
                 entry.ttl
@@ -145,6 +151,27 @@ impl<V: Clone, E: Clone> ReadCache<V, E> {
             entry.expires_at = Some(now + entry.ttl);
         }
         Ok(value)
+    }
+
+    /// Marks the values of every key `which` selects as stale: the next reader of each reads
+    /// again, and so does every reader after a read that was under way now.
+    pub fn invalidate(&self, which: impl Fn(&CacheKey) -> bool) {
+        let now = Instant::now();
+        for (key, entry) in self.entries.lock().unwrap().0.iter_mut() {
+            if which(key) {
+                entry.invalidated_at = Some(now);
+            }
+        }
+    }
+
+    fn invalidated_since(&self, key: &CacheKey, at: Instant) -> bool {
+        self.entries
+            .lock()
+            .unwrap()
+            .0
+            .get(key)
+            .and_then(|e| e.invalidated_at)
+            .is_some_and(|invalidated| invalidated >= at)
     }
 
     /// Number of entries held.
@@ -180,6 +207,7 @@ impl<V: Clone, E: Clone> ReadCache<V, E> {
             slot: Arc::default(),
             ttl: max_age,
             expires_at: None,
+            invalidated_at: None,
         });
         if !max_age.is_zero() && (entry.ttl.is_zero() || max_age < entry.ttl) {
             entry.ttl = max_age;
@@ -305,6 +333,64 @@ mod tests {
             })
             .await;
         assert_eq!(later, Ok(5), "a failure is never served to a later reader");
+    }
+
+    #[tokio::test]
+    async fn an_invalidated_path_is_read_again_and_other_paths_stay_cached() {
+        let cache = ReadCache::<u32, ()>::new();
+        let hour = Duration::from_secs(3600);
+        for (path, v) in [("shop", 1), ("shop/envs/dev", 2)] {
+            cache
+                .get_or_fetch(key(path, "a"), hour, || async move { Ok::<_, ()>(v) })
+                .await
+                .unwrap();
+        }
+        cache.invalidate(|k| k.path == "shop");
+        let read = |v: u32| move || async move { Ok::<_, ()>(v) };
+        assert_eq!(
+            cache.get_or_fetch(key("shop", "a"), hour, read(10)).await,
+            Ok(10)
+        );
+        assert_eq!(
+            cache
+                .get_or_fetch(key("shop/envs/dev", "a"), hour, read(20))
+                .await,
+            Ok(2)
+        );
+        assert_eq!(
+            cache.get_or_fetch(key("shop", "a"), hour, read(30)).await,
+            Ok(10),
+            "read again once, then cached as before"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_under_way_when_the_path_is_invalidated_is_not_served_later() {
+        let cache = Arc::new(ReadCache::<u32, ()>::new());
+        let hour = Duration::from_secs(3600);
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let slow = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_fetch(key("shop", "a"), hour, || async move {
+                        started_tx.send(()).unwrap();
+                        finish_rx.await.unwrap();
+                        Ok::<_, ()>(1)
+                    })
+                    .await
+            })
+        };
+        started_rx.await.unwrap();
+        // The write lands and its audit entry arrives while the old value is on its way.
+        cache.invalidate(|k| k.path == "shop");
+        finish_tx.send(()).unwrap();
+        assert_eq!(slow.await.unwrap(), Ok(1));
+        let after = cache
+            .get_or_fetch(key("shop", "a"), hour, || async { Ok::<_, ()>(2) })
+            .await;
+        assert_eq!(after, Ok(2));
     }
 
     #[tokio::test]

@@ -413,6 +413,17 @@ impl VaultReader {
 }
 
 impl ScopeSource for VaultReader {
+    fn invalidate(&self, identity: &Identity, mount: &str, path: &str) {
+        self.cache
+            .invalidate(|k| k.identity == *identity && k.mount == mount && k.path == path);
+        // Versions are cached as `path@version`: a delete, undelete or destroy changes them.
+        self.versions.invalidate(|k| {
+            k.identity == *identity
+                && k.mount == mount
+                && k.path.rsplit_once('@').is_some_and(|(p, _)| p == path)
+        });
+    }
+
     fn read_version<'a>(
         &'a self,
         store: &'a StoreHandle,

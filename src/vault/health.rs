@@ -412,6 +412,10 @@ impl ScopeSource for Guarded {
             self.inner.read_version(store, path, version, max_age)
         }))
     }
+
+    fn invalidate(&self, identity: &super::Identity, mount: &str, path: &str) {
+        self.inner.invalidate(identity, mount, path);
+    }
 }
 
 #[cfg(test)]

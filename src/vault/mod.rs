@@ -205,4 +205,11 @@ pub trait ScopeSource: Send + Sync + 'static {
         version: u64,
         max_age: Duration,
     ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>>;
+
+    /// Forgets the cached reads of `path` (and of its versions) under `mount` made as
+    /// `identity`, because a trigger says it changed: the next read goes to Vault, and a read
+    /// already under way is not served to later readers. A source without a cache ignores it.
+    fn invalidate(&self, identity: &Identity, mount: &str, path: &str) {
+        let _ = (identity, mount, path);
+    }
 }

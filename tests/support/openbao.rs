@@ -93,6 +93,9 @@ pub struct OpenBao {
     tls: Option<Tls>,
     /// Processes started so far (names the TLS directory of each).
     launches: AtomicUsize,
+    /// A configuration file given with `-config` besides the dev flags (e.g. audit devices),
+    /// in a directory removed on drop.
+    config: Option<(tempfile::TempDir, PathBuf)>,
 }
 
 struct Tls {
@@ -134,7 +137,24 @@ impl OpenBao {
         Self::start_with(true).await
     }
 
+    /// Like [`Self::start`], with `-config=FILE` holding `hcl` besides the dev flags: what a
+    /// dev server cannot be given otherwise, such as an `audit "socket"` stanza (OpenBao takes
+    /// audit devices from its configuration file).
+    pub async fn start_with_config(hcl: &str) -> OpenBao {
+        let dir = tempfile::Builder::new()
+            .prefix("openbao-config-")
+            .tempdir()
+            .expect("temporary directory for the server configuration");
+        let path = dir.path().join("server.hcl");
+        std::fs::write(&path, hcl).expect("write the server configuration");
+        Self::start_inner(false, Some((dir, path))).await
+    }
+
     async fn start_with(tls: bool) -> OpenBao {
+        Self::start_inner(tls, None).await
+    }
+
+    async fn start_inner(tls: bool, config: Option<(tempfile::TempDir, PathBuf)>) -> OpenBao {
         let bin = bao_bin();
         let tls = tls.then(|| Tls {
             root: tempfile::Builder::new()
@@ -152,6 +172,7 @@ impl OpenBao {
             log: Arc::new(Mutex::new(String::new())),
             tls,
             launches: AtomicUsize::new(0),
+            config,
         };
         bao.boot(true).await;
         bao
@@ -174,7 +195,8 @@ impl OpenBao {
             });
             self.launches.fetch_add(1, Ordering::SeqCst);
             let mark = lock(&self.log).len();
-            let mut proc = launch(&self.bin, port, tls_dir.as_deref(), &self.log);
+            let config = self.config.as_ref().map(|(_, path)| path.as_path());
+            let mut proc = launch(&self.bin, port, tls_dir.as_deref(), config, &self.log);
             match wait_ready(&self.http, &self.addr(), &mut proc).await {
                 Ok(unseal_key) => {
                     if let (Some(tls), Some(dir)) = (&self.tls, tls_dir) {
@@ -766,7 +788,13 @@ fn api_port_taken(log: &Mutex<String>, mark: usize) -> bool {
 }
 
 /// Starts `bao server -dev` on `127.0.0.1:port` with its output captured.
-fn launch(bin: &Path, port: u16, tls_dir: Option<&Path>, log: &Arc<Mutex<String>>) -> Proc {
+fn launch(
+    bin: &Path,
+    port: u16,
+    tls_dir: Option<&Path>,
+    config: Option<&Path>,
+    log: &Arc<Mutex<String>>,
+) -> Proc {
     let mut cmd = Command::new(bin);
     cmd.arg("server")
         .arg("-dev")
@@ -776,6 +804,9 @@ fn launch(bin: &Path, port: u16, tls_dir: Option<&Path>, log: &Arc<Mutex<String>
     if let Some(dir) = tls_dir {
         cmd.arg("-dev-tls")
             .arg(format!("-dev-tls-cert-dir={}", dir.display()));
+    }
+    if let Some(config) = config {
+        cmd.arg(format!("-config={}", config.display()));
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
