@@ -16,13 +16,12 @@ use std::time::Duration;
 use clap::Args;
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams};
 use serde_json::Value;
 
 use super::render::Manifests;
 use super::{CliError, VaultArgs};
-use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, VaultStore};
+use crate::api::v1alpha1::ScopedSecret;
 use crate::controller::pipeline::{self, Built};
 use crate::controller::status::ROLLOUTS_PAUSED;
 use crate::render::HmacKey;
@@ -383,41 +382,7 @@ pub async fn cluster_manifests(client: &kube::Client) -> Result<Manifests, Strin
         let what = what.to_string();
         move |e: kube::Error| format!("failed to list {what}: {e}")
     };
-    let lp = ListParams::default();
-    let mut m = Manifests::default();
-    for ns in Api::<Namespace>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(why("namespaces"))?
-    {
-        let name = ns.metadata.name.clone().unwrap_or_default();
-        m.namespaces
-            .insert(name, ns.metadata.labels.unwrap_or_default());
-    }
-    for cs in Api::<ClusterVaultStore>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(why("clustervaultstores"))?
-    {
-        m.cluster_stores
-            .insert(cs.metadata.name.clone().unwrap_or_default(), cs);
-    }
-    for vs in Api::<VaultStore>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(why("vaultstores"))?
-    {
-        let key = (
-            vs.metadata.namespace.clone().unwrap_or_default(),
-            vs.metadata.name.clone().unwrap_or_default(),
-        );
-        m.vault_stores.insert(key, vs);
-    }
-    m.scoped_secrets = Api::<ScopedSecret>::all(client.clone())
-        .list(&lp)
-        .await
-        .map_err(why("scopedsecrets"))?
-        .items;
+    let mut m = super::sync::cluster_objects(client).await?;
     // The ConfigMaps templates read (`templateFrom`), by name.
     for ss in &m.scoped_secrets {
         let ns = ss.metadata.namespace.clone().unwrap_or_default();

@@ -51,7 +51,7 @@ pub fn readers<'a>(manifests: &'a Manifests, changed: &VaultPath) -> Vec<&'a Sco
 }
 
 /// ScopedSecrets, their stores and the namespaces' labels, as the CLI user sees them.
-async fn cluster_objects(client: &kube::Client) -> Result<Manifests, String> {
+pub(super) async fn cluster_objects(client: &kube::Client) -> Result<Manifests, String> {
     let lp = ListParams::default();
     let why = |what: &'static str| move |e: kube::Error| format!("failed to list {what}: {e}");
     let mut m = Manifests::default();
