@@ -258,6 +258,7 @@ async fn main() -> anyhow::Result<()> {
                     window: std::time::Duration::from_secs(restart_window_seconds),
                     budget: max_restarts_in_flight as usize,
                     deadline: std::time::Duration::from_secs(rollout_deadline_seconds),
+                    ..Default::default()
                 },
                 watch_namespaces: watch_namespaces
                     .into_iter()

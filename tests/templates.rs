@@ -24,7 +24,7 @@ struct World {
     vault: Arc<MemorySource>,
     ctx: Arc<Context>,
     clock: Arc<scoped_secrets::clock::ManualClock>,
-    restarts: Arc<scoped_secrets::controller::workloads::Restarts>,
+    restarts: support::restarts::Hand,
 }
 
 /// Namespace `shop-dev` of project `shop`, environment `dev`; the `shop` scopes hold the
@@ -44,7 +44,7 @@ fn world() -> World {
     vault.put("shop/envs/dev", &[("DB_PASSWORD", Some(CANARY))]);
     let clock = Arc::new(scoped_secrets::clock::ManualClock::default());
     let ctx = support::shop::context_at(&fake, vault.clone(), Config::default(), clock.clone());
-    let restarts = scoped_secrets::controller::workloads::Restarts::new(ctx.clone());
+    let restarts = support::restarts::Hand::new(ctx.clone());
     World {
         fake,
         vault,

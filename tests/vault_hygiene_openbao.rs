@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
 use scoped_secrets::api::v1alpha1::{KvEngine, ScopedSecret, StoreConnection};
-use scoped_secrets::controller::workloads::Restarts;
 use scoped_secrets::controller::{Config, Context, Error, error_policy, reconcile};
 use scoped_secrets::render::HmacKey;
 use scoped_secrets::resolve::ScopeData;
@@ -581,7 +580,7 @@ async fn secret_revoke_removes_the_old_value_from_every_secret_and_restarts_each
     // A refresh within the interval: served from the shared cache, nothing changes. The
     // workload controller has seen the consumers (their baselines).
     rig.reconcile("api").await.unwrap();
-    let restarts = Restarts::new(rig.ctx.clone());
+    let restarts = support::restarts::Hand::new(rig.ctx.clone());
     assert!(support::shop::settle(&rig.fake, &restarts).await.is_empty());
     rig.fake.clear_requests();
 

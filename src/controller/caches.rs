@@ -211,6 +211,9 @@ pub struct Caches {
     /// Per ScopedSecret: its Secret's name and the resourceVersion this process last wrote or
     /// read it at (and found it as wanted). Lost on restart: then each Secret is read once.
     verified: Mutex<HashMap<ObjectRef<ScopedSecret>, (String, String)>>,
+    /// The ScopedSecret controllers' stores of ScopedSecrets, by the namespace each serves:
+    /// the workload controller reads them instead of watching ScopedSecrets again.
+    scoped_secrets: RwLock<Vec<(Option<String>, Store<ScopedSecret>)>>,
 }
 
 impl Caches {
@@ -306,6 +309,28 @@ impl Caches {
     /// Keeps the verification records of the ScopedSecrets `keep` accepts.
     pub fn retain_verified(&self, keep: impl Fn(&ObjectRef<ScopedSecret>) -> bool) {
         self.verified.lock().unwrap().retain(|obj, _| keep(obj));
+    }
+
+    /// The store of ScopedSecrets of the controller serving `namespace` (`None`: all).
+    pub fn add_scoped_secrets(&self, namespace: Option<&str>, store: Store<ScopedSecret>) {
+        let mut stores = self.scoped_secrets.write().unwrap();
+        stores.push((namespace.map(String::from), store));
+    }
+
+    /// What the workload controller of `namespace` (`None`: all) shares with the ScopedSecret
+    /// controller of the same scope: its ScopedSecrets and managed Secrets (metadata only), one
+    /// watch of each for both controllers.
+    pub fn shared(
+        &self,
+        namespace: Option<&str>,
+    ) -> Option<(Store<ScopedSecret>, Store<PartialObjectMeta<Secret>>)> {
+        let scoped = self.scoped_secrets.read().unwrap();
+        let (_, scoped) = scoped.iter().find(|(ns, _)| ns.as_deref() == namespace)?;
+        let scopes = self.scopes.read().unwrap();
+        let scope = scopes
+            .iter()
+            .find(|s| s.namespace.as_deref() == namespace)?;
+        Some((scoped.clone(), scope.secrets.store.clone()))
     }
 
     /// ScopedSecrets with a verification record (for tests of the pruning).

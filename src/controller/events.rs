@@ -9,17 +9,6 @@ use tracing::warn;
 use super::Context;
 use crate::api::v1alpha1::ScopedSecret;
 
-/// A reference to the ScopedSecret `namespace/name`.
-pub fn scoped_secret_ref(namespace: &str, name: &str) -> ObjectReference {
-    ObjectReference {
-        api_version: Some(ScopedSecret::api_version(&()).into_owned()),
-        kind: Some(ScopedSecret::kind(&()).into_owned()),
-        name: Some(name.into()),
-        namespace: Some(namespace.into()),
-        ..Default::default()
-    }
-}
-
 /// Publishes an event on `ss`.
 pub async fn publish(ss: &ScopedSecret, ctx: &Context, type_: EventType, reason: &str, note: &str) {
     publish_on(ctx, &ss.object_ref(&()), type_, reason, note).await;

@@ -3,9 +3,11 @@
 //! changes — and its repeats at DEBUG. A retry every few seconds of the same Vault outage must
 //! not bury the log.
 //!
-//! One map, keyed by object; an entry leaves when its object syncs or is deleted.
+//! One map, keyed by object (a ScopedSecret, or a workload for the workload controller); an
+//! entry leaves when its object syncs or is deleted.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 use kube::runtime::reflector::ObjectRef;
@@ -29,18 +31,19 @@ pub struct Recorded {
     pub repeat: bool,
 }
 
-/// The failing objects; clones share one map.
-#[derive(Clone, Debug, Default)]
-pub struct Failures(Arc<Mutex<HashMap<ObjectRef<ScopedSecret>, Failing>>>);
+/// The failing objects, keyed by `K`; clones share one map.
+#[derive(Clone, Debug)]
+pub struct Failures<K = ObjectRef<ScopedSecret>>(Arc<Mutex<HashMap<K, Failing>>>);
 
-impl Failures {
+impl<K> Default for Failures<K> {
+    fn default() -> Self {
+        Failures(Default::default())
+    }
+}
+
+impl<K: Eq + Hash + Clone> Failures<K> {
     /// Records a failure of `obj`.
-    pub fn record(
-        &self,
-        obj: &ObjectRef<ScopedSecret>,
-        category: &'static str,
-        message: &str,
-    ) -> Recorded {
+    pub fn record(&self, obj: &K, category: &'static str, message: &str) -> Recorded {
         let mut map = self.0.lock().unwrap();
         let entry = map.entry(obj.clone()).or_default();
         entry.attempts = entry.attempts.saturating_add(1);
@@ -58,12 +61,13 @@ impl Failures {
     }
 
     /// `obj` synced (or is gone): the next failure is news again.
-    pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
-        self.0.lock().unwrap().remove(obj);
+    /// Returns whether `obj` was failing (its recovery is news too).
+    pub fn forget(&self, obj: &K) -> bool {
+        self.0.lock().unwrap().remove(obj).is_some()
     }
 
     /// Keeps only the objects for which `keep` is true (the others are gone).
-    pub fn retain(&self, keep: impl Fn(&ObjectRef<ScopedSecret>) -> bool) {
+    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
         self.0.lock().unwrap().retain(|obj, _| keep(obj));
     }
 }
@@ -74,7 +78,7 @@ mod tests {
 
     #[test]
     fn a_failure_is_news_when_it_starts_changes_or_returns_after_a_success() {
-        let failures = Failures::default();
+        let failures = Failures::<ObjectRef<ScopedSecret>>::default();
         let api = ObjectRef::<ScopedSecret>::new("api").within("shop-dev");
         let web = ObjectRef::<ScopedSecret>::new("web").within("shop-dev");
         let down = "failed to reach Vault";

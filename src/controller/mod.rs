@@ -654,7 +654,6 @@ pub async fn run(
     let synced = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let scope_count = scopes.len();
     for scope in scopes {
-        controllers.push(workloads::run_scope(restarts.clone(), scope.clone()).boxed());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         routes.insert(scope.clone(), tx);
         let (synced, ready) = (synced.clone(), ready.clone());
@@ -667,7 +666,10 @@ pub async fn run(
                 ready.set_ready();
             }
         };
-        let controller = controller_for(&ctx, scope.as_deref(), concurrency, on_synced);
+        // The workload controller reads this controller's caches and follows its watches.
+        let (touched, touches) = tokio::sync::mpsc::unbounded_channel();
+        let controller = controller_for(&ctx, scope.as_deref(), concurrency, on_synced, touched);
+        controllers.push(workloads::run_scope(restarts.clone(), scope.clone(), touches).boxed());
         controllers.push(
             controller
                 .reconcile_on(tokio_stream_of(rx))
@@ -729,12 +731,15 @@ where
 
 /// The controller of ScopedSecrets in `namespace` (all namespaces when `None`), with the
 /// watches that map related objects back to them. `on_synced` is called when the cache of
-/// ScopedSecrets is filled by a complete list (first and later re-lists).
+/// ScopedSecrets is filled by a complete list (first and later re-lists). Its caches of
+/// ScopedSecrets and managed Secrets are shared with the workload controller, which hears of
+/// their changes through `touched`.
 fn controller_for(
     ctx: &Arc<Context>,
     namespace: Option<&str>,
     concurrency: u16,
     on_synced: impl Fn() + Send + 'static,
+    touched: tokio::sync::mpsc::UnboundedSender<ObjectRef<ScopedSecret>>,
 ) -> Controller<ScopedSecret> {
     let client = &ctx.client;
     let scoped: Api<ScopedSecret> = namespaced_or_all(client, namespace);
@@ -742,6 +747,7 @@ fn controller_for(
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
     let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
+    let touched_ss = touched.clone();
     // A shard keeps only its own namespaces' objects (shard.rs).
     let config = ctx.config.clone();
     let serves = move |namespace: Option<&str>| config.serves(namespace);
@@ -767,13 +773,17 @@ fn controller_for(
             on_synced();
         }
         Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
-        Ok(watcher::Event::Apply(ss) | watcher::Event::InitApply(ss)) => gone.arrived(ss),
+        Ok(watcher::Event::Apply(ss) | watcher::Event::InitApply(ss)) => {
+            gone.arrived(ss);
+            let _ = touched_ss.send(ObjectRef::from_obj(ss));
+        }
         _ => {}
     })
     .default_backoff()
     .applied_objects()
     .predicate_filter(trigger_hash, Default::default());
     let store = reader.clone();
+    ctx.caches.add_scoped_secrets(namespace, reader.clone());
     let controller = Controller::for_stream(scoped_stream, reader);
 
     // Managed Secrets only, metadata only (the operator holds no Secret value): mapped back by
@@ -785,6 +795,13 @@ fn controller_for(
         caches::trim_secret,
         move |s| s2(s.metadata.namespace.as_deref()),
     );
+    let secrets = secrets.inspect(move |s| {
+        if let Ok(s) = s
+            && let (Some(owner), Some(ns)) = (s.labels().get(OWNER_LABEL), s.namespace())
+        {
+            let _ = touched.send(ObjectRef::new(owner).within(&ns));
+        }
+    });
     // Namespaces are cluster-scoped: in a namespaced scope only its own is watched.
     let namespaces =
         Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(

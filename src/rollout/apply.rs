@@ -10,24 +10,13 @@
 use std::collections::BTreeMap;
 
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 
 use super::{CHECKSUM_PREFIX, RESTARTED_AT_ANNOTATION, WorkloadKind};
 
 /// The field manager of the restart annotations.
 pub const FIELD_MANAGER: &str = "scoped-secrets-rollout";
-
-/// The Argo Rollouts `Rollout` resource.
-pub fn argo_rollout_resource() -> ApiResource {
-    ApiResource {
-        group: "argoproj.io".into(),
-        version: "v1alpha1".into(),
-        api_version: "argoproj.io/v1alpha1".into(),
-        kind: "Rollout".into(),
-        plural: "rollouts".into(),
-    }
-}
 
 /// Whether the API server serves Argo Rollouts (`rollouts.argoproj.io`): `Ok(false)` when the
 /// group is not found; an error when discovery failed (the caller asks again).
@@ -90,37 +79,24 @@ pub async fn apply(
     name: &str,
     annotations: &Annotations,
 ) -> Result<(), kube::Error> {
-    let resource = match kind {
-        WorkloadKind::Rollout => argo_rollout_resource(),
-        _ => ApiResource {
-            group: "apps".into(),
-            version: "v1".into(),
-            api_version: "apps/v1".into(),
-            kind: kind.as_str().into(),
-            plural: format!("{}s", kind.as_str().to_lowercase()),
-        },
-    };
-    let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &kind.resource());
     let body = patch_body(kind, namespace, name, annotations);
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map(|_| ())
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(name, &params, &Patch::Apply(&body))
+        .await
+        .map(|_| ())
 }
 
 fn int(v: &Value) -> i64 {
     v.as_i64().unwrap_or(0)
 }
 
-/// Whether the rollout that a patch started has completed, from the workload's live object —
+/// Whether the rollout that a patch started has completed, from the workload as cached —
 /// the rules of `kubectl rollout status`. A workload that does not roll on its own
 /// (`OnDelete`) is complete at once.
-pub fn rollout_complete(kind: WorkloadKind, obj: &Value) -> bool {
-    let generation = int(&obj["metadata"]["generation"]);
-    let (spec, status) = (&obj["spec"], &obj["status"]);
+pub fn rollout_complete(kind: WorkloadKind, obj: &DynamicObject) -> bool {
+    let generation = obj.metadata.generation.unwrap_or(0);
+    let (spec, status) = (&obj.data["spec"], &obj.data["status"]);
     let observed = match &status["observedGeneration"] {
         // Argo Rollouts writes it as a string.
         Value::String(s) => s.parse().unwrap_or(0),
@@ -209,6 +185,10 @@ mod tests {
             body["metadata"]["annotations"]["checksum.scopedsecrets.io/b"],
             "2"
         );
+    }
+
+    fn rollout_complete(kind: WorkloadKind, obj: &Value) -> bool {
+        super::rollout_complete(kind, &serde_json::from_value(obj.clone()).unwrap())
     }
 
     #[test]

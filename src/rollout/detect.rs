@@ -5,9 +5,9 @@
 //! key, or only the keys listed in `items`) — in containers, init containers and ephemeral
 //! containers alike. Optional references count: the Secret exists now.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, KeyToPath, PodSpec, VolumeMount};
+use k8s_openapi::api::core::v1::{KeyToPath, PodSpec};
 
 /// What part of the Secret a workload reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,13 +65,6 @@ fn items_reads(items: &Option<Vec<KeyToPath>>) -> Reads {
     }
 }
 
-/// The parts of any kind of container that can reference a Secret.
-type ContainerRefs<'a> = (
-    Option<&'a Vec<EnvVar>>,
-    Option<&'a Vec<EnvFromSource>>,
-    Option<&'a Vec<VolumeMount>>,
-);
-
 /// How `spec` consumes the Secret `secret`, or `None` when it does not.
 pub fn consumption(spec: &PodSpec, secret: &str) -> Option<Consumption> {
     let mut reads: Option<Reads> = None;
@@ -84,50 +77,35 @@ pub fn consumption(spec: &PodSpec, secret: &str) -> Option<Consumption> {
     let mut env = false;
 
     // Volumes that carry the Secret, by volume name.
-    let mut volumes: BTreeMap<&str, ()> = BTreeMap::new();
+    let mut volumes = BTreeSet::new();
     for v in spec.volumes.iter().flatten() {
         if let Some(s) = &v.secret
             && s.secret_name.as_deref() == Some(secret)
         {
             add(items_reads(&s.items));
-            volumes.insert(&v.name, ());
+            volumes.insert(v.name.as_str());
         }
-        if let Some(p) = &v.projected {
-            for source in p.sources.iter().flatten() {
-                if let Some(s) = &source.secret
-                    && s.name == secret
-                {
-                    add(items_reads(&s.items));
-                    volumes.insert(&v.name, ());
-                }
+        let projected = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
+        for s in projected.filter_map(|source| source.secret.as_ref()) {
+            if s.name == secret {
+                add(items_reads(&s.items));
+                volumes.insert(v.name.as_str());
             }
         }
     }
 
     // Every kind of container: (env, envFrom, volumeMounts).
-    let mut containers: Vec<ContainerRefs<'_>> = Vec::new();
-    for c in spec
+    let containers = spec
         .containers
         .iter()
-        .chain(spec.init_containers.iter().flatten())
-    {
-        containers.push((
-            c.env.as_ref(),
-            c.env_from.as_ref(),
-            c.volume_mounts.as_ref(),
-        ));
-    }
-    for c in spec.ephemeral_containers.iter().flatten() {
-        containers.push((
-            c.env.as_ref(),
-            c.env_from.as_ref(),
-            c.volume_mounts.as_ref(),
-        ));
-    }
-
+        .chain(spec.init_containers.iter().flatten());
+    let ephemeral = spec.ephemeral_containers.iter().flatten();
+    let containers = containers
+        .map(|c| (&c.env, &c.env_from, &c.volume_mounts))
+        .chain(ephemeral.map(|c| (&c.env, &c.env_from, &c.volume_mounts)));
     let mut sub_path = false;
     for (envs, env_froms, mounts) in containers {
-        for e in envs.into_iter().flatten() {
+        for e in envs.iter().flatten() {
             if let Some(r) = e
                 .value_from
                 .as_ref()
@@ -138,14 +116,14 @@ pub fn consumption(spec: &PodSpec, secret: &str) -> Option<Consumption> {
                 env = true;
             }
         }
-        for f in env_froms.into_iter().flatten() {
+        for f in env_froms.iter().flatten() {
             if f.secret_ref.as_ref().is_some_and(|r| r.name == secret) {
                 add(Reads::Whole);
                 env = true;
             }
         }
-        for m in mounts.into_iter().flatten() {
-            if volumes.contains_key(m.name.as_str())
+        for m in mounts.iter().flatten() {
+            if volumes.contains(m.name.as_str())
                 && m.sub_path.as_deref().is_some_and(|p| !p.is_empty())
             {
                 sub_path = true;

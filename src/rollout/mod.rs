@@ -21,6 +21,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::PodSpec;
+use kube::api::ApiResource;
 use kube::core::{Selector, SelectorExt};
 use sha2::Sha256;
 
@@ -49,6 +50,8 @@ pub struct Pacing {
     pub budget: usize,
     /// A rollout not complete after this no longer holds its slot.
     pub deadline: Duration,
+    /// How often discovery is asked whether Argo Rollouts is served, until it is.
+    pub discovery: Duration,
 }
 
 impl Default for Pacing {
@@ -57,6 +60,7 @@ impl Default for Pacing {
             window: Duration::from_secs(10),
             budget: 10,
             deadline: Duration::from_secs(600),
+            discovery: Duration::from_secs(300),
         }
     }
 }
@@ -96,6 +100,18 @@ impl WorkloadKind {
         match self {
             WorkloadKind::Rollout => "argoproj.io/v1alpha1",
             _ => "apps/v1",
+        }
+    }
+
+    /// The API resource of this kind.
+    pub fn resource(self) -> ApiResource {
+        let (group, version) = self.api_version().split_once('/').expect("group/version");
+        ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: self.api_version().into(),
+            kind: self.as_str().into(),
+            plural: format!("{}s", self.as_str().to_lowercase()),
         }
     }
 }
@@ -146,42 +162,44 @@ pub enum Failure {
 
 impl fmt::Display for RolloutResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self {
-            RolloutResult::Queued => "Queued",
-            RolloutResult::Deferred => "Deferred",
-            RolloutResult::Restarted => "Restarted",
-            RolloutResult::Skipped(Skip::LiveReload) => "Skipped:LiveReload",
-            RolloutResult::Skipped(Skip::Paused) => "Skipped:Paused",
-            RolloutResult::Skipped(Skip::Flapping) => "Skipped:Flapping",
-            RolloutResult::Failed(Failure::Forbidden) => "Failed:Forbidden",
-            RolloutResult::Failed(Failure::Refused) => "Failed:Refused",
-            RolloutResult::Failed(Failure::KubernetesError) => "Failed:KubernetesError",
-        };
-        f.write_str(s)
+        match self {
+            RolloutResult::Skipped(why) => write!(f, "Skipped:{why:?}"),
+            RolloutResult::Failed(why) => write!(f, "Failed:{why:?}"),
+            other => write!(f, "{other:?}"),
+        }
     }
 }
 
 /// HMAC prefix of the keys `reads` selects — the format of the annotations the operator wrote
 /// before it published [`KeyHashes`]; still what a whole-Secret or single-key reader carries.
 pub fn consumer_hash(key: &HmacKey, data: &BTreeMap<String, ByteString>, reads: &Reads) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes()).expect("HMAC accepts any key length");
-    for (k, v) in data {
-        let wanted = match reads {
+    hmac_hex(
+        key,
+        data.iter().filter(|(k, _)| match reads {
             Reads::Whole => true,
-            Reads::Keys(keys) => keys.contains(k),
-        };
-        if wanted {
-            mac.update(&(k.len() as u64).to_be_bytes());
-            mac.update(k.as_bytes());
-            mac.update(&(v.0.len() as u64).to_be_bytes());
-            mac.update(&v.0);
-        }
-    }
-    hex(&mac.finalize().into_bytes()[..8])
+            Reads::Keys(keys) => keys.contains(*k),
+        }),
+    )
 }
 
+/// The first 8 bytes, in hex, of the HMAC of `entries` (each key and value length-prefixed).
+fn hmac_hex<'a>(
+    key: &HmacKey,
+    entries: impl IntoIterator<Item = (&'a String, &'a ByteString)>,
+) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes()).expect("HMAC accepts any key length");
+    for (k, v) in entries {
+        mac.update(&(k.len() as u64).to_be_bytes());
+        mac.update(k.as_bytes());
+        mac.update(&(v.0.len() as u64).to_be_bytes());
+        mac.update(&v.0);
+    }
+    hex(&mac.finalize().into_bytes())
+}
+
+/// The first 8 bytes in hex.
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why `workload`, reading the Secret as `consumption`, would not restart for a change of
@@ -209,8 +227,8 @@ const WHOLE: &str = "*";
 
 /// The HMACs of a Secret's keys, published in its annotation [`KEY_HASHES_ANNOTATION`] by the
 /// Secret writer: the workload controller computes every workload's annotation from them and
-/// never reads a value. Per key: the first 16 bytes of the HMAC of that key alone (whose first
-/// 8 are what a single-key reader's annotation always held), and the hash of the whole Secret.
+/// never reads a value. Per key: what a reader of that key alone carries; and the hash of the
+/// whole Secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyHashes(BTreeMap<String, String>);
 
@@ -218,17 +236,9 @@ impl KeyHashes {
     pub fn compute(key: &HmacKey, data: &BTreeMap<String, ByteString>) -> Self {
         let mut hashes: BTreeMap<String, String> = data
             .iter()
-            .map(|(k, v)| {
-                let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes())
-                    .expect("HMAC accepts any key length");
-                mac.update(&(k.len() as u64).to_be_bytes());
-                mac.update(k.as_bytes());
-                mac.update(&(v.0.len() as u64).to_be_bytes());
-                mac.update(&v.0);
-                (k.clone(), hex(&mac.finalize().into_bytes()[..16]))
-            })
+            .map(|(k, v)| (k.clone(), hmac_hex(key, [(k, v)])))
             .collect();
-        hashes.insert(WHOLE.into(), consumer_hash(key, data, &Reads::Whole));
+        hashes.insert(WHOLE.into(), hmac_hex(key, data));
         KeyHashes(hashes)
     }
 
@@ -263,7 +273,7 @@ impl KeyHashes {
         }
         match read.as_slice() {
             [] => consumer_hash(key, &BTreeMap::new(), &Reads::Whole),
-            [(_, hash)] => hash[..16.min(hash.len())].to_string(),
+            [(_, hash)] => (*hash).clone(),
             several => {
                 let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes())
                     .expect("HMAC accepts any key length");
@@ -273,7 +283,7 @@ impl KeyHashes {
                     mac.update(k.as_bytes());
                     mac.update(hash.as_bytes());
                 }
-                hex(&mac.finalize().into_bytes()[..8])
+                hex(&mac.finalize().into_bytes())
             }
         }
     }

@@ -5,6 +5,7 @@ pub mod fake_api;
 pub mod logs;
 pub mod openbao;
 pub mod operator;
+pub mod restarts;
 pub mod shop;
 
 pub use logs::capture_logs;

@@ -55,11 +55,7 @@ pub fn context_at(
 /// Fills the workload controller's caches from `fake` and reconciles every workload once, as
 /// the running controller would after the events so far. Returns the workloads restarted
 /// (their pod template's checksum annotations changed), as `plural/name`, sorted.
-pub async fn settle(
-    fake: &FakeKube,
-    restarts: &Arc<scoped_secrets::controller::workloads::Restarts>,
-) -> Vec<String> {
-    use scoped_secrets::controller::workloads;
+pub async fn settle(fake: &FakeKube, restarts: &super::restarts::Hand) -> Vec<String> {
     let templates = || -> std::collections::BTreeMap<String, serde_json::Value> {
         ["deployments", "statefulsets", "daemonsets", "rollouts"]
             .into_iter()
@@ -75,8 +71,8 @@ pub async fn settle(
             .collect()
     };
     let before = templates();
-    workloads::snapshot(restarts, None).await.unwrap();
-    for result in workloads::reconcile_all(restarts).await {
+    restarts.relist().await.unwrap();
+    for result in restarts.reconcile_all().await {
         result.unwrap();
     }
     templates()

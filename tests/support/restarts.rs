@@ -1,0 +1,145 @@
+//! The workload controller driven by hand: its caches filled from lists, as a reflector fills
+//! them after a (re-)list, then every workload reconciled once, as the running controller
+//! does after the events so far. Tests move a manual clock in between; nothing sleeps.
+
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, store::Writer};
+use kube::runtime::watcher::Event;
+use scoped_secrets::api::v1alpha1::ScopedSecret;
+use scoped_secrets::controller::workloads::{self, KindCtx, Restarts};
+use scoped_secrets::controller::{Context, caches};
+use scoped_secrets::rollout::WorkloadKind;
+use scoped_secrets::rollout::apply::argo_rollouts_served;
+use tokio::sync::mpsc;
+
+const KINDS: [WorkloadKind; 4] = [
+    WorkloadKind::Deployment,
+    WorkloadKind::StatefulSet,
+    WorkloadKind::DaemonSet,
+    WorkloadKind::Rollout,
+];
+
+/// The workload controller's caches, filled by the test.
+pub struct Hand {
+    pub restarts: Arc<Restarts>,
+    writers: Mutex<Writers>,
+    woken: Mutex<mpsc::UnboundedReceiver<ObjectRef<DynamicObject>>>,
+}
+
+struct Writers {
+    scoped: Writer<ScopedSecret>,
+    secrets: Writer<PartialObjectMeta<Secret>>,
+    workloads: Vec<(WorkloadKind, Writer<DynamicObject>)>,
+}
+
+/// Replaces what `writer` holds with `items`, as a re-list does.
+fn relist<K>(writer: &mut Writer<K>, items: Vec<K>, trim: fn(&mut K))
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    writer.apply_watcher_event(&Event::Init);
+    for mut item in items {
+        trim(&mut item);
+        writer.apply_watcher_event(&Event::InitApply(item));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+}
+
+impl Hand {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        let restarts = Restarts::new(ctx);
+        let scoped = Writer::default();
+        let secrets = Writer::default();
+        restarts.add_inputs(None, scoped.as_reader(), secrets.as_reader());
+        let (wake, woken) = mpsc::unbounded_channel();
+        let workloads = KINDS
+            .into_iter()
+            .map(|kind| {
+                let writer = Writer::new(kind.resource());
+                restarts.add_workloads(kind, writer.as_reader(), wake.clone());
+                (kind, writer)
+            })
+            .collect();
+        Hand {
+            restarts,
+            writers: Mutex::new(Writers {
+                scoped,
+                secrets,
+                workloads,
+            }),
+            woken: Mutex::new(woken),
+        }
+    }
+
+    /// Lists every cache again from the cluster (Argo Rollouts when discovery serves them).
+    pub async fn relist(&self) -> Result<(), kube::Error> {
+        let client = self.restarts.ctx.client.clone();
+        let lp = ListParams::default();
+        let managed = lp.clone().labels("scopedsecrets.io/managed=true");
+        let secrets = Api::<Secret>::all(client.clone())
+            .list_metadata(&managed)
+            .await?;
+        let scoped = Api::<ScopedSecret>::all(client.clone()).list(&lp).await?;
+        let argo = argo_rollouts_served(&client).await?;
+        let mut workloads = Vec::new();
+        for kind in KINDS {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource());
+            workloads.push(match kind {
+                WorkloadKind::Rollout if !argo => Vec::new(),
+                _ => api.list(&lp).await?.items,
+            });
+        }
+        let mut w = self.writers.lock().unwrap();
+        relist(&mut w.secrets, secrets.items, caches::trim_secret);
+        relist(&mut w.scoped, scoped.items, caches::trim_scoped_secret);
+        for ((_, writer), items) in w.workloads.iter_mut().zip(workloads) {
+            relist(writer, items, workloads::trim);
+        }
+        Ok(())
+    }
+
+    /// Reconciles every cached workload once.
+    pub async fn reconcile_all(&self) -> Vec<Result<Action, workloads::Error>> {
+        let cached: Vec<(WorkloadKind, Arc<DynamicObject>)> = {
+            let w = self.writers.lock().unwrap();
+            w.workloads
+                .iter()
+                .flat_map(|(kind, writer)| {
+                    writer.as_reader().state().into_iter().map(|o| (*kind, o))
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (kind, obj) in cached {
+            let k = Arc::new(KindCtx {
+                restarts: self.restarts.clone(),
+                kind,
+            });
+            out.push(workloads::reconcile(obj, k).await);
+        }
+        out
+    }
+
+    /// The workloads the controller woke since the last call (as `Kind/name`, in order).
+    pub fn woken(&self) -> Vec<String> {
+        let mut woken = self.woken.lock().unwrap();
+        std::iter::from_fn(|| woken.try_recv().ok())
+            .map(|r| format!("{}/{}", r.dyntype.kind, r.name))
+            .collect()
+    }
+
+    /// The workloads cached.
+    pub fn cached(&self) -> usize {
+        let w = self.writers.lock().unwrap();
+        w.workloads
+            .iter()
+            .map(|(_, writer)| writer.as_reader().len())
+            .sum()
+    }
+}
