@@ -317,20 +317,26 @@ impl Caches {
         stores.push((namespace.map(String::from), store));
     }
 
-    /// What the workload controller of `namespace` (`None`: all) shares with the ScopedSecret
-    /// controller of the same scope: its ScopedSecrets and managed Secrets (metadata only), one
-    /// watch of each for both controllers.
-    pub fn shared(
-        &self,
-        namespace: Option<&str>,
-    ) -> Option<(Store<ScopedSecret>, Store<PartialObjectMeta<Secret>>)> {
-        let scoped = self.scoped_secrets.read().unwrap();
-        let (_, scoped) = scoped.iter().find(|(ns, _)| ns.as_deref() == namespace)?;
-        let scopes = self.scopes.read().unwrap();
-        let scope = scopes
+    /// The ScopedSecret `obj`, from the store of the controller serving its namespace (the
+    /// workload controller reads it there instead of watching ScopedSecrets again).
+    pub fn scoped_secret(&self, obj: &ObjectRef<ScopedSecret>) -> Option<Arc<ScopedSecret>> {
+        let ns = obj.namespace.as_deref()?;
+        let stores = self.scoped_secrets.read().unwrap();
+        let serving = stores
             .iter()
-            .find(|s| s.namespace.as_deref() == namespace)?;
-        Some((scoped.clone(), scope.secrets.store.clone()))
+            .find(|(n, _)| n.as_deref().is_none_or(|n| n == ns))?;
+        serving.1.get(obj)
+    }
+
+    /// The managed Secrets of `namespace` (metadata only), from the cache serving it (the
+    /// workload controller reads them there instead of watching Secrets again).
+    pub fn managed_secrets(&self, namespace: &str) -> Vec<Arc<PartialObjectMeta<Secret>>> {
+        let of_namespace =
+            |s: &PartialObjectMeta<Secret>| s.metadata.namespace.as_deref() == Some(namespace);
+        self.with(namespace, |s| {
+            Some(s.secrets.store.state_filter(of_namespace))
+        })
+        .unwrap_or_default()
     }
 
     /// ScopedSecrets with a verification record (for tests of the pruning).

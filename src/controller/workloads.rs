@@ -8,8 +8,8 @@
 //! restart, a failover or a crash between the Secret write and the restart finds the same
 //! difference and applies it once.
 //!
-//! ScopedSecrets and managed Secrets (metadata only: no value is ever received) are the
-//! ScopedSecret controller's caches ([`super::caches::Caches::shared`]): one watch of each
+//! ScopedSecrets and managed Secrets (metadata only: no value is ever received) are read from
+//! the ScopedSecret controller's caches ([`super::caches::Caches`]): one watch of each
 //! serves both controllers, and tells which ScopedSecret's Secret (or itself) changed. Workloads are cached
 //! trimmed to what detection and rollout progress read, so memory follows the references.
 //!
@@ -18,17 +18,16 @@
 //! the cache, and the order of the workloads waiting for a slot — oldest first, woken when a
 //! rollout's progress frees one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::{PodTemplateSpec, Secret};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store, reflector, store::Writer};
@@ -70,6 +69,18 @@ pub enum Error {
 impl Error {
     pub fn category(&self) -> &'static str {
         "KubernetesError"
+    }
+
+    /// The API server's status code, when it answered.
+    fn code(&self) -> Option<u16> {
+        let Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(s.code)
     }
 }
 
@@ -179,13 +190,6 @@ struct Budget {
     waiting: Vec<Id>,
 }
 
-/// The caches a scope's workload decisions read.
-struct Inputs {
-    namespace: Option<String>,
-    scoped: Store<ScopedSecret>,
-    secrets: Store<PartialObjectMeta<Secret>>,
-}
-
 /// One kind's workload cache in one scope, and how to wake its workloads.
 struct Watched {
     kind: WorkloadKind,
@@ -197,7 +201,6 @@ struct Watched {
 /// the budget.
 pub struct Restarts {
     pub ctx: Arc<Context>,
-    inputs: RwLock<Vec<Inputs>>,
     watched: RwLock<Vec<Watched>>,
     budget: Mutex<Budget>,
     failures: Failures<Id>,
@@ -213,26 +216,10 @@ impl Restarts {
     pub fn new(ctx: Arc<Context>) -> Arc<Self> {
         Arc::new(Restarts {
             ctx,
-            inputs: Default::default(),
             watched: Default::default(),
             budget: Default::default(),
             failures: Default::default(),
         })
-    }
-
-    /// The ScopedSecrets and managed Secrets of `namespace` (`None`: all) are read from these
-    /// stores.
-    pub fn add_inputs(
-        &self,
-        namespace: Option<&str>,
-        scoped: Store<ScopedSecret>,
-        secrets: Store<PartialObjectMeta<Secret>>,
-    ) {
-        self.inputs.write().unwrap().push(Inputs {
-            namespace: namespace.map(String::from),
-            scoped,
-            secrets,
-        });
     }
 
     /// The workloads of `kind` in `store` count for the budget; `wake` reconciles one.
@@ -253,25 +240,20 @@ impl Restarts {
         watched.iter().find_map(|w| w.store.get(id))
     }
 
-    fn with_inputs<T>(&self, namespace: &str, f: impl FnOnce(&Inputs) -> T) -> Option<T> {
-        let inputs = self.inputs.read().unwrap();
-        let serving = |i: &&Inputs| i.namespace.as_deref().is_none_or(|n| n == namespace);
-        inputs.iter().find(serving).map(f)
-    }
-
     /// The managed Secrets of `namespace` with their ScopedSecret; a Secret without published
     /// key hashes (written by an older operator: its next write publishes them), or not the
     /// current target of a ScopedSecret, is left out.
     fn managed(&self, namespace: &str) -> Vec<Managed> {
-        let of = |i: &Inputs| {
-            let secrets = i
-                .secrets
-                .state_filter(|s| s.namespace().as_deref() == Some(namespace));
-            let managed = secrets.into_iter().filter_map(|s| {
+        let caches = &self.ctx.caches;
+        let managed = caches
+            .managed_secrets(namespace)
+            .into_iter()
+            .filter_map(|s| {
                 let (name, annotations) = (s.name_any(), s.annotations());
                 let hashes = KeyHashes::parse(annotations.get(KEY_HASHES_ANNOTATION)?)?;
-                let owner = ObjectRef::new(s.labels().get(OWNER_LABEL)?).within(namespace);
-                let owner = i.scoped.get(&owner)?;
+                let owner = caches.scoped_secret(
+                    &ObjectRef::new(s.labels().get(OWNER_LABEL)?).within(namespace),
+                )?;
                 let current = owner.status.as_ref()?.secret_name.as_deref() == Some(&name);
                 current.then(|| Managed {
                     content: annotations.get(CONTENT_HASH_ANNOTATION).cloned(),
@@ -280,9 +262,7 @@ impl Restarts {
                     owner,
                 })
             });
-            managed.collect()
-        };
-        self.with_inputs(namespace, of).unwrap_or_default()
+        managed.collect()
     }
 
     /// Rollouts in flight: started by a restart less than the deadline ago and not complete,
@@ -408,10 +388,10 @@ async fn apply_plan(
 ) -> Result<(Option<RolloutResult>, Action), Error> {
     let held = Annotations::held(&w.template_annotations, &w.annotations);
     let mut want = held.clone();
-    let annotations = |m: &std::collections::BTreeMap<String, String>| {
+    let annotations = |m: &BTreeMap<String, String>| -> Vec<(String, String)> {
         m.iter()
-            .map(|(secret, hash)| (annotation_key(secret), hash.clone()))
-            .collect::<Vec<_>>()
+            .map(|(s, hash)| (annotation_key(s), hash.clone()))
+            .collect()
     };
     want.metadata.extend(annotations(&plan.baselines));
     let later = match plan.requeue_at {
@@ -439,15 +419,9 @@ async fn apply_plan(
         return Ok((Some(RolloutResult::Restarted), later));
     };
     r.budget.lock().unwrap().launched.remove(id);
-    let failure = match &e {
-        Error::Kube {
-            source: kube::Error::Api(s),
-            ..
-        } if s.code == 403 => Failure::Forbidden,
-        Error::Kube {
-            source: kube::Error::Api(s),
-            ..
-        } if s.code == 409 || s.code == 422 => Failure::Refused,
+    let failure = match e.code() {
+        Some(403) => Failure::Forbidden,
+        Some(409 | 422) => Failure::Refused,
         // An outage: the reconcile fails and is retried; nothing is recorded as done.
         _ => return Err(e),
     };
@@ -462,17 +436,14 @@ async fn apply_plan(
 async fn patch(r: &Restarts, w: &Workload, ns: &str, a: &Annotations) -> Result<(), Error> {
     let result = apply::apply(&r.ctx.client, w.kind, ns, &w.name, a).await;
     result.map_err(|source| {
-        let hint = match &source {
-            kube::Error::Api(s) if s.code == 403 => {
-                " (the operator's ClusterRole needs list, watch and patch on this kind)"
-            }
-            _ => "",
+        let forbidden = matches!(&source, kube::Error::Api(s) if s.code == 403);
+        let hint = match forbidden {
+            true => " (the operator's ClusterRole needs list, watch and patch on this kind)",
+            false => "",
         };
         let (kind, name) = (w.kind.as_str(), &w.name);
-        Error::Kube {
-            action: format!("patch the restart annotations of {kind} {ns}/{name}{hint}"),
-            source,
-        }
+        let action = format!("patch the restart annotations of {kind} {ns}/{name}{hint}");
+        Error::Kube { action, source }
     })
 }
 
@@ -555,37 +526,36 @@ async fn announce(
 ) {
     use RolloutResult::{Failed, Restarted, Skipped};
     let what = format!("{}/{}", w.kind.as_str(), w.name);
-    let (type_, reason, note) = match result {
+    let (reason, note) = match result {
         Restarted if live_reload_refused => (
-            EventType::Normal,
             "RolloutRestarted",
             format!(
                 "restarted {what}: it asked for live reload but reads Secret {secret} through env or subPath, which only a restart refreshes"
             ),
         ),
         Restarted => (
-            EventType::Normal,
             "RolloutRestarted",
             format!("restarted {what}: Secret {secret} changed keys it reads"),
         ),
         Skipped(Skip::Paused) => (
-            EventType::Normal,
             "RolloutSkipped",
             format!("{what} is paused: not restarted; resume it to pick up Secret {secret}"),
         ),
         Skipped(Skip::LiveReload) => (
-            EventType::Normal,
             "RolloutSkipped",
             format!(
                 "{what} reads Secret {secret} through volumes only and asked for live reload: the kubelet refreshes its files"
             ),
         ),
         Failed(f) => (
-            EventType::Warning,
             "RolloutFailed",
             format!("failed to restart {what} for Secret {secret}: {f:?}"),
         ),
         _ => return,
+    };
+    let type_ = match result {
+        Failed(_) => EventType::Warning,
+        _ => EventType::Normal,
     };
     let ns = obj.namespace().unwrap_or_default();
     info!(namespace = ns, workload = %what, %secret, %result, "rollout");
@@ -618,20 +588,14 @@ fn error_policy(obj: Arc<DynamicObject>, err: &Error, k: Arc<KindCtx>) -> Action
     ))
 }
 
-/// Runs the workload controllers of one watch scope (`None`: all namespaces) until shutdown,
-/// on the ScopedSecret controller's caches of the same scope, whose changes `touched` brings.
+/// Runs the workload controllers of one watch scope (`None`: all namespaces) until shutdown.
+/// `touched` names the ScopedSecrets whose Secret (or themselves) changed.
 pub async fn run_scope(
     r: Arc<Restarts>,
     namespace: Option<String>,
     touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
 ) {
     let ns = namespace.as_deref();
-    let (scoped, secrets) = r
-        .ctx
-        .caches
-        .shared(ns)
-        .expect("the ScopedSecret controller of the scope starts first");
-    r.add_inputs(ns, scoped, secrets);
     let mut running: Vec<BoxFuture<'static, ()>> = [
         WorkloadKind::Deployment,
         WorkloadKind::StatefulSet,
@@ -685,7 +649,7 @@ async fn wake_readers(
 ) {
     while let Some(owner) = touched.recv().await {
         let ns = owner.namespace.clone().unwrap_or_default();
-        let Some(ss) = r.with_inputs(&ns, |i| i.scoped.get(&owner)).flatten() else {
+        let Some(ss) = r.ctx.caches.scoped_secret(&owner) else {
             continue;
         };
         let Some(secret) = ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) else {

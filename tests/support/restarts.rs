@@ -52,11 +52,29 @@ where
 }
 
 impl Hand {
+    /// The workload controller of an operator like `ctx`'s, with caches of its own: the
+    /// ScopedSecret reconciles of `ctx` keep reading the API server, as tests expect.
     pub fn new(ctx: Arc<Context>) -> Self {
-        let restarts = Restarts::new(ctx);
+        let own = Context::new(
+            ctx.client.clone(),
+            ctx.source.clone(),
+            ctx.hmac_key.clone(),
+            ctx.config.clone(),
+        );
+        let own = Arc::new(own.with_clock(ctx.clock.clone()));
         let scoped = Writer::default();
         let secrets = Writer::default();
-        restarts.add_inputs(None, scoped.as_reader(), secrets.as_reader());
+        own.caches.add(
+            None,
+            caches::ScopeCaches {
+                namespaces: caches::Cache::filled(Writer::default().as_reader()),
+                vault_stores: caches::Cache::filled(Writer::default().as_reader()),
+                cluster_stores: caches::Cache::filled(Writer::default().as_reader()),
+                secrets: caches::Cache::filled(secrets.as_reader()),
+            },
+        );
+        own.caches.add_scoped_secrets(None, scoped.as_reader());
+        let restarts = Restarts::new(own);
         let (wake, woken) = mpsc::unbounded_channel();
         let workloads = KINDS
             .into_iter()
