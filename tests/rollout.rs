@@ -601,6 +601,117 @@ async fn the_budget_defers_what_does_not_fit_and_a_completed_rollout_frees_its_s
 }
 
 #[tokio::test]
+async fn a_freed_slot_goes_to_the_workload_waiting_longest_and_wakes_it() {
+    use scoped_secrets::rollout::WorkloadKind::Deployment;
+    let r = rig(Config {
+        pacing: scoped_secrets::rollout::Pacing {
+            budget: 1,
+            ..Default::default()
+        },
+        ..Config::default()
+    });
+    for name in ["a", "b", "c"] {
+        r.add(rolling_deployment("shop-dev", name, env_from(&["api"])));
+    }
+    r.add(scoped_secret("api", default_spec()));
+    r.sync("api").await;
+    r.settle().await;
+    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    r.sync("api").await;
+    r.advance(10);
+    r.restarts.relist().await.unwrap();
+    let reconcile = |name: &'static str| r.restarts.reconcile(Deployment, "shop-dev", name);
+    reconcile("a").await.unwrap();
+    // c waits first, then b.
+    reconcile("c").await.unwrap();
+    reconcile("b").await.unwrap();
+    assert!(r.template_annotation("shop-dev", "a", "api").is_some());
+    assert!(r.template_annotation("shop-dev", "c", "api").is_none());
+    r.restarts.woken();
+
+    // a's rollout completes: its watch event wakes the oldest waiting workload, c.
+    finish_rollout(&r, "a");
+    r.restarts.relist().await.unwrap();
+    reconcile("a").await.unwrap();
+    assert_eq!(r.restarts.woken(), vec!["Deployment/c"]);
+    // b, reconciled first all the same, leaves the slot to c.
+    reconcile("b").await.unwrap();
+    assert!(r.template_annotation("shop-dev", "b", "api").is_none());
+    reconcile("c").await.unwrap();
+    assert!(r.template_annotation("shop-dev", "c", "api").is_some());
+    let result = |name: &str, result: &str| (name.to_string(), result.to_string());
+    assert_eq!(
+        r.results("api"),
+        vec![
+            result("a", "Restarted"),
+            result("b", "Deferred"),
+            result("c", "Restarted")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_spec_change_of_the_keys_restarts_each_reader_at_most_once() {
+    let r = rig(Config::default());
+    r.add(deployment(
+        "shop-dev",
+        "reads-host",
+        key_ref("api", "DB_HOST"),
+    ));
+    r.add(deployment(
+        "shop-dev",
+        "reads-level",
+        key_ref("api", "LOG_LEVEL"),
+    ));
+    r.add(scoped_secret("api", default_spec()));
+    r.sync("api").await;
+    r.settle().await;
+    let edit = |spec: Value| {
+        let mut ss = r
+            .fake
+            .get(
+                "apis/scopedsecrets.io/v1alpha1",
+                Some("shop-dev"),
+                "scopedsecrets",
+                "api",
+            )
+            .unwrap();
+        ss["spec"] = spec;
+        ss["metadata"]["generation"] = json!(ss["metadata"]["generation"].as_i64().unwrap() + 1);
+        r.fake.insert(ss);
+    };
+    // The Secret loses a key (the one reads-level reads) and its content changes; then the
+    // key is renamed back under another name: each reader of a changed key restarts once
+    // per change, the other never.
+    let mut spec = default_spec();
+    spec["keys"] = json!({"exclude": ["LOG_LEVEL"]});
+    edit(spec.clone());
+    r.sync("api").await;
+    r.settle().await;
+    r.advance(10);
+    r.settle().await;
+    r.advance(60);
+    r.settle().await;
+    r.sync("api").await;
+    r.settle().await;
+    assert_eq!(r.restarted(), vec!["deployments/reads-level"]);
+    spec["keys"] = json!({"rename": {"DB_HOST": "HOST"}});
+    edit(spec);
+    r.sync("api").await;
+    r.settle().await;
+    r.advance(10);
+    r.settle().await;
+    r.advance(60);
+    r.sync("api").await;
+    r.settle().await;
+    rig_like(&r).settle().await;
+    assert_eq!(
+        r.restarted(),
+        vec!["deployments/reads-host", "deployments/reads-level"]
+    );
+}
+
+#[tokio::test]
 async fn paused_and_live_reloading_workloads_are_skipped_and_say_why() {
     let r = rig(Config::default());
     let mut paused = deployment("shop-dev", "paused", env_from(&["api"]));
@@ -735,6 +846,39 @@ async fn a_refused_patch_is_reported_and_an_outage_fails_the_reconcile_to_be_ret
     assert_eq!(r.events("RolloutFailed").len(), 1);
     r.settle().await;
     assert_eq!(r.restarted(), vec!["deployments/web"]);
+}
+
+#[tokio::test]
+async fn a_restart_whose_record_failed_is_recorded_once_the_workload_runs_it() {
+    let r = rig(Config::default());
+    r.add(deployment("shop-dev", "web", env_from(&["api"])));
+    r.add(scoped_secret("api", default_spec()));
+    r.sync("api").await;
+    r.settle().await;
+    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    r.sync("api").await;
+    r.settle().await;
+    assert_eq!(
+        r.results("api"),
+        vec![("web".to_string(), "Queued".to_string())]
+    );
+    r.advance(10);
+    // The restart goes through; writing its result meets a concurrent status write.
+    r.fake.fail_next("PATCH", "scopedsecrets/api/status", 409);
+    r.restarts.relist().await.unwrap();
+    let results = r.restarts.reconcile_all().await;
+    assert!(results.iter().any(|x| x.is_err()), "retried");
+    assert_eq!(
+        r.results("api"),
+        vec![("web".to_string(), "Queued".to_string())]
+    );
+    r.settle().await;
+    assert_eq!(
+        r.results("api"),
+        vec![("web".to_string(), "Restarted".to_string())]
+    );
+    assert_eq!(r.events("RolloutRestarted").len(), 2, "on both, once");
+    assert!(r.template_annotation("shop-dev", "web", "api").is_some());
 }
 
 #[tokio::test]

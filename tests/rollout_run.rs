@@ -1,7 +1,8 @@
 //! Restarts through `controller::run`, as in a cluster: both controllers list and watch the
 //! in-memory API server, and the tests change Vault, ScopedSecrets and workloads and wait for
-//! the outcome (bounded waits against hangs, never timing assertions). The window is 1 s here
-//! so that the tests stay short; its rules are tested with a manual clock in `rollout.rs`.
+//! the outcome (bounded waits against hangs, never timing assertions). The operator reads a
+//! manual clock: the window (1 s) passes only when a test moves it, so what happens before it
+//! is decided, and nothing sleeps.
 
 mod support;
 
@@ -10,12 +11,13 @@ use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use scoped_secrets::api::v1alpha1::ScopedSecret;
+use scoped_secrets::clock::ManualClock;
 use scoped_secrets::controller::{Config, reconcile};
 use scoped_secrets::rollout::Pacing;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
 use support::fake_api::FakeKube;
-use support::operator::{eventually, start_operator};
+use support::operator::{Operator, eventually, start_operator_at};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const API_PATH: &str = "shop/envs/dev/services/api";
@@ -23,11 +25,46 @@ const API_PATH: &str = "shop/envs/dev/services/api";
 fn config() -> Config {
     Config {
         pacing: Pacing {
-            window: Duration::from_secs(1),
+            window: WINDOW,
             ..Pacing::default()
         },
         ..Config::default()
     }
+}
+
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// The operator on `fake`, reading `clock`.
+async fn operator(
+    fake: &FakeKube,
+    vault: &Arc<MemorySource>,
+    config: Config,
+    clock: &Arc<ManualClock>,
+) -> Operator {
+    let operator = start_operator_at(fake, vault.clone(), config, clock.clone());
+    operator.wait_ready(LIMIT).await;
+    operator
+}
+
+/// The result `status.rollouts` of the ScopedSecret `ss` gives the workload `name`.
+fn result(fake: &FakeKube, ss: &str, name: &str) -> Option<String> {
+    let ss = fake.get_typed::<ScopedSecret>(Some("shop-dev"), ss)?;
+    let entry = ss.status?.rollouts.into_iter().find(|r| r.name == name)?;
+    Some(entry.result)
+}
+
+/// Waits until the workload `name` restarted onto what `ss` holds now and says so (its
+/// pod-template annotation is the hash `status.rollouts` records): nothing more is owed to it.
+async fn settled(fake: &FakeKube, ss: &str, plural: &str, name: &str) {
+    eventually("the restart, recorded", LIMIT, || {
+        let status = fake
+            .get_typed::<ScopedSecret>(Some("shop-dev"), ss)?
+            .status?;
+        let entry = status.rollouts.into_iter().find(|r| r.name == name)?;
+        let running = &template(fake, plural, name)[format!("checksum.scopedsecrets.io/{ss}")];
+        (entry.result == "Restarted" && entry.hash.as_deref() == running.as_str()).then_some(())
+    })
+    .await;
 }
 
 fn world() -> (FakeKube, Arc<MemorySource>) {
@@ -123,10 +160,10 @@ fn synced(fake: &FakeKube, name: &str, value: &str) -> Option<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_secret_write_and_the_restart_restarts_once_after_start_up() {
     let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
     fake.insert(deployment("web", &["api"]));
     fake.insert(scoped_secret("api", "api"));
-    let operator = start_operator(&fake, vault.clone(), config());
-    operator.wait_ready(LIMIT).await;
+    let running = operator(&fake, &vault, config(), &clock).await;
     eventually("the first sync and the baseline", LIMIT, || {
         seen(&fake, "deployments", "web").then_some(())
     })
@@ -135,12 +172,12 @@ async fn a_crash_between_the_secret_write_and_the_restart_restarts_once_after_st
         template(&fake, "deployments", "web").is_null(),
         "the first sync restarts nothing"
     );
-    operator.stop().await;
+    running.stop().await;
 
     // The value changes; a reconcile writes the Secret and its status, and the operator is
     // gone before any restart.
     vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    let ctx = support::shop::context(&fake, vault.clone(), config());
+    let ctx = support::shop::context_at(&fake, vault.clone(), config(), clock.clone());
     let ss = Arc::new(
         fake.get_typed::<ScopedSecret>(Some("shop-dev"), "api")
             .unwrap(),
@@ -148,32 +185,32 @@ async fn a_crash_between_the_secret_write_and_the_restart_restarts_once_after_st
     reconcile(ss, ctx).await.unwrap();
     fake.clear_requests();
 
-    let operator = start_operator(&fake, vault.clone(), config());
-    operator.wait_ready(LIMIT).await;
-    eventually("the restart after start-up", LIMIT, || {
-        (!template(&fake, "deployments", "web").is_null()).then_some(())
+    let running = operator(&fake, &vault, config(), &clock).await;
+    eventually("the restart queued after start-up", LIMIT, || {
+        (result(&fake, "api", "web")? == "Queued").then_some(())
     })
     .await;
-    // Another refresh and a few windows later: still once.
+    clock.advance(WINDOW);
+    settled(&fake, "api", "deployments", "web").await;
+    // Another refresh, windows later: the content is the same, nothing is owed.
     force_sync(&fake, "api", "again").await;
     eventually("the refresh", LIMIT, || synced(&fake, "api", "again")).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    clock.advance(WINDOW * 3);
+    settled(&fake, "api", "deployments", "web").await;
     assert_eq!(restarts(&fake, "deployments", "web"), 1);
-    operator.stop().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_secrets_read_by_one_gateway_changing_together_make_one_restart() {
     let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
     let services = ["s1", "s2", "s3", "s4", "s5", "s6"];
     for s in services {
         fake.insert(scoped_secret(s, s));
     }
     fake.insert(deployment("gateway", &services));
-    let mut config = config();
-    config.pacing.window = Duration::from_secs(3);
-    let operator = start_operator(&fake, vault.clone(), config);
-    operator.wait_ready(LIMIT).await;
+    let running = operator(&fake, &vault, config(), &clock).await;
     eventually("the first syncs and the baseline", LIMIT, || {
         let d = fake.get("apis/apps/v1", Some("shop-dev"), "deployments", "gateway")?;
         let baselines = d["metadata"]["annotations"].as_object()?.len();
@@ -182,26 +219,35 @@ async fn six_secrets_read_by_one_gateway_changing_together_make_one_restart() {
     .await;
     fake.clear_requests();
 
-    // A project-level value; each ScopedSecret refreshes on its own, one after the other.
+    // A project-level value; each ScopedSecret refreshes on its own, one after the other,
+    // and the gateway waits for the window after the last.
     vault.put("shop", &[("LOG_LEVEL", Some("warn"))]);
     for s in services {
         force_sync(&fake, s, "project-change").await;
         eventually("the refresh", LIMIT, || synced(&fake, s, "project-change")).await;
     }
-    eventually("the gateway's restart", LIMIT, || {
-        (restarts(&fake, "deployments", "gateway") > 0).then_some(())
+    eventually("the gateway queued for every Secret", LIMIT, || {
+        services
+            .iter()
+            .all(|s| result(&fake, s, "gateway").as_deref() == Some("Queued"))
+            .then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(restarts(&fake, "deployments", "gateway"), 0, "the window");
+    clock.advance(WINDOW);
+    for s in services {
+        settled(&fake, s, "deployments", "gateway").await;
+    }
     assert_eq!(restarts(&fake, "deployments", "gateway"), 1, "one rollout");
     let annotations = template(&fake, "deployments", "gateway");
     assert_eq!(annotations.as_object().unwrap().len(), 6, "{annotations}");
-    operator.stop().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_argo_rollouts_list_is_retried_and_the_rollout_restarts() {
+async fn a_failed_argo_rollouts_discovery_and_list_are_retried_and_the_rollout_restarts() {
     let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
     fake.serve_group("argoproj.io/v1alpha1", &[("rollouts", "Rollout")]);
     fake.insert(json!({
         "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
@@ -210,34 +256,129 @@ async fn a_failed_argo_rollouts_list_is_retried_and_the_rollout_restarts() {
         "status": {"observedGeneration": "1", "phase": "Healthy"}
     }));
     fake.insert(scoped_secret("api", "api"));
-    // The first list of Rollouts fails.
+    // Discovery fails first (the next one is minutes away unless the failure is retried),
+    // then the first list of Rollouts.
+    fake.fail_next("GET", "/apis/argoproj.io/v1alpha1", 503);
     fake.fail_next("GET", "/rollouts", 500);
-    let operator = start_operator(&fake, vault.clone(), config());
-    operator.wait_ready(LIMIT).await;
-    eventually("the Rollout seen despite the failed list", LIMIT, || {
+    let running = operator(&fake, &vault, config(), &clock).await;
+    eventually("the Rollout seen despite the failures", LIMIT, || {
         seen(&fake, "rollouts", "canary").then_some(())
     })
     .await;
     vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
     force_sync(&fake, "api", "changed").await;
-    eventually("the Rollout's restart", LIMIT, || {
-        (!template(&fake, "rollouts", "canary").is_null()).then_some(())
+    eventually("the restart queued", LIMIT, || {
+        (result(&fake, "api", "canary")? == "Queued").then_some(())
     })
     .await;
-    operator.stop().await;
+    clock.advance(WINDOW);
+    settled(&fake, "api", "rollouts", "canary").await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argo_rollouts_installed_after_start_up_are_restarted() {
+    let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
+    fake.insert(deployment("web", &["api"]));
+    fake.insert(scoped_secret("api", "api"));
+    let mut config = config();
+    config.pacing.discovery = Duration::from_millis(100);
+    let running = operator(&fake, &vault, config, &clock).await;
+    eventually("the Deployment's baseline", LIMIT, || {
+        seen(&fake, "deployments", "web").then_some(())
+    })
+    .await;
+    // Argo Rollouts is installed, and a Rollout created.
+    fake.serve_group("argoproj.io/v1alpha1", &[("rollouts", "Rollout")]);
+    fake.insert(json!({
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "canary", "namespace": "shop-dev"},
+        "spec": {"template": {"spec": {"containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "api"}}]}]}}},
+        "status": {"observedGeneration": "1", "phase": "Healthy"}
+    }));
+    eventually("the Rollout seen", LIMIT, || {
+        seen(&fake, "rollouts", "canary").then_some(())
+    })
+    .await;
+    vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    force_sync(&fake, "api", "changed").await;
+    eventually("the restarts queued", LIMIT, || {
+        let queued = |name| result(&fake, "api", name).as_deref() == Some("Queued");
+        (queued("canary") && queued("web")).then_some(())
+    })
+    .await;
+    clock.advance(WINDOW);
+    settled(&fake, "api", "rollouts", "canary").await;
+    settled(&fake, "api", "deployments", "web").await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_workload_logs_a_warning_once_then_debug_and_its_recovery() {
+    let logs = support::capture_logs();
+    let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
+    fake.insert(deployment("web", &["api"]));
+    fake.insert(scoped_secret("api", "api"));
+    let config = Config {
+        backoff_base: Duration::from_millis(20),
+        ..config()
+    };
+    let running = operator(&fake, &vault, config, &clock).await;
+    eventually("the baseline", LIMIT, || {
+        seen(&fake, "deployments", "web").then_some(())
+    })
+    .await;
+    vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    force_sync(&fake, "api", "changed").await;
+    eventually("the restart queued", LIMIT, || {
+        (result(&fake, "api", "web")? == "Queued").then_some(())
+    })
+    .await;
+    // The API server is unavailable for the next three patches of the workload.
+    for _ in 0..3 {
+        fake.fail_next("PATCH", "deployments/web", 503);
+    }
+    clock.advance(WINDOW);
+    settled(&fake, "api", "deployments", "web").await;
+    let count = |level: &str, message: &str| {
+        let logs = logs.contents();
+        logs.lines()
+            .filter(|l| l.contains(level) && l.contains(message) && l.contains("web"))
+            .count()
+    };
+    eventually("the recovery logged", LIMIT, || {
+        (count("INFO", "restart reconcile recovered") > 0).then_some(())
+    })
+    .await;
+    let logs = logs.contents();
+    assert_eq!(count("WARN", "restart reconcile failed:"), 1, "{logs}");
+    assert_eq!(
+        count("DEBUG", "restart reconcile failed again:"),
+        2,
+        "{logs}"
+    );
+    assert_eq!(count("INFO", "restart reconcile recovered"), 1, "{logs}");
+    assert_eq!(
+        restarts(&fake, "deployments", "web"),
+        4,
+        "three failed attempts, then the one restart"
+    );
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_value_trips_the_breaker_and_a_resume_restarts_once() {
     let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
     fake.insert(deployment("web", &["api"]));
     fake.insert(scoped_secret("api", "api"));
     let config = Config {
         breaker_changes: 1,
         ..config()
     };
-    let operator = start_operator(&fake, vault.clone(), config);
-    operator.wait_ready(LIMIT).await;
+    let running = operator(&fake, &vault, config, &clock).await;
     eventually("the baseline", LIMIT, || {
         seen(&fake, "deployments", "web").then_some(())
     })
@@ -256,13 +397,9 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_restarts_once() {
             .then_some(())
     };
     eventually("RolloutsPaused", LIMIT, || paused(&fake, "True")).await;
+    clock.advance(WINDOW);
     eventually("the skip in status.rollouts", LIMIT, || {
-        let ss = fake.get_typed::<ScopedSecret>(Some("shop-dev"), "api")?;
-        ss.status?
-            .rollouts
-            .iter()
-            .any(|r| r.result == "Skipped:Flapping")
-            .then_some(())
+        (result(&fake, "api", "web")? == "Skipped:Flapping").then_some(())
     })
     .await;
     assert!(
@@ -281,11 +418,7 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_restarts_once() {
         .await
         .unwrap();
     eventually("the resume", LIMIT, || paused(&fake, "False")).await;
-    eventually("one restart onto the current content", LIMIT, || {
-        (!template(&fake, "deployments", "web").is_null()).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    settled(&fake, "api", "deployments", "web").await;
     assert_eq!(restarts(&fake, "deployments", "web"), 1, "once");
-    operator.stop().await;
+    running.stop().await;
 }

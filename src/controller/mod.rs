@@ -591,6 +591,20 @@ pub async fn run(
     metrics: Arc<Metrics>,
     ready: Readiness,
 ) -> anyhow::Result<()> {
+    let clock = Arc::new(crate::clock::SystemClock);
+    run_at(client, source, config, metrics, ready, clock).await
+}
+
+/// [`run`] with the breaker, the restart window and the budget reading the time from `clock`
+/// (tests move a manual one).
+pub async fn run_at(
+    client: Client,
+    source: Arc<dyn ScopeSource>,
+    config: Config,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+    clock: Arc<dyn crate::clock::Clock>,
+) -> anyhow::Result<()> {
     let scopes: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
         vec![None]
     } else {
@@ -630,8 +644,8 @@ pub async fn run(
     };
     let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
     let concurrency = config.concurrency;
-    let ctx =
-        Arc::new(Context::new(client.clone(), source, hmac_key, config).with_metrics(metrics));
+    let ctx = Context::new(client.clone(), source, hmac_key, config).with_metrics(metrics);
+    let ctx = Arc::new(ctx.with_clock(clock));
 
     // Restarts: a controller keyed by workload per scope, next to the ScopedSecret controller.
     let restarts = workloads::Restarts::new(ctx.clone());

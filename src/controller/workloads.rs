@@ -351,7 +351,13 @@ pub async fn reconcile(obj: Arc<DynamicObject>, k: Arc<KindCtx>) -> Result<Actio
     let views: Vec<SecretView<'_>> = managed.iter().filter_map(|m| m.view(limits, now)).collect();
     let plan = desired::plan(&w, &views, &ctx.hmac_key, now, ctx.config.pacing.window);
     let (restart, action) = apply_plan(r, &w, &ns, &id, &plan, now).await?;
-    for (secret, hash, result) in plan.results() {
+    // A restart whose record failed (a conflict, an outage) is recorded once the workload is
+    // seen running the content: a `Queued` or `Deferred` entry never outlives its restart.
+    let done = plan.needs.iter().filter_map(|(secret, need)| match need {
+        Need::Current(hash) => Some((secret.as_str(), hash.as_str(), RolloutResult::Restarted)),
+        _ => None,
+    });
+    for (secret, hash, result) in plan.results().chain(done) {
         let result = match restart {
             Some(restart) if plan.restart.contains_key(secret) => restart,
             _ => result,
@@ -359,6 +365,9 @@ pub async fn reconcile(obj: Arc<DynamicObject>, k: Arc<KindCtx>) -> Result<Actio
         let Some(m) = managed.iter().find(|m| m.name == secret) else {
             continue;
         };
+        if matches!(plan.needs.get(secret), Some(Need::Current(_))) && !pending(&m.owner, &w) {
+            continue;
+        }
         if record(r, &w, &m.owner, hash, result).await? {
             let refused = matches!(
                 plan.needs.get(secret),
@@ -374,6 +383,15 @@ pub async fn reconcile(obj: Arc<DynamicObject>, k: Arc<KindCtx>) -> Result<Actio
         info!(namespace = ns, workload = %w.name, kind = k.kind.as_str(), "restart reconcile recovered");
     }
     Ok(action)
+}
+
+/// Whether the `status.rollouts` of `ss` says a restart of `w` is still to come.
+fn pending(ss: &ScopedSecret, w: &Workload) -> bool {
+    let waits = [RolloutResult::Queued, RolloutResult::Deferred].map(|r| r.to_string());
+    ss.status.iter().flat_map(|s| &s.rollouts).any(|e| {
+        (e.kind.as_str(), e.name.as_str()) == (w.kind.as_str(), w.name.as_str())
+            && waits.contains(&e.result)
+    })
 }
 
 /// Applies the plan: baselines at once; a restart within the budget. Returns what became of

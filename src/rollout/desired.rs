@@ -41,8 +41,8 @@ pub struct SecretView<'a> {
 /// What one Secret asks of the workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Need {
-    /// Its pods run the current content.
-    Current,
+    /// Its pods run the current content, `hash`.
+    Current(String),
     /// Never seen: record the current hash as what its pods run.
     Baseline(String),
     /// Restart onto `hash`; `live_reload_refused` when it asked for live reload but reads
@@ -82,7 +82,7 @@ impl Plan {
     pub fn results(&self) -> impl Iterator<Item = (&str, &str, RolloutResult)> {
         self.needs.iter().filter_map(|(secret, need)| {
             let (hash, result) = match need {
-                Need::Current | Need::Baseline(_) => return None,
+                Need::Current(_) | Need::Baseline(_) => return None,
                 Need::Restart { hash, .. } | Need::Wait { hash, .. } => {
                     (hash, RolloutResult::Queued)
                 }
@@ -116,7 +116,7 @@ fn need(
         return Need::Baseline(hash);
     };
     if *running == hash {
-        return Need::Current;
+        return Need::Current(hash);
     }
     let wants_live = workload
         .annotations
@@ -325,7 +325,7 @@ mod tests {
             assert_eq!(
                 plan_at(&seen, &[view("api", &old, 0)], 100),
                 Plan {
-                    needs: [("api".to_string(), Need::Current)].into(),
+                    needs: [("api".to_string(), Need::Current(baseline.clone()))].into(),
                     ..Default::default()
                 },
                 "{form}: nothing to do once recorded"

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use scoped_secrets::controller::{Config, run};
+use scoped_secrets::clock::{Clock, SystemClock};
+use scoped_secrets::controller::{Config, run_at};
 use scoped_secrets::metrics::{Metrics, Readiness};
 use scoped_secrets::vault::ScopeSource;
 
@@ -59,14 +60,25 @@ impl Drop for Operator {
 /// Starts `controller::run` on `fake` with `source` as Vault. Call inside a multi-threaded
 /// Tokio runtime (`#[tokio::test(flavor = "multi_thread")]`).
 pub fn start_operator(fake: &FakeKube, source: Arc<dyn ScopeSource>, config: Config) -> Operator {
+    start_operator_at(fake, source, config, Arc::new(SystemClock))
+}
+
+/// [`start_operator`] reading the time from `clock`.
+pub fn start_operator_at(
+    fake: &FakeKube,
+    source: Arc<dyn ScopeSource>,
+    config: Config,
+    clock: Arc<dyn Clock>,
+) -> Operator {
     let ready = Readiness::default();
     let metrics = Arc::new(Metrics::default());
-    let task = tokio::spawn(run(
+    let task = tokio::spawn(run_at(
         fake.client(),
         source,
         config,
         metrics.clone(),
         ready.clone(),
+        clock,
     ));
     Operator {
         task: Some(task),

@@ -144,6 +144,26 @@ impl Hand {
         out
     }
 
+    /// Reconciles the cached workload `kind` `namespace/name` once.
+    pub async fn reconcile(
+        &self,
+        kind: WorkloadKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Action, workloads::Error> {
+        let obj = {
+            let w = self.writers.lock().unwrap();
+            let (_, writer) = w.workloads.iter().find(|(k, _)| *k == kind).unwrap();
+            let id = ObjectRef::new_with(name, kind.resource()).within(namespace);
+            writer.as_reader().get(&id).expect("the workload is cached")
+        };
+        let k = Arc::new(KindCtx {
+            restarts: self.restarts.clone(),
+            kind,
+        });
+        workloads::reconcile(obj, k).await
+    }
+
     /// The workloads the controller woke since the last call (as `Kind/name`, in order).
     pub fn woken(&self) -> Vec<String> {
         let mut woken = self.woken.lock().unwrap();
