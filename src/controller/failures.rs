@@ -116,4 +116,33 @@ mod tests {
             "entries leave with their objects"
         );
     }
+
+    #[test]
+    fn workloads_fail_by_kind_and_name_and_their_recovery_is_news() {
+        use crate::rollout::WorkloadKind;
+        use kube::api::DynamicObject;
+        let failures = Failures::<ObjectRef<DynamicObject>>::default();
+        let web = |kind: WorkloadKind| ObjectRef::new_with("web", kind.resource()).within("shop");
+        let (deployment, sts) = (
+            web(WorkloadKind::Deployment),
+            web(WorkloadKind::StatefulSet),
+        );
+        let r = |attempt, repeat| Recorded { attempt, repeat };
+        let down = "failed to patch: 503";
+        assert_eq!(
+            failures.record(&deployment, "KubernetesError", down),
+            r(1, false)
+        );
+        assert_eq!(
+            failures.record(&deployment, "KubernetesError", down),
+            r(2, true)
+        );
+        assert_eq!(
+            failures.record(&sts, "KubernetesError", down),
+            r(1, false),
+            "per kind"
+        );
+        assert!(failures.forget(&deployment), "a recovery");
+        assert!(!failures.forget(&deployment), "not twice");
+    }
 }
