@@ -712,6 +712,28 @@ async fn a_spec_change_of_the_keys_restarts_each_reader_at_most_once() {
 }
 
 #[tokio::test]
+async fn an_explicit_target_restarts_though_it_does_not_reference_the_secret() {
+    let r = rig(Config::default());
+    r.add(deployment(
+        "shop-dev",
+        "named",
+        json!({"containers": [{"name": "c"}]}),
+    ));
+    r.add(deployment("shop-dev", "reader", env_from(&["api"])));
+    let mut spec = default_spec();
+    spec["rollout"] =
+        json!({"strategy": "Explicit", "targets": [{"kind": "Deployment", "name": "named"}]});
+    r.add(scoped_secret("api", spec));
+    r.sync("api").await;
+    r.settle().await;
+    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    r.sync("api").await;
+    r.advance(10);
+    r.settle().await;
+    assert_eq!(r.restarted(), vec!["deployments/named"]);
+}
+
+#[tokio::test]
 async fn paused_and_live_reloading_workloads_are_skipped_and_say_why() {
     let r = rig(Config::default());
     let mut paused = deployment("shop-dev", "paused", env_from(&["api"]));

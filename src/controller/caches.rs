@@ -328,15 +328,20 @@ impl Caches {
         serving.1.get(obj)
     }
 
-    /// The managed Secrets of `namespace` (metadata only), from the cache serving it (the
-    /// workload controller reads them there instead of watching Secrets again).
-    pub fn managed_secrets(&self, namespace: &str) -> Vec<Arc<PartialObjectMeta<Secret>>> {
+    /// The ScopedSecrets of `namespace` that `keep` accepts, from the store of the controller
+    /// serving it.
+    pub fn scoped_secrets(
+        &self,
+        namespace: &str,
+        keep: impl Fn(&ScopedSecret) -> bool,
+    ) -> Vec<Arc<ScopedSecret>> {
+        let stores = self.scoped_secrets.read().unwrap();
+        let serving = stores
+            .iter()
+            .find(|(n, _)| n.as_deref().is_none_or(|n| n == namespace));
         let of_namespace =
-            |s: &PartialObjectMeta<Secret>| s.metadata.namespace.as_deref() == Some(namespace);
-        self.with(namespace, |s| {
-            Some(s.secrets.store.state_filter(of_namespace))
-        })
-        .unwrap_or_default()
+            |ss: &ScopedSecret| ss.metadata.namespace.as_deref() == Some(namespace) && keep(ss);
+        serving.map_or_else(Vec::new, |(_, store)| store.state_filter(of_namespace))
     }
 
     /// ScopedSecrets with a verification record (for tests of the pruning).

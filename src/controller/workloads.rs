@@ -9,16 +9,16 @@
 //! difference and applies it once.
 //!
 //! ScopedSecrets and managed Secrets (metadata only: no value is ever received) are read from
-//! the ScopedSecret controller's caches ([`super::caches::Caches`]): one watch of each
-//! serves both controllers, and tells which ScopedSecret's Secret (or itself) changed. Workloads are cached
-//! trimmed to what detection and rollout progress read, so memory follows the references.
+//! the ScopedSecret controller's caches ([`super::caches::Caches`]): one watch of each serves
+//! both controllers, and says which ScopedSecret's Secret (or itself) changed. Workloads are
+//! cached trimmed to what detection and rollout progress read, so memory follows references.
 //!
 //! The restart budget is counted from the workloads themselves (`restarted-at` and rollout
 //! status). Memory adds only what the cluster cannot say yet: restarts patched but not yet in
 //! the cache, and the order of the workloads waiting for a slot — oldest first, woken when a
 //! rollout's progress frees one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -37,13 +37,14 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::caches::CachedSecret;
 use super::failures::{Failures, Recorded};
 use super::{Context, events};
 use crate::api::v1alpha1::{RolloutStatus, RolloutStrategy, ScopedSecret};
 use crate::render::{CONTENT_HASH_ANNOTATION, OWNER_LABEL};
 use crate::rollout::apply::{self, Annotations, rollout_complete};
 use crate::rollout::desired::{self, Need, SecretView};
-use crate::rollout::detect::consumption;
+use crate::rollout::detect::referenced;
 use crate::rollout::{
     Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION, RolloutResult, Skip,
     Workload, WorkloadKind, annotation_key, breaker,
@@ -243,25 +244,34 @@ impl Restarts {
     /// The managed Secrets of `namespace` with their ScopedSecret; a Secret without published
     /// key hashes (written by an older operator: its next write publishes them), or not the
     /// current target of a ScopedSecret, is left out.
-    fn managed(&self, namespace: &str) -> Vec<Managed> {
+    ///
+    /// Only the Secrets `w` references, and those of ScopedSecrets naming or selecting their
+    /// targets, are looked up: the cost follows the workload's references, not the namespace.
+    fn managed(&self, namespace: &str, w: &Workload) -> Vec<Managed> {
         let caches = &self.ctx.caches;
-        let managed = caches
-            .managed_secrets(namespace)
-            .into_iter()
-            .filter_map(|s| {
-                let (name, annotations) = (s.name_any(), s.annotations());
-                let hashes = KeyHashes::parse(annotations.get(KEY_HASHES_ANNOTATION)?)?;
-                let owner = caches.scoped_secret(
-                    &ObjectRef::new(s.labels().get(OWNER_LABEL)?).within(namespace),
-                )?;
-                let current = owner.status.as_ref()?.secret_name.as_deref() == Some(&name);
-                current.then(|| Managed {
-                    content: annotations.get(CONTENT_HASH_ANNOTATION).cloned(),
-                    name,
-                    hashes,
-                    owner,
-                })
-            });
+        let targeting = caches.scoped_secrets(namespace, targets_any);
+        let mut names: BTreeSet<&str> = referenced(&w.pod_spec);
+        names.extend(
+            targeting
+                .iter()
+                .filter_map(|ss| ss.status.as_ref()?.secret_name.as_deref()),
+        );
+        let managed = names.into_iter().filter_map(|name| {
+            let CachedSecret::Present(s) = caches.managed_secret(namespace, name) else {
+                return None;
+            };
+            let annotations = s.annotations();
+            let hashes = KeyHashes::parse(annotations.get(KEY_HASHES_ANNOTATION)?)?;
+            let owner = ObjectRef::new(s.labels().get(OWNER_LABEL)?).within(namespace);
+            let owner = caches.scoped_secret(&owner)?;
+            let current = owner.status.as_ref()?.secret_name.as_deref() == Some(name);
+            current.then(|| Managed {
+                content: annotations.get(CONTENT_HASH_ANNOTATION).cloned(),
+                name: name.to_string(),
+                hashes,
+                owner,
+            })
+        });
         managed.collect()
     }
 
@@ -297,14 +307,21 @@ impl Restarts {
     fn take_slot(&self, id: &Id, urgent: bool, now: Timestamp) -> bool {
         let mut b = self.budget.lock().unwrap();
         let in_flight = self.in_flight(&mut b.launched, now);
-        b.waiting.retain(|w| self.cached(w).is_some());
-        let ahead = b.waiting.iter().take_while(|w| *w != id).count();
-        let full = in_flight.len() + ahead >= self.ctx.config.pacing.budget;
-        let takes = urgent || !(in_flight.contains(id) || full);
+        let room = self
+            .ctx
+            .config
+            .pacing
+            .budget
+            .saturating_sub(in_flight.len());
+        let position = b.waiting.iter().position(|w| w == id);
+        let before = &b.waiting[..position.unwrap_or(b.waiting.len())];
+        // Only workloads still cached wait; at most `room` need counting.
+        let ahead = before.iter().filter(|w| self.cached(w).is_some());
+        let takes = urgent || !(in_flight.contains(id) || ahead.take(room).count() >= room);
         if takes {
             b.waiting.retain(|w| w != id);
             b.launched.insert(id.clone(), now);
-        } else if ahead == b.waiting.len() {
+        } else if position.is_none() {
             b.waiting.push(id.clone());
             self.ctx.metrics.restarted("deferred", 1);
         }
@@ -313,19 +330,24 @@ impl Restarts {
         takes
     }
 
-    /// A rollout progressed: the gauges follow, and the oldest waiting workloads that now fit
-    /// the budget are reconciled at once.
+    /// A restarted workload's rollout progressed: the gauges follow, and the oldest waiting
+    /// workloads that now fit the budget are reconciled at once (workloads gone leave).
     fn wake_waiting(&self, now: Timestamp) {
         let mut b = self.budget.lock().unwrap();
         let in_flight = self.in_flight(&mut b.launched, now).len();
-        b.waiting.retain(|w| self.cached(w).is_some());
-        let free = self.ctx.config.pacing.budget.saturating_sub(in_flight);
+        let mut free = self.ctx.config.pacing.budget.saturating_sub(in_flight);
         let watched = self.watched.read().unwrap();
-        for id in b.waiting.iter().take(free) {
-            if let Some(w) = watched.iter().find(|w| w.store.get(id).is_some()) {
-                let _ = w.wake.send(id.clone());
+        b.waiting.retain(|id| {
+            if free == 0 {
+                return true;
             }
-        }
+            let Some(w) = watched.iter().find(|w| w.store.get(id).is_some()) else {
+                return false;
+            };
+            let _ = w.wake.send(id.clone());
+            free -= 1;
+            true
+        });
         self.ctx.metrics.restarts_state(in_flight, b.waiting.len());
     }
 }
@@ -347,7 +369,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, k: Arc<KindCtx>) -> Result<Actio
         max_changes: ctx.config.breaker_changes,
         window: ctx.config.breaker_window,
     };
-    let managed = r.managed(&ns);
+    let managed = r.managed(&ns, &w);
     let views: Vec<SecretView<'_>> = managed.iter().filter_map(|m| m.view(limits, now)).collect();
     let plan = desired::plan(&w, &views, &ctx.hmac_key, now, ctx.config.pacing.window);
     let (restart, action) = apply_plan(r, &w, &ns, &id, &plan, now).await?;
@@ -673,17 +695,13 @@ async fn wake_readers(
         let Some(secret) = ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) else {
             continue;
         };
-        let strategy = ss.spec.rollout.as_ref().map(|r| r.strategy);
-        let any = matches!(
-            strategy,
-            Some(RolloutStrategy::Explicit | RolloutStrategy::Selector)
-        );
+        let any = targets_any(&ss);
         for w in r.watched.read().unwrap().iter() {
+            // The trimmed template holds names and references: a mention of the Secret's name
+            // is cheap to find, and the reconcile decides (no pod spec is parsed here).
             let reads = |o: &DynamicObject| {
-                o.namespace().as_deref() == Some(ns.as_str())
-                    && (any
-                        || view(w.kind, o)
-                            .is_some_and(|v| consumption(&v.pod_spec, secret).is_some()))
+                o.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && (any || mentions(&o.data["spec"]["template"]["spec"], secret))
             };
             let ar = w.kind.resource();
             for obj in w.store.state_filter(reads) {
@@ -692,6 +710,25 @@ async fn wake_readers(
                     .send(ObjectRef::from_obj_with(obj.as_ref(), ar.clone()));
             }
         }
+    }
+}
+
+/// Whether the ScopedSecret names or selects its targets (which need not reference it).
+fn targets_any(ss: &ScopedSecret) -> bool {
+    let strategy = ss.spec.rollout.as_ref().map(|r| r.strategy);
+    matches!(
+        strategy,
+        Some(RolloutStrategy::Explicit | RolloutStrategy::Selector)
+    )
+}
+
+/// Whether `secret` appears as a string anywhere in `v`.
+fn mentions(v: &Value, secret: &str) -> bool {
+    match v {
+        Value::String(s) => s == secret,
+        Value::Array(items) => items.iter().any(|v| mentions(v, secret)),
+        Value::Object(fields) => fields.values().any(|v| mentions(v, secret)),
+        _ => false,
     }
 }
 

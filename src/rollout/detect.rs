@@ -65,6 +65,38 @@ fn items_reads(items: &Option<Vec<KeyToPath>>) -> Reads {
     }
 }
 
+/// The names of the Secrets `spec` references, however it reads them.
+pub fn referenced(spec: &PodSpec) -> BTreeSet<&str> {
+    let mut names = BTreeSet::new();
+    for v in spec.volumes.iter().flatten() {
+        names.extend(v.secret.iter().filter_map(|s| s.secret_name.as_deref()));
+        let projected = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
+        names.extend(projected.filter_map(|s| Some(s.secret.as_ref()?.name.as_str())));
+    }
+    let containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    let ephemeral = spec.ephemeral_containers.iter().flatten();
+    let refs = containers
+        .map(|c| (&c.env, &c.env_from))
+        .chain(ephemeral.map(|c| (&c.env, &c.env_from)));
+    for (env, env_from) in refs {
+        let key_refs = env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref());
+        names.extend(key_refs.map(|r| r.name.as_str()));
+        names.extend(
+            env_from
+                .iter()
+                .flatten()
+                .filter_map(|f| Some(f.secret_ref.as_ref()?.name.as_str())),
+        );
+    }
+    names
+}
+
 /// How `spec` consumes the Secret `secret`, or `None` when it does not.
 pub fn consumption(spec: &PodSpec, secret: &str) -> Option<Consumption> {
     let mut reads: Option<Reads> = None;
