@@ -166,6 +166,14 @@ impl Config {
         self.shard
             .is_none_or(|s| namespace.is_some_and(|ns| s.serves(ns)))
     }
+
+    /// The restart breaker's limits: `breaker_changes` within `breaker_window`.
+    pub fn breaker_limits(&self) -> crate::rollout::breaker::Limits {
+        crate::rollout::breaker::Limits {
+            max_changes: self.breaker_changes,
+            window: self.breaker_window,
+        }
+    }
 }
 
 impl Default for Config {
@@ -334,12 +342,7 @@ fn spec_unhandled(ss: &ScopedSecret) -> bool {
 /// Whether a reconcile of `ss` would be a plain refresh: its spec handled, no force-sync
 /// annotation pending.
 fn plain_refresh(ss: &ScopedSecret) -> bool {
-    let force = ss.annotations().get(FORCE_SYNC_ANNOTATION);
-    let handled = ss
-        .status
-        .as_ref()
-        .and_then(|s| s.force_sync_handled.as_ref());
-    !spec_unhandled(ss) && (force.is_none() || force == handled)
+    !spec_unhandled(ss) && reconcile::force_sync_pending(ss).is_none()
 }
 
 impl Context {
