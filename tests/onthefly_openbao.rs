@@ -27,11 +27,6 @@ const READERS: [&str; 3] = ["api", "web", "worker"];
 /// trigger can bring it.
 const ARRIVAL_LIMIT: Duration = Duration::from_secs(30);
 
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 /// A free UDP port on the loopback.
 fn free_udp_addr() -> SocketAddr {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -56,27 +51,14 @@ async fn openbao_auditing_to(addr: SocketAddr) -> OpenBao {
 /// Namespace `shop-dev`, the token Secret, a ClusterVaultStore for `bao` and the readers.
 fn cluster(bao: &OpenBao, readers: &[String]) -> FakeKube {
     let fake = FakeKube::new();
-    fake.insert(
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop-dev",
-        "labels": {"scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev"}}}),
-    );
+    support::shop::on_openbao(&fake, &bao.addr(), bao.root_token(), "5s");
     fake.insert(
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "scoped-secrets"}}),
     );
-    fake.insert(json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "vault-token", "namespace": "scoped-secrets"},
-        "data": {"token": b64(bao.root_token())}}));
-    fake.insert(json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {"address": bao.addr(), "timeout": "5s",
-                 "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}}}}));
     for name in readers {
-        fake.insert(
-            json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-            "metadata": {"name": name, "namespace": "shop-dev"},
-            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"},
-                     "refreshInterval": "1h"}}),
-        );
+        let mut spec = support::shop::default_spec();
+        spec["refreshInterval"] = json!("1h");
+        fake.insert(support::shop::scoped_secret(name, "shop-dev", spec));
     }
     fake
 }

@@ -9,77 +9,58 @@ use std::time::Duration;
 
 use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::clock::ManualClock;
+use scoped_secrets::controller::Config;
 use scoped_secrets::controller::workloads::{self, Restarts};
-use scoped_secrets::controller::{Config, Context, reconcile};
 use scoped_secrets::render::HmacKey;
-use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
-use support::fake_api::FakeKube;
+use support::shop::{Shop, default_spec};
+use support::workloads::{deployment, env_from, key_ref, rolling_deployment};
 
 const PROJECT: &str = "shop";
 const API_PATH: &str = "shop/envs/dev/services/api";
 
 struct Rig {
-    fake: FakeKube,
-    vault: Arc<MemorySource>,
+    shop: Shop,
     clock: Arc<ManualClock>,
-    ctx: Arc<Context>,
     restarts: Arc<Restarts>,
     log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// The rig reads and writes the cluster and Vault of its shop.
+impl std::ops::Deref for Rig {
+    type Target = Shop;
+
+    fn deref(&self) -> &Shop {
+        &self.shop
+    }
+}
+
 fn rig(config: Config) -> Rig {
-    let fake = FakeKube::new();
-    support::shop::shop_dev(&fake);
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "bank-dev", "labels": {"scopedsecrets.io/project": "shop"}}
-    }));
-    let vault = Arc::new(MemorySource::new());
-    vault.put(
+    let clock = Arc::new(ManualClock::default());
+    let shop = Shop::at(config, clock.clone());
+    support::shop::bank_dev(&shop.fake);
+    shop.vault.put(
         PROJECT,
         &[("LOG_LEVEL", Some("info")), ("DB_HOST", Some("db"))],
     );
-    vault.put(API_PATH, &[("DB_PASSWORD", Some("p1"))]);
-    let clock = Arc::new(ManualClock::default());
-    let ctx = operator(&fake, vault.clone(), clock.clone(), config);
-    let restarts = Restarts::new(ctx.clone());
+    shop.vault.put(API_PATH, &[("DB_PASSWORD", Some("p1"))]);
     Rig {
-        fake,
-        vault,
+        restarts: Restarts::new(shop.ctx.clone()),
+        shop,
         clock,
-        ctx,
-        restarts,
         log: Default::default(),
     }
 }
 
-/// An operator on the cluster: a fixed HMAC key, the test's clock.
-fn operator(
-    fake: &FakeKube,
-    vault: Arc<MemorySource>,
-    clock: Arc<ManualClock>,
-    config: Config,
-) -> Arc<Context> {
-    support::shop::context_at(fake, vault, config, clock)
-}
-
 impl Rig {
-    fn add(&self, obj: Value) {
-        self.fake.insert(obj);
-    }
-
+    /// The ScopedSecret `name` in `shop-dev`.
     fn ss(&self, name: &str) -> ScopedSecret {
-        self.fake
-            .get_typed::<ScopedSecret>(Some("shop-dev"), name)
-            .expect("ScopedSecret exists")
+        support::shop::get_ss(&self.fake, "shop-dev", name)
     }
 
     /// One reconcile of the ScopedSecret `name` in `shop-dev`.
     async fn sync(&self, name: &str) {
-        reconcile(Arc::new(self.ss(name)), self.ctx.clone())
-            .await
-            .unwrap();
+        self.reconcile("shop-dev", name).await.unwrap();
     }
 
     /// Fills the workload caches from the cluster and reconciles every workload once;
@@ -120,12 +101,7 @@ impl Rig {
     }
 
     fn condition(&self, name: &str, type_: &str) -> Option<String> {
-        self.ss(name)
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == type_)
-            .map(|c| c.status)
+        support::shop::condition(&self.ss(name), type_).map(|(status, _, _)| status)
     }
 
     fn events(&self, reason: &str) -> Vec<Value> {
@@ -139,33 +115,7 @@ impl Rig {
 }
 
 fn scoped_secret(name: &str, spec: Value) -> Value {
-    json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": name, "namespace": "shop-dev"},
-        "spec": spec
-    })
-}
-
-fn default_spec() -> Value {
-    json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}})
-}
-
-/// A Deployment whose rollouts complete at once (its status has observed every generation).
-fn deployment(ns: &str, name: &str, pod: Value) -> Value {
-    let mut d = rolling_deployment(ns, name, pod);
-    d["status"]["observedGeneration"] = json!(1_000_000);
-    d
-}
-
-/// A Deployment whose rollouts complete only when a test says so ([`finish_rollout`]).
-fn rolling_deployment(ns: &str, name: &str, pod: Value) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}}, "spec": pod}},
-        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}
-    })
+    support::shop::scoped_secret(name, "shop-dev", spec)
 }
 
 /// The Deployment controller's part: the current generation rolled out.
@@ -176,18 +126,6 @@ fn finish_rollout(r: &Rig, name: &str) {
         .unwrap();
     d["status"]["observedGeneration"] = d["metadata"]["generation"].clone();
     r.fake.insert(d);
-}
-
-fn env_from(secrets: &[&str]) -> Value {
-    let refs: Vec<Value> = secrets
-        .iter()
-        .map(|s| json!({"secretRef": {"name": s}}))
-        .collect();
-    json!({"containers": [{"name": "c", "image": "x", "envFrom": refs}]})
-}
-
-fn key_ref(secret: &str, key: &str) -> Value {
-    json!({"containers": [{"name": "c", "image": "x", "env": [{"name": "V", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}]}]})
 }
 
 #[tokio::test]
@@ -307,17 +245,9 @@ async fn a_crash_between_the_secret_write_and_its_status_restarts_once_after_sta
     // still shows the previous content.
     r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
     r.sync("api").await;
-    let mut obj = r
-        .fake
-        .get(
-            "apis/scopedsecrets.io/v1alpha1",
-            Some("shop-dev"),
-            "scopedsecrets",
-            "api",
-        )
-        .unwrap();
-    obj["status"] = serde_json::to_value(&before).unwrap();
-    r.fake.insert(obj);
+    r.edit_ss("shop-dev", "api", |obj| {
+        obj["status"] = serde_json::to_value(&before).unwrap();
+    });
     r.fake.clear_requests();
 
     // A new operator starts: its workload controller sees the Secret ahead of the status and
@@ -337,18 +267,11 @@ async fn a_crash_between_the_secret_write_and_its_status_restarts_once_after_sta
 
 /// Another operator process on the same cluster, Vault and clock.
 fn rig_like(r: &Rig) -> Rig {
-    let ctx = operator(
-        &r.fake,
-        r.vault.clone(),
-        r.clock.clone(),
-        r.ctx.config.clone(),
-    );
+    let shop = r.shop.restarted(r.ctx.config.clone());
     Rig {
-        fake: r.fake.clone(),
-        vault: r.vault.clone(),
+        restarts: Restarts::new(shop.ctx.clone()),
+        shop,
         clock: r.clock.clone(),
-        restarts: Restarts::new(ctx.clone()),
-        ctx,
         log: r.log.clone(),
     }
 }
@@ -445,17 +368,9 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_restarts_once_onto_the_
     assert!(next.restarted().is_empty());
 
     // A person resumes: one restart onto the current content, the condition turns False.
-    let mut obj = r
-        .fake
-        .get(
-            "apis/scopedsecrets.io/v1alpha1",
-            Some("shop-dev"),
-            "scopedsecrets",
-            "api",
-        )
-        .unwrap();
-    obj["metadata"]["annotations"] = json!({"scopedsecrets.io/resume-rollouts": "1"});
-    r.fake.insert(obj);
+    r.edit_ss("shop-dev", "api", |obj| {
+        obj["metadata"]["annotations"] = json!({"scopedsecrets.io/resume-rollouts": "1"});
+    });
     r.sync("api").await;
     assert_eq!(
         r.condition("api", "RolloutsPaused").as_deref(),

@@ -40,26 +40,15 @@ fn world() -> (FakeKube, Arc<MemorySource>) {
 }
 
 fn scoped_secret(name: &str, service: &str) -> Value {
-    json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": name, "namespace": "shop-dev"},
-        "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": service}
-    })
+    let mut spec = support::shop::default_spec();
+    spec["service"] = json!(service);
+    support::shop::scoped_secret(name, "shop-dev", spec)
 }
 
+/// A Deployment in `shop-dev` reading all of `secrets`, whose rollouts complete at once.
 fn deployment(name: &str, secrets: &[&str]) -> Value {
-    let refs: Vec<Value> = secrets
-        .iter()
-        .map(|s| json!({"secretRef": {"name": s}}))
-        .collect();
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": "shop-dev"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}},
-                              "spec": {"containers": [{"name": "c", "image": "x", "envFrom": refs}]}}},
-        "status": {"observedGeneration": 1_000_000, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}
-    })
+    use support::workloads::{deployment, env_from};
+    deployment("shop-dev", name, env_from(secrets))
 }
 
 /// The checksum annotations of a workload's pod template (`null` when it has none).

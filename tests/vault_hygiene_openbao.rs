@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::Secret;
 use scoped_secrets::api::v1alpha1::{KvEngine, ScopedSecret, StoreConnection};
 use scoped_secrets::controller::workloads::Restarts;
 use scoped_secrets::controller::{Config, Context, Error, error_policy, reconcile};
@@ -23,15 +22,11 @@ use scoped_secrets::vault::{
     AuthPlan, Identity, ScopeSource, SecretKeyLocation, StoreHandle, VaultError, VersionData,
 };
 use serde_json::{Value, json};
+use support::b64;
 use support::fake_api::FakeKube;
 use support::openbao::OpenBao;
 
 const LONG: Duration = Duration::from_secs(600);
-
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
 
 // ---- the reader on its own ----
 
@@ -393,16 +388,7 @@ struct Rig {
 /// real reader).
 fn rig(bao: &OpenBao, token: &str, uncached: bool) -> Rig {
     let fake = FakeKube::new();
-    fake.insert(
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop-dev",
-        "labels": {"scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev"}}}),
-    );
-    fake.insert(json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "vault-token", "namespace": "scoped-secrets"}, "data": {"token": b64(token)}}));
-    fake.insert(json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {"address": bao.addr(), "timeout": "5s",
-                 "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}}}}));
+    support::shop::on_openbao(&fake, &bao.addr(), token, "5s");
     let reader = Arc::new(VaultReader::new(fake.client()));
     let source: Arc<dyn ScopeSource> = if uncached {
         Arc::new(RefreshDue(reader.clone()))
@@ -449,31 +435,19 @@ impl ScopeSource for RefreshDue {
 
 impl Rig {
     fn add_scoped_secret(&self, name: &str, spec: Value) {
-        self.fake.insert(
-            json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-            "metadata": {"name": name, "namespace": "shop-dev"}, "spec": spec}),
-        );
+        self.fake
+            .insert(support::shop::scoped_secret(name, "shop-dev", spec));
     }
 
     /// A Deployment reading all of Secret `secret`, whose rollouts complete at once.
     fn add_consumer(&self, name: &str, secret: &str) {
-        self.fake.insert(json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": "shop-dev", "labels": {"app": name}},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": {"app": name}},
-                                  "spec": {"containers": [{"name": "c", "image": "x",
-                                           "envFrom": [{"secretRef": {"name": secret}}]}]}}},
-            "status": {"observedGeneration": 1_000_000, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}
-        }));
+        use support::workloads::{deployment, env_from};
+        self.fake
+            .insert(deployment("shop-dev", name, env_from(&[secret])));
     }
 
     fn ss(&self, name: &str) -> Arc<ScopedSecret> {
-        Arc::new(
-            self.fake
-                .get_typed::<ScopedSecret>(Some("shop-dev"), name)
-                .unwrap(),
-        )
+        Arc::new(support::shop::get_ss(&self.fake, "shop-dev", name))
     }
 
     async fn reconcile(&self, name: &str) -> Result<(), Error> {
@@ -491,28 +465,13 @@ impl Rig {
     }
 
     fn data(&self, secret: &str) -> std::collections::BTreeMap<String, String> {
-        self.fake
-            .get_typed::<Secret>(Some("shop-dev"), secret)
-            .expect("the Secret exists")
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-            .collect()
+        support::shop::secret_data(&self.fake, "shop-dev", secret)
     }
 
     fn force_sync(&self, name: &str, value: &str) {
-        let mut ss = self
-            .fake
-            .get(
-                "apis/scopedsecrets.io/v1alpha1",
-                Some("shop-dev"),
-                "scopedsecrets",
-                name,
-            )
-            .unwrap();
-        ss["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": value});
-        self.fake.insert(ss);
+        support::shop::edit_ss(&self.fake, "shop-dev", name, |ss| {
+            ss["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": value});
+        });
     }
 
     /// The checksum annotations each patch of Deployment `name` set, in order.

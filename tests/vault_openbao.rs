@@ -4,6 +4,7 @@
 //! through the in-memory API server.
 
 mod support;
+use support::b64;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,11 +56,6 @@ fn fake_with_token(token: &str) -> FakeKube {
         "data": {"token": b64(&format!("{token}\n"))}
     }));
     fake
-}
-
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
 }
 
 /// A reader whose AppRole secret id sits in the in-memory API server, and its store.

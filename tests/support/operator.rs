@@ -90,3 +90,8 @@ pub async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// [`eventually`] for a condition.
+pub async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) {
+    eventually(what, limit, || check().then_some(())).await
+}
