@@ -90,13 +90,7 @@ async fn a_sealed_vault_keeps_the_secret_says_why_and_recovers_after_unseal() {
 async fn a_policy_without_the_environment_path_is_permission_denied_and_keeps_the_secret() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
-    bao.write_policy(
-        "project-only",
-        r#"path "secret/data/shop" { capabilities = ["read"] }
-path "secret/data/shop/services/*" { capabilities = ["read"] }"#,
-    )
-    .await;
-    let token = bao.token_with_policies(&["project-only"]).await;
+    let token = bao.project_only_token().await;
     let rig = rig(
         &bao,
         &token,

@@ -63,6 +63,22 @@ impl Rig {
         self.reconcile("shop-dev", name).await.unwrap();
     }
 
+    /// Deployment `web` reading all of Secret `api`; the ScopedSecret `api` synced, and `web`
+    /// seen by the workload controller.
+    async fn web_reading_api(&self) {
+        self.add(deployment("shop-dev", "web", env_from(&["api"])));
+        self.add(scoped_secret("api", default_spec()));
+        self.sync("api").await;
+        self.settle().await;
+    }
+
+    /// `DB_PASSWORD` of the service `api` becomes `value` in Vault, and the ScopedSecret `api`
+    /// syncs it.
+    async fn change_password(&self, value: &str) {
+        self.vault.put(API_PATH, &[("DB_PASSWORD", Some(value))]);
+        self.sync("api").await;
+    }
+
     /// Fills the workload caches from the cluster and reconciles every workload once;
     /// records the restarts this made.
     async fn settle(&self) {
@@ -235,16 +251,12 @@ async fn a_change_restarts_exactly_the_readers_of_changed_keys_once_the_window_h
 #[tokio::test]
 async fn a_crash_between_the_secret_write_and_its_status_restarts_once_after_start_up() {
     let r = rig(Config::default());
-    r.add(deployment("shop-dev", "web", env_from(&["api"])));
-    r.add(scoped_secret("api", default_spec()));
-    r.sync("api").await;
-    r.settle().await;
+    r.web_reading_api().await;
     let before = r.ss("api").status.clone();
 
     // The Secret is written, then the operator stops before the status write: the status
     // still shows the previous content.
-    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
+    r.change_password("p2").await;
     r.edit_ss("shop-dev", "api", |obj| {
         obj["status"] = serde_json::to_value(&before).unwrap();
     });
@@ -330,13 +342,9 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_restarts_once_onto_the_
         breaker_changes: 2,
         ..Config::default()
     });
-    r.add(deployment("shop-dev", "web", env_from(&["api"])));
-    r.add(scoped_secret("api", default_spec()));
-    r.sync("api").await;
-    r.settle().await;
+    r.web_reading_api().await;
     for v in ["p2", "p3", "p4"] {
-        r.vault.put(API_PATH, &[("DB_PASSWORD", Some(v))]);
-        r.sync("api").await;
+        r.change_password(v).await;
         r.advance(1);
     }
     assert_eq!(
@@ -391,13 +399,9 @@ async fn a_pause_ends_by_itself_when_the_window_has_passed() {
         breaker_changes: 1,
         ..Config::default()
     });
-    r.add(deployment("shop-dev", "web", env_from(&["api"])));
-    r.add(scoped_secret("api", default_spec()));
-    r.sync("api").await;
-    r.settle().await;
+    r.web_reading_api().await;
     for v in ["p2", "p3"] {
-        r.vault.put(API_PATH, &[("DB_PASSWORD", Some(v))]);
-        r.sync("api").await;
+        r.change_password(v).await;
     }
     r.advance(20);
     r.settle().await;
@@ -442,8 +446,7 @@ async fn a_revocation_restarts_at_once_past_the_window_the_budget_and_the_breake
     r.settle().await;
     assert_eq!(r.restarted(), vec!["deployments/busy"]);
     for v in ["p2", "p3"] {
-        r.vault.put(API_PATH, &[("DB_PASSWORD", Some(v))]);
-        r.sync("api").await;
+        r.change_password(v).await;
     }
     assert_eq!(
         r.condition("api", "RolloutsPaused").as_deref(),
@@ -484,8 +487,7 @@ async fn the_budget_defers_what_does_not_fit_and_a_completed_rollout_frees_its_s
     r.add(scoped_secret("api", default_spec()));
     r.sync("api").await;
     r.settle().await;
-    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
+    r.change_password("p2").await;
     r.advance(10);
     r.settle().await;
     let first = r.restarted();
@@ -506,8 +508,7 @@ async fn the_budget_defers_what_does_not_fit_and_a_completed_rollout_frees_its_s
     r.settle().await;
     assert_eq!(r.restarted(), vec![format!("deployments/{b}")]);
     // A rollout that never completes frees its slot after the deadline.
-    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p3"))]);
-    r.sync("api").await;
+    r.change_password("p3").await;
     r.advance(10);
     r.settle().await;
     assert!(r.restarted().is_empty(), "{b} still rolling");
@@ -533,8 +534,7 @@ async fn paused_and_live_reloading_workloads_are_skipped_and_say_why() {
     r.add(scoped_secret("api", default_spec()));
     r.sync("api").await;
     r.settle().await;
-    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
+    r.change_password("p2").await;
     r.advance(10);
     r.settle().await;
     assert!(r.restarted().is_empty());
@@ -570,8 +570,7 @@ async fn argo_rollouts_are_consumers_when_served_and_a_failed_discovery_is_retri
         "a failed discovery is an error, not \"no Rollouts\""
     );
     r.settle().await;
-    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
+    r.change_password("p2").await;
     r.advance(10);
     r.fake.fail_next("GET", "rollouts", 500);
     assert!(
@@ -640,12 +639,8 @@ async fn a_workload_restarted_by_an_earlier_version_is_not_restarted_again() {
 #[tokio::test]
 async fn a_refused_patch_is_reported_and_an_outage_fails_the_reconcile_to_be_retried() {
     let r = rig(Config::default());
-    r.add(deployment("shop-dev", "web", env_from(&["api"])));
-    r.add(scoped_secret("api", default_spec()));
-    r.sync("api").await;
-    r.settle().await;
-    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
+    r.web_reading_api().await;
+    r.change_password("p2").await;
     r.advance(10);
     workloads::snapshot(&r.restarts, None).await.unwrap();
     r.fake.fail_next("PATCH", "deployments/web", 503);
@@ -666,12 +661,8 @@ async fn a_refused_patch_is_reported_and_an_outage_fails_the_reconcile_to_be_ret
 #[tokio::test]
 async fn the_scopedsecret_status_apply_keeps_the_restart_results() {
     let r = rig(Config::default());
-    r.add(deployment("shop-dev", "web", env_from(&["api"])));
-    r.add(scoped_secret("api", default_spec()));
-    r.sync("api").await;
-    r.settle().await;
-    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
+    r.web_reading_api().await;
+    r.change_password("p2").await;
     r.advance(10);
     r.settle().await;
     r.vault.put(

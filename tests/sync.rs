@@ -871,6 +871,19 @@ fn rotating(as_: Option<&str>, overlap: &str) -> Value {
     json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "rotation": [rule]})
 }
 
+/// `API_KEY_PREVIOUS` as written for a ScopedSecret `web` of the service `api` that keeps the
+/// previous `API_KEY` for `overlap`.
+async fn previous_key(w: &World, overlap: &str) -> String {
+    w.add(scoped_secret(
+        "web",
+        "shop-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api",
+        "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": overlap}]}),
+    ));
+    w.reconcile("shop-dev", "web").await.unwrap();
+    data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"].clone()
+}
+
 #[tokio::test]
 async fn a_rotated_key_keeps_its_previous_value_for_the_overlap_window() {
     let path = "shop/envs/dev/services/api";
@@ -891,17 +904,7 @@ async fn a_rotated_key_keeps_its_previous_value_for_the_overlap_window() {
         "new first while the window is open"
     );
 
-    w.add(scoped_secret(
-        "web",
-        "shop-dev",
-        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api",
-        "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": "24h"}]}),
-    ));
-    w.reconcile("shop-dev", "web").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"],
-        "old"
-    );
+    assert_eq!(previous_key(&w, "24h").await, "old");
 }
 
 #[tokio::test]
@@ -929,18 +932,7 @@ async fn the_window_starts_when_the_value_changed_and_closes_after_the_overlap()
         "new",
         "closed: 2h since the change, 1h overlap"
     );
-    w.add(scoped_secret(
-        "web",
-        "shop-dev",
-        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api",
-        "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": "3h"}]}),
-    ));
-    w.reconcile("shop-dev", "web").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"],
-        "old",
-        "open: 3h overlap"
-    );
+    assert_eq!(previous_key(&w, "3h").await, "old", "open: 3h overlap");
 }
 
 #[tokio::test]

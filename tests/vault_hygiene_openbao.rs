@@ -11,78 +11,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use scoped_secrets::api::v1alpha1::{KvEngine, ScopedSecret, StoreConnection};
+use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::workloads::Restarts;
 use scoped_secrets::controller::{Config, Context, Error, error_policy, reconcile};
 use scoped_secrets::render::HmacKey;
 use scoped_secrets::resolve::ScopeData;
 use scoped_secrets::scope::{Scope, ScopePath};
 use scoped_secrets::vault::client::VaultReader;
-use scoped_secrets::vault::{
-    AuthPlan, Identity, ScopeSource, SecretKeyLocation, StoreHandle, VaultError, VersionData,
-};
+use scoped_secrets::vault::{ScopeSource, StoreHandle, VaultError, VersionData};
 use serde_json::{Value, json};
-use support::b64;
 use support::fake_api::FakeKube;
 use support::openbao::OpenBao;
+use support::readers::{approle_reader, token_reader};
 
 const LONG: Duration = Duration::from_secs(600);
 
 // ---- the reader on its own ----
-
-fn store(address: &str, auth: AuthPlan) -> StoreHandle {
-    StoreHandle {
-        identity: Identity {
-            store: "ClusterVaultStore//vault/uid/1".into(),
-            principal: auth.principal(),
-        },
-        connection: StoreConnection {
-            address: address.into(),
-            kv: KvEngine::default(),
-            ..Default::default()
-        },
-        auth,
-        timeout: Duration::from_secs(5),
-    }
-}
-
-/// A reader logging in with AppRole (its secret id in the in-memory API server), and its store.
-fn approle_reader(bao: &OpenBao, role_id: String, secret_id: &str) -> (VaultReader, StoreHandle) {
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "approle", "namespace": "scoped-secrets"},
-        "data": {"secret-id": b64(secret_id)}
-    }));
-    let auth = AuthPlan::AppRole {
-        mount: "approle".into(),
-        role_id,
-        secret_id: SecretKeyLocation {
-            namespace: "scoped-secrets".into(),
-            name: "approle".into(),
-            key: "secret-id".into(),
-        },
-    };
-    (VaultReader::new(fake.client()), store(&bao.addr(), auth))
-}
-
-/// A reader using a static token from a Secret, and its store.
-fn token_reader(bao: &OpenBao, token: &str) -> (VaultReader, StoreHandle) {
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "vault-token", "namespace": "scoped-secrets"},
-        "data": {"token": b64(token)}
-    }));
-    let auth = AuthPlan::Token {
-        token: SecretKeyLocation {
-            namespace: "scoped-secrets".into(),
-            name: "vault-token".into(),
-            key: "token".into(),
-        },
-    };
-    (VaultReader::new(fake.client()), store(&bao.addr(), auth))
-}
 
 fn project(path: &str) -> ScopePath {
     ScopePath {
@@ -154,7 +98,7 @@ async fn ten_denied_retries_log_in_once_and_keep_other_readers_cached_reads() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
     let (role_id, secret_id) = shop_only_approle(&bao).await;
-    let (reader, s) = approle_reader(&bao, role_id, &secret_id);
+    let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     // Another ScopedSecret of the same identity reads `shop` only.
     reader
         .read_scopes(&s, &[project("shop")], LONG)
@@ -200,7 +144,7 @@ async fn a_token_revoked_out_of_band_logs_in_again_once_a_minute_at_most() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
     let (role_id, secret_id) = shop_only_approle(&bao).await;
-    let (reader, s) = approle_reader(&bao, role_id, &secret_id);
+    let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     reader
         .read_scopes(&s, &[project("shop")], Duration::ZERO)
         .await
@@ -252,7 +196,7 @@ async fn a_revoked_static_token_is_auth_failed_naming_its_secret() {
     )
     .await;
     let token = bao.token_with_policies(&["shop-read"]).await;
-    let (reader, s) = token_reader(&bao, &token);
+    let (reader, s) = token_reader(&bao.addr(), &token);
     reader
         .read_scopes(&s, &[project("shop")], Duration::ZERO)
         .await
@@ -298,7 +242,7 @@ async fn a_superseded_token_is_revoked_and_shutdown_revokes_every_minted_token()
         .await
         .unwrap();
     assert!(status < 300, "{status} {body}");
-    let (reader, s) = approle_reader(&bao, role_id, &secret_id);
+    let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     reader
         .read_scopes(&s, &[project("shop")], Duration::ZERO)
         .await
@@ -321,7 +265,7 @@ async fn a_superseded_token_is_revoked_and_shutdown_revokes_every_minted_token()
 
     // A static token is the user's: read with it, then shut both readers down.
     let user_token = bao.token_with_policies(&["shop-only"]).await;
-    let (static_reader, static_store) = token_reader(&bao, &user_token);
+    let (static_reader, static_store) = token_reader(&bao.addr(), &user_token);
     static_reader
         .read_scopes(&static_store, &[project("shop")], Duration::ZERO)
         .await
@@ -352,7 +296,7 @@ async fn an_old_version_is_cached_no_longer_than_the_callers_max_age() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"API_KEY": "old"})).await;
     bao.kv_put("shop", json!({"API_KEY": "new"})).await;
-    let (reader, s) = token_reader(&bao, bao.root_token());
+    let (reader, s) = token_reader(&bao.addr(), bao.root_token());
     let max_age = Duration::from_millis(300);
     let v1 = reader.read_version(&s, "shop", 1, max_age).await.unwrap();
     assert!(v1.unwrap().entries.is_some());
@@ -707,13 +651,7 @@ async fn a_hundred_no_op_refreshes_log_nothing_at_info_or_above() {
 async fn repeated_identical_failures_log_one_warn_and_wait_on_the_permanent_schedule() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
-    bao.write_policy(
-        "project-only",
-        r#"path "secret/data/shop" { capabilities = ["read"] }
-path "secret/data/shop/services/*" { capabilities = ["read"] }"#,
-    )
-    .await;
-    let token = bao.token_with_policies(&["project-only"]).await;
+    let token = bao.project_only_token().await;
     let rig = rig(&bao, &token, false);
     rig.add_scoped_secret(
         "api",

@@ -39,11 +39,13 @@ use crate::rollout::breaker;
 use crate::template;
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
-/// The ScopedSecret a sync is for, its namespace checked once.
+/// The ScopedSecret a sync is for: its namespace and its pending `force-sync` value (which
+/// bypasses the shared cache), read once.
 struct Subject<'a> {
     ss: &'a ScopedSecret,
     obj: &'a ObjectRef<ScopedSecret>,
     ns: &'a str,
+    forced: Option<&'a str>,
 }
 
 /// What `fetch` read: the namespace's labels, and the store or why it could not be read
@@ -173,13 +175,18 @@ async fn sync(
         .namespace
         .as_deref()
         .ok_or_else(|| Error::InvalidSpec("ScopedSecret has no namespace".into()))?;
-    let s = Subject { ss, obj, ns };
+    let forced = force_sync_pending(ss);
+    let s = Subject {
+        ss,
+        obj,
+        ns,
+        forced,
+    };
     let fetched = fetch(&s, ctx).await?;
     let plan = validate(&s, ctx, fetched)?;
-    let forced = force_sync_pending(ss);
-    let desired = build(&s, ctx, &plan, forced).await?;
-    let applied = apply(&s, ctx, &desired, forced).await?;
-    let (changes, paused) = record_changes(&s, ctx, &desired, forced);
+    let desired = build(&s, ctx, &plan).await?;
+    let applied = apply(&s, ctx, &desired).await?;
+    let (changes, paused) = record_changes(&s, ctx, &desired);
     let pipeline::Built {
         keys,
         content_hash,
@@ -229,15 +236,10 @@ fn validate(s: &Subject<'_>, ctx: &Context, fetched: Fetched) -> Result<Plan, Er
 }
 
 /// `read` → `resolve` → `build` (`pipeline::build`): the desired Secret, read fresh from Vault
-/// when `forced`, else through the shared cache; and the keys' expiries (metrics and the
+/// when forced, else through the shared cache; and the keys' expiries (metrics and the
 /// `KeysExpiring` condition).
-async fn build(
-    s: &Subject<'_>,
-    ctx: &Context,
-    plan: &Plan,
-    forced: Option<&str>,
-) -> Result<Desired, Error> {
-    let max_age = match forced {
+async fn build(s: &Subject<'_>, ctx: &Context, plan: &Plan) -> Result<Desired, Error> {
+    let max_age = match s.forced {
         Some(_) => Duration::ZERO,
         None => plan.request.refresh,
     };
@@ -263,12 +265,7 @@ async fn build(
 
 /// `apply`, the only Secret writer: the Secret as it is, refused when it is not ours, written
 /// when it differs; then the Secret of a previous `target.name` removed.
-async fn apply(
-    s: &Subject<'_>,
-    ctx: &Context,
-    desired: &Desired,
-    forced: Option<&str>,
-) -> Result<Applied, Error> {
+async fn apply(s: &Subject<'_>, ctx: &Context, desired: &Desired) -> Result<Applied, Error> {
     let secret = &desired.built.desired;
     let name = secret.name_any();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), s.ns);
@@ -301,7 +298,7 @@ async fn apply(
         created: existing.is_none(),
         wrote,
         changed_keys: changed_key_names(existing.as_ref(), secret),
-        trigger: last_trigger(pending.as_ref(), forced),
+        trigger: last_trigger(pending.as_ref(), s.forced),
     })
 }
 
@@ -336,7 +333,6 @@ fn record_changes(
     s: &Subject<'_>,
     ctx: &Context,
     desired: &Desired,
-    forced: Option<&str>,
 ) -> (ChangeHistory, Option<Paused>) {
     let content_hash = desired.built.content_hash.as_str();
     let previous = s.ss.status.as_ref();
@@ -350,7 +346,8 @@ fn record_changes(
             .annotations()
             .get(breaker::RESUME_ANNOTATION)
             .map(String::as_str),
-        revocation: forced
+        revocation: s
+            .forced
             .filter(|v| v.starts_with("revoke-"))
             .map(|_| content_hash),
     };

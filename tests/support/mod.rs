@@ -5,6 +5,7 @@ pub mod fake_api;
 pub mod logs;
 pub mod openbao;
 pub mod operator;
+pub mod readers;
 pub mod shop;
 pub mod workloads;
 
