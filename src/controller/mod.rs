@@ -730,6 +730,26 @@ where
     }
 }
 
+/// The backoff of a Controller's merged triggers: none. kube-runtime pauses all of them after
+/// an error from any one, so a watch that keeps failing (a refused ConfigMap list, say) would
+/// hold back every other trigger — audit entries, CLI and peer refreshes, spec edits — for up
+/// to 30 s at a time. Each watch of `controller_for` backs off from its own errors
+/// (`default_backoff`), and the refreshes asked through `reconcile_on` never fail.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NoPause;
+
+impl Iterator for NoPause {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoPause {
+    fn reset(&mut self) {}
+}
+
 /// The controller of ScopedSecrets in `namespace` (all namespaces when `None`), with the
 /// watches that map related objects back to them. `on_synced` is called when the cache of
 /// ScopedSecrets is filled by a complete list (first and later re-lists).
@@ -840,6 +860,7 @@ fn controller_for(
     );
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .trigger_backoff(NoPause)
         .watches_stream(secrets, |s: kube::core::PartialObjectMeta<Secret>| {
             let owner = s.labels().get(OWNER_LABEL).cloned();
             let ns = s.namespace();
