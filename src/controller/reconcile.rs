@@ -720,39 +720,33 @@ fn changed_key_names(existing: Option<&Secret>, desired: &Secret) -> Vec<String>
     names
 }
 
+/// The store `spec.storeRef` names, from the informer cache or else the API server.
 async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<StoreSpec, Error> {
-    let r = &ss.spec.store_ref;
-    match r.kind {
-        StoreKind::VaultStore => {
-            let store = match ctx.caches.vault_store(ns, &r.name) {
-                Some(cached) => VaultStore::clone(&cached),
-                None => Api::<VaultStore>::namespaced(ctx.client.clone(), ns)
-                    .get_opt(&r.name)
-                    .await
-                    .map_err(kube_err(format!("read VaultStore {ns}/{}", r.name)))?
-                    .ok_or_else(|| Error::StoreNotFound {
-                        kind: "VaultStore",
-                        name: r.name.clone(),
-                        namespace: Some(ns.into()),
-                    })?,
-            };
-            Ok(StoreSpec::namespaced(&store))
-        }
-        StoreKind::ClusterVaultStore => {
-            let store = match ctx.caches.cluster_store(ns, &r.name) {
-                Some(cached) => ClusterVaultStore::clone(&cached),
-                None => Api::<ClusterVaultStore>::all(ctx.client.clone())
-                    .get_opt(&r.name)
-                    .await
-                    .map_err(kube_err(format!("read ClusterVaultStore {}", r.name)))?
-                    .ok_or_else(|| Error::StoreNotFound {
-                        kind: "ClusterVaultStore",
-                        name: r.name.clone(),
-                        namespace: None,
-                    })?,
-            };
-            Ok(StoreSpec::cluster(&store))
-        }
+    let name = &ss.spec.store_ref.name;
+    let missing = |kind, namespace: Option<&str>| Error::StoreNotFound {
+        kind,
+        name: name.clone(),
+        namespace: namespace.map(str::to_string),
+    };
+    match ss.spec.store_ref.kind {
+        StoreKind::VaultStore => match ctx.caches.vault_store(ns, name) {
+            Some(cached) => Ok(StoreSpec::namespaced(&cached)),
+            None => Api::<VaultStore>::namespaced(ctx.client.clone(), ns)
+                .get_opt(name)
+                .await
+                .map_err(kube_err(format!("read VaultStore {ns}/{name}")))?
+                .map(|store| StoreSpec::namespaced(&store))
+                .ok_or_else(|| missing("VaultStore", Some(ns))),
+        },
+        StoreKind::ClusterVaultStore => match ctx.caches.cluster_store(ns, name) {
+            Some(cached) => Ok(StoreSpec::cluster(&cached)),
+            None => Api::<ClusterVaultStore>::all(ctx.client.clone())
+                .get_opt(name)
+                .await
+                .map_err(kube_err(format!("read ClusterVaultStore {name}")))?
+                .map(|store| StoreSpec::cluster(&store))
+                .ok_or_else(|| missing("ClusterVaultStore", None)),
+        },
     }
 }
 
