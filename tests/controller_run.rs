@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::Config;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::json;
 use support::fake_api::FakeKube;
-use support::operator::{eventually, start_operator};
+use support::operator::{annotate, eventually, start_operator};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -61,15 +61,13 @@ async fn the_running_operator_syncs_follows_a_forced_sync_and_its_secret_is_coll
 
     // A change at the source, then a forced sync through the annotation.
     vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
-    scoped
-        .patch(
-            "api",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {
-                "scopedsecrets.io/force-sync": "2026-12-01T00:00:00Z"}}})),
-        )
-        .await
-        .unwrap();
+    annotate(
+        &fake,
+        "api",
+        "scopedsecrets.io/force-sync",
+        "2026-12-01T00:00:00Z",
+    )
+    .await;
     eventually("the Secret to follow the forced sync", LIMIT, || {
         fake.get_typed::<Secret>(Some("shop-dev"), "api")
             .filter(|s| value(s, "LOG_LEVEL").as_deref() == Some("warn"))
@@ -149,16 +147,7 @@ async fn a_failing_watch_does_not_hold_back_a_forced_sync() {
 
     vault.put("shop", &[("LOG_LEVEL", Some("warn"))]);
     let asked = tokio::time::Instant::now();
-    Api::<ScopedSecret>::namespaced(fake.client(), "shop-dev")
-        .patch(
-            "api",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"scopedsecrets.io/force-sync": "1"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    annotate(&fake, "api", "scopedsecrets.io/force-sync", "1").await;
     eventually("the forced sync", LIMIT, || {
         log_level().filter(|v| v == "warn")
     })

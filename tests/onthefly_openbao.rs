@@ -327,16 +327,7 @@ async fn ten_readers_of_one_path_are_refreshed_together_when_one_of_them_reads_a
 
     bao.kv_put("shop", json!({"FOO": "v1"})).await;
     let started = Instant::now();
-    let api: kube::Api<ScopedSecret> = kube::Api::namespaced(fake.client(), "shop-dev");
-    api.patch(
-        "svc0",
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(
-            json!({"metadata": {"annotations": {"scopedsecrets.io/force-sync": "now"}}}),
-        ),
-    )
-    .await
-    .unwrap();
+    support::operator::annotate(&fake, "svc0", "scopedsecrets.io/force-sync", "now").await;
     let took = arrival(&fake, &readers, "FOO", "v1").await;
     println!(
         "one reader's sync found a new version of the project scope: all {} readers written {:?} after its force-sync (refreshInterval 1h)",

@@ -8,14 +8,13 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams};
 use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::{Config, reconcile};
 use scoped_secrets::rollout::Pacing;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
 use support::fake_api::FakeKube;
-use support::operator::{eventually, start_operator};
+use support::operator::{annotate, eventually, start_operator};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const API_PATH: &str = "shop/envs/dev/services/api";
@@ -92,16 +91,7 @@ fn restarts(fake: &FakeKube, plural: &str, name: &str) -> usize {
 }
 
 async fn force_sync(fake: &FakeKube, name: &str, value: &str) {
-    Api::<ScopedSecret>::namespaced(fake.client(), "shop-dev")
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"scopedsecrets.io/force-sync": value}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    annotate(fake, name, "scopedsecrets.io/force-sync", value).await;
 }
 
 fn synced(fake: &FakeKube, name: &str, value: &str) -> Option<()> {
@@ -259,16 +249,7 @@ async fn a_flapping_value_trips_the_breaker_and_a_resume_restarts_once() {
         "paused: no restart"
     );
 
-    Api::<ScopedSecret>::namespaced(fake.client(), "shop-dev")
-        .patch(
-            "api",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"scopedsecrets.io/resume-rollouts": "now"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    annotate(&fake, "api", "scopedsecrets.io/resume-rollouts", "now").await;
     eventually("the resume", LIMIT, || paused(&fake, "False")).await;
     eventually("one restart onto the current content", LIMIT, || {
         (!template(&fake, "deployments", "web").is_null()).then_some(())
