@@ -1,7 +1,8 @@
 //! `controller::run` end to end against the in-memory API server, which now streams watches:
 //! a ScopedSecret created through the API is synced, a forced sync after a change at the
 //! source rewrites the Secret, and deleting the ScopedSecret garbage-collects the Secret —
-//! all through the operator's own watches, as in a cluster.
+//! all through the operator's own watches, as in a cluster; and a watch that keeps failing
+//! holds back nothing but itself.
 
 mod support;
 
@@ -9,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::Config;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::json;
 use support::fake_api::FakeKube;
-use support::operator::{eventually, start_operator};
+use support::operator::{annotate, eventually, start_operator};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -60,15 +61,13 @@ async fn the_running_operator_syncs_follows_a_forced_sync_and_its_secret_is_coll
 
     // A change at the source, then a forced sync through the annotation.
     vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
-    scoped
-        .patch(
-            "api",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {
-                "scopedsecrets.io/force-sync": "2026-12-01T00:00:00Z"}}})),
-        )
-        .await
-        .unwrap();
+    annotate(
+        &fake,
+        "api",
+        "scopedsecrets.io/force-sync",
+        "2026-12-01T00:00:00Z",
+    )
+    .await;
     eventually("the Secret to follow the forced sync", LIMIT, || {
         fake.get_typed::<Secret>(Some("shop-dev"), "api")
             .filter(|s| value(s, "LOG_LEVEL").as_deref() == Some("warn"))
@@ -106,4 +105,62 @@ async fn the_running_operator_syncs_follows_a_forced_sync_and_its_secret_is_coll
         .map(String::from)
         .collect();
     assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
+/// Each watch backs off from its own errors; a forced sync — what `secret set` and Vault's
+/// audit stream ask for — does not wait out kube-runtime's backoff of another watch's errors.
+/// Tokio's clock is paused (it moves only when every task waits), so the figure is exact.
+#[tokio::test(start_paused = true)]
+async fn a_failing_watch_does_not_hold_back_a_forced_sync() {
+    let fake = FakeKube::new();
+    support::shop::shop_dev(&fake);
+    let mut spec = support::shop::default_spec();
+    spec["refreshInterval"] = json!("1h");
+    fake.insert(support::shop::scoped_secret("api", "shop-dev", spec));
+    // Every list and watch of ConfigMaps (those `templateFrom` names) is refused.
+    for _ in 0..1000 {
+        fake.fail_next("GET", "/configmaps", 500);
+    }
+    let vault = Arc::new(MemorySource::new());
+    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    let operator = start_operator(&fake, vault.clone(), Config::default());
+    operator.wait_ready(LIMIT).await;
+    let log_level = || {
+        fake.get_typed::<Secret>(Some("shop-dev"), "api")
+            .and_then(|s| value(&s, "LOG_LEVEL"))
+    };
+    eventually("the first sync", LIMIT, || {
+        log_level().filter(|v| v == "info")
+    })
+    .await;
+    // Refused five times in a row, the ConfigMap watch waits seconds between its retries.
+    let refused = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.path.contains("/configmaps"))
+            .count()
+    };
+    eventually("five refused ConfigMap lists", LIMIT, || {
+        (refused() >= 5).then_some(())
+    })
+    .await;
+
+    vault.put("shop", &[("LOG_LEVEL", Some("warn"))]);
+    let asked = tokio::time::Instant::now();
+    annotate(&fake, "api", "scopedsecrets.io/force-sync", "1").await;
+    eventually("the forced sync", LIMIT, || {
+        log_level().filter(|v| v == "warn")
+    })
+    .await;
+    let took = asked.elapsed();
+    println!(
+        "forced sync written {took:?} after the annotation, ConfigMap lists refused so far: {}",
+        refused()
+    );
+    // kube-runtime's backoff starts at 800 ms: anything shorter was not held back by it.
+    assert!(
+        took < Duration::from_millis(800),
+        "the forced sync waited {took:?} behind the ConfigMap watch's errors"
+    );
+    assert!(!operator.is_finished(), "controller::run returned");
 }

@@ -5,21 +5,11 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use scoped_secrets::leader::{LEASE_NAME, lead};
 use support::fake_api::FakeKube;
-
-async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use support::operator::until;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_instance_leads_and_the_other_takes_over_when_it_stops() {

@@ -13,55 +13,48 @@ use scoped_secrets::api::v1alpha1::{LastTrigger, ScopedSecret};
 use scoped_secrets::audit::{EntryError, KvWrite, Operation, Received};
 use scoped_secrets::controller::trigger::on_audit;
 use scoped_secrets::controller::{Config, Context, reconcile};
-use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
-use support::fake_api::FakeKube;
 use support::kv_path;
+use support::shop::Shop;
 
 struct World {
-    fake: FakeKube,
-    vault: Arc<MemorySource>,
-    ctx: Arc<Context>,
+    shop: Shop,
     triggered: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
 }
 
-fn world() -> World {
-    let fake = FakeKube::new();
-    support::shop::shop_dev(&fake);
-    let vault = Arc::new(MemorySource::new());
-    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
-    let ctx = support::shop::context(&fake, vault.clone(), Config::default());
-    let triggered = ctx.triggers.take_receiver().unwrap();
-    World {
-        fake,
-        vault,
-        ctx,
-        triggered,
+/// The world reads and writes the cluster and Vault of its shop.
+impl std::ops::Deref for World {
+    type Target = Shop;
+
+    fn deref(&self) -> &Shop {
+        &self.shop
     }
+}
+
+fn world() -> World {
+    let shop = Shop::new(Config::default());
+    shop.vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    let triggered = shop.ctx.triggers.take_receiver().unwrap();
+    World { shop, triggered }
 }
 
 fn scoped_secret(name: &str, spec: Value) -> Value {
     let mut spec = spec;
     spec["storeRef"] = json!({"kind": "ClusterVaultStore", "name": "vault"});
     spec["refreshInterval"] = json!("1h");
-    json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": name, "namespace": "shop-dev"},
-        "spec": spec
-    })
+    support::shop::scoped_secret(name, "shop-dev", spec)
 }
 
 impl World {
+    /// The ScopedSecret `name` in `shop-dev`.
     fn ss(&self, name: &str) -> Arc<ScopedSecret> {
-        Arc::new(
-            self.fake
-                .get_typed::<ScopedSecret>(Some("shop-dev"), name)
-                .expect("ScopedSecret exists"),
-        )
+        self.shop.ss("shop-dev", name)
     }
 
+    /// One reconcile of the ScopedSecret `name` in `shop-dev`, which succeeds.
     async fn reconcile(&self, name: &str) {
-        reconcile(self.ss(name), self.ctx.clone())
+        self.shop
+            .reconcile("shop-dev", name)
             .await
             .unwrap_or_else(|e| panic!("reconcile {name}: {e}"));
     }

@@ -27,11 +27,6 @@ const READERS: [&str; 3] = ["api", "web", "worker"];
 /// trigger can bring it.
 const ARRIVAL_LIMIT: Duration = Duration::from_secs(30);
 
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 /// A free UDP port on the loopback.
 fn free_udp_addr() -> SocketAddr {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -56,27 +51,14 @@ async fn openbao_auditing_to(addr: SocketAddr) -> OpenBao {
 /// Namespace `shop-dev`, the token Secret, a ClusterVaultStore for `bao` and the readers.
 fn cluster(bao: &OpenBao, readers: &[String]) -> FakeKube {
     let fake = FakeKube::new();
-    fake.insert(
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop-dev",
-        "labels": {"scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev"}}}),
-    );
+    support::shop::on_openbao(&fake, &bao.addr(), bao.root_token(), "5s");
     fake.insert(
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "scoped-secrets"}}),
     );
-    fake.insert(json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "vault-token", "namespace": "scoped-secrets"},
-        "data": {"token": b64(bao.root_token())}}));
-    fake.insert(json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {"address": bao.addr(), "timeout": "5s",
-                 "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}}}}));
     for name in readers {
-        fake.insert(
-            json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-            "metadata": {"name": name, "namespace": "shop-dev"},
-            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"},
-                     "refreshInterval": "1h"}}),
-        );
+        let mut spec = support::shop::default_spec();
+        spec["refreshInterval"] = json!("1h");
+        fake.insert(support::shop::scoped_secret(name, "shop-dev", spec));
     }
     fake
 }
@@ -345,16 +327,7 @@ async fn ten_readers_of_one_path_are_refreshed_together_when_one_of_them_reads_a
 
     bao.kv_put("shop", json!({"FOO": "v1"})).await;
     let started = Instant::now();
-    let api: kube::Api<ScopedSecret> = kube::Api::namespaced(fake.client(), "shop-dev");
-    api.patch(
-        "svc0",
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(
-            json!({"metadata": {"annotations": {"scopedsecrets.io/force-sync": "now"}}}),
-        ),
-    )
-    .await
-    .unwrap();
+    support::operator::annotate(&fake, "svc0", "scopedsecrets.io/force-sync", "now").await;
     let took = arrival(&fake, &readers, "FOO", "v1").await;
     println!(
         "one reader's sync found a new version of the project scope: all {} readers written {:?} after its force-sync (refreshInterval 1h)",

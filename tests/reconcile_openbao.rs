@@ -16,11 +16,6 @@ use serde_json::{Value, json};
 use support::fake_api::FakeKube;
 use support::openbao::OpenBao;
 
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 struct Rig {
     fake: FakeKube,
     ctx: Arc<Context>,
@@ -28,20 +23,8 @@ struct Rig {
 
 fn rig(bao: &OpenBao, token: &str, spec: Value) -> Rig {
     let fake = FakeKube::new();
-    fake.insert(
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop-dev",
-        "labels": {"scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev"}}}),
-    );
-    fake.insert(json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "vault-token", "namespace": "scoped-secrets"}, "data": {"token": b64(token)}}));
-    fake.insert(json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {"address": bao.addr(), "timeout": "2s",
-                 "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}}}}));
-    fake.insert(
-        json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": "api", "namespace": "shop-dev"}, "spec": spec}),
-    );
+    support::shop::on_openbao(&fake, &bao.addr(), token, "2s");
+    fake.insert(support::shop::scoped_secret("api", "shop-dev", spec));
     let reader = Arc::new(VaultReader::new(fake.client()));
     let ctx = Arc::new(Context::new(
         fake.client(),
@@ -54,11 +37,7 @@ fn rig(bao: &OpenBao, token: &str, spec: Value) -> Rig {
 
 impl Rig {
     async fn reconcile(&self) -> Result<(), String> {
-        let ss = Arc::new(
-            self.fake
-                .get_typed::<ScopedSecret>(Some("shop-dev"), "api")
-                .unwrap(),
-        );
+        let ss = Arc::new(support::shop::get_ss(&self.fake, "shop-dev", "api"));
         reconcile(ss, self.ctx.clone())
             .await
             .map(|_| ())
@@ -66,30 +45,13 @@ impl Rig {
     }
 
     fn data(&self) -> std::collections::BTreeMap<String, String> {
-        let s = self
-            .fake
-            .get_typed::<Secret>(Some("shop-dev"), "api")
-            .expect("Secret api exists");
-        s.data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-            .collect()
+        support::shop::secret_data(&self.fake, "shop-dev", "api")
     }
 
     fn ready(&self) -> (String, String) {
-        let ss = self
-            .fake
-            .get_typed::<ScopedSecret>(Some("shop-dev"), "api")
-            .unwrap();
-        let c = ss
-            .status
-            .unwrap()
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready")
-            .unwrap();
-        (c.status, c.reason)
+        let ss = support::shop::get_ss(&self.fake, "shop-dev", "api");
+        let (status, reason, _) = support::shop::condition(&ss, "Ready").unwrap();
+        (status, reason)
     }
 }
 
@@ -106,17 +68,9 @@ async fn a_sealed_vault_keeps_the_secret_says_why_and_recovers_after_unseal() {
     let before = rig.data();
     bao.seal().await;
     // A forced read goes to Vault despite the cache.
-    let mut ss = rig
-        .fake
-        .get(
-            "apis/scopedsecrets.io/v1alpha1",
-            Some("shop-dev"),
-            "scopedsecrets",
-            "api",
-        )
-        .unwrap();
-    ss["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": "1"});
-    rig.fake.insert(ss);
+    support::shop::edit_ss(&rig.fake, "shop-dev", "api", |ss| {
+        ss["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": "1"});
+    });
     assert_eq!(rig.reconcile().await.unwrap_err(), "VaultUnavailable");
     assert_eq!(
         rig.data(),
@@ -136,13 +90,7 @@ async fn a_sealed_vault_keeps_the_secret_says_why_and_recovers_after_unseal() {
 async fn a_policy_without_the_environment_path_is_permission_denied_and_keeps_the_secret() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
-    bao.write_policy(
-        "project-only",
-        r#"path "secret/data/shop" { capabilities = ["read"] }
-path "secret/data/shop/services/*" { capabilities = ["read"] }"#,
-    )
-    .await;
-    let token = bao.token_with_policies(&["project-only"]).await;
+    let token = bao.project_only_token().await;
     let rig = rig(
         &bao,
         &token,

@@ -4,6 +4,7 @@
 //! written to Vault.
 
 mod support;
+use support::b64;
 
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -18,11 +19,6 @@ use support::fake_api::FakeKube;
 use support::openbao::OpenBao;
 
 const CANARY: &str = "canary-render-51f0aa";
-
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
 
 /// The manifests a GitOps repository would hold: a namespace, a store, two ScopedSecrets.
 fn manifests(bao: &OpenBao) -> Vec<Value> {

@@ -14,6 +14,8 @@ use scoped_secrets::render::HmacKey;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
 use support::fake_api::FakeKube;
+use support::shop::default_spec;
+use support::workloads::{deployment, env_from, key_ref, rolling_deployment};
 
 const PROJECT: &str = "shop";
 const API_PATH: &str = "shop/envs/dev/services/api";
@@ -145,28 +147,6 @@ fn scoped_secret(name: &str, spec: Value) -> Value {
     })
 }
 
-fn default_spec() -> Value {
-    json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}})
-}
-
-/// A Deployment whose rollouts complete at once (its status has observed every generation).
-fn deployment(ns: &str, name: &str, pod: Value) -> Value {
-    let mut d = rolling_deployment(ns, name, pod);
-    d["status"]["observedGeneration"] = json!(1_000_000);
-    d
-}
-
-/// A Deployment whose rollouts complete only when a test says so ([`finish_rollout`]).
-fn rolling_deployment(ns: &str, name: &str, pod: Value) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}}, "spec": pod}},
-        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}
-    })
-}
-
 /// The Deployment controller's part: the current generation rolled out.
 fn finish_rollout(r: &Rig, name: &str) {
     let mut d = r
@@ -175,18 +155,6 @@ fn finish_rollout(r: &Rig, name: &str) {
         .unwrap();
     d["status"]["observedGeneration"] = d["metadata"]["generation"].clone();
     r.fake.insert(d);
-}
-
-fn env_from(secrets: &[&str]) -> Value {
-    let refs: Vec<Value> = secrets
-        .iter()
-        .map(|s| json!({"secretRef": {"name": s}}))
-        .collect();
-    json!({"containers": [{"name": "c", "image": "x", "envFrom": refs}]})
-}
-
-fn key_ref(secret: &str, key: &str) -> Value {
-    json!({"containers": [{"name": "c", "image": "x", "env": [{"name": "V", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}]}]})
 }
 
 #[tokio::test]

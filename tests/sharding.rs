@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use scoped_secrets::controller::shard::Shard;
@@ -19,16 +19,14 @@ use scoped_secrets::metrics::{Metrics, Readiness};
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::json;
 use support::fake_api::FakeKube;
+use support::operator::until;
 
 /// Namespaces and the shard of 2 that FNV-1a puts each in (pinned in src/controller/shard.rs).
 const NAMESPACES: [(&str, u32); 4] = [("team-a", 0), ("team-b", 1), ("team-c", 0), ("team-d", 1)];
 
 fn scoped_secret(fake: &FakeKube, ns: &str, name: &str) {
-    fake.insert(json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}
-    }));
+    use support::shop::{default_spec, scoped_secret};
+    fake.insert(scoped_secret(name, ns, default_spec()));
 }
 
 fn cluster() -> FakeKube {
@@ -43,15 +41,10 @@ fn cluster() -> FakeKube {
             scoped_secret(&fake, ns, name);
         }
     }
-    fake.insert(json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {
-            "address": "http://vault:8200",
-            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
-            "access": [{"namespaceSelector": {}, "projects": ["shop"]}]
-        }
-    }));
+    fake.insert(support::shop::cluster_store(
+        "vault",
+        Some(json!([{"namespaceSelector": {}, "projects": ["shop"]}])),
+    ));
     fake
 }
 
@@ -82,17 +75,6 @@ fn synced_by(metrics: &Metrics) -> BTreeSet<String> {
             format!("{}/{}", label("namespace"), label("name"))
         })
         .collect()
-}
-
-async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn secrets_written(fake: &FakeKube) -> usize {

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -16,27 +15,19 @@ use scoped_secrets::api::v1alpha1::{ClusterVaultStore, ScopedSecret};
 use scoped_secrets::controller::caches::{self, Cache, ScopeCaches};
 use scoped_secrets::controller::{Config, Context, error_policy, reconcile};
 use scoped_secrets::vault::VaultError;
-use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
+use support::b64;
 use support::fake_api::FakeKube;
+use support::shop::{Shop, data, default_spec, scoped_secret};
 
 const CANARY: &str = "canary-9d1e55";
 
-struct World {
-    fake: FakeKube,
-    vault: Arc<MemorySource>,
-    ctx: Arc<Context>,
-}
+type World = Shop;
 
 fn world() -> World {
-    let fake = FakeKube::new();
-    support::shop::shop_dev(&fake);
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "bank-dev", "labels": {"scopedsecrets.io/project": "shop"}}
-    }));
-    let vault = Arc::new(MemorySource::new());
-    vault.put(
+    let w = Shop::new(Config::default());
+    support::shop::bank_dev(&w.fake);
+    w.vault.put(
         "shop",
         &[
             ("LOG_LEVEL", Some("info")),
@@ -44,98 +35,18 @@ fn world() -> World {
             ("FEATURE_X", Some("off")),
         ],
     );
-    vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("debug"))]);
-    vault.put(
+    w.vault
+        .put("shop/envs/dev", &[("LOG_LEVEL", Some("debug"))]);
+    w.vault.put(
         "shop/envs/dev/services/api",
         &[("DB_PASSWORD", Some(CANARY)), ("FEATURE_X", None)],
     );
-    let ctx = support::shop::context(&fake, vault.clone(), Config::default());
-    World { fake, vault, ctx }
-}
-
-fn scoped_secret(name: &str, namespace: &str, spec: Value) -> Value {
-    json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec
-    })
-}
-
-fn default_spec() -> Value {
-    json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}})
-}
-
-impl World {
-    fn add(&self, obj: Value) {
-        self.fake.insert(obj);
-    }
-
-    fn ss(&self, ns: &str, name: &str) -> Arc<ScopedSecret> {
-        Arc::new(
-            self.fake
-                .get_typed::<ScopedSecret>(Some(ns), name)
-                .expect("ScopedSecret exists"),
-        )
-    }
-
-    /// A second operator context on the same cluster and Vault (another config, or a restart).
-    fn context(&self, config: Config) -> Arc<Context> {
-        support::shop::context(&self.fake, self.vault.clone(), config)
-    }
-
-    /// Changes the stored ScopedSecret as a user's edit would.
-    fn edit_ss(&self, ns: &str, name: &str, edit: impl FnOnce(&mut Value)) {
-        let mut obj = self
-            .fake
-            .get(
-                "apis/scopedsecrets.io/v1alpha1",
-                Some(ns),
-                "scopedsecrets",
-                name,
-            )
-            .expect("ScopedSecret exists");
-        edit(&mut obj);
-        self.fake.insert(obj);
-    }
-
-    fn secret(&self, ns: &str, name: &str) -> Option<Secret> {
-        self.fake.get_typed::<Secret>(Some(ns), name)
-    }
-
-    async fn reconcile(
-        &self,
-        ns: &str,
-        name: &str,
-    ) -> Result<Action, scoped_secrets::controller::Error> {
-        reconcile(self.ss(ns, name), self.ctx.clone()).await
-    }
-
-    fn write_summary(&self) -> Vec<String> {
-        self.fake
-            .writes()
-            .iter()
-            .map(|r| format!("{} {}", r.method, r.path))
-            .collect()
-    }
-}
-
-fn data(secret: &Secret) -> std::collections::BTreeMap<String, String> {
-    secret
-        .data
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-        .collect()
+    w
 }
 
 fn condition(ss: &ScopedSecret, type_: &str) -> (String, String, String) {
-    let c = ss
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-        .unwrap_or_else(|| panic!("no {type_} condition in {:?}", ss.status));
-    (c.status.clone(), c.reason.clone(), c.message.clone())
+    support::shop::condition(ss, type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {:?}", ss.status))
 }
 
 #[tokio::test]
@@ -444,14 +355,7 @@ async fn a_dev_namespace_cannot_read_prod_by_setting_spec_environment() {
     );
 
     // The same request through a store without rules: the namespace's labels decide.
-    w.add(json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "open"},
-        "spec": {
-            "address": "http://vault:8200",
-            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}}
-        }
-    }));
+    w.add(support::shop::cluster_store("open", None));
     w.edit_ss("shop-dev", "api", |obj| {
         obj["spec"]["storeRef"]["name"] = json!("open");
     });
@@ -465,15 +369,12 @@ async fn a_dev_namespace_cannot_read_prod_by_setting_spec_environment() {
     assert!(w.secret("shop-dev", "api").is_none());
 
     // A rule that opens the environment admits it.
-    w.add(json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "open"},
-        "spec": {
-            "address": "http://vault:8200",
-            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
-            "access": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}, "projects": ["shop"], "environments": ["*"]}]
-        }
-    }));
+    w.add(support::shop::cluster_store(
+        "open",
+        Some(
+            json!([{"namespaceSelector": {"matchLabels": {"team": "shop"}}, "projects": ["shop"], "environments": ["*"]}]),
+        ),
+    ));
     w.reconcile("shop-dev", "api").await.unwrap();
     assert_eq!(
         data(&w.secret("shop-dev", "api").unwrap())["DB_HOST"],
@@ -789,11 +690,6 @@ async fn the_canary_value_appears_only_in_the_secret() {
     assert!(data(&w.secret("shop-dev", "api").unwrap())["DB_PASSWORD"].starts_with(CANARY));
 }
 
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 #[tokio::test]
 async fn the_hmac_key_is_created_once_and_reused() {
     let fake = FakeKube::new();
@@ -975,6 +871,19 @@ fn rotating(as_: Option<&str>, overlap: &str) -> Value {
     json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "rotation": [rule]})
 }
 
+/// `API_KEY_PREVIOUS` as written for a ScopedSecret `web` of the service `api` that keeps the
+/// previous `API_KEY` for `overlap`.
+async fn previous_key(w: &World, overlap: &str) -> String {
+    w.add(scoped_secret(
+        "web",
+        "shop-dev",
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api",
+        "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": overlap}]}),
+    ));
+    w.reconcile("shop-dev", "web").await.unwrap();
+    data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"].clone()
+}
+
 #[tokio::test]
 async fn a_rotated_key_keeps_its_previous_value_for_the_overlap_window() {
     let path = "shop/envs/dev/services/api";
@@ -995,17 +904,7 @@ async fn a_rotated_key_keeps_its_previous_value_for_the_overlap_window() {
         "new first while the window is open"
     );
 
-    w.add(scoped_secret(
-        "web",
-        "shop-dev",
-        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api",
-        "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": "24h"}]}),
-    ));
-    w.reconcile("shop-dev", "web").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"],
-        "old"
-    );
+    assert_eq!(previous_key(&w, "24h").await, "old");
 }
 
 #[tokio::test]
@@ -1033,18 +932,7 @@ async fn the_window_starts_when_the_value_changed_and_closes_after_the_overlap()
         "new",
         "closed: 2h since the change, 1h overlap"
     );
-    w.add(scoped_secret(
-        "web",
-        "shop-dev",
-        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "service": "api",
-        "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": "3h"}]}),
-    ));
-    w.reconcile("shop-dev", "web").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"],
-        "old",
-        "open: 3h overlap"
-    );
+    assert_eq!(previous_key(&w, "3h").await, "old", "open: 3h overlap");
 }
 
 #[tokio::test]

@@ -9,31 +9,35 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
-use scoped_secrets::controller::{Config, Context, reconcile};
-use scoped_secrets::vault::memory::MemorySource;
+use scoped_secrets::controller::Config;
 use serde_json::{Value, json};
-use support::fake_api::FakeKube;
+use support::shop::Shop;
 
 const CANARY: &str = "canary-4f0a2b";
 const URL: &str = "postgres://{{ DB_USER }}:{{ DB_PASSWORD | urlencode }}@{{ DB_HOST }}/app";
 
 struct World {
-    fake: FakeKube,
-    vault: Arc<MemorySource>,
-    ctx: Arc<Context>,
+    shop: Shop,
     clock: Arc<scoped_secrets::clock::ManualClock>,
     restarts: support::restarts::Hand,
+}
+
+/// The world reads and writes the cluster and Vault of its shop.
+impl std::ops::Deref for World {
+    type Target = Shop;
+
+    fn deref(&self) -> &Shop {
+        &self.shop
+    }
 }
 
 /// Namespace `shop-dev` of project `shop`, environment `dev`; the `shop` scopes hold the
 /// database's user and host, the `dev` environment its password.
 fn world() -> World {
-    let fake = FakeKube::new();
-    support::shop::shop_dev(&fake);
-    let vault = Arc::new(MemorySource::new());
-    vault.put(
+    let clock = Arc::new(scoped_secrets::clock::ManualClock::default());
+    let shop = Shop::at(Config::default(), clock.clone());
+    shop.vault.put(
         "shop",
         &[
             ("DB_USER", Some("app")),
@@ -41,28 +45,19 @@ fn world() -> World {
             ("LOG_LEVEL", Some("info")),
         ],
     );
-    vault.put("shop/envs/dev", &[("DB_PASSWORD", Some(CANARY))]);
-    let clock = Arc::new(scoped_secrets::clock::ManualClock::default());
-    let ctx = support::shop::context_at(&fake, vault.clone(), Config::default(), clock.clone());
-    let restarts = support::restarts::Hand::new(ctx.clone());
+    shop.vault
+        .put("shop/envs/dev", &[("DB_PASSWORD", Some(CANARY))]);
     World {
-        fake,
-        vault,
-        ctx,
+        restarts: support::restarts::Hand::new(shop.ctx.clone()),
+        shop,
         clock,
-        restarts,
     }
 }
 
 fn scoped_secret(template: Value) -> Value {
-    json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-        "metadata": {"name": "api", "namespace": "shop-dev"},
-        "spec": {
-            "storeRef": {"kind": "ClusterVaultStore", "name": "vault"},
-            "target": {"template": template}
-        }
-    })
+    let mut spec = support::shop::default_spec();
+    spec["target"] = json!({"template": template});
+    support::shop::scoped_secret("api", "shop-dev", spec)
 }
 
 fn config_map(data: Value) -> Value {
@@ -74,27 +69,19 @@ fn config_map(data: Value) -> Value {
 }
 
 impl World {
+    /// The ScopedSecret `api` in `shop-dev`.
     fn ss(&self) -> Arc<ScopedSecret> {
-        Arc::new(
-            self.fake
-                .get_typed::<ScopedSecret>(Some("shop-dev"), "api")
-                .expect("ScopedSecret exists"),
-        )
+        self.shop.ss("shop-dev", "api")
     }
 
+    /// One reconcile of the ScopedSecret `api`.
     async fn reconcile(&self) -> Result<(), scoped_secrets::controller::Error> {
-        reconcile(self.ss(), self.ctx.clone()).await.map(|_| ())
+        self.shop.reconcile("shop-dev", "api").await.map(|_| ())
     }
 
+    /// The data of the Secret `api`.
     fn data(&self) -> BTreeMap<String, String> {
-        self.fake
-            .get_typed::<Secret>(Some("shop-dev"), "api")
-            .expect("the Secret exists")
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-            .collect()
+        support::shop::secret_data(&self.fake, "shop-dev", "api")
     }
 
     fn secret_writes(&self) -> usize {
@@ -103,15 +90,7 @@ impl World {
 }
 
 fn deployment(name: &str, key: &str) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": "shop-dev", "labels": {"app": name}},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{
-                     "name": "c", "image": "x",
-                     "env": [{"name": "V", "valueFrom": {"secretKeyRef": {"name": "api", "key": key}}}]}]}}},
-        "status": {"observedGeneration": 1_000_000, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}
-    })
+    support::workloads::deployment("shop-dev", name, support::workloads::key_ref("api", key))
 }
 
 /// The Deployments restarted once the coalescing window has passed.
@@ -275,18 +254,10 @@ async fn an_invalid_template_keeps_the_secret_and_names_the_key_and_line() {
     w.reconcile().await.unwrap();
     let before = w.data();
 
-    let mut obj = w
-        .fake
-        .get(
-            "apis/scopedsecrets.io/v1alpha1",
-            Some("shop-dev"),
-            "scopedsecrets",
-            "api",
-        )
-        .unwrap();
-    obj["spec"]["target"]["template"]["data"]["DATABASE_URL"] =
-        json!("postgres://{{ DB_USER }}\n:{{ DB_PASSWORD + 1 }}@{{ DB_HOST }}");
-    w.fake.insert(obj);
+    w.edit_ss("shop-dev", "api", |obj| {
+        obj["spec"]["target"]["template"]["data"]["DATABASE_URL"] =
+            json!("postgres://{{ DB_USER }}\n:{{ DB_PASSWORD + 1 }}@{{ DB_HOST }}");
+    });
     w.fake.clear_requests();
     let err = w.reconcile().await.unwrap_err();
     assert_eq!(err.category(), "InvalidTemplate");

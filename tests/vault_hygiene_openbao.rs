@@ -11,82 +11,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::Secret;
-use scoped_secrets::api::v1alpha1::{KvEngine, ScopedSecret, StoreConnection};
+use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::{Config, Context, Error, error_policy, reconcile};
 use scoped_secrets::render::HmacKey;
 use scoped_secrets::resolve::ScopeData;
 use scoped_secrets::scope::{Scope, ScopePath};
 use scoped_secrets::vault::client::VaultReader;
-use scoped_secrets::vault::{
-    AuthPlan, Identity, ScopeSource, SecretKeyLocation, StoreHandle, VaultError, VersionData,
-};
+use scoped_secrets::vault::{ScopeSource, StoreHandle, VaultError, VersionData};
 use serde_json::{Value, json};
 use support::fake_api::FakeKube;
 use support::openbao::OpenBao;
+use support::readers::{approle_reader, token_reader};
 
 const LONG: Duration = Duration::from_secs(600);
 
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
 // ---- the reader on its own ----
-
-fn store(address: &str, auth: AuthPlan) -> StoreHandle {
-    StoreHandle {
-        identity: Identity {
-            store: "ClusterVaultStore//vault/uid/1".into(),
-            principal: auth.principal(),
-        },
-        connection: StoreConnection {
-            address: address.into(),
-            kv: KvEngine::default(),
-            ..Default::default()
-        },
-        auth,
-        timeout: Duration::from_secs(5),
-    }
-}
-
-/// A reader logging in with AppRole (its secret id in the in-memory API server), and its store.
-fn approle_reader(bao: &OpenBao, role_id: String, secret_id: &str) -> (VaultReader, StoreHandle) {
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "approle", "namespace": "scoped-secrets"},
-        "data": {"secret-id": b64(secret_id)}
-    }));
-    let auth = AuthPlan::AppRole {
-        mount: "approle".into(),
-        role_id,
-        secret_id: SecretKeyLocation {
-            namespace: "scoped-secrets".into(),
-            name: "approle".into(),
-            key: "secret-id".into(),
-        },
-    };
-    (VaultReader::new(fake.client()), store(&bao.addr(), auth))
-}
-
-/// A reader using a static token from a Secret, and its store.
-fn token_reader(bao: &OpenBao, token: &str) -> (VaultReader, StoreHandle) {
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "vault-token", "namespace": "scoped-secrets"},
-        "data": {"token": b64(token)}
-    }));
-    let auth = AuthPlan::Token {
-        token: SecretKeyLocation {
-            namespace: "scoped-secrets".into(),
-            name: "vault-token".into(),
-            key: "token".into(),
-        },
-    };
-    (VaultReader::new(fake.client()), store(&bao.addr(), auth))
-}
 
 fn project(path: &str) -> ScopePath {
     ScopePath {
@@ -158,7 +97,7 @@ async fn ten_denied_retries_log_in_once_and_keep_other_readers_cached_reads() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
     let (role_id, secret_id) = shop_only_approle(&bao).await;
-    let (reader, s) = approle_reader(&bao, role_id, &secret_id);
+    let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     // Another ScopedSecret of the same identity reads `shop` only.
     reader
         .read_scopes(&s, &[project("shop")], LONG)
@@ -204,7 +143,7 @@ async fn a_token_revoked_out_of_band_logs_in_again_once_a_minute_at_most() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
     let (role_id, secret_id) = shop_only_approle(&bao).await;
-    let (reader, s) = approle_reader(&bao, role_id, &secret_id);
+    let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     reader
         .read_scopes(&s, &[project("shop")], Duration::ZERO)
         .await
@@ -256,7 +195,7 @@ async fn a_revoked_static_token_is_auth_failed_naming_its_secret() {
     )
     .await;
     let token = bao.token_with_policies(&["shop-read"]).await;
-    let (reader, s) = token_reader(&bao, &token);
+    let (reader, s) = token_reader(&bao.addr(), &token);
     reader
         .read_scopes(&s, &[project("shop")], Duration::ZERO)
         .await
@@ -302,7 +241,7 @@ async fn a_superseded_token_is_revoked_and_shutdown_revokes_every_minted_token()
         .await
         .unwrap();
     assert!(status < 300, "{status} {body}");
-    let (reader, s) = approle_reader(&bao, role_id, &secret_id);
+    let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     reader
         .read_scopes(&s, &[project("shop")], Duration::ZERO)
         .await
@@ -325,7 +264,7 @@ async fn a_superseded_token_is_revoked_and_shutdown_revokes_every_minted_token()
 
     // A static token is the user's: read with it, then shut both readers down.
     let user_token = bao.token_with_policies(&["shop-only"]).await;
-    let (static_reader, static_store) = token_reader(&bao, &user_token);
+    let (static_reader, static_store) = token_reader(&bao.addr(), &user_token);
     static_reader
         .read_scopes(&static_store, &[project("shop")], Duration::ZERO)
         .await
@@ -356,7 +295,7 @@ async fn an_old_version_is_cached_no_longer_than_the_callers_max_age() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"API_KEY": "old"})).await;
     bao.kv_put("shop", json!({"API_KEY": "new"})).await;
-    let (reader, s) = token_reader(&bao, bao.root_token());
+    let (reader, s) = token_reader(&bao.addr(), bao.root_token());
     let max_age = Duration::from_millis(300);
     let v1 = reader.read_version(&s, "shop", 1, max_age).await.unwrap();
     assert!(v1.unwrap().entries.is_some());
@@ -392,16 +331,7 @@ struct Rig {
 /// real reader).
 fn rig(bao: &OpenBao, token: &str, uncached: bool) -> Rig {
     let fake = FakeKube::new();
-    fake.insert(
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop-dev",
-        "labels": {"scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": "dev"}}}),
-    );
-    fake.insert(json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "vault-token", "namespace": "scoped-secrets"}, "data": {"token": b64(token)}}));
-    fake.insert(json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {"address": bao.addr(), "timeout": "5s",
-                 "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}}}}));
+    support::shop::on_openbao(&fake, &bao.addr(), token, "5s");
     let reader = Arc::new(VaultReader::new(fake.client()));
     let source: Arc<dyn ScopeSource> = if uncached {
         Arc::new(RefreshDue(reader.clone()))
@@ -448,31 +378,19 @@ impl ScopeSource for RefreshDue {
 
 impl Rig {
     fn add_scoped_secret(&self, name: &str, spec: Value) {
-        self.fake.insert(
-            json!({"apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-            "metadata": {"name": name, "namespace": "shop-dev"}, "spec": spec}),
-        );
+        self.fake
+            .insert(support::shop::scoped_secret(name, "shop-dev", spec));
     }
 
     /// A Deployment reading all of Secret `secret`, whose rollouts complete at once.
     fn add_consumer(&self, name: &str, secret: &str) {
-        self.fake.insert(json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": "shop-dev", "labels": {"app": name}},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": {"app": name}},
-                                  "spec": {"containers": [{"name": "c", "image": "x",
-                                           "envFrom": [{"secretRef": {"name": secret}}]}]}}},
-            "status": {"observedGeneration": 1_000_000, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}
-        }));
+        use support::workloads::{deployment, env_from};
+        self.fake
+            .insert(deployment("shop-dev", name, env_from(&[secret])));
     }
 
     fn ss(&self, name: &str) -> Arc<ScopedSecret> {
-        Arc::new(
-            self.fake
-                .get_typed::<ScopedSecret>(Some("shop-dev"), name)
-                .unwrap(),
-        )
+        Arc::new(support::shop::get_ss(&self.fake, "shop-dev", name))
     }
 
     async fn reconcile(&self, name: &str) -> Result<(), Error> {
@@ -490,28 +408,13 @@ impl Rig {
     }
 
     fn data(&self, secret: &str) -> std::collections::BTreeMap<String, String> {
-        self.fake
-            .get_typed::<Secret>(Some("shop-dev"), secret)
-            .expect("the Secret exists")
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-            .collect()
+        support::shop::secret_data(&self.fake, "shop-dev", secret)
     }
 
     fn force_sync(&self, name: &str, value: &str) {
-        let mut ss = self
-            .fake
-            .get(
-                "apis/scopedsecrets.io/v1alpha1",
-                Some("shop-dev"),
-                "scopedsecrets",
-                name,
-            )
-            .unwrap();
-        ss["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": value});
-        self.fake.insert(ss);
+        support::shop::edit_ss(&self.fake, "shop-dev", name, |ss| {
+            ss["metadata"]["annotations"] = json!({"scopedsecrets.io/force-sync": value});
+        });
     }
 
     /// The checksum annotations each patch of Deployment `name` set, in order.
@@ -747,13 +650,7 @@ async fn a_hundred_no_op_refreshes_log_nothing_at_info_or_above() {
 async fn repeated_identical_failures_log_one_warn_and_wait_on_the_permanent_schedule() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
-    bao.write_policy(
-        "project-only",
-        r#"path "secret/data/shop" { capabilities = ["read"] }
-path "secret/data/shop/services/*" { capabilities = ["read"] }"#,
-    )
-    .await;
-    let token = bao.token_with_policies(&["project-only"]).await;
+    let token = bao.project_only_token().await;
     let rig = rig(&bao, &token, false);
     rig.add_scoped_secret(
         "api",

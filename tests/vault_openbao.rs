@@ -4,82 +4,26 @@
 //! through the in-memory API server.
 
 mod support;
+use support::b64;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use scoped_secrets::api::v1alpha1::{KvEngine, StoreConnection};
 use scoped_secrets::resolve::{Entry, ScopeData};
 use scoped_secrets::scope::{Coordinates, Layout, Scope, ScopePath};
 use scoped_secrets::vault::client::VaultReader;
-use scoped_secrets::vault::{
-    AuthPlan, Identity, ScopeSource, SecretKeyLocation, StoreHandle, VaultError,
-};
+use scoped_secrets::vault::{AuthPlan, ScopeSource, SecretKeyLocation, VaultError};
 use serde_json::json;
 use support::fake_api::FakeKube;
 use support::openbao::OpenBao;
+use support::readers::{self, approle_reader, store, token_plan};
 
 const LONG: Duration = Duration::from_secs(600);
 
-fn store(address: &str, auth: AuthPlan) -> StoreHandle {
-    StoreHandle {
-        identity: Identity {
-            store: "ClusterVaultStore//vault/uid/1".into(),
-            principal: auth.principal(),
-        },
-        connection: StoreConnection {
-            address: address.into(),
-            kv: KvEngine::default(),
-            ..Default::default()
-        },
-        auth,
-        timeout: Duration::from_secs(5),
-    }
-}
-
-fn token_plan() -> AuthPlan {
-    AuthPlan::Token {
-        token: SecretKeyLocation {
-            namespace: "scoped-secrets".into(),
-            name: "vault-token".into(),
-            key: "token".into(),
-        },
-    }
-}
-
+/// [`readers::fake_with_token`] with a trailing newline, as `kubectl create secret
+/// --from-file` leaves it: the reader trims it.
 fn fake_with_token(token: &str) -> FakeKube {
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "vault-token", "namespace": "scoped-secrets"},
-        "data": {"token": b64(&format!("{token}\n"))}
-    }));
-    fake
-}
-
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// A reader whose AppRole secret id sits in the in-memory API server, and its store.
-fn approle_reader(addr: &str, role_id: String, secret_id: &str) -> (VaultReader, StoreHandle) {
-    let fake = FakeKube::new();
-    fake.insert(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "approle", "namespace": "scoped-secrets"},
-        "data": {"secret-id": b64(secret_id)}
-    }));
-    let auth = AuthPlan::AppRole {
-        mount: "approle".into(),
-        role_id,
-        secret_id: SecretKeyLocation {
-            namespace: "scoped-secrets".into(),
-            name: "approle".into(),
-            key: "secret-id".into(),
-        },
-    };
-    (VaultReader::new(fake.client()), store(addr, auth))
+    readers::fake_with_token(&format!("{token}\n"))
 }
 
 fn paths(env: Option<&str>) -> Vec<ScopePath> {

@@ -28,24 +28,19 @@ fn cluster() -> FakeKube {
             "metadata": {"name": ns, "labels": {
                 "scopedsecrets.io/project": "shop", "scopedsecrets.io/environment": env}}
         }));
-        fake.insert(json!({
-            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-            "metadata": {"name": "api", "namespace": ns},
-            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}
-        }));
+        fake.insert(support::shop::scoped_secret(
+            "api",
+            ns,
+            support::shop::default_spec(),
+        ));
     }
     fake.insert(json!({
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "scoped-secrets"}
     }));
-    fake.insert(json!({
-        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ClusterVaultStore",
-        "metadata": {"name": "vault"},
-        "spec": {
-            "address": "http://vault:8200",
-            "auth": {"token": {"secretRef": {"namespace": "scoped-secrets", "name": "vault-token", "key": "token"}}},
-            "access": [{"namespaceSelector": {}, "projects": ["shop"]}]
-        }
-    }));
+    fake.insert(support::shop::cluster_store(
+        "vault",
+        Some(json!([{"namespaceSelector": {}, "projects": ["shop"]}])),
+    ));
     fake
 }
 

@@ -166,6 +166,14 @@ impl Config {
         self.shard
             .is_none_or(|s| namespace.is_some_and(|ns| s.serves(ns)))
     }
+
+    /// The restart breaker's limits: `breaker_changes` within `breaker_window`.
+    pub fn breaker_limits(&self) -> crate::rollout::breaker::Limits {
+        crate::rollout::breaker::Limits {
+            max_changes: self.breaker_changes,
+            window: self.breaker_window,
+        }
+    }
 }
 
 impl Default for Config {
@@ -334,12 +342,7 @@ fn spec_unhandled(ss: &ScopedSecret) -> bool {
 /// Whether a reconcile of `ss` would be a plain refresh: its spec handled, no force-sync
 /// annotation pending.
 fn plain_refresh(ss: &ScopedSecret) -> bool {
-    let force = ss.annotations().get(FORCE_SYNC_ANNOTATION);
-    let handled = ss
-        .status
-        .as_ref()
-        .and_then(|s| s.force_sync_handled.as_ref());
-    !spec_unhandled(ss) && (force.is_none() || force == handled)
+    !spec_unhandled(ss) && reconcile::force_sync_pending(ss).is_none()
 }
 
 impl Context {
@@ -743,6 +746,26 @@ where
     }
 }
 
+/// The backoff of a Controller's merged triggers: none. kube-runtime pauses all of them after
+/// an error from any one, so a watch that keeps failing (a refused ConfigMap list, say) would
+/// hold back every other trigger — audit entries, CLI and peer refreshes, spec edits — for up
+/// to 30 s at a time. Each watch of `controller_for` backs off from its own errors
+/// (`default_backoff`), and the refreshes asked through `reconcile_on` never fail.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NoPause;
+
+impl Iterator for NoPause {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoPause {
+    fn reset(&mut self) {}
+}
+
 /// The controller of ScopedSecrets in `namespace` (all namespaces when `None`), with the
 /// watches that map related objects back to them. `on_synced` is called when the cache of
 /// ScopedSecrets is filled by a complete list (first and later re-lists). Its caches of
@@ -868,6 +891,7 @@ fn controller_for(
     );
     controller
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .trigger_backoff(NoPause)
         .watches_stream(secrets, |s: kube::core::PartialObjectMeta<Secret>| {
             let owner = s.labels().get(OWNER_LABEL).cloned();
             let ns = s.namespace();

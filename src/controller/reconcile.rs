@@ -1,11 +1,17 @@
-//! One reconcile: fetch → validate → resolve → build → apply → status.
+//! One reconcile of a ScopedSecret, as named stages with typed hand-offs:
 //!
-//! Only `apply` (the Secret) and `status` (the ScopedSecret's status, events) write, and each
+//! `fetch` (the namespace's labels, the store) → `Fetched` → `validate` (`pipeline::plan`, the
+//! path index) → `Plan` → `build` (read, resolve, build: `pipeline::build`; expiries) →
+//! `Desired` → `apply` (existence check, ownership, the Secret, the previous target) →
+//! `Applied` → `record_changes` (the breaker) → `Synced` → `report` (status, events, when to
+//! sync again).
+//!
+//! Only `apply` (the Secret) and `report` (the ScopedSecret's status, events) write, and each
 //! writes only when something differs: a no-op resync makes zero API writes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -19,268 +25,263 @@ use tracing::{info, instrument, warn};
 
 use super::caches::CachedSecret;
 use super::events::publish;
-use super::pipeline::{self, StoreSpec};
+use super::pipeline::{self, Plan, StoreSpec};
 use super::retain::{self, Retention};
-use super::status::{Outcome, next_status, set_retention};
+use super::status::{KEYS_EXPIRING, Outcome, ROLLOUTS_PAUSED, next_status, set_retention};
+use super::trigger::Pending;
 use super::{Context, Error, refresh_delay};
 use crate::api::v1alpha1::{
     ChangeHistory, ClusterVaultStore, DeletionPolicy, LastTrigger, ScopedSecret, StoreKind,
     VaultStore,
 };
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
-use crate::resolve::Resolved;
 use crate::rollout::breaker;
 use crate::template;
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
-/// What a successful sync did.
-struct Synced {
-    secret_name: String,
-    /// Resolved keys written as they are.
-    resolved: Resolved,
-    /// Keys built by `spec.target.template`.
-    templated: template::Templated,
-    content_hash: String,
+/// The ScopedSecret a sync is for: its namespace and its pending `force-sync` value (which
+/// bypasses the shared cache), read once.
+struct Subject<'a> {
+    ss: &'a ScopedSecret,
+    obj: &'a ObjectRef<ScopedSecret>,
+    ns: &'a str,
+    forced: Option<&'a str>,
+}
+
+/// What `fetch` read: the namespace's labels, and the store or why it could not be read
+/// (`validate` records that as a refused plan).
+struct Fetched {
+    labels: BTreeMap<String, String>,
+    store: Result<StoreSpec, Error>,
+}
+
+/// What `build` hands to `apply`.
+struct Desired {
+    /// The Secret to write and what it was built from.
+    built: pipeline::Built,
+    /// When the read of Vault began: a trigger asked for later is not answered by it.
+    read_started: Instant,
+    /// Keys expiring within the horizon, as a sentence.
+    expiring: Option<String>,
+}
+
+/// What `apply` did.
+struct Applied {
     /// The Secret did not exist before.
     created: bool,
     /// The Secret was written.
     wrote: bool,
     /// Names of keys whose value was added, changed or removed (names only).
     changed_keys: Vec<String>,
-    refresh: Duration,
-    /// The recent content changes, for the restart breaker.
-    changes: ChangeHistory,
-    /// Until when the breaker pauses restarts from this Secret, if it does.
-    paused_until: Option<jiff::Timestamp>,
-    /// When the first open rotation window closes.
-    rotation_ends: Option<jiff::Timestamp>,
-    /// Keys expiring within the horizon, as a sentence.
-    expiring: Option<String>,
-    /// The `force-sync` annotation value acted on, when this sync was forced by it.
-    force_sync: Option<String>,
     /// What brought this sync.
     trigger: LastTrigger,
 }
 
-/// Reconciles one ScopedSecret.
+/// The breaker pauses restarts from the Secret.
+struct Paused {
+    until: jiff::Timestamp,
+    /// Why, for the condition and the event.
+    note: String,
+}
+
+/// What a successful sync did: the input of `report`.
+struct Synced {
+    secret_name: String,
+    refresh: Duration,
+    /// Resolved keys written as they are, and keys built by `spec.target.template`.
+    keys: template::Output,
+    content_hash: String,
+    /// When the first open rotation window closes.
+    rotation_ends: Option<jiff::Timestamp>,
+    /// Keys expiring within the horizon, as a sentence.
+    expiring: Option<String>,
+    applied: Applied,
+    /// The recent content changes, for the restart breaker.
+    changes: ChangeHistory,
+    paused: Option<Paused>,
+    /// The `force-sync` annotation value acted on, when this sync was forced by it.
+    force_sync: Option<String>,
+}
+
+impl Synced {
+    fn outcome(&self) -> Outcome<'_> {
+        Outcome::Synced {
+            secret_name: &self.secret_name,
+            resolved: &self.keys.resolved,
+            templated: &self.keys.templated,
+            content_hash: &self.content_hash,
+            wrote: self.applied.wrote,
+            changes: &self.changes,
+            paused: self.paused.as_ref().map(|p| p.note.as_str()),
+            expiring: self.expiring.as_deref(),
+            force_sync: self.force_sync.as_deref(),
+            trigger: self.applied.trigger,
+        }
+    }
+
+    fn key_count(&self) -> usize {
+        self.keys.resolved.len() + self.keys.templated.len()
+    }
+}
+
+/// Reconciles one ScopedSecret: retain, sync, report.
 #[instrument(skip_all, fields(namespace = ss.namespace().as_deref().unwrap_or_default(), name = %ss.name_any()))]
 pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
     let obj = ObjectRef::from_obj(ss.as_ref());
-    let started = std::time::Instant::now();
+    let started = Instant::now();
+    let (retention, synced) = retain_and_sync(&ss, &ctx, &obj).await;
+    // Its store already has its share of the workers reading: give this one back, no status.
+    if let Err(Error::Vault(crate::vault::VaultError::StoreBusy { .. })) = &synced {
+        return Ok(Action::requeue(super::deferral_delay()));
+    }
+    let result = match synced {
+        Ok(done) => report(&ss, &ctx, &obj, &done, &retention).await,
+        Err(err) => Err(report_failure(&ss, &ctx, err, &retention).await),
+    };
+    let category = result.as_ref().err().map_or("success", Error::category);
+    ctx.metrics.reconciled(category, started.elapsed());
+    result
+}
+
+/// Retain first — whatever fails later, the Secret must not go with the ScopedSecret — then
+/// sync, both within the reconcile's time limit.
+async fn retain_and_sync(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    obj: &ObjectRef<ScopedSecret>,
+) -> (Retention, Result<Synced, Error>) {
     let limit = ctx.config.reconcile_timeout;
-    // Retain first: whatever fails later, the Secret must not go with the ScopedSecret.
     let staged = async {
-        match retain::release(&ss, &ctx).await {
-            Ok(retention) => (retention, sync(&ss, &ctx).await),
+        match retain::release(ss, ctx).await {
+            Ok(retention) => (retention, sync(ss, ctx, obj).await),
             Err(e) => (Retention::Failed(e.to_string()), Err(e)),
         }
     };
-    let (retention, result) = match tokio::time::timeout(limit, staged).await {
-        Ok(staged) => staged,
-        Err(_) => (
-            Retention::Unknown,
-            Err(Error::Timeout {
-                seconds: limit.as_secs(),
-            }),
-        ),
-    };
-    // Its store already has its share of the workers reading: give this one back, no status.
-    if let Err(Error::Vault(crate::vault::VaultError::StoreBusy { .. })) = &result {
-        return Ok(Action::requeue(super::deferral_delay()));
-    }
-    let now = seconds(ctx.clock.now());
-    match result {
-        Ok(done) => {
-            let paused = done.paused_until.map(|_| paused_note(&ctx, &done));
-            let outcome = Outcome::Synced {
-                secret_name: &done.secret_name,
-                resolved: &done.resolved,
-                templated: &done.templated,
-                content_hash: &done.content_hash,
-                wrote: done.wrote,
-                changes: &done.changes,
-                paused: paused.as_deref(),
-                expiring: done.expiring.as_deref(),
-                force_sync: done.force_sync.as_deref(),
-                trigger: done.trigger,
-            };
-            if let Err(e) = write_status(&ss, &ctx, &outcome, &retention, now).await {
-                ctx.metrics.reconciled(e.category(), started.elapsed());
-                return Err(e);
-            }
-            announce(&ss, &ctx, &done).await;
-            let was_paused = ss.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == super::status::ROLLOUTS_PAUSED && c.status == "True")
-            });
-            if done.paused_until.is_some() && !was_paused {
-                let note = paused_note(&ctx, &done);
-                warn!("{note}");
-                publish(&ss, &ctx, EventType::Warning, "RolloutsPaused", &note).await;
-            }
-            let was_expiring = ss.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == super::status::KEYS_EXPIRING && c.status == "True")
-            });
-            if let Some(msg) = &done.expiring
-                && !was_expiring
-            {
-                publish(&ss, &ctx, EventType::Warning, "KeysExpiring", msg).await;
-            }
-            ctx.metrics.reconciled("success", started.elapsed());
-            let first_since_start = ctx.mark_synced(&obj);
-            ctx.record_success(&obj);
-            let mut delay = refresh_delay(done.refresh, first_since_start);
-            // The old value leaves the Secret right when its window closes; the breaker's
-            // condition turns when its pause ends.
-            let until = |ends: jiff::Timestamp, now: jiff::Timestamp| {
-                Duration::from_secs((ends.as_second() - now.as_second() + 1).max(1) as u64)
-            };
-            if let Some(ends) = done.rotation_ends {
-                delay = delay.min(until(ends, jiff::Timestamp::now()));
-            }
-            if let Some(ends) = done.paused_until {
-                delay = delay.min(until(ends, ctx.clock.now()));
-            }
-            Ok(Action::requeue(delay))
-        }
-        Err(err) => {
-            let outcome = Outcome::Failed {
-                reason: err.category(),
-                message: &err.to_string(),
-            };
-            if let Err(status_err) = write_status(&ss, &ctx, &outcome, &retention, now).await {
-                // Secondary to `err`, which error_policy logs (once, not per retry); usually
-                // the same API server trouble.
-                tracing::debug!(
-                    category = status_err.category(),
-                    "failed to write status: {status_err}"
-                );
-            }
-            publish(
-                &ss,
-                &ctx,
-                EventType::Warning,
-                err.category(),
-                &err.to_string(),
-            )
-            .await;
-            ctx.metrics.reconciled(err.category(), started.elapsed());
-            Err(err)
-        }
-    }
+    tokio::time::timeout(limit, staged)
+        .await
+        .unwrap_or_else(|_| {
+            let seconds = limit.as_secs();
+            (Retention::Unknown, Err(Error::Timeout { seconds }))
+        })
 }
 
-fn seconds(t: jiff::Timestamp) -> Time {
-    // The API server keeps seconds; so do we, so that a status read back compares equal.
-    Time(jiff::Timestamp::from_second(t.as_second()).expect("a valid timestamp"))
-}
-
-fn kube_err(action: String) -> impl FnOnce(kube::Error) -> Error {
-    move |source| Error::Kube { action, source }
-}
-
-async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
-    let ns = ss
-        .namespace()
+/// The stages of a sync up to the status. Only `apply` writes.
+async fn sync(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    obj: &ObjectRef<ScopedSecret>,
+) -> Result<Synced, Error> {
+    let ns = obj
+        .namespace
+        .as_deref()
         .ok_or_else(|| Error::InvalidSpec("ScopedSecret has no namespace".into()))?;
-    let name = ss.name_any();
-    let obj = ObjectRef::from_obj(ss);
+    let forced = force_sync_pending(ss);
+    let s = Subject {
+        ss,
+        obj,
+        ns,
+        forced,
+    };
+    let fetched = fetch(&s, ctx).await?;
+    let plan = validate(&s, ctx, fetched)?;
+    let desired = build(&s, ctx, &plan).await?;
+    let applied = apply(&s, ctx, &desired).await?;
+    let (changes, paused) = record_changes(&s, ctx, &desired);
+    let pipeline::Built {
+        keys,
+        content_hash,
+        rotation_ends,
+        ..
+    } = desired.built;
+    Ok(Synced {
+        secret_name: plan.request.secret_name,
+        refresh: plan.request.refresh,
+        keys,
+        content_hash,
+        rotation_ends,
+        expiring: desired.expiring,
+        applied,
+        changes,
+        paused,
+        force_sync: forced.map(str::to_string),
+    })
+}
 
-    // fetch + validate: the namespace's labels, the request, the store, access, auth.
-    let ns_labels = match ctx.caches.namespace(&ns) {
+/// `fetch`: the namespace's labels and the store, from the informer caches or else the API
+/// server.
+async fn fetch(s: &Subject<'_>, ctx: &Context) -> Result<Fetched, Error> {
+    let labels = match ctx.caches.namespace(s.ns) {
         Some(cached) => cached.metadata.labels.clone().unwrap_or_default(),
         None => Api::<Namespace>::all(ctx.client.clone())
-            .get(&ns)
+            .get(s.ns)
             .await
-            .map_err(kube_err(format!("read namespace {ns}")))?
+            .map_err(kube_err(format!("read namespace {}", s.ns)))?
             .metadata
             .labels
             .unwrap_or_default(),
     };
-    let plan = match fetch_store(ss, ctx, &ns).await {
-        Ok(store) => pipeline::plan(ss, &ns, &ns_labels, store),
-        Err(e) => Err(e),
-    };
-    // The path index follows the plan: a refused one reads nothing.
-    ctx.triggers.planned(&obj, plan.as_ref().ok());
-    let plan = plan?;
+    let store = fetch_store(s.ss, ctx, s.ns).await;
+    Ok(Fetched { labels, store })
+}
 
-    // A force-sync annotation value not acted on yet (status records the last one handled,
-    // so an operator restart does not act on it again) bypasses the shared cache.
-    let force = ss.annotations().get(FORCE_SYNC_ANNOTATION).cloned();
-    let handled = ss
-        .status
-        .as_ref()
-        .and_then(|s| s.force_sync_handled.as_ref());
-    let forced = force.is_some() && handled != force.as_ref();
+/// `validate`: the request, the store's access rules, auth and layout (`pipeline::plan`,
+/// pure). The path index follows the plan: a refused one (a missing store among the causes)
+/// reads nothing.
+fn validate(s: &Subject<'_>, ctx: &Context, fetched: Fetched) -> Result<Plan, Error> {
+    let plan = fetched
+        .store
+        .and_then(|store| pipeline::plan(s.ss, s.ns, &fetched.labels, store));
+    ctx.triggers.planned(s.obj, plan.as_ref().ok());
+    plan
+}
 
-    let max_age = if forced {
-        Duration::ZERO
-    } else {
-        plan.request.refresh
+/// `read` → `resolve` → `build` (`pipeline::build`): the desired Secret, read fresh from Vault
+/// when forced, else through the shared cache; and the keys' expiries (metrics and the
+/// `KeysExpiring` condition).
+async fn build(s: &Subject<'_>, ctx: &Context, plan: &Plan) -> Result<Desired, Error> {
+    let max_age = match s.forced {
+        Some(_) => Duration::ZERO,
+        None => plan.request.refresh,
     };
     let now = jiff::Timestamp::now();
-    let files = fetch_template_files(ctx, &ns, pipeline::template_spec(ss)).await?;
-    let read_started = std::time::Instant::now();
-    let built = pipeline::build(
-        ss,
-        &plan,
-        ctx.source.as_ref(),
-        max_age,
-        &ctx.hmac_key,
-        now,
-        &files,
-    )
-    .await?;
+    let files = fetch_template_files(ctx, s.ns, pipeline::template_spec(s.ss)).await?;
+    let read_started = Instant::now();
+    let source = ctx.source.as_ref();
+    let built = pipeline::build(s.ss, plan, source, max_age, &ctx.hmac_key, now, &files).await?;
     // Other readers of a path found newer here are refreshed now, not on their own schedule.
-    ctx.triggers.saw(&obj, &built.layers);
-
+    ctx.triggers.saw(s.obj, &built.layers);
     let expiries = crate::expiry::expiries(&built.resolved, &built.layers);
     let dated: Vec<(&str, i64)> = expiries
         .iter()
         .map(|e| (e.key.as_str(), e.at.as_second()))
         .collect();
-    ctx.metrics.key_expiries(&ns, &name, &dated);
-    let expiring = crate::expiry::expiring(&expiries, now, ctx.config.expiry_horizon);
-    let pipeline::Built {
-        keys,
-        rotation_ends,
-        content_hash,
-        desired,
-        ..
-    } = built;
-    let request = plan.request;
+    ctx.metrics.key_expiries(s.ns, &s.obj.name, &dated);
+    Ok(Desired {
+        expiring: crate::expiry::expiring(&expiries, now, ctx.config.expiry_horizon),
+        built,
+        read_started,
+    })
+}
 
-    // apply: the only Secret writer.
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let obj = ObjectRef::from_obj(ss);
-    let existing = existing_secret(ctx, &secrets, &obj, &desired).await?;
+/// `apply`, the only Secret writer: the Secret as it is, refused when it is not ours, written
+/// when it differs; then the Secret of a previous `target.name` removed.
+async fn apply(s: &Subject<'_>, ctx: &Context, desired: &Desired) -> Result<Applied, Error> {
+    let secret = &desired.built.desired;
+    let name = secret.name_any();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), s.ns);
+    let existing = existing_secret(ctx, &secrets, s.obj, secret).await?;
     if let Some(existing) = &existing
-        && !is_ours(existing, &name)
+        && !is_ours(existing, &s.obj.name)
     {
         return Err(Error::SecretConflict {
-            namespace: ns.clone(),
-            name: request.secret_name.clone(),
+            namespace: s.ns.to_string(),
+            name,
         });
     }
-    let changed_keys = changed_key_names(existing.as_ref(), &desired);
-    let wrote = render::needs_write(existing.as_ref(), &desired);
-    // What brought this content: a trigger (audit, CLI, a peer), else the annotation, else
-    // the refresh.
-    let pending = ctx.triggers.take(&obj, read_started, wrote);
-    let trigger = match &pending {
-        Some(p) => p.trigger,
-        None if forced && force.as_deref().is_some_and(crate::cli::sync::is_cli_stamp) => {
-            LastTrigger::Cli
-        }
-        None if forced => LastTrigger::ForceSync,
-        None => LastTrigger::Refresh,
-    };
+    let wrote = render::needs_write(existing.as_ref(), secret);
+    let pending = ctx.triggers.take(s.obj, desired.read_started, wrote);
     let verified_at = if wrote {
-        let written = write_secret(ctx, &secrets, existing.as_ref(), &desired, &name).await?;
+        let written = write_secret(ctx, &secrets, existing.as_ref(), secret, &s.obj.name).await?;
         if let Some(p) = &pending {
             ctx.metrics
                 .triggered_write(p.trigger.as_str(), p.seen.elapsed());
@@ -291,51 +292,203 @@ async fn sync(ss: &ScopedSecret, ctx: &Context) -> Result<Synced, Error> {
             .as_ref()
             .and_then(|e| e.metadata.resource_version.clone())
     };
-    ctx.caches
-        .set_verified(&obj, &request.secret_name, verified_at);
-    remove_previous_target(ss, ctx, &secrets, &request.secret_name).await?;
-    // The workload controller restarts the consumers from the Secret's published key hashes;
-    // what it needs from here is the change history (breaker) and whether a revocation
-    // (`secret revoke` sets force-sync to `revoke-…`) wrote this content: its restarts skip the
-    // window, the budget and the breaker.
-    let revocation = forced && force.as_deref().is_some_and(|v| v.starts_with("revoke-"));
-    let limits = breaker::Limits {
-        max_changes: ctx.config.breaker_changes,
-        window: ctx.config.breaker_window,
-    };
-    let previous = ss.status.as_ref();
-    let changes = breaker::record(
-        previous.and_then(|s| s.changes.as_ref()),
-        &breaker::Sync {
-            changed: previous
-                .and_then(|s| s.content_hash.as_deref())
-                .is_some_and(|h| h != content_hash),
-            resume: ss
-                .annotations()
-                .get(breaker::RESUME_ANNOTATION)
-                .map(String::as_str),
-            revocation: revocation.then_some(content_hash.as_str()),
-        },
-        limits,
-        ctx.clock.now(),
-    );
-    let paused_until = breaker::paused_until(&changes, limits, ctx.clock.now());
-    Ok(Synced {
-        force_sync: if forced { force } else { None },
-        secret_name: request.secret_name,
-        resolved: keys.resolved,
-        templated: keys.templated,
-        content_hash,
+    ctx.caches.set_verified(s.obj, &name, verified_at);
+    remove_previous_target(s.ss, ctx, &secrets, &name).await?;
+    Ok(Applied {
         created: existing.is_none(),
         wrote,
-        changed_keys,
-        refresh: request.refresh,
-        changes,
-        paused_until,
-        rotation_ends,
-        expiring,
-        trigger,
+        changed_keys: changed_key_names(existing.as_ref(), secret),
+        trigger: last_trigger(pending.as_ref(), s.forced),
     })
+}
+
+/// The `force-sync` annotation value not acted on yet — status records the last one handled,
+/// so an operator restart does not act on it again. It bypasses the shared cache.
+pub(super) fn force_sync_pending(ss: &ScopedSecret) -> Option<&str> {
+    let value = ss.annotations().get(FORCE_SYNC_ANNOTATION)?;
+    let handled = ss
+        .status
+        .as_ref()
+        .and_then(|s| s.force_sync_handled.as_ref());
+    (handled != Some(value)).then_some(value.as_str())
+}
+
+/// What brought this content: a trigger (audit, CLI, a peer), else the `force-sync`
+/// annotation (stamped by the CLI, or set by hand), else the refresh.
+fn last_trigger(pending: Option<&Pending>, forced: Option<&str>) -> LastTrigger {
+    match (pending, forced) {
+        (Some(p), _) => p.trigger,
+        (None, Some(value)) if crate::cli::sync::is_cli_stamp(value) => LastTrigger::Cli,
+        (None, Some(_)) => LastTrigger::ForceSync,
+        (None, None) => LastTrigger::Refresh,
+    }
+}
+
+/// The breaker's record of this content (`status.changes`) and, while it trips, the pause of
+/// restarts from the Secret. The workload controller restarts the consumers from the Secret's
+/// published key hashes; what it needs from here is this history and whether a revocation
+/// (`secret revoke` sets force-sync to `revoke-…`) wrote the content: its restarts skip the
+/// window, the budget and the breaker.
+fn record_changes(
+    s: &Subject<'_>,
+    ctx: &Context,
+    desired: &Desired,
+) -> (ChangeHistory, Option<Paused>) {
+    let content_hash = desired.built.content_hash.as_str();
+    let previous = s.ss.status.as_ref();
+    let (limits, now) = (ctx.config.breaker_limits(), ctx.clock.now());
+    let sync = breaker::Sync {
+        changed: previous
+            .and_then(|st| st.content_hash.as_deref())
+            .is_some_and(|h| h != content_hash),
+        resume: s
+            .ss
+            .annotations()
+            .get(breaker::RESUME_ANNOTATION)
+            .map(String::as_str),
+        revocation: s
+            .forced
+            .filter(|v| v.starts_with("revoke-"))
+            .map(|_| content_hash),
+    };
+    let changes = breaker::record(
+        previous.and_then(|st| st.changes.as_ref()),
+        &sync,
+        limits,
+        now,
+    );
+    let paused = breaker::paused_until(&changes, limits, now).map(|until| Paused {
+        until,
+        note: format!(
+            "Secret {} changed {} times within {}s: restarts from it are paused until fewer changes fall in that window, or the annotation {} of the ScopedSecret is changed; the Secret keeps following Vault",
+            desired.built.desired.name_any(),
+            changes.times.len(),
+            limits.window.as_secs(),
+            breaker::RESUME_ANNOTATION
+        ),
+    });
+    (changes, paused)
+}
+
+/// `report` after a sync: the status, the events, and when to sync again.
+async fn report(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    obj: &ObjectRef<ScopedSecret>,
+    done: &Synced,
+    retention: &Retention,
+) -> Result<Action, Error> {
+    let now = seconds(ctx.clock.now());
+    write_status(ss, ctx, &done.outcome(), retention, now).await?;
+    announce(ss, ctx, done).await;
+    let first_since_start = ctx.mark_synced(obj);
+    ctx.record_success(obj);
+    Ok(Action::requeue(next_sync(ctx, done, first_since_start)))
+}
+
+/// `report` after a failure: the status says why (the existing Secret, if any, is kept as it
+/// was) and so does a Warning event. Returns `err` for `error_policy`.
+async fn report_failure(
+    ss: &ScopedSecret,
+    ctx: &Context,
+    err: Error,
+    retention: &Retention,
+) -> Error {
+    let message = err.to_string();
+    let outcome = Outcome::Failed {
+        reason: err.category(),
+        message: &message,
+    };
+    let now = seconds(ctx.clock.now());
+    if let Err(status_err) = write_status(ss, ctx, &outcome, retention, now).await {
+        // Secondary to `err`, which error_policy logs (once, not per retry); usually the same
+        // API server trouble.
+        tracing::debug!(
+            category = status_err.category(),
+            "failed to write status: {status_err}"
+        );
+    }
+    publish(ss, ctx, EventType::Warning, err.category(), &message).await;
+    err
+}
+
+/// When to sync again: after the refresh interval (jittered), or sooner when a rotation
+/// window closes (the old value leaves the Secret right then) or the breaker's pause ends (its
+/// condition turns).
+fn next_sync(ctx: &Context, done: &Synced, first_since_start: bool) -> Duration {
+    let until = |ends: jiff::Timestamp, now: jiff::Timestamp| {
+        Duration::from_secs((ends.as_second() - now.as_second() + 1).max(1) as u64)
+    };
+    let mut delay = refresh_delay(done.refresh, first_since_start);
+    if let Some(ends) = done.rotation_ends {
+        delay = delay.min(until(ends, jiff::Timestamp::now()));
+    }
+    if let Some(paused) = &done.paused {
+        delay = delay.min(until(paused.until, ctx.clock.now()));
+    }
+    delay
+}
+
+/// Events (and log lines) for what a successful sync changed: the Secret created, changed or
+/// repaired; restarts paused and keys expiring, each when it starts. Nothing for a no-op.
+async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
+    if let Some((reason, note)) = change_note(ss, done) {
+        info!(secret = %done.secret_name, keys = done.key_count(), "{note}");
+        publish(ss, ctx, EventType::Normal, reason, &note).await;
+    }
+    if let Some(paused) = &done.paused
+        && !condition_true(ss, ROLLOUTS_PAUSED)
+    {
+        warn!("{}", paused.note);
+        publish(ss, ctx, EventType::Warning, "RolloutsPaused", &paused.note).await;
+    }
+    if let Some(message) = &done.expiring
+        && !condition_true(ss, KEYS_EXPIRING)
+    {
+        publish(ss, ctx, EventType::Warning, "KeysExpiring", message).await;
+    }
+}
+
+/// The event of a sync that wrote the Secret: created, changed (the keys named), or repaired
+/// after an outside change.
+fn change_note(ss: &ScopedSecret, done: &Synced) -> Option<(&'static str, String)> {
+    let Synced {
+        secret_name: name,
+        applied,
+        ..
+    } = done;
+    if !applied.wrote {
+        return None;
+    }
+    let previous_hash = ss.status.as_ref().and_then(|s| s.content_hash.as_deref());
+    Some(if applied.created {
+        let keys = done.key_count();
+        ("Synced", format!("created Secret {name} with {keys} keys"))
+    } else if !applied.changed_keys.is_empty() && previous_hash != Some(&done.content_hash) {
+        let keys = applied.changed_keys.join(", ");
+        ("Changed", format!("Secret {name} changed: keys {keys}"))
+    } else {
+        let note = format!("restored Secret {name} after an outside change");
+        ("Repaired", note)
+    })
+}
+
+/// Whether the status this reconcile started from has the condition `type_` True.
+fn condition_true(ss: &ScopedSecret, type_: &str) -> bool {
+    ss.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == "True")
+    })
+}
+
+fn seconds(t: jiff::Timestamp) -> Time {
+    // The API server keeps seconds; so do we, so that a status read back compares equal.
+    Time(jiff::Timestamp::from_second(t.as_second()).expect("a valid timestamp"))
+}
+
+fn kube_err(action: String) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { action, source }
 }
 
 /// The existence check of the apply stage: the Secret `desired` names, as it is now. Read
@@ -567,39 +720,33 @@ fn changed_key_names(existing: Option<&Secret>, desired: &Secret) -> Vec<String>
     names
 }
 
+/// The store `spec.storeRef` names, from the informer cache or else the API server.
 async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<StoreSpec, Error> {
-    let r = &ss.spec.store_ref;
-    match r.kind {
-        StoreKind::VaultStore => {
-            let store = match ctx.caches.vault_store(ns, &r.name) {
-                Some(cached) => VaultStore::clone(&cached),
-                None => Api::<VaultStore>::namespaced(ctx.client.clone(), ns)
-                    .get_opt(&r.name)
-                    .await
-                    .map_err(kube_err(format!("read VaultStore {ns}/{}", r.name)))?
-                    .ok_or_else(|| Error::StoreNotFound {
-                        kind: "VaultStore",
-                        name: r.name.clone(),
-                        namespace: Some(ns.into()),
-                    })?,
-            };
-            Ok(StoreSpec::namespaced(&store))
-        }
-        StoreKind::ClusterVaultStore => {
-            let store = match ctx.caches.cluster_store(ns, &r.name) {
-                Some(cached) => ClusterVaultStore::clone(&cached),
-                None => Api::<ClusterVaultStore>::all(ctx.client.clone())
-                    .get_opt(&r.name)
-                    .await
-                    .map_err(kube_err(format!("read ClusterVaultStore {}", r.name)))?
-                    .ok_or_else(|| Error::StoreNotFound {
-                        kind: "ClusterVaultStore",
-                        name: r.name.clone(),
-                        namespace: None,
-                    })?,
-            };
-            Ok(StoreSpec::cluster(&store))
-        }
+    let name = &ss.spec.store_ref.name;
+    let missing = |kind, namespace: Option<&str>| Error::StoreNotFound {
+        kind,
+        name: name.clone(),
+        namespace: namespace.map(str::to_string),
+    };
+    match ss.spec.store_ref.kind {
+        StoreKind::VaultStore => match ctx.caches.vault_store(ns, name) {
+            Some(cached) => Ok(StoreSpec::namespaced(&cached)),
+            None => Api::<VaultStore>::namespaced(ctx.client.clone(), ns)
+                .get_opt(name)
+                .await
+                .map_err(kube_err(format!("read VaultStore {ns}/{name}")))?
+                .map(|store| StoreSpec::namespaced(&store))
+                .ok_or_else(|| missing("VaultStore", Some(ns))),
+        },
+        StoreKind::ClusterVaultStore => match ctx.caches.cluster_store(ns, name) {
+            Some(cached) => Ok(StoreSpec::cluster(&cached)),
+            None => Api::<ClusterVaultStore>::all(ctx.client.clone())
+                .get_opt(name)
+                .await
+                .map_err(kube_err(format!("read ClusterVaultStore {name}")))?
+                .map(|store| StoreSpec::cluster(&store))
+                .ok_or_else(|| missing("ClusterVaultStore", None)),
+        },
     }
 }
 
@@ -655,52 +802,4 @@ async fn write_status(
     )))?;
     ctx.metrics.wrote("status");
     Ok(())
-}
-
-/// Why restarts from the Secret are paused, for the condition and the event.
-fn paused_note(ctx: &Context, done: &Synced) -> String {
-    format!(
-        "Secret {} changed {} times within {}s: restarts from it are paused until fewer changes fall in that window, or the annotation {} of the ScopedSecret is changed; the Secret keeps following Vault",
-        done.secret_name,
-        done.changes.times.len(),
-        ctx.config.breaker_window.as_secs(),
-        breaker::RESUME_ANNOTATION
-    )
-}
-
-/// Events and a log line for what a successful sync changed. Nothing for a no-op.
-async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
-    if !done.wrote {
-        return;
-    }
-    let previous_hash = ss.status.as_ref().and_then(|s| s.content_hash.as_deref());
-    let (reason, note) = if done.created {
-        (
-            "Synced",
-            format!(
-                "created Secret {} with {} keys",
-                done.secret_name,
-                done.resolved.len() + done.templated.len()
-            ),
-        )
-    } else if !done.changed_keys.is_empty() && previous_hash != Some(done.content_hash.as_str()) {
-        (
-            "Changed",
-            format!(
-                "Secret {} changed: keys {}",
-                done.secret_name,
-                done.changed_keys.join(", ")
-            ),
-        )
-    } else {
-        (
-            "Repaired",
-            format!(
-                "restored Secret {} after an outside change",
-                done.secret_name
-            ),
-        )
-    };
-    info!(secret = %done.secret_name, keys = done.resolved.len() + done.templated.len(), "{note}");
-    publish(ss, ctx, EventType::Normal, reason, &note).await;
 }

@@ -5,8 +5,10 @@ pub mod fake_api;
 pub mod logs;
 pub mod openbao;
 pub mod operator;
+pub mod readers;
 pub mod restarts;
 pub mod shop;
+pub mod workloads;
 
 pub use logs::capture_logs;
 
@@ -14,4 +16,10 @@ pub use logs::capture_logs;
 pub fn kv_path(path: &str) -> scoped_secrets::controller::index::VaultPath {
     use scoped_secrets::controller::index::{Location, VaultPath};
     VaultPath::new(Location::new(None, "secret"), path)
+}
+
+/// Base64, as Secret data is stored.
+pub fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
 }

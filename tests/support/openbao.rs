@@ -452,6 +452,18 @@ impl OpenBao {
         self.token_with_ttl(policies, "1h").await
     }
 
+    /// A token whose policy `project-only` reads the scopes `shop` and `shop/services/*`, not
+    /// the environments.
+    pub async fn project_only_token(&self) -> String {
+        self.write_policy(
+            "project-only",
+            r#"path "secret/data/shop" { capabilities = ["read"] }
+path "secret/data/shop/services/*" { capabilities = ["read"] }"#,
+        )
+        .await;
+        self.token_with_policies(&["project-only"]).await
+    }
+
     /// Like [`Self::token_with_policies`] with a TTL such as `"30s"` or `"2m"`.
     pub async fn token_with_ttl(&self, policies: &[&str], ttl: &str) -> String {
         let mut policies: Vec<String> = policies.iter().map(|p| p.to_string()).collect();

@@ -102,3 +102,22 @@ pub async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// [`eventually`] for a condition.
+pub async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) {
+    eventually(what, limit, || check().then_some(())).await
+}
+
+/// Sets the annotation `key` of the ScopedSecret `shop-dev/name` through the API, as
+/// `kubectl annotate` does: the running operator's watch sees it.
+pub async fn annotate(fake: &FakeKube, name: &str, key: &str, value: &str) {
+    use kube::api::{Api, Patch, PatchParams};
+    Api::<scoped_secrets::api::v1alpha1::ScopedSecret>::namespaced(fake.client(), "shop-dev")
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {key: value}}})),
+        )
+        .await
+        .unwrap();
+}
