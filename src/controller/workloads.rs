@@ -365,10 +365,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, k: Arc<KindCtx>) -> Result<Actio
     if restarted_at(&obj).is_some() {
         r.wake_waiting(now);
     }
-    let limits = breaker::Limits {
-        max_changes: ctx.config.breaker_changes,
-        window: ctx.config.breaker_window,
-    };
+    let limits = ctx.config.breaker_limits();
     let managed = r.managed(&ns, &w);
     let views: Vec<SecretView<'_>> = managed.iter().filter_map(|m| m.view(limits, now)).collect();
     let plan = desired::plan(&w, &views, &ctx.hmac_key, now, ctx.config.pacing.window);
@@ -764,6 +761,7 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
     });
     Controller::for_stream_with(stream, store, ar)
         .with_config(settings)
+        .trigger_backoff(super::NoPause)
         .reconcile_on(super::tokio_stream_of(woken))
         .shutdown_on_signal()
         .run(reconcile, error_policy, k)
