@@ -14,6 +14,10 @@ use scoped_secrets::metrics::{self, Metrics, Readiness};
 use scoped_secrets::vault::client::VaultReader;
 use scoped_secrets::{crd, kube_client, leader, telemetry};
 
+/// Counts live heap bytes for `scoped_secrets_heap_bytes` (src/heap.rs).
+#[global_allocator]
+static ALLOCATOR: scoped_secrets::heap::Counting = scoped_secrets::heap::Counting;
+
 #[derive(Parser)]
 #[command(
     name = "scoped-secrets",
