@@ -603,6 +603,12 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Store
     }
 }
 
+/// The status stage: applies the status `outcome` makes of the cached one, when they differ.
+/// The cached object can lag this process's own previous write; the apply therefore carries
+/// the cached resourceVersion as a precondition instead of reading the live status first: a
+/// status computed from a stale copy fails with 409 (and nothing is lost), and only then is
+/// the live status read and the apply repeated on it. A first sync or a change costs one
+/// request, not two.
 async fn write_status(
     ss: &ScopedSecret,
     ctx: &Context,
@@ -620,38 +626,50 @@ async fn write_status(
         return Ok(());
     }
     let ns = ss.namespace().unwrap_or_default();
+    let name = ss.name_any();
     let api: Api<ScopedSecret> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cached object can lag our own previous write: decide on the live status, so a
-    // stale cache neither rewrites an equal status nor loses what the last write recorded.
-    let live = api
-        .get_status(&ss.name_any())
-        .await
-        .map_err(kube_err(format!(
-            "read status of ScopedSecret {ns}/{}",
-            ss.name_any()
-        )))?;
-    let status = next(live.status.as_ref(), now);
-    if live.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    // `status.rollouts` belongs to the workload controller (its own field manager): not
-    // applied here, so this apply never takes it away.
-    let mut status = status;
-    status.rollouts.clear();
-    let patch = json!({
-        "apiVersion": ScopedSecret::api_version(&()),
-        "kind": ScopedSecret::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &ss.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(kube_err(format!(
-        "write status of ScopedSecret {ns}/{}",
-        ss.name_any()
+    let apply = |status: crate::api::v1alpha1::ScopedSecretStatus, rv: Option<String>| {
+        // `status.rollouts` belongs to the workload controller (its own field manager): not
+        // applied here, so this apply never takes it away.
+        let mut status = status;
+        status.rollouts.clear();
+        let mut patch = json!({
+            "apiVersion": ScopedSecret::api_version(&()),
+            "kind": ScopedSecret::kind(&()),
+            "status": status,
+        });
+        if let Some(rv) = rv {
+            patch["metadata"] = json!({ "resourceVersion": rv });
+        }
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            api.patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        }
+    };
+    let written = match apply(status, ss.resource_version()).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            // Someone wrote since the cached copy (often this process's previous status
+            // write, or the workload controller's `status.rollouts`): decide on the live one.
+            let live = api
+                .get_status(&name)
+                .await
+                .map_err(kube_err(format!("read status of ScopedSecret {ns}/{name}")))?;
+            let status = next(live.status.as_ref(), now);
+            if live.status.as_ref() == Some(&status) {
+                return Ok(());
+            }
+            apply(status, live.resource_version()).await
+        }
+        other => other,
+    };
+    written.map_err(kube_err(format!(
+        "write status of ScopedSecret {ns}/{name}"
     )))?;
     ctx.metrics.wrote("status");
     Ok(())
