@@ -195,3 +195,54 @@ async fn a_status_decided_on_a_stale_copy_is_refused_and_decided_again_on_the_li
         "one apply refused (409), one read of the live status, nothing else"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_config_map_is_read_once_and_again_only_after_it_changed() {
+    let fake = FakeKube::new();
+    support::shop::shop_dev(&fake);
+    let config_map = |text: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "app-templates", "namespace": "shop-dev"},
+            "data": {"app.conf": text}
+        })
+    };
+    fake.insert(config_map("level={{ LOG_LEVEL }}"));
+    fake.insert(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+        "metadata": {"name": "api", "namespace": "shop-dev"},
+        "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "refreshInterval": "10s",
+                 "target": {"template": {"templateFrom": [{"configMap": {"name": "app-templates"}}]}}}
+    }));
+    let vault = Arc::new(MemorySource::new());
+    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    let operator = start_operator(&fake, vault, Config::default());
+    operator.wait_ready(LIMIT).await;
+    let file = |fake: &FakeKube| {
+        let secret = fake.get_typed::<Secret>(Some("shop-dev"), "api")?;
+        let v = secret.data?.get("app.conf")?.0.clone();
+        Some(String::from_utf8_lossy(&v).into_owned())
+    };
+    eventually("the rendered file", LIMIT, || {
+        (file(&fake).as_deref() == Some("level=info")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    fake.clear_requests();
+    let before = successes(&operator.metrics);
+    eventually("two refreshes", LIMIT, || {
+        (successes(&operator.metrics) >= before + 2).then_some(())
+    })
+    .await;
+    assert_eq!(asked(&fake), Default::default(), "refreshes read nothing");
+
+    // An edit of the ConfigMap: its watch event renders again, from a new read.
+    fake.insert(config_map("log={{ LOG_LEVEL }}"));
+    eventually("the file rendered from the edited template", LIMIT, || {
+        (file(&fake).as_deref() == Some("log=info")).then_some(())
+    })
+    .await;
+    assert_eq!(asked(&fake).get("get configmaps"), Some(&1));
+    assert!(operator.stop().await.is_none());
+}

@@ -492,9 +492,10 @@ pub(super) fn is_ours(secret: &Secret, owner: &str) -> bool {
         && labels.get(OWNER_LABEL).map(String::as_str) == Some(owner)
 }
 
-/// The `data` of the ConfigMaps `spec.target.template.templateFrom` names, read from the
-/// API server (a missing one is left out: `template::apply` says which). Watched by name in
-/// `controller_for`, so an edit renders again.
+/// The `data` of the ConfigMaps `spec.target.template.templateFrom` names (a missing one is
+/// left out: `template::apply` says which). Each is read from the API server once and kept
+/// until the ConfigMap watch of `controller_for` reports a change of it, which also renders
+/// again: a refresh reads none.
 async fn fetch_template_files(
     ctx: &Context,
     ns: &str,
@@ -503,11 +504,22 @@ async fn fetch_template_files(
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     let mut files = template::Files::new();
     for name in template::config_maps(spec) {
+        let reading = match ctx.caches.template_files.get(ns, &name) {
+            Ok(data) => {
+                files.insert(name, BTreeMap::clone(&data));
+                continue;
+            }
+            Err(reading) => reading,
+        };
         let found = api.get_opt(&name).await.map_err(kube_err(format!(
             "read ConfigMap {ns}/{name} (spec.target.template.templateFrom)"
         )))?;
         if let Some(cm) = found {
-            files.insert(name, cm.data.unwrap_or_default());
+            let data = cm.data.unwrap_or_default();
+            ctx.caches
+                .template_files
+                .keep(reading, Arc::new(data.clone()));
+            files.insert(name, data);
         }
     }
     Ok(files)
