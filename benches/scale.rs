@@ -21,7 +21,8 @@
 //!    start) to ready and to every Secret verified with its requests, and the marginal memory
 //!    (RSS and heap) per ScopedSecret between sizes.
 //!    `SCALE_BENCH_KUBE_QPS` sets the operator's `--kube-qps` (default 0: no client-side limit,
-//!    the figures are the operator's and the API server's own).
+//!    the figures are the operator's and the API server's own); `SCALE_BENCH_WORKLOADS=0`
+//!    leaves the Deployments out (the ScopedSecret controller's own figures).
 //!
 //! 5. Restarts (`cargo bench --bench scale -- restarts` runs only this section): a
 //!    project-level value read by 100 ScopedSecrets of one namespace changes; 1,000
@@ -314,6 +315,8 @@ const OBJECTS_ENV: &str = "SCALE_BENCH_OBJECTS";
 /// `--kube-qps` of the measured operator (default 0: no client-side limit, so the figures are
 /// the operator's and the API server's own; the default limit's first sync is 4N/50 s).
 const QPS_ENV: &str = "SCALE_BENCH_KUBE_QPS";
+/// `0`: no Deployments (the ScopedSecret controller alone); default one reading each Secret.
+const WORKLOADS_ENV: &str = "SCALE_BENCH_WORKLOADS";
 const DEFAULT_OBJECTS: usize = 1000;
 /// Namespaces (one environment each) the ScopedSecrets are spread over.
 const BIG_ENVS: usize = 4;
@@ -785,6 +788,7 @@ async fn create_all(client: &kube::Client, objects: Vec<serde_json::Value>) {
 /// One size: the API server and the operator each in their own process, OpenBao in a third.
 async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measured {
     let services = n.div_ceil(BIG_ENVS);
+    let with_workloads = std::env::var(WORKLOADS_ENV).map_or(true, |v| v != "0");
     let mut api = ApiServer::start();
     let client = api.client();
     let mut setup = vec![
@@ -819,6 +823,9 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
                          "refreshInterval": format!("{REFRESH_SECONDS}s")}}),
             );
             // A workload reading the Secret (envFrom), as in a cluster.
+            if !with_workloads {
+                continue;
+            }
             objects.push(json!({"apiVersion": "apps/v1", "kind": "Deployment",
                 "metadata": {"name": name, "namespace": ns},
                 "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
@@ -831,7 +838,8 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     create_all(&client, objects).await;
     let keys: usize = BIG_KEYS.iter().map(|(_, k)| k).sum();
     println!(
-        "operator alone, {n} ScopedSecrets x {keys} keys of {VALUE_LEN} B, their Secrets and {n} Deployments ({BIG_ENVS} namespaces, {paths} Vault paths; created in {:.1?}):",
+        "operator alone, {n} ScopedSecrets x {keys} keys of {VALUE_LEN} B, their Secrets and {} Deployments ({BIG_ENVS} namespaces, {paths} Vault paths; created in {:.1?}):",
+        if with_workloads { n } else { 0 },
         t.elapsed()
     );
 
