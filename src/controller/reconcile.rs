@@ -672,7 +672,14 @@ async fn write_status(
                 .get_status(&name)
                 .await
                 .map_err(kube_err(format!("read status of ScopedSecret {ns}/{name}")))?;
-            let status = next(live.status.as_ref(), now);
+            let mut status = next(live.status.as_ref(), now);
+            // The breaker's history of this outcome was derived from the stale copy: when the
+            // live status already records this very content, its history is the newer one.
+            if let (Outcome::Synced { content_hash, .. }, Some(live)) = (outcome, &live.status)
+                && live.content_hash.as_deref() == Some(*content_hash)
+            {
+                status.changes = live.changes.clone();
+            }
             if live.status.as_ref() == Some(&status) {
                 return Ok(());
             }
