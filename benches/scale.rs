@@ -11,12 +11,18 @@
 //!    over TCP), OpenBao as another, and the real `scoped-secrets run` binary against both, at
 //!    N ScopedSecrets (default 1000; `SCALE_BENCH_OBJECTS=1000,10000,30000` for several sizes)
 //!    of 20 keys each, with their Secrets and one Deployment reading each. Prints the
-//!    operator's RSS (`VmRSS`, `VmHWM` of `/proc/<pid>/status`), the time to ready and to every
-//!    ScopedSecret synced, the API requests by verb during one no-op refresh interval, Vault
-//!    requests per distinct path, the restart (kill, start) to ready and to every Secret
-//!    verified with its requests, and the marginal memory per ScopedSecret between sizes.
+//!    operator's RSS (`VmRSS`, `VmHWM` of `/proc/<pid>/status`) and live heap (its
+//!    `scoped_secrets_heap_bytes`), the heap of each of its caches (rebuilt in this process
+//!    from the API server's objects with the operator's trim functions), the time to ready, to
+//!    every ScopedSecret synced and to the first sync's writes settled (the workload
+//!    controller's baselines trail the Secrets), the first sync's API requests by verb and
+//!    resource and per ScopedSecret, the API requests during one no-op refresh interval that
+//!    starts once the writes settled, Vault requests per distinct path, the restart (kill,
+//!    start) to ready and to every Secret verified with its requests, and the marginal memory
+//!    (RSS and heap) per ScopedSecret between sizes.
 //!    `SCALE_BENCH_KUBE_QPS` sets the operator's `--kube-qps` (default 0: no client-side limit,
-//!    the figures are the operator's and the API server's own).
+//!    the figures are the operator's and the API server's own); `SCALE_BENCH_WORKLOADS=0`
+//!    leaves the Deployments out (the ScopedSecret controller's own figures).
 //!
 //! 5. Restarts (`cargo bench --bench scale -- restarts` runs only this section): a
 //!    project-level value read by 100 ScopedSecrets of one namespace changes; 1,000
@@ -312,6 +318,8 @@ const OBJECTS_ENV: &str = "SCALE_BENCH_OBJECTS";
 /// `--kube-qps` of the measured operator (default 0: no client-side limit, so the figures are
 /// the operator's and the API server's own; the default limit's first sync is 4N/50 s).
 const QPS_ENV: &str = "SCALE_BENCH_KUBE_QPS";
+/// `0`: no Deployments (the ScopedSecret controller alone); default one reading each Secret.
+const WORKLOADS_ENV: &str = "SCALE_BENCH_WORKLOADS";
 const DEFAULT_OBJECTS: usize = 1000;
 /// Namespaces (one environment each) the ScopedSecrets are spread over.
 const BIG_ENVS: usize = 4;
@@ -380,7 +388,7 @@ async fn seed_big(bao: &openbao::OpenBao, services: usize) -> usize {
 /// `SCALE_BENCH_SERVE_API=127.0.0.1:0`: this binary only serves the in-memory API server on
 /// that address over HTTP (printing the bound address on stdout, request bodies not kept), and
 /// obeys its stdin: `clear` empties the request log, `count` prints the requests since by verb
-/// (one JSON line); the end of stdin ends it. Not inside the bench's runtime: its own process,
+/// (one JSON line), `detail` by verb and resource; the end of stdin ends it. Not inside the bench's runtime: its own process,
 /// so that the operator's figures are the operator's.
 fn serve_api(bind: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -403,6 +411,10 @@ fn serve_api(bind: &str) {
             "count" => println!(
                 "{}",
                 serde_json::to_string(&fake.count_by_verb(None)).unwrap()
+            ),
+            "detail" => println!(
+                "{}",
+                serde_json::to_string(&fake.count_by_verb_and_resource()).unwrap()
             ),
             _ => {}
         }
@@ -448,8 +460,17 @@ impl ApiServer {
 
     /// Requests since the last `clear`, by verb.
     fn counts(&mut self) -> std::collections::BTreeMap<String, usize> {
+        self.ask("count")
+    }
+
+    /// Requests since the last `clear`, by verb and resource (`"patch scopedsecrets/status"`).
+    fn detail(&mut self) -> std::collections::BTreeMap<String, usize> {
+        self.ask("detail")
+    }
+
+    fn ask(&mut self, cmd: &str) -> std::collections::BTreeMap<String, usize> {
         use std::io::BufRead;
-        self.command("count");
+        self.command(cmd);
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
         serde_json::from_str(&line).unwrap()
@@ -628,10 +649,103 @@ async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) 
     start.elapsed()
 }
 
+/// The heap each of the operator's caches takes at this size, rebuilt here from the API
+/// server's objects with the operator's own trim functions into kube-runtime stores (this
+/// process counts its heap; the operator's own count is its `scoped_secrets_heap_bytes`).
+async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+    use kube::runtime::{reflector, watcher};
+    use scoped_secrets::controller::caches;
+
+    async fn owner<K>(
+        list: impl std::future::Future<Output = Vec<K>>,
+        trim: impl Fn(&mut K),
+        dynamic: K::DynamicType,
+    ) -> (isize, reflector::Store<K>)
+    where
+        K: kube::Resource + Clone + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        let before = live_heap();
+        let mut writer = reflector::store::Writer::new(dynamic);
+        for mut obj in list.await {
+            trim(&mut obj);
+            writer.apply_watcher_event(&watcher::Event::Apply(obj));
+        }
+        (live_heap() - before, writer.as_reader())
+    }
+    let all = ListParams::default();
+    let managed = ListParams::default().labels("scopedsecrets.io/managed=true");
+    // A first request, so that connection set-up is not counted to the first owner.
+    let _ = Api::<Namespace>::all(client.clone())
+        .list_metadata(&all)
+        .await;
+    let (scoped, _a) = owner(
+        async {
+            Api::<ScopedSecret>::all(client.clone())
+                .list(&all)
+                .await
+                .unwrap()
+                .items
+        },
+        caches::trim_scoped_secret,
+        (),
+    )
+    .await;
+    let (secrets, _b) = owner(
+        async {
+            Api::<Secret>::all(client.clone())
+                .list_metadata(&managed)
+                .await
+                .unwrap()
+                .items
+        },
+        caches::trim_secret,
+        (),
+    )
+    .await;
+    let deployments = ApiResource {
+        group: "apps".into(),
+        version: "v1".into(),
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        plural: "deployments".into(),
+    };
+    let (workloads, _c) = owner(
+        async {
+            Api::<DynamicObject>::all_with(client.clone(), &deployments)
+                .list(&all)
+                .await
+                .unwrap()
+                .items
+        },
+        workloads::trim,
+        deployments.clone(),
+    )
+    .await;
+    vec![
+        ("ScopedSecrets (trimmed, with status)", scoped),
+        ("managed Secrets' metadata", secrets),
+        ("Deployments (trimmed)", workloads),
+    ]
+}
+
+/// Writes among requests counted by verb.
+fn writes(counts: &std::collections::BTreeMap<String, usize>) -> usize {
+    ["create", "update", "patch", "delete"]
+        .iter()
+        .map(|v| counts.get(*v).copied().unwrap_or(0))
+        .sum()
+}
+
 /// What one size measured.
 struct Measured {
     objects: usize,
+    /// RSS after the no-op interval.
     rss_kib: u64,
+    /// Live heap after the no-op interval.
+    heap: isize,
 }
 
 /// Creates `objects` through `client`, `concurrency` at a time.
@@ -677,6 +791,7 @@ async fn create_all(client: &kube::Client, objects: Vec<serde_json::Value>) {
 /// One size: the API server and the operator each in their own process, OpenBao in a third.
 async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measured {
     let services = n.div_ceil(BIG_ENVS);
+    let with_workloads = std::env::var(WORKLOADS_ENV).map_or(true, |v| v != "0");
     let mut api = ApiServer::start();
     let client = api.client();
     let mut setup = vec![
@@ -711,6 +826,9 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
                          "refreshInterval": format!("{REFRESH_SECONDS}s")}}),
             );
             // A workload reading the Secret (envFrom), as in a cluster.
+            if !with_workloads {
+                continue;
+            }
             objects.push(json!({"apiVersion": "apps/v1", "kind": "Deployment",
                 "metadata": {"name": name, "namespace": ns},
                 "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
@@ -723,7 +841,8 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     create_all(&client, objects).await;
     let keys: usize = BIG_KEYS.iter().map(|(_, k)| k).sum();
     println!(
-        "operator alone, {n} ScopedSecrets x {keys} keys of {VALUE_LEN} B, their Secrets and {n} Deployments ({BIG_ENVS} namespaces, {paths} Vault paths; created in {:.1?}):",
+        "operator alone, {n} ScopedSecrets x {keys} keys of {VALUE_LEN} B, their Secrets and {} Deployments ({BIG_ENVS} namespaces, {paths} Vault paths; created in {:.1?}):",
+        if with_workloads { n } else { 0 },
         t.elapsed()
     );
 
@@ -740,15 +859,46 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     })
     .await;
     let first_sync = started.elapsed();
+    // The first sync is over when its writes are: the workload controller records each
+    // Deployment's baseline after the Secret it reads is written, so its writes trail the
+    // Secrets'. Settled: no write for 3 s.
+    let mut last = (usize::MAX, Instant::now());
+    loop {
+        let writes = writes(&api.counts());
+        if writes != last.0 {
+            last = (writes, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_secs(3) {
+            break;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "first sync: writes did not settle"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let settled = started.elapsed() - last.1.elapsed();
     let (rss, hwm) = pid_status(op.pid());
     let counts = api.counts();
+    let detail = api.detail();
+    let asked: usize = detail
+        .iter()
+        .filter(|(k, _)| {
+            !["watch ", "list ", "discovery "]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .map(|(_, v)| v)
+        .sum();
     println!(
-        "  first sync: ready (/readyz) after {ready:.1?}, all {n} synced after {first_sync:.1?} ({:.0}/s); RSS {}, peak {}; API requests by verb {counts:?}; Vault requests {}",
+        "  first sync: ready (/readyz) after {ready:.1?}, all {n} synced after {first_sync:.1?} ({:.0}/s), writes settled after {settled:.1?}; RSS {}, peak {}, heap {}; API requests by verb {counts:?}: {:.2} per ScopedSecret besides lists and watches; Vault requests {}",
         n as f64 / first_sync.as_secs_f64(),
         mib(rss),
         mib(hwm),
+        mib_b(op.metric("scoped_secrets_heap_bytes") as isize),
+        asked as f64 / n as f64,
         op.metric("scoped_secrets_vault_requests_total"),
     );
+    println!("    by verb and resource: {detail:?}");
 
     // One refresh interval of no-ops: every ScopedSecret is refreshed, nothing changed.
     api.clear();
@@ -758,14 +908,43 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     );
     tokio::time::sleep(Duration::from_secs(REFRESH_SECONDS)).await;
     let counts = api.counts();
+    let detail = api.detail();
     let vault = op.metric("scoped_secrets_vault_requests_total") - vault_before;
     let reconciles = op.metric("scoped_secrets_reconciles_total") - reconciles_before;
     let (rss, hwm) = pid_status(op.pid());
+    let heap = op.metric("scoped_secrets_heap_bytes") as isize;
     println!(
-        "  no-op refresh interval ({REFRESH_SECONDS} s): {reconciles} reconciles; API requests by verb {counts:?}; Vault requests {vault} = {:.2} per distinct path; RSS {}, peak {}",
+        "  no-op refresh interval ({REFRESH_SECONDS} s): {reconciles} reconciles; API requests by verb {counts:?}; Vault requests {vault} = {:.2} per distinct path; RSS {}, peak {}, heap {}",
         vault / paths as f64,
         mib(rss),
         mib(hwm),
+        mib_b(heap),
+    );
+    println!("    by verb and resource: {detail:?}");
+    // Heap by owner. The ScopedSecret and managed-Secret caches are held twice today, once
+    // by the ScopedSecret controller and once by the workload controller.
+    let owners = heap_by_owner(&client).await;
+    let twice = [
+        "ScopedSecrets (trimmed, with status)",
+        "managed Secrets' metadata",
+    ];
+    let mut rest = heap;
+    let mut parts = Vec::new();
+    for (name, bytes) in &owners {
+        let copies = if twice.contains(name) { 2 } else { 1 };
+        rest -= bytes * copies;
+        parts.push(format!(
+            "{name} {} ({:.2} KiB each{})",
+            mib_b(*bytes),
+            *bytes as f64 / 1024.0 / n as f64,
+            if copies == 2 { ", held twice" } else { "" }
+        ));
+    }
+    println!(
+        "    heap by owner: {}; the rest (read cache, per-object maps, metric series, runtime, buffers) {} ({:.2} KiB per ScopedSecret)",
+        parts.join(", "),
+        mib_b(rest),
+        rest as f64 / 1024.0 / n as f64
     );
 
     // Restart: kill, start again, ready and every Secret verified.
@@ -781,10 +960,7 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     .await;
     let verified = started.elapsed();
     let counts = api.counts();
-    let writes: usize = ["create", "update", "patch", "delete"]
-        .iter()
-        .map(|v| counts.get(*v).copied().unwrap_or(0))
-        .sum();
+    let writes = writes(&counts);
     let vault = op.metric("scoped_secrets_vault_requests_total");
     let (rss2, _) = pid_status(op.pid());
     println!(
@@ -796,6 +972,7 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     Measured {
         objects: n,
         rss_kib: rss,
+        heap,
     }
 }
 
@@ -822,11 +999,13 @@ async fn resources() {
     }
     for pair in measured.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);
+        let objects = (b.objects - a.objects) as f64;
         println!(
-            "  marginal memory from {} to {} ScopedSecrets: {:.1} KiB per ScopedSecret (RSS after the no-op interval)",
+            "  marginal memory from {} to {} ScopedSecrets: {:.1} KiB RSS, {:.1} KiB heap per ScopedSecret (after the no-op interval)",
             a.objects,
             b.objects,
-            (b.rss_kib as f64 - a.rss_kib as f64) / (b.objects - a.objects) as f64
+            (b.rss_kib as f64 - a.rss_kib as f64) / objects,
+            (b.heap - a.heap) as f64 / 1024.0 / objects,
         );
     }
     bao.stop();

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod controller;
 pub mod crd;
 pub mod expiry;
+pub mod heap;
 pub mod kube_client;
 pub mod leader;
 pub mod metrics;

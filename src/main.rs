@@ -14,6 +14,10 @@ use scoped_secrets::metrics::{self, Metrics, Readiness};
 use scoped_secrets::vault::client::VaultReader;
 use scoped_secrets::{crd, kube_client, leader, telemetry};
 
+/// Counts live heap bytes for `scoped_secrets_heap_bytes` (src/heap.rs).
+#[global_allocator]
+static ALLOCATOR: scoped_secrets::heap::Counting = scoped_secrets::heap::Counting;
+
 #[derive(Parser)]
 #[command(
     name = "scoped-secrets",
@@ -76,8 +80,9 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         lease_duration_seconds: u64,
         /// Client-side limit of the controller's Kubernetes API requests per second (bursts
-        /// of --kube-burst above it); 0 turns it off. A no-op refresh makes no request.
-        #[arg(long, env = "KUBE_QPS", default_value_t = 50.0)]
+        /// of --kube-burst above it); 0 (the default) leaves the pace to the API server's
+        /// Priority and Fairness. A no-op refresh makes no request.
+        #[arg(long, env = "KUBE_QPS", default_value_t = 0.0)]
         kube_qps: f32,
         /// Number of shards: each replica serves the ScopedSecrets of the namespaces that hash
         /// to its shard (docs/operations.md#sharding).

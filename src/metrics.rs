@@ -133,6 +133,8 @@ pub struct Metrics {
     /// The keys with an expiry series, per ScopedSecret: their series go when the key loses
     /// its expiry date or the object goes, so series stay bounded by the live objects.
     expiring_keys: Mutex<HashMap<ObjectLabels, BTreeSet<String>>>,
+    /// Live heap bytes, set when scraped (registered only with the counting allocator).
+    heap: Gauge,
 }
 
 /// Labels of one ScopedSecret (names only).
@@ -250,7 +252,16 @@ impl Default for Metrics {
             "From a Vault change seen (an audit entry received; another reader's read of a new version) to the Secret written, by trigger (audit, peer-path)",
             trigger_latency.clone(),
         );
+        let heap = Gauge::default();
+        if crate::heap::live_bytes().is_some() {
+            registry.register(
+                "heap_bytes",
+                "Live heap bytes of the operator process (allocated, not freed); the rest of its RSS is the allocator's retained slack, stacks and code",
+                heap.clone(),
+            );
+        }
         Metrics {
+            heap,
             registry,
             audit_entries,
             trigger_latency,
@@ -361,6 +372,9 @@ impl Metrics {
 
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
+        if let Some(bytes) = crate::heap::live_bytes() {
+            self.heap.set(bytes as i64);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -1516,7 +1516,7 @@ fn chart_with_shards_runs_a_statefulset_whose_pods_pick_their_shard_from_the_ord
     let r = Rendered::from(&helm_template(&[]));
     assert!(r.stateful_sets.is_empty());
     let args = pod_spec(r.deployment()).containers[0].args.clone().unwrap();
-    for pair in [["--kube-qps", "50"], ["--kube-burst", "100"]] {
+    for pair in [["--kube-qps", "0"], ["--kube-burst", "100"]] {
         assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
     }
     assert!(!args.contains(&"--shard-count".to_string()));

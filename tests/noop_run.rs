@@ -1,7 +1,8 @@
-//! `controller::run` against the in-memory API server (which streams watches): once synced, a
-//! refresh that changes nothing makes no API request at all — the ScopedSecret, the Namespace,
-//! the store and the Secret's metadata come from the watches — and a hand edit of the Secret
-//! is still seen (its watch event) and repaired.
+//! The API requests of a running operator: `controller::run` against the in-memory API server
+//! (which streams watches). A first sync makes only the writes it must (the Secret, the status,
+//! one Event); once synced, a refresh that changes nothing makes no API request at all — the
+//! ScopedSecret, the Namespace, the store and the Secret's metadata come from the watches — and
+//! a hand edit of the Secret is still seen (its watch event) and repaired.
 
 mod support;
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::Config;
 use scoped_secrets::metrics::Metrics;
 use scoped_secrets::vault::memory::MemorySource;
@@ -78,5 +80,169 @@ async fn a_running_operator_refreshes_without_api_requests_and_still_repairs_han
         (log_level(&fake).as_deref() == Some("info")).then_some(())
     })
     .await;
+    assert!(operator.stop().await.is_none());
+}
+
+/// Requests by verb and resource, without the watches and lists that fill the caches and the
+/// discovery of optional kinds (Argo Rollouts).
+fn asked(fake: &FakeKube) -> std::collections::BTreeMap<String, usize> {
+    fake.count_by_verb_and_resource()
+        .into_iter()
+        .filter(|(k, _)| {
+            !["watch ", "list ", "discovery "]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_makes_only_its_writes_the_secret_the_status_and_one_event() {
+    const N: usize = 5;
+    let fake = FakeKube::new();
+    support::shop::shop_dev(&fake);
+    for i in 0..N {
+        fake.insert(json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": format!("s{i}"), "namespace": "shop-dev"},
+            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}
+        }));
+    }
+    let vault = Arc::new(MemorySource::new());
+    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    fake.clear_requests();
+    let operator = start_operator(&fake, vault, Config::default());
+    operator.wait_ready(LIMIT).await;
+    eventually("every Secret", LIMIT, || {
+        (0..N)
+            .all(|i| {
+                fake.get_typed::<Secret>(Some("shop-dev"), &format!("s{i}"))
+                    .is_some()
+            })
+            .then_some(())
+    })
+    .await;
+    eventually("every status", LIMIT, || {
+        (asked(&fake).get("patch scopedsecrets/status") >= Some(&N)).then_some(())
+    })
+    .await;
+    // Settled: nothing of the first sync is still on its way.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut asked = asked(&fake);
+    // Start-up: the HMAC key is read and, in a new cluster, created.
+    assert_eq!(asked.remove("get secrets"), Some(1), "{asked:?}");
+    assert_eq!(asked.remove("create secrets"), Some(N + 1), "{asked:?}");
+    // Per ScopedSecret: its status applied once, with no read before; one Event.
+    let want: std::collections::BTreeMap<String, usize> = [
+        ("create events".to_string(), N),
+        ("patch scopedsecrets/status".to_string(), N),
+    ]
+    .into();
+    assert_eq!(asked, want);
+    assert!(operator.stop().await.is_none());
+}
+
+/// The status is applied without reading it first, on the cached copy's resourceVersion: a
+/// copy that lags (this process's own previous write not seen yet) is refused by the API
+/// server, and the status is decided again on the live one — nothing it recorded is lost.
+#[tokio::test]
+async fn a_status_decided_on_a_stale_copy_is_refused_and_decided_again_on_the_live_one() {
+    let fake = FakeKube::new();
+    support::shop::shop_dev(&fake);
+    fake.insert(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+        "metadata": {"name": "api", "namespace": "shop-dev"},
+        "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}
+    }));
+    let vault = Arc::new(MemorySource::new());
+    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    let clock = Arc::new(scoped_secrets::clock::ManualClock::default());
+    let ctx = support::shop::context_at(&fake, vault, Config::default(), clock.clone());
+    let stale = Arc::new(
+        fake.get_typed::<ScopedSecret>(Some("shop-dev"), "api")
+            .unwrap(),
+    );
+    scoped_secrets::controller::reconcile(stale.clone(), ctx.clone())
+        .await
+        .unwrap();
+    let status = |fake: &FakeKube| {
+        fake.get_typed::<ScopedSecret>(Some("shop-dev"), "api")
+            .and_then(|ss| ss.status)
+            .unwrap()
+    };
+    let written = status(&fake);
+
+    // Later, a reconcile from the copy without a status: on its own it would record the
+    // change as new, now.
+    clock.advance(Duration::from_secs(600));
+    fake.clear_requests();
+    scoped_secrets::controller::reconcile(stale, ctx)
+        .await
+        .unwrap();
+    assert_eq!(status(&fake), written, "the status written first stays");
+    let on_scopedsecrets: std::collections::BTreeMap<String, usize> = asked(&fake)
+        .into_iter()
+        .filter(|(k, _)| k.contains("scopedsecrets"))
+        .collect();
+    assert_eq!(
+        on_scopedsecrets,
+        [
+            ("get scopedsecrets/status".to_string(), 1),
+            ("patch scopedsecrets/status".to_string(), 1),
+        ]
+        .into(),
+        "one apply refused (409), one read of the live status, nothing else"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_config_map_is_read_once_and_again_only_after_it_changed() {
+    let fake = FakeKube::new();
+    support::shop::shop_dev(&fake);
+    let config_map = |text: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "app-templates", "namespace": "shop-dev"},
+            "data": {"app.conf": text}
+        })
+    };
+    fake.insert(config_map("level={{ LOG_LEVEL }}"));
+    fake.insert(json!({
+        "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+        "metadata": {"name": "api", "namespace": "shop-dev"},
+        "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}, "refreshInterval": "10s",
+                 "target": {"template": {"templateFrom": [{"configMap": {"name": "app-templates"}}]}}}
+    }));
+    let vault = Arc::new(MemorySource::new());
+    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    let operator = start_operator(&fake, vault, Config::default());
+    operator.wait_ready(LIMIT).await;
+    let file = |fake: &FakeKube| {
+        let secret = fake.get_typed::<Secret>(Some("shop-dev"), "api")?;
+        let v = secret.data?.get("app.conf")?.0.clone();
+        Some(String::from_utf8_lossy(&v).into_owned())
+    };
+    eventually("the rendered file", LIMIT, || {
+        (file(&fake).as_deref() == Some("level=info")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    fake.clear_requests();
+    let before = successes(&operator.metrics);
+    eventually("two refreshes", LIMIT, || {
+        (successes(&operator.metrics) >= before + 2).then_some(())
+    })
+    .await;
+    assert_eq!(asked(&fake), Default::default(), "refreshes read nothing");
+
+    // An edit of the ConfigMap: its watch event renders again, from a new read.
+    fake.insert(config_map("log={{ LOG_LEVEL }}"));
+    eventually("the file rendered from the edited template", LIMIT, || {
+        (file(&fake).as_deref() == Some("log=info")).then_some(())
+    })
+    .await;
+    assert_eq!(asked(&fake).get("get configmaps"), Some(&1));
     assert!(operator.stop().await.is_none());
 }

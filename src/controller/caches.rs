@@ -16,6 +16,11 @@
 //! edit changes the resourceVersion, its watch event triggers a reconcile, and that one reads
 //! the Secret and repairs it.
 //!
+//! The ConfigMaps `spec.target.template.templateFrom` names are not cached from a watch (that
+//! would be every ConfigMap of the cluster): their `data` is read by name once and kept
+//! ([`TemplateFiles`]) until the metadata-only ConfigMap watch reports a change of that
+//! ConfigMap, so a refresh reads none of them again.
+//!
 //! A cache answers only once its first list is complete; before that, and for an object it
 //! does not hold (a store not created yet), the reconcile reads from the API server, so a
 //! missing object is reported from the API server's answer, never from a cache still filling.
@@ -203,10 +208,83 @@ pub enum CachedSecret {
     Present(Arc<PartialObjectMeta<Secret>>),
 }
 
+/// A ConfigMap, by namespace and name.
+type ConfigMapKey = (String, String);
+
+/// The `data` of the template ConfigMaps read so far, each kept until a watch event of that
+/// ConfigMap. Used only while a ConfigMap watch runs ([`TemplateFiles::watched`]); without one
+/// every read goes to the API server.
+#[derive(Default)]
+pub struct TemplateFiles {
+    watched: AtomicBool,
+    files: Mutex<HashMap<ConfigMapKey, KeptFile>>,
+}
+
+#[derive(Default)]
+struct KeptFile {
+    data: Option<Arc<std::collections::BTreeMap<String, String>>>,
+    /// Watch events seen for this ConfigMap: a read that started before one is not kept.
+    changes: u64,
+}
+
+/// A read of a template ConfigMap in progress: [`TemplateFiles::keep`] its answer.
+pub struct Reading {
+    key: ConfigMapKey,
+    changes: u64,
+}
+
+impl TemplateFiles {
+    /// A ConfigMap watch runs and reports every change from now on.
+    pub fn watched(&self) {
+        self.watched.store(true, Ordering::SeqCst);
+    }
+
+    /// The kept `data` of ConfigMap `namespace/name`, or the start of a read of it.
+    pub fn get(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Arc<std::collections::BTreeMap<String, String>>, Reading> {
+        let key = (namespace.to_string(), name.to_string());
+        let mut files = self.files.lock().unwrap();
+        let kept = files.entry(key.clone()).or_default();
+        match &kept.data {
+            Some(data) if self.watched.load(Ordering::SeqCst) => Ok(data.clone()),
+            _ => Err(Reading {
+                key,
+                changes: kept.changes,
+            }),
+        }
+    }
+
+    /// Keeps what `reading` found (a missing ConfigMap is not kept: its creation is an event
+    /// that triggers the reconcile anyway), unless the ConfigMap changed since the read began.
+    pub fn keep(&self, reading: Reading, data: Arc<std::collections::BTreeMap<String, String>>) {
+        let mut files = self.files.lock().unwrap();
+        if let Some(kept) = files.get_mut(&reading.key)
+            && kept.changes == reading.changes
+        {
+            kept.data = Some(data);
+        }
+    }
+
+    /// A watch event of ConfigMap `namespace/name` (changed, created or deleted): its kept data
+    /// is stale.
+    pub fn changed(&self, namespace: &str, name: &str) {
+        let mut files = self.files.lock().unwrap();
+        if let Some(kept) = files.get_mut(&(namespace.to_string(), name.to_string())) {
+            kept.changes += 1;
+            kept.data = None;
+        }
+    }
+}
+
 /// Every cache, of every controller (one per watched namespace, or one for all). A reconcile
 /// reads the caches of the controller serving its namespace: the ones whose events trigger it.
 #[derive(Default)]
 pub struct Caches {
+    /// Template ConfigMaps read so far (`spec.target.template.templateFrom`).
+    pub template_files: TemplateFiles,
     scopes: RwLock<Vec<Scope>>,
     /// Per ScopedSecret: its Secret's name and the resourceVersion this process last wrote or
     /// read it at (and found it as wanted). Lost on restart: then each Secret is read once.

@@ -851,8 +851,10 @@ fn controller_for(
     let (store_vs, store_cs, store_ns) = (store.clone(), store.clone(), store.clone());
     // ConfigMaps holding templates: metadata only (an edit changes the resourceVersion) and
     // no cache, so the operator keeps nothing per ConfigMap and receives no ConfigMap data;
-    // a reconcile reads the few it needs by name.
+    // a reconcile reads the few it needs by name once, kept until an event here (caches.rs).
     let store_cm = store.clone();
+    let files = ctx.clone();
+    ctx.caches.template_files.watched();
     let config_maps = watcher(
         namespaced_or_all::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::ConfigMap>>(
             client, namespace,
@@ -920,7 +922,12 @@ fn controller_for(
             )
         })
         .watches_stream(config_maps, move |cm| {
-            using_config_map(&store_cm, &cm.name_any(), cm.namespace().as_deref())
+            let ns = cm.namespace();
+            files
+                .caches
+                .template_files
+                .changed(ns.as_deref().unwrap_or_default(), &cm.name_any());
+            using_config_map(&store_cm, &cm.name_any(), ns.as_deref())
         })
         .watches_stream(
             namespaces,

@@ -645,9 +645,10 @@ pub(super) fn is_ours(secret: &Secret, owner: &str) -> bool {
         && labels.get(OWNER_LABEL).map(String::as_str) == Some(owner)
 }
 
-/// The `data` of the ConfigMaps `spec.target.template.templateFrom` names, read from the
-/// API server (a missing one is left out: `template::apply` says which). Watched by name in
-/// `controller_for`, so an edit renders again.
+/// The `data` of the ConfigMaps `spec.target.template.templateFrom` names (a missing one is
+/// left out: `template::apply` says which). Each is read from the API server once and kept
+/// until the ConfigMap watch of `controller_for` reports a change of it, which also renders
+/// again: a refresh reads none.
 async fn fetch_template_files(
     ctx: &Context,
     ns: &str,
@@ -656,11 +657,22 @@ async fn fetch_template_files(
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     let mut files = template::Files::new();
     for name in template::config_maps(spec) {
+        let reading = match ctx.caches.template_files.get(ns, &name) {
+            Ok(data) => {
+                files.insert(name, BTreeMap::clone(&data));
+                continue;
+            }
+            Err(reading) => reading,
+        };
         let found = api.get_opt(&name).await.map_err(kube_err(format!(
             "read ConfigMap {ns}/{name} (spec.target.template.templateFrom)"
         )))?;
         if let Some(cm) = found {
-            files.insert(name, cm.data.unwrap_or_default());
+            let data = cm.data.unwrap_or_default();
+            ctx.caches
+                .template_files
+                .keep(reading, Arc::new(data.clone()));
+            files.insert(name, data);
         }
     }
     Ok(files)
@@ -750,6 +762,12 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Store
     }
 }
 
+/// The status stage: applies the status `outcome` makes of the cached one, when they differ.
+/// The cached object can lag this process's own previous write; the apply therefore carries
+/// the cached resourceVersion as a precondition instead of reading the live status first: a
+/// status computed from a stale copy fails with 409 (and nothing is lost), and only then is
+/// the live status read and the apply repeated on it. A first sync or a change costs one
+/// request, not two.
 async fn write_status(
     ss: &ScopedSecret,
     ctx: &Context,
@@ -767,38 +785,57 @@ async fn write_status(
         return Ok(());
     }
     let ns = ss.namespace().unwrap_or_default();
+    let name = ss.name_any();
     let api: Api<ScopedSecret> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cached object can lag our own previous write: decide on the live status, so a
-    // stale cache neither rewrites an equal status nor loses what the last write recorded.
-    let live = api
-        .get_status(&ss.name_any())
-        .await
-        .map_err(kube_err(format!(
-            "read status of ScopedSecret {ns}/{}",
-            ss.name_any()
-        )))?;
-    let status = next(live.status.as_ref(), now);
-    if live.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    // `status.rollouts` belongs to the workload controller (its own field manager): not
-    // applied here, so this apply never takes it away.
-    let mut status = status;
-    status.rollouts.clear();
-    let patch = json!({
-        "apiVersion": ScopedSecret::api_version(&()),
-        "kind": ScopedSecret::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &ss.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(kube_err(format!(
-        "write status of ScopedSecret {ns}/{}",
-        ss.name_any()
+    let apply = |status: crate::api::v1alpha1::ScopedSecretStatus, rv: Option<String>| {
+        // `status.rollouts` belongs to the workload controller (its own field manager): not
+        // applied here, so this apply never takes it away.
+        let mut status = status;
+        status.rollouts.clear();
+        let mut patch = json!({
+            "apiVersion": ScopedSecret::api_version(&()),
+            "kind": ScopedSecret::kind(&()),
+            "status": status,
+        });
+        if let Some(rv) = rv {
+            patch["metadata"] = json!({ "resourceVersion": rv });
+        }
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            api.patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        }
+    };
+    let written = match apply(status, ss.resource_version()).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            // Someone wrote since the cached copy (often this process's previous status
+            // write, or the workload controller's `status.rollouts`): decide on the live one.
+            let live = api
+                .get_status(&name)
+                .await
+                .map_err(kube_err(format!("read status of ScopedSecret {ns}/{name}")))?;
+            let mut status = next(live.status.as_ref(), now);
+            // The breaker's history of this outcome was derived from the stale copy: when the
+            // live status already records this very content, its history is the newer one.
+            if let (Outcome::Synced { content_hash, .. }, Some(live)) = (outcome, &live.status)
+                && live.content_hash.as_deref() == Some(*content_hash)
+            {
+                status.changes = live.changes.clone();
+            }
+            if live.status.as_ref() == Some(&status) {
+                return Ok(());
+            }
+            apply(status, live.resource_version()).await
+        }
+        other => other,
+    };
+    written.map_err(kube_err(format!(
+        "write status of ScopedSecret {ns}/{name}"
     )))?;
     ctx.metrics.wrote("status");
     Ok(())

@@ -27,7 +27,8 @@
 //!   `fieldManager` (default `unknown`); arrays are atomic (one field); an unchanged object
 //!   keeps its resourceVersion;
 //! - JSON merge and strategic merge patches (treated as merge); a `resourceVersion` in a
-//!   replace or merge patch is a precondition (409 when stale);
+//!   replace, merge patch or apply (status subresource included) is a precondition (409 when
+//!   stale);
 //! - the `status` subresource (writes there change only `status`; writes to the main resource
 //!   never change `status` of a resource that has the subresource);
 //! - `metadata.generation` bumped only by changes outside metadata and status; `uid`,
@@ -323,6 +324,27 @@ impl FakeKube {
                 continue;
             }
             *counts.entry(r.verb()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Recorded requests per verb and resource, keyed `"<verb> <plural>[/<subresource>]"`
+    /// (`"patch scopedsecrets/status"`, `"get secrets"`), so a count says what was asked of what.
+    pub fn count_by_verb_and_resource(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for r in self.state.lock().unwrap().requests.iter() {
+            let resource = match parse_path(&r.path) {
+                Some(Path {
+                    plural,
+                    sub: Some(sub),
+                    ..
+                }) => format!("{plural}/{sub}"),
+                Some(p) => p.plural,
+                None => r.path.clone(),
+            };
+            *counts
+                .entry(format!("{} {resource}", r.verb()))
+                .or_default() += 1;
         }
         counts
     }
@@ -986,7 +1008,8 @@ impl State {
                 let patch = body.unwrap_or(Value::Null);
                 let is_apply =
                     content_type.is_some_and(|c| c.starts_with("application/apply-patch"));
-                if existing.is_none() && !is_apply {
+                // An apply creates a missing object, but not through the status subresource.
+                if existing.is_none() && (!is_apply || on_status) {
                     return not_found();
                 }
                 let created = existing.is_none();
@@ -1002,6 +1025,15 @@ impl State {
                         v.clone()
                     }
                 };
+                // A resourceVersion in a patch (merge or apply) is a precondition, as on the
+                // API server: a patch computed from an older read fails with 409.
+                if let (Some(want), Some(old)) = (
+                    patch["metadata"]["resourceVersion"].as_str(),
+                    existing.as_ref(),
+                ) && Some(want) != old["metadata"]["resourceVersion"].as_str()
+                {
+                    return status_response(409, "the object has been modified");
+                }
                 let patch = scoped(&patch);
                 if is_apply {
                     let force = params.get("force").map(String::as_str) == Some("true");
@@ -1013,15 +1045,6 @@ impl State {
                 } else if content_type.is_some_and(|c| c.contains("json-patch")) {
                     return status_response(415, "json-patch is not modelled by the fake");
                 } else {
-                    // A resourceVersion in a merge patch is a precondition, as on the API
-                    // server: a patch computed from an older read fails with 409.
-                    if let (Some(want), Some(old)) = (
-                        patch["metadata"]["resourceVersion"].as_str(),
-                        existing.as_ref(),
-                    ) && Some(want) != old["metadata"]["resourceVersion"].as_str()
-                    {
-                        return status_response(409, "the object has been modified");
-                    }
                     merge_patch(&mut obj, &patch);
                     let owner = Owner {
                         manager,
