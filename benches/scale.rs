@@ -720,7 +720,7 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
                 .unwrap()
                 .items
         },
-        workloads::trim,
+        scoped_secrets::controller::workloads::trim,
         deployments.clone(),
     )
     .await;

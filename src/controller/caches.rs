@@ -30,6 +30,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -42,6 +43,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, VaultStore};
 
@@ -97,7 +99,9 @@ where
     K::DynamicType: Eq + Hash + Clone,
 {
     store: Store<K>,
-    synced: Arc<AtomicBool>,
+    /// Set once the first list is complete (a re-list does not unset it: the store keeps its
+    /// objects meanwhile).
+    synced: Arc<watch::Sender<bool>>,
 }
 
 impl<K> Cache<K>
@@ -110,17 +114,17 @@ where
     pub fn filled(store: Store<K>) -> Self {
         Cache {
             store,
-            synced: Arc::new(AtomicBool::new(true)),
+            synced: Arc::new(watch::Sender::new(true)),
         }
     }
 
     /// Whether the first list is complete: only then does an absence mean anything.
     fn synced(&self) -> bool {
-        self.synced.load(Ordering::SeqCst)
+        *self.synced.borrow()
     }
 
     fn get(&self, name: &str, namespace: Option<&str>) -> Option<Arc<K>> {
-        if !self.synced.load(Ordering::SeqCst) {
+        if !self.synced() {
             return None;
         }
         let r = ObjectRef::<K>::new(name);
@@ -163,7 +167,7 @@ where
     K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
 {
     let (store, writer) = reflector::store();
-    let synced = Arc::new(AtomicBool::new(false));
+    let synced = Arc::new(watch::Sender::new(false));
     let flag = synced.clone();
     let events = watcher(api, config)
         .filter(move |e| std::future::ready(kept(e, &keep)))
@@ -171,7 +175,7 @@ where
     let stream = reflector::reflector(writer, events)
         .inspect(move |e| {
             if matches!(e, Ok(watcher::Event::InitDone)) {
-                flag.store(true, Ordering::SeqCst);
+                flag.send_replace(true);
             }
         })
         .default_backoff()
@@ -188,6 +192,8 @@ struct Scope {
     cluster_stores: Cache<ClusterVaultStore>,
     /// Managed Secrets (label `scopedsecrets.io/managed=true`), metadata only.
     secrets: Cache<PartialObjectMeta<Secret>>,
+    /// When the caches were added: the wait for their first lists counts from here.
+    added: std::time::Instant,
 }
 
 /// The caches of one controller, to hand to [`Caches::add`].
@@ -309,6 +315,7 @@ impl Caches {
             vault_stores,
             cluster_stores,
             secrets,
+            added: std::time::Instant::now(),
         });
     }
 
@@ -319,6 +326,31 @@ impl Caches {
             .find(|s| s.namespace.as_deref() == Some(ns))
             .or_else(|| scopes.iter().find(|s| s.namespace.is_none()))?;
         f(scope)
+    }
+
+    /// Waits until the caches serving `namespace` (namespaces, stores, managed Secrets) have
+    /// completed their first list, at most until `limit` after they were added. Reconciles
+    /// start as soon as the ScopedSecret watch has listed; without this wait the first ones
+    /// after a start-up would each read their namespace, store and Secret from the API server
+    /// while the lists that answer them are still arriving. A list that never completes (a
+    /// refused permission) delays only the reconciles of the first `limit`; later ones read.
+    pub async fn filled(&self, namespace: &str, limit: Duration) {
+        let Some((left, mut waits)) = self.with(namespace, |s| {
+            let waits = [
+                s.namespaces.synced.subscribe(),
+                s.vault_stores.synced.subscribe(),
+                s.cluster_stores.synced.subscribe(),
+                s.secrets.synced.subscribe(),
+            ];
+            Some((limit.saturating_sub(s.added.elapsed()), waits))
+        }) else {
+            return;
+        };
+        // Each wait drops its borrow of the value at once (a held one is not `Send`).
+        let all = futures::future::join_all(waits.iter_mut().map(|w| async move {
+            let _listed = w.wait_for(|v| *v).await.is_ok();
+        }));
+        let _ = tokio::time::timeout(left, all).await;
     }
 
     /// The Namespace `name` (its metadata), from the caches serving it.

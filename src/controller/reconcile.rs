@@ -207,9 +207,13 @@ async fn sync(
     })
 }
 
-/// `fetch`: the namespace's labels and the store, from the informer caches or else the API
-/// server.
+/// How long a reconcile right after start-up waits for the caches to list (`Caches::filled`).
+const CACHE_FILL_LIMIT: Duration = Duration::from_secs(5);
+
+/// `fetch`: the namespace's labels and the store, from the informer caches (once they have
+/// listed, waiting for that at most [`CACHE_FILL_LIMIT`]) or else the API server.
 async fn fetch(s: &Subject<'_>, ctx: &Context) -> Result<Fetched, Error> {
+    ctx.caches.filled(s.ns, CACHE_FILL_LIMIT).await;
     let labels = match ctx.caches.namespace(s.ns) {
         Some(cached) => cached.metadata.labels.clone().unwrap_or_default(),
         None => Api::<Namespace>::all(ctx.client.clone())
