@@ -921,23 +921,17 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
         mib_b(heap),
     );
     println!("    by verb and resource: {detail:?}");
-    // Heap by owner. The ScopedSecret and managed-Secret caches are held twice today, once
-    // by the ScopedSecret controller and once by the workload controller.
+    // Heap by owner: each cache is held once (the workload controller reads the ScopedSecret
+    // controller's caches of ScopedSecrets and managed Secrets).
     let owners = heap_by_owner(&client).await;
-    let twice = [
-        "ScopedSecrets (trimmed, with status)",
-        "managed Secrets' metadata",
-    ];
     let mut rest = heap;
     let mut parts = Vec::new();
     for (name, bytes) in &owners {
-        let copies = if twice.contains(name) { 2 } else { 1 };
-        rest -= bytes * copies;
+        rest -= bytes;
         parts.push(format!(
-            "{name} {} ({:.2} KiB each{})",
+            "{name} {} ({:.2} KiB each)",
             mib_b(*bytes),
             *bytes as f64 / 1024.0 / n as f64,
-            if copies == 2 { ", held twice" } else { "" }
         ));
     }
     println!(
