@@ -334,15 +334,22 @@ impl Caches {
     /// after a start-up would each read their namespace, store and Secret from the API server
     /// while the lists that answer them are still arriving. A list that never completes (a
     /// refused permission) delays only the reconciles of the first `limit`; later ones read.
-    pub async fn filled(&self, namespace: &str, limit: Duration) {
+    pub async fn until_listed(&self, namespace: &str, limit: Duration) {
         let Some((left, mut waits)) = self.with(namespace, |s| {
-            let waits = [
-                s.namespaces.synced.subscribe(),
-                s.vault_stores.synced.subscribe(),
-                s.cluster_stores.synced.subscribe(),
-                s.secrets.synced.subscribe(),
+            let left = limit.saturating_sub(s.added.elapsed());
+            let flags = [
+                &s.namespaces.synced,
+                &s.vault_stores.synced,
+                &s.cluster_stores.synced,
+                &s.secrets.synced,
             ];
-            Some((limit.saturating_sub(s.added.elapsed()), waits))
+            // Once the lists are in (or the wait is over), a reconcile pays only these reads.
+            let unlisted: Vec<_> = flags
+                .into_iter()
+                .filter(|listed| !*listed.borrow())
+                .map(|listed| listed.subscribe())
+                .collect();
+            (!left.is_zero() && !unlisted.is_empty()).then_some((left, unlisted))
         }) else {
             return;
         };
@@ -562,5 +569,71 @@ mod tests {
         );
         assert_eq!(s.metadata.resource_version.as_deref(), Some("7"));
         assert_eq!(s.metadata.managed_fields, None);
+    }
+
+    fn cache<K>(listed: bool) -> Cache<K>
+    where
+        K: Resource + Clone + 'static,
+        K::DynamicType: Eq + Hash + Clone + Default,
+    {
+        Cache {
+            store: reflector::store().0,
+            synced: Arc::new(watch::Sender::new(listed)),
+        }
+    }
+
+    /// Caches of all namespaces whose namespace list is not in yet; the others are.
+    fn caches_listing_namespaces() -> (Caches, Arc<watch::Sender<bool>>) {
+        let namespaces = cache(false);
+        let flag = namespaces.synced.clone();
+        let caches = Caches::default();
+        caches.add(
+            None,
+            ScopeCaches {
+                namespaces,
+                vault_stores: cache(true),
+                cluster_stores: cache(true),
+                secrets: cache(true),
+            },
+        );
+        (caches, flag)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconcile_waits_for_a_first_list_until_it_is_in() {
+        let (caches, flag) = caches_listing_namespaces();
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            flag.send_replace(true);
+        });
+        caches
+            .until_listed("shop-dev", Duration::from_secs(5))
+            .await;
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "virtual time");
+        // Listed: no wait at all.
+        let again = tokio::time::Instant::now();
+        caches
+            .until_listed("shop-dev", Duration::from_secs(5))
+            .await;
+        assert_eq!(again.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_list_that_never_completes_holds_reconciles_back_only_until_the_limit() {
+        let (caches, _flag) = caches_listing_namespaces();
+        let started = tokio::time::Instant::now();
+        caches
+            .until_listed("shop-dev", Duration::from_secs(5))
+            .await;
+        let waited = started.elapsed();
+        assert!(
+            waited <= Duration::from_secs(5) && waited > Duration::from_secs(4),
+            "{waited:?}"
+        );
+        // Past the limit (counted from when the caches were added), nobody waits.
+        let again = tokio::time::Instant::now();
+        caches.until_listed("shop-dev", Duration::ZERO).await;
+        assert_eq!(again.elapsed(), Duration::ZERO);
     }
 }

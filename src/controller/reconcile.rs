@@ -207,13 +207,13 @@ async fn sync(
     })
 }
 
-/// How long a reconcile right after start-up waits for the caches to list (`Caches::filled`).
-const CACHE_FILL_LIMIT: Duration = Duration::from_secs(5);
+/// How long a reconcile right after start-up waits for the caches to list (`Caches::until_listed`).
+const CACHE_LIST_WAIT: Duration = Duration::from_secs(5);
 
 /// `fetch`: the namespace's labels and the store, from the informer caches (once they have
-/// listed, waiting for that at most [`CACHE_FILL_LIMIT`]) or else the API server.
+/// listed, waiting for that at most [`CACHE_LIST_WAIT`]) or else the API server.
 async fn fetch(s: &Subject<'_>, ctx: &Context) -> Result<Fetched, Error> {
-    ctx.caches.filled(s.ns, CACHE_FILL_LIMIT).await;
+    ctx.caches.until_listed(s.ns, CACHE_LIST_WAIT).await;
     let labels = match ctx.caches.namespace(s.ns) {
         Some(cached) => cached.metadata.labels.clone().unwrap_or_default(),
         None => Api::<Namespace>::all(ctx.client.clone())
