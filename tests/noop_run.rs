@@ -16,7 +16,7 @@ use scoped_secrets::metrics::Metrics;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::json;
 use support::fake_api::FakeKube;
-use support::operator::{eventually, start_operator};
+use support::operator::{eventually, quiet, start_operator};
 
 const LIMIT: Duration = Duration::from_secs(40);
 
@@ -51,7 +51,7 @@ async fn a_running_operator_refreshes_without_api_requests_and_still_repairs_han
     operator.wait_ready(LIMIT).await;
     eventually("the Secret", LIMIT, || log_level(&fake)).await;
     // Settled: the reconcile our own writes trigger has run.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet(&fake).await;
 
     fake.clear_requests();
     let before = successes(&operator.metrics);
@@ -127,7 +127,7 @@ async fn a_first_sync_makes_only_its_writes_the_secret_the_status_and_one_event(
     })
     .await;
     // Settled: nothing of the first sync is still on its way.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet(&fake).await;
 
     let mut asked = asked(&fake);
     // Start-up: the HMAC key is read and, in a new cluster, created.
@@ -227,7 +227,7 @@ async fn a_template_config_map_is_read_once_and_again_only_after_it_changed() {
         (file(&fake).as_deref() == Some("level=info")).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet(&fake).await;
 
     fake.clear_requests();
     let before = successes(&operator.metrics);

@@ -91,22 +91,6 @@ async fn arrival(fake: &FakeKube, readers: &[String], key: &str, want: &str) -> 
     }
 }
 
-/// Waits until the operator has stopped making requests (its first syncs' status writes and
-/// the reconciles their watch events bring), so what follows is the only thing happening: a
-/// reconcile still in flight would read the next version from the shared cache on its own.
-async fn quiet(fake: &FakeKube) {
-    let mut seen = fake.requests().len();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = fake.requests().len();
-        if now == seen {
-            return;
-        }
-        seen = now;
-    }
-    panic!("the operator never stopped making requests after its first syncs");
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -340,7 +324,7 @@ async fn ten_readers_of_one_path_are_refreshed_together_when_one_of_them_reads_a
     let fake = cluster(&bao, &readers);
     let operator = start(&fake, None);
     arrival(&fake, &readers, "FOO", "v0").await;
-    quiet(&fake).await;
+    support::operator::quiet(&fake).await;
 
     bao.kv_put("shop", json!({"FOO": "v1"})).await;
     let started = Instant::now();

@@ -104,6 +104,23 @@ pub async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() 
 }
 
 /// [`eventually`] for a condition.
+/// Waits until the operator has stopped making requests (the status writes of its syncs and
+/// the reconciles their watch events bring), so what a test does next is the only thing
+/// happening: a reconcile still in flight could, say, read the next version from the shared
+/// cache on its own.
+pub async fn quiet(fake: &FakeKube) {
+    let mut seen = fake.requests().len();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = fake.requests().len();
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+    panic!("the operator never stopped making requests");
+}
+
 pub async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) {
     eventually(what, limit, || check().then_some(())).await
 }
