@@ -654,7 +654,11 @@ async fn argo_rollouts(r: Arc<Restarts>, namespace: Option<String>) {
     loop {
         let delay = match apply::argo_rollouts_served(&r.ctx.client).await {
             Ok(true) => return watch(&r, namespace.as_deref(), WorkloadKind::Rollout).await,
-            Ok(false) => r.ctx.config.pacing.discovery,
+            Ok(false) => {
+                // An answer: the next failure is news again.
+                failures = 0;
+                r.ctx.config.pacing.discovery
+            }
             Err(e) => {
                 failures += 1;
                 let delay =
