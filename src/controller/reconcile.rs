@@ -386,7 +386,7 @@ async fn report(
     write_status(ss, ctx, &done.outcome(), retention, now).await?;
     announce(ss, ctx, done).await;
     let first_since_start = ctx.mark_synced(obj);
-    ctx.record_success(obj);
+    ctx.failures.forget(obj);
     Ok(Action::requeue(next_sync(ctx, done, first_since_start)))
 }
 
