@@ -29,7 +29,7 @@ use super::pipeline::{self, Plan, StoreSpec};
 use super::retain::{self, Retention};
 use super::status::{KEYS_EXPIRING, Outcome, ROLLOUTS_PAUSED, next_status, set_retention};
 use super::trigger::Pending;
-use super::{Context, Error, refresh_delay};
+use super::{Context, Error, refresh_delay, validate};
 use crate::api::v1alpha1::{
     ChangeHistory, ClusterVaultStore, DeletionPolicy, LastTrigger, ScopedSecret, StoreKind,
     VaultStore,
@@ -86,15 +86,9 @@ struct Paused {
 
 /// What a successful sync did: the input of `report`.
 struct Synced {
-    secret_name: String,
-    refresh: Duration,
-    /// Resolved keys written as they are, and keys built by `spec.target.template`.
-    keys: template::Output,
-    content_hash: String,
-    /// When the first open rotation window closes.
-    rotation_ends: Option<jiff::Timestamp>,
-    /// Keys expiring within the horizon, as a sentence.
-    expiring: Option<String>,
+    /// The Secret's name and the refresh interval, as validated.
+    request: validate::Request,
+    desired: Desired,
     applied: Applied,
     /// The recent content changes, for the restart breaker.
     changes: ChangeHistory,
@@ -105,22 +99,24 @@ struct Synced {
 
 impl Synced {
     fn outcome(&self) -> Outcome<'_> {
+        let built = &self.desired.built;
         Outcome::Synced {
-            secret_name: &self.secret_name,
-            resolved: &self.keys.resolved,
-            templated: &self.keys.templated,
-            content_hash: &self.content_hash,
+            secret_name: &self.request.secret_name,
+            resolved: &built.keys.resolved,
+            templated: &built.keys.templated,
+            content_hash: &built.content_hash,
             wrote: self.applied.wrote,
             changes: &self.changes,
             paused: self.paused.as_ref().map(|p| p.note.as_str()),
-            expiring: self.expiring.as_deref(),
+            expiring: self.desired.expiring.as_deref(),
             force_sync: self.force_sync.as_deref(),
             trigger: self.applied.trigger,
         }
     }
 
     fn key_count(&self) -> usize {
-        self.keys.resolved.len() + self.keys.templated.len()
+        let keys = &self.desired.built.keys;
+        keys.resolved.len() + keys.templated.len()
     }
 }
 
@@ -187,19 +183,9 @@ async fn sync(
     let desired = build(&s, ctx, &plan).await?;
     let applied = apply(&s, ctx, &desired).await?;
     let (changes, paused) = record_changes(&s, ctx, &desired);
-    let pipeline::Built {
-        keys,
-        content_hash,
-        rotation_ends,
-        ..
-    } = desired.built;
     Ok(Synced {
-        secret_name: plan.request.secret_name,
-        refresh: plan.request.refresh,
-        keys,
-        content_hash,
-        rotation_ends,
-        expiring: desired.expiring,
+        request: plan.request,
+        desired,
         applied,
         changes,
         paused,
@@ -423,8 +409,8 @@ fn next_sync(ctx: &Context, done: &Synced, first_since_start: bool) -> Duration 
     let until = |ends: jiff::Timestamp, now: jiff::Timestamp| {
         Duration::from_secs((ends.as_second() - now.as_second() + 1).max(1) as u64)
     };
-    let mut delay = refresh_delay(done.refresh, first_since_start);
-    if let Some(ends) = done.rotation_ends {
+    let mut delay = refresh_delay(done.request.refresh, first_since_start);
+    if let Some(ends) = done.desired.built.rotation_ends {
         delay = delay.min(until(ends, jiff::Timestamp::now()));
     }
     if let Some(paused) = &done.paused {
@@ -437,7 +423,7 @@ fn next_sync(ctx: &Context, done: &Synced, first_since_start: bool) -> Duration 
 /// repaired; restarts paused and keys expiring, each when it starts. Nothing for a no-op.
 async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
     if let Some((reason, note)) = change_note(ss, done) {
-        info!(secret = %done.secret_name, keys = done.key_count(), "{note}");
+        info!(secret = %done.request.secret_name, keys = done.key_count(), "{note}");
         publish(ss, ctx, EventType::Normal, reason, &note).await;
     }
     if let Some(paused) = &done.paused
@@ -446,7 +432,7 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
         warn!("{}", paused.note);
         publish(ss, ctx, EventType::Warning, "RolloutsPaused", &paused.note).await;
     }
-    if let Some(message) = &done.expiring
+    if let Some(message) = &done.desired.expiring
         && !condition_true(ss, KEYS_EXPIRING)
     {
         publish(ss, ctx, EventType::Warning, "KeysExpiring", message).await;
@@ -456,19 +442,16 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
 /// The event of a sync that wrote the Secret: created, changed (the keys named), or repaired
 /// after an outside change.
 fn change_note(ss: &ScopedSecret, done: &Synced) -> Option<(&'static str, String)> {
-    let Synced {
-        secret_name: name,
-        applied,
-        ..
-    } = done;
+    let (name, applied) = (&done.request.secret_name, &done.applied);
     if !applied.wrote {
         return None;
     }
     let previous_hash = ss.status.as_ref().and_then(|s| s.content_hash.as_deref());
+    let content_hash = done.desired.built.content_hash.as_str();
     Some(if applied.created {
         let keys = done.key_count();
         ("Synced", format!("created Secret {name} with {keys} keys"))
-    } else if !applied.changed_keys.is_empty() && previous_hash != Some(&done.content_hash) {
+    } else if !applied.changed_keys.is_empty() && previous_hash != Some(content_hash) {
         let keys = applied.changed_keys.join(", ");
         ("Changed", format!("Secret {name} changed: keys {keys}"))
     } else {
@@ -701,23 +684,22 @@ async fn remove_previous_target(
         .get_opt(previous)
         .await
         .map_err(kube_err(format!("read previous Secret {ns}/{previous}")))?;
-    let ours = old.as_ref().is_some_and(|s| is_ours(s, &ss.name_any()));
-    if ours {
-        match secrets.delete(previous, &Default::default()).await {
-            Ok(_) => ctx.metrics.wrote("secret_delete"),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => {
-                return Err(Error::Kube {
-                    action: format!("delete previous Secret {ns}/{previous}"),
-                    source: e,
-                });
-            }
-        }
-        info!(
-            secret = previous,
-            "deleted the Secret of the previous target.name"
-        );
+    if !old.is_some_and(|s| is_ours(&s, &ss.name_any())) {
+        return Ok(());
     }
+    match secrets.delete(previous, &Default::default()).await {
+        Ok(_) => ctx.metrics.wrote("secret_delete"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => {
+            return Err(kube_err(format!("delete previous Secret {ns}/{previous}"))(
+                e,
+            ));
+        }
+    }
+    info!(
+        secret = previous,
+        "deleted the Secret of the previous target.name"
+    );
     Ok(())
 }
 

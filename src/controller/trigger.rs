@@ -208,7 +208,13 @@ impl Triggers {
         let now = Instant::now();
         for n in news {
             tracing::debug!(path = %n.path, version = n.version, readers = n.stale.len(), "a new version of a path: refreshing its other readers");
-            self.refresh(&n.path, &n.stale, Some(&n.read_as), LastTrigger::PeerPath, now);
+            self.refresh(
+                &n.path,
+                &n.stale,
+                Some(&n.read_as),
+                LastTrigger::PeerPath,
+                now,
+            );
         }
     }
 
