@@ -708,14 +708,9 @@ fn changed_key_names(existing: Option<&Secret>, desired: &Secret) -> Vec<String>
     let empty = BTreeMap::new();
     let old = existing.and_then(|e| e.data.as_ref()).unwrap_or(&empty);
     let new = desired.data.as_ref().unwrap_or(&empty);
-    let mut names: Vec<String> = old
-        .keys()
-        .chain(new.keys())
-        .filter(|k| old.get(*k) != new.get(*k))
-        .cloned()
-        .collect();
-    names.dedup();
-    names
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let changed = names.into_iter().filter(|k| old.get(*k) != new.get(*k));
+    changed.cloned().collect()
 }
 
 /// The store `spec.storeRef` names, from the informer cache or else the API server.
@@ -825,4 +820,30 @@ async fn write_status(
     )))?;
     ctx.metrics.wrote("status");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_changed_key_is_named_once() {
+        let secret = |data: &[(&str, &str)]| Secret {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                        )
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let old = secret(&[("A", "1"), ("B", "1"), ("C", "1"), ("D", "1")]);
+        let new = secret(&[("A", "2"), ("B", "2"), ("C", "1"), ("E", "1")]);
+        assert_eq!(changed_key_names(Some(&old), &new), ["A", "B", "D", "E"]);
+        assert_eq!(changed_key_names(None, &new), ["A", "B", "C", "E"]);
+    }
 }
