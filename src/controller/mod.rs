@@ -628,18 +628,16 @@ pub async fn run_at(
                 .shutdown_on_signal()
                 .run(reconcile_in_order, error_policy, ctx.clone())
                 .for_each(|result| async move {
-                    if let Err(e) = result {
-                        // Reconcile errors are logged by error_policy; these are queue/watch
-                        // errors.
-                        match e {
-                            kube::runtime::controller::Error::ReconcilerFailed(..) => {}
-                            // Expected after a deletion: the Secret collected with its
-                            // ScopedSecret maps back to an object that is gone.
-                            kube::runtime::controller::Error::ObjectNotFound(obj) => {
-                                tracing::debug!("controller: {obj} is gone, nothing to do")
-                            }
-                            other => tracing::warn!("controller: {other}"),
+                    use kube::runtime::controller::Error as QueueError;
+                    match result {
+                        // Reconcile errors are logged by error_policy.
+                        Ok(_) | Err(QueueError::ReconcilerFailed(..)) => {}
+                        // Expected after a deletion: the Secret collected with its
+                        // ScopedSecret maps back to an object that is gone.
+                        Err(QueueError::ObjectNotFound(obj)) => {
+                            tracing::debug!("controller: {obj} is gone, nothing to do")
                         }
+                        Err(other) => tracing::warn!("controller: {other}"),
                     }
                 })
                 .boxed(),
