@@ -475,26 +475,17 @@ async fn owner_and_expiry_are_kept_as_custom_metadata_and_listed() {
         other_line.contains("20"),
         "an absolute expiry is stored: {list}"
     );
-    let (status, meta) = bao
-        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    assert_eq!(meta["data"]["custom_metadata"]["owner.API_KEY"], "alice");
+    let meta = bao.kv_metadata("shop").await;
+    assert_eq!(meta["custom_metadata"]["owner.API_KEY"], "alice");
     // Removing the key removes its owner and expiry.
     ok(&run(
         &bao,
         &root,
         &["secret", "rm", "-p", "shop", "-k", "API_KEY"],
     ));
-    let (_, meta) = bao
-        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
-        .await
-        .unwrap();
+    let meta = bao.kv_metadata("shop").await;
     assert!(
-        meta["data"]["custom_metadata"]
-            .get("owner.API_KEY")
-            .is_none(),
+        meta["custom_metadata"].get("owner.API_KEY").is_none(),
         "{meta}"
     );
     // A bad expiry is refused before anything is written.
@@ -579,13 +570,10 @@ async fn rotate_generates_a_new_value_and_revoke_destroys_the_previous_one() {
         &["secret", "revoke", "-p", "shop", "-k", "API_KEY"],
     ));
     assert!(out.contains("destroyed versions 1,2"), "{out}");
-    let (_, meta) = bao
-        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
-        .await
-        .unwrap();
-    assert_eq!(meta["data"]["versions"]["1"]["destroyed"], true);
-    assert_eq!(meta["data"]["versions"]["2"]["destroyed"], true);
-    assert_eq!(meta["data"]["versions"]["3"]["destroyed"], false);
+    let meta = bao.kv_metadata("shop").await;
+    assert_eq!(meta["versions"]["1"]["destroyed"], true);
+    assert_eq!(meta["versions"]["2"]["destroyed"], true);
+    assert_eq!(meta["versions"]["3"]["destroyed"], false);
     assert_eq!(
         bao.kv_get("shop").await["API_KEY"],
         new.as_str(),
@@ -635,17 +623,9 @@ async fn rotate_generates_a_new_value_and_revoke_destroys_the_previous_one() {
 
 /// The `current_version` of `secret/<path>`, read from its metadata.
 async fn current_version(bao: &OpenBao, path: &str) -> u64 {
-    let (status, meta) = bao
-        .raw(
-            "GET",
-            &format!("/v1/secret/metadata/{path}"),
-            Some(bao.root_token()),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{meta}");
-    meta["data"]["current_version"].as_u64().unwrap()
+    bao.kv_metadata(path).await["current_version"]
+        .as_u64()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -782,11 +762,8 @@ async fn owners_set_concurrently_on_different_keys_all_survive() {
     for h in handles {
         ok(&h.join().unwrap());
     }
-    let (_, meta) = bao
-        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
-        .await
-        .unwrap();
-    let custom = &meta["data"]["custom_metadata"];
+    let meta = bao.kv_metadata("shop").await;
+    let custom = &meta["custom_metadata"];
     for i in 0..WRITERS {
         assert_eq!(
             custom[format!("owner.K{i}")],
@@ -805,11 +782,8 @@ async fn owners_set_concurrently_on_different_keys_all_survive() {
         &root,
         &["secret", "rm", "-p", "shop", "-k", "K0"],
     ));
-    let (_, meta) = bao
-        .raw("GET", "/v1/secret/metadata/shop", Some(&root), None)
-        .await
-        .unwrap();
-    let custom = meta["data"]["custom_metadata"].as_object().unwrap();
+    let meta = bao.kv_metadata("shop").await;
+    let custom = meta["custom_metadata"].as_object().unwrap();
     assert!(!custom.contains_key("owner.K0") && !custom.contains_key("expires.K0"));
     assert_eq!(custom.len(), 2 * (WRITERS - 1), "{custom:?}");
 }
