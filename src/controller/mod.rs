@@ -461,13 +461,7 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
         metadata: kube::api::ObjectMeta {
             name: Some(HMAC_KEY_SECRET.into()),
             namespace: Some(namespace.into()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/name".to_string(),
-                    "scoped-secrets".to_string(),
-                )]
-                .into(),
-            ),
+            labels: Some([("app.kubernetes.io/name".into(), "scoped-secrets".into())].into()),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
