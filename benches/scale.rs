@@ -13,7 +13,9 @@
 //!    of 20 keys each, with their Secrets and one Deployment reading each. Prints the
 //!    operator's RSS (`VmRSS`, `VmHWM` of `/proc/<pid>/status`) and live heap (its
 //!    `scoped_secrets_heap_bytes`), the heap of each of its caches (rebuilt in this process
-//!    from the API server's objects with the operator's trim functions), the time to ready, to
+//!    from the API server's objects with the operator's trim functions) and of its per-object
+//!    state (the Vault read cache, the path index, the verified Secret versions, the synced set,
+//!    the metric series: rebuilt by the library's own types), the time to ready, to
 //!    every ScopedSecret synced and to the first sync's writes settled (the workload
 //!    controller's baselines trail the Secrets), the first sync's API requests by verb and
 //!    resource and per ScopedSecret, the API requests during one no-op refresh interval that
@@ -773,10 +775,7 @@ async fn per_object_state(
         let e = ns.trim_start_matches("big-");
         [
             ("scopedsecrets.io/project".to_string(), "big".to_string()),
-            (
-                "scopedsecrets.io/environment".to_string(),
-                e.to_string(),
-            ),
+            ("scopedsecrets.io/environment".to_string(), e.to_string()),
         ]
         .into()
     };
@@ -1029,7 +1028,7 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
         ));
     }
     println!(
-        "    heap by owner: {}; the rest (the Controllers' queues and schedulers, the workload controller's own state, tasks, connection buffers, allocator-free runtime) {} ({:.2} KiB per ScopedSecret)",
+        "    heap by owner: {}; the rest (the Controllers' queues and schedulers, the workload controller's own state, tasks, connection buffers, the runtime) {} ({:.2} KiB per ScopedSecret)",
         parts.join(", "),
         mib_b(rest),
         rest as f64 / 1024.0 / n as f64
