@@ -727,6 +727,7 @@ fn controller_for(
             }
             Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
             Ok(watcher::Event::Apply(ss) | watcher::Event::InitApply(ss)) => {
+                gone.caches.seen(ss);
                 gone.arrived(ss);
                 let _ = touched_ss.send(ObjectRef::from_obj(ss));
             }

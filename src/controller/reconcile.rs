@@ -23,7 +23,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
-use super::caches::CachedSecret;
+use super::caches::{self, CachedSecret};
 use super::events::publish;
 use super::pipeline::{self, Plan, StoreSpec};
 use super::retain::{self, Retention};
@@ -123,6 +123,8 @@ impl Synced {
 /// Reconciles one ScopedSecret: retain, sync, report.
 #[instrument(skip_all, fields(namespace = ss.namespace().as_deref().unwrap_or_default(), name = %ss.name_any()))]
 pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Our own last status write, when the cache does not show it yet (`Caches::latest`).
+    let ss = ctx.caches.latest(ss);
     let obj = ObjectRef::from_obj(ss.as_ref());
     let started = Instant::now();
     let (retention, synced) = retain_and_sync(&ss, &ctx, &obj).await;
@@ -748,7 +750,8 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Store
 /// the cached resourceVersion as a precondition instead of reading the live status first: a
 /// status computed from a stale copy fails with 409 (and nothing is lost), and only then is
 /// the live status read and the apply repeated on it. A first sync or a change costs one
-/// request, not two.
+/// request, not two. The object the API server answers is kept until the cache shows it
+/// (`Caches::wrote_status`), so the next reconcile decides on it rather than on the older copy.
 async fn write_status(
     ss: &ScopedSecret,
     ctx: &Context,
@@ -759,10 +762,19 @@ async fn write_status(
     let next = |prev: Option<&crate::api::v1alpha1::ScopedSecretStatus>, now: Time| {
         let mut status = next_status(prev, outcome, ss.metadata.generation, now.clone());
         set_retention(&mut status, retention, ss.metadata.generation, &now);
+        // A sync lists the keys afresh; a failure keeps those of `prev`, which the cached copy
+        // holds only as a digest (`caches::trim_scoped_secret`).
+        if let Outcome::Synced { .. } = outcome {
+            status.keys_digest = None;
+        }
         status
     };
     let status = next(ss.status.as_ref(), now.clone());
-    if ss.status.as_ref() == Some(&status) {
+    if ss
+        .status
+        .as_ref()
+        .is_some_and(|cached| caches::same_status(cached, &status))
+    {
         return Ok(());
     }
     let ns = ss.namespace().unwrap_or_default();
@@ -792,10 +804,19 @@ async fn write_status(
             .await
         }
     };
-    let written = match apply(status, ss.resource_version()).await {
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            // Someone wrote since the cached copy (often this process's previous status
-            // write, or the workload controller's `status.rollouts`): decide on the live one.
+    let first = match status.keys_digest {
+        // A failure that changes the status keeps the keys the cached copy has only as a
+        // digest: decided on the live status (a repeated failure changes nothing, reads nothing).
+        Some(_) => None,
+        None => Some(apply(status, ss.resource_version()).await),
+    };
+    let written = match first {
+        Some(Ok(written)) => Ok((ss.resource_version(), written)),
+        Some(Err(e)) if !matches!(&e, kube::Error::Api(s) if s.code == 409) => Err(e),
+        _ => {
+            // Someone wrote since the cached copy (the workload controller's
+            // `status.rollouts`, another replica), or the keys are needed: decide on the live
+            // one.
             let live = api
                 .get_status(&name)
                 .await
@@ -811,14 +832,15 @@ async fn write_status(
             if live.status.as_ref() == Some(&status) {
                 return Ok(());
             }
-            apply(status, live.resource_version()).await
+            let before = live.resource_version();
+            apply(status, before.clone()).await.map(|w| (before, w))
         }
-        other => other,
     };
-    written.map_err(kube_err(format!(
+    let (before, written) = written.map_err(kube_err(format!(
         "write status of ScopedSecret {ns}/{name}"
     )))?;
     ctx.metrics.wrote("status");
+    ctx.caches.wrote_status(before, written);
     Ok(())
 }
 
