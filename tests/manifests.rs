@@ -48,7 +48,8 @@ const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     // ScopedSecret controller and of the workload controller (controller/workloads.rs).
     (Cluster, "scopedsecrets.io", "scopedsecrets", "list"),
     (Cluster, "scopedsecrets.io", "scopedsecrets", "watch"),
-    // controller/reconcile.rs write_status: `api.get_status(..)` (decide on the live status);
+    // controller/reconcile.rs write_status: `api.get_status(..)` (decide on the live status),
+    // still_there: the same before re-creating a Secret the ScopedSecret had synced;
     // controller/workloads.rs record: the same before writing `status.rollouts`.
     (Cluster, "scopedsecrets.io", "scopedsecrets/status", "get"),
     // controller/reconcile.rs write_status: `api.patch_status(.., Patch::Apply)`;

@@ -1243,3 +1243,34 @@ async fn a_restarted_operator_reads_each_secret_once_and_writes_nothing() {
     reconcile(w.ss("shop-dev", "api"), restarted).await.unwrap();
     assert_eq!(request_summary(&w), Vec::<String>::new());
 }
+
+/// A ScopedSecret deleted while the controller still holds it (its watch event not arrived
+/// yet): the garbage collector took its Secret, and a reconcile of the held copy — brought by
+/// that Secret's deletion — re-creates nothing, reports nothing and does not fail. A retained
+/// Secret (no owner) outlives it: the status write finds the ScopedSecret gone, quietly too.
+#[tokio::test]
+async fn a_scopedsecret_deleted_under_its_reconcile_is_not_synced_again_nor_reported() {
+    const SS: &str = "apis/scopedsecrets.io/v1alpha1";
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let held = w.ss("shop-dev", "api");
+    w.fake.remove(SS, Some("shop-dev"), "scopedsecrets", "api");
+    assert!(w.secret("shop-dev", "api").is_none(), "collected with it");
+    let writes = w.write_summary().len();
+    let action = reconcile(held, w.ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(w.secret("shop-dev", "api").is_none(), "not created again");
+    assert_eq!(w.write_summary()[writes..], [] as [String; 0]);
+
+    let mut spec = default_spec();
+    spec["deletionPolicy"] = json!("Retain");
+    w.add(scoped_secret("api", "shop-dev", spec));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let held = w.ss("shop-dev", "api");
+    w.fake.remove(SS, Some("shop-dev"), "scopedsecrets", "api");
+    w.vault.put("shop", &[("LOG_LEVEL", Some("warn"))]);
+    let action = reconcile(held, w.ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(w.secret("shop-dev", "api").is_some(), "retained");
+}

@@ -78,6 +78,10 @@ pub enum Error {
         "reconcile did not finish within {seconds}s (Vault or the API server is slow); retrying"
     )]
     Timeout { seconds: u64 },
+    /// The ScopedSecret was deleted while its reconcile ran (its watch event had not arrived
+    /// yet): nothing is written for it and nothing is reported.
+    #[error("ScopedSecret {namespace}/{name} was deleted")]
+    Deleted { namespace: String, name: String },
     #[error("failed to {action}: {source}")]
     Kube {
         action: String,
@@ -106,6 +110,7 @@ impl Error {
             Error::SecretConflict { .. } => "SecretConflict",
             Error::Kube { .. } => "KubernetesError",
             Error::Timeout { .. } => "Timeout",
+            Error::Deleted { .. } => "Deleted",
         }
     }
 

@@ -134,8 +134,14 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
     }
     let result = match synced {
         Ok(done) => report(&ss, &ctx, &obj, &done, &retention).await,
+        Err(err @ Error::Deleted { .. }) => Err(err),
         Err(err) => Err(report_failure(&ss, &ctx, err, &retention).await),
     };
+    // Deleted under the reconcile: its own watch event forgets it; nothing to retry or warn of.
+    if let Err(Error::Deleted { .. }) = &result {
+        tracing::debug!("the ScopedSecret was deleted during its reconcile");
+        return Ok(Action::await_change());
+    }
     let category = result.as_ref().err().map_or("success", Error::category);
     ctx.metrics.reconciled(category, started.elapsed());
     result
@@ -262,6 +268,9 @@ async fn apply(s: &Subject<'_>, ctx: &Context, desired: &Desired) -> Result<Appl
     let name = secret.name_any();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), s.ns);
     let existing = existing_secret(ctx, &secrets, s.obj, secret).await?;
+    if existing.is_none() {
+        still_there(s, ctx).await?;
+    }
     if let Some(existing) = &existing
         && !is_ours(existing, &s.obj.name)
     {
@@ -292,6 +301,30 @@ async fn apply(s: &Subject<'_>, ctx: &Context, desired: &Desired) -> Result<Appl
         changed_keys: changed_key_names(existing.as_ref(), secret),
         trigger: last_trigger(pending.as_ref(), s.forced),
     })
+}
+
+/// Before a Secret this ScopedSecret has synced is created again: whether the ScopedSecret
+/// still exists. The Secret is gone either because someone deleted it (drift, repaired) or
+/// because the garbage collector took it with a ScopedSecret just deleted, whose watch event
+/// has not arrived: re-created, it would only be collected again. One read, on this rare path.
+async fn still_there(s: &Subject<'_>, ctx: &Context) -> Result<(), Error> {
+    let synced_before = s.ss.status.as_ref().and_then(|st| st.secret_name.as_ref());
+    if synced_before.is_none() {
+        return Ok(());
+    }
+    // The status subresource answers with the whole object: the operator's RBAC has no `get`
+    // on ScopedSecrets (they come from the watch), and needs none for this.
+    let api = Api::<ScopedSecret>::namespaced(ctx.client.clone(), s.ns);
+    let live =
+        api.get_status(&s.obj.name)
+            .await
+            .map_err(gone_or(s.ns, &s.obj.name, "read status of"))?;
+    if live.metadata.uid != s.ss.metadata.uid {
+        // Deleted and created again under the same name: the new one's own reconcile syncs it.
+        let (namespace, name) = (s.ns.to_string(), s.obj.name.clone());
+        return Err(Error::Deleted { namespace, name });
+    }
+    Ok(())
 }
 
 /// The `force-sync` annotation value not acted on yet — status records the last one handled,
@@ -478,6 +511,16 @@ fn seconds(t: jiff::Timestamp) -> Time {
 
 fn kube_err(action: String) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { action, source }
+}
+
+/// As [`kube_err`], for requests on the ScopedSecret itself: a 404 means it was deleted.
+fn gone_or(ns: &str, name: &str, action: &str) -> impl FnOnce(kube::Error) -> Error {
+    let (namespace, name) = (ns.to_string(), name.to_string());
+    let action = format!("{action} ScopedSecret {namespace}/{name}");
+    move |source| match &source {
+        kube::Error::Api(e) if e.code == 404 => Error::Deleted { namespace, name },
+        _ => Error::Kube { action, source },
+    }
 }
 
 /// The existence check of the apply stage: the Secret `desired` names, as it is now. Read
@@ -817,10 +860,10 @@ async fn write_status(
             // Someone wrote since the cached copy (the workload controller's
             // `status.rollouts`, another replica), or the keys are needed: decide on the live
             // one.
-            let live = api
-                .get_status(&name)
-                .await
-                .map_err(kube_err(format!("read status of ScopedSecret {ns}/{name}")))?;
+            let live =
+                api.get_status(&name)
+                    .await
+                    .map_err(gone_or(&ns, &name, "read status of"))?;
             let mut status = next(live.status.as_ref(), now);
             // The breaker's history of this outcome was derived from the stale copy: when the
             // live status already records this very content, its history is the newer one.
@@ -836,9 +879,7 @@ async fn write_status(
             apply(status, before.clone()).await.map(|w| (before, w))
         }
     };
-    let (before, written) = written.map_err(kube_err(format!(
-        "write status of ScopedSecret {ns}/{name}"
-    )))?;
+    let (before, written) = written.map_err(gone_or(&ns, &name, "write status of"))?;
     ctx.metrics.wrote("status");
     ctx.caches.wrote_status(before, written);
     Ok(())
