@@ -702,6 +702,44 @@ async fn an_explicit_target_restarts_though_it_does_not_reference_the_secret() {
 }
 
 #[tokio::test]
+async fn a_changed_secret_wakes_exactly_its_readers_and_the_workloads_named_for_it() {
+    let r = rig(Config::default());
+    r.add(deployment("shop-dev", "reader", env_from(&["api"])));
+    r.add(deployment("shop-dev", "other", env_from(&["payments"])));
+    r.add(deployment(
+        "shop-dev",
+        "named",
+        json!({"containers": [{"name": "c"}]}),
+    ));
+    r.add(deployment(
+        "shop-dev",
+        "unnamed",
+        json!({"containers": [{"name": "c"}]}),
+    ));
+    let mut spec = default_spec();
+    spec["rollout"] = json!({"strategy": "Explicit", "targets": [
+        {"kind": "Deployment", "name": "named"},
+        {"kind": "StatefulSet", "name": "unnamed"},
+        {"kind": "Deployment", "name": "absent"}
+    ]});
+    r.add(scoped_secret("api", spec));
+    r.sync("api").await;
+    r.restarts.relist().await.unwrap();
+    let api = kube::runtime::reflector::ObjectRef::new("api").within("shop-dev");
+    r.restarts.restarts.touched(&api);
+    let mut woken = r.restarts.woken();
+    woken.sort();
+    assert_eq!(woken, vec!["Deployment/named", "Deployment/reader"]);
+
+    // The reader is deleted: the index forgets it with the next list.
+    r.fake
+        .remove("apis/apps/v1", Some("shop-dev"), "deployments", "reader");
+    r.restarts.relist().await.unwrap();
+    r.restarts.restarts.touched(&api);
+    assert_eq!(r.restarts.woken(), vec!["Deployment/named"]);
+}
+
+#[tokio::test]
 async fn paused_and_live_reloading_workloads_are_skipped_and_say_why() {
     let r = rig(Config::default());
     let mut paused = deployment("shop-dev", "paused", env_from(&["api"]));

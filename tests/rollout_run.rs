@@ -202,6 +202,38 @@ async fn a_crash_between_the_secret_write_and_the_restart_restarts_once_after_st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_secret_wakes_its_readers_and_the_targets_named_for_it() {
+    let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
+    fake.insert(deployment("web", &["api"]));
+    fake.insert(deployment("named", &[]));
+    fake.insert(scoped_secret("api", "api"));
+    let mut pinned = scoped_secret("pinned", "api");
+    pinned["spec"]["rollout"] =
+        json!({"strategy": "Explicit", "targets": [{"kind": "Deployment", "name": "named"}]});
+    fake.insert(pinned);
+    let running = operator(&fake, &vault, config(), &clock).await;
+    eventually("the baselines", LIMIT, || {
+        (seen(&fake, "deployments", "web") && seen(&fake, "deployments", "named")).then_some(())
+    })
+    .await;
+    // Nothing else reconciles the workloads again: only the Secrets' changes can wake them.
+    vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    force_sync(&fake, "api", "changed").await;
+    force_sync(&fake, "pinned", "changed").await;
+    eventually("the restarts queued", LIMIT, || {
+        let web = result(&fake, "api", "web")?;
+        let named = result(&fake, "pinned", "named")?;
+        (web == "Queued" && named == "Queued").then_some(())
+    })
+    .await;
+    clock.advance(WINDOW);
+    settled(&fake, "api", "deployments", "web").await;
+    settled(&fake, "pinned", "deployments", "named").await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_secrets_read_by_one_gateway_changing_together_make_one_restart() {
     let (fake, vault) = world();
     let clock = Arc::new(ManualClock::default());

@@ -28,6 +28,7 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store, reflector, store::Writer};
@@ -182,6 +183,89 @@ impl Managed {
 /// A workload.
 type Id = ObjectRef<DynamicObject>;
 
+/// A workload within its kind's cache: (namespace, name).
+type Key = (String, String);
+
+fn key(obj: &DynamicObject) -> Key {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// What one kind's watch says of its workloads, kept current from the watch's events: which
+/// workloads reference each Secret (so a changed Secret wakes its readers without a scan), and
+/// which carry a restart still rolling out (so the budget counts them without a scan). An
+/// entry leaves with its workload, and a re-list replaces them all.
+#[derive(Default)]
+struct Index {
+    /// Per workload, the Secrets its pod template references.
+    refs: HashMap<Key, Vec<String>>,
+    /// (namespace, Secret) → the names of the workloads referencing it.
+    readers: HashMap<Key, BTreeSet<String>>,
+    /// Workloads restarted at … whose rollout is not complete.
+    rolling: HashMap<Key, Timestamp>,
+    /// While a re-list runs: the workloads listed so far.
+    relisted: Option<HashSet<Key>>,
+}
+
+impl Index {
+    fn apply(&mut self, kind: WorkloadKind, event: &watcher::Event<DynamicObject>) {
+        match event {
+            watcher::Event::Init => self.relisted = Some(HashSet::new()),
+            watcher::Event::InitApply(obj) => {
+                self.relisted.get_or_insert_default().insert(key(obj));
+                self.put(kind, obj);
+            }
+            watcher::Event::Apply(obj) => self.put(kind, obj),
+            watcher::Event::Delete(obj) => self.remove(&key(obj)),
+            watcher::Event::InitDone => {
+                let listed = self.relisted.take().unwrap_or_default();
+                let gone: HashSet<Key> = (self.refs.keys().chain(self.rolling.keys()))
+                    .filter(|k| !listed.contains(*k))
+                    .cloned()
+                    .collect();
+                gone.iter().for_each(|k| self.remove(k));
+            }
+        }
+    }
+
+    fn put(&mut self, kind: WorkloadKind, obj: &DynamicObject) {
+        let k = key(obj);
+        self.remove(&k);
+        let secrets: Vec<String> = view(kind, obj)
+            .map(|w| {
+                referenced(&w.pod_spec)
+                    .into_iter()
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for secret in &secrets {
+            let readers = self.readers.entry((k.0.clone(), secret.clone()));
+            readers.or_default().insert(k.1.clone());
+        }
+        if !secrets.is_empty() {
+            self.refs.insert(k.clone(), secrets);
+        }
+        if let Some(at) = restarted_at(obj)
+            && !rollout_complete(kind, obj)
+        {
+            self.rolling.insert(k, at);
+        }
+    }
+
+    fn remove(&mut self, k: &Key) {
+        self.rolling.remove(k);
+        for secret in self.refs.remove(k).unwrap_or_default() {
+            let reader = (k.0.clone(), secret);
+            if let Some(names) = self.readers.get_mut(&reader) {
+                names.remove(&k.1);
+                if names.is_empty() {
+                    self.readers.remove(&reader);
+                }
+            }
+        }
+    }
+}
+
 /// What the budget keeps in memory; the rest is read from the workloads.
 #[derive(Default)]
 struct Budget {
@@ -191,11 +275,18 @@ struct Budget {
     waiting: Vec<Id>,
 }
 
-/// One kind's workload cache in one scope, and how to wake its workloads.
+/// One kind's workload cache in one scope, its index, and how to wake its workloads.
 struct Watched {
     kind: WorkloadKind,
     store: Store<DynamicObject>,
+    index: Arc<Mutex<Index>>,
     wake: mpsc::UnboundedSender<Id>,
+}
+
+impl Watched {
+    fn id(&self, namespace: &str, name: &str) -> Id {
+        ObjectRef::new_with(name, self.kind.resource()).within(namespace)
+    }
 }
 
 /// What every workload reconcile shares: the operator's context, the caches it reads, and
@@ -205,6 +296,9 @@ pub struct Restarts {
     watched: RwLock<Vec<Watched>>,
     budget: Mutex<Budget>,
     failures: Failures<Id>,
+    /// Per namespace, the ScopedSecrets that name or select their targets (which need not
+    /// reference their Secret), kept current from the changes `touched` hears of.
+    targeting: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 /// The context of one kind's controller.
@@ -220,20 +314,87 @@ impl Restarts {
             watched: Default::default(),
             budget: Default::default(),
             failures: Default::default(),
+            targeting: Default::default(),
         })
     }
 
-    /// The workloads of `kind` in `store` count for the budget; `wake` reconciles one.
+    /// The workloads of `kind` in `store` count for the budget; `wake` reconciles one. Returns
+    /// what each watch event that fills `store` must be shown to, to keep the index current.
     pub fn add_workloads(
         &self,
         kind: WorkloadKind,
         store: Store<DynamicObject>,
         wake: mpsc::UnboundedSender<Id>,
-    ) {
-        self.watched
-            .write()
-            .unwrap()
-            .push(Watched { kind, store, wake });
+    ) -> impl Fn(&watcher::Event<DynamicObject>) + Send + Sync + 'static {
+        let index = Arc::new(Mutex::new(Index::default()));
+        let watched = Watched {
+            kind,
+            store,
+            index: index.clone(),
+            wake,
+        };
+        self.watched.write().unwrap().push(watched);
+        move |event| index.lock().unwrap().apply(kind, event)
+    }
+
+    /// Keeps the index of targeting ScopedSecrets current with the cached `owner`, and
+    /// returns it (`None`: gone).
+    pub fn note(&self, owner: &ObjectRef<ScopedSecret>) -> Option<Arc<ScopedSecret>> {
+        let ss = self.ctx.caches.scoped_secret(owner);
+        let ns = owner.namespace.clone().unwrap_or_default();
+        let mut targeting = self.targeting.lock().unwrap();
+        if ss.as_deref().is_some_and(targets_any) {
+            let names = targeting.entry(ns).or_default();
+            names.insert(owner.name.clone());
+        } else if let Some(names) = targeting.get_mut(&ns) {
+            names.remove(&owner.name);
+            if names.is_empty() {
+                targeting.remove(&ns);
+            }
+        }
+        ss
+    }
+
+    /// The ScopedSecret `owner`'s Secret, or itself, changed: wakes the cached workloads that
+    /// may read it — those referencing the Secret (from the index), and those it names or
+    /// selects.
+    pub fn touched(&self, owner: &ObjectRef<ScopedSecret>) {
+        let Some(ss) = self.note(owner) else {
+            return;
+        };
+        let Some(secret) = ss.status.as_ref().and_then(|s| s.secret_name.clone()) else {
+            return;
+        };
+        let ns = owner.namespace.clone().unwrap_or_default();
+        let rollout = ss.spec.rollout.as_ref();
+        let strategy = rollout.map(|r| r.strategy);
+        let selector = rollout
+            .filter(|_| strategy == Some(RolloutStrategy::Selector))
+            .and_then(|r| Selector::try_from(r.selector.clone()?).ok());
+        let reader = (ns.clone(), secret);
+        for w in self.watched.read().unwrap().iter() {
+            let mut names =
+                (w.index.lock().unwrap().readers.get(&reader).cloned()).unwrap_or_default();
+            if strategy == Some(RolloutStrategy::Explicit) {
+                let targets = rollout.iter().flat_map(|r| &r.targets);
+                let of_kind = targets.filter(|t| t.kind == w.kind.as_str());
+                names.extend(of_kind.map(|t| t.name.clone()));
+            }
+            if let Some(selector) = &selector {
+                // Labels are not indexed: the one scan left, for Selector ScopedSecrets only.
+                let selected = w.store.state_filter(|o| {
+                    o.metadata.namespace.as_deref() == Some(ns.as_str())
+                        && selector.matches(o.labels())
+                });
+                names.extend(selected.iter().map(|o| o.name_any()));
+            }
+            for name in names {
+                let id = w.id(&ns, &name);
+                if w.store.get(&id).is_some() {
+                    let _ = w.wake.send(id);
+                }
+            }
+        }
     }
 
     fn cached(&self, id: &Id) -> Option<Arc<DynamicObject>> {
@@ -249,7 +410,13 @@ impl Restarts {
     /// targets, are looked up: the cost follows the workload's references, not the namespace.
     fn managed(&self, namespace: &str, w: &Workload) -> Vec<Managed> {
         let caches = &self.ctx.caches;
-        let targeting = caches.scoped_secrets(namespace, targets_any);
+        let targeting: Vec<Arc<ScopedSecret>> = {
+            let index = self.targeting.lock().unwrap();
+            let names = index.get(namespace).into_iter().flatten();
+            let cached =
+                names.filter_map(|n| caches.scoped_secret(&ObjectRef::new(n).within(namespace)));
+            cached.filter(|ss| targets_any(ss)).collect()
+        };
         let mut names: BTreeSet<&str> = referenced(&w.pod_spec);
         names.extend(
             targeting
@@ -275,23 +442,19 @@ impl Restarts {
         managed.collect()
     }
 
-    /// Rollouts in flight: started by a restart less than the deadline ago and not complete,
-    /// or patched and not yet in the cache.
+    /// Rollouts in flight: started by a restart less than the deadline ago and not complete
+    /// (from the index: the cost follows the rollouts, not the workloads), or patched and not
+    /// yet in the cache.
     fn in_flight(&self, launched: &mut HashMap<Id, Timestamp>, now: Timestamp) -> HashSet<Id> {
         let deadline = SignedDuration::try_from(self.ctx.config.pacing.deadline)
             .unwrap_or(SignedDuration::MAX);
         let recent = |at: Timestamp| at + deadline > now;
         let mut out = HashSet::new();
         for w in self.watched.read().unwrap().iter() {
-            let ar = w.kind.resource();
-            let rolling = w.store.state_filter(|o| {
-                restarted_at(o).is_some_and(recent) && !rollout_complete(w.kind, o)
-            });
-            out.extend(
-                rolling
-                    .iter()
-                    .map(|o| ObjectRef::from_obj_with(&**o, ar.clone())),
-            );
+            let mut index = w.index.lock().unwrap();
+            // Past the deadline a rollout holds no slot; its next event decides again.
+            index.rolling.retain(|_, at| recent(*at));
+            out.extend(index.rolling.keys().map(|(ns, name)| w.id(ns, name)));
         }
         launched.retain(|id, at| {
             let unseen = |o: Arc<DynamicObject>| restarted_at(&o).is_none_or(|seen| seen < *at);
@@ -682,35 +845,13 @@ async fn argo_rollouts(r: Arc<Restarts>, namespace: Option<String>) {
     }
 }
 
-/// Reconciles the workloads that may read the Secret of a ScopedSecret whose Secret, or itself,
-/// changed: those referencing it, or all of its namespace's when it names or selects targets.
+/// Wakes the readers of each ScopedSecret whose Secret, or itself, changed.
 async fn wake_readers(
     r: Arc<Restarts>,
     mut touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
 ) {
     while let Some(owner) = touched.recv().await {
-        let ns = owner.namespace.clone().unwrap_or_default();
-        let Some(ss) = r.ctx.caches.scoped_secret(&owner) else {
-            continue;
-        };
-        let Some(secret) = ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) else {
-            continue;
-        };
-        let any = targets_any(&ss);
-        for w in r.watched.read().unwrap().iter() {
-            // The trimmed template holds names and references: a mention of the Secret's name
-            // is cheap to find, and the reconcile decides (no pod spec is parsed here).
-            let reads = |o: &DynamicObject| {
-                o.metadata.namespace.as_deref() == Some(ns.as_str())
-                    && (any || mentions(&o.data["spec"]["template"]["spec"], secret))
-            };
-            let ar = w.kind.resource();
-            for obj in w.store.state_filter(reads) {
-                let _ = w
-                    .wake
-                    .send(ObjectRef::from_obj_with(obj.as_ref(), ar.clone()));
-            }
-        }
+        r.touched(&owner);
     }
 }
 
@@ -721,16 +862,6 @@ fn targets_any(ss: &ScopedSecret) -> bool {
         strategy,
         Some(RolloutStrategy::Explicit | RolloutStrategy::Selector)
     )
-}
-
-/// Whether `secret` appears as a string anywhere in `v`.
-fn mentions(v: &Value, secret: &str) -> bool {
-    match v {
-        Value::String(s) => s == secret,
-        Value::Array(items) => items.iter().any(|v| mentions(v, secret)),
-        Value::Object(fields) => fields.values().any(|v| mentions(v, secret)),
-        _ => false,
-    }
 }
 
 /// One kind's controller in one scope, on its trimmed cache of the workloads of this shard.
@@ -747,14 +878,19 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
     };
     let writer = Writer::new(ar.clone());
     let store = writer.as_reader();
+    let (wake, woken) = mpsc::unbounded_channel();
+    let observe = r.add_workloads(kind, store.clone(), wake);
     let events = watcher(api, watcher::Config::default())
         .filter(served)
-        .modify(trim);
+        .modify(trim)
+        .inspect(move |e| {
+            if let Ok(e) = e {
+                observe(e)
+            }
+        });
     let stream = reflector(writer, events)
         .default_backoff()
         .applied_objects();
-    let (wake, woken) = mpsc::unbounded_channel();
-    r.add_workloads(kind, store.clone(), wake);
     // Bursts of events for one workload (a rollout's status updates) make one reconcile.
     let settings = controller::Config::default()
         .concurrency(r.ctx.config.concurrency)
@@ -776,4 +912,107 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
             }
         })
         .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(
+        name: &str,
+        secrets: &[&str],
+        annotations: Value,
+        status: Value,
+    ) -> DynamicObject {
+        let refs: Vec<Value> = secrets
+            .iter()
+            .map(|s| json!({"secretRef": {"name": s}}))
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": "ns", "generation": 2, "annotations": annotations},
+            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "c", "envFrom": refs}]}}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn reader(name: &str, secrets: &[&str]) -> DynamicObject {
+        deployment(name, secrets, json!({}), json!({}))
+    }
+
+    fn readers(index: &Index, secret: &str) -> Vec<String> {
+        let key = ("ns".to_string(), secret.to_string());
+        index
+            .readers
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn the_index_follows_the_references_of_the_workloads_as_they_are() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let kind = WorkloadKind::Deployment;
+        let mut index = Index::default();
+        index.apply(kind, &Apply(reader("a", &["api", "db"])));
+        index.apply(kind, &Apply(reader("b", &["api"])));
+        index.apply(kind, &Apply(reader("none", &[])));
+        assert_eq!(readers(&index, "api"), ["a", "b"]);
+        assert_eq!(readers(&index, "db"), ["a"]);
+        // A changed template replaces its references.
+        index.apply(kind, &Apply(reader("a", &["cache"])));
+        assert_eq!(readers(&index, "api"), ["b"]);
+        assert_eq!(readers(&index, "db"), Vec::<String>::new());
+        assert_eq!(readers(&index, "cache"), ["a"]);
+        index.apply(kind, &Delete(reader("b", &["api"])));
+        assert_eq!(readers(&index, "api"), Vec::<String>::new());
+        // A re-list keeps what it lists, and only that.
+        index.apply(kind, &Apply(reader("b", &["api"])));
+        index.apply(kind, &Init);
+        index.apply(kind, &InitApply(reader("c", &["api"])));
+        index.apply(kind, &InitDone);
+        assert_eq!(readers(&index, "api"), ["c"]);
+        assert_eq!(readers(&index, "cache"), Vec::<String>::new());
+        assert_eq!(index.refs.len(), 1, "no entry outlives its workload");
+        assert_eq!(index.readers.len(), 1);
+    }
+
+    #[test]
+    fn the_index_holds_the_restarts_rolling_out_until_they_complete_or_leave() {
+        use watcher::Event::{Apply, Delete, Init, InitDone};
+        let kind = WorkloadKind::Deployment;
+        let at = "2026-12-01T10:00:00Z";
+        let restarted = json!({(RESTARTED_AT_ANNOTATION): at});
+        let rolling = json!({"observedGeneration": 1});
+        let done = json!({"observedGeneration": 2, "updatedReplicas": 1, "replicas": 1, "availableReplicas": 1});
+        let mut index = Index::default();
+        index.apply(
+            kind,
+            &Apply(deployment("a", &[], restarted.clone(), rolling.clone())),
+        );
+        index.apply(
+            kind,
+            &Apply(deployment("b", &[], json!({}), rolling.clone())),
+        );
+        let key = ("ns".to_string(), "a".to_string());
+        assert_eq!(index.rolling, [(key.clone(), at.parse().unwrap())].into());
+        index.apply(kind, &Apply(deployment("a", &[], restarted.clone(), done)));
+        assert!(index.rolling.is_empty(), "complete");
+        index.apply(
+            kind,
+            &Apply(deployment("a", &[], restarted.clone(), rolling.clone())),
+        );
+        index.apply(
+            kind,
+            &Delete(deployment("a", &[], restarted.clone(), rolling.clone())),
+        );
+        assert!(index.rolling.is_empty(), "deleted");
+        index.apply(kind, &Apply(deployment("a", &[], restarted, rolling)));
+        index.apply(kind, &Init);
+        index.apply(kind, &InitDone);
+        assert!(index.rolling.is_empty(), "not listed again");
+    }
 }

@@ -31,24 +31,32 @@ pub struct Hand {
     woken: Mutex<mpsc::UnboundedReceiver<ObjectRef<DynamicObject>>>,
 }
 
+/// What the index of one kind's workloads is shown, as the watch shows it each event.
+type Observe = Box<dyn Fn(&Event<DynamicObject>) + Send + Sync>;
+
 struct Writers {
     scoped: Writer<ScopedSecret>,
     secrets: Writer<PartialObjectMeta<Secret>>,
-    workloads: Vec<(WorkloadKind, Writer<DynamicObject>)>,
+    workloads: Vec<(WorkloadKind, Writer<DynamicObject>, Observe)>,
 }
 
-/// Replaces what `writer` holds with `items`, as a re-list does.
-fn relist<K>(writer: &mut Writer<K>, items: Vec<K>, trim: fn(&mut K))
+/// Replaces what `writer` holds with `items`, as a re-list does, showing each event to
+/// `observe` first, as the watch does.
+fn relist<K>(writer: &mut Writer<K>, items: Vec<K>, trim: fn(&mut K), observe: &dyn Fn(&Event<K>))
 where
     K: kube::Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    writer.apply_watcher_event(&Event::Init);
+    let mut apply = |event: Event<K>| {
+        observe(&event);
+        writer.apply_watcher_event(&event);
+    };
+    apply(Event::Init);
     for mut item in items {
         trim(&mut item);
-        writer.apply_watcher_event(&Event::InitApply(item));
+        apply(Event::InitApply(item));
     }
-    writer.apply_watcher_event(&Event::InitDone);
+    apply(Event::InitDone);
 }
 
 impl Hand {
@@ -80,8 +88,8 @@ impl Hand {
             .into_iter()
             .map(|kind| {
                 let writer = Writer::new(kind.resource());
-                restarts.add_workloads(kind, writer.as_reader(), wake.clone());
-                (kind, writer)
+                let observe = restarts.add_workloads(kind, writer.as_reader(), wake.clone());
+                (kind, writer, Box::new(observe) as Observe)
             })
             .collect();
         Hand {
@@ -114,10 +122,22 @@ impl Hand {
             });
         }
         let mut w = self.writers.lock().unwrap();
-        relist(&mut w.secrets, secrets.items, caches::trim_secret);
-        relist(&mut w.scoped, scoped.items, caches::trim_scoped_secret);
-        for ((_, writer), items) in w.workloads.iter_mut().zip(workloads) {
-            relist(writer, items, workloads::trim);
+        relist(&mut w.secrets, secrets.items, caches::trim_secret, &|_| ());
+        let names: Vec<ObjectRef<ScopedSecret>> =
+            scoped.items.iter().map(ObjectRef::from_obj).collect();
+        relist(
+            &mut w.scoped,
+            scoped.items,
+            caches::trim_scoped_secret,
+            &|_| (),
+        );
+        // As the operator hears of each ScopedSecret listed (without the wake-ups: every
+        // workload is reconciled after a re-list anyway).
+        for ss in &names {
+            self.restarts.note(ss);
+        }
+        for ((_, writer, observe), items) in w.workloads.iter_mut().zip(workloads) {
+            relist(writer, items, workloads::trim, observe);
         }
         Ok(())
     }
@@ -128,7 +148,7 @@ impl Hand {
             let w = self.writers.lock().unwrap();
             w.workloads
                 .iter()
-                .flat_map(|(kind, writer)| {
+                .flat_map(|(kind, writer, _)| {
                     writer.as_reader().state().into_iter().map(|o| (*kind, o))
                 })
                 .collect()
@@ -153,7 +173,7 @@ impl Hand {
     ) -> Result<Action, workloads::Error> {
         let obj = {
             let w = self.writers.lock().unwrap();
-            let (_, writer) = w.workloads.iter().find(|(k, _)| *k == kind).unwrap();
+            let (_, writer, _) = w.workloads.iter().find(|(k, ..)| *k == kind).unwrap();
             let id = ObjectRef::new_with(name, kind.resource()).within(namespace);
             writer.as_reader().get(&id).expect("the workload is cached")
         };
@@ -177,7 +197,7 @@ impl Hand {
         let w = self.writers.lock().unwrap();
         w.workloads
             .iter()
-            .map(|(_, writer)| writer.as_reader().len())
+            .map(|(_, writer, _)| writer.as_reader().len())
             .sum()
     }
 }
