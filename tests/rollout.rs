@@ -820,6 +820,60 @@ async fn argo_rollouts_are_consumers_when_served() {
 }
 
 #[tokio::test]
+async fn a_key_set_reader_restarts_only_when_a_key_it_reads_changes() {
+    let r = rig(Config::default());
+    let two_keys = json!({"containers": [{"name": "c", "env": [
+        {"name": "H", "valueFrom": {"secretKeyRef": {"name": "api", "key": "DB_HOST"}}},
+        {"name": "P", "valueFrom": {"secretKeyRef": {"name": "api", "key": "DB_PASSWORD"}}}
+    ]}]});
+    r.add(deployment("shop-dev", "two-keys", two_keys));
+    r.add(deployment("shop-dev", "one-key", key_ref("api", "DB_HOST")));
+    r.add(scoped_secret("api", default_spec()));
+    r.sync("api").await;
+    r.settle().await;
+    let keys = || {
+        let secret = r
+            .fake
+            .get_typed::<k8s_openapi::api::core::v1::Secret>(Some("shop-dev"), "api")
+            .unwrap();
+        secret.data.unwrap().into_keys().collect::<Vec<_>>()
+    };
+    let change = |project: &[(&str, Option<&str>)]| {
+        r.vault.put(PROJECT, project);
+        async {
+            r.sync("api").await;
+            r.advance(10);
+            r.settle().await;
+        }
+    };
+    // LOG_LEVEL leaves (two-keys now reads every key of the Secret), then comes back.
+    change(&[("DB_HOST", Some("db"))]).await;
+    assert_eq!(keys(), ["DB_HOST", "DB_PASSWORD"]);
+    assert_eq!(
+        r.restarted(),
+        Vec::<String>::new(),
+        "a key read by no one left"
+    );
+    change(&[("LOG_LEVEL", Some("info")), ("DB_HOST", Some("db"))]).await;
+    assert_eq!(keys(), ["DB_HOST", "DB_PASSWORD", "LOG_LEVEL"]);
+    assert_eq!(
+        r.restarted(),
+        Vec::<String>::new(),
+        "a key read by no one came"
+    );
+    change(&[("LOG_LEVEL", Some("info")), ("DB_HOST", Some("db2"))]).await;
+    assert_eq!(
+        r.restarted(),
+        vec!["deployments/one-key", "deployments/two-keys"]
+    );
+    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    r.sync("api").await;
+    r.advance(10);
+    r.settle().await;
+    assert_eq!(r.restarted(), vec!["deployments/two-keys"]);
+}
+
+#[tokio::test]
 async fn a_workload_restarted_by_an_earlier_version_is_not_restarted_again() {
     let r = rig(Config::default());
     r.add(scoped_secret("api", default_spec()));

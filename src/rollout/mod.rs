@@ -258,19 +258,17 @@ impl KeyHashes {
         self.0.iter().filter(|(k, _)| k.as_str() != WHOLE)
     }
 
-    /// The annotation value of a workload reading `reads`. Equal to [`consumer_hash`] for
-    /// whole-Secret readers, readers of every key, of a single key and of none — so workloads
-    /// restarted by earlier versions are not restarted again; readers of several but not all
-    /// keys get an HMAC over their keys' hashes.
+    /// The annotation value of a workload reading `reads`: a function of the keys it reads
+    /// and their values only, so that keys it does not read come and go without restarting
+    /// it. Equal to [`consumer_hash`] for whole-Secret readers and readers of one key (or of
+    /// none present), so workloads restarted by earlier versions are not restarted again;
+    /// readers of several keys get an HMAC over those keys' hashes.
     pub fn for_reads(&self, key: &HmacKey, reads: &Reads) -> String {
         let Reads::Keys(wanted) = reads else {
             return self.0[WHOLE].clone();
         };
         let read: Vec<(&String, &String)> =
             self.keys().filter(|(k, _)| wanted.contains(*k)).collect();
-        if read.len() == self.keys().count() {
-            return self.0[WHOLE].clone();
-        }
         match read.as_slice() {
             [] => consumer_hash(key, &BTreeMap::new(), &Reads::Whole),
             [(_, hash)] => (*hash).clone(),
@@ -355,7 +353,6 @@ mod tests {
             Reads::Whole,
             keys(&["A"]),
             keys(&["C"]),
-            keys(&["A", "B", "C"]),
             keys(&["missing"]),
             keys(&["A", "missing"]),
         ] {
@@ -395,6 +392,26 @@ mod tests {
             )
             .for_reads(&HmacKey::new(vec![1; 32]), &ab),
             "keyed"
+        );
+    }
+
+    #[test]
+    fn a_key_set_hash_depends_only_on_the_keys_read_and_their_values() {
+        let hash = |pairs: &[(&str, &str)], reads: &Reads| {
+            KeyHashes::compute(&key(), &data(pairs)).for_reads(&key(), reads)
+        };
+        for reads in [keys(&["A", "B"]), keys(&["A"])] {
+            let before = hash(&[("A", "1"), ("B", "2"), ("C", "3")], &reads);
+            // Another key leaves, so that the reader reads every key; then another comes.
+            assert_eq!(before, hash(&[("A", "1"), ("B", "2")], &reads), "{reads:?}");
+            let more = [("A", "1"), ("B", "2"), ("C", "3"), ("D", "4")];
+            assert_eq!(before, hash(&more, &reads), "{reads:?}");
+            assert_ne!(before, hash(&[("A", "x"), ("B", "2"), ("C", "3")], &reads));
+        }
+        let ab = keys(&["A", "B"]);
+        assert_ne!(
+            hash(&[("A", "1"), ("B", "2")], &ab),
+            hash(&[("A", "1"), ("B", "x")], &ab)
         );
     }
 
