@@ -309,6 +309,46 @@ async fn a_failed_argo_rollouts_discovery_and_list_are_retried_and_the_rollout_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_discovery_after_an_answer_is_logged_as_a_warning_again() {
+    const DISCOVERY: &str = "/apis/argoproj.io/v1alpha1";
+    const FAILED: &str = "failed to discover whether Argo Rollouts is served";
+    let logs = support::capture_logs();
+    let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
+    let mut config = config();
+    config.pacing.discovery = Duration::from_millis(100);
+    fake.fail_next("GET", DISCOVERY, 503);
+    let running = operator(&fake, &vault, config, &clock).await;
+    let discoveries = || {
+        let requests = fake.requests();
+        requests.iter().filter(|r| r.path == DISCOVERY).count()
+    };
+    // The failure, then an answer: Argo Rollouts is not served.
+    eventually("a discovery after the failure", LIMIT, || {
+        (discoveries() >= 2).then_some(())
+    })
+    .await;
+    fake.fail_next("GET", DISCOVERY, 503);
+    let failures = || -> Vec<String> {
+        let logs = logs.contents();
+        logs.lines()
+            .filter(|l| l.contains(FAILED))
+            .map(String::from)
+            .collect()
+    };
+    eventually("the second failure logged", LIMIT, || {
+        (failures().len() >= 2).then_some(())
+    })
+    .await;
+    let failures = failures();
+    assert!(
+        failures.iter().all(|l| l.contains("WARN")),
+        "each failure after an answer is news: {failures:#?}"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn argo_rollouts_installed_after_start_up_are_restarted() {
     let (fake, vault) = world();
     let clock = Arc::new(ManualClock::default());
