@@ -18,15 +18,17 @@
 //! the cache, and the order of the workloads waiting for a slot — oldest first, woken when a
 //! rollout's progress frees one.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{self, Action, Controller};
@@ -34,7 +36,8 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store, reflector, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -45,10 +48,10 @@ use crate::api::v1alpha1::{RolloutStatus, RolloutStrategy, ScopedSecret};
 use crate::render::{CONTENT_HASH_ANNOTATION, OWNER_LABEL};
 use crate::rollout::apply::{self, Annotations, rollout_complete};
 use crate::rollout::desired::{self, Need, SecretView};
-use crate::rollout::detect::referenced;
+use crate::rollout::detect::{self, Consumption};
 use crate::rollout::{
-    Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION, RolloutResult, Skip,
-    Workload, WorkloadKind, annotation_key, breaker,
+    CHECKSUM_PREFIX, Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION,
+    RolloutResult, Skip, Workload, WorkloadKind, annotation_key, breaker,
 };
 
 /// How often a workload waiting for the restart budget looks again (it is also woken when a
@@ -86,66 +89,136 @@ impl Error {
     }
 }
 
-/// Cuts a workload down to what the restart decision and rollout progress read: the pod
-/// template's annotations and Secret references, pause, replicas, update strategy, status.
-pub fn trim(obj: &mut DynamicObject) {
-    super::caches::trim_meta(&mut obj.metadata);
-    let spec = &obj.data["spec"];
-    let template = &spec["template"];
-    let container = |c: &Value| {
-        let mut out = json!({"name": c["name"]});
-        for field in ["env", "envFrom", "volumeMounts"] {
-            if !c[field].is_null() {
-                out[field] = c[field].clone();
-            }
-        }
-        out
-    };
-    let mut pod = json!({});
-    for field in ["containers", "initContainers", "ephemeralContainers"] {
-        if let Some(cs) = template["spec"][field].as_array() {
-            pod[field] = cs.iter().map(container).collect();
+/// A workload as its cache keeps it: what the restart decision and the budget read, computed
+/// from the object when its watch event arrives — how its pod template consumes each Secret it
+/// references, the operator's own annotations, whether its rollout is complete — so that
+/// memory follows the references, not the object (a `DynamicObject`'s JSON maps cost
+/// kilobytes). Small maps are vectors: a map allocates room for eleven entries.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Cached {
+    /// Name, namespace and uid only.
+    metadata: ObjectMeta,
+    labels: Vec<(String, String)>,
+    /// The `checksum.scopedsecrets.io/` and `scopedsecrets.io/` annotations of its metadata.
+    annotations: Vec<(String, String)>,
+    /// The checksum annotations of its pod template.
+    template: Vec<(String, String)>,
+    /// How its pod template consumes each Secret it references; `None` when the template is
+    /// not a pod template (nothing is decided for it).
+    reads: Option<Vec<(String, Consumption)>>,
+    paused: bool,
+    /// Its rollout is complete, by the rules of `kubectl rollout status`.
+    complete: bool,
+}
+
+impl Cached {
+    pub fn new(kind: WorkloadKind, obj: &DynamicObject) -> Self {
+        let template = &obj.data["spec"]["template"];
+        let ours = |map: &BTreeMap<String, String>, own: &str| {
+            let own = |k: &String| k.starts_with(CHECKSUM_PREFIX) || k.starts_with(own);
+            map.iter()
+                .filter(|(k, _)| own(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let template_annotations: BTreeMap<String, String> =
+            BTreeMap::deserialize(&template["metadata"]["annotations"]).unwrap_or_default();
+        let reads = PodSpec::deserialize(&template["spec"]).ok();
+        let metadata = &obj.metadata;
+        Cached {
+            metadata: ObjectMeta {
+                name: metadata.name.clone(),
+                namespace: metadata.namespace.clone(),
+                uid: metadata.uid.clone(),
+                ..Default::default()
+            },
+            labels: obj.labels().clone().into_iter().collect(),
+            annotations: ours(obj.annotations(), "scopedsecrets.io/"),
+            template: ours(&template_annotations, CHECKSUM_PREFIX),
+            reads: reads.map(|spec| detect::consumptions(&spec).into_iter().collect()),
+            paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
+            complete: rollout_complete(kind, obj),
         }
     }
-    if let Some(vs) = template["spec"]["volumes"].as_array() {
-        pod["volumes"] = vs
+
+    /// The decision's view; `None` when the template is not a pod template.
+    fn view(&self, kind: WorkloadKind) -> Option<Workload> {
+        let map = |v: &[(String, String)]| v.iter().cloned().collect();
+        Some(Workload {
+            kind,
+            name: self.name_any(),
+            labels: map(&self.labels),
+            annotations: map(&self.annotations),
+            template_annotations: map(&self.template),
+            reads: self.reads.clone()?.into_iter().collect(),
+            paused: self.paused,
+        })
+    }
+
+    fn restarted_at(&self) -> Option<Timestamp> {
+        let (_, at) = self
+            .annotations
             .iter()
-            .filter(|v| !v["secret"].is_null() || !v["projected"].is_null())
-            .map(|v| json!({"name": v["name"], "secret": v["secret"], "projected": v["projected"]}))
-            .collect();
+            .find(|(k, _)| k == RESTARTED_AT_ANNOTATION)?;
+        at.parse().ok()
     }
-    let mut kept = json!({
-        "template": {"metadata": {"annotations": template["metadata"]["annotations"]}, "spec": pod},
-    });
-    for field in ["paused", "replicas", "updateStrategy"] {
-        if !spec[field].is_null() {
-            kept[field] = spec[field].clone();
-        }
+
+    fn labels_match(&self, selector: &Selector) -> bool {
+        selector.matches(&self.labels.iter().cloned().collect())
     }
-    let status = obj.data["status"].take();
-    obj.data = json!({"spec": kept, "status": status});
 }
 
-/// The decision's view of a (trimmed) workload.
-fn view(kind: WorkloadKind, obj: &DynamicObject) -> Option<Workload> {
-    let template: PodTemplateSpec =
-        serde_json::from_value(obj.data["spec"]["template"].clone()).ok()?;
-    Some(Workload {
-        kind,
-        name: obj.name_any(),
-        labels: obj.labels().clone(),
-        annotations: obj.annotations().clone(),
-        template_annotations: template
-            .metadata
-            .and_then(|m| m.annotations)
-            .unwrap_or_default(),
-        pod_spec: template.spec?,
-        paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
-    })
+/// One type for every kind, told apart by the controllers' [`WorkloadKind`].
+impl Resource for Cached {
+    type DynamicType = WorkloadKind;
+    type Scope = NamespaceResourceScope;
+
+    fn kind(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.as_str().into()
+    }
+
+    fn group(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.api_version()
+            .rsplit_once('/')
+            .map_or("", |(g, _)| g)
+            .into()
+    }
+
+    fn version(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.api_version()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .into()
+    }
+
+    fn api_version(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.api_version().into()
+    }
+
+    fn plural(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.plural().into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
-fn restarted_at(obj: &DynamicObject) -> Option<Timestamp> {
-    obj.annotations().get(RESTARTED_AT_ANNOTATION)?.parse().ok()
+/// A watch event of `kind` as the cache keeps it.
+pub fn project(kind: WorkloadKind, event: watcher::Event<DynamicObject>) -> watcher::Event<Cached> {
+    use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+    match event {
+        Apply(o) => Apply(Cached::new(kind, &o)),
+        InitApply(o) => InitApply(Cached::new(kind, &o)),
+        Delete(o) => Delete(Cached::new(kind, &o)),
+        Init => Init,
+        InitDone => InitDone,
+    }
 }
 
 /// A managed Secret as a workload's decision reads it.
@@ -181,12 +254,12 @@ impl Managed {
 }
 
 /// A workload.
-type Id = ObjectRef<DynamicObject>;
+type Id = ObjectRef<Cached>;
 
 /// A workload within its kind's cache: (namespace, name).
 type Key = (String, String);
 
-fn key(obj: &DynamicObject) -> Key {
+fn key(obj: &Cached) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
@@ -207,14 +280,14 @@ struct Index {
 }
 
 impl Index {
-    fn apply(&mut self, kind: WorkloadKind, event: &watcher::Event<DynamicObject>) {
+    fn apply(&mut self, event: &watcher::Event<Cached>) {
         match event {
             watcher::Event::Init => self.relisted = Some(HashSet::new()),
             watcher::Event::InitApply(obj) => {
                 self.relisted.get_or_insert_default().insert(key(obj));
-                self.put(kind, obj);
+                self.put(obj);
             }
-            watcher::Event::Apply(obj) => self.put(kind, obj),
+            watcher::Event::Apply(obj) => self.put(obj),
             watcher::Event::Delete(obj) => self.remove(&key(obj)),
             watcher::Event::InitDone => {
                 let listed = self.relisted.take().unwrap_or_default();
@@ -227,17 +300,11 @@ impl Index {
         }
     }
 
-    fn put(&mut self, kind: WorkloadKind, obj: &DynamicObject) {
+    fn put(&mut self, obj: &Cached) {
         let k = key(obj);
         self.remove(&k);
-        let secrets: Vec<String> = view(kind, obj)
-            .map(|w| {
-                referenced(&w.pod_spec)
-                    .into_iter()
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let reads = obj.reads.iter().flatten();
+        let secrets: Vec<String> = reads.map(|(secret, _)| secret.clone()).collect();
         for secret in &secrets {
             let readers = self.readers.entry((k.0.clone(), secret.clone()));
             readers.or_default().insert(k.1.clone());
@@ -245,8 +312,8 @@ impl Index {
         if !secrets.is_empty() {
             self.refs.insert(k.clone(), secrets);
         }
-        if let Some(at) = restarted_at(obj)
-            && !rollout_complete(kind, obj)
+        if let Some(at) = obj.restarted_at()
+            && !obj.complete
         {
             self.rolling.insert(k, at);
         }
@@ -278,14 +345,14 @@ struct Budget {
 /// One kind's workload cache in one scope, its index, and how to wake its workloads.
 struct Watched {
     kind: WorkloadKind,
-    store: Store<DynamicObject>,
+    store: Store<Cached>,
     index: Arc<Mutex<Index>>,
     wake: mpsc::UnboundedSender<Id>,
 }
 
 impl Watched {
     fn id(&self, namespace: &str, name: &str) -> Id {
-        ObjectRef::new_with(name, self.kind.resource()).within(namespace)
+        ObjectRef::new_with(name, self.kind).within(namespace)
     }
 }
 
@@ -323,9 +390,9 @@ impl Restarts {
     pub fn add_workloads(
         &self,
         kind: WorkloadKind,
-        store: Store<DynamicObject>,
+        store: Store<Cached>,
         wake: mpsc::UnboundedSender<Id>,
-    ) -> impl Fn(&watcher::Event<DynamicObject>) + Send + Sync + 'static {
+    ) -> impl Fn(&watcher::Event<Cached>) + Send + Sync + 'static {
         let index = Arc::new(Mutex::new(Index::default()));
         let watched = Watched {
             kind,
@@ -334,7 +401,7 @@ impl Restarts {
             wake,
         };
         self.watched.write().unwrap().push(watched);
-        move |event| index.lock().unwrap().apply(kind, event)
+        move |event| index.lock().unwrap().apply(event)
     }
 
     /// Keeps the index of targeting ScopedSecrets current with the cached `owner`, and
@@ -383,8 +450,7 @@ impl Restarts {
             if let Some(selector) = &selector {
                 // Labels are not indexed: the one scan left, for Selector ScopedSecrets only.
                 let selected = w.store.state_filter(|o| {
-                    o.metadata.namespace.as_deref() == Some(ns.as_str())
-                        && selector.matches(o.labels())
+                    o.metadata.namespace.as_deref() == Some(ns.as_str()) && o.labels_match(selector)
                 });
                 names.extend(selected.iter().map(|o| o.name_any()));
             }
@@ -397,7 +463,7 @@ impl Restarts {
         }
     }
 
-    fn cached(&self, id: &Id) -> Option<Arc<DynamicObject>> {
+    fn cached(&self, id: &Id) -> Option<Arc<Cached>> {
         let watched = self.watched.read().unwrap();
         watched.iter().find_map(|w| w.store.get(id))
     }
@@ -417,7 +483,7 @@ impl Restarts {
                 names.filter_map(|n| caches.scoped_secret(&ObjectRef::new(n).within(namespace)));
             cached.filter(|ss| targets_any(ss)).collect()
         };
-        let mut names: BTreeSet<&str> = referenced(&w.pod_spec);
+        let mut names: BTreeSet<&str> = w.reads.keys().map(String::as_str).collect();
         names.extend(
             targeting
                 .iter()
@@ -457,7 +523,7 @@ impl Restarts {
             out.extend(index.rolling.keys().map(|(ns, name)| w.id(ns, name)));
         }
         launched.retain(|id, at| {
-            let unseen = |o: Arc<DynamicObject>| restarted_at(&o).is_none_or(|seen| seen < *at);
+            let unseen = |o: Arc<Cached>| o.restarted_at().is_none_or(|seen| seen < *at);
             recent(*at) && self.cached(id).is_some_and(unseen)
         });
         out.extend(launched.keys().cloned());
@@ -517,15 +583,15 @@ impl Restarts {
 
 /// Reconciles one workload: its plan from the caches (pure), then applied within the budget,
 /// then the ScopedSecrets' `status.rollouts` and events say what happened.
-pub async fn reconcile(obj: Arc<DynamicObject>, k: Arc<KindCtx>) -> Result<Action, Error> {
+pub async fn reconcile(obj: Arc<Cached>, k: Arc<KindCtx>) -> Result<Action, Error> {
     let (r, ctx) = (&k.restarts, &k.restarts.ctx);
     let ns = obj.namespace().unwrap_or_default();
-    let Some(w) = view(k.kind, &obj) else {
+    let Some(w) = obj.view(k.kind) else {
         return Ok(Action::await_change());
     };
-    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind.resource());
+    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind);
     let now = ctx.clock.now();
-    if restarted_at(&obj).is_some() {
+    if obj.restarted_at().is_some() {
         r.wake_waiting(now);
     }
     let limits = ctx.config.breaker_limits();
@@ -681,7 +747,7 @@ async fn record(
     }
     let cached = |e: &RolloutStatus| {
         WorkloadKind::parse(&e.kind).is_some_and(|k| {
-            let id = ObjectRef::new_with(&e.name, k.resource()).within(&ns);
+            let id = ObjectRef::new_with(&e.name, k).within(&ns);
             r.cached(&id).is_some()
         })
     };
@@ -717,7 +783,7 @@ async fn record(
 /// Events for a result that changed: on the ScopedSecret, and on the workload when restarted.
 async fn announce(
     ctx: &Context,
-    obj: &DynamicObject,
+    obj: &Cached,
     w: &Workload,
     ss: &ScopedSecret,
     secret: &str,
@@ -761,16 +827,16 @@ async fn announce(
     info!(namespace = ns, workload = %what, %secret, %result, "rollout");
     events::publish(ss, ctx, type_, reason, &note).await;
     if result == Restarted {
-        let on_workload = obj.object_ref(&w.kind.resource());
+        let on_workload = obj.object_ref(&w.kind);
         events::publish_on(ctx, &on_workload, type_, reason, &note).await;
     }
 }
 
 /// Requeue after a failed workload reconcile, with the controller's backoff. Logged at WARN
 /// when a failure starts or changes, its repeats at DEBUG.
-fn error_policy(obj: Arc<DynamicObject>, err: &Error, k: Arc<KindCtx>) -> Action {
+fn error_policy(obj: Arc<Cached>, err: &Error, k: Arc<KindCtx>) -> Action {
     let (r, kind) = (&k.restarts, k.kind.as_str());
-    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind.resource());
+    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind);
     let message = err.to_string();
     let Recorded { attempt, repeat } = r.failures.record(&id, err.category(), &message);
     let (namespace, workload) = (obj.namespace().unwrap_or_default(), obj.name_any());
@@ -876,13 +942,13 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
         let keep = |o: &DynamicObject| config.serves(o.metadata.namespace.as_deref());
         std::future::ready(super::caches::kept(e, &keep))
     };
-    let writer = Writer::new(ar.clone());
+    let writer = Writer::new(kind);
     let store = writer.as_reader();
     let (wake, woken) = mpsc::unbounded_channel();
     let observe = r.add_workloads(kind, store.clone(), wake);
     let events = watcher(api, watcher::Config::default())
         .filter(served)
-        .modify(trim)
+        .map_ok(move |e| project(kind, e))
         .inspect(move |e| {
             if let Ok(e) = e {
                 observe(e)
@@ -899,7 +965,7 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
         restarts: r.clone(),
         kind,
     });
-    Controller::for_stream_with(stream, store, ar)
+    Controller::for_stream_with(stream, store, kind)
         .with_config(settings)
         .trigger_backoff(super::NoPause)
         .reconcile_on(super::tokio_stream_of(woken))
@@ -917,27 +983,24 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
-    fn deployment(
-        name: &str,
-        secrets: &[&str],
-        annotations: Value,
-        status: Value,
-    ) -> DynamicObject {
+    fn deployment(name: &str, secrets: &[&str], annotations: Value, status: Value) -> Cached {
         let refs: Vec<Value> = secrets
             .iter()
             .map(|s| json!({"secretRef": {"name": s}}))
             .collect();
-        serde_json::from_value(json!({
+        let obj = serde_json::from_value(json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": "ns", "generation": 2, "annotations": annotations},
             "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "c", "envFrom": refs}]}}},
             "status": status,
         }))
-        .unwrap()
+        .unwrap();
+        Cached::new(WorkloadKind::Deployment, &obj)
     }
 
-    fn reader(name: &str, secrets: &[&str]) -> DynamicObject {
+    fn reader(name: &str, secrets: &[&str]) -> Cached {
         deployment(name, secrets, json!({}), json!({}))
     }
 
@@ -955,25 +1018,24 @@ mod tests {
     #[test]
     fn the_index_follows_the_references_of_the_workloads_as_they_are() {
         use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
-        let kind = WorkloadKind::Deployment;
         let mut index = Index::default();
-        index.apply(kind, &Apply(reader("a", &["api", "db"])));
-        index.apply(kind, &Apply(reader("b", &["api"])));
-        index.apply(kind, &Apply(reader("none", &[])));
+        index.apply(&Apply(reader("a", &["api", "db"])));
+        index.apply(&Apply(reader("b", &["api"])));
+        index.apply(&Apply(reader("none", &[])));
         assert_eq!(readers(&index, "api"), ["a", "b"]);
         assert_eq!(readers(&index, "db"), ["a"]);
         // A changed template replaces its references.
-        index.apply(kind, &Apply(reader("a", &["cache"])));
+        index.apply(&Apply(reader("a", &["cache"])));
         assert_eq!(readers(&index, "api"), ["b"]);
         assert_eq!(readers(&index, "db"), Vec::<String>::new());
         assert_eq!(readers(&index, "cache"), ["a"]);
-        index.apply(kind, &Delete(reader("b", &["api"])));
+        index.apply(&Delete(reader("b", &["api"])));
         assert_eq!(readers(&index, "api"), Vec::<String>::new());
         // A re-list keeps what it lists, and only that.
-        index.apply(kind, &Apply(reader("b", &["api"])));
-        index.apply(kind, &Init);
-        index.apply(kind, &InitApply(reader("c", &["api"])));
-        index.apply(kind, &InitDone);
+        index.apply(&Apply(reader("b", &["api"])));
+        index.apply(&Init);
+        index.apply(&InitApply(reader("c", &["api"])));
+        index.apply(&InitDone);
         assert_eq!(readers(&index, "api"), ["c"]);
         assert_eq!(readers(&index, "cache"), Vec::<String>::new());
         assert_eq!(index.refs.len(), 1, "no entry outlives its workload");
@@ -983,36 +1045,38 @@ mod tests {
     #[test]
     fn the_index_holds_the_restarts_rolling_out_until_they_complete_or_leave() {
         use watcher::Event::{Apply, Delete, Init, InitDone};
-        let kind = WorkloadKind::Deployment;
         let at = "2026-12-01T10:00:00Z";
         let restarted = json!({(RESTARTED_AT_ANNOTATION): at});
         let rolling = json!({"observedGeneration": 1});
         let done = json!({"observedGeneration": 2, "updatedReplicas": 1, "replicas": 1, "availableReplicas": 1});
         let mut index = Index::default();
-        index.apply(
-            kind,
-            &Apply(deployment("a", &[], restarted.clone(), rolling.clone())),
-        );
-        index.apply(
-            kind,
-            &Apply(deployment("b", &[], json!({}), rolling.clone())),
-        );
+        index.apply(&Apply(deployment(
+            "a",
+            &[],
+            restarted.clone(),
+            rolling.clone(),
+        )));
+        index.apply(&Apply(deployment("b", &[], json!({}), rolling.clone())));
         let key = ("ns".to_string(), "a".to_string());
         assert_eq!(index.rolling, [(key.clone(), at.parse().unwrap())].into());
-        index.apply(kind, &Apply(deployment("a", &[], restarted.clone(), done)));
+        index.apply(&Apply(deployment("a", &[], restarted.clone(), done)));
         assert!(index.rolling.is_empty(), "complete");
-        index.apply(
-            kind,
-            &Apply(deployment("a", &[], restarted.clone(), rolling.clone())),
-        );
-        index.apply(
-            kind,
-            &Delete(deployment("a", &[], restarted.clone(), rolling.clone())),
-        );
+        index.apply(&Apply(deployment(
+            "a",
+            &[],
+            restarted.clone(),
+            rolling.clone(),
+        )));
+        index.apply(&Delete(deployment(
+            "a",
+            &[],
+            restarted.clone(),
+            rolling.clone(),
+        )));
         assert!(index.rolling.is_empty(), "deleted");
-        index.apply(kind, &Apply(deployment("a", &[], restarted, rolling)));
-        index.apply(kind, &Init);
-        index.apply(kind, &InitDone);
+        index.apply(&Apply(deployment("a", &[], restarted, rolling)));
+        index.apply(&Init);
+        index.apply(&InitDone);
         assert!(index.rolling.is_empty(), "not listed again");
     }
 }

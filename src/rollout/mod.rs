@@ -20,14 +20,13 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::PodSpec;
 use kube::api::ApiResource;
 use kube::core::{Selector, SelectorExt};
 use sha2::Sha256;
 
 use crate::api::v1alpha1::{Rollout, RolloutStrategy};
 use crate::render::HmacKey;
-use detect::{Consumption, Reads, consumption};
+use detect::{Consumption, Reads};
 
 /// Prefix of the pod-template annotation, followed by the Secret's name. On the workload's own
 /// metadata, the same key records the hash of what its pods run before the operator ever
@@ -103,6 +102,15 @@ impl WorkloadKind {
         }
     }
 
+    pub fn plural(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "deployments",
+            WorkloadKind::StatefulSet => "statefulsets",
+            WorkloadKind::DaemonSet => "daemonsets",
+            WorkloadKind::Rollout => "rollouts",
+        }
+    }
+
     /// The API resource of this kind.
     pub fn resource(self) -> ApiResource {
         let (group, version) = self.api_version().split_once('/').expect("group/version");
@@ -111,7 +119,7 @@ impl WorkloadKind {
             version: version.into(),
             api_version: self.api_version().into(),
             kind: self.as_str().into(),
-            plural: format!("{}s", self.as_str().to_lowercase()),
+            plural: self.plural().into(),
         }
     }
 }
@@ -124,7 +132,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub template_annotations: BTreeMap<String, String>,
-    pub pod_spec: PodSpec,
+    /// How its pod template consumes each Secret it references (`detect::consumptions`).
+    pub reads: BTreeMap<String, Consumption>,
     /// A paused Deployment or Rollout: not patched.
     pub paused: bool,
 }
@@ -306,7 +315,7 @@ pub fn targeted(
         env: true,
         sub_path: false,
     };
-    let referenced = || consumption(&workload.pod_spec, secret);
+    let referenced = || workload.reads.get(secret).cloned();
     match strategy {
         RolloutStrategy::None => None,
         RolloutStrategy::Auto => referenced(),
@@ -422,7 +431,7 @@ mod tests {
             labels: [("app".to_string(), app.to_string())].into(),
             annotations: BTreeMap::new(),
             template_annotations: BTreeMap::new(),
-            pod_spec: serde_json::from_value(pod).unwrap(),
+            reads: detect::consumptions(&serde_json::from_value(pod).unwrap()),
             paused: false,
         }
     }
