@@ -11,12 +11,14 @@
 //! ScopedSecrets and managed Secrets (metadata only: no value is ever received) are read from
 //! the ScopedSecret controller's caches ([`super::caches::Caches`]): one watch of each serves
 //! both controllers, and says which ScopedSecret's Secret (or itself) changed. Workloads are
-//! cached trimmed to what detection and rollout progress read, so memory follows references.
+//! cached as a projection ([`Cached`]) of what detection and rollout progress read, so memory
+//! follows references, and indexed as their watch events arrive ([`Index`]): a changed Secret
+//! wakes its readers, and the budget counts the rollouts in flight, without a scan.
 //!
 //! The restart budget is counted from the workloads themselves (`restarted-at` and rollout
-//! status). Memory adds only what the cluster cannot say yet: restarts patched but not yet in
-//! the cache, and the order of the workloads waiting for a slot — oldest first, woken when a
-//! rollout's progress frees one.
+//! status, through the index). Memory adds only what the cluster cannot say yet: restarts
+//! patched but not yet in the cache, and the order of the workloads waiting for a slot —
+//! oldest first, woken when a rollout's progress frees one.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
