@@ -268,11 +268,10 @@ fn key(obj: &Cached) -> Key {
 /// What one kind's watch says of its workloads, kept current from the watch's events: which
 /// workloads reference each Secret (so a changed Secret wakes its readers without a scan), and
 /// which carry a restart still rolling out (so the budget counts them without a scan). An
-/// entry leaves with its workload, and a re-list replaces them all.
+/// entry leaves with its workload, and a re-list replaces them all. What a workload referenced
+/// before is read from the cache, which takes each event after the index.
 #[derive(Default)]
 struct Index {
-    /// Per workload, the Secrets its pod template references.
-    refs: HashMap<Key, Vec<String>>,
     /// (namespace, Secret) → the names of the workloads referencing it.
     readers: HashMap<Key, BTreeSet<String>>,
     /// Workloads restarted at … whose rollout is not complete.
@@ -282,56 +281,65 @@ struct Index {
 }
 
 impl Index {
-    fn apply(&mut self, event: &watcher::Event<Cached>) {
+    /// Takes `event` of `kind` in; `before` is the cache as it was before it.
+    fn apply(
+        &mut self,
+        kind: WorkloadKind,
+        before: &Store<Cached>,
+        event: &watcher::Event<Cached>,
+    ) {
+        let old = |obj: &Cached| before.get(&ObjectRef::from_obj_with(obj, kind));
         match event {
             watcher::Event::Init => self.relisted = Some(HashSet::new()),
-            watcher::Event::InitApply(obj) => {
-                self.relisted.get_or_insert_default().insert(key(obj));
-                self.put(obj);
+            watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
+                if let (watcher::Event::InitApply(_), Some(listed)) = (event, &mut self.relisted) {
+                    listed.insert(key(obj));
+                }
+                if let Some(old) = old(obj) {
+                    self.remove(&old);
+                }
+                self.insert(obj);
             }
-            watcher::Event::Apply(obj) => self.put(obj),
-            watcher::Event::Delete(obj) => self.remove(&key(obj)),
+            watcher::Event::Delete(obj) => {
+                if let Some(old) = old(obj) {
+                    self.remove(&old);
+                }
+            }
             watcher::Event::InitDone => {
+                // The cache still holds what it held before the re-list.
                 let listed = self.relisted.take().unwrap_or_default();
-                let gone: HashSet<Key> = (self.refs.keys().chain(self.rolling.keys()))
-                    .filter(|k| !listed.contains(*k))
-                    .cloned()
-                    .collect();
-                gone.iter().for_each(|k| self.remove(k));
+                for gone in before.state().iter().filter(|o| !listed.contains(&key(o))) {
+                    self.remove(gone);
+                }
             }
         }
     }
 
-    fn put(&mut self, obj: &Cached) {
-        let k = key(obj);
-        self.remove(&k);
-        let reads = obj.reads.iter().flatten();
-        let secrets: Vec<String> = reads.map(|(secret, _)| secret.clone()).collect();
-        for secret in &secrets {
-            let readers = self.readers.entry((k.0.clone(), secret.clone()));
-            readers.or_default().insert(k.1.clone());
-        }
-        if !secrets.is_empty() {
-            self.refs.insert(k.clone(), secrets);
+    fn insert(&mut self, obj: &Cached) {
+        let (ns, name) = key(obj);
+        for (secret, _) in obj.reads.iter().flatten() {
+            let readers = self.readers.entry((ns.clone(), secret.clone()));
+            readers.or_default().insert(name.clone());
         }
         if let Some(at) = obj.restarted_at()
             && !obj.complete
         {
-            self.rolling.insert(k, at);
+            self.rolling.insert((ns, name), at);
         }
     }
 
-    fn remove(&mut self, k: &Key) {
-        self.rolling.remove(k);
-        for secret in self.refs.remove(k).unwrap_or_default() {
-            let reader = (k.0.clone(), secret);
+    fn remove(&mut self, obj: &Cached) {
+        let (ns, name) = key(obj);
+        for (secret, _) in obj.reads.iter().flatten() {
+            let reader = (ns.clone(), secret.clone());
             if let Some(names) = self.readers.get_mut(&reader) {
-                names.remove(&k.1);
+                names.remove(&name);
                 if names.is_empty() {
                     self.readers.remove(&reader);
                 }
             }
         }
+        self.rolling.remove(&(ns, name));
     }
 }
 
@@ -398,12 +406,12 @@ impl Restarts {
         let index = Arc::new(Mutex::new(Index::default()));
         let watched = Watched {
             kind,
-            store,
+            store: store.clone(),
             index: index.clone(),
             wake,
         };
         self.watched.write().unwrap().push(watched);
-        move |event| index.lock().unwrap().apply(event)
+        move |event| index.lock().unwrap().apply(kind, &store, event)
     }
 
     /// Keeps the index of targeting ScopedSecrets current with the cached `owner`, and
@@ -1006,9 +1014,29 @@ mod tests {
         deployment(name, secrets, json!({}), json!({}))
     }
 
-    fn readers(index: &Index, secret: &str) -> Vec<String> {
+    /// An index and its cache, each event shown to the index first, as the watch does.
+    struct Fed {
+        index: Index,
+        cache: Writer<Cached>,
+    }
+
+    impl Fed {
+        fn new() -> Self {
+            let cache = Writer::new(WorkloadKind::Deployment);
+            let index = Index::default();
+            Fed { index, cache }
+        }
+
+        fn apply(&mut self, event: &watcher::Event<Cached>) {
+            let before = self.cache.as_reader();
+            self.index.apply(WorkloadKind::Deployment, &before, event);
+            self.cache.apply_watcher_event(event);
+        }
+    }
+
+    fn readers(fed: &Fed, secret: &str) -> Vec<String> {
         let key = ("ns".to_string(), secret.to_string());
-        index
+        fed.index
             .readers
             .get(&key)
             .into_iter()
@@ -1020,7 +1048,7 @@ mod tests {
     #[test]
     fn the_index_follows_the_references_of_the_workloads_as_they_are() {
         use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
-        let mut index = Index::default();
+        let mut index = Fed::new();
         index.apply(&Apply(reader("a", &["api", "db"])));
         index.apply(&Apply(reader("b", &["api"])));
         index.apply(&Apply(reader("none", &[])));
@@ -1040,8 +1068,11 @@ mod tests {
         index.apply(&InitDone);
         assert_eq!(readers(&index, "api"), ["c"]);
         assert_eq!(readers(&index, "cache"), Vec::<String>::new());
-        assert_eq!(index.refs.len(), 1, "no entry outlives its workload");
-        assert_eq!(index.readers.len(), 1);
+        assert_eq!(
+            index.index.readers.len(),
+            1,
+            "no entry outlives its workload"
+        );
     }
 
     #[test]
@@ -1051,7 +1082,7 @@ mod tests {
         let restarted = json!({(RESTARTED_AT_ANNOTATION): at});
         let rolling = json!({"observedGeneration": 1});
         let done = json!({"observedGeneration": 2, "updatedReplicas": 1, "replicas": 1, "availableReplicas": 1});
-        let mut index = Index::default();
+        let mut index = Fed::new();
         index.apply(&Apply(deployment(
             "a",
             &[],
@@ -1060,9 +1091,12 @@ mod tests {
         )));
         index.apply(&Apply(deployment("b", &[], json!({}), rolling.clone())));
         let key = ("ns".to_string(), "a".to_string());
-        assert_eq!(index.rolling, [(key.clone(), at.parse().unwrap())].into());
+        assert_eq!(
+            index.index.rolling,
+            [(key.clone(), at.parse().unwrap())].into()
+        );
         index.apply(&Apply(deployment("a", &[], restarted.clone(), done)));
-        assert!(index.rolling.is_empty(), "complete");
+        assert!(index.index.rolling.is_empty(), "complete");
         index.apply(&Apply(deployment(
             "a",
             &[],
@@ -1075,10 +1109,10 @@ mod tests {
             restarted.clone(),
             rolling.clone(),
         )));
-        assert!(index.rolling.is_empty(), "deleted");
+        assert!(index.index.rolling.is_empty(), "deleted");
         index.apply(&Apply(deployment("a", &[], restarted, rolling)));
         index.apply(&Init);
         index.apply(&InitDone);
-        assert!(index.rolling.is_empty(), "not listed again");
+        assert!(index.index.rolling.is_empty(), "not listed again");
     }
 }
