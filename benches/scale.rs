@@ -13,7 +13,9 @@
 //!    of 20 keys each, with their Secrets and one Deployment reading each. Prints the
 //!    operator's RSS (`VmRSS`, `VmHWM` of `/proc/<pid>/status`) and live heap (its
 //!    `scoped_secrets_heap_bytes`), the heap of each of its caches (rebuilt in this process
-//!    from the API server's objects with the operator's trim functions), the time to ready, to
+//!    from the API server's objects with the operator's trim functions) and of its per-object
+//!    state (the Vault read cache, the path index, the verified Secret versions, the synced set,
+//!    the metric series: rebuilt by the library's own types), the time to ready, to
 //!    every ScopedSecret synced and to the first sync's writes settled (the workload
 //!    controller's baselines trail the Secrets), the first sync's API requests by verb and
 //!    resource and per ScopedSecret, the API requests during one no-op refresh interval that
@@ -719,10 +721,101 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
         kind,
     )
     .await;
+    let state = per_object_state(client, &_a).await;
+    let mut owners = vec![
+        ("ScopedSecret cache (trimmed, with status)", scoped),
+        ("managed Secrets' metadata cache", secrets),
+        ("Deployment cache (projected)", workloads),
+    ];
+    owners.extend(state);
+    owners
+}
+
+/// The heap of the operator's per-object state besides its caches, rebuilt here as a
+/// reconcile of every ScopedSecret in `scoped` fills it: the shared read cache of Vault values
+/// (through the real reader against the same OpenBao, with the operator's refresh interval),
+/// the index of the paths each reads (`Triggers`), the record of the resourceVersion each
+/// Secret was verified at, the set of objects synced since start, and the metric series per
+/// object. Each call is counted on its own, so the owners do not mix.
+async fn per_object_state(
+    client: &kube::Client,
+    scoped: &kube::runtime::reflector::Store<ScopedSecret>,
+) -> Vec<(&'static str, isize)> {
+    use kube::api::Api;
+    use kube::runtime::reflector::ObjectRef;
+    use scoped_secrets::api::v1alpha1::ClusterVaultStore;
+    use scoped_secrets::controller::pipeline::{self, StoreSpec};
+    use scoped_secrets::controller::trigger::Triggers;
+    use scoped_secrets::metrics::Metrics;
+
+    let store = Api::<ClusterVaultStore>::all(client.clone())
+        .get("vault")
+        .await
+        .unwrap();
+    let reader = Arc::new(VaultReader::new(client.clone()));
+    let source: Arc<dyn ScopeSource> = reader.clone();
+    let max_age = Duration::from_secs(REFRESH_SECONDS);
+    let (mut read_cache, mut index, mut verified, mut seen, mut series) = (0, 0, 0, 0, 0);
+    let measured = |bytes: &mut isize, before: isize| *bytes += live_heap() - before;
+    let triggers = Triggers::new(source.clone(), Duration::from_secs(1));
+    let ctx = Context::new(
+        client.clone(),
+        source.clone(),
+        HmacKey::new(vec![1; 32]),
+        Config::default(),
+    );
+    let metrics = Metrics::default();
+    let mut synced = std::collections::HashSet::new();
+    let labels = |ns: &str| {
+        let e = ns.trim_start_matches("big-");
+        [
+            ("scopedsecrets.io/project".to_string(), "big".to_string()),
+            ("scopedsecrets.io/environment".to_string(), e.to_string()),
+        ]
+        .into()
+    };
+    // The first read logs in; not per object.
+    let warm = scoped.state();
+    if let Some(ss) = warm.first() {
+        let ns = ss.metadata.namespace.clone().unwrap();
+        let plan = pipeline::plan(ss, &ns, &labels(&ns), StoreSpec::cluster(&store)).unwrap();
+        source
+            .read_scopes(&plan.handle, &plan.paths, Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    for ss in warm {
+        let ns = ss.metadata.namespace.clone().unwrap();
+        let obj = ObjectRef::from_obj(ss.as_ref());
+        let plan = pipeline::plan(&ss, &ns, &labels(&ns), StoreSpec::cluster(&store)).unwrap();
+        let before = live_heap();
+        let layers = source
+            .read_scopes(&plan.handle, &plan.paths, max_age)
+            .await
+            .unwrap();
+        measured(&mut read_cache, before);
+        let before = live_heap();
+        triggers.planned(&obj, Some(&plan));
+        triggers.saw(&obj, &layers);
+        measured(&mut index, before);
+        drop(layers);
+        let before = live_heap();
+        let rv = ss.metadata.resource_version.clone();
+        ctx.caches.set_verified(&obj, &obj.name, rv);
+        measured(&mut verified, before);
+        let before = live_heap();
+        synced.insert(obj.clone());
+        measured(&mut seen, before);
+        let before = live_heap();
+        metrics.synced(&ns, &obj.name, 1_700_000_000, synced.len());
+        measured(&mut series, before);
+    }
     vec![
-        ("ScopedSecrets (trimmed, with status)", scoped),
-        ("managed Secrets' metadata", secrets),
-        ("Deployments (as the workload cache keeps them)", workloads),
+        ("read cache (Vault values)", read_cache),
+        ("path index (triggers)", index),
+        ("verified Secret versions", verified),
+        ("synced set", seen),
+        ("metric series", series),
     ]
 }
 
@@ -930,7 +1023,7 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
         ));
     }
     println!(
-        "    heap by owner: {}; the rest (read cache, per-object maps, metric series, runtime, buffers) {} ({:.2} KiB per ScopedSecret)",
+        "    heap by owner: {}; the rest (the Controllers' queues and schedulers, the workload controller's own state, tasks, connection buffers, the runtime) {} ({:.2} KiB per ScopedSecret)",
         parts.join(", "),
         mib_b(rest),
         rest as f64 / 1024.0 / n as f64

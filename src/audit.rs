@@ -542,6 +542,21 @@ mod tests {
         (seen, Arc::new(move |r, _| s.lock().unwrap().push(r)))
     }
 
+    /// A listener on a free local port (TCP or UDP, admitting `allow_from`), running until
+    /// the returned task is dropped, with what it received.
+    async fn listening(tcp: bool, allow_from: Vec<Cidr>) -> (SocketAddr, Seen, AbortOnDrop) {
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let config = ListenConfig {
+            addr,
+            tcp,
+            allow_from,
+        };
+        let listener = Listener::bind(config).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen, handler) = recorder();
+        (addr, seen, AbortOnDrop(tokio::spawn(listener.run(handler))))
+    }
+
     async fn wait_for(seen: &Seen, n: usize) -> Vec<Received> {
         for _ in 0..200 {
             if seen.lock().unwrap().len() >= n {
@@ -554,16 +569,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_udp_listener_reads_each_datagram_and_survives_garbage() {
-        let listener = Listener::bind(ListenConfig {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            tcp: false,
-            allow_from: Vec::new(),
-        })
-        .await
-        .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (seen, handler) = recorder();
-        let _task = AbortOnDrop(tokio::spawn(listener.run(handler)));
+        let (addr, seen, _task) = listening(false, Vec::new()).await;
         let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let put = fixture("kv-put");
         for datagram in [&b"garbage"[..], &put[..40], &put[..], &[0xff, 0xfe][..]] {
@@ -583,16 +589,7 @@ mod tests {
 
     #[tokio::test]
     async fn datagrams_from_outside_the_allowed_networks_are_refused_unread() {
-        let listener = Listener::bind(ListenConfig {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            tcp: false,
-            allow_from: vec!["10.0.0.0/8".parse().unwrap()],
-        })
-        .await
-        .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (seen, handler) = recorder();
-        let _task = AbortOnDrop(tokio::spawn(listener.run(handler)));
+        let (addr, seen, _task) = listening(false, vec!["10.0.0.0/8".parse().unwrap()]).await;
         let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         sender.send_to(&fixture("kv-put"), addr).await.unwrap();
         assert_eq!(wait_for(&seen, 1).await, [Received::Refused]);
@@ -601,16 +598,7 @@ mod tests {
     #[tokio::test]
     async fn the_tcp_listener_reads_lines_and_drops_an_oversized_one_whole() {
         use tokio::io::AsyncWriteExt;
-        let listener = Listener::bind(ListenConfig {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            tcp: true,
-            allow_from: Vec::new(),
-        })
-        .await
-        .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (seen, handler) = recorder();
-        let _task = AbortOnDrop(tokio::spawn(listener.run(handler)));
+        let (addr, seen, _task) = listening(true, Vec::new()).await;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let put = fixture("kv-put");
         let mut bytes = put.clone();

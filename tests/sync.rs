@@ -163,10 +163,7 @@ async fn a_changed_value_rewrites_the_secret_and_moves_the_change_time() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     w.fake.clear_requests();
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
-        "warn"
-    );
+    assert_eq!(w.data("shop-dev", "api")["LOG_LEVEL"], "warn");
     let after = w.ss("shop-dev", "api").status.clone().unwrap();
     assert_ne!(before.content_hash, after.content_hash);
     assert!(after.last_change_time > before.last_change_time);
@@ -188,7 +185,7 @@ async fn hand_edits_added_keys_and_deletion_are_repaired() {
     let w = world();
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     w.reconcile("shop-dev", "api").await.unwrap();
-    let good = data(&w.secret("shop-dev", "api").unwrap());
+    let good = w.data("shop-dev", "api");
 
     // A hand edit of a value plus an added key.
     let mut secret = w
@@ -199,12 +196,12 @@ async fn hand_edits_added_keys_and_deletion_are_repaired() {
     secret["data"]["EXTRA"] = json!("eA==");
     w.fake.insert(secret);
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(data(&w.secret("shop-dev", "api").unwrap()), good);
+    assert_eq!(w.data("shop-dev", "api"), good);
 
     // A deletion.
     w.fake.remove("api/v1", Some("shop-dev"), "secrets", "api");
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(data(&w.secret("shop-dev", "api").unwrap()), good);
+    assert_eq!(w.data("shop-dev", "api"), good);
     let status = w.ss("shop-dev", "api").status.clone().unwrap();
     assert_eq!(status.keys.len(), 3);
 }
@@ -275,10 +272,7 @@ async fn permission_denied_and_deleted_scopes_keep_the_secret() {
             category
         );
         assert!(w.fake.writes_to("secrets").is_empty());
-        assert_eq!(
-            data(&w.secret("shop-dev", "api").unwrap())["DB_PASSWORD"],
-            CANARY
-        );
+        assert_eq!(w.data("shop-dev", "api")["DB_PASSWORD"], CANARY);
         assert_eq!(condition(&w.ss("shop-dev", "api"), "Ready").1, category);
     }
 }
@@ -376,10 +370,7 @@ async fn a_dev_namespace_cannot_read_prod_by_setting_spec_environment() {
         ),
     ));
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())["DB_HOST"],
-        "prod-db"
-    );
+    assert_eq!(w.data("shop-dev", "api")["DB_HOST"], "prod-db");
 }
 
 #[tokio::test]
@@ -409,10 +400,7 @@ async fn retain_removes_the_owner_reference_before_a_missing_store_or_vault_outa
         0,
         "the Secret would be garbage-collected with the ScopedSecret"
     );
-    assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())["DB_PASSWORD"],
-        CANARY
-    );
+    assert_eq!(w.data("shop-dev", "api")["DB_PASSWORD"], CANARY);
     let (status, reason, _) = condition(&w.ss("shop-dev", "api"), "Retained");
     assert_eq!(
         (status.as_str(), reason.as_str()),
@@ -475,9 +463,7 @@ async fn a_secret_created_by_someone_else_meanwhile_is_not_taken_over() {
     let err = w.reconcile("shop-dev", "api").await.unwrap_err();
     assert_eq!(err.category(), "SecretConflict");
     assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())
-            .keys()
-            .collect::<Vec<_>>(),
+        w.data("shop-dev", "api").keys().collect::<Vec<_>>(),
         vec!["mine"],
         "the other writer's Secret was overwritten"
     );
@@ -502,10 +488,7 @@ async fn a_create_that_races_with_our_own_earlier_write_applies_over_it() {
     // A read that lags our own write (another replica, a cache) sees no Secret.
     w.fake.fail_next("GET", "/secrets/api", 404);
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())["DB_HOST"],
-        "db2"
-    );
+    assert_eq!(w.data("shop-dev", "api")["DB_HOST"], "db2");
 }
 
 #[tokio::test]
@@ -570,9 +553,7 @@ async fn an_existing_unmanaged_secret_is_never_taken_over() {
     let err = w.reconcile("shop-dev", "api").await.unwrap_err();
     assert_eq!(err.category(), "SecretConflict");
     assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())
-            .keys()
-            .collect::<Vec<_>>(),
+        w.data("shop-dev", "api").keys().collect::<Vec<_>>(),
         vec!["mine"]
     );
 }
@@ -602,9 +583,7 @@ async fn retain_writes_no_owner_reference_and_renames_and_selection_apply() {
     );
     assert_eq!(secret.metadata.labels.unwrap()["app"], "web");
     assert_eq!(
-        data(&w.secret("shop-dev", "web-env").unwrap())
-            .keys()
-            .collect::<Vec<_>>(),
+        w.data("shop-dev", "web-env").keys().collect::<Vec<_>>(),
         vec!["LOG_LEVEL", "password"]
     );
     let status = w.ss("shop-dev", "web").status.clone().unwrap();
@@ -687,7 +666,7 @@ async fn the_canary_value_appears_only_in_the_secret() {
     assert!(!logged.is_empty(), "the log capture works");
     assert!(!logged.contains(CANARY), "canary in logs");
     assert!(format!("{err:?} {err}").find(CANARY).is_none());
-    assert!(data(&w.secret("shop-dev", "api").unwrap())["DB_PASSWORD"].starts_with(CANARY));
+    assert!(w.data("shop-dev", "api")["DB_PASSWORD"].starts_with(CANARY));
 }
 
 #[tokio::test]
@@ -821,10 +800,7 @@ async fn a_namespaced_store_serves_its_own_namespace_with_its_own_credentials() 
         json!({"storeRef": {"name": "team-vault"}}),
     ));
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
-        "debug"
-    );
+    assert_eq!(w.data("shop-dev", "api")["LOG_LEVEL"], "debug");
 
     // A VaultStore may not borrow a credential Secret of another namespace.
     w.add(vault_store(
@@ -881,7 +857,7 @@ async fn previous_key(w: &World, overlap: &str) -> String {
         "target": {"name": "web"}, "rotation": [{"key": "API_KEY", "overlap": overlap}]}),
     ));
     w.reconcile("shop-dev", "web").await.unwrap();
-    data(&w.secret("shop-dev", "web").unwrap())["API_KEY_PREVIOUS"].clone()
+    w.data("shop-dev", "web")["API_KEY_PREVIOUS"].clone()
 }
 
 #[tokio::test]
@@ -897,7 +873,7 @@ async fn a_rotated_key_keeps_its_previous_value_for_the_overlap_window() {
         rotating(Some("API_KEYS"), "24h"),
     ));
     w.reconcile("shop-dev", "api").await.unwrap();
-    let d = data(&w.secret("shop-dev", "api").unwrap());
+    let d = w.data("shop-dev", "api");
     assert_eq!(d["API_KEY"], "new");
     assert_eq!(
         d["API_KEYS"], "new,old",
@@ -928,7 +904,7 @@ async fn the_window_starts_when_the_value_changed_and_closes_after_the_overlap()
     ));
     w.reconcile("shop-dev", "api").await.unwrap();
     assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())["API_KEYS"],
+        w.data("shop-dev", "api")["API_KEYS"],
         "new",
         "closed: 2h since the change, 1h overlap"
     );
@@ -945,13 +921,10 @@ async fn a_destroyed_previous_version_leaves_the_secret_at_once() {
     w.vault.put_at(path, &[("API_KEY", Some("fresh"))], ago(60));
     w.add(scoped_secret("api", "shop-dev", rotating(None, "24h")));
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())["API_KEY_PREVIOUS"],
-        "leaked"
-    );
+    assert_eq!(w.data("shop-dev", "api")["API_KEY_PREVIOUS"], "leaked");
     w.vault.destroy(path, leaked);
     w.reconcile("shop-dev", "api").await.unwrap();
-    let d = data(&w.secret("shop-dev", "api").unwrap());
+    let d = w.data("shop-dev", "api");
     assert!(
         !d.contains_key("API_KEY_PREVIOUS"),
         "a revoked value must leave at once"
@@ -1209,10 +1182,7 @@ async fn a_no_op_refresh_makes_no_api_request_once_the_secret_is_verified() {
     w.vault.put("shop/envs/dev", &[("LOG_LEVEL", Some("warn"))]);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(
-        data(&w.secret("shop-dev", "api").unwrap())["LOG_LEVEL"],
-        "warn"
-    );
+    assert_eq!(w.data("shop-dev", "api")["LOG_LEVEL"], "warn");
     // The record goes with the ScopedSecret.
     assert_eq!(w.ctx.caches.verified_len(), 1);
     w.ctx.forget(&ObjectRef::new("api").within("shop-dev"));
@@ -1225,7 +1195,7 @@ async fn a_hand_edit_seen_by_the_metadata_cache_is_read_and_repaired() {
     w.add(scoped_secret("api", "shop-dev", default_spec()));
     let mut informers = Informers::attach(&w, &w.ctx);
     w.reconcile("shop-dev", "api").await.unwrap();
-    let good = data(&w.secret("shop-dev", "api").unwrap());
+    let good = w.data("shop-dev", "api");
     informers.relist(&w);
 
     // The edit keeps every label and annotation: only the resourceVersion tells.
@@ -1238,7 +1208,7 @@ async fn a_hand_edit_seen_by_the_metadata_cache_is_read_and_repaired() {
     informers.relist(&w);
     w.fake.clear_requests();
     w.reconcile("shop-dev", "api").await.unwrap();
-    assert_eq!(data(&w.secret("shop-dev", "api").unwrap()), good);
+    assert_eq!(w.data("shop-dev", "api"), good);
     let summary = request_summary(&w);
     assert!(
         summary.contains(&"GET /api/v1/namespaces/shop-dev/secrets/api".to_string()),

@@ -48,16 +48,9 @@ path "secret/data/shop/services/*" { capabilities = ["read"] }"#,
 
 /// Accessors of the live tokens minted by AppRole logins, as root sees them.
 async fn approle_tokens(bao: &OpenBao) -> Vec<String> {
-    let (status, body) = bao
-        .raw(
-            "LIST",
-            "/v1/auth/token/accessors",
-            Some(bao.root_token()),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    let body = bao
+        .root_call("LIST", "/v1/auth/token/accessors", &Value::Null)
+        .await;
     let mut out = Vec::new();
     for accessor in body["data"]["keys"].as_array().unwrap() {
         let (status, token) = bao
@@ -79,16 +72,12 @@ async fn approle_tokens(bao: &OpenBao) -> Vec<String> {
 /// Revokes, as root, every token minted by an AppRole login (out of band).
 async fn revoke_approle_tokens(bao: &OpenBao) {
     for accessor in approle_tokens(bao).await {
-        let (status, body) = bao
-            .raw(
-                "POST",
-                "/v1/auth/token/revoke-accessor",
-                Some(bao.root_token()),
-                Some(&json!({"accessor": accessor})),
-            )
-            .await
-            .unwrap();
-        assert!(status < 300, "{status} {body}");
+        bao.root_call(
+            "POST",
+            "/v1/auth/token/revoke-accessor",
+            &json!({"accessor": accessor}),
+        )
+        .await;
     }
 }
 
@@ -200,16 +189,8 @@ async fn a_revoked_static_token_is_auth_failed_naming_its_secret() {
         .read_scopes(&s, &[project("shop")], Duration::ZERO)
         .await
         .unwrap();
-    let (status, body) = bao
-        .raw(
-            "POST",
-            "/v1/auth/token/revoke",
-            Some(bao.root_token()),
-            Some(&json!({"token": token})),
-        )
-        .await
-        .unwrap();
-    assert!(status < 300, "{status} {body}");
+    bao.root_call("POST", "/v1/auth/token/revoke", &json!({"token": token}))
+        .await;
     let err = reader
         .read_scopes(&s, &[project("shop")], Duration::ZERO)
         .await
@@ -229,18 +210,12 @@ async fn a_superseded_token_is_revoked_and_shutdown_revokes_every_minted_token()
     bao.kv_put("shop", json!({"A": "1"})).await;
     let (role_id, secret_id) = shop_only_approle(&bao).await;
     // Tokens of 3 s: the session is renewed by a new login after 2 s.
-    let (status, body) = bao
-        .raw(
-            "POST",
-            "/v1/auth/approle/role/shop",
-            Some(bao.root_token()),
-            Some(
-                &json!({"token_ttl": "3s", "token_max_ttl": "3s", "token_policies": ["shop-only"]}),
-            ),
-        )
-        .await
-        .unwrap();
-    assert!(status < 300, "{status} {body}");
+    bao.root_call(
+        "POST",
+        "/v1/auth/approle/role/shop",
+        &json!({"token_ttl": "3s", "token_max_ttl": "3s", "token_policies": ["shop-only"]}),
+    )
+    .await;
     let (reader, s) = approle_reader(&bao.addr(), role_id, &secret_id);
     reader
         .read_scopes(&s, &[project("shop")], Duration::ZERO)

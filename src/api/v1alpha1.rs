@@ -397,6 +397,11 @@ pub struct ScopedSecretStatus {
     /// restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<ChangeHistory>,
+    /// Not part of the API (never serialized): the operator's cache keeps this digest of
+    /// `keys` instead of the list, which it only compares (`controller::caches`).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub keys_digest: Option<u64>,
 }
 
 /// The recent content changes of the Secret, as the restart breaker counts them.

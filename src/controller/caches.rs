@@ -45,7 +45,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, VaultStore};
+use crate::api::v1alpha1::{
+    ClusterVaultStore, KeyStatus, ScopedSecret, ScopedSecretStatus, VaultStore,
+};
 
 /// The prefix of the labels and annotations the operator reads on its own objects
 /// (`scopedsecrets.io/force-sync`, `…/resume-rollouts`): the others are dropped from the caches.
@@ -70,8 +72,12 @@ pub fn trim_secret(secret: &mut PartialObjectMeta<Secret>) {
 
 /// A ScopedSecret as the controller keeps it: spec, status, and of the metadata only what the
 /// reconcile reads — name, namespace, uid, generation, resourceVersion and the operator's own
-/// `scopedsecrets.io/` annotations and labels.
+/// `scopedsecrets.io/` annotations and labels. Of `status.keys` (the source of every key,
+/// most of a synced object's size) only a digest: the status stage only compares the list.
 pub fn trim_scoped_secret(ss: &mut ScopedSecret) {
+    if let Some(status) = ss.status.as_mut() {
+        digest_keys(status);
+    }
     trim_meta(&mut ss.metadata);
     let meta = &mut ss.metadata;
     for map in [meta.annotations.as_mut(), meta.labels.as_mut()]
@@ -82,6 +88,38 @@ pub fn trim_scoped_secret(ss: &mut ScopedSecret) {
     }
     meta.owner_references = None;
     meta.finalizers = None;
+}
+
+/// Replaces `status.keys` by its digest (`keys_digest`), unless it already is.
+pub fn digest_keys(status: &mut ScopedSecretStatus) {
+    if status.keys_digest.is_none() {
+        status.keys_digest = Some(keys_digest(&status.keys));
+        status.keys = Vec::new();
+    }
+}
+
+/// Whether `next`, a status with its `keys` in full, says the same as `cached`, which may
+/// hold only their digest.
+pub fn same_status(cached: &ScopedSecretStatus, next: &ScopedSecretStatus) -> bool {
+    match (cached.keys_digest, next.keys_digest) {
+        (Some(digest), None) => {
+            digest == keys_digest(&next.keys)
+                && ScopedSecretStatus {
+                    keys: Vec::new(),
+                    keys_digest: Some(digest),
+                    ..next.clone()
+                } == *cached
+        }
+        _ => cached == next,
+    }
+}
+
+/// A digest of a status's `keys` (in this process: it is never stored elsewhere).
+fn keys_digest(keys: &[KeyStatus]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(&serde_json::to_vec(keys).unwrap_or_default());
+    h.finish()
 }
 
 /// A Namespace as the caches keep it: name and labels (scope labels, store access
@@ -298,6 +336,16 @@ pub struct Caches {
     /// The ScopedSecret controllers' stores of ScopedSecrets, by the namespace each serves:
     /// the workload controller reads them instead of watching ScopedSecrets again.
     scoped_secrets: RwLock<Vec<(Option<String>, Store<ScopedSecret>)>>,
+    /// Status writes of this process the ScopedSecret cache has not shown yet (see
+    /// [`Caches::latest`]). An entry lives from the write to its watch event: milliseconds.
+    own_writes: Mutex<HashMap<ObjectRef<ScopedSecret>, OwnWrite>>,
+}
+
+/// A status write of this process: the resourceVersion it was applied on, and the object as
+/// the API server returned it (trimmed as the cache keeps it).
+struct OwnWrite {
+    before: String,
+    written: Arc<ScopedSecret>,
 }
 
 impl Caches {
@@ -421,11 +469,74 @@ impl Caches {
     /// Drops what is kept for a ScopedSecret that is gone.
     pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
         self.verified.lock().unwrap().remove(obj);
+        self.own_writes.lock().unwrap().remove(obj);
     }
 
-    /// Keeps the verification records of the ScopedSecrets `keep` accepts.
+    /// Keeps the verification records (and pending own writes) of the ScopedSecrets `keep`
+    /// accepts.
     pub fn retain_verified(&self, keep: impl Fn(&ObjectRef<ScopedSecret>) -> bool) {
         self.verified.lock().unwrap().retain(|obj, _| keep(obj));
+        self.own_writes.lock().unwrap().retain(|obj, _| keep(obj));
+    }
+
+    /// Records a status write of this process: applied on `before` (the resourceVersion it
+    /// was decided on), the API server answered `written`.
+    pub fn wrote_status(&self, before: Option<String>, mut written: ScopedSecret) {
+        let Some(before) = before else { return };
+        trim_scoped_secret(&mut written);
+        let obj = ObjectRef::from_obj(&written);
+        let written = Arc::new(written);
+        self.own_writes
+            .lock()
+            .unwrap()
+            .insert(obj, OwnWrite { before, written });
+    }
+
+    /// The copy of `ss` a reconcile should decide on: `ss` itself, unless it is the very
+    /// version this process last wrote the status over and the cache has not shown that write
+    /// yet — then the object as written. The watch event of our own status write routinely
+    /// arrives after the reconcile the Secret's own event brings; decided on the older copy,
+    /// that reconcile would compute the status again from before the write, see it differ and
+    /// have its apply refused (409) on the stale resourceVersion.
+    ///
+    /// Any other version (the write seen, or someone else's after it) drops the record: the
+    /// cache is then at least as new, and a write by someone else is still caught by the
+    /// resourceVersion precondition.
+    pub fn latest(&self, ss: Arc<ScopedSecret>) -> Arc<ScopedSecret> {
+        let obj = ObjectRef::from_obj(ss.as_ref());
+        let mut own = self.own_writes.lock().unwrap();
+        match own.get(&obj) {
+            Some(w) if ss.metadata.resource_version.as_deref() == Some(w.before.as_str()) => {
+                w.written.clone()
+            }
+            Some(_) => {
+                own.remove(&obj);
+                ss
+            }
+            None => ss,
+        }
+    }
+
+    /// A version of a ScopedSecret arrived from the watch: a record of our own write over an
+    /// older version goes (`latest` would drop it anyway; this keeps the map to the writes
+    /// in flight).
+    pub fn seen(&self, ss: &ScopedSecret) {
+        let mut own = self.own_writes.lock().unwrap();
+        if own.is_empty() {
+            return;
+        }
+        let obj = ObjectRef::from_obj(ss);
+        if own
+            .get(&obj)
+            .is_some_and(|w| ss.metadata.resource_version.as_deref() != Some(w.before.as_str()))
+        {
+            own.remove(&obj);
+        }
+    }
+
+    /// Own status writes not yet shown by the cache (for tests and the heap accounting).
+    pub fn own_writes_len(&self) -> usize {
+        self.own_writes.lock().unwrap().len()
     }
 
     /// The store of ScopedSecrets of the controller serving `namespace` (`None`: all).
@@ -521,7 +632,56 @@ mod tests {
             )
         );
         assert_eq!(ss.spec, spec);
-        assert_eq!(ss.status, status);
+        assert!(same_status(
+            ss.status.as_ref().unwrap(),
+            status.as_ref().unwrap()
+        ));
+    }
+
+    #[test]
+    fn a_cached_status_keeps_a_digest_of_its_keys_that_compares_equal_to_the_same_list_only() {
+        let key = |name: &str, version: u64| KeyStatus {
+            name: name.into(),
+            scope: "project".into(),
+            path: "shop".into(),
+            version,
+            ..Default::default()
+        };
+        let full = ScopedSecretStatus {
+            observed_generation: Some(1),
+            keys: vec![key("A", 1), key("B", 1)],
+            content_hash: Some("hmac-sha256:ab".into()),
+            ..Default::default()
+        };
+        let mut ss: ScopedSecret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": "api", "namespace": "shop-dev"},
+            "spec": {"storeRef": {"name": "vault"}}
+        }))
+        .unwrap();
+        ss.status = Some(full.clone());
+        trim_scoped_secret(&mut ss);
+        let cached = ss.status.unwrap();
+        assert!(cached.keys.is_empty() && cached.keys_digest.is_some());
+        assert!(same_status(&cached, &full));
+        let moved = ScopedSecretStatus {
+            keys: vec![key("A", 1), key("B", 2)],
+            ..full.clone()
+        };
+        assert!(
+            !same_status(&cached, &moved),
+            "a key read at another version"
+        );
+        let other = ScopedSecretStatus {
+            observed_generation: Some(2),
+            ..full.clone()
+        };
+        assert!(!same_status(&cached, &other), "another field");
+        // Never serialized: the API sees no such field, and a digested copy no keys.
+        assert_eq!(
+            serde_json::to_value(&cached).unwrap(),
+            serde_json::json!({"observedGeneration": 1, "contentHash": "hmac-sha256:ab"})
+        );
     }
 
     #[test]

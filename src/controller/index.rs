@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use kube::runtime::reflector::ObjectRef;
 
 use super::pipeline::Plan;
-use crate::api::v1alpha1::{ScopedSecret, StoreConnection};
+use crate::api::v1alpha1::ScopedSecret;
 use crate::resolve::ScopeData;
 use crate::vault::Identity;
 
@@ -44,11 +44,6 @@ impl Location {
             namespace,
             mount: mount.trim_matches('/').to_string(),
         }
-    }
-
-    /// The location of a store's scopes.
-    pub fn of(connection: &StoreConnection) -> Self {
-        Location::new(connection.namespace.as_deref(), &connection.kv.mount)
     }
 }
 
@@ -89,8 +84,9 @@ pub struct Reads {
 impl Reads {
     /// What a plan reads.
     pub fn of(plan: &Plan) -> Self {
+        let connection = &plan.handle.connection;
         Reads {
-            location: Location::of(&plan.handle.connection),
+            location: Location::new(connection.namespace.as_deref(), &connection.kv.mount),
             identity: plan.handle.identity.clone(),
             paths: plan.paths.iter().map(|p| p.path.clone()).collect(),
         }
@@ -266,16 +262,6 @@ impl PathIndex {
     pub fn reset_versions(&mut self, path: &VaultPath) {
         self.newest.remove(path);
     }
-
-    /// Number of ScopedSecrets indexed.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no ScopedSecret is indexed.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -387,7 +373,7 @@ mod tests {
         assert!(index.readers(&at("secret", "shop")).is_empty());
         index.set(&obj("web"), Some(reads("secret", "a", &["shop"])));
         index.forget(&obj("web"));
-        assert!(index.is_empty());
+        assert!(index.entries.is_empty());
         assert!(index.by_path.is_empty(), "no path is kept without a reader");
     }
 

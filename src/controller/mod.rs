@@ -19,20 +19,22 @@ pub mod trigger;
 pub mod validate;
 pub mod workloads;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::{Api, ListParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use rand::Rng;
+use tokio::sync::mpsc::UnboundedSender;
 
 pub use reconcile::reconcile;
 
@@ -163,8 +165,7 @@ impl Config {
     /// Whether this operator serves the ScopedSecrets of `namespace` (as far as sharding
     /// goes; `watch_namespaces` is applied by the watches themselves).
     pub fn serves(&self, namespace: Option<&str>) -> bool {
-        self.shard
-            .is_none_or(|s| namespace.is_some_and(|ns| s.serves(ns)))
+        shard::serves(self.shard, namespace)
     }
 
     /// The restart breaker's limits: `breaker_changes` within `breaker_window`.
@@ -200,11 +201,9 @@ impl Default for Config {
 pub struct Context {
     pub client: Client,
     /// Vault, behind the per-store guards of [`crate::vault::health`]: a store whose address
-    /// stopped answering fails at once, and no store reads on more than its share of the
-    /// workers.
+    /// stopped answering fails at once, and no store reads on more than half of the workers
+    /// (at least one), which leaves the other half to every other store.
     pub source: Arc<dyn ScopeSource>,
-    /// The source as given, guarded again by `with_metrics` to count into the served metrics.
-    unguarded: Arc<dyn ScopeSource>,
     pub hmac_key: HmacKey,
     pub recorder: Recorder,
     pub config: Config,
@@ -212,7 +211,7 @@ pub struct Context {
     /// Consecutive failures per object (for the backoff) and the failure last logged.
     pub(crate) failures: failures::Failures,
     /// Objects synced at least once since start.
-    seen: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
+    seen: Mutex<HashSet<ObjectRef<ScopedSecret>>>,
     /// Where the breaker, the restart window and the budget read the time.
     pub clock: Arc<dyn crate::clock::Clock>,
     /// Informer caches of namespaces and stores, filled by the running controllers (empty
@@ -221,7 +220,7 @@ pub struct Context {
     /// ScopedSecrets whose spec no operator has handled yet (new ones, edited ones) and that
     /// this process has not reconciled yet: while there are any, refreshes wait
     /// ([`reconcile_in_order`]).
-    awaiting_first: Mutex<std::collections::HashSet<ObjectRef<ScopedSecret>>>,
+    awaiting_first: Mutex<HashSet<ObjectRef<ScopedSecret>>>,
     /// Which ScopedSecrets read which paths, and the refreshes asked of them.
     pub triggers: trigger::Triggers,
 }
@@ -233,34 +232,40 @@ impl Context {
         hmac_key: HmacKey,
         config: Config,
     ) -> Self {
+        Self::serving(client, source, hmac_key, config, Arc::default())
+    }
+
+    /// A context counting into `metrics` (the registry served on `/metrics`).
+    fn serving(
+        client: Client,
+        source: Arc<dyn ScopeSource>,
+        hmac_key: HmacKey,
+        config: Config,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "scoped-secrets".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
-        let metrics = Arc::new(Metrics::default());
-        let triggers = trigger::Triggers::new(source.clone(), config.audit_min_interval);
+        let share = usize::from(config.concurrency / 2).max(1);
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            source: guarded(&source, &config, &metrics),
-            unguarded: source,
+            source: Arc::new(crate::vault::health::Guarded::new(
+                source.clone(),
+                share,
+                metrics.vault.clone(),
+            )),
+            triggers: trigger::Triggers::new(source, config.audit_min_interval),
             hmac_key,
             config,
             metrics,
             failures: Default::default(),
-            seen: Mutex::new(Default::default()),
+            seen: Default::default(),
             clock: Arc::new(crate::clock::SystemClock),
             caches: Default::default(),
             awaiting_first: Default::default(),
-            triggers,
         }
-    }
-
-    /// Uses `metrics` (the registry served on `/metrics`) instead of a private one.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.source = guarded(&self.unguarded, &self.config, &metrics);
-        self.metrics = metrics;
-        self
     }
 
     /// Reads the time from `clock` (tests move a manual one).
@@ -282,28 +287,18 @@ impl Context {
         first
     }
 
-    /// Clears the failure count.
-    fn record_success(&self, obj: &ObjectRef<ScopedSecret>) {
-        self.failures.forget(obj);
-    }
-
-    /// Drops what is kept for a ScopedSecret that is gone: its failure count, its mark as
-    /// synced, the resourceVersion its Secret was verified at and its metric series.
+    /// Drops what is kept for a ScopedSecret that is gone: its failure count, its marks as
+    /// synced and awaited, the resourceVersion its Secret was verified at, what it reads and
+    /// its metric series.
     pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
         self.failures.forget(obj);
         self.caches.forget(obj);
         self.awaiting_first.lock().unwrap().remove(obj);
         self.triggers.forget(obj);
-        let managed = {
-            let mut seen = self.seen.lock().unwrap();
-            seen.remove(obj);
-            seen.len()
-        };
-        self.metrics.forget(
-            obj.namespace.as_deref().unwrap_or_default(),
-            &obj.name,
-            managed,
-        );
+        let mut seen = self.seen.lock().unwrap();
+        seen.remove(obj);
+        let ns = obj.namespace.as_deref().unwrap_or_default();
+        self.metrics.forget(ns, &obj.name, seen.len());
     }
 
     /// [`Context::forget`] every object of `namespace` (all when `None`) that `live` does not
@@ -313,21 +308,34 @@ impl Context {
             namespace.is_none_or(|ns| obj.namespace.as_deref() == Some(ns))
                 && live.get(obj).is_none()
         };
-        let known: Vec<ObjectRef<ScopedSecret>> =
-            self.seen.lock().unwrap().iter().cloned().collect();
-        for obj in known {
-            if absent(&obj) {
-                self.forget(&obj);
-            }
+        let known: Vec<_> = self.seen.lock().unwrap().iter().cloned().collect();
+        for obj in known.into_iter().filter(absent) {
+            self.forget(&obj);
         }
         // Objects that failed without ever syncing are not in `seen`.
         self.failures.retain(|obj| !absent(obj));
         self.caches.retain_verified(|obj| !absent(obj));
-        self.awaiting_first
-            .lock()
-            .unwrap()
-            .retain(|obj| !absent(obj));
+        self.awaiting_first.lock().unwrap().retain(|o| !absent(o));
         self.triggers.retain(|obj| !absent(obj));
+    }
+
+    /// Notes a ScopedSecret as it arrives from the watch: one whose spec was never handled
+    /// goes ahead of refreshes until this process reconciles it.
+    fn arrived(&self, ss: &ScopedSecret) {
+        if spec_unhandled(ss) {
+            let mut awaiting = self.awaiting_first.lock().unwrap();
+            awaiting.insert(ObjectRef::from_obj(ss));
+        }
+    }
+
+    /// Whether the reconcile of `ss` should give its worker to a ScopedSecret still waiting
+    /// for its first sync: it is a plain refresh (its spec handled, no force-sync pending).
+    fn yields_to_first_syncs(&self, ss: &ScopedSecret) -> bool {
+        let awaiting = self.awaiting_first.lock().unwrap();
+        !awaiting.is_empty()
+            && !awaiting.contains(&ObjectRef::from_obj(ss))
+            && !spec_unhandled(ss)
+            && reconcile::force_sync_pending(ss).is_none()
     }
 }
 
@@ -337,32 +345,6 @@ impl Context {
 fn spec_unhandled(ss: &ScopedSecret) -> bool {
     ss.status.as_ref().and_then(|s| s.observed_generation) != ss.metadata.generation
         || ss.status.is_none()
-}
-
-/// Whether a reconcile of `ss` would be a plain refresh: its spec handled, no force-sync
-/// annotation pending.
-fn plain_refresh(ss: &ScopedSecret) -> bool {
-    !spec_unhandled(ss) && reconcile::force_sync_pending(ss).is_none()
-}
-
-impl Context {
-    /// Notes a ScopedSecret as it arrives from the watch: one whose spec was never handled
-    /// goes ahead of refreshes until this process reconciles it.
-    fn arrived(&self, ss: &ScopedSecret) {
-        if spec_unhandled(ss) {
-            self.awaiting_first
-                .lock()
-                .unwrap()
-                .insert(ObjectRef::from_obj(ss));
-        }
-    }
-
-    /// Whether the reconcile of `ss` should give its worker to a ScopedSecret still waiting
-    /// for its first sync.
-    fn yields_to_first_syncs(&self, ss: &ScopedSecret) -> bool {
-        let awaiting = self.awaiting_first.lock().unwrap();
-        !awaiting.is_empty() && !awaiting.contains(&ObjectRef::from_obj(ss)) && plain_refresh(ss)
-    }
 }
 
 /// The controller's reconcile: [`reconcile`], except that while ScopedSecrets wait for their
@@ -379,24 +361,6 @@ pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Res
     let result = reconcile(ss, ctx.clone()).await;
     ctx.awaiting_first.lock().unwrap().remove(&obj);
     result
-}
-
-/// Reads of one store running at once: half of the workers (at least one), so that a store
-/// whose address hangs leaves the other half to every other store.
-pub fn store_share(concurrency: u16) -> usize {
-    usize::from(concurrency / 2).max(1)
-}
-
-fn guarded(
-    source: &Arc<dyn ScopeSource>,
-    config: &Config,
-    metrics: &Metrics,
-) -> Arc<dyn ScopeSource> {
-    Arc::new(crate::vault::health::Guarded::new(
-        source.clone(),
-        store_share(config.concurrency),
-        metrics.vault.clone(),
-    ))
 }
 
 /// Delay before a reconcile whose store had its share of the workers busy tries again:
@@ -446,10 +410,9 @@ pub fn retry_delay(attempt: u32, permanent: bool, refresh: Duration, config: &Co
 /// its category when a failure starts or changes; its repeats at DEBUG (the status, the event
 /// and the metric still count every one).
 pub fn error_policy(ss: Arc<ScopedSecret>, err: &Error, ctx: Arc<Context>) -> Action {
+    let (message, category) = (err.to_string(), err.category());
     let obj = ObjectRef::from_obj(ss.as_ref());
-    let message = err.to_string();
-    let failures::Recorded { attempt, repeat } =
-        ctx.failures.record(&obj, err.category(), &message);
+    let failures::Recorded { attempt, repeat } = ctx.failures.record(&obj, category, &message);
     let refresh = ss
         .spec
         .refresh_interval
@@ -457,9 +420,7 @@ pub fn error_policy(ss: Arc<ScopedSecret>, err: &Error, ctx: Arc<Context>) -> Ac
         .and_then(|r| validate::parse_duration("spec.refreshInterval", r).ok())
         .unwrap_or(validate::DEFAULT_REFRESH);
     let delay = retry_delay(attempt, err.is_permanent(), refresh, &ctx.config);
-    let namespace = ss.namespace().unwrap_or_default();
-    let name = ss.name_any();
-    let category = err.category();
+    let (namespace, name) = (obj.namespace.unwrap_or_default(), obj.name);
     let retry_in_s = delay.as_secs();
     if repeat {
         tracing::debug!(%namespace, %name, category, attempt, retry_in_s, "reconcile failed again: {message}");
@@ -475,11 +436,13 @@ pub const HMAC_KEY_SECRET: &str = "scoped-secrets-hmac-key";
 /// Reads the HMAC key, creating it (32 random bytes) on first start.
 pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let read = |s: Secret| -> Option<HmacKey> {
-        s.data
-            .and_then(|d| d.get("key").cloned())
-            .filter(|k| k.0.len() >= 32)
+    let read = |s: Secret| {
+        let key = s.data.and_then(|d| d.get("key").cloned());
+        key.filter(|k| k.0.len() >= 32)
             .map(|k| HmacKey::new(k.0))
+            .ok_or_else(|| Error::InvalidSpec(format!(
+                "Secret {namespace}/{HMAC_KEY_SECRET} has no 32-byte key \"key\"; delete it and the operator creates a new one"
+            )))
     };
     let kube_err = |action: &str, source| Error::Kube {
         action: format!("{action} Secret {namespace}/{HMAC_KEY_SECRET}"),
@@ -490,11 +453,7 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
         .await
         .map_err(|e| kube_err("read", e))?
     {
-        return read(s).ok_or_else(|| {
-            Error::InvalidSpec(format!(
-                "Secret {namespace}/{HMAC_KEY_SECRET} has no 32-byte key \"key\"; delete it and the operator creates a new one"
-            ))
-        });
+        return read(s);
     }
     let mut key = vec![0u8; 32];
     rand::rng().fill(&mut key[..]);
@@ -502,13 +461,7 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
         metadata: kube::api::ObjectMeta {
             name: Some(HMAC_KEY_SECRET.into()),
             namespace: Some(namespace.into()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/name".to_string(),
-                    "scoped-secrets".to_string(),
-                )]
-                .into(),
-            ),
+            labels: Some([("app.kubernetes.io/name".into(), "scoped-secrets".into())].into()),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
@@ -518,15 +471,11 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(HmacKey::new(key)),
         // Another replica created it first: use theirs.
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            let s = api
-                .get(HMAC_KEY_SECRET)
+        Err(kube::Error::Api(s)) if s.code == 409 => read(
+            api.get(HMAC_KEY_SECRET)
                 .await
-                .map_err(|e| kube_err("read", e))?;
-            read(s).ok_or_else(|| {
-                Error::InvalidSpec(format!("Secret {namespace}/{HMAC_KEY_SECRET} is malformed"))
-            })
-        }
+                .map_err(|e| kube_err("read", e))?,
+        ),
         Err(e) => Err(kube_err("create", e)),
     }
 }
@@ -547,42 +496,30 @@ fn trigger_hash(ss: &ScopedSecret) -> Option<u64> {
     Some(h.finish())
 }
 
-/// ScopedSecrets that use the store `kind`/`name` (in `namespace`, for a VaultStore).
-fn referencing(
+/// The ScopedSecrets in `store` that `uses` accepts: what an event of a related object maps to.
+fn users(
     store: &reflector::Store<ScopedSecret>,
-    kind: StoreKind,
-    name: &str,
-    namespace: Option<&str>,
+    uses: impl Fn(&ScopedSecret) -> bool,
 ) -> Vec<ObjectRef<ScopedSecret>> {
-    store
-        .state()
-        .into_iter()
-        .filter(|ss| {
-            ss.spec.store_ref.kind == kind
-                && ss.spec.store_ref.name == name
-                && (kind == StoreKind::ClusterVaultStore
-                    || ss.metadata.namespace.as_deref() == namespace)
-        })
+    let users = store.state_filter(uses);
+    users
+        .iter()
         .map(|ss| ObjectRef::from_obj(ss.as_ref()))
         .collect()
 }
 
-/// ScopedSecrets of `namespace` whose `spec.target.template.templateFrom` names the ConfigMap
-/// `name`.
-fn using_config_map(
-    store: &reflector::Store<ScopedSecret>,
-    name: &str,
-    namespace: Option<&str>,
-) -> Vec<ObjectRef<ScopedSecret>> {
-    store
-        .state()
-        .into_iter()
-        .filter(|ss| {
-            ss.metadata.namespace.as_deref() == namespace
-                && crate::template::config_maps(pipeline::template_spec(ss)).contains(name)
-        })
-        .map(|ss| ObjectRef::from_obj(ss.as_ref()))
-        .collect()
+/// Whether `ss` is of `namespace` and its `spec.target.template.templateFrom` names the
+/// ConfigMap `name`.
+fn uses_config_map(ss: &ScopedSecret, name: &str, namespace: Option<&str>) -> bool {
+    ss.metadata.namespace.as_deref() == namespace
+        && crate::template::config_maps(pipeline::template_spec(ss)).contains(name)
+}
+
+/// The ScopedSecret a managed Secret belongs to, by its owner label (so that Retain, which
+/// drops the owner reference, maps too).
+fn owner_of(secret: &PartialObjectMeta<Secret>) -> Option<ObjectRef<ScopedSecret>> {
+    let owner = secret.labels().get(OWNER_LABEL)?;
+    Some(ObjectRef::new(owner).within(secret.metadata.namespace.as_deref()?))
 }
 
 /// Runs the controller until SIGTERM / Ctrl-C. `ready` is set once the ScopedSecret cache
@@ -617,18 +554,13 @@ pub async fn run_at(
     // that says so.
     for scope in &scopes {
         let scoped: Api<ScopedSecret> = namespaced_or_all(&client, scope.as_deref());
-        match scoped.list(&ListParams::default().limit(1)).await {
-            Ok(_) => {}
-            Err(e) => {
-                let where_ = scope
-                    .as_deref()
-                    .map_or("in all namespaces".to_string(), |ns| {
-                        format!("in namespace {ns}")
-                    });
-                anyhow::bail!(
-                    "failed to list ScopedSecrets {where_} ({e}); are the CRDs installed (`scoped-secrets crd | kubectl apply -f -`) and does the operator's RBAC grant list on scopedsecrets there (docs/security.md)?"
-                );
-            }
+        if let Err(e) = scoped.list(&ListParams::default().limit(1)).await {
+            let where_ = scope.as_deref().map_or("in all namespaces".into(), |ns| {
+                format!("in namespace {ns}")
+            });
+            anyhow::bail!(
+                "failed to list ScopedSecrets {where_} ({e}); are the CRDs installed (`scoped-secrets crd | kubectl apply -f -`) and does the operator's RBAC grant list on scopedsecrets there (docs/security.md)?"
+            );
         }
     }
     // Bound before anything else starts: a taken port fails the start with a clear message.
@@ -647,7 +579,7 @@ pub async fn run_at(
     };
     let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
     let concurrency = config.concurrency;
-    let ctx = Context::new(client.clone(), source, hmac_key, config).with_metrics(metrics);
+    let ctx = Context::serving(client.clone(), source, hmac_key, config, metrics);
     let ctx = Arc::new(ctx.with_clock(clock));
 
     // Restarts: a controller keyed by workload per scope, next to the ScopedSecret controller.
@@ -657,7 +589,7 @@ pub async fn run_at(
         .take_receiver()
         .expect("the controller takes the refresh triggers once");
     // Vault's audit stream, received as long as the controllers run.
-    let listener = audit.map(|listener| {
+    let _listener = audit.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "receiving Vault's audit stream");
         }
@@ -668,18 +600,15 @@ pub async fn run_at(
     let mut routes = HashMap::new();
     let mut controllers = Vec::new();
     // Ready once every scope's cache has been filled by its first list.
-    let synced = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let scope_count = scopes.len();
+    let unlisted = Arc::new(Mutex::new(scopes.iter().cloned().collect::<HashSet<_>>()));
     for scope in scopes {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         routes.insert(scope.clone(), tx);
-        let (synced, ready) = (synced.clone(), ready.clone());
-        let first = std::sync::atomic::AtomicBool::new(true);
+        let (unlisted, ready, listed) = (unlisted.clone(), ready.clone(), scope.clone());
         let on_synced = move || {
-            use std::sync::atomic::Ordering;
-            if first.swap(false, Ordering::SeqCst)
-                && synced.fetch_add(1, Ordering::SeqCst) + 1 == scope_count
-            {
+            let mut unlisted = unlisted.lock().unwrap();
+            unlisted.remove(&listed);
+            if unlisted.is_empty() {
                 ready.set_ready();
             }
         };
@@ -693,24 +622,22 @@ pub async fn run_at(
                 .shutdown_on_signal()
                 .run(reconcile_in_order, error_policy, ctx.clone())
                 .for_each(|result| async move {
-                    if let Err(e) = result {
-                        // Reconcile errors are logged by error_policy; these are queue/watch
-                        // errors.
-                        match e {
-                            kube::runtime::controller::Error::ReconcilerFailed(..) => {}
-                            // Expected after a deletion: the Secret collected with its
-                            // ScopedSecret maps back to an object that is gone.
-                            kube::runtime::controller::Error::ObjectNotFound(obj) => {
-                                tracing::debug!("controller: {obj} is gone, nothing to do")
-                            }
-                            other => tracing::warn!("controller: {other}"),
+                    use kube::runtime::controller::Error as QueueError;
+                    match result {
+                        // Reconcile errors are logged by error_policy.
+                        Ok(_) | Err(QueueError::ReconcilerFailed(..)) => {}
+                        // Expected after a deletion: the Secret collected with its
+                        // ScopedSecret maps back to an object that is gone.
+                        Err(QueueError::ObjectNotFound(obj)) => {
+                            tracing::debug!("controller: {obj} is gone, nothing to do")
                         }
+                        Err(other) => tracing::warn!("controller: {other}"),
                     }
                 })
                 .boxed(),
         );
     }
-    let router = AbortOnDrop(tokio::spawn(async move {
+    let _router = AbortOnDrop(tokio::spawn(async move {
         while let Some(obj) = triggered.recv().await {
             let route = routes
                 .get(&None)
@@ -721,18 +648,14 @@ pub async fn run_at(
         }
     }));
     futures::future::join_all(controllers).await;
-    drop(listener);
-    drop(router);
     Ok(())
 }
 
 /// A channel's receiver as a stream.
 fn tokio_stream_of<T: Send + 'static>(
-    rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + Unpin {
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 fn namespaced_or_all<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -776,108 +699,76 @@ fn controller_for(
     namespace: Option<&str>,
     concurrency: u16,
     on_synced: impl Fn() + Send + 'static,
-    touched: tokio::sync::mpsc::UnboundedSender<ObjectRef<ScopedSecret>>,
+    touched: UnboundedSender<ObjectRef<ScopedSecret>>,
 ) -> Controller<ScopedSecret> {
     let client = &ctx.client;
-    let scoped: Api<ScopedSecret> = namespaced_or_all(client, namespace);
+    // A shard keeps only its own namespaces' objects (shard.rs).
+    let shard = ctx.config.shard;
+    let serves = move |ns: Option<&str>| shard::serves(shard, ns);
     let (reader, writer) = reflector::store();
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
     let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
     let touched_ss = touched.clone();
-    // A shard keeps only its own namespaces' objects (shard.rs).
-    let config = ctx.config.clone();
-    let serves = move |namespace: Option<&str>| config.serves(namespace);
-    let (s1, s2, s3, s4) = (
-        serves.clone(),
-        serves.clone(),
-        serves.clone(),
-        serves.clone(),
-    );
-    let scoped_stream = reflector::reflector(
-        writer,
-        watcher(scoped, watcher::Config::default())
-            .filter(move |e| {
-                futures::future::ready(caches::kept(e, &|ss: &ScopedSecret| {
-                    s1(ss.metadata.namespace.as_deref())
-                }))
-            })
-            .modify(caches::trim_scoped_secret),
+    let scoped_secrets = watcher(
+        namespaced_or_all::<ScopedSecret>(client, namespace),
+        Default::default(),
     )
-    .inspect(move |e| match e {
-        Ok(watcher::Event::InitDone) => {
-            gone.forget_absent(scope.as_deref(), &live);
-            on_synced();
-        }
-        Ok(watcher::Event::Delete(ss)) => {
-            gone.forget(&ObjectRef::from_obj(ss));
-            let _ = touched_ss.send(ObjectRef::from_obj(ss));
-        }
-        Ok(watcher::Event::Apply(ss) | watcher::Event::InitApply(ss)) => {
-            gone.arrived(ss);
-            let _ = touched_ss.send(ObjectRef::from_obj(ss));
-        }
-        _ => {}
+    .filter(move |e| {
+        let keep = |ss: &ScopedSecret| serves(ss.metadata.namespace.as_deref());
+        futures::future::ready(caches::kept(e, &keep))
     })
-    .default_backoff()
-    .applied_objects()
-    .predicate_filter(trigger_hash, Default::default());
-    let store = reader.clone();
+    .modify(caches::trim_scoped_secret);
+    let scoped_secrets = reflector::reflector(writer, scoped_secrets)
+        .inspect(move |e| match e {
+            Ok(watcher::Event::InitDone) => {
+                gone.forget_absent(scope.as_deref(), &live);
+                on_synced();
+            }
+            Ok(watcher::Event::Delete(ss)) => {
+                gone.forget(&ObjectRef::from_obj(ss));
+                let _ = touched_ss.send(ObjectRef::from_obj(ss));
+            }
+            Ok(watcher::Event::Apply(ss) | watcher::Event::InitApply(ss)) => {
+                gone.caches.seen(ss);
+                gone.arrived(ss);
+                let _ = touched_ss.send(ObjectRef::from_obj(ss));
+            }
+            _ => {}
+        })
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(trigger_hash, Default::default());
     ctx.caches.add_scoped_secrets(namespace, reader.clone());
-    let controller = Controller::for_stream(scoped_stream, reader);
 
-    // Managed Secrets only, metadata only (the operator holds no Secret value): mapped back by
-    // label so Retain (no owner reference) works too, and kept for the no-op check of the
-    // apply stage (caches.rs).
+    // Managed Secrets only, metadata only (the operator holds no Secret value), kept for the
+    // no-op check of the apply stage (caches.rs).
     let (secret_cache, secrets) = caches::cached(
-        namespaced_or_all::<kube::core::PartialObjectMeta<Secret>>(client, namespace),
+        namespaced_or_all::<PartialObjectMeta<Secret>>(client, namespace),
         watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true")),
         caches::trim_secret,
-        move |s| s2(s.metadata.namespace.as_deref()),
+        move |s| serves(s.metadata.namespace.as_deref()),
     );
     let secrets = secrets.inspect(move |s| {
-        if let Ok(s) = s
-            && let (Some(owner), Some(ns)) = (s.labels().get(OWNER_LABEL), s.namespace())
-        {
-            let _ = touched.send(ObjectRef::new(owner).within(&ns));
+        if let Some(owner) = s.as_ref().ok().and_then(owner_of) {
+            let _ = touched.send(owner);
         }
     });
     // Namespaces are cluster-scoped: in a namespaced scope only its own is watched.
-    let namespaces =
-        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(
-            client.clone(),
-        );
-    let namespace_config = match namespace {
-        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
-        None => watcher::Config::default(),
-    };
-    let (store_vs, store_cs, store_ns) = (store.clone(), store.clone(), store.clone());
-    // ConfigMaps holding templates: metadata only (an edit changes the resourceVersion) and
-    // no cache, so the operator keeps nothing per ConfigMap and receives no ConfigMap data;
-    // a reconcile reads the few it needs by name once, kept until an event here (caches.rs).
-    let store_cm = store.clone();
-    let files = ctx.clone();
-    ctx.caches.template_files.watched();
-    let config_maps = watcher(
-        namespaced_or_all::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::ConfigMap>>(
-            client, namespace,
-        ),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects();
-    // Namespaces and stores are kept (informer caches) for the reconciles to read.
     let (namespace_cache, namespaces) = caches::cached(
-        namespaces,
-        namespace_config,
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        match namespace {
+            Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+            None => watcher::Config::default(),
+        },
         caches::trim_namespace,
-        move |ns| s3(ns.metadata.name.as_deref()),
+        move |ns| serves(ns.metadata.name.as_deref()),
     );
     let (vault_store_cache, vault_stores) = caches::cached(
         namespaced_or_all::<VaultStore>(client, namespace),
         watcher::Config::default(),
         |vs| caches::trim_meta(&mut vs.metadata),
-        move |vs| s4(vs.metadata.namespace.as_deref()),
+        move |vs| serves(vs.metadata.namespace.as_deref()),
     );
     let (cluster_store_cache, cluster_stores) = caches::cached(
         Api::<ClusterVaultStore>::all(client.clone()),
@@ -894,56 +785,55 @@ fn controller_for(
             secrets: secret_cache,
         },
     );
-    controller
+    // ConfigMaps holding templates: metadata only (an edit changes the resourceVersion) and
+    // no cache, so the operator keeps nothing per ConfigMap and receives no ConfigMap data;
+    // a reconcile reads the few it needs by name once, kept until an event here (caches.rs).
+    ctx.caches.template_files.watched();
+    let config_maps = watcher(
+        namespaced_or_all::<PartialObjectMeta<ConfigMap>>(client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let (store_vs, store_cs, store_cm, store_ns) = (
+        reader.clone(),
+        reader.clone(),
+        reader.clone(),
+        reader.clone(),
+    );
+    let files = ctx.clone();
+    Controller::for_stream(scoped_secrets, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .trigger_backoff(NoPause)
-        .watches_stream(secrets, |s: kube::core::PartialObjectMeta<Secret>| {
-            let owner = s.labels().get(OWNER_LABEL).cloned();
-            let ns = s.namespace();
-            owner.map(|name| {
-                let r = ObjectRef::<ScopedSecret>::new(&name);
-                match ns {
-                    Some(ns) => r.within(&ns),
-                    None => r,
-                }
+        .watches_stream(secrets, |s| owner_of(&s))
+        .watches_stream(vault_stores, move |vs: VaultStore| {
+            let (name, ns) = (vs.name_any(), vs.namespace());
+            users(&store_vs, |ss| {
+                ss.spec.store_ref.kind == StoreKind::VaultStore
+                    && ss.spec.store_ref.name == name
+                    && ss.metadata.namespace == ns
             })
         })
-        .watches_stream(vault_stores, move |vs: VaultStore| {
-            referencing(
-                &store_vs,
-                StoreKind::VaultStore,
-                &vs.name_any(),
-                vs.namespace().as_deref(),
-            )
-        })
         .watches_stream(cluster_stores, move |cs: ClusterVaultStore| {
-            referencing(
-                &store_cs,
-                StoreKind::ClusterVaultStore,
-                &cs.name_any(),
-                None,
-            )
+            let name = cs.name_any();
+            users(&store_cs, |ss| {
+                ss.spec.store_ref.kind == StoreKind::ClusterVaultStore
+                    && ss.spec.store_ref.name == name
+            })
         })
         .watches_stream(config_maps, move |cm| {
-            let ns = cm.namespace();
+            let (name, ns) = (cm.name_any(), cm.namespace());
+            let ns = ns.as_deref();
             files
                 .caches
                 .template_files
-                .changed(ns.as_deref().unwrap_or_default(), &cm.name_any());
-            using_config_map(&store_cm, &cm.name_any(), ns.as_deref())
+                .changed(ns.unwrap_or_default(), &name);
+            users(&store_cm, |ss| uses_config_map(ss, &name, ns))
         })
-        .watches_stream(
-            namespaces,
-            move |ns: kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>| {
-                let name = ns.name_any();
-                store_ns
-                    .state()
-                    .into_iter()
-                    .filter(|ss| ss.metadata.namespace.as_deref() == Some(name.as_str()))
-                    .map(|ss| ObjectRef::from_obj(ss.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(namespaces, move |ns: PartialObjectMeta<Namespace>| {
+            users(&store_ns, |ss| ss.metadata.namespace == ns.metadata.name)
+        })
 }
 
 #[cfg(test)]
@@ -1006,12 +896,13 @@ mod tests {
         ] {
             writer.apply_watcher_event(&watcher::Event::Apply(obj));
         }
-        let names: Vec<String> = using_config_map(&reader, "templates", Some("shop-dev"))
+        let using = |name: &str| users(&reader, |ss| uses_config_map(ss, name, Some("shop-dev")));
+        let names: Vec<String> = using("templates")
             .into_iter()
             .map(|r| format!("{}/{}", r.namespace.unwrap(), r.name))
             .collect();
         assert_eq!(names, vec!["shop-dev/api".to_string()]);
-        assert!(using_config_map(&reader, "unrelated", Some("shop-dev")).is_empty());
+        assert!(using("unrelated").is_empty());
     }
 
     /// A client for a Context whose reconciles are not run.

@@ -23,13 +23,13 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
-use super::caches::CachedSecret;
+use super::caches::{self, CachedSecret};
 use super::events::publish;
 use super::pipeline::{self, Plan, StoreSpec};
 use super::retain::{self, Retention};
 use super::status::{KEYS_EXPIRING, Outcome, ROLLOUTS_PAUSED, next_status, set_retention};
 use super::trigger::Pending;
-use super::{Context, Error, refresh_delay};
+use super::{Context, Error, refresh_delay, validate};
 use crate::api::v1alpha1::{
     ChangeHistory, ClusterVaultStore, DeletionPolicy, LastTrigger, ScopedSecret, StoreKind,
     VaultStore,
@@ -86,15 +86,9 @@ struct Paused {
 
 /// What a successful sync did: the input of `report`.
 struct Synced {
-    secret_name: String,
-    refresh: Duration,
-    /// Resolved keys written as they are, and keys built by `spec.target.template`.
-    keys: template::Output,
-    content_hash: String,
-    /// When the first open rotation window closes.
-    rotation_ends: Option<jiff::Timestamp>,
-    /// Keys expiring within the horizon, as a sentence.
-    expiring: Option<String>,
+    /// The Secret's name and the refresh interval, as validated.
+    request: validate::Request,
+    desired: Desired,
     applied: Applied,
     /// The recent content changes, for the restart breaker.
     changes: ChangeHistory,
@@ -105,28 +99,32 @@ struct Synced {
 
 impl Synced {
     fn outcome(&self) -> Outcome<'_> {
+        let built = &self.desired.built;
         Outcome::Synced {
-            secret_name: &self.secret_name,
-            resolved: &self.keys.resolved,
-            templated: &self.keys.templated,
-            content_hash: &self.content_hash,
+            secret_name: &self.request.secret_name,
+            resolved: &built.keys.resolved,
+            templated: &built.keys.templated,
+            content_hash: &built.content_hash,
             wrote: self.applied.wrote,
             changes: &self.changes,
             paused: self.paused.as_ref().map(|p| p.note.as_str()),
-            expiring: self.expiring.as_deref(),
+            expiring: self.desired.expiring.as_deref(),
             force_sync: self.force_sync.as_deref(),
             trigger: self.applied.trigger,
         }
     }
 
     fn key_count(&self) -> usize {
-        self.keys.resolved.len() + self.keys.templated.len()
+        let keys = &self.desired.built.keys;
+        keys.resolved.len() + keys.templated.len()
     }
 }
 
 /// Reconciles one ScopedSecret: retain, sync, report.
 #[instrument(skip_all, fields(namespace = ss.namespace().as_deref().unwrap_or_default(), name = %ss.name_any()))]
 pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Our own last status write, when the cache does not show it yet (`Caches::latest`).
+    let ss = ctx.caches.latest(ss);
     let obj = ObjectRef::from_obj(ss.as_ref());
     let started = Instant::now();
     let (retention, synced) = retain_and_sync(&ss, &ctx, &obj).await;
@@ -187,19 +185,9 @@ async fn sync(
     let desired = build(&s, ctx, &plan).await?;
     let applied = apply(&s, ctx, &desired).await?;
     let (changes, paused) = record_changes(&s, ctx, &desired);
-    let pipeline::Built {
-        keys,
-        content_hash,
-        rotation_ends,
-        ..
-    } = desired.built;
     Ok(Synced {
-        secret_name: plan.request.secret_name,
-        refresh: plan.request.refresh,
-        keys,
-        content_hash,
-        rotation_ends,
-        expiring: desired.expiring,
+        request: plan.request,
+        desired,
         applied,
         changes,
         paused,
@@ -386,7 +374,7 @@ async fn report(
     write_status(ss, ctx, &done.outcome(), retention, now).await?;
     announce(ss, ctx, done).await;
     let first_since_start = ctx.mark_synced(obj);
-    ctx.record_success(obj);
+    ctx.failures.forget(obj);
     Ok(Action::requeue(next_sync(ctx, done, first_since_start)))
 }
 
@@ -423,8 +411,8 @@ fn next_sync(ctx: &Context, done: &Synced, first_since_start: bool) -> Duration 
     let until = |ends: jiff::Timestamp, now: jiff::Timestamp| {
         Duration::from_secs((ends.as_second() - now.as_second() + 1).max(1) as u64)
     };
-    let mut delay = refresh_delay(done.refresh, first_since_start);
-    if let Some(ends) = done.rotation_ends {
+    let mut delay = refresh_delay(done.request.refresh, first_since_start);
+    if let Some(ends) = done.desired.built.rotation_ends {
         delay = delay.min(until(ends, jiff::Timestamp::now()));
     }
     if let Some(paused) = &done.paused {
@@ -437,7 +425,7 @@ fn next_sync(ctx: &Context, done: &Synced, first_since_start: bool) -> Duration 
 /// repaired; restarts paused and keys expiring, each when it starts. Nothing for a no-op.
 async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
     if let Some((reason, note)) = change_note(ss, done) {
-        info!(secret = %done.secret_name, keys = done.key_count(), "{note}");
+        info!(secret = %done.request.secret_name, keys = done.key_count(), "{note}");
         publish(ss, ctx, EventType::Normal, reason, &note).await;
     }
     if let Some(paused) = &done.paused
@@ -446,7 +434,7 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
         warn!("{}", paused.note);
         publish(ss, ctx, EventType::Warning, "RolloutsPaused", &paused.note).await;
     }
-    if let Some(message) = &done.expiring
+    if let Some(message) = &done.desired.expiring
         && !condition_true(ss, KEYS_EXPIRING)
     {
         publish(ss, ctx, EventType::Warning, "KeysExpiring", message).await;
@@ -456,19 +444,16 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
 /// The event of a sync that wrote the Secret: created, changed (the keys named), or repaired
 /// after an outside change.
 fn change_note(ss: &ScopedSecret, done: &Synced) -> Option<(&'static str, String)> {
-    let Synced {
-        secret_name: name,
-        applied,
-        ..
-    } = done;
+    let (name, applied) = (&done.request.secret_name, &done.applied);
     if !applied.wrote {
         return None;
     }
     let previous_hash = ss.status.as_ref().and_then(|s| s.content_hash.as_deref());
+    let content_hash = done.desired.built.content_hash.as_str();
     Some(if applied.created {
         let keys = done.key_count();
         ("Synced", format!("created Secret {name} with {keys} keys"))
-    } else if !applied.changed_keys.is_empty() && previous_hash != Some(&done.content_hash) {
+    } else if !applied.changed_keys.is_empty() && previous_hash != Some(content_hash) {
         let keys = applied.changed_keys.join(", ");
         ("Changed", format!("Secret {name} changed: keys {keys}"))
     } else {
@@ -701,23 +686,22 @@ async fn remove_previous_target(
         .get_opt(previous)
         .await
         .map_err(kube_err(format!("read previous Secret {ns}/{previous}")))?;
-    let ours = old.as_ref().is_some_and(|s| is_ours(s, &ss.name_any()));
-    if ours {
-        match secrets.delete(previous, &Default::default()).await {
-            Ok(_) => ctx.metrics.wrote("secret_delete"),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => {
-                return Err(Error::Kube {
-                    action: format!("delete previous Secret {ns}/{previous}"),
-                    source: e,
-                });
-            }
-        }
-        info!(
-            secret = previous,
-            "deleted the Secret of the previous target.name"
-        );
+    if !old.is_some_and(|s| is_ours(&s, &ss.name_any())) {
+        return Ok(());
     }
+    match secrets.delete(previous, &Default::default()).await {
+        Ok(_) => ctx.metrics.wrote("secret_delete"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => {
+            return Err(kube_err(format!("delete previous Secret {ns}/{previous}"))(
+                e,
+            ));
+        }
+    }
+    info!(
+        secret = previous,
+        "deleted the Secret of the previous target.name"
+    );
     Ok(())
 }
 
@@ -726,14 +710,9 @@ fn changed_key_names(existing: Option<&Secret>, desired: &Secret) -> Vec<String>
     let empty = BTreeMap::new();
     let old = existing.and_then(|e| e.data.as_ref()).unwrap_or(&empty);
     let new = desired.data.as_ref().unwrap_or(&empty);
-    let mut names: Vec<String> = old
-        .keys()
-        .chain(new.keys())
-        .filter(|k| old.get(*k) != new.get(*k))
-        .cloned()
-        .collect();
-    names.dedup();
-    names
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let changed = names.into_iter().filter(|k| old.get(*k) != new.get(*k));
+    changed.cloned().collect()
 }
 
 /// The store `spec.storeRef` names, from the informer cache or else the API server.
@@ -771,7 +750,8 @@ async fn fetch_store(ss: &ScopedSecret, ctx: &Context, ns: &str) -> Result<Store
 /// the cached resourceVersion as a precondition instead of reading the live status first: a
 /// status computed from a stale copy fails with 409 (and nothing is lost), and only then is
 /// the live status read and the apply repeated on it. A first sync or a change costs one
-/// request, not two.
+/// request, not two. The object the API server answers is kept until the cache shows it
+/// (`Caches::wrote_status`), so the next reconcile decides on it rather than on the older copy.
 async fn write_status(
     ss: &ScopedSecret,
     ctx: &Context,
@@ -782,10 +762,19 @@ async fn write_status(
     let next = |prev: Option<&crate::api::v1alpha1::ScopedSecretStatus>, now: Time| {
         let mut status = next_status(prev, outcome, ss.metadata.generation, now.clone());
         set_retention(&mut status, retention, ss.metadata.generation, &now);
+        // A sync lists the keys afresh; a failure keeps those of `prev`, which the cached copy
+        // holds only as a digest (`caches::trim_scoped_secret`).
+        if let Outcome::Synced { .. } = outcome {
+            status.keys_digest = None;
+        }
         status
     };
     let status = next(ss.status.as_ref(), now.clone());
-    if ss.status.as_ref() == Some(&status) {
+    if ss
+        .status
+        .as_ref()
+        .is_some_and(|cached| caches::same_status(cached, &status))
+    {
         return Ok(());
     }
     let ns = ss.namespace().unwrap_or_default();
@@ -815,10 +804,19 @@ async fn write_status(
             .await
         }
     };
-    let written = match apply(status, ss.resource_version()).await {
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            // Someone wrote since the cached copy (often this process's previous status
-            // write, or the workload controller's `status.rollouts`): decide on the live one.
+    let first = match status.keys_digest {
+        // A failure that changes the status keeps the keys the cached copy has only as a
+        // digest: decided on the live status (a repeated failure changes nothing, reads nothing).
+        Some(_) => None,
+        None => Some(apply(status, ss.resource_version()).await),
+    };
+    let written = match first {
+        Some(Ok(written)) => Ok((ss.resource_version(), written)),
+        Some(Err(e)) if !matches!(&e, kube::Error::Api(s) if s.code == 409) => Err(e),
+        _ => {
+            // Someone wrote since the cached copy (the workload controller's
+            // `status.rollouts`, another replica), or the keys are needed: decide on the live
+            // one.
             let live = api
                 .get_status(&name)
                 .await
@@ -834,13 +832,40 @@ async fn write_status(
             if live.status.as_ref() == Some(&status) {
                 return Ok(());
             }
-            apply(status, live.resource_version()).await
+            let before = live.resource_version();
+            apply(status, before.clone()).await.map(|w| (before, w))
         }
-        other => other,
     };
-    written.map_err(kube_err(format!(
+    let (before, written) = written.map_err(kube_err(format!(
         "write status of ScopedSecret {ns}/{name}"
     )))?;
     ctx.metrics.wrote("status");
+    ctx.caches.wrote_status(before, written);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_changed_key_is_named_once() {
+        let secret = |data: &[(&str, &str)]| Secret {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                        )
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let old = secret(&[("A", "1"), ("B", "1"), ("C", "1"), ("D", "1")]);
+        let new = secret(&[("A", "2"), ("B", "2"), ("C", "1"), ("E", "1")]);
+        assert_eq!(changed_key_names(Some(&old), &new), ["A", "B", "D", "E"]);
+        assert_eq!(changed_key_names(None, &new), ["A", "B", "C", "E"]);
+    }
 }

@@ -41,7 +41,10 @@ pub async fn release(ss: &ScopedSecret, ctx: &Context) -> Result<Retention, Erro
     };
     let uid = ss.meta().uid.clone().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    for name in secret_names(ss) {
+    // The current target and the one last written.
+    let current = super::validate::secret_name(ss);
+    let previous = ss.status.as_ref().and_then(|s| s.secret_name.clone());
+    for name in std::iter::once(current.clone()).chain(previous.filter(|p| *p != current)) {
         let kube_err = |action: &str| {
             let action = format!("{action} Secret {ns}/{name} (deletionPolicy: Retain)");
             move |source| Error::Kube { action, source }
@@ -87,15 +90,4 @@ fn already_released(ss: &ScopedSecret) -> bool {
                 && c.observed_generation == ss.metadata.generation
         })
     })
-}
-
-/// The Secrets this ScopedSecret may own: the current target and the last one written.
-fn secret_names(ss: &ScopedSecret) -> Vec<String> {
-    let mut names = vec![super::validate::secret_name(ss)];
-    if let Some(previous) = ss.status.as_ref().and_then(|s| s.secret_name.clone())
-        && !names.contains(&previous)
-    {
-        names.push(previous);
-    }
-    names
 }

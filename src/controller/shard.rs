@@ -48,10 +48,6 @@ impl Shard {
         self.index
     }
 
-    pub fn count(&self) -> u32 {
-        self.count
-    }
-
     /// Whether this shard serves the ScopedSecrets of `namespace`.
     pub fn serves(&self, namespace: &str) -> bool {
         shard_of(namespace, self.count) == self.index
@@ -62,6 +58,11 @@ impl fmt::Display for Shard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} of {}", self.index, self.count)
     }
+}
+
+/// Whether `shard` (`None`: not sharded) serves the ScopedSecrets of `namespace`.
+pub fn serves(shard: Option<Shard>, namespace: Option<&str>) -> bool {
+    shard.is_none_or(|s| namespace.is_some_and(|ns| s.serves(ns)))
 }
 
 /// The shard (of `count`) serving `namespace`: FNV-1a 64 of its name, modulo `count`.

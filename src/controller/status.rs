@@ -93,6 +93,7 @@ pub fn next_status(
 ) -> ScopedSecretStatus {
     let mut status = prev.cloned().unwrap_or_default();
     status.observed_generation = generation;
+    let mut conditions = Conditions::of(&mut status, generation, &now);
     let (ok, reason, message) = match outcome {
         Outcome::Synced {
             secret_name,
@@ -106,42 +107,14 @@ pub fn next_status(
             force_sync,
             trigger,
         } => {
+            let cleared = ("NoneExpiring", "no key expires within the horizon");
+            conditions.flag(KEYS_EXPIRING, *expiring, "ExpiresSoon", cleared);
+            let cleared = ("Resumed", "restarts run again");
+            conditions.flag(ROLLOUTS_PAUSED, *paused, "Flapping", cleared);
             if let Some(value) = force_sync {
                 status.force_sync_handled = Some(value.to_string());
             }
-            let had = status.conditions.iter().any(|c| c.type_ == KEYS_EXPIRING);
-            if expiring.is_some() || had {
-                let (reason, message) = match expiring {
-                    Some(m) => ("ExpiresSoon", *m),
-                    None => ("NoneExpiring", "no key expires within the horizon"),
-                };
-                set_condition(
-                    &mut status.conditions,
-                    KEYS_EXPIRING,
-                    expiring.is_some(),
-                    reason,
-                    message,
-                    generation,
-                    &now,
-                );
-            }
             status.changes = (**changes != Default::default()).then(|| (*changes).clone());
-            let had_condition = status.conditions.iter().any(|c| c.type_ == ROLLOUTS_PAUSED);
-            if paused.is_some() || had_condition {
-                let (reason, message) = match paused {
-                    Some(why) => ("Flapping", *why),
-                    None => ("Resumed", "restarts run again"),
-                };
-                set_condition(
-                    &mut status.conditions,
-                    ROLLOUTS_PAUSED,
-                    paused.is_some(),
-                    reason,
-                    message,
-                    generation,
-                    &now,
-                );
-            }
             let changed = status.content_hash.as_deref() != Some(*content_hash);
             if changed {
                 status.last_change_time = Some(now.clone());
@@ -153,48 +126,27 @@ pub fn next_status(
             status.secret_name = Some(secret_name.to_string());
             status.keys = key_statuses(resolved, templated);
             status.content_hash = Some(content_hash.to_string());
-            let message = if templated.is_empty() {
-                format!(
-                    "Secret {secret_name} holds {} resolved keys",
-                    resolved.len()
-                )
+            let (resolved, templated) = (resolved.len(), templated.len());
+            let message = if templated == 0 {
+                format!("Secret {secret_name} holds {resolved} resolved keys")
             } else {
                 format!(
-                    "Secret {secret_name} holds {} resolved and {} templated keys",
-                    resolved.len(),
-                    templated.len()
+                    "Secret {secret_name} holds {resolved} resolved and {templated} templated keys"
                 )
             };
             (true, REASON_SYNCED, message)
         }
         Outcome::Failed { reason, message } => (false, *reason, message.to_string()),
     };
-    let ready_message = if ok || status.secret_name.is_none() {
-        message.clone()
-    } else {
-        format!(
-            "{message} (Secret {} is kept with its last synced content)",
-            status.secret_name.as_deref().unwrap_or_default()
-        )
+    let ready_message = match &status.secret_name {
+        Some(secret) if !ok => {
+            format!("{message} (Secret {secret} is kept with its last synced content)")
+        }
+        _ => message.clone(),
     };
-    set_condition(
-        &mut status.conditions,
-        READY,
-        ok,
-        reason,
-        &ready_message,
-        generation,
-        &now,
-    );
-    set_condition(
-        &mut status.conditions,
-        SYNCED,
-        ok,
-        reason,
-        &message,
-        generation,
-        &now,
-    );
+    conditions.set(READY, ok, reason, &ready_message);
+    conditions.set(SYNCED, ok, reason, &message);
+    status.conditions = conditions.list;
     status
 }
 
@@ -206,67 +158,82 @@ pub fn set_retention(
     now: &Time,
 ) {
     use super::retain::Retention;
-    let secret = status
-        .secret_name
-        .as_deref()
-        .unwrap_or("of this ScopedSecret");
+    let secret = status.secret_name.clone();
+    let secret = secret.as_deref().unwrap_or("of this ScopedSecret");
+    let mut conditions = Conditions::of(status, generation, now);
     match retention {
-        Retention::Delete => status.conditions.retain(|c| c.type_ != RETAINED),
+        Retention::Delete => conditions.list.retain(|c| c.type_ != RETAINED),
         Retention::Unknown => {}
-        Retention::Retained => set_condition(
-            &mut status.conditions,
+        Retention::Retained => conditions.set(
             RETAINED,
             true,
             "OwnerReferenceRemoved",
             &format!(
                 "deletionPolicy is Retain: Secret {secret} carries no owner reference and stays when this ScopedSecret is deleted"
             ),
-            generation,
-            now,
         ),
-        Retention::Failed(message) => set_condition(
-            &mut status.conditions,
+        Retention::Failed(message) => conditions.set(
             RETAINED,
             false,
             "KubernetesError",
             &format!(
                 "deletionPolicy is Retain but the owner reference could not be removed yet, so deleting this ScopedSecret now would delete the Secret: {message}"
             ),
-            generation,
-            now,
         ),
     }
+    status.conditions = conditions.list;
 }
 
-fn set_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: &str,
+/// The conditions of a status being made, at one generation and time.
+struct Conditions<'a> {
+    list: Vec<Condition>,
     generation: Option<i64>,
-    now: &Time,
-) {
-    let status = if ok { "True" } else { "False" };
-    let existing = conditions.iter_mut().find(|c| c.type_ == type_);
-    match existing {
-        Some(c) => {
-            if c.status != status {
-                c.last_transition_time = now.clone();
-                c.status = status.into();
-            }
-            c.reason = reason.into();
-            c.message = message.into();
-            c.observed_generation = generation;
+    now: &'a Time,
+}
+
+impl<'a> Conditions<'a> {
+    /// Takes the conditions of `status` (put them back from `list`).
+    fn of(status: &mut ScopedSecretStatus, generation: Option<i64>, now: &'a Time) -> Self {
+        let list = std::mem::take(&mut status.conditions);
+        Conditions {
+            list,
+            generation,
+            now,
         }
-        None => conditions.push(Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.into(),
-            observed_generation: generation,
-            last_transition_time: now.clone(),
-        }),
+    }
+
+    /// Sets condition `type_`; its `lastTransitionTime` moves only when its status flips.
+    fn set(&mut self, type_: &str, ok: bool, reason: &str, message: &str) {
+        let status = if ok { "True" } else { "False" };
+        let Some(c) = self.list.iter_mut().find(|c| c.type_ == type_) else {
+            return self.list.push(Condition {
+                type_: type_.into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: message.into(),
+                observed_generation: self.generation,
+                last_transition_time: self.now.clone(),
+            });
+        };
+        if c.status != status {
+            c.last_transition_time = self.now.clone();
+            c.status = status.into();
+        }
+        c.reason = reason.into();
+        c.message = message.into();
+        c.observed_generation = self.generation;
+    }
+
+    /// A condition that appears when it first holds: True with `why` while it does, then
+    /// False with the `cleared` reason and message.
+    fn flag(&mut self, type_: &str, why: Option<&str>, reason: &str, cleared: (&str, &str)) {
+        match why {
+            Some(why) => self.set(type_, true, reason, why),
+            None if self.list.iter().any(|c| c.type_ == type_) => {
+                self.set(type_, false, cleared.0, cleared.1)
+            }
+            None => {}
+        }
     }
 }
 

@@ -202,18 +202,20 @@ impl Triggers {
     }
 
     /// `obj` just read `layers`: the readers of a path it found newer than they last read are
-    /// refreshed too (`peer-path`), so that readers of one path change together. Returns how
-    /// many were asked.
-    pub fn saw(&self, obj: &ObjectRef<ScopedSecret>, layers: &[ScopeData]) -> usize {
+    /// refreshed too (`peer-path`), so that readers of one path change together.
+    pub fn saw(&self, obj: &ObjectRef<ScopedSecret>, layers: &[ScopeData]) {
         let news = self.index.lock().unwrap().saw(obj, layers);
         let now = Instant::now();
-        news.iter()
-            .map(|n| {
-                tracing::debug!(path = %n.path, version = n.version, readers = n.stale.len(), "a new version of a path: refreshing its other readers");
-                self.refresh(&n.path, &n.stale, Some(&n.read_as), LastTrigger::PeerPath, now);
-                n.stale.len()
-            })
-            .sum()
+        for n in news {
+            tracing::debug!(path = %n.path, version = n.version, readers = n.stale.len(), "a new version of a path: refreshing its other readers");
+            self.refresh(
+                &n.path,
+                &n.stale,
+                Some(&n.read_as),
+                LastTrigger::PeerPath,
+                now,
+            );
+        }
     }
 
     /// Drops the cached reads of `path` of every reader's identity but `fresh` (whose cached
@@ -258,14 +260,6 @@ impl Triggers {
             let _ = self.tx.send(r.obj.clone());
         }
     }
-
-    fn admit(&self, path: &VaultPath, now: Instant) -> Admit {
-        self.limiter.lock().unwrap().admit(path, now)
-    }
-
-    fn fired(&self, path: &VaultPath, now: Instant) {
-        self.limiter.lock().unwrap().fired(path, now);
-    }
 }
 
 /// What the controller does with what the audit listener received: counts it and, for a KV
@@ -285,11 +279,12 @@ pub fn on_audit(ctx: &Arc<Context>, received: Received, at: Instant) {
     if operation == audit::Operation::MetadataDelete {
         triggers.index.lock().unwrap().reset_versions(&path);
     }
-    if triggers.index.lock().unwrap().readers(&path).is_empty() {
+    if triggers.readers(&path).is_empty() {
         tracing::debug!(%path, operation = operation.as_str(), "audit: a write no ScopedSecret reads");
         return ctx.metrics.audit_entry("no_reader");
     }
-    match triggers.admit(&path, at) {
+    let admitted = triggers.limiter.lock().unwrap().admit(&path, at);
+    match admitted {
         Admit::Now => {
             let n = triggers.changed(&path, LastTrigger::Audit, at);
             tracing::debug!(%path, operation = operation.as_str(), readers = n, "audit: refreshing the readers of a path");
@@ -300,8 +295,11 @@ pub fn on_audit(ctx: &Arc<Context>, received: Received, at: Instant) {
             let ctx = ctx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                let now = Instant::now();
-                ctx.triggers.fired(&path, now);
+                ctx.triggers
+                    .limiter
+                    .lock()
+                    .unwrap()
+                    .fired(&path, Instant::now());
                 ctx.triggers.changed(&path, LastTrigger::Audit, at);
             });
         }

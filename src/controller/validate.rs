@@ -30,36 +30,29 @@ pub fn parse_duration(field: &str, value: &str) -> Result<Duration, Error> {
             "{field} {value:?} is not a duration like 30s, 5m or 1h30m"
         ))
     };
-    if value.is_empty() {
+    // "ms" before "m".
+    let units = [
+        ("ms", Duration::from_millis(1)),
+        ("s", Duration::from_secs(1)),
+        ("m", Duration::from_secs(60)),
+        ("h", Duration::from_secs(3600)),
+    ];
+    let (mut total, mut rest) = (Duration::ZERO, value);
+    if rest.is_empty() {
         return Err(bad());
     }
-    let mut total = Duration::ZERO;
-    let mut rest = value;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).filter(|d| *d > 0);
+        let digits = digits.ok_or_else(bad)?;
+        let n: u32 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(1), 2)
-        } else if rest.starts_with('s') {
-            (Duration::from_secs(1), 1)
-        } else if rest.starts_with('m') {
-            (Duration::from_secs(60), 1)
-        } else if rest.starts_with('h') {
-            (Duration::from_secs(3600), 1)
-        } else {
-            return Err(bad());
-        };
-        total = total
-            .checked_add(
-                unit.checked_mul(u32::try_from(n).map_err(|_| bad())?)
-                    .ok_or_else(bad)?,
-            )
+        let (suffix, unit) = units
+            .iter()
+            .find(|(u, _)| rest.starts_with(u))
             .ok_or_else(bad)?;
-        rest = &rest[len..];
+        let term = unit.checked_mul(n).ok_or_else(bad)?;
+        total = total.checked_add(term).ok_or_else(bad)?;
+        rest = &rest[suffix.len()..];
     }
     Ok(total)
 }
@@ -349,20 +342,18 @@ pub fn layout_and_timeout(
     store_name: &str,
     conn: &StoreConnection,
 ) -> Result<(Layout, Duration), Error> {
-    let layout = Layout::from_templates(&conn.paths)
-        .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?;
+    let invalid =
+        |detail: String| Error::InvalidStore(format!("{} {store_name}: {detail}", kind.as_str()));
+    let layout = Layout::from_templates(&conn.paths).map_err(|e| invalid(e.to_string()))?;
     let timeout = match &conn.timeout {
-        Some(t) => parse_duration("spec.timeout", t)
-            .map_err(|e| Error::InvalidStore(format!("{} {store_name}: {e}", kind.as_str())))?,
+        Some(t) => parse_duration("spec.timeout", t).map_err(|e| invalid(e.to_string()))?,
         None => DEFAULT_VAULT_TIMEOUT,
     };
     if timeout > MAX_VAULT_TIMEOUT {
-        return Err(Error::InvalidStore(format!(
-            "{} {store_name}: spec.timeout {:?} is longer than the limit of {}s; set it to {}s or less (an address that never answers holds a reconcile worker for the whole timeout)",
-            kind.as_str(),
+        let limit = MAX_VAULT_TIMEOUT.as_secs();
+        return Err(invalid(format!(
+            "spec.timeout {:?} is longer than the limit of {limit}s; set it to {limit}s or less (an address that never answers holds a reconcile worker for the whole timeout)",
             conn.timeout.as_deref().unwrap_or_default(),
-            MAX_VAULT_TIMEOUT.as_secs(),
-            MAX_VAULT_TIMEOUT.as_secs(),
         )));
     }
     Ok((layout, timeout.max(Duration::from_millis(100))))

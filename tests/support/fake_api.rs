@@ -187,6 +187,8 @@ struct State {
     compacted_all: u64,
     watchers: HashMap<Res, Vec<Watcher>>,
     bookmark_interval: Duration,
+    /// Per resource type (plural), how late its watch events arrive ([`FakeKube::delay_watch`]).
+    watch_delays: HashMap<String, Duration>,
     /// Uids of the stored objects, and per uid the objects naming it as an owner: what the
     /// garbage collector looks at when it is deleted.
     uids: HashSet<String>,
@@ -210,6 +212,7 @@ impl Default for State {
             compacted_all: 0,
             watchers: HashMap::new(),
             bookmark_interval: Duration::from_secs(1),
+            watch_delays: HashMap::new(),
             uids: HashSet::new(),
             dependents: HashMap::new(),
         }
@@ -286,6 +289,17 @@ impl FakeKube {
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK (1 s by default).
     pub fn bookmark_interval(&self, every: Duration) {
         self.state.lock().unwrap().bookmark_interval = every;
+    }
+
+    /// Watches of `plural` opened from now on deliver each event `delay` after it happened
+    /// (in order), as a loaded API server or a slow network does: a client's cache then lags
+    /// the writes it made itself.
+    pub fn delay_watch(&self, plural: &str, delay: Duration) {
+        self.state
+            .lock()
+            .unwrap()
+            .watch_delays
+            .insert(plural.to_string(), delay);
     }
 
     /// Drops the whole event history, as an etcd compaction does: a watch resuming from a
@@ -1354,6 +1368,10 @@ impl State {
             .and_then(|t| t.parse::<u64>().ok())
             .map_or(Duration::from_secs(3600), Duration::from_secs);
         let every = self.bookmark_interval;
+        let rx = match self.watch_delays.get(&p.plural) {
+            Some(delay) => delayed(rx, *delay),
+            None => rx,
+        };
         let stream = WatchStream {
             rx: {
                 let rx = rx;
@@ -1609,4 +1627,33 @@ fn field_match(selector: &str, obj: &Value) -> bool {
             Some(("metadata.namespace", v)) => obj["metadata"]["namespace"].as_str() == Some(v),
             _ => true,
         })
+}
+
+/// The lines of `rx`, each delivered `delay` after it was sent (in order): one task stamps
+/// each line as it arrives, another holds it until its time.
+fn delayed(
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    delay: Duration,
+) -> mpsc::UnboundedReceiver<Bytes> {
+    let (stamped_tx, mut stamped) = mpsc::unbounded_channel();
+    let (tx, out) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(line) = rx.recv().await {
+            if stamped_tx
+                .send((tokio::time::Instant::now(), line))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some((at, line)) = stamped.recv().await {
+            tokio::time::sleep_until(at + delay).await;
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    out
 }

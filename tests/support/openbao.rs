@@ -407,6 +407,26 @@ impl OpenBao {
             .unwrap_or_else(|e| panic!("{method} {path} in namespace {namespace}: {e}"))
     }
 
+    /// A request as root that must succeed (status < 300); `Value::Null` sends no body.
+    /// Returns the response body.
+    pub async fn root_call(&self, method: &str, path: &str, body: &Value) -> Value {
+        let body = (!body.is_null()).then_some(body);
+        let (status, answer) = self
+            .raw(method, path, Some(ROOT_TOKEN), body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert!(status < 300, "{method} {path}: {status} {answer}");
+        answer
+    }
+
+    /// The KV v2 metadata of `path` in the `secret` mount (its `data` object).
+    pub async fn kv_metadata(&self, path: &str) -> Value {
+        let body = self
+            .root_call("GET", &format!("/v1/secret/metadata/{path}"), &Value::Null)
+            .await;
+        body["data"].clone()
+    }
+
     async fn raw_request(
         &self,
         method: &str,

@@ -205,6 +205,12 @@ impl Shop {
         self.fake.get_typed::<Secret>(Some(namespace), name)
     }
 
+    /// The decoded data of the Secret `namespace/name`, which must exist.
+    pub fn data(&self, namespace: &str, name: &str) -> BTreeMap<String, String> {
+        let secret = self.secret(namespace, name);
+        data(&secret.unwrap_or_else(|| panic!("no Secret {namespace}/{name}")))
+    }
+
     /// One reconcile of the ScopedSecret `namespace/name`, as stored now.
     pub async fn reconcile(&self, namespace: &str, name: &str) -> Result<Action, Error> {
         reconcile(self.ss(namespace, name), self.ctx.clone()).await
