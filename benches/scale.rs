@@ -656,9 +656,9 @@ async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) 
 /// process counts its heap; the operator's own count is its `scoped_secrets_heap_bytes`).
 async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
     use k8s_openapi::api::core::v1::{Namespace, Secret};
-    use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+    use kube::api::{Api, DynamicObject, ListParams};
     use kube::runtime::{reflector, watcher};
-    use scoped_secrets::controller::caches;
+    use scoped_secrets::controller::{caches, workloads};
 
     async fn owner<K>(
         list: impl std::future::Future<Output = Vec<K>>,
@@ -707,30 +707,25 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
         (),
     )
     .await;
-    let deployments = ApiResource {
-        group: "apps".into(),
-        version: "v1".into(),
-        api_version: "apps/v1".into(),
-        kind: "Deployment".into(),
-        plural: "deployments".into(),
-    };
+    let kind = scoped_secrets::rollout::WorkloadKind::Deployment;
     let (workloads, _c) = owner(
         async {
-            Api::<DynamicObject>::all_with(client.clone(), &deployments)
+            let list = Api::<DynamicObject>::all_with(client.clone(), &kind.resource())
                 .list(&all)
                 .await
-                .unwrap()
-                .items
+                .unwrap();
+            let cached = list.items.iter().map(|o| workloads::Cached::new(kind, o));
+            cached.collect::<Vec<_>>()
         },
-        scoped_secrets::controller::workloads::trim,
-        deployments.clone(),
+        |_| {},
+        kind,
     )
     .await;
     let state = per_object_state(client, &_a).await;
     let mut owners = vec![
         ("ScopedSecret cache (trimmed, with status)", scoped),
         ("managed Secrets' metadata cache", secrets),
-        ("Deployment cache (trimmed)", workloads),
+        ("Deployment cache (projected)", workloads),
     ];
     owners.extend(state);
     owners
@@ -1172,10 +1167,11 @@ async fn restarts() {
     };
     let restarts = restarts_rig::Hand::new(ctx.clone());
     sync_all().await;
-    // The workload controller's caches, filled from one list (fresh caches, so the count is
-    // their own; the 100 managed Secrets and ScopedSecrets are a small part of it).
+    // The workload controller's cache and index, filled from one list (fresh caches, so the
+    // count is their own).
+    restarts.relist_scoped_secrets().await.unwrap();
     let before = live_heap();
-    restarts.relist().await.unwrap();
+    restarts.relist_workloads().await.unwrap();
     let cache = live_heap() - before;
     let settle = || async {
         restarts.relist().await.unwrap();

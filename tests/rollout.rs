@@ -702,6 +702,44 @@ async fn an_explicit_target_restarts_though_it_does_not_reference_the_secret() {
 }
 
 #[tokio::test]
+async fn a_changed_secret_wakes_exactly_its_readers_and_the_workloads_named_for_it() {
+    let r = rig(Config::default());
+    r.add(deployment("shop-dev", "reader", env_from(&["api"])));
+    r.add(deployment("shop-dev", "other", env_from(&["payments"])));
+    r.add(deployment(
+        "shop-dev",
+        "named",
+        json!({"containers": [{"name": "c"}]}),
+    ));
+    r.add(deployment(
+        "shop-dev",
+        "unnamed",
+        json!({"containers": [{"name": "c"}]}),
+    ));
+    let mut spec = default_spec();
+    spec["rollout"] = json!({"strategy": "Explicit", "targets": [
+        {"kind": "Deployment", "name": "named"},
+        {"kind": "StatefulSet", "name": "unnamed"},
+        {"kind": "Deployment", "name": "absent"}
+    ]});
+    r.add(scoped_secret("api", spec));
+    r.sync("api").await;
+    r.restarts.relist().await.unwrap();
+    let api = kube::runtime::reflector::ObjectRef::new("api").within("shop-dev");
+    r.restarts.restarts.touched(&api);
+    let mut woken = r.restarts.woken();
+    woken.sort();
+    assert_eq!(woken, vec!["Deployment/named", "Deployment/reader"]);
+
+    // The reader is deleted: the index forgets it with the next list.
+    r.fake
+        .remove("apis/apps/v1", Some("shop-dev"), "deployments", "reader");
+    r.restarts.relist().await.unwrap();
+    r.restarts.restarts.touched(&api);
+    assert_eq!(r.restarts.woken(), vec!["Deployment/named"]);
+}
+
+#[tokio::test]
 async fn paused_and_live_reloading_workloads_are_skipped_and_say_why() {
     let r = rig(Config::default());
     let mut paused = deployment("shop-dev", "paused", env_from(&["api"]));
@@ -779,6 +817,60 @@ async fn argo_rollouts_are_consumers_when_served() {
         obj["spec"]["template"]["metadata"]["annotations"]["checksum.scopedsecrets.io/api"]
             .is_string()
     );
+}
+
+#[tokio::test]
+async fn a_key_set_reader_restarts_only_when_a_key_it_reads_changes() {
+    let r = rig(Config::default());
+    let two_keys = json!({"containers": [{"name": "c", "env": [
+        {"name": "H", "valueFrom": {"secretKeyRef": {"name": "api", "key": "DB_HOST"}}},
+        {"name": "P", "valueFrom": {"secretKeyRef": {"name": "api", "key": "DB_PASSWORD"}}}
+    ]}]});
+    r.add(deployment("shop-dev", "two-keys", two_keys));
+    r.add(deployment("shop-dev", "one-key", key_ref("api", "DB_HOST")));
+    r.add(scoped_secret("api", default_spec()));
+    r.sync("api").await;
+    r.settle().await;
+    let keys = || {
+        let secret = r
+            .fake
+            .get_typed::<k8s_openapi::api::core::v1::Secret>(Some("shop-dev"), "api")
+            .unwrap();
+        secret.data.unwrap().into_keys().collect::<Vec<_>>()
+    };
+    let change = |project: &[(&str, Option<&str>)]| {
+        r.vault.put(PROJECT, project);
+        async {
+            r.sync("api").await;
+            r.advance(10);
+            r.settle().await;
+        }
+    };
+    // LOG_LEVEL leaves (two-keys now reads every key of the Secret), then comes back.
+    change(&[("DB_HOST", Some("db"))]).await;
+    assert_eq!(keys(), ["DB_HOST", "DB_PASSWORD"]);
+    assert_eq!(
+        r.restarted(),
+        Vec::<String>::new(),
+        "a key read by no one left"
+    );
+    change(&[("LOG_LEVEL", Some("info")), ("DB_HOST", Some("db"))]).await;
+    assert_eq!(keys(), ["DB_HOST", "DB_PASSWORD", "LOG_LEVEL"]);
+    assert_eq!(
+        r.restarted(),
+        Vec::<String>::new(),
+        "a key read by no one came"
+    );
+    change(&[("LOG_LEVEL", Some("info")), ("DB_HOST", Some("db2"))]).await;
+    assert_eq!(
+        r.restarted(),
+        vec!["deployments/one-key", "deployments/two-keys"]
+    );
+    r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    r.sync("api").await;
+    r.advance(10);
+    r.settle().await;
+    assert_eq!(r.restarted(), vec!["deployments/two-keys"]);
 }
 
 #[tokio::test]

@@ -202,6 +202,38 @@ async fn a_crash_between_the_secret_write_and_the_restart_restarts_once_after_st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_secret_wakes_its_readers_and_the_targets_named_for_it() {
+    let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
+    fake.insert(deployment("web", &["api"]));
+    fake.insert(deployment("named", &[]));
+    fake.insert(scoped_secret("api", "api"));
+    let mut pinned = scoped_secret("pinned", "api");
+    pinned["spec"]["rollout"] =
+        json!({"strategy": "Explicit", "targets": [{"kind": "Deployment", "name": "named"}]});
+    fake.insert(pinned);
+    let running = operator(&fake, &vault, config(), &clock).await;
+    eventually("the baselines", LIMIT, || {
+        (seen(&fake, "deployments", "web") && seen(&fake, "deployments", "named")).then_some(())
+    })
+    .await;
+    // Nothing else reconciles the workloads again: only the Secrets' changes can wake them.
+    vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
+    force_sync(&fake, "api", "changed").await;
+    force_sync(&fake, "pinned", "changed").await;
+    eventually("the restarts queued", LIMIT, || {
+        let web = result(&fake, "api", "web")?;
+        let named = result(&fake, "pinned", "named")?;
+        (web == "Queued" && named == "Queued").then_some(())
+    })
+    .await;
+    clock.advance(WINDOW);
+    settled(&fake, "api", "deployments", "web").await;
+    settled(&fake, "pinned", "deployments", "named").await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_secrets_read_by_one_gateway_changing_together_make_one_restart() {
     let (fake, vault) = world();
     let clock = Arc::new(ManualClock::default());
@@ -273,6 +305,46 @@ async fn a_failed_argo_rollouts_discovery_and_list_are_retried_and_the_rollout_r
     .await;
     clock.advance(WINDOW);
     settled(&fake, "api", "rollouts", "canary").await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_discovery_after_an_answer_is_logged_as_a_warning_again() {
+    const DISCOVERY: &str = "/apis/argoproj.io/v1alpha1";
+    const FAILED: &str = "failed to discover whether Argo Rollouts is served";
+    let logs = support::capture_logs();
+    let (fake, vault) = world();
+    let clock = Arc::new(ManualClock::default());
+    let mut config = config();
+    config.pacing.discovery = Duration::from_millis(100);
+    fake.fail_next("GET", DISCOVERY, 503);
+    let running = operator(&fake, &vault, config, &clock).await;
+    let discoveries = || {
+        let requests = fake.requests();
+        requests.iter().filter(|r| r.path == DISCOVERY).count()
+    };
+    // The failure, then an answer: Argo Rollouts is not served.
+    eventually("a discovery after the failure", LIMIT, || {
+        (discoveries() >= 2).then_some(())
+    })
+    .await;
+    fake.fail_next("GET", DISCOVERY, 503);
+    let failures = || -> Vec<String> {
+        let logs = logs.contents();
+        logs.lines()
+            .filter(|l| l.contains(FAILED))
+            .map(String::from)
+            .collect()
+    };
+    eventually("the second failure logged", LIMIT, || {
+        (failures().len() >= 2).then_some(())
+    })
+    .await;
+    let failures = failures();
+    assert!(
+        failures.iter().all(|l| l.contains("WARN")),
+        "each failure after an answer is news: {failures:#?}"
+    );
     running.stop().await;
 }
 

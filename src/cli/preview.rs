@@ -568,7 +568,9 @@ pub(crate) fn workload_of(value: &Value, kind: WorkloadKind) -> Option<Workload>
         labels: map(&meta["labels"]),
         annotations: map(&meta["annotations"]),
         template_annotations: map(&template["metadata"]["annotations"]),
-        pod_spec: serde_json::from_value(template["spec"].clone()).ok()?,
+        reads: rollout::detect::consumptions(
+            &serde_json::from_value(template["spec"].clone()).ok()?,
+        ),
         paused: value["spec"]["paused"].as_bool().unwrap_or(false),
     })
 }
@@ -660,6 +662,6 @@ mod tests {
             json!({"name": "c", "image": "x", "envFrom": [{"secretRef": {"name": "api"}}]}),
         );
         assert_eq!(w.name, "api");
-        assert!(rollout::detect::consumption(&w.pod_spec, "api").is_some());
+        assert!(w.reads.contains_key("api"));
     }
 }

@@ -730,7 +730,10 @@ fn controller_for(
                 gone.forget_absent(scope.as_deref(), &live);
                 on_synced();
             }
-            Ok(watcher::Event::Delete(ss)) => gone.forget(&ObjectRef::from_obj(ss)),
+            Ok(watcher::Event::Delete(ss)) => {
+                gone.forget(&ObjectRef::from_obj(ss));
+                let _ = touched_ss.send(ObjectRef::from_obj(ss));
+            }
             Ok(watcher::Event::Apply(ss) | watcher::Event::InitApply(ss)) => {
                 gone.caches.seen(ss);
                 gone.arrived(ss);

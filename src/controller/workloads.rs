@@ -11,29 +11,35 @@
 //! ScopedSecrets and managed Secrets (metadata only: no value is ever received) are read from
 //! the ScopedSecret controller's caches ([`super::caches::Caches`]): one watch of each serves
 //! both controllers, and says which ScopedSecret's Secret (or itself) changed. Workloads are
-//! cached trimmed to what detection and rollout progress read, so memory follows references.
+//! cached as a projection ([`Cached`]) of what detection and rollout progress read, so memory
+//! follows references, and indexed as their watch events arrive ([`Index`]): a changed Secret
+//! wakes its readers, and the budget counts the rollouts in flight, without a scan.
 //!
 //! The restart budget is counted from the workloads themselves (`restarted-at` and rollout
-//! status). Memory adds only what the cluster cannot say yet: restarts patched but not yet in
-//! the cache, and the order of the workloads waiting for a slot — oldest first, woken when a
-//! rollout's progress frees one.
+//! status, through the index). Memory adds only what the cluster cannot say yet: restarts
+//! patched but not yet in the cache, and the order of the workloads waiting for a slot —
+//! oldest first, woken when a rollout's progress frees one.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store, reflector, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -44,10 +50,10 @@ use crate::api::v1alpha1::{RolloutStatus, RolloutStrategy, ScopedSecret};
 use crate::render::{CONTENT_HASH_ANNOTATION, OWNER_LABEL};
 use crate::rollout::apply::{self, Annotations, rollout_complete};
 use crate::rollout::desired::{self, Need, SecretView};
-use crate::rollout::detect::referenced;
+use crate::rollout::detect::{self, Consumption};
 use crate::rollout::{
-    Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION, RolloutResult, Skip,
-    Workload, WorkloadKind, annotation_key, breaker,
+    CHECKSUM_PREFIX, Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION,
+    RolloutResult, Skip, Workload, WorkloadKind, annotation_key, breaker,
 };
 
 /// How often a workload waiting for the restart budget looks again (it is also woken when a
@@ -85,66 +91,136 @@ impl Error {
     }
 }
 
-/// Cuts a workload down to what the restart decision and rollout progress read: the pod
-/// template's annotations and Secret references, pause, replicas, update strategy, status.
-pub fn trim(obj: &mut DynamicObject) {
-    super::caches::trim_meta(&mut obj.metadata);
-    let spec = &obj.data["spec"];
-    let template = &spec["template"];
-    let container = |c: &Value| {
-        let mut out = json!({"name": c["name"]});
-        for field in ["env", "envFrom", "volumeMounts"] {
-            if !c[field].is_null() {
-                out[field] = c[field].clone();
-            }
-        }
-        out
-    };
-    let mut pod = json!({});
-    for field in ["containers", "initContainers", "ephemeralContainers"] {
-        if let Some(cs) = template["spec"][field].as_array() {
-            pod[field] = cs.iter().map(container).collect();
+/// A workload as its cache keeps it: what the restart decision and the budget read, computed
+/// from the object when its watch event arrives — how its pod template consumes each Secret it
+/// references, the operator's own annotations, whether its rollout is complete — so that
+/// memory follows the references, not the object (a `DynamicObject`'s JSON maps cost
+/// kilobytes). Small maps are vectors: a map allocates room for eleven entries.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Cached {
+    /// Name, namespace and uid only.
+    metadata: ObjectMeta,
+    labels: Vec<(String, String)>,
+    /// The `checksum.scopedsecrets.io/` and `scopedsecrets.io/` annotations of its metadata.
+    annotations: Vec<(String, String)>,
+    /// The checksum annotations of its pod template.
+    template: Vec<(String, String)>,
+    /// How its pod template consumes each Secret it references; `None` when the template is
+    /// not a pod template (nothing is decided for it).
+    reads: Option<Vec<(String, Consumption)>>,
+    paused: bool,
+    /// Its rollout is complete, by the rules of `kubectl rollout status`.
+    complete: bool,
+}
+
+impl Cached {
+    pub fn new(kind: WorkloadKind, obj: &DynamicObject) -> Self {
+        let template = &obj.data["spec"]["template"];
+        let ours = |map: &BTreeMap<String, String>, own: &str| {
+            let own = |k: &String| k.starts_with(CHECKSUM_PREFIX) || k.starts_with(own);
+            map.iter()
+                .filter(|(k, _)| own(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let template_annotations: BTreeMap<String, String> =
+            BTreeMap::deserialize(&template["metadata"]["annotations"]).unwrap_or_default();
+        let reads = PodSpec::deserialize(&template["spec"]).ok();
+        let metadata = &obj.metadata;
+        Cached {
+            metadata: ObjectMeta {
+                name: metadata.name.clone(),
+                namespace: metadata.namespace.clone(),
+                uid: metadata.uid.clone(),
+                ..Default::default()
+            },
+            labels: obj.labels().clone().into_iter().collect(),
+            annotations: ours(obj.annotations(), "scopedsecrets.io/"),
+            template: ours(&template_annotations, CHECKSUM_PREFIX),
+            reads: reads.map(|spec| detect::consumptions(&spec).into_iter().collect()),
+            paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
+            complete: rollout_complete(kind, obj),
         }
     }
-    if let Some(vs) = template["spec"]["volumes"].as_array() {
-        pod["volumes"] = vs
+
+    /// The decision's view; `None` when the template is not a pod template.
+    fn view(&self, kind: WorkloadKind) -> Option<Workload> {
+        let map = |v: &[(String, String)]| v.iter().cloned().collect();
+        Some(Workload {
+            kind,
+            name: self.name_any(),
+            labels: map(&self.labels),
+            annotations: map(&self.annotations),
+            template_annotations: map(&self.template),
+            reads: self.reads.clone()?.into_iter().collect(),
+            paused: self.paused,
+        })
+    }
+
+    fn restarted_at(&self) -> Option<Timestamp> {
+        let (_, at) = self
+            .annotations
             .iter()
-            .filter(|v| !v["secret"].is_null() || !v["projected"].is_null())
-            .map(|v| json!({"name": v["name"], "secret": v["secret"], "projected": v["projected"]}))
-            .collect();
+            .find(|(k, _)| k == RESTARTED_AT_ANNOTATION)?;
+        at.parse().ok()
     }
-    let mut kept = json!({
-        "template": {"metadata": {"annotations": template["metadata"]["annotations"]}, "spec": pod},
-    });
-    for field in ["paused", "replicas", "updateStrategy"] {
-        if !spec[field].is_null() {
-            kept[field] = spec[field].clone();
-        }
+
+    fn labels_match(&self, selector: &Selector) -> bool {
+        selector.matches(&self.labels.iter().cloned().collect())
     }
-    let status = obj.data["status"].take();
-    obj.data = json!({"spec": kept, "status": status});
 }
 
-/// The decision's view of a (trimmed) workload.
-fn view(kind: WorkloadKind, obj: &DynamicObject) -> Option<Workload> {
-    let template: PodTemplateSpec =
-        serde_json::from_value(obj.data["spec"]["template"].clone()).ok()?;
-    Some(Workload {
-        kind,
-        name: obj.name_any(),
-        labels: obj.labels().clone(),
-        annotations: obj.annotations().clone(),
-        template_annotations: template
-            .metadata
-            .and_then(|m| m.annotations)
-            .unwrap_or_default(),
-        pod_spec: template.spec?,
-        paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
-    })
+/// One type for every kind, told apart by the controllers' [`WorkloadKind`].
+impl Resource for Cached {
+    type DynamicType = WorkloadKind;
+    type Scope = NamespaceResourceScope;
+
+    fn kind(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.as_str().into()
+    }
+
+    fn group(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.api_version()
+            .rsplit_once('/')
+            .map_or("", |(g, _)| g)
+            .into()
+    }
+
+    fn version(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.api_version()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .into()
+    }
+
+    fn api_version(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.api_version().into()
+    }
+
+    fn plural(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.plural().into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
-fn restarted_at(obj: &DynamicObject) -> Option<Timestamp> {
-    obj.annotations().get(RESTARTED_AT_ANNOTATION)?.parse().ok()
+/// A watch event of `kind` as the cache keeps it.
+pub fn project(kind: WorkloadKind, event: watcher::Event<DynamicObject>) -> watcher::Event<Cached> {
+    use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+    match event {
+        Apply(o) => Apply(Cached::new(kind, &o)),
+        InitApply(o) => InitApply(Cached::new(kind, &o)),
+        Delete(o) => Delete(Cached::new(kind, &o)),
+        Init => Init,
+        InitDone => InitDone,
+    }
 }
 
 /// A managed Secret as a workload's decision reads it.
@@ -180,7 +256,92 @@ impl Managed {
 }
 
 /// A workload.
-type Id = ObjectRef<DynamicObject>;
+type Id = ObjectRef<Cached>;
+
+/// A workload within its kind's cache: (namespace, name).
+type Key = (String, String);
+
+fn key(obj: &Cached) -> Key {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// What one kind's watch says of its workloads, kept current from the watch's events: which
+/// workloads reference each Secret (so a changed Secret wakes its readers without a scan), and
+/// which carry a restart still rolling out (so the budget counts them without a scan). An
+/// entry leaves with its workload, and a re-list replaces them all. What a workload referenced
+/// before is read from the cache, which takes each event after the index.
+#[derive(Default)]
+struct Index {
+    /// (namespace, Secret) → the names of the workloads referencing it.
+    readers: HashMap<Key, BTreeSet<String>>,
+    /// Workloads restarted at … whose rollout is not complete.
+    rolling: HashMap<Key, Timestamp>,
+    /// While a re-list runs: the workloads listed so far.
+    relisted: Option<HashSet<Key>>,
+}
+
+impl Index {
+    /// Takes `event` of `kind` in; `before` is the cache as it was before it.
+    fn apply(
+        &mut self,
+        kind: WorkloadKind,
+        before: &Store<Cached>,
+        event: &watcher::Event<Cached>,
+    ) {
+        let old = |obj: &Cached| before.get(&ObjectRef::from_obj_with(obj, kind));
+        match event {
+            watcher::Event::Init => self.relisted = Some(HashSet::new()),
+            watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
+                if let (watcher::Event::InitApply(_), Some(listed)) = (event, &mut self.relisted) {
+                    listed.insert(key(obj));
+                }
+                if let Some(old) = old(obj) {
+                    self.remove(&old);
+                }
+                self.insert(obj);
+            }
+            watcher::Event::Delete(obj) => {
+                if let Some(old) = old(obj) {
+                    self.remove(&old);
+                }
+            }
+            watcher::Event::InitDone => {
+                // The cache still holds what it held before the re-list.
+                let listed = self.relisted.take().unwrap_or_default();
+                for gone in before.state().iter().filter(|o| !listed.contains(&key(o))) {
+                    self.remove(gone);
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, obj: &Cached) {
+        let (ns, name) = key(obj);
+        for (secret, _) in obj.reads.iter().flatten() {
+            let readers = self.readers.entry((ns.clone(), secret.clone()));
+            readers.or_default().insert(name.clone());
+        }
+        if let Some(at) = obj.restarted_at()
+            && !obj.complete
+        {
+            self.rolling.insert((ns, name), at);
+        }
+    }
+
+    fn remove(&mut self, obj: &Cached) {
+        let (ns, name) = key(obj);
+        for (secret, _) in obj.reads.iter().flatten() {
+            let reader = (ns.clone(), secret.clone());
+            if let Some(names) = self.readers.get_mut(&reader) {
+                names.remove(&name);
+                if names.is_empty() {
+                    self.readers.remove(&reader);
+                }
+            }
+        }
+        self.rolling.remove(&(ns, name));
+    }
+}
 
 /// What the budget keeps in memory; the rest is read from the workloads.
 #[derive(Default)]
@@ -191,11 +352,18 @@ struct Budget {
     waiting: Vec<Id>,
 }
 
-/// One kind's workload cache in one scope, and how to wake its workloads.
+/// One kind's workload cache in one scope, its index, and how to wake its workloads.
 struct Watched {
     kind: WorkloadKind,
-    store: Store<DynamicObject>,
+    store: Store<Cached>,
+    index: Arc<Mutex<Index>>,
     wake: mpsc::UnboundedSender<Id>,
+}
+
+impl Watched {
+    fn id(&self, namespace: &str, name: &str) -> Id {
+        ObjectRef::new_with(name, self.kind).within(namespace)
+    }
 }
 
 /// What every workload reconcile shares: the operator's context, the caches it reads, and
@@ -205,6 +373,9 @@ pub struct Restarts {
     watched: RwLock<Vec<Watched>>,
     budget: Mutex<Budget>,
     failures: Failures<Id>,
+    /// Per namespace, the ScopedSecrets that name or select their targets (which need not
+    /// reference their Secret), kept current from the changes `touched` hears of.
+    targeting: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 /// The context of one kind's controller.
@@ -220,23 +391,89 @@ impl Restarts {
             watched: Default::default(),
             budget: Default::default(),
             failures: Default::default(),
+            targeting: Default::default(),
         })
     }
 
-    /// The workloads of `kind` in `store` count for the budget; `wake` reconciles one.
+    /// The workloads of `kind` in `store` count for the budget; `wake` reconciles one. Returns
+    /// what each watch event that fills `store` must be shown to, to keep the index current.
     pub fn add_workloads(
         &self,
         kind: WorkloadKind,
-        store: Store<DynamicObject>,
+        store: Store<Cached>,
         wake: mpsc::UnboundedSender<Id>,
-    ) {
-        self.watched
-            .write()
-            .unwrap()
-            .push(Watched { kind, store, wake });
+    ) -> impl Fn(&watcher::Event<Cached>) + Send + Sync + 'static {
+        let index = Arc::new(Mutex::new(Index::default()));
+        let watched = Watched {
+            kind,
+            store: store.clone(),
+            index: index.clone(),
+            wake,
+        };
+        self.watched.write().unwrap().push(watched);
+        move |event| index.lock().unwrap().apply(kind, &store, event)
     }
 
-    fn cached(&self, id: &Id) -> Option<Arc<DynamicObject>> {
+    /// Keeps the index of targeting ScopedSecrets current with the cached `owner`, and
+    /// returns it (`None`: gone).
+    pub fn note(&self, owner: &ObjectRef<ScopedSecret>) -> Option<Arc<ScopedSecret>> {
+        let ss = self.ctx.caches.scoped_secret(owner);
+        let ns = owner.namespace.clone().unwrap_or_default();
+        let mut targeting = self.targeting.lock().unwrap();
+        if ss.as_deref().is_some_and(targets_any) {
+            let names = targeting.entry(ns).or_default();
+            names.insert(owner.name.clone());
+        } else if let Some(names) = targeting.get_mut(&ns) {
+            names.remove(&owner.name);
+            if names.is_empty() {
+                targeting.remove(&ns);
+            }
+        }
+        ss
+    }
+
+    /// The ScopedSecret `owner`'s Secret, or itself, changed: wakes the cached workloads that
+    /// may read it — those referencing the Secret (from the index), and those it names or
+    /// selects.
+    pub fn touched(&self, owner: &ObjectRef<ScopedSecret>) {
+        let Some(ss) = self.note(owner) else {
+            return;
+        };
+        let Some(secret) = ss.status.as_ref().and_then(|s| s.secret_name.clone()) else {
+            return;
+        };
+        let ns = owner.namespace.clone().unwrap_or_default();
+        let rollout = ss.spec.rollout.as_ref();
+        let strategy = rollout.map(|r| r.strategy);
+        let selector = rollout
+            .filter(|_| strategy == Some(RolloutStrategy::Selector))
+            .and_then(|r| Selector::try_from(r.selector.clone()?).ok());
+        let reader = (ns.clone(), secret);
+        for w in self.watched.read().unwrap().iter() {
+            let mut names =
+                (w.index.lock().unwrap().readers.get(&reader).cloned()).unwrap_or_default();
+            if strategy == Some(RolloutStrategy::Explicit) {
+                let targets = rollout.iter().flat_map(|r| &r.targets);
+                let of_kind = targets.filter(|t| t.kind == w.kind.as_str());
+                names.extend(of_kind.map(|t| t.name.clone()));
+            }
+            if let Some(selector) = &selector {
+                // Labels are not indexed: the one scan left, for Selector ScopedSecrets only.
+                let selected = w.store.state_filter(|o| {
+                    o.metadata.namespace.as_deref() == Some(ns.as_str()) && o.labels_match(selector)
+                });
+                names.extend(selected.iter().map(|o| o.name_any()));
+            }
+            for name in names {
+                let id = w.id(&ns, &name);
+                if w.store.get(&id).is_some() {
+                    let _ = w.wake.send(id);
+                }
+            }
+        }
+    }
+
+    fn cached(&self, id: &Id) -> Option<Arc<Cached>> {
         let watched = self.watched.read().unwrap();
         watched.iter().find_map(|w| w.store.get(id))
     }
@@ -249,8 +486,14 @@ impl Restarts {
     /// targets, are looked up: the cost follows the workload's references, not the namespace.
     fn managed(&self, namespace: &str, w: &Workload) -> Vec<Managed> {
         let caches = &self.ctx.caches;
-        let targeting = caches.scoped_secrets(namespace, targets_any);
-        let mut names: BTreeSet<&str> = referenced(&w.pod_spec);
+        let targeting: Vec<Arc<ScopedSecret>> = {
+            let index = self.targeting.lock().unwrap();
+            let names = index.get(namespace).into_iter().flatten();
+            let cached =
+                names.filter_map(|n| caches.scoped_secret(&ObjectRef::new(n).within(namespace)));
+            cached.filter(|ss| targets_any(ss)).collect()
+        };
+        let mut names: BTreeSet<&str> = w.reads.keys().map(String::as_str).collect();
         names.extend(
             targeting
                 .iter()
@@ -275,26 +518,22 @@ impl Restarts {
         managed.collect()
     }
 
-    /// Rollouts in flight: started by a restart less than the deadline ago and not complete,
-    /// or patched and not yet in the cache.
+    /// Rollouts in flight: started by a restart less than the deadline ago and not complete
+    /// (from the index: the cost follows the rollouts, not the workloads), or patched and not
+    /// yet in the cache.
     fn in_flight(&self, launched: &mut HashMap<Id, Timestamp>, now: Timestamp) -> HashSet<Id> {
         let deadline = SignedDuration::try_from(self.ctx.config.pacing.deadline)
             .unwrap_or(SignedDuration::MAX);
         let recent = |at: Timestamp| at + deadline > now;
         let mut out = HashSet::new();
         for w in self.watched.read().unwrap().iter() {
-            let ar = w.kind.resource();
-            let rolling = w.store.state_filter(|o| {
-                restarted_at(o).is_some_and(recent) && !rollout_complete(w.kind, o)
-            });
-            out.extend(
-                rolling
-                    .iter()
-                    .map(|o| ObjectRef::from_obj_with(&**o, ar.clone())),
-            );
+            let mut index = w.index.lock().unwrap();
+            // Past the deadline a rollout holds no slot; its next event decides again.
+            index.rolling.retain(|_, at| recent(*at));
+            out.extend(index.rolling.keys().map(|(ns, name)| w.id(ns, name)));
         }
         launched.retain(|id, at| {
-            let unseen = |o: Arc<DynamicObject>| restarted_at(&o).is_none_or(|seen| seen < *at);
+            let unseen = |o: Arc<Cached>| o.restarted_at().is_none_or(|seen| seen < *at);
             recent(*at) && self.cached(id).is_some_and(unseen)
         });
         out.extend(launched.keys().cloned());
@@ -354,15 +593,15 @@ impl Restarts {
 
 /// Reconciles one workload: its plan from the caches (pure), then applied within the budget,
 /// then the ScopedSecrets' `status.rollouts` and events say what happened.
-pub async fn reconcile(obj: Arc<DynamicObject>, k: Arc<KindCtx>) -> Result<Action, Error> {
+pub async fn reconcile(obj: Arc<Cached>, k: Arc<KindCtx>) -> Result<Action, Error> {
     let (r, ctx) = (&k.restarts, &k.restarts.ctx);
     let ns = obj.namespace().unwrap_or_default();
-    let Some(w) = view(k.kind, &obj) else {
+    let Some(w) = obj.view(k.kind) else {
         return Ok(Action::await_change());
     };
-    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind.resource());
+    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind);
     let now = ctx.clock.now();
-    if restarted_at(&obj).is_some() {
+    if obj.restarted_at().is_some() {
         r.wake_waiting(now);
     }
     let limits = ctx.config.breaker_limits();
@@ -518,7 +757,7 @@ async fn record(
     }
     let cached = |e: &RolloutStatus| {
         WorkloadKind::parse(&e.kind).is_some_and(|k| {
-            let id = ObjectRef::new_with(&e.name, k.resource()).within(&ns);
+            let id = ObjectRef::new_with(&e.name, k).within(&ns);
             r.cached(&id).is_some()
         })
     };
@@ -554,7 +793,7 @@ async fn record(
 /// Events for a result that changed: on the ScopedSecret, and on the workload when restarted.
 async fn announce(
     ctx: &Context,
-    obj: &DynamicObject,
+    obj: &Cached,
     w: &Workload,
     ss: &ScopedSecret,
     secret: &str,
@@ -598,16 +837,16 @@ async fn announce(
     info!(namespace = ns, workload = %what, %secret, %result, "rollout");
     events::publish(ss, ctx, type_, reason, &note).await;
     if result == Restarted {
-        let on_workload = obj.object_ref(&w.kind.resource());
+        let on_workload = obj.object_ref(&w.kind);
         events::publish_on(ctx, &on_workload, type_, reason, &note).await;
     }
 }
 
 /// Requeue after a failed workload reconcile, with the controller's backoff. Logged at WARN
 /// when a failure starts or changes, its repeats at DEBUG.
-fn error_policy(obj: Arc<DynamicObject>, err: &Error, k: Arc<KindCtx>) -> Action {
+fn error_policy(obj: Arc<Cached>, err: &Error, k: Arc<KindCtx>) -> Action {
     let (r, kind) = (&k.restarts, k.kind.as_str());
-    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind.resource());
+    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind);
     let message = err.to_string();
     let Recorded { attempt, repeat } = r.failures.record(&id, err.category(), &message);
     let (namespace, workload) = (obj.namespace().unwrap_or_default(), obj.name_any());
@@ -682,35 +921,13 @@ async fn argo_rollouts(r: Arc<Restarts>, namespace: Option<String>) {
     }
 }
 
-/// Reconciles the workloads that may read the Secret of a ScopedSecret whose Secret, or itself,
-/// changed: those referencing it, or all of its namespace's when it names or selects targets.
+/// Wakes the readers of each ScopedSecret whose Secret, or itself, changed.
 async fn wake_readers(
     r: Arc<Restarts>,
     mut touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
 ) {
     while let Some(owner) = touched.recv().await {
-        let ns = owner.namespace.clone().unwrap_or_default();
-        let Some(ss) = r.ctx.caches.scoped_secret(&owner) else {
-            continue;
-        };
-        let Some(secret) = ss.status.as_ref().and_then(|s| s.secret_name.as_deref()) else {
-            continue;
-        };
-        let any = targets_any(&ss);
-        for w in r.watched.read().unwrap().iter() {
-            // The trimmed template holds names and references: a mention of the Secret's name
-            // is cheap to find, and the reconcile decides (no pod spec is parsed here).
-            let reads = |o: &DynamicObject| {
-                o.metadata.namespace.as_deref() == Some(ns.as_str())
-                    && (any || mentions(&o.data["spec"]["template"]["spec"], secret))
-            };
-            let ar = w.kind.resource();
-            for obj in w.store.state_filter(reads) {
-                let _ = w
-                    .wake
-                    .send(ObjectRef::from_obj_with(obj.as_ref(), ar.clone()));
-            }
-        }
+        r.touched(&owner);
     }
 }
 
@@ -721,16 +938,6 @@ fn targets_any(ss: &ScopedSecret) -> bool {
         strategy,
         Some(RolloutStrategy::Explicit | RolloutStrategy::Selector)
     )
-}
-
-/// Whether `secret` appears as a string anywhere in `v`.
-fn mentions(v: &Value, secret: &str) -> bool {
-    match v {
-        Value::String(s) => s == secret,
-        Value::Array(items) => items.iter().any(|v| mentions(v, secret)),
-        Value::Object(fields) => fields.values().any(|v| mentions(v, secret)),
-        _ => false,
-    }
 }
 
 /// One kind's controller in one scope, on its trimmed cache of the workloads of this shard.
@@ -745,16 +952,21 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
         let keep = |o: &DynamicObject| config.serves(o.metadata.namespace.as_deref());
         std::future::ready(super::caches::kept(e, &keep))
     };
-    let writer = Writer::new(ar.clone());
+    let writer = Writer::new(kind);
     let store = writer.as_reader();
+    let (wake, woken) = mpsc::unbounded_channel();
+    let observe = r.add_workloads(kind, store.clone(), wake);
     let events = watcher(api, watcher::Config::default())
         .filter(served)
-        .modify(trim);
+        .map_ok(move |e| project(kind, e))
+        .inspect(move |e| {
+            if let Ok(e) = e {
+                observe(e)
+            }
+        });
     let stream = reflector(writer, events)
         .default_backoff()
         .applied_objects();
-    let (wake, woken) = mpsc::unbounded_channel();
-    r.add_workloads(kind, store.clone(), wake);
     // Bursts of events for one workload (a rollout's status updates) make one reconcile.
     let settings = controller::Config::default()
         .concurrency(r.ctx.config.concurrency)
@@ -763,7 +975,7 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
         restarts: r.clone(),
         kind,
     });
-    Controller::for_stream_with(stream, store, ar)
+    Controller::for_stream_with(stream, store, kind)
         .with_config(settings)
         .trigger_backoff(super::NoPause)
         .reconcile_on(super::tokio_stream_of(woken))
@@ -776,4 +988,131 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
             }
         })
         .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn deployment(name: &str, secrets: &[&str], annotations: Value, status: Value) -> Cached {
+        let refs: Vec<Value> = secrets
+            .iter()
+            .map(|s| json!({"secretRef": {"name": s}}))
+            .collect();
+        let obj = serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": "ns", "generation": 2, "annotations": annotations},
+            "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "c", "envFrom": refs}]}}},
+            "status": status,
+        }))
+        .unwrap();
+        Cached::new(WorkloadKind::Deployment, &obj)
+    }
+
+    fn reader(name: &str, secrets: &[&str]) -> Cached {
+        deployment(name, secrets, json!({}), json!({}))
+    }
+
+    /// An index and its cache, each event shown to the index first, as the watch does.
+    struct Fed {
+        index: Index,
+        cache: Writer<Cached>,
+    }
+
+    impl Fed {
+        fn new() -> Self {
+            let cache = Writer::new(WorkloadKind::Deployment);
+            let index = Index::default();
+            Fed { index, cache }
+        }
+
+        fn apply(&mut self, event: &watcher::Event<Cached>) {
+            let before = self.cache.as_reader();
+            self.index.apply(WorkloadKind::Deployment, &before, event);
+            self.cache.apply_watcher_event(event);
+        }
+    }
+
+    fn readers(fed: &Fed, secret: &str) -> Vec<String> {
+        let key = ("ns".to_string(), secret.to_string());
+        fed.index
+            .readers
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn the_index_follows_the_references_of_the_workloads_as_they_are() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let mut index = Fed::new();
+        index.apply(&Apply(reader("a", &["api", "db"])));
+        index.apply(&Apply(reader("b", &["api"])));
+        index.apply(&Apply(reader("none", &[])));
+        assert_eq!(readers(&index, "api"), ["a", "b"]);
+        assert_eq!(readers(&index, "db"), ["a"]);
+        // A changed template replaces its references.
+        index.apply(&Apply(reader("a", &["cache"])));
+        assert_eq!(readers(&index, "api"), ["b"]);
+        assert_eq!(readers(&index, "db"), Vec::<String>::new());
+        assert_eq!(readers(&index, "cache"), ["a"]);
+        index.apply(&Delete(reader("b", &["api"])));
+        assert_eq!(readers(&index, "api"), Vec::<String>::new());
+        // A re-list keeps what it lists, and only that.
+        index.apply(&Apply(reader("b", &["api"])));
+        index.apply(&Init);
+        index.apply(&InitApply(reader("c", &["api"])));
+        index.apply(&InitDone);
+        assert_eq!(readers(&index, "api"), ["c"]);
+        assert_eq!(readers(&index, "cache"), Vec::<String>::new());
+        assert_eq!(
+            index.index.readers.len(),
+            1,
+            "no entry outlives its workload"
+        );
+    }
+
+    #[test]
+    fn the_index_holds_the_restarts_rolling_out_until_they_complete_or_leave() {
+        use watcher::Event::{Apply, Delete, Init, InitDone};
+        let at = "2026-12-01T10:00:00Z";
+        let restarted = json!({(RESTARTED_AT_ANNOTATION): at});
+        let rolling = json!({"observedGeneration": 1});
+        let done = json!({"observedGeneration": 2, "updatedReplicas": 1, "replicas": 1, "availableReplicas": 1});
+        let mut index = Fed::new();
+        index.apply(&Apply(deployment(
+            "a",
+            &[],
+            restarted.clone(),
+            rolling.clone(),
+        )));
+        index.apply(&Apply(deployment("b", &[], json!({}), rolling.clone())));
+        let key = ("ns".to_string(), "a".to_string());
+        assert_eq!(
+            index.index.rolling,
+            [(key.clone(), at.parse().unwrap())].into()
+        );
+        index.apply(&Apply(deployment("a", &[], restarted.clone(), done)));
+        assert!(index.index.rolling.is_empty(), "complete");
+        index.apply(&Apply(deployment(
+            "a",
+            &[],
+            restarted.clone(),
+            rolling.clone(),
+        )));
+        index.apply(&Delete(deployment(
+            "a",
+            &[],
+            restarted.clone(),
+            rolling.clone(),
+        )));
+        assert!(index.index.rolling.is_empty(), "deleted");
+        index.apply(&Apply(deployment("a", &[], restarted, rolling)));
+        index.apply(&Init);
+        index.apply(&InitDone);
+        assert!(index.index.rolling.is_empty(), "not listed again");
+    }
 }

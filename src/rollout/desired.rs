@@ -254,7 +254,7 @@ mod tests {
             labels: Default::default(),
             annotations: Default::default(),
             template_annotations: Default::default(),
-            pod_spec: serde_json::from_value(pod).unwrap(),
+            reads: super::super::detect::consumptions(&serde_json::from_value(pod).unwrap()),
             paused: false,
         }
     }

@@ -5,12 +5,12 @@
 //! key, or only the keys listed in `items`) — in containers, init containers and ephemeral
 //! containers alike. Optional references count: the Secret exists now.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{KeyToPath, PodSpec};
 
 /// What part of the Secret a workload reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Reads {
     /// Every key (`envFrom`, a whole-Secret volume).
     Whole,
@@ -39,7 +39,7 @@ impl Reads {
 }
 
 /// How one pod template consumes one Secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Consumption {
     pub reads: Reads,
     /// Through environment variables (`env` or `envFrom`): only a restart refreshes them.
@@ -95,6 +95,14 @@ pub fn referenced(spec: &PodSpec) -> BTreeSet<&str> {
         );
     }
     names
+}
+
+/// How `spec` consumes each Secret it references.
+pub fn consumptions(spec: &PodSpec) -> BTreeMap<String, Consumption> {
+    let names = referenced(spec).into_iter();
+    names
+        .filter_map(|name| Some((name.to_string(), consumption(spec, name)?)))
+        .collect()
 }
 
 /// How `spec` consumes the Secret `secret`, or `None` when it does not.

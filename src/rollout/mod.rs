@@ -20,14 +20,13 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::PodSpec;
 use kube::api::ApiResource;
 use kube::core::{Selector, SelectorExt};
 use sha2::Sha256;
 
 use crate::api::v1alpha1::{Rollout, RolloutStrategy};
 use crate::render::HmacKey;
-use detect::{Consumption, Reads, consumption};
+use detect::{Consumption, Reads};
 
 /// Prefix of the pod-template annotation, followed by the Secret's name. On the workload's own
 /// metadata, the same key records the hash of what its pods run before the operator ever
@@ -103,6 +102,15 @@ impl WorkloadKind {
         }
     }
 
+    pub fn plural(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "deployments",
+            WorkloadKind::StatefulSet => "statefulsets",
+            WorkloadKind::DaemonSet => "daemonsets",
+            WorkloadKind::Rollout => "rollouts",
+        }
+    }
+
     /// The API resource of this kind.
     pub fn resource(self) -> ApiResource {
         let (group, version) = self.api_version().split_once('/').expect("group/version");
@@ -111,7 +119,7 @@ impl WorkloadKind {
             version: version.into(),
             api_version: self.api_version().into(),
             kind: self.as_str().into(),
-            plural: format!("{}s", self.as_str().to_lowercase()),
+            plural: self.plural().into(),
         }
     }
 }
@@ -124,7 +132,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub template_annotations: BTreeMap<String, String>,
-    pub pod_spec: PodSpec,
+    /// How its pod template consumes each Secret it references (`detect::consumptions`).
+    pub reads: BTreeMap<String, Consumption>,
     /// A paused Deployment or Rollout: not patched.
     pub paused: bool,
 }
@@ -258,19 +267,17 @@ impl KeyHashes {
         self.0.iter().filter(|(k, _)| k.as_str() != WHOLE)
     }
 
-    /// The annotation value of a workload reading `reads`. Equal to [`consumer_hash`] for
-    /// whole-Secret readers, readers of every key, of a single key and of none — so workloads
-    /// restarted by earlier versions are not restarted again; readers of several but not all
-    /// keys get an HMAC over their keys' hashes.
+    /// The annotation value of a workload reading `reads`: a function of the keys it reads
+    /// and their values only, so that keys it does not read come and go without restarting
+    /// it. Equal to [`consumer_hash`] for whole-Secret readers and readers of one key (or of
+    /// none present), so workloads restarted by earlier versions are not restarted again;
+    /// readers of several keys get an HMAC over those keys' hashes.
     pub fn for_reads(&self, key: &HmacKey, reads: &Reads) -> String {
         let Reads::Keys(wanted) = reads else {
             return self.0[WHOLE].clone();
         };
         let read: Vec<(&String, &String)> =
             self.keys().filter(|(k, _)| wanted.contains(*k)).collect();
-        if read.len() == self.keys().count() {
-            return self.0[WHOLE].clone();
-        }
         match read.as_slice() {
             [] => consumer_hash(key, &BTreeMap::new(), &Reads::Whole),
             [(_, hash)] => (*hash).clone(),
@@ -308,7 +315,7 @@ pub fn targeted(
         env: true,
         sub_path: false,
     };
-    let referenced = || consumption(&workload.pod_spec, secret);
+    let referenced = || workload.reads.get(secret).cloned();
     match strategy {
         RolloutStrategy::None => None,
         RolloutStrategy::Auto => referenced(),
@@ -355,7 +362,6 @@ mod tests {
             Reads::Whole,
             keys(&["A"]),
             keys(&["C"]),
-            keys(&["A", "B", "C"]),
             keys(&["missing"]),
             keys(&["A", "missing"]),
         ] {
@@ -398,6 +404,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_key_set_hash_depends_only_on_the_keys_read_and_their_values() {
+        let hash = |pairs: &[(&str, &str)], reads: &Reads| {
+            KeyHashes::compute(&key(), &data(pairs)).for_reads(&key(), reads)
+        };
+        for reads in [keys(&["A", "B"]), keys(&["A"])] {
+            let before = hash(&[("A", "1"), ("B", "2"), ("C", "3")], &reads);
+            // Another key leaves, so that the reader reads every key; then another comes.
+            assert_eq!(before, hash(&[("A", "1"), ("B", "2")], &reads), "{reads:?}");
+            let more = [("A", "1"), ("B", "2"), ("C", "3"), ("D", "4")];
+            assert_eq!(before, hash(&more, &reads), "{reads:?}");
+            assert_ne!(before, hash(&[("A", "x"), ("B", "2"), ("C", "3")], &reads));
+        }
+        let ab = keys(&["A", "B"]);
+        assert_ne!(
+            hash(&[("A", "1"), ("B", "2")], &ab),
+            hash(&[("A", "1"), ("B", "x")], &ab)
+        );
+    }
+
     fn workload(pod: serde_json::Value, app: &str) -> Workload {
         Workload {
             kind: WorkloadKind::Deployment,
@@ -405,7 +431,7 @@ mod tests {
             labels: [("app".to_string(), app.to_string())].into(),
             annotations: BTreeMap::new(),
             template_annotations: BTreeMap::new(),
-            pod_spec: serde_json::from_value(pod).unwrap(),
+            reads: detect::consumptions(&serde_json::from_value(pod).unwrap()),
             paused: false,
         }
     }

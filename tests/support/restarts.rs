@@ -11,7 +11,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, store::Writer};
 use kube::runtime::watcher::Event;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
-use scoped_secrets::controller::workloads::{self, KindCtx, Restarts};
+use scoped_secrets::controller::workloads::{self, Cached, KindCtx, Restarts};
 use scoped_secrets::controller::{Context, caches};
 use scoped_secrets::rollout::WorkloadKind;
 use scoped_secrets::rollout::apply::argo_rollouts_served;
@@ -28,13 +28,16 @@ const KINDS: [WorkloadKind; 4] = [
 pub struct Hand {
     pub restarts: Arc<Restarts>,
     writers: Mutex<Writers>,
-    woken: Mutex<mpsc::UnboundedReceiver<ObjectRef<DynamicObject>>>,
+    woken: Mutex<mpsc::UnboundedReceiver<ObjectRef<Cached>>>,
 }
+
+/// What the index of one kind's workloads is shown, as the watch shows it each event.
+type Observe = Box<dyn Fn(&Event<Cached>) + Send + Sync>;
 
 struct Writers {
     scoped: Writer<ScopedSecret>,
     secrets: Writer<PartialObjectMeta<Secret>>,
-    workloads: Vec<(WorkloadKind, Writer<DynamicObject>)>,
+    workloads: Vec<(WorkloadKind, Writer<Cached>, Observe)>,
 }
 
 /// Replaces what `writer` holds with `items`, as a re-list does.
@@ -79,9 +82,9 @@ impl Hand {
         let workloads = KINDS
             .into_iter()
             .map(|kind| {
-                let writer = Writer::new(kind.resource());
-                restarts.add_workloads(kind, writer.as_reader(), wake.clone());
-                (kind, writer)
+                let writer = Writer::new(kind);
+                let observe = restarts.add_workloads(kind, writer.as_reader(), wake.clone());
+                (kind, writer, Box::new(observe) as Observe)
             })
             .collect();
         Hand {
@@ -97,38 +100,66 @@ impl Hand {
 
     /// Lists every cache again from the cluster (Argo Rollouts when discovery serves them).
     pub async fn relist(&self) -> Result<(), kube::Error> {
+        self.relist_scoped_secrets().await?;
+        self.relist_workloads().await
+    }
+
+    /// Lists the managed Secrets and ScopedSecrets again.
+    pub async fn relist_scoped_secrets(&self) -> Result<(), kube::Error> {
         let client = self.restarts.ctx.client.clone();
         let lp = ListParams::default();
         let managed = lp.clone().labels("scopedsecrets.io/managed=true");
         let secrets = Api::<Secret>::all(client.clone())
             .list_metadata(&managed)
             .await?;
-        let scoped = Api::<ScopedSecret>::all(client.clone()).list(&lp).await?;
+        let scoped = Api::<ScopedSecret>::all(client).list(&lp).await?;
+        let mut w = self.writers.lock().unwrap();
+        relist(&mut w.secrets, secrets.items, caches::trim_secret);
+        let names: Vec<ObjectRef<ScopedSecret>> =
+            scoped.items.iter().map(ObjectRef::from_obj).collect();
+        relist(&mut w.scoped, scoped.items, caches::trim_scoped_secret);
+        // As the operator hears of each ScopedSecret listed (without the wake-ups: every
+        // workload is reconciled after a re-list anyway).
+        for ss in &names {
+            self.restarts.note(ss);
+        }
+        Ok(())
+    }
+
+    /// Lists the workloads again (Argo Rollouts when discovery serves them).
+    pub async fn relist_workloads(&self) -> Result<(), kube::Error> {
+        let client = self.restarts.ctx.client.clone();
         let argo = argo_rollouts_served(&client).await?;
         let mut workloads = Vec::new();
         for kind in KINDS {
             let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource());
             workloads.push(match kind {
                 WorkloadKind::Rollout if !argo => Vec::new(),
-                _ => api.list(&lp).await?.items,
+                _ => api.list(&ListParams::default()).await?.items,
             });
         }
         let mut w = self.writers.lock().unwrap();
-        relist(&mut w.secrets, secrets.items, caches::trim_secret);
-        relist(&mut w.scoped, scoped.items, caches::trim_scoped_secret);
-        for ((_, writer), items) in w.workloads.iter_mut().zip(workloads) {
-            relist(writer, items, workloads::trim);
+        for ((kind, writer, observe), items) in w.workloads.iter_mut().zip(workloads) {
+            // As the watch does: each event projected, shown to the index, then stored.
+            let listed = items.into_iter().map(Event::InitApply);
+            let events = std::iter::once(Event::Init)
+                .chain(listed)
+                .chain([Event::InitDone]);
+            for event in events.map(|e| workloads::project(*kind, e)) {
+                observe(&event);
+                writer.apply_watcher_event(&event);
+            }
         }
         Ok(())
     }
 
     /// Reconciles every cached workload once.
     pub async fn reconcile_all(&self) -> Vec<Result<Action, workloads::Error>> {
-        let cached: Vec<(WorkloadKind, Arc<DynamicObject>)> = {
+        let cached: Vec<(WorkloadKind, Arc<Cached>)> = {
             let w = self.writers.lock().unwrap();
             w.workloads
                 .iter()
-                .flat_map(|(kind, writer)| {
+                .flat_map(|(kind, writer, _)| {
                     writer.as_reader().state().into_iter().map(|o| (*kind, o))
                 })
                 .collect()
@@ -153,8 +184,8 @@ impl Hand {
     ) -> Result<Action, workloads::Error> {
         let obj = {
             let w = self.writers.lock().unwrap();
-            let (_, writer) = w.workloads.iter().find(|(k, _)| *k == kind).unwrap();
-            let id = ObjectRef::new_with(name, kind.resource()).within(namespace);
+            let (_, writer, _) = w.workloads.iter().find(|(k, ..)| *k == kind).unwrap();
+            let id = ObjectRef::new_with(name, kind).within(namespace);
             writer.as_reader().get(&id).expect("the workload is cached")
         };
         let k = Arc::new(KindCtx {
@@ -168,7 +199,7 @@ impl Hand {
     pub fn woken(&self) -> Vec<String> {
         let mut woken = self.woken.lock().unwrap();
         std::iter::from_fn(|| woken.try_recv().ok())
-            .map(|r| format!("{}/{}", r.dyntype.kind, r.name))
+            .map(|r| format!("{}/{}", r.dyntype.as_str(), r.name))
             .collect()
     }
 
@@ -177,7 +208,7 @@ impl Hand {
         let w = self.writers.lock().unwrap();
         w.workloads
             .iter()
-            .map(|(_, writer)| writer.as_reader().len())
+            .map(|(_, writer, _)| writer.as_reader().len())
             .sum()
     }
 }
