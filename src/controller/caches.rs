@@ -556,22 +556,6 @@ impl Caches {
         serving.1.get(obj)
     }
 
-    /// The ScopedSecrets of `namespace` that `keep` accepts, from the store of the controller
-    /// serving it.
-    pub fn scoped_secrets(
-        &self,
-        namespace: &str,
-        keep: impl Fn(&ScopedSecret) -> bool,
-    ) -> Vec<Arc<ScopedSecret>> {
-        let stores = self.scoped_secrets.read().unwrap();
-        let serving = stores
-            .iter()
-            .find(|(n, _)| n.as_deref().is_none_or(|n| n == namespace));
-        let of_namespace =
-            |ss: &ScopedSecret| ss.metadata.namespace.as_deref() == Some(namespace) && keep(ss);
-        serving.map_or_else(Vec::new, |(_, store)| store.state_filter(of_namespace))
-    }
-
     /// ScopedSecrets with a verification record (for tests of the pruning).
     pub fn verified_len(&self) -> usize {
         self.verified.lock().unwrap().len()
