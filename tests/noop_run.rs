@@ -16,7 +16,7 @@ use scoped_secrets::metrics::Metrics;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::json;
 use support::fake_api::FakeKube;
-use support::operator::{eventually, quiet, start_operator};
+use support::operator::{Operator, eventually, quiet, start_operator};
 
 const LIMIT: Duration = Duration::from_secs(40);
 
@@ -85,6 +85,25 @@ async fn a_running_operator_refreshes_without_api_requests_and_still_repairs_han
 
 /// Requests by verb and resource, without the watches and lists that fill the caches and the
 /// discovery of optional kinds (Argo Rollouts).
+/// `n` ScopedSecrets `s0`… in shop-dev, their store and one Vault value, and an operator
+/// started on them, ready; the requests are counted from its start.
+async fn first_sync_of(fake: &FakeKube, n: usize) -> Operator {
+    support::shop::shop_dev(fake);
+    for i in 0..n {
+        fake.insert(json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": format!("s{i}"), "namespace": "shop-dev"},
+            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}
+        }));
+    }
+    let vault = Arc::new(MemorySource::new());
+    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    fake.clear_requests();
+    let operator = start_operator(fake, vault, Config::default());
+    operator.wait_ready(LIMIT).await;
+    operator
+}
+
 fn asked(fake: &FakeKube) -> std::collections::BTreeMap<String, usize> {
     fake.count_by_verb_and_resource()
         .into_iter()
@@ -100,19 +119,7 @@ fn asked(fake: &FakeKube) -> std::collections::BTreeMap<String, usize> {
 async fn a_first_sync_makes_only_its_writes_the_secret_the_status_and_one_event() {
     const N: usize = 5;
     let fake = FakeKube::new();
-    support::shop::shop_dev(&fake);
-    for i in 0..N {
-        fake.insert(json!({
-            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-            "metadata": {"name": format!("s{i}"), "namespace": "shop-dev"},
-            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}
-        }));
-    }
-    let vault = Arc::new(MemorySource::new());
-    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
-    fake.clear_requests();
-    let operator = start_operator(&fake, vault, Config::default());
-    operator.wait_ready(LIMIT).await;
+    let operator = first_sync_of(&fake, N).await;
     eventually("every Secret", LIMIT, || {
         (0..N)
             .all(|i| {
@@ -153,19 +160,7 @@ async fn a_first_sync_applies_each_status_once_though_the_scopedsecret_watch_lag
     const N: usize = 5;
     let fake = FakeKube::new();
     fake.delay_watch("scopedsecrets", Duration::from_millis(500));
-    support::shop::shop_dev(&fake);
-    for i in 0..N {
-        fake.insert(json!({
-            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
-            "metadata": {"name": format!("s{i}"), "namespace": "shop-dev"},
-            "spec": {"storeRef": {"kind": "ClusterVaultStore", "name": "vault"}}
-        }));
-    }
-    let vault = Arc::new(MemorySource::new());
-    vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
-    fake.clear_requests();
-    let operator = start_operator(&fake, vault, Config::default());
-    operator.wait_ready(LIMIT).await;
+    let operator = first_sync_of(&fake, N).await;
     eventually("every status", LIMIT, || {
         (asked(&fake).get("patch scopedsecrets/status") >= Some(&N)).then_some(())
     })
