@@ -90,6 +90,13 @@ impl Rig {
         self.log.lock().unwrap().extend(restarted);
     }
 
+    /// Syncs `name`, lets the 10 s coalescing window pass, and settles the workloads.
+    async fn sync_after_window(&self, name: &str) {
+        self.sync(name).await;
+        self.advance(10);
+        self.settle().await;
+    }
+
     fn advance(&self, secs: u64) {
         self.clock.advance(Duration::from_secs(secs));
     }
@@ -537,9 +544,7 @@ async fn the_budget_defers_what_does_not_fit_and_a_completed_rollout_frees_its_s
     r.sync("api").await;
     r.settle().await;
     r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
-    r.advance(10);
-    r.settle().await;
+    r.sync_after_window("api").await;
     let first = r.restarted();
     assert_eq!(first.len(), 1, "{first:?}");
     let (a, b) = if first[0] == "deployments/a" {
@@ -559,9 +564,7 @@ async fn the_budget_defers_what_does_not_fit_and_a_completed_rollout_frees_its_s
     assert_eq!(r.restarted(), vec![format!("deployments/{b}")]);
     // A rollout that never completes frees its slot after the deadline.
     r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p3"))]);
-    r.sync("api").await;
-    r.advance(10);
-    r.settle().await;
+    r.sync_after_window("api").await;
     assert!(r.restarted().is_empty(), "{b} still rolling");
     r.advance(600);
     r.settle().await;
@@ -695,9 +698,7 @@ async fn an_explicit_target_restarts_though_it_does_not_reference_the_secret() {
     r.sync("api").await;
     r.settle().await;
     r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
-    r.advance(10);
-    r.settle().await;
+    r.sync_after_window("api").await;
     assert_eq!(r.restarted(), vec!["deployments/named"]);
 }
 
@@ -757,9 +758,7 @@ async fn paused_and_live_reloading_workloads_are_skipped_and_say_why() {
     r.sync("api").await;
     r.settle().await;
     r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
-    r.advance(10);
-    r.settle().await;
+    r.sync_after_window("api").await;
     assert!(r.restarted().is_empty());
     assert_eq!(
         r.results("api"),
@@ -789,9 +788,7 @@ async fn argo_rollouts_are_consumers_when_served() {
         .serve_group("argoproj.io/v1alpha1", &[("rollouts", "Rollout")]);
     r.settle().await;
     r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
-    r.advance(10);
-    r.settle().await;
+    r.sync_after_window("api").await;
     let patched: Vec<String> = r
         .fake
         .writes_to("rollouts")
@@ -841,9 +838,7 @@ async fn a_key_set_reader_restarts_only_when_a_key_it_reads_changes() {
     let change = |project: &[(&str, Option<&str>)]| {
         r.vault.put(PROJECT, project);
         async {
-            r.sync("api").await;
-            r.advance(10);
-            r.settle().await;
+            r.sync_after_window("api").await;
         }
     };
     // LOG_LEVEL leaves (two-keys now reads every key of the Secret), then comes back.
@@ -867,9 +862,7 @@ async fn a_key_set_reader_restarts_only_when_a_key_it_reads_changes() {
         vec!["deployments/one-key", "deployments/two-keys"]
     );
     r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
-    r.advance(10);
-    r.settle().await;
+    r.sync_after_window("api").await;
     assert_eq!(r.restarted(), vec!["deployments/two-keys"]);
 }
 
@@ -971,9 +964,7 @@ async fn the_scopedsecret_status_apply_keeps_the_restart_results() {
     r.sync("api").await;
     r.settle().await;
     r.vault.put(API_PATH, &[("DB_PASSWORD", Some("p2"))]);
-    r.sync("api").await;
-    r.advance(10);
-    r.settle().await;
+    r.sync_after_window("api").await;
     r.vault.put(
         PROJECT,
         &[("LOG_LEVEL", Some("error")), ("DB_HOST", Some("db"))],

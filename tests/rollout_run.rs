@@ -76,6 +76,15 @@ fn world() -> (FakeKube, Arc<MemorySource>) {
     (fake, vault)
 }
 
+/// The world with the Deployment `web` reading the Secret of the ScopedSecret `api`, and a
+/// manual clock.
+fn web_reading_api() -> (FakeKube, Arc<MemorySource>, Arc<ManualClock>) {
+    let (fake, vault) = world();
+    fake.insert(deployment("web", &["api"]));
+    fake.insert(scoped_secret("api", "api"));
+    (fake, vault, Arc::new(ManualClock::default()))
+}
+
 fn scoped_secret(name: &str, service: &str) -> Value {
     json!({
         "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
@@ -159,10 +168,7 @@ fn synced(fake: &FakeKube, name: &str, value: &str) -> Option<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_secret_write_and_the_restart_restarts_once_after_start_up() {
-    let (fake, vault) = world();
-    let clock = Arc::new(ManualClock::default());
-    fake.insert(deployment("web", &["api"]));
-    fake.insert(scoped_secret("api", "api"));
+    let (fake, vault, clock) = web_reading_api();
     let running = operator(&fake, &vault, config(), &clock).await;
     eventually("the first sync and the baseline", LIMIT, || {
         seen(&fake, "deployments", "web").then_some(())
@@ -350,10 +356,7 @@ async fn a_failed_discovery_after_an_answer_is_logged_as_a_warning_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn argo_rollouts_installed_after_start_up_are_restarted() {
-    let (fake, vault) = world();
-    let clock = Arc::new(ManualClock::default());
-    fake.insert(deployment("web", &["api"]));
-    fake.insert(scoped_secret("api", "api"));
+    let (fake, vault, clock) = web_reading_api();
     let mut config = config();
     config.pacing.discovery = Duration::from_millis(100);
     let running = operator(&fake, &vault, config, &clock).await;
@@ -389,10 +392,7 @@ async fn argo_rollouts_installed_after_start_up_are_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_workload_logs_a_warning_once_then_debug_and_its_recovery() {
     let logs = support::capture_logs();
-    let (fake, vault) = world();
-    let clock = Arc::new(ManualClock::default());
-    fake.insert(deployment("web", &["api"]));
-    fake.insert(scoped_secret("api", "api"));
+    let (fake, vault, clock) = web_reading_api();
     let config = Config {
         backoff_base: Duration::from_millis(20),
         ..config()
@@ -442,10 +442,7 @@ async fn a_failing_workload_logs_a_warning_once_then_debug_and_its_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_value_trips_the_breaker_and_a_resume_restarts_once() {
-    let (fake, vault) = world();
-    let clock = Arc::new(ManualClock::default());
-    fake.insert(deployment("web", &["api"]));
-    fake.insert(scoped_secret("api", "api"));
+    let (fake, vault, clock) = web_reading_api();
     let config = Config {
         breaker_changes: 1,
         ..config()
