@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{KeyToPath, PodSpec};
+use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, KeyToPath, PodSpec, VolumeMount};
 
 /// What part of the Secret a workload reads.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -65,6 +65,26 @@ fn items_reads(items: &Option<Vec<KeyToPath>>) -> Reads {
     }
 }
 
+/// What a container reads Secrets through: (env, envFrom, volumeMounts).
+type ContainerReads<'a> = (
+    &'a Option<Vec<EnvVar>>,
+    &'a Option<Vec<EnvFromSource>>,
+    &'a Option<Vec<VolumeMount>>,
+);
+
+/// What every kind of container of `spec` (containers, init and ephemeral containers) reads
+/// Secrets through.
+fn containers(spec: &PodSpec) -> impl Iterator<Item = ContainerReads<'_>> {
+    let regular = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    let ephemeral = spec.ephemeral_containers.iter().flatten();
+    regular
+        .map(|c| (&c.env, &c.env_from, &c.volume_mounts))
+        .chain(ephemeral.map(|c| (&c.env, &c.env_from, &c.volume_mounts)))
+}
+
 /// The names of the Secrets `spec` references, however it reads them.
 pub fn referenced(spec: &PodSpec) -> BTreeSet<&str> {
     let mut names = BTreeSet::new();
@@ -73,15 +93,7 @@ pub fn referenced(spec: &PodSpec) -> BTreeSet<&str> {
         let projected = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
         names.extend(projected.filter_map(|s| Some(s.secret.as_ref()?.name.as_str())));
     }
-    let containers = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten());
-    let ephemeral = spec.ephemeral_containers.iter().flatten();
-    let refs = containers
-        .map(|c| (&c.env, &c.env_from))
-        .chain(ephemeral.map(|c| (&c.env, &c.env_from)));
-    for (env, env_from) in refs {
+    for (env, env_from, _) in containers(spec) {
         let key_refs = env
             .iter()
             .flatten()
@@ -134,17 +146,8 @@ pub fn consumption(spec: &PodSpec, secret: &str) -> Option<Consumption> {
         }
     }
 
-    // Every kind of container: (env, envFrom, volumeMounts).
-    let containers = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten());
-    let ephemeral = spec.ephemeral_containers.iter().flatten();
-    let containers = containers
-        .map(|c| (&c.env, &c.env_from, &c.volume_mounts))
-        .chain(ephemeral.map(|c| (&c.env, &c.env_from, &c.volume_mounts)));
     let mut sub_path = false;
-    for (envs, env_froms, mounts) in containers {
+    for (envs, env_froms, mounts) in containers(spec) {
         for e in envs.iter().flatten() {
             if let Some(r) = e
                 .value_from
