@@ -36,7 +36,7 @@ enum Command {
         /// Namespace of the operator's own objects (the HMAC key Secret).
         #[arg(long, env = "POD_NAMESPACE", default_value = "scoped-secrets")]
         namespace: String,
-        /// Reconciles running at once.
+        /// Reconciles running at once; the others wait in the order they fell due.
         #[arg(long, default_value_t = 8)]
         concurrency: u16,
         /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.

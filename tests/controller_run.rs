@@ -164,3 +164,105 @@ async fn a_failing_watch_does_not_hold_back_a_forced_sync() {
     );
     assert!(!operator.is_finished(), "controller::run returned");
 }
+
+/// A Vault that answers every read after `delay`, counting the reads of each service path.
+struct SlowVault {
+    inner: MemorySource,
+    delay: Duration,
+    reads: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl scoped_secrets::vault::ScopeSource for SlowVault {
+    fn read_scopes<'a>(
+        &'a self,
+        store: &'a scoped_secrets::vault::StoreHandle,
+        paths: &'a [scoped_secrets::scope::ScopePath],
+        max_age: Duration,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<Vec<scoped_secrets::resolve::ScopeData>, scoped_secrets::vault::VaultError>,
+    > {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            {
+                let mut reads = self.reads.lock().unwrap();
+                for p in paths
+                    .iter()
+                    .filter(|p| p.path.starts_with("shop/services/"))
+                {
+                    *reads.entry(p.path.clone()).or_default() += 1;
+                }
+            }
+            self.inner.read_scopes(store, paths, max_age).await
+        })
+    }
+
+    fn read_version<'a>(
+        &'a self,
+        store: &'a scoped_secrets::vault::StoreHandle,
+        path: &'a str,
+        version: u64,
+        max_age: Duration,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<Option<scoped_secrets::vault::VersionData>, scoped_secrets::vault::VaultError>,
+    > {
+        self.inner.read_version(store, path, version, max_age)
+    }
+}
+
+/// More refreshes fall due than the workers can serve (30 ScopedSecrets every 10 s, one
+/// second of Vault each, two workers): every ScopedSecret still gets its turn, in the order
+/// they fell due. kube-runtime takes the next object of a full queue from a hash set, so the
+/// same few were served again and again while the others were never refreshed.
+#[tokio::test(start_paused = true)]
+async fn refreshes_beyond_the_workers_capacity_are_served_in_turn_and_starve_none() {
+    let fake = FakeKube::new();
+    support::shop::shop_dev(&fake);
+    let services = 30;
+    let vault = Arc::new(SlowVault {
+        inner: MemorySource::new(),
+        delay: Duration::from_secs(1),
+        reads: Default::default(),
+    });
+    vault.inner.put("shop", &[("LOG_LEVEL", Some("info"))]);
+    for s in 0..services {
+        let mut spec = support::shop::default_spec();
+        spec["refreshInterval"] = json!("10s");
+        fake.insert(support::shop::scoped_secret(
+            &format!("s{s}"),
+            "shop-dev",
+            spec,
+        ));
+    }
+    let config = Config {
+        concurrency: 2,
+        ..Config::default()
+    };
+    let operator = start_operator(&fake, vault.clone(), config);
+    operator.wait_ready(LIMIT).await;
+    let reads = || vault.reads.lock().unwrap().clone();
+    eventually("the first sync of every ScopedSecret", LIMIT, || {
+        (reads().len() == services).then_some(())
+    })
+    .await;
+    let first = reads();
+    // Ten minutes: at one read per second, each could be refreshed about twenty times.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let after = reads();
+    let refreshed: Vec<usize> = after
+        .iter()
+        .map(|(path, n)| n - first.get(path).copied().unwrap_or(0))
+        .collect();
+    println!("refreshes per ScopedSecret in 600 s: {refreshed:?}");
+    let starved: Vec<&String> = after
+        .iter()
+        .filter(|(path, n)| **n - first.get(*path).copied().unwrap_or(0) < 5)
+        .map(|(path, _)| path)
+        .collect();
+    assert!(
+        starved.is_empty(),
+        "refreshed fewer than 5 times in 600 s: {starved:?}"
+    );
+    assert!(!operator.is_finished(), "controller::run returned");
+}

@@ -137,7 +137,7 @@ impl Error {
 pub struct Config {
     /// Namespace of the operator's own objects (the HMAC key Secret).
     pub operator_namespace: String,
-    /// Reconciles running at once.
+    /// Reconciles running at once (at least one), served in the order they fell due.
     pub concurrency: u16,
     /// First retry delay after a failure.
     pub backoff_base: Duration,
@@ -228,6 +228,9 @@ pub struct Context {
     awaiting_first: Mutex<HashSet<ObjectRef<ScopedSecret>>>,
     /// Which ScopedSecrets read which paths, and the refreshes asked of them.
     pub triggers: trigger::Triggers,
+    /// The reconcile workers (`concurrency`), handed out in the order reconciles fell due
+    /// ([`reconcile_in_order`]).
+    workers: tokio::sync::Semaphore,
 }
 
 impl Context {
@@ -253,6 +256,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         let share = usize::from(config.concurrency / 2).max(1);
+        let workers = tokio::sync::Semaphore::new(usize::from(config.concurrency.max(1)));
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -270,6 +274,7 @@ impl Context {
             clock: Arc::new(crate::clock::SystemClock),
             caches: Default::default(),
             awaiting_first: Default::default(),
+            workers,
         }
     }
 
@@ -333,6 +338,11 @@ impl Context {
         }
     }
 
+    /// `obj`'s spec was handled (synced or refused): it no longer goes ahead of refreshes.
+    fn handled(&self, obj: &ObjectRef<ScopedSecret>) {
+        self.awaiting_first.lock().unwrap().remove(obj);
+    }
+
     /// Whether the reconcile of `ss` should give its worker to a ScopedSecret still waiting
     /// for its first sync: it is a plain refresh (its spec handled, no force-sync pending).
     fn yields_to_first_syncs(&self, ss: &ScopedSecret) -> bool {
@@ -352,20 +362,30 @@ fn spec_unhandled(ss: &ScopedSecret) -> bool {
         || ss.status.is_none()
 }
 
-/// The controller's reconcile: [`reconcile`], except that while ScopedSecrets wait for their
-/// first sync (a new namespace of 2,000, an operator installed into a full cluster), a plain
-/// refresh of one already synced comes back in a few seconds instead of taking a worker, the
-/// API rate limit and Vault's time. First syncs then finish as fast as the rate allows, not
-/// behind refreshes (external-secrets #4180). Spec edits and force-syncs never wait; a hand
-/// edit of a Secret is repaired once the first syncs are done.
+/// The controller's reconcile: [`reconcile`] on one of `concurrency` workers, handed out in
+/// the order the reconciles fell due. kube-runtime runs the controller without a limit of its
+/// own: when its limit is reached it takes the next object from a hash set, so under a
+/// backlog longer than a refresh interval (30,000 ScopedSecrets refreshed every 30 s on two
+/// cores, a slow Vault) the same objects were served again and again while others were never
+/// synced. A waiting reconcile holds no more than its object and a place in the queue.
+///
+/// While ScopedSecrets wait for their first sync (a new namespace of 2,000, an operator
+/// installed into a full cluster), a plain refresh of one already synced comes back in a few
+/// seconds instead of taking a worker, the API rate limit and Vault's time. First syncs then
+/// finish as fast as the rate allows, not behind refreshes (external-secrets #4180). Spec
+/// edits and force-syncs never wait; a hand edit of a Secret is repaired once the first syncs
+/// are done.
 pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
     if ctx.yields_to_first_syncs(&ss) {
         return Ok(Action::requeue(deferral_delay()));
     }
-    let obj = ObjectRef::from_obj(ss.as_ref());
-    let result = reconcile(ss, ctx.clone()).await;
-    ctx.awaiting_first.lock().unwrap().remove(&obj);
-    result
+    let _worker = ctx
+        .workers
+        .acquire()
+        .await
+        .expect("the workers are never closed");
+    // Boxed: the futures waiting for a worker stay small, whatever a reconcile holds.
+    Box::pin(reconcile(ss, ctx.clone())).await
 }
 
 /// Delay before a reconcile whose store had its share of the workers busy tries again:
@@ -583,7 +603,6 @@ pub async fn run_at(
         None => None,
     };
     let hmac_key = ensure_hmac_key(&client, &config.operator_namespace).await?;
-    let concurrency = config.concurrency;
     let ctx = Context::serving(client.clone(), source, hmac_key, config, metrics);
     let ctx = Arc::new(ctx.with_clock(clock));
 
@@ -619,7 +638,7 @@ pub async fn run_at(
         };
         // The workload controller reads this controller's caches and follows its watches.
         let (touched, touches) = tokio::sync::mpsc::unbounded_channel();
-        let controller = controller_for(&ctx, scope.as_deref(), concurrency, on_synced, touched);
+        let controller = controller_for(&ctx, scope.as_deref(), on_synced, touched);
         controllers.push(workloads::run_scope(restarts.clone(), scope.clone(), touches).boxed());
         controllers.push(
             controller
@@ -702,7 +721,6 @@ impl kube::runtime::utils::Backoff for NoPause {
 fn controller_for(
     ctx: &Arc<Context>,
     namespace: Option<&str>,
-    concurrency: u16,
     on_synced: impl Fn() + Send + 'static,
     touched: UnboundedSender<ObjectRef<ScopedSecret>>,
 ) -> Controller<ScopedSecret> {
@@ -809,7 +827,8 @@ fn controller_for(
     );
     let files = ctx.clone();
     Controller::for_stream(scoped_secrets, reader)
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        // No limit here: `reconcile_in_order` hands out the workers in order.
+        .with_config(kube::runtime::controller::Config::default())
         .trigger_backoff(NoPause)
         .watches_stream(secrets, |s| owner_of(&s))
         .watches_stream(vault_stores, move |vs: VaultStore| {

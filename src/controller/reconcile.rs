@@ -129,9 +129,11 @@ pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Actio
     let started = Instant::now();
     let (retention, synced) = retain_and_sync(&ss, &ctx, &obj).await;
     // Its store already has its share of the workers reading: give this one back, no status.
+    // (It keeps its place ahead of refreshes, if it had one: nothing was handled.)
     if let Err(Error::Vault(crate::vault::VaultError::StoreBusy { .. })) = &synced {
         return Ok(Action::requeue(super::deferral_delay()));
     }
+    ctx.handled(&obj);
     let result = match synced {
         Ok(done) => report(&ss, &ctx, &obj, &done, &retention).await,
         Err(err @ Error::Deleted { .. }) => Err(err),
