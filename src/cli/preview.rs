@@ -254,7 +254,7 @@ fn assess(
             .iter()
             .cloned()
             .map(|mut w| {
-                w.template_annotations.clear();
+                w.template.clear();
                 w
             })
             .collect();
@@ -262,7 +262,7 @@ fn assess(
             let Some(consumption) = rollout::targeted(ss.spec.rollout.as_ref(), w, &secret) else {
                 continue;
             };
-            let name = format!("{}/{}", w.kind.as_str(), w.name);
+            let name = format!("{}/{}", w.kind.as_str(), w.name());
             match rollout::spared_by(w, &consumption, &changed) {
                 None => restarts.push(name),
                 Some(why) => spared.push(format!("{name} ({why})")),
@@ -555,24 +555,10 @@ pub(crate) fn workload_kind(api_version: &str, kind: &str) -> Option<WorkloadKin
     }
 }
 
-/// A workload manifest as the planner sees it.
+/// A workload manifest as the planner sees it; `None` without a name or a pod template.
 pub(crate) fn workload_of(value: &Value, kind: WorkloadKind) -> Option<Workload> {
-    let meta = &value["metadata"];
-    let map = |v: &Value| -> BTreeMap<String, String> {
-        serde_json::from_value(v.clone()).unwrap_or_default()
-    };
-    let template = &value["spec"]["template"];
-    Some(Workload {
-        kind,
-        name: meta["name"].as_str()?.to_string(),
-        labels: map(&meta["labels"]),
-        annotations: map(&meta["annotations"]),
-        template_annotations: map(&template["metadata"]["annotations"]),
-        reads: rollout::detect::consumptions(
-            &serde_json::from_value(template["spec"].clone()).ok()?,
-        ),
-        paused: value["spec"]["paused"].as_bool().unwrap_or(false),
-    })
+    let w = Workload::new(kind, &serde_json::from_value(value.clone()).ok()?);
+    (w.metadata.name.is_some() && w.reads.is_some()).then_some(w)
 }
 
 #[cfg(test)]
@@ -661,7 +647,7 @@ mod tests {
             "api",
             json!({"name": "c", "image": "x", "envFrom": [{"secretRef": {"name": "api"}}]}),
         );
-        assert_eq!(w.name, "api");
-        assert!(w.reads.contains_key("api"));
+        assert_eq!(w.name(), "api");
+        assert!(w.consumption("api").is_some());
     }
 }

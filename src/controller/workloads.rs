@@ -11,7 +11,7 @@
 //! ScopedSecrets and managed Secrets (metadata only: no value is ever received) are read from
 //! the ScopedSecret controller's caches ([`super::caches::Caches`]): one watch of each serves
 //! both controllers, and says which ScopedSecret's Secret (or itself) changed. Workloads are
-//! cached as a projection ([`Cached`]) of what detection and rollout progress read, so memory
+//! cached as a projection ([`Workload`]) of what detection and rollout progress read, so memory
 //! follows references, and indexed as their watch events arrive ([`Index`]): a changed Secret
 //! wakes its readers, and the budget counts the rollouts in flight, without a scan.
 //!
@@ -20,7 +20,6 @@
 //! patched but not yet in the cache, and the order of the workloads waiting for a slot —
 //! oldest first, woken when a rollout's progress frees one.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -28,17 +27,14 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::PodSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{Selector, SelectorExt};
+use kube::core::Selector;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store, reflector, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -48,12 +44,11 @@ use super::failures::{Failures, Recorded};
 use super::{Context, events};
 use crate::api::v1alpha1::{RolloutStatus, RolloutStrategy, ScopedSecret};
 use crate::render::{CONTENT_HASH_ANNOTATION, OWNER_LABEL};
-use crate::rollout::apply::{self, Annotations, rollout_complete};
+use crate::rollout::apply::{self, Annotations};
 use crate::rollout::desired::{self, Need, SecretView};
-use crate::rollout::detect::{self, Consumption};
 use crate::rollout::{
-    CHECKSUM_PREFIX, Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION,
-    RolloutResult, Skip, Workload, WorkloadKind, annotation_key, breaker,
+    Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION, RolloutResult, Skip,
+    Workload, WorkloadKind, annotation_key, breaker,
 };
 
 /// How often a workload waiting for the restart budget looks again (it is also woken when a
@@ -91,133 +86,16 @@ impl Error {
     }
 }
 
-/// A workload as its cache keeps it: what the restart decision and the budget read, computed
-/// from the object when its watch event arrives — how its pod template consumes each Secret it
-/// references, the operator's own annotations, whether its rollout is complete — so that
-/// memory follows the references, not the object (a `DynamicObject`'s JSON maps cost
-/// kilobytes). Small maps are vectors: a map allocates room for eleven entries.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Cached {
-    /// Name, namespace and uid only.
-    metadata: ObjectMeta,
-    labels: Vec<(String, String)>,
-    /// The `checksum.scopedsecrets.io/` and `scopedsecrets.io/` annotations of its metadata.
-    annotations: Vec<(String, String)>,
-    /// The checksum annotations of its pod template.
-    template: Vec<(String, String)>,
-    /// How its pod template consumes each Secret it references; `None` when the template is
-    /// not a pod template (nothing is decided for it).
-    reads: Option<Vec<(String, Consumption)>>,
-    paused: bool,
-    /// Its rollout is complete, by the rules of `kubectl rollout status`.
-    complete: bool,
-}
-
-impl Cached {
-    pub fn new(kind: WorkloadKind, obj: &DynamicObject) -> Self {
-        let template = &obj.data["spec"]["template"];
-        let ours = |map: &BTreeMap<String, String>, own: &str| {
-            let own = |k: &String| k.starts_with(CHECKSUM_PREFIX) || k.starts_with(own);
-            map.iter()
-                .filter(|(k, _)| own(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        let template_annotations: BTreeMap<String, String> =
-            BTreeMap::deserialize(&template["metadata"]["annotations"]).unwrap_or_default();
-        let reads = PodSpec::deserialize(&template["spec"]).ok();
-        let metadata = &obj.metadata;
-        Cached {
-            metadata: ObjectMeta {
-                name: metadata.name.clone(),
-                namespace: metadata.namespace.clone(),
-                uid: metadata.uid.clone(),
-                ..Default::default()
-            },
-            labels: obj.labels().clone().into_iter().collect(),
-            annotations: ours(obj.annotations(), "scopedsecrets.io/"),
-            template: ours(&template_annotations, CHECKSUM_PREFIX),
-            reads: reads.map(|spec| detect::consumptions(&spec).into_iter().collect()),
-            paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
-            complete: rollout_complete(kind, obj),
-        }
-    }
-
-    /// The decision's view; `None` when the template is not a pod template.
-    fn view(&self, kind: WorkloadKind) -> Option<Workload> {
-        let map = |v: &[(String, String)]| v.iter().cloned().collect();
-        Some(Workload {
-            kind,
-            name: self.name_any(),
-            labels: map(&self.labels),
-            annotations: map(&self.annotations),
-            template_annotations: map(&self.template),
-            reads: self.reads.clone()?.into_iter().collect(),
-            paused: self.paused,
-        })
-    }
-
-    fn restarted_at(&self) -> Option<Timestamp> {
-        let (_, at) = self
-            .annotations
-            .iter()
-            .find(|(k, _)| k == RESTARTED_AT_ANNOTATION)?;
-        at.parse().ok()
-    }
-
-    fn labels_match(&self, selector: &Selector) -> bool {
-        selector.matches(&self.labels.iter().cloned().collect())
-    }
-}
-
-/// One type for every kind, told apart by the controllers' [`WorkloadKind`].
-impl Resource for Cached {
-    type DynamicType = WorkloadKind;
-    type Scope = NamespaceResourceScope;
-
-    fn kind(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.as_str().into()
-    }
-
-    fn group(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.api_version()
-            .rsplit_once('/')
-            .map_or("", |(g, _)| g)
-            .into()
-    }
-
-    fn version(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.api_version()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .into()
-    }
-
-    fn api_version(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.api_version().into()
-    }
-
-    fn plural(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.plural().into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
 /// A watch event of `kind` as the cache keeps it.
-pub fn project(kind: WorkloadKind, event: watcher::Event<DynamicObject>) -> watcher::Event<Cached> {
+pub fn project(
+    kind: WorkloadKind,
+    event: watcher::Event<DynamicObject>,
+) -> watcher::Event<Workload> {
     use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
     match event {
-        Apply(o) => Apply(Cached::new(kind, &o)),
-        InitApply(o) => InitApply(Cached::new(kind, &o)),
-        Delete(o) => Delete(Cached::new(kind, &o)),
+        Apply(o) => Apply(Workload::new(kind, &o)),
+        InitApply(o) => InitApply(Workload::new(kind, &o)),
+        Delete(o) => Delete(Workload::new(kind, &o)),
         Init => Init,
         InitDone => InitDone,
     }
@@ -256,12 +134,12 @@ impl Managed {
 }
 
 /// A workload.
-type Id = ObjectRef<Cached>;
+type Id = ObjectRef<Workload>;
 
 /// A workload within its kind's cache: (namespace, name).
 type Key = (String, String);
 
-fn key(obj: &Cached) -> Key {
+fn key(obj: &Workload) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
@@ -285,10 +163,10 @@ impl Index {
     fn apply(
         &mut self,
         kind: WorkloadKind,
-        before: &Store<Cached>,
-        event: &watcher::Event<Cached>,
+        before: &Store<Workload>,
+        event: &watcher::Event<Workload>,
     ) {
-        let old = |obj: &Cached| before.get(&ObjectRef::from_obj_with(obj, kind));
+        let old = |obj: &Workload| before.get(&ObjectRef::from_obj_with(obj, kind));
         match event {
             watcher::Event::Init => self.relisted = Some(HashSet::new()),
             watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
@@ -315,7 +193,7 @@ impl Index {
         }
     }
 
-    fn insert(&mut self, obj: &Cached) {
+    fn insert(&mut self, obj: &Workload) {
         let (ns, name) = key(obj);
         for (secret, _) in obj.reads.iter().flatten() {
             let readers = self.readers.entry((ns.clone(), secret.clone()));
@@ -328,7 +206,7 @@ impl Index {
         }
     }
 
-    fn remove(&mut self, obj: &Cached) {
+    fn remove(&mut self, obj: &Workload) {
         let (ns, name) = key(obj);
         for (secret, _) in obj.reads.iter().flatten() {
             let reader = (ns.clone(), secret.clone());
@@ -355,7 +233,7 @@ struct Budget {
 /// One kind's workload cache in one scope, its index, and how to wake its workloads.
 struct Watched {
     kind: WorkloadKind,
-    store: Store<Cached>,
+    store: Store<Workload>,
     index: Arc<Mutex<Index>>,
     wake: mpsc::UnboundedSender<Id>,
 }
@@ -378,12 +256,6 @@ pub struct Restarts {
     targeting: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
-/// The context of one kind's controller.
-pub struct KindCtx {
-    pub restarts: Arc<Restarts>,
-    pub kind: WorkloadKind,
-}
-
 impl Restarts {
     pub fn new(ctx: Arc<Context>) -> Arc<Self> {
         Arc::new(Restarts {
@@ -400,9 +272,9 @@ impl Restarts {
     pub fn add_workloads(
         &self,
         kind: WorkloadKind,
-        store: Store<Cached>,
+        store: Store<Workload>,
         wake: mpsc::UnboundedSender<Id>,
-    ) -> impl Fn(&watcher::Event<Cached>) + Send + Sync + 'static {
+    ) -> impl Fn(&watcher::Event<Workload>) + Send + Sync + 'static {
         let index = Arc::new(Mutex::new(Index::default()));
         let watched = Watched {
             kind,
@@ -473,7 +345,7 @@ impl Restarts {
         }
     }
 
-    fn cached(&self, id: &Id) -> Option<Arc<Cached>> {
+    fn cached(&self, id: &Id) -> Option<Arc<Workload>> {
         let watched = self.watched.read().unwrap();
         watched.iter().find_map(|w| w.store.get(id))
     }
@@ -493,7 +365,8 @@ impl Restarts {
                 names.filter_map(|n| caches.scoped_secret(&ObjectRef::new(n).within(namespace)));
             cached.filter(|ss| targets_any(ss)).collect()
         };
-        let mut names: BTreeSet<&str> = w.reads.keys().map(String::as_str).collect();
+        let reads = w.reads.iter().flatten();
+        let mut names: BTreeSet<&str> = reads.map(|(s, _)| s.as_str()).collect();
         names.extend(
             targeting
                 .iter()
@@ -533,7 +406,7 @@ impl Restarts {
             out.extend(index.rolling.keys().map(|(ns, name)| w.id(ns, name)));
         }
         launched.retain(|id, at| {
-            let unseen = |o: Arc<Cached>| o.restarted_at().is_none_or(|seen| seen < *at);
+            let unseen = |o: Arc<Workload>| o.restarted_at().is_none_or(|seen| seen < *at);
             recent(*at) && self.cached(id).is_some_and(unseen)
         });
         out.extend(launched.keys().cloned());
@@ -593,22 +466,22 @@ impl Restarts {
 
 /// Reconciles one workload: its plan from the caches (pure), then applied within the budget,
 /// then the ScopedSecrets' `status.rollouts` and events say what happened.
-pub async fn reconcile(obj: Arc<Cached>, k: Arc<KindCtx>) -> Result<Action, Error> {
-    let (r, ctx) = (&k.restarts, &k.restarts.ctx);
-    let ns = obj.namespace().unwrap_or_default();
-    let Some(w) = obj.view(k.kind) else {
+pub async fn reconcile(w: Arc<Workload>, r: Arc<Restarts>) -> Result<Action, Error> {
+    let ctx = &r.ctx;
+    let ns = w.namespace().unwrap_or_default();
+    if w.reads.is_none() {
         return Ok(Action::await_change());
-    };
-    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind);
+    }
+    let id = ObjectRef::from_obj_with(w.as_ref(), w.kind);
     let now = ctx.clock.now();
-    if obj.restarted_at().is_some() {
+    if w.restarted_at().is_some() {
         r.wake_waiting(now);
     }
     let limits = ctx.config.breaker_limits();
     let managed = r.managed(&ns, &w);
     let views: Vec<SecretView<'_>> = managed.iter().filter_map(|m| m.view(limits, now)).collect();
     let plan = desired::plan(&w, &views, &ctx.hmac_key, now, ctx.config.pacing.window);
-    let (restart, action) = apply_plan(r, &w, &ns, &id, &plan, now).await?;
+    let (restart, action) = apply_plan(&r, &w, &ns, &id, &plan, now).await?;
     // A restart whose record failed (a conflict, an outage) is recorded once the workload is
     // seen running the content: a `Queued` or `Deferred` entry never outlives its restart.
     let done = plan.needs.iter().filter_map(|(secret, need)| match need {
@@ -626,7 +499,7 @@ pub async fn reconcile(obj: Arc<Cached>, k: Arc<KindCtx>) -> Result<Action, Erro
         if matches!(plan.needs.get(secret), Some(Need::Current(_))) && !pending(&m.owner, &w) {
             continue;
         }
-        if record(r, &w, &m.owner, hash, result).await? {
+        if record(&r, &w, &m.owner, hash, result).await? {
             let refused = matches!(
                 plan.needs.get(secret),
                 Some(Need::Restart {
@@ -634,11 +507,16 @@ pub async fn reconcile(obj: Arc<Cached>, k: Arc<KindCtx>) -> Result<Action, Erro
                     ..
                 })
             );
-            announce(ctx, &obj, &w, &m.owner, secret, result, refused).await;
+            announce(ctx, &w, &m.owner, secret, result, refused).await;
         }
     }
     if r.failures.forget(&id) {
-        info!(namespace = ns, workload = %w.name, kind = k.kind.as_str(), "restart reconcile recovered");
+        info!(
+            namespace = ns,
+            workload = w.name(),
+            kind = w.kind.as_str(),
+            "restart reconcile recovered"
+        );
     }
     Ok(action)
 }
@@ -647,7 +525,7 @@ pub async fn reconcile(obj: Arc<Cached>, k: Arc<KindCtx>) -> Result<Action, Erro
 fn pending(ss: &ScopedSecret, w: &Workload) -> bool {
     let waits = [RolloutResult::Queued, RolloutResult::Deferred].map(|r| r.to_string());
     ss.status.iter().flat_map(|s| &s.rollouts).any(|e| {
-        (e.kind.as_str(), e.name.as_str()) == (w.kind.as_str(), w.name.as_str())
+        (e.kind.as_str(), e.name.as_str()) == (w.kind.as_str(), w.name())
             && waits.contains(&e.result)
     })
 }
@@ -662,7 +540,7 @@ async fn apply_plan(
     plan: &desired::Plan,
     now: Timestamp,
 ) -> Result<(Option<RolloutResult>, Action), Error> {
-    let held = Annotations::held(&w.template_annotations, &w.annotations);
+    let held = Annotations::held(w);
     let mut want = held.clone();
     let annotations = |m: &BTreeMap<String, String>| -> Vec<(String, String)> {
         m.iter()
@@ -701,7 +579,7 @@ async fn apply_plan(
         // An outage: the reconcile fails and is retried; nothing is recorded as done.
         _ => return Err(e),
     };
-    warn!(namespace = ns, workload = %w.name, "{e}");
+    warn!(namespace = ns, workload = w.name(), "{e}");
     r.ctx.metrics.restarted("failed", 1);
     Ok((
         Some(RolloutResult::Failed(failure)),
@@ -710,14 +588,14 @@ async fn apply_plan(
 }
 
 async fn patch(r: &Restarts, w: &Workload, ns: &str, a: &Annotations) -> Result<(), Error> {
-    let result = apply::apply(&r.ctx.client, w.kind, ns, &w.name, a).await;
+    let result = apply::apply(&r.ctx.client, w.kind, ns, w.name(), a).await;
     result.map_err(|source| {
         let forbidden = matches!(&source, kube::Error::Api(s) if s.code == 403);
         let hint = match forbidden {
             true => " (the operator's ClusterRole needs list, watch and patch on this kind)",
             false => "",
         };
-        let (kind, name) = (w.kind.as_str(), &w.name);
+        let (kind, name) = (w.kind.as_str(), w.name());
         let action = format!("patch the restart annotations of {kind} {ns}/{name}{hint}");
         Error::Kube { action, source }
     })
@@ -733,7 +611,7 @@ async fn record(
     hash: &str,
     result: RolloutResult,
 ) -> Result<bool, Error> {
-    let (kind, name, text) = (w.kind.as_str(), w.name.as_str(), result.to_string());
+    let (kind, name, text) = (w.kind.as_str(), w.name(), result.to_string());
     let said = |ss: &ScopedSecret| {
         ss.status.iter().flat_map(|s| &s.rollouts).any(|e| {
             (e.kind.as_str(), e.name.as_str()) == (kind, name)
@@ -793,7 +671,6 @@ async fn record(
 /// Events for a result that changed: on the ScopedSecret, and on the workload when restarted.
 async fn announce(
     ctx: &Context,
-    obj: &Cached,
     w: &Workload,
     ss: &ScopedSecret,
     secret: &str,
@@ -801,7 +678,7 @@ async fn announce(
     live_reload_refused: bool,
 ) {
     use RolloutResult::{Failed, Restarted, Skipped};
-    let what = format!("{}/{}", w.kind.as_str(), w.name);
+    let what = format!("{}/{}", w.kind.as_str(), w.name());
     let (reason, note) = match result {
         Restarted if live_reload_refused => (
             "RolloutRestarted",
@@ -833,20 +710,20 @@ async fn announce(
         Failed(_) => EventType::Warning,
         _ => EventType::Normal,
     };
-    let ns = obj.namespace().unwrap_or_default();
+    let ns = w.namespace().unwrap_or_default();
     info!(namespace = ns, workload = %what, %secret, %result, "rollout");
     events::publish(ss, ctx, type_, reason, &note).await;
     if result == Restarted {
-        let on_workload = obj.object_ref(&w.kind);
+        let on_workload = w.object_ref(&w.kind);
         events::publish_on(ctx, &on_workload, type_, reason, &note).await;
     }
 }
 
 /// Requeue after a failed workload reconcile, with the controller's backoff. Logged at WARN
 /// when a failure starts or changes, its repeats at DEBUG.
-fn error_policy(obj: Arc<Cached>, err: &Error, k: Arc<KindCtx>) -> Action {
-    let (r, kind) = (&k.restarts, k.kind.as_str());
-    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind);
+fn error_policy(obj: Arc<Workload>, err: &Error, r: Arc<Restarts>) -> Action {
+    let kind = obj.kind.as_str();
+    let id = ObjectRef::from_obj_with(obj.as_ref(), obj.kind);
     let message = err.to_string();
     let Recorded { attempt, repeat } = r.failures.record(&id, err.category(), &message);
     let (namespace, workload) = (obj.namespace().unwrap_or_default(), obj.name_any());
@@ -971,16 +848,12 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
     let settings = controller::Config::default()
         .concurrency(r.ctx.config.concurrency)
         .debounce(Duration::from_secs(1));
-    let k = Arc::new(KindCtx {
-        restarts: r.clone(),
-        kind,
-    });
     Controller::for_stream_with(stream, store, kind)
         .with_config(settings)
         .trigger_backoff(super::NoPause)
         .reconcile_on(super::tokio_stream_of(woken))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, k)
+        .run(reconcile, error_policy, r.clone())
         .for_each(|result| async move {
             match result {
                 Err(controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
@@ -995,7 +868,7 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    fn deployment(name: &str, secrets: &[&str], annotations: Value, status: Value) -> Cached {
+    fn deployment(name: &str, secrets: &[&str], annotations: Value, status: Value) -> Workload {
         let refs: Vec<Value> = secrets
             .iter()
             .map(|s| json!({"secretRef": {"name": s}}))
@@ -1007,17 +880,17 @@ mod tests {
             "status": status,
         }))
         .unwrap();
-        Cached::new(WorkloadKind::Deployment, &obj)
+        Workload::new(WorkloadKind::Deployment, &obj)
     }
 
-    fn reader(name: &str, secrets: &[&str]) -> Cached {
+    fn reader(name: &str, secrets: &[&str]) -> Workload {
         deployment(name, secrets, json!({}), json!({}))
     }
 
     /// An index and its cache, each event shown to the index first, as the watch does.
     struct Fed {
         index: Index,
-        cache: Writer<Cached>,
+        cache: Writer<Workload>,
     }
 
     impl Fed {
@@ -1027,7 +900,7 @@ mod tests {
             Fed { index, cache }
         }
 
-        fn apply(&mut self, event: &watcher::Event<Cached>) {
+        fn apply(&mut self, event: &watcher::Event<Workload>) {
             let before = self.cache.as_reader();
             self.index.apply(WorkloadKind::Deployment, &before, event);
             self.cache.apply_watcher_event(event);

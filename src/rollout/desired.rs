@@ -17,9 +17,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::detect::Consumption;
-use super::{
-    KeyHashes, RELOAD_ANNOTATION, RolloutResult, Skip, Workload, annotation_key, targeted,
-};
+use super::{KeyHashes, RolloutResult, Skip, Workload, annotation_key, targeted};
 use crate::api::v1alpha1::Rollout;
 use crate::render::HmacKey;
 
@@ -93,16 +91,6 @@ impl Plan {
     }
 }
 
-/// What the pods of `workload` run of `secret`: the pod-template annotation, else the
-/// metadata baseline.
-fn running<'w>(workload: &'w Workload, secret: &str) -> Option<&'w String> {
-    let key = annotation_key(secret);
-    workload
-        .template_annotations
-        .get(&key)
-        .or_else(|| workload.annotations.get(&key))
-}
-
 fn need(
     workload: &Workload,
     consumption: &Consumption,
@@ -112,16 +100,13 @@ fn need(
     window: Duration,
 ) -> Need {
     let hash = secret.hashes.for_reads(key, &consumption.reads);
-    let Some(running) = running(workload, secret.name) else {
+    let Some(running) = workload.running(secret.name) else {
         return Need::Baseline(hash);
     };
-    if *running == hash {
+    if running == hash {
         return Need::Current(hash);
     }
-    let wants_live = workload
-        .annotations
-        .get(RELOAD_ANNOTATION)
-        .is_some_and(|v| v == "live");
+    let wants_live = workload.wants_live_reload();
     let skip = |why, until| Need::Skip {
         hash: hash.clone(),
         why,
@@ -173,8 +158,9 @@ pub fn plan(
             ..
         } = &need
             && !workload
-                .template_annotations
-                .contains_key(&annotation_key(secret.name))
+                .template
+                .iter()
+                .any(|(k, _)| *k == annotation_key(secret.name))
         {
             plan.baselines.insert(secret.name.to_string(), hash.clone());
         }
@@ -215,6 +201,7 @@ pub fn plan(
 mod tests {
     use super::*;
     use crate::api::v1alpha1::{RolloutStrategy, RolloutTarget};
+    use crate::rollout::RELOAD_ANNOTATION;
     use k8s_openapi::ByteString;
     use serde_json::{Value, json};
 
@@ -248,20 +235,13 @@ mod tests {
     }
 
     fn workload(pod: Value) -> Workload {
-        Workload {
-            kind: super::super::WorkloadKind::Deployment,
-            name: "web".into(),
-            labels: Default::default(),
-            annotations: Default::default(),
-            template_annotations: Default::default(),
-            reads: super::super::detect::consumptions(&serde_json::from_value(pod).unwrap()),
-            paused: false,
-        }
+        let obj = json!({"metadata": {"name": "web"}, "spec": {"template": {"spec": pod}}});
+        let kind = super::super::WorkloadKind::Deployment;
+        Workload::new(kind, &serde_json::from_value(obj).unwrap())
     }
 
     fn with_template(mut w: Workload, secret: &str, hash: &str) -> Workload {
-        w.template_annotations
-            .insert(annotation_key(secret), hash.to_string());
+        w.template.push((annotation_key(secret), hash.to_string()));
         w
     }
 
@@ -321,7 +301,7 @@ mod tests {
             let baseline = first.baselines["api"].clone();
             let mut seen = w.clone();
             seen.annotations
-                .insert(annotation_key("api"), baseline.clone());
+                .push((annotation_key("api"), baseline.clone()));
             assert_eq!(
                 plan_at(&seen, &[view("api", &old, 0)], 100),
                 Plan {
@@ -431,7 +411,7 @@ mod tests {
         let volume = json!({"containers": [{"name": "c", "volumeMounts": [{"name": "v", "mountPath": "/s"}]}], "volumes": [{"name": "v", "secret": {"secretName": "api"}}]});
         let mut live = with_template(workload(volume), "api", &old.for_reads(&key(), &whole));
         live.annotations
-            .insert(RELOAD_ANNOTATION.into(), "live".into());
+            .push((RELOAD_ANNOTATION.into(), "live".into()));
         let p = plan_at(&live, &[view("api", &new, 0)], 100);
         assert!(p.restart.is_empty());
         assert_eq!(
@@ -442,7 +422,7 @@ mod tests {
         let mut env_live = w.clone();
         env_live
             .annotations
-            .insert(RELOAD_ANNOTATION.into(), "live".into());
+            .push((RELOAD_ANNOTATION.into(), "live".into()));
         let p = plan_at(&env_live, &[view("api", &new, 0)], 100);
         assert!(matches!(
             p.needs["api"],

@@ -14,14 +14,20 @@ pub mod breaker;
 pub mod desired;
 pub mod detect;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use k8s_openapi::ByteString;
-use kube::api::ApiResource;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{ByteString, NamespaceResourceScope};
+use kube::api::{ApiResource, DynamicObject};
 use kube::core::{Selector, SelectorExt};
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::api::v1alpha1::{Rollout, RolloutStrategy};
@@ -65,7 +71,7 @@ impl Default for Pacing {
 }
 
 /// The workload kinds restarted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum WorkloadKind {
     Deployment,
     StatefulSet,
@@ -75,6 +81,13 @@ pub enum WorkloadKind {
 }
 
 impl WorkloadKind {
+    pub const ALL: [WorkloadKind; 4] = [
+        WorkloadKind::Deployment,
+        WorkloadKind::StatefulSet,
+        WorkloadKind::DaemonSet,
+        WorkloadKind::Rollout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             WorkloadKind::Deployment => "Deployment",
@@ -86,56 +99,146 @@ impl WorkloadKind {
 
     /// The kind named `s`, as written in `status.rollouts` and `rollout.targets`.
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "Deployment" => WorkloadKind::Deployment,
-            "StatefulSet" => WorkloadKind::StatefulSet,
-            "DaemonSet" => WorkloadKind::DaemonSet,
-            "Rollout" => WorkloadKind::Rollout,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    pub fn api_version(self) -> &'static str {
+    /// The API group and version serving this kind.
+    pub fn group_version(self) -> (&'static str, &'static str) {
         match self {
-            WorkloadKind::Rollout => "argoproj.io/v1alpha1",
-            _ => "apps/v1",
+            WorkloadKind::Rollout => ("argoproj.io", "v1alpha1"),
+            _ => ("apps", "v1"),
         }
     }
 
-    pub fn plural(self) -> &'static str {
-        match self {
-            WorkloadKind::Deployment => "deployments",
-            WorkloadKind::StatefulSet => "statefulsets",
-            WorkloadKind::DaemonSet => "daemonsets",
-            WorkloadKind::Rollout => "rollouts",
-        }
-    }
-
-    /// The API resource of this kind.
     pub fn resource(self) -> ApiResource {
-        let (group, version) = self.api_version().split_once('/').expect("group/version");
-        ApiResource {
-            group: group.into(),
-            version: version.into(),
-            api_version: self.api_version().into(),
-            kind: self.as_str().into(),
-            plural: self.plural().into(),
-        }
+        ApiResource::erase::<Workload>(&self)
     }
 }
 
-/// What the restart decision needs to know of one workload.
-#[derive(Clone, Debug)]
+/// A workload as the restart decision reads it and the workload controller caches it: how its
+/// pod template consumes each Secret it references, the operator's own annotations, whether
+/// its rollout is complete — computed from the object once, so that memory follows the
+/// references, not the object (a `DynamicObject`'s JSON maps cost kilobytes). Small maps are
+/// vectors: a map allocates room for eleven entries.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Workload {
     pub kind: WorkloadKind,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
-    pub template_annotations: BTreeMap<String, String>,
-    /// How its pod template consumes each Secret it references (`detect::consumptions`).
-    pub reads: BTreeMap<String, Consumption>,
+    /// Name, namespace and uid only.
+    pub metadata: ObjectMeta,
+    pub labels: Vec<(String, String)>,
+    /// The `checksum.scopedsecrets.io/` and `scopedsecrets.io/` annotations of its metadata.
+    pub annotations: Vec<(String, String)>,
+    /// The checksum annotations of its pod template.
+    pub template: Vec<(String, String)>,
+    /// How its pod template consumes each Secret it references; `None` when the template is
+    /// not a pod template (nothing is decided for it).
+    pub reads: Option<Vec<(String, Consumption)>>,
     /// A paused Deployment or Rollout: not patched.
     pub paused: bool,
+    /// Its rollout is complete, by the rules of `kubectl rollout status`.
+    pub complete: bool,
+}
+
+impl Workload {
+    pub fn new(kind: WorkloadKind, obj: &DynamicObject) -> Self {
+        let template = &obj.data["spec"]["template"];
+        let ours = |map: &BTreeMap<String, String>, own: &str| {
+            let own = |k: &String| k.starts_with(CHECKSUM_PREFIX) || k.starts_with(own);
+            map.iter()
+                .filter(|(k, _)| own(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let template_annotations: BTreeMap<String, String> =
+            BTreeMap::deserialize(&template["metadata"]["annotations"]).unwrap_or_default();
+        let reads = PodSpec::deserialize(&template["spec"]).ok();
+        let metadata = &obj.metadata;
+        Workload {
+            kind,
+            metadata: ObjectMeta {
+                name: metadata.name.clone(),
+                namespace: metadata.namespace.clone(),
+                uid: metadata.uid.clone(),
+                ..Default::default()
+            },
+            labels: obj.labels().clone().into_iter().collect(),
+            annotations: ours(obj.annotations(), "scopedsecrets.io/"),
+            template: ours(&template_annotations, CHECKSUM_PREFIX),
+            reads: reads.map(|spec| detect::consumptions(&spec).into_iter().collect()),
+            paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
+            complete: apply::rollout_complete(kind, obj),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// One of the operator's annotations on its metadata.
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        get(&self.annotations, key)
+    }
+
+    /// What its pods run of `secret`: the pod-template annotation, else the metadata baseline.
+    pub fn running(&self, secret: &str) -> Option<&str> {
+        let key = annotation_key(secret);
+        get(&self.template, &key).or_else(|| self.annotation(&key))
+    }
+
+    pub fn consumption(&self, secret: &str) -> Option<&Consumption> {
+        let mut reads = self.reads.iter().flatten();
+        reads.find(|(s, _)| s == secret).map(|(_, c)| c)
+    }
+
+    pub fn restarted_at(&self) -> Option<Timestamp> {
+        self.annotation(RESTARTED_AT_ANNOTATION)?.parse().ok()
+    }
+
+    pub fn wants_live_reload(&self) -> bool {
+        self.annotation(RELOAD_ANNOTATION) == Some("live")
+    }
+
+    pub fn labels_match(&self, selector: &Selector) -> bool {
+        selector.matches(&self.labels.iter().cloned().collect())
+    }
+}
+
+fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// One type for every kind, told apart by its [`WorkloadKind`]. Every kind's plural is its
+/// lowercase name and an `s`.
+impl Resource for Workload {
+    type DynamicType = WorkloadKind;
+    type Scope = NamespaceResourceScope;
+
+    fn kind(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.as_str().into()
+    }
+
+    fn group(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.group_version().0.into()
+    }
+
+    fn version(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.group_version().1.into()
+    }
+
+    fn plural(kind: &WorkloadKind) -> Cow<'_, str> {
+        format!("{}s", kind.as_str().to_lowercase()).into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// What became of a workload's restart for one Secret, as `status.rollouts` says it.
@@ -221,11 +324,7 @@ pub fn spared_by(
     if !consumption.reads.touches(changed) {
         return Some("KeysUnchanged");
     }
-    let wants_live = workload
-        .annotations
-        .get(RELOAD_ANNOTATION)
-        .is_some_and(|v| v == "live");
-    if wants_live && consumption.live_reloadable() {
+    if workload.wants_live_reload() && consumption.live_reloadable() {
         return Some("LiveReload");
     }
     workload.paused.then_some("Paused")
@@ -315,20 +414,18 @@ pub fn targeted(
         env: true,
         sub_path: false,
     };
-    let referenced = || workload.reads.get(secret).cloned();
+    let referenced = || workload.consumption(secret).cloned();
     match strategy {
         RolloutStrategy::None => None,
         RolloutStrategy::Auto => referenced(),
         RolloutStrategy::Explicit => rollout?
             .targets
             .iter()
-            .any(|t| t.kind == workload.kind.as_str() && t.name == workload.name)
+            .any(|t| t.kind == workload.kind.as_str() && t.name == workload.name())
             .then(|| referenced().unwrap_or_else(whole)),
         RolloutStrategy::Selector => {
             let selector = Selector::try_from(rollout?.selector.clone()?).ok()?;
-            selector
-                .matches(&workload.labels)
-                .then(|| referenced().unwrap_or_else(whole))
+            (workload.labels_match(&selector)).then(|| referenced().unwrap_or_else(whole))
         }
     }
 }
@@ -425,15 +522,12 @@ mod tests {
     }
 
     fn workload(pod: serde_json::Value, app: &str) -> Workload {
-        Workload {
-            kind: WorkloadKind::Deployment,
-            name: app.into(),
-            labels: [("app".to_string(), app.to_string())].into(),
-            annotations: BTreeMap::new(),
-            template_annotations: BTreeMap::new(),
-            reads: detect::consumptions(&serde_json::from_value(pod).unwrap()),
-            paused: false,
-        }
+        let obj = json!({"metadata": {"name": app, "labels": {"app": app}},
+                         "spec": {"template": {"spec": pod}}});
+        Workload::new(
+            WorkloadKind::Deployment,
+            &serde_json::from_value(obj).unwrap(),
+        )
     }
 
     #[test]

@@ -11,33 +11,26 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, store::Writer};
 use kube::runtime::watcher::Event;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
-use scoped_secrets::controller::workloads::{self, Cached, KindCtx, Restarts};
+use scoped_secrets::controller::workloads::{self, Restarts};
 use scoped_secrets::controller::{Context, caches};
-use scoped_secrets::rollout::WorkloadKind;
 use scoped_secrets::rollout::apply::argo_rollouts_served;
+use scoped_secrets::rollout::{Workload, WorkloadKind};
 use tokio::sync::mpsc;
-
-const KINDS: [WorkloadKind; 4] = [
-    WorkloadKind::Deployment,
-    WorkloadKind::StatefulSet,
-    WorkloadKind::DaemonSet,
-    WorkloadKind::Rollout,
-];
 
 /// The workload controller's caches, filled by the test.
 pub struct Hand {
     pub restarts: Arc<Restarts>,
     writers: Mutex<Writers>,
-    woken: Mutex<mpsc::UnboundedReceiver<ObjectRef<Cached>>>,
+    woken: Mutex<mpsc::UnboundedReceiver<ObjectRef<Workload>>>,
 }
 
 /// What the index of one kind's workloads is shown, as the watch shows it each event.
-type Observe = Box<dyn Fn(&Event<Cached>) + Send + Sync>;
+type Observe = Box<dyn Fn(&Event<Workload>) + Send + Sync>;
 
 struct Writers {
     scoped: Writer<ScopedSecret>,
     secrets: Writer<PartialObjectMeta<Secret>>,
-    workloads: Vec<(WorkloadKind, Writer<Cached>, Observe)>,
+    workloads: Vec<(WorkloadKind, Writer<Workload>, Observe)>,
 }
 
 /// Replaces what `writer` holds with `items`, as a re-list does.
@@ -79,7 +72,7 @@ impl Hand {
         own.caches.add_scoped_secrets(None, scoped.as_reader());
         let restarts = Restarts::new(own);
         let (wake, woken) = mpsc::unbounded_channel();
-        let workloads = KINDS
+        let workloads = WorkloadKind::ALL
             .into_iter()
             .map(|kind| {
                 let writer = Writer::new(kind);
@@ -131,7 +124,7 @@ impl Hand {
         let client = self.restarts.ctx.client.clone();
         let argo = argo_rollouts_served(&client).await?;
         let mut workloads = Vec::new();
-        for kind in KINDS {
+        for kind in WorkloadKind::ALL {
             let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource());
             workloads.push(match kind {
                 WorkloadKind::Rollout if !argo => Vec::new(),
@@ -155,22 +148,16 @@ impl Hand {
 
     /// Reconciles every cached workload once.
     pub async fn reconcile_all(&self) -> Vec<Result<Action, workloads::Error>> {
-        let cached: Vec<(WorkloadKind, Arc<Cached>)> = {
+        let cached: Vec<Arc<Workload>> = {
             let w = self.writers.lock().unwrap();
-            w.workloads
-                .iter()
-                .flat_map(|(kind, writer, _)| {
-                    writer.as_reader().state().into_iter().map(|o| (*kind, o))
-                })
+            let writers = w.workloads.iter();
+            writers
+                .flat_map(|(_, w, _)| w.as_reader().state())
                 .collect()
         };
         let mut out = Vec::new();
-        for (kind, obj) in cached {
-            let k = Arc::new(KindCtx {
-                restarts: self.restarts.clone(),
-                kind,
-            });
-            out.push(workloads::reconcile(obj, k).await);
+        for obj in cached {
+            out.push(workloads::reconcile(obj, self.restarts.clone()).await);
         }
         out
     }
@@ -188,11 +175,7 @@ impl Hand {
             let id = ObjectRef::new_with(name, kind).within(namespace);
             writer.as_reader().get(&id).expect("the workload is cached")
         };
-        let k = Arc::new(KindCtx {
-            restarts: self.restarts.clone(),
-            kind,
-        });
-        workloads::reconcile(obj, k).await
+        workloads::reconcile(obj, self.restarts.clone()).await
     }
 
     /// The workloads the controller woke since the last call (as `Kind/name`, in order).
