@@ -45,10 +45,10 @@ use super::{Context, events};
 use crate::api::v1alpha1::{RolloutStatus, RolloutStrategy, ScopedSecret};
 use crate::render::{CONTENT_HASH_ANNOTATION, OWNER_LABEL};
 use crate::rollout::apply::{self, Annotations};
-use crate::rollout::desired::{self, Need, SecretView};
+use crate::rollout::desired::{self, Managed, Need};
 use crate::rollout::{
     Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION, RolloutResult, Skip,
-    Workload, WorkloadKind, annotation_key, breaker,
+    Workload, WorkloadKind, annotation_key,
 };
 
 /// How often a workload waiting for the restart budget looks again (it is also woken when a
@@ -98,38 +98,6 @@ pub fn project(
         Delete(o) => Delete(Workload::new(kind, &o)),
         Init => Init,
         InitDone => InitDone,
-    }
-}
-
-/// A managed Secret as a workload's decision reads it.
-struct Managed {
-    name: String,
-    hashes: KeyHashes,
-    /// Its `content-hash` annotation: the content its key hashes describe.
-    content: Option<String>,
-    owner: Arc<ScopedSecret>,
-}
-
-impl Managed {
-    /// The decision's view at `now`. When the ScopedSecret's status lags the Secret (written
-    /// just after it, or the operator stopped in between), the change is taken as happening
-    /// now, and the window runs from here.
-    fn view(&self, limits: breaker::Limits, now: Timestamp) -> Option<SecretView<'_>> {
-        let status = self.owner.status.as_ref()?;
-        let settled = status.content_hash.is_some() && status.content_hash == self.content;
-        let changed_at = match (&status.last_change_time, settled) {
-            (Some(t), true) => t.0,
-            _ => now,
-        };
-        let history = status.changes.clone().unwrap_or_default();
-        Some(SecretView {
-            name: &self.name,
-            rollout: self.owner.spec.rollout.as_ref(),
-            hashes: &self.hashes,
-            changed_at,
-            paused_until: breaker::paused_until(&history, limits, now),
-            urgent: settled && history.revocation.is_some() && history.revocation == self.content,
-        })
     }
 }
 
@@ -356,8 +324,8 @@ impl Restarts {
     ///
     /// Only the Secrets `w` references, and those of ScopedSecrets naming or selecting their
     /// targets, are looked up: the cost follows the workload's references, not the namespace.
-    fn managed(&self, namespace: &str, w: &Workload) -> Vec<Managed> {
-        let caches = &self.ctx.caches;
+    fn managed(&self, namespace: &str, w: &Workload, now: Timestamp) -> Vec<Managed> {
+        let (caches, limits) = (&self.ctx.caches, self.ctx.config.breaker_limits());
         let targeting: Vec<Arc<ScopedSecret>> = {
             let index = self.targeting.lock().unwrap();
             let names = index.get(namespace).into_iter().flatten();
@@ -379,14 +347,9 @@ impl Restarts {
             let annotations = s.annotations();
             let hashes = KeyHashes::parse(annotations.get(KEY_HASHES_ANNOTATION)?)?;
             let owner = ObjectRef::new(s.labels().get(OWNER_LABEL)?).within(namespace);
+            let content = annotations.get(CONTENT_HASH_ANNOTATION).map(String::as_str);
             let owner = caches.scoped_secret(&owner)?;
-            let current = owner.status.as_ref()?.secret_name.as_deref() == Some(name);
-            current.then(|| Managed {
-                content: annotations.get(CONTENT_HASH_ANNOTATION).cloned(),
-                name: name.to_string(),
-                hashes,
-                owner,
-            })
+            Managed::new(name, hashes, content, owner, limits, now)
         });
         managed.collect()
     }
@@ -477,10 +440,8 @@ pub async fn reconcile(w: Arc<Workload>, r: Arc<Restarts>) -> Result<Action, Err
     if w.restarted_at().is_some() {
         r.wake_waiting(now);
     }
-    let limits = ctx.config.breaker_limits();
-    let managed = r.managed(&ns, &w);
-    let views: Vec<SecretView<'_>> = managed.iter().filter_map(|m| m.view(limits, now)).collect();
-    let plan = desired::plan(&w, &views, &ctx.hmac_key, now, ctx.config.pacing.window);
+    let managed = r.managed(&ns, &w, now);
+    let plan = desired::plan(&w, &managed, &ctx.hmac_key, now, ctx.config.pacing.window);
     let (restart, action) = apply_plan(&r, &w, &ns, &id, &plan, now).await?;
     // A restart whose record failed (a conflict, an outage) is recorded once the workload is
     // seen running the content: a `Queued` or `Deferred` entry never outlives its restart.

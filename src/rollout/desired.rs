@@ -12,28 +12,64 @@
 //! drift repair, operator restart, failover: nothing differs, nothing to do.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 
 use super::detect::Consumption;
-use super::{KeyHashes, RolloutResult, Skip, Workload, annotation_key, targeted};
-use crate::api::v1alpha1::Rollout;
+use super::{KeyHashes, RolloutResult, Skip, Workload, annotation_key, breaker, targeted};
+use crate::api::v1alpha1::ScopedSecret;
 use crate::render::HmacKey;
 
-/// One managed Secret of the workload's namespace, as the workload controller sees it.
+/// A managed Secret of the workload's namespace, as the decision reads it.
 #[derive(Clone, Debug)]
-pub struct SecretView<'a> {
-    pub name: &'a str,
-    /// The rollout strategy of its ScopedSecret.
-    pub rollout: Option<&'a Rollout>,
-    pub hashes: &'a KeyHashes,
+pub struct Managed {
+    pub name: String,
+    pub hashes: KeyHashes,
+    /// Its ScopedSecret: the rollout strategy, and the `status.rollouts` told of restarts.
+    pub owner: Arc<ScopedSecret>,
     /// When its content last changed: the window runs from here.
     pub changed_at: Timestamp,
     /// Until when the breaker pauses restarts from it.
     pub paused_until: Option<Timestamp>,
     /// Its content was written by a revocation: no window, budget or breaker.
     pub urgent: bool,
+}
+
+impl Managed {
+    /// The Secret `name` (its published key `hashes`, its `content-hash` annotation
+    /// `content`) as its `owner`'s status says at `now`; `None` unless it is the owner's
+    /// current Secret. When the status lags the Secret (written just after it, or the
+    /// operator stopped in between), the change is taken as happening now.
+    pub fn new(
+        name: &str,
+        hashes: KeyHashes,
+        content: Option<&str>,
+        owner: Arc<ScopedSecret>,
+        limits: breaker::Limits,
+        now: Timestamp,
+    ) -> Option<Self> {
+        let status = owner.status.as_ref()?;
+        if status.secret_name.as_deref() != Some(name) {
+            return None;
+        }
+        let settled = status.content_hash.is_some() && status.content_hash.as_deref() == content;
+        let changed_at = match (&status.last_change_time, settled) {
+            (Some(t), true) => t.0,
+            _ => now,
+        };
+        let history = status.changes.as_ref();
+        let revocation = history.and_then(|h| h.revocation.as_deref());
+        Some(Managed {
+            name: name.into(),
+            hashes,
+            changed_at,
+            paused_until: history.and_then(|h| breaker::paused_until(h, limits, now)),
+            urgent: settled && revocation.is_some_and(|r| Some(r) == content),
+            owner,
+        })
+    }
 }
 
 /// What one Secret asks of the workload.
@@ -94,13 +130,13 @@ impl Plan {
 fn need(
     workload: &Workload,
     consumption: &Consumption,
-    secret: &SecretView<'_>,
+    secret: &Managed,
     key: &HmacKey,
     now: Timestamp,
     window: Duration,
 ) -> Need {
     let hash = secret.hashes.for_reads(key, &consumption.reads);
-    let Some(running) = workload.running(secret.name) else {
+    let Some(running) = workload.running(&secret.name) else {
         return Need::Baseline(hash);
     };
     if running == hash {
@@ -137,19 +173,20 @@ fn need(
 /// The plan for `workload` given the managed Secrets of its namespace.
 pub fn plan(
     workload: &Workload,
-    secrets: &[SecretView<'_>],
+    secrets: &[Managed],
     key: &HmacKey,
     now: Timestamp,
     window: Duration,
 ) -> Plan {
     let mut plan = Plan::default();
     for secret in secrets {
-        let Some(consumption) = targeted(secret.rollout, workload, secret.name) else {
+        let rollout = secret.owner.spec.rollout.as_ref();
+        let Some(consumption) = targeted(rollout, workload, &secret.name) else {
             continue;
         };
         let need = need(workload, &consumption, secret, key, now, window);
         if let Need::Baseline(hash) = &need {
-            plan.baselines.insert(secret.name.to_string(), hash.clone());
+            plan.baselines.insert(secret.name.clone(), hash.clone());
         }
         // A live-reloading workload keeps no stale baseline: its files follow the Secret.
         if let Need::Skip {
@@ -160,12 +197,12 @@ pub fn plan(
             && !workload
                 .template
                 .iter()
-                .any(|(k, _)| *k == annotation_key(secret.name))
+                .any(|(k, _)| *k == annotation_key(&secret.name))
         {
             plan.baselines.insert(secret.name.to_string(), hash.clone());
         }
         plan.urgent |= secret.urgent && matches!(need, Need::Restart { .. });
-        plan.needs.insert(secret.name.to_string(), need);
+        plan.needs.insert(secret.name.clone(), need);
     }
     let waits: Vec<Timestamp> = plan
         .needs
@@ -200,7 +237,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::v1alpha1::{RolloutStrategy, RolloutTarget};
+    use crate::api::v1alpha1::{Rollout, RolloutStrategy, RolloutTarget};
     use crate::rollout::RELOAD_ANNOTATION;
     use k8s_openapi::ByteString;
     use serde_json::{Value, json};
@@ -223,11 +260,11 @@ mod tests {
         KeyHashes::compute(&key(), &data)
     }
 
-    fn view<'a>(name: &'a str, hashes: &'a KeyHashes, changed_at: i64) -> SecretView<'a> {
-        SecretView {
-            name,
-            rollout: None,
-            hashes,
+    fn view(name: &str, hashes: &KeyHashes, changed_at: i64) -> Managed {
+        Managed {
+            name: name.into(),
+            hashes: hashes.clone(),
+            owner: Arc::new(ScopedSecret::new(name, Default::default())),
             changed_at: at(changed_at),
             paused_until: None,
             urgent: false,
@@ -245,7 +282,7 @@ mod tests {
         w
     }
 
-    fn plan_at(w: &Workload, secrets: &[SecretView<'_>], now: i64) -> Plan {
+    fn plan_at(w: &Workload, secrets: &[Managed], now: i64) -> Plan {
         plan(w, secrets, &key(), at(now), WINDOW)
     }
 
@@ -450,13 +487,13 @@ mod tests {
             ..Default::default()
         };
         let mut v = view("api", &new, 0);
-        v.rollout = Some(&explicit);
+        Arc::make_mut(&mut v.owner).spec.rollout = Some(explicit);
         assert_eq!(plan_at(&plain, &[v.clone()], 100).restart.len(), 1);
         let none = Rollout {
             strategy: RolloutStrategy::None,
             ..Default::default()
         };
-        v.rollout = Some(&none);
+        Arc::make_mut(&mut v.owner).spec.rollout = Some(none);
         assert!(plan_at(&plain, &[v], 100).needs.is_empty());
         assert!(
             plan_at(&plain, &[view("api", &new, 0)], 100)
