@@ -120,31 +120,37 @@ fn key(obj: &Workload) -> Key {
 struct Index {
     /// (namespace, Secret) → the names of the workloads referencing it.
     readers: HashMap<Key, BTreeSet<String>>,
-    /// Workloads restarted at … whose rollout is not complete.
+    /// Workloads restarted at … whose rollout is not complete, or patched and not yet seen.
     rolling: HashMap<Key, Timestamp>,
     /// While a re-list runs: the workloads listed so far.
     relisted: Option<HashSet<Key>>,
 }
 
 impl Index {
-    /// Takes `event` of `kind` in; `before` is the cache as it was before it.
-    fn apply(
-        &mut self,
-        kind: WorkloadKind,
-        before: &Store<Workload>,
-        event: &watcher::Event<Workload>,
-    ) {
-        let old = |obj: &Workload| before.get(&ObjectRef::from_obj_with(obj, kind));
+    /// Takes `event` in; `before` is the cache as it was before it.
+    fn apply(&mut self, before: &Store<Workload>, event: &watcher::Event<Workload>) {
+        let old = |obj: &Workload| before.get(&ObjectRef::from_obj_with(obj, obj.kind));
         match event {
             watcher::Event::Init => self.relisted = Some(HashSet::new()),
             watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
                 if let (watcher::Event::InitApply(_), Some(listed)) = (event, &mut self.relisted) {
                     listed.insert(key(obj));
                 }
-                if let Some(old) = old(obj) {
+                let old = old(obj);
+                // A restart patched and not yet seen in the cache holds its slot until an
+                // event shows it.
+                let unseen = |o: &Workload, at| o.restarted_at().is_none_or(|seen| seen < at);
+                let launched =
+                    self.rolling.get(&key(obj)).copied().filter(|at| {
+                        old.as_deref().is_none_or(|o| unseen(o, *at)) && unseen(obj, *at)
+                    });
+                if let Some(old) = old {
                     self.remove(&old);
                 }
                 self.insert(obj);
+                if let Some(at) = launched {
+                    self.rolling.insert(key(obj), at);
+                }
             }
             watcher::Event::Delete(obj) => {
                 if let Some(old) = old(obj) {
@@ -167,11 +173,8 @@ impl Index {
             let readers = self.readers.entry((ns.clone(), secret.clone()));
             readers.or_default().insert(name.clone());
         }
-        if let Some(at) = obj.restarted_at()
-            && !obj.complete
-        {
-            self.rolling.insert((ns, name), at);
-        }
+        self.rolling
+            .extend(obj.rolling_since().map(|at| ((ns, name), at)));
     }
 
     fn remove(&mut self, obj: &Workload) {
@@ -187,15 +190,6 @@ impl Index {
         }
         self.rolling.remove(&(ns, name));
     }
-}
-
-/// What the budget keeps in memory; the rest is read from the workloads.
-#[derive(Default)]
-struct Budget {
-    /// Restarts patched but not yet seen in the cache (with their `restarted-at`).
-    launched: HashMap<Id, Timestamp>,
-    /// Workloads owed a restart and waiting for a slot, oldest first.
-    waiting: Vec<Id>,
 }
 
 /// One kind's workload cache in one scope, its index, and how to wake its workloads.
@@ -217,7 +211,8 @@ impl Watched {
 pub struct Restarts {
     pub ctx: Arc<Context>,
     watched: RwLock<Vec<Watched>>,
-    budget: Mutex<Budget>,
+    /// Workloads owed a restart and waiting for a slot, oldest first.
+    waiting: Mutex<Vec<Id>>,
     failures: Failures<Id>,
     /// Per namespace, the ScopedSecrets that name or select their targets (which need not
     /// reference their Secret), kept current from the changes `touched` hears of.
@@ -229,7 +224,7 @@ impl Restarts {
         Arc::new(Restarts {
             ctx,
             watched: Default::default(),
-            budget: Default::default(),
+            waiting: Default::default(),
             failures: Default::default(),
             targeting: Default::default(),
         })
@@ -251,7 +246,7 @@ impl Restarts {
             wake,
         };
         self.watched.write().unwrap().push(watched);
-        move |event| index.lock().unwrap().apply(kind, &store, event)
+        move |event| index.lock().unwrap().apply(&store, event)
     }
 
     /// Keeps the index of targeting ScopedSecrets current with the cached `owner`, and
@@ -354,65 +349,66 @@ impl Restarts {
         managed.collect()
     }
 
-    /// Rollouts in flight: started by a restart less than the deadline ago and not complete
-    /// (from the index: the cost follows the rollouts, not the workloads), or patched and not
-    /// yet in the cache.
-    fn in_flight(&self, launched: &mut HashMap<Id, Timestamp>, now: Timestamp) -> HashSet<Id> {
+    /// Rollouts in flight, from the index (the cost follows the rollouts, not the workloads).
+    fn in_flight(&self, now: Timestamp) -> HashSet<Id> {
         let deadline = SignedDuration::try_from(self.ctx.config.pacing.deadline)
             .unwrap_or(SignedDuration::MAX);
-        let recent = |at: Timestamp| at + deadline > now;
         let mut out = HashSet::new();
         for w in self.watched.read().unwrap().iter() {
             let mut index = w.index.lock().unwrap();
             // Past the deadline a rollout holds no slot; its next event decides again.
-            index.rolling.retain(|_, at| recent(*at));
+            index.rolling.retain(|_, at| *at + deadline > now);
             out.extend(index.rolling.keys().map(|(ns, name)| w.id(ns, name)));
         }
-        launched.retain(|id, at| {
-            let unseen = |o: Arc<Workload>| o.restarted_at().is_none_or(|seen| seen < *at);
-            recent(*at) && self.cached(id).is_some_and(unseen)
-        });
-        out.extend(launched.keys().cloned());
         out
     }
 
-    /// Takes a restart slot for `id`, or puts it in the queue: a slot goes to the oldest
+    /// The restart of `w` was patched at `at`: it rolls out until the cache says otherwise.
+    /// `None`: the patch failed, what rolls out is what the cache says.
+    fn launched(&self, w: &Workload, at: Option<Timestamp>) {
+        let watched = self.watched.read().unwrap();
+        for kind in watched.iter().filter(|k| k.kind == w.kind) {
+            let mut index = kind.index.lock().unwrap();
+            index.rolling.remove(&key(w));
+            let cached = kind.store.get(&ObjectRef::from_obj_with(w, w.kind));
+            let at = at.or_else(|| cached?.rolling_since());
+            index.rolling.extend(at.map(|at| (key(w), at)));
+        }
+    }
+
+    /// Takes a restart slot for `w`, or puts it in the queue: a slot goes to the oldest
     /// waiting workload first, and never to a workload whose own rollout is in flight. A
     /// revocation (`urgent`) takes one past the budget.
-    fn take_slot(&self, id: &Id, urgent: bool, now: Timestamp) -> bool {
-        let mut b = self.budget.lock().unwrap();
-        let in_flight = self.in_flight(&mut b.launched, now);
-        let room = self
-            .ctx
-            .config
-            .pacing
-            .budget
-            .saturating_sub(in_flight.len());
-        let position = b.waiting.iter().position(|w| w == id);
-        let before = &b.waiting[..position.unwrap_or(b.waiting.len())];
+    fn take_slot(&self, w: &Workload, urgent: bool, now: Timestamp) -> bool {
+        let id = &ObjectRef::from_obj_with(w, w.kind);
+        let mut waiting = self.waiting.lock().unwrap();
+        let in_flight = self.in_flight(now);
+        let room = (self.ctx.config.pacing.budget).saturating_sub(in_flight.len());
+        let position = waiting.iter().position(|w| w == id);
+        let before = &waiting[..position.unwrap_or(waiting.len())];
         // Only workloads still cached wait; at most `room` need counting.
         let ahead = before.iter().filter(|w| self.cached(w).is_some());
         let takes = urgent || !(in_flight.contains(id) || ahead.take(room).count() >= room);
         if takes {
-            b.waiting.retain(|w| w != id);
-            b.launched.insert(id.clone(), now);
+            waiting.retain(|w| w != id);
+            self.launched(w, Some(now));
         } else if position.is_none() {
-            b.waiting.push(id.clone());
+            waiting.push(id.clone());
             self.ctx.metrics.restarted("deferred", 1);
         }
         let in_flight = in_flight.len() + usize::from(takes);
-        self.ctx.metrics.restarts_state(in_flight, b.waiting.len());
+        self.ctx.metrics.restarts_state(in_flight, waiting.len());
         takes
     }
 
     /// A restarted workload's rollout progressed: the gauges follow, and the oldest waiting
     /// workloads that now fit the budget are reconciled at once (workloads gone leave).
     fn wake_waiting(&self, now: Timestamp) {
-        let mut b = self.budget.lock().unwrap();
-        let in_flight = self.in_flight(&mut b.launched, now).len();
+        let mut waiting = self.waiting.lock().unwrap();
+        let in_flight = self.in_flight(now).len();
         let mut free = self.ctx.config.pacing.budget.saturating_sub(in_flight);
         let watched = self.watched.read().unwrap();
-        b.waiting.retain(|id| {
+        waiting.retain(|id| {
             if free == 0 {
                 return true;
             }
@@ -423,7 +419,7 @@ impl Restarts {
             free -= 1;
             true
         });
-        self.ctx.metrics.restarts_state(in_flight, b.waiting.len());
+        self.ctx.metrics.restarts_state(in_flight, waiting.len());
     }
 }
 
@@ -516,13 +512,13 @@ async fn apply_plan(
         None => Action::await_change(),
     };
     if plan.restart.is_empty() {
-        r.budget.lock().unwrap().waiting.retain(|w| w != id);
+        r.waiting.lock().unwrap().retain(|w| w != id);
         if want != held {
             patch(r, w, ns, &want).await?;
         }
         return Ok((None, later));
     }
-    if !r.take_slot(id, plan.urgent, now) {
+    if !r.take_slot(w, plan.urgent, now) {
         return Ok((Some(RolloutResult::Deferred), Action::requeue(BUDGET_POLL)));
     }
     want.template.extend(annotations(&plan.restart));
@@ -533,7 +529,7 @@ async fn apply_plan(
         r.ctx.metrics.wrote("workload_restart");
         return Ok((Some(RolloutResult::Restarted), later));
     };
-    r.budget.lock().unwrap().launched.remove(id);
+    r.launched(w, None);
     let failure = match e.code() {
         Some(403) => Failure::Forbidden,
         Some(409 | 422) => Failure::Refused,
@@ -863,7 +859,7 @@ mod tests {
 
         fn apply(&mut self, event: &watcher::Event<Workload>) {
             let before = self.cache.as_reader();
-            self.index.apply(WorkloadKind::Deployment, &before, event);
+            self.index.apply(&before, event);
             self.cache.apply_watcher_event(event);
         }
     }

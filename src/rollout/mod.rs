@@ -194,6 +194,11 @@ impl Workload {
         self.annotation(RESTARTED_AT_ANNOTATION)?.parse().ok()
     }
 
+    /// When the operator restarted it, while that rollout is not complete.
+    pub fn rolling_since(&self) -> Option<Timestamp> {
+        self.restarted_at().filter(|_| !self.complete)
+    }
+
     pub fn wants_live_reload(&self) -> bool {
         self.annotation(RELOAD_ANNOTATION) == Some("live")
     }
