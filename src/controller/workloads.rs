@@ -129,7 +129,7 @@ struct Index {
 impl Index {
     /// Takes `event` in; `before` is the cache as it was before it.
     fn apply(&mut self, before: &Store<Workload>, event: &watcher::Event<Workload>) {
-        let old = |obj: &Workload| before.get(&ObjectRef::from_obj_with(obj, obj.kind));
+        let old = |obj: &Workload| before.get(&obj.id());
         match event {
             watcher::Event::Init => self.relisted = Some(HashSet::new()),
             watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
@@ -319,7 +319,8 @@ impl Restarts {
     ///
     /// Only the Secrets `w` references, and those of ScopedSecrets naming or selecting their
     /// targets, are looked up: the cost follows the workload's references, not the namespace.
-    fn managed(&self, namespace: &str, w: &Workload, now: Timestamp) -> Vec<Managed> {
+    fn managed(&self, w: &Workload, now: Timestamp) -> Vec<Managed> {
+        let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
         let (caches, limits) = (&self.ctx.caches, self.ctx.config.breaker_limits());
         let targeting: Vec<Arc<ScopedSecret>> = {
             let index = self.targeting.lock().unwrap();
@@ -370,7 +371,7 @@ impl Restarts {
         for kind in watched.iter().filter(|k| k.kind == w.kind) {
             let mut index = kind.index.lock().unwrap();
             index.rolling.remove(&key(w));
-            let cached = kind.store.get(&ObjectRef::from_obj_with(w, w.kind));
+            let cached = kind.store.get(&w.id());
             let at = at.or_else(|| cached?.rolling_since());
             index.rolling.extend(at.map(|at| (key(w), at)));
         }
@@ -380,7 +381,7 @@ impl Restarts {
     /// waiting workload first, and never to a workload whose own rollout is in flight. A
     /// revocation (`urgent`) takes one past the budget.
     fn take_slot(&self, w: &Workload, urgent: bool, now: Timestamp) -> bool {
-        let id = &ObjectRef::from_obj_with(w, w.kind);
+        let id = &w.id();
         let mut waiting = self.waiting.lock().unwrap();
         let in_flight = self.in_flight(now);
         let room = (self.ctx.config.pacing.budget).saturating_sub(in_flight.len());
@@ -424,67 +425,58 @@ impl Restarts {
 }
 
 /// Reconciles one workload: its plan from the caches (pure), then applied within the budget,
-/// then the ScopedSecrets' `status.rollouts` and events say what happened.
+/// then the ScopedSecrets of the Secrets it consumes are told what became of it.
 pub async fn reconcile(w: Arc<Workload>, r: Arc<Restarts>) -> Result<Action, Error> {
     let ctx = &r.ctx;
-    let ns = w.namespace().unwrap_or_default();
     if w.reads.is_none() {
         return Ok(Action::await_change());
     }
-    let id = ObjectRef::from_obj_with(w.as_ref(), w.kind);
     let now = ctx.clock.now();
     if w.restarted_at().is_some() {
         r.wake_waiting(now);
     }
-    let managed = r.managed(&ns, &w, now);
+    let managed = r.managed(&w, now);
     let plan = desired::plan(&w, &managed, &ctx.hmac_key, now, ctx.config.pacing.window);
-    let (restart, action) = apply_plan(&r, &w, &ns, &id, &plan, now).await?;
-    // A restart whose record failed (a conflict, an outage) is recorded once the workload is
-    // seen running the content: a `Queued` or `Deferred` entry never outlives its restart.
-    let done = plan.needs.iter().filter_map(|(secret, need)| match need {
-        Need::Current(hash) => Some((secret.as_str(), hash.as_str(), RolloutResult::Restarted)),
-        _ => None,
-    });
-    for (secret, hash, result) in plan.results().chain(done) {
-        let result = match restart {
-            Some(restart) if plan.restart.contains_key(secret) => restart,
-            _ => result,
-        };
-        let Some(m) = managed.iter().find(|m| m.name == secret) else {
+    let (restart, action) = apply_plan(&r, &w, &plan, now).await?;
+    for m in &managed {
+        let Some(need) = plan.needs.get(&m.name) else {
             continue;
         };
-        if matches!(plan.needs.get(secret), Some(Need::Current(_))) && !pending(&m.owner, &w) {
-            continue;
-        }
-        if record(&r, &w, &m.owner, hash, result).await? {
-            let refused = matches!(
-                plan.needs.get(secret),
-                Some(Need::Restart {
-                    live_reload_refused: true,
-                    ..
-                })
-            );
-            announce(ctx, &w, &m.owner, secret, result, refused).await;
-        }
+        let result = match (restart, need) {
+            (Some(restart), _) if plan.restart.contains_key(&m.name) => restart,
+            // A restart whose report failed (a conflict, an outage) is reported once the
+            // workload is seen running the content: a `Queued` or `Deferred` entry never
+            // outlives its restart.
+            (_, Need::Current(_)) if waits(&m.owner, &w) => RolloutResult::Restarted,
+            _ => match need.result() {
+                Some(result) => result,
+                None => continue,
+            },
+        };
+        report(&r, &w, m, need, result).await?;
     }
-    if r.failures.forget(&id) {
+    if r.failures.forget(&w.id()) {
+        let (namespace, kind) = (w.namespace().unwrap_or_default(), w.kind.as_str());
         info!(
-            namespace = ns,
+            namespace,
             workload = w.name(),
-            kind = w.kind.as_str(),
+            kind,
             "restart reconcile recovered"
         );
     }
     Ok(action)
 }
 
+/// The entry of `w` in the `status.rollouts` of `ss`.
+fn entry<'s>(ss: &'s ScopedSecret, w: &Workload) -> Option<&'s RolloutStatus> {
+    let mut rollouts = ss.status.iter().flat_map(|s| &s.rollouts);
+    rollouts.find(|e| (e.kind.as_str(), e.name.as_str()) == (w.kind.as_str(), w.name()))
+}
+
 /// Whether the `status.rollouts` of `ss` says a restart of `w` is still to come.
-fn pending(ss: &ScopedSecret, w: &Workload) -> bool {
+fn waits(ss: &ScopedSecret, w: &Workload) -> bool {
     let waits = [RolloutResult::Queued, RolloutResult::Deferred].map(|r| r.to_string());
-    ss.status.iter().flat_map(|s| &s.rollouts).any(|e| {
-        (e.kind.as_str(), e.name.as_str()) == (w.kind.as_str(), w.name())
-            && waits.contains(&e.result)
-    })
+    entry(ss, w).is_some_and(|e| waits.contains(&e.result))
 }
 
 /// Applies the plan: baselines at once; a restart within the budget. Returns what became of
@@ -492,8 +484,6 @@ fn pending(ss: &ScopedSecret, w: &Workload) -> bool {
 async fn apply_plan(
     r: &Restarts,
     w: &Workload,
-    ns: &str,
-    id: &Id,
     plan: &desired::Plan,
     now: Timestamp,
 ) -> Result<(Option<RolloutResult>, Action), Error> {
@@ -512,9 +502,9 @@ async fn apply_plan(
         None => Action::await_change(),
     };
     if plan.restart.is_empty() {
-        r.waiting.lock().unwrap().retain(|w| w != id);
+        r.waiting.lock().unwrap().retain(|id| *id != w.id());
         if want != held {
-            patch(r, w, ns, &want).await?;
+            patch(r, w, &want).await?;
         }
         return Ok((None, later));
     }
@@ -524,7 +514,7 @@ async fn apply_plan(
     want.template.extend(annotations(&plan.restart));
     want.metadata
         .insert(RESTARTED_AT_ANNOTATION.into(), now.to_string());
-    let Err(e) = patch(r, w, ns, &want).await else {
+    let Err(e) = patch(r, w, &want).await else {
         r.ctx.metrics.restarted("restarted", 1);
         r.ctx.metrics.wrote("workload_restart");
         return Ok((Some(RolloutResult::Restarted), later));
@@ -536,7 +526,8 @@ async fn apply_plan(
         // An outage: the reconcile fails and is retried; nothing is recorded as done.
         _ => return Err(e),
     };
-    warn!(namespace = ns, workload = w.name(), "{e}");
+    let namespace = w.namespace().unwrap_or_default();
+    warn!(namespace, workload = w.name(), "{e}");
     r.ctx.metrics.restarted("failed", 1);
     Ok((
         Some(RolloutResult::Failed(failure)),
@@ -544,40 +535,37 @@ async fn apply_plan(
     ))
 }
 
-async fn patch(r: &Restarts, w: &Workload, ns: &str, a: &Annotations) -> Result<(), Error> {
-    let result = apply::apply(&r.ctx.client, w.kind, ns, w.name(), a).await;
+async fn patch(r: &Restarts, w: &Workload, a: &Annotations) -> Result<(), Error> {
+    let result = apply::apply(&r.ctx.client, w, a).await;
     result.map_err(|source| {
         let forbidden = matches!(&source, kube::Error::Api(s) if s.code == 403);
         let hint = match forbidden {
             true => " (the operator's ClusterRole needs list, watch and patch on this kind)",
             false => "",
         };
-        let (kind, name) = (w.kind.as_str(), w.name());
+        let (kind, ns, name) = (w.kind.as_str(), w.namespace().unwrap_or_default(), w.name());
         let action = format!("patch the restart annotations of {kind} {ns}/{name}{hint}");
         Error::Kube { action, source }
     })
 }
 
-/// Writes what became of the workload into the `status.rollouts` of `ss`: one entry per
-/// workload, and entries of workloads no longer cached leave. Returns false when the status
-/// said so already (then nothing is written, and no event repeats).
-async fn record(
+/// Tells the ScopedSecret of `m` what became of `w`: its entry in `status.rollouts` (one per
+/// workload; entries of workloads no longer cached leave) and, when that entry changes, events
+/// on it and, for a restart, on the workload.
+async fn report(
     r: &Restarts,
     w: &Workload,
-    ss: &ScopedSecret,
-    hash: &str,
+    m: &Managed,
+    need: &Need,
     result: RolloutResult,
-) -> Result<bool, Error> {
+) -> Result<(), Error> {
     let (kind, name, text) = (w.kind.as_str(), w.name(), result.to_string());
     let said = |ss: &ScopedSecret| {
-        ss.status.iter().flat_map(|s| &s.rollouts).any(|e| {
-            (e.kind.as_str(), e.name.as_str()) == (kind, name)
-                && e.hash.as_deref() == Some(hash)
-                && e.result == text
-        })
+        entry(ss, w).is_some_and(|e| e.hash.as_deref() == Some(need.hash()) && e.result == text)
     };
+    let ss = &m.owner;
     if said(ss) {
-        return Ok(false);
+        return Ok(());
     }
     let (ns, ss_name) = (ss.namespace().unwrap_or_default(), ss.name_any());
     let api: Api<ScopedSecret> = Api::namespaced(r.ctx.client.clone(), &ns);
@@ -588,7 +576,7 @@ async fn record(
     // Read live: the cache can lag a write another workload just made.
     let live = api.get_status(&ss_name).await.map_err(failed("read"))?;
     if said(&live) {
-        return Ok(false);
+        return Ok(());
     }
     let cached = |e: &RolloutStatus| {
         WorkloadKind::parse(&e.kind).is_some_and(|k| {
@@ -601,7 +589,7 @@ async fn record(
     rollouts.push(RolloutStatus {
         kind: kind.into(),
         name: name.into(),
-        hash: Some(hash.into()),
+        hash: Some(need.hash().into()),
         result: text,
         time: Time(r.ctx.clock.now()),
         baseline: None,
@@ -622,65 +610,65 @@ async fn record(
         .await
         .map_err(failed("write the restarts into"))?;
     r.ctx.metrics.wrote("status");
-    Ok(true)
-}
 
-/// Events for a result that changed: on the ScopedSecret, and on the workload when restarted.
-async fn announce(
-    ctx: &Context,
-    w: &Workload,
-    ss: &ScopedSecret,
-    secret: &str,
-    result: RolloutResult,
-    live_reload_refused: bool,
-) {
+    use EventType::{Normal, Warning};
     use RolloutResult::{Failed, Restarted, Skipped};
-    let what = format!("{}/{}", w.kind.as_str(), w.name());
-    let (reason, note) = match result {
-        Restarted if live_reload_refused => (
-            "RolloutRestarted",
-            format!(
-                "restarted {what}: it asked for live reload but reads Secret {secret} through env or subPath, which only a restart refreshes"
-            ),
-        ),
+    let (what, secret) = (format!("{kind}/{name}"), &m.name);
+    let (type_, reason, note) = match result {
+        Restarted
+            if matches!(
+                need,
+                Need::Restart {
+                    live_reload_refused: true,
+                    ..
+                }
+            ) =>
+        {
+            (
+                Normal,
+                "RolloutRestarted",
+                format!(
+                    "restarted {what}: it asked for live reload but reads Secret {secret} through env or subPath, which only a restart refreshes"
+                ),
+            )
+        }
         Restarted => (
+            Normal,
             "RolloutRestarted",
             format!("restarted {what}: Secret {secret} changed keys it reads"),
         ),
         Skipped(Skip::Paused) => (
+            Normal,
             "RolloutSkipped",
             format!("{what} is paused: not restarted; resume it to pick up Secret {secret}"),
         ),
         Skipped(Skip::LiveReload) => (
+            Normal,
             "RolloutSkipped",
             format!(
                 "{what} reads Secret {secret} through volumes only and asked for live reload: the kubelet refreshes its files"
             ),
         ),
         Failed(f) => (
+            Warning,
             "RolloutFailed",
             format!("failed to restart {what} for Secret {secret}: {f:?}"),
         ),
-        _ => return,
+        _ => return Ok(()),
     };
-    let type_ = match result {
-        Failed(_) => EventType::Warning,
-        _ => EventType::Normal,
-    };
-    let ns = w.namespace().unwrap_or_default();
     info!(namespace = ns, workload = %what, %secret, %result, "rollout");
-    events::publish(ss, ctx, type_, reason, &note).await;
+    events::publish(ss, &r.ctx, type_, reason, &note).await;
     if result == Restarted {
-        let on_workload = w.object_ref(&w.kind);
-        events::publish_on(ctx, &on_workload, type_, reason, &note).await;
+        events::publish_on(&r.ctx, &w.object_ref(&w.kind), type_, reason, &note).await;
     }
+    Ok(())
 }
 
 /// Requeue after a failed workload reconcile, with the controller's backoff. Logged at WARN
 /// when a failure starts or changes, its repeats at DEBUG.
 fn error_policy(obj: Arc<Workload>, err: &Error, r: Arc<Restarts>) -> Action {
     let kind = obj.kind.as_str();
-    let id = ObjectRef::from_obj_with(obj.as_ref(), obj.kind);
+    let id = obj.id();
     let message = err.to_string();
     let Recorded { attempt, repeat } = r.failures.record(&id, err.category(), &message);
     let (namespace, workload) = (obj.namespace().unwrap_or_default(), obj.name_any());

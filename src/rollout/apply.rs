@@ -54,14 +54,14 @@ impl Annotations {
     }
 }
 
-/// The server-side apply body for `kind`/`name` in `namespace`.
-/// Without template annotations the body has no `spec` at all: an empty map where the
-/// template had none could change the pod template's hash and roll the pods.
-pub fn patch_body(kind: WorkloadKind, namespace: &str, name: &str, a: &Annotations) -> Value {
+/// The server-side apply body for `w`. Without template annotations the body has no `spec`
+/// at all: an empty map where the template had none could change the pod template's hash and
+/// roll the pods.
+pub fn patch_body(w: &Workload, a: &Annotations) -> Value {
     let mut body = json!({
-        "apiVersion": kind.resource().api_version,
-        "kind": kind.as_str(),
-        "metadata": {"name": name, "namespace": namespace, "annotations": a.metadata},
+        "apiVersion": w.kind.resource().api_version,
+        "kind": w.kind.as_str(),
+        "metadata": {"name": w.name(), "namespace": w.metadata.namespace, "annotations": a.metadata},
     });
     if !a.template.is_empty() {
         body["spec"] = json!({"template": {"metadata": {"annotations": a.template}}});
@@ -69,18 +69,17 @@ pub fn patch_body(kind: WorkloadKind, namespace: &str, name: &str, a: &Annotatio
     body
 }
 
-/// Applies `annotations` to the workload.
+/// Applies `annotations` to `w`.
 pub async fn apply(
     client: &Client,
-    kind: WorkloadKind,
-    namespace: &str,
-    name: &str,
+    w: &Workload,
     annotations: &Annotations,
 ) -> Result<(), kube::Error> {
-    let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &kind.resource());
-    let body = patch_body(kind, namespace, name, annotations);
+    let ns = w.metadata.namespace.as_deref().unwrap_or_default();
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &w.kind.resource());
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(name, &params, &Patch::Apply(&body))
+    let body = patch_body(w, annotations);
+    api.patch(w.name(), &params, &Patch::Apply(&body))
         .await
         .map(|_| ())
 }
@@ -170,7 +169,7 @@ mod tests {
         let held = Annotations::held(&w);
         assert_eq!(held.template.len(), 1);
         assert_eq!(held.metadata.len(), 2);
-        let body = patch_body(WorkloadKind::StatefulSet, "ns", "db", &held);
+        let body = patch_body(&w, &held);
         assert_eq!(body["apiVersion"], "apps/v1");
         assert_eq!(
             body["spec"]["template"]["metadata"]["annotations"]["checksum.scopedsecrets.io/a"],

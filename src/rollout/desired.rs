@@ -110,20 +110,23 @@ pub struct Plan {
     pub requeue_at: Option<Timestamp>,
 }
 
-impl Plan {
-    /// The status result of each consumed Secret that is not current (before the budget is
-    /// applied: a restart is `Queued` until it is patched).
-    pub fn results(&self) -> impl Iterator<Item = (&str, &str, RolloutResult)> {
-        self.needs.iter().filter_map(|(secret, need)| {
-            let (hash, result) = match need {
-                Need::Current(_) | Need::Baseline(_) => return None,
-                Need::Restart { hash, .. } | Need::Wait { hash, .. } => {
-                    (hash, RolloutResult::Queued)
-                }
-                Need::Skip { hash, why, .. } => (hash, RolloutResult::Skipped(*why)),
-            };
-            Some((secret.as_str(), hash.as_str(), result))
-        })
+impl Need {
+    /// The hash its pods should run.
+    pub fn hash(&self) -> &str {
+        match self {
+            Need::Current(hash) | Need::Baseline(hash) => hash,
+            Need::Restart { hash, .. } | Need::Wait { hash, .. } | Need::Skip { hash, .. } => hash,
+        }
+    }
+
+    /// Its status result before the budget is applied (a restart is `Queued` until it is
+    /// patched); `None` when current or first seen.
+    pub fn result(&self) -> Option<RolloutResult> {
+        match self {
+            Need::Current(_) | Need::Baseline(_) => None,
+            Need::Restart { .. } | Need::Wait { .. } => Some(RolloutResult::Queued),
+            Need::Skip { why, .. } => Some(RolloutResult::Skipped(*why)),
+        }
     }
 }
 
@@ -386,7 +389,9 @@ mod tests {
         assert!(early.restart.is_empty());
         assert_eq!(early.requeue_at, Some(at(115)));
         assert_eq!(
-            early.results().map(|(s, _, r)| (s, r)).collect::<Vec<_>>(),
+            (early.needs.iter())
+                .map(|(s, n)| (s.as_str(), n.result().unwrap()))
+                .collect::<Vec<_>>(),
             vec![("a", RolloutResult::Queued), ("b", RolloutResult::Queued)]
         );
         let due = plan_at(&w, &secrets, 115);
@@ -430,7 +435,7 @@ mod tests {
         assert!(p.restart.is_empty());
         assert_eq!(p.requeue_at, Some(at(600)));
         assert_eq!(
-            p.results().next().unwrap().2,
+            p.needs["api"].result().unwrap(),
             RolloutResult::Skipped(Skip::Flapping)
         );
         // When the pause ends, the workload restarts once onto the current content.
@@ -441,7 +446,7 @@ mod tests {
         let p = plan_at(&paused, &[view("api", &new, 0)], 100);
         assert!(p.restart.is_empty());
         assert_eq!(
-            p.results().next().unwrap().2,
+            p.needs["api"].result().unwrap(),
             RolloutResult::Skipped(Skip::Paused)
         );
 
@@ -452,7 +457,7 @@ mod tests {
         let p = plan_at(&live, &[view("api", &new, 0)], 100);
         assert!(p.restart.is_empty());
         assert_eq!(
-            p.results().next().unwrap().2,
+            p.needs["api"].result().unwrap(),
             RolloutResult::Skipped(Skip::LiveReload)
         );
         // Live reload through env is refused: env only changes with a restart.

@@ -26,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{ByteString, NamespaceResourceScope};
 use kube::api::{ApiResource, DynamicObject};
 use kube::core::{Selector, SelectorExt};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -168,6 +169,10 @@ impl Workload {
             paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
             complete: apply::rollout_complete(kind, obj),
         }
+    }
+
+    pub fn id(&self) -> ObjectRef<Workload> {
+        ObjectRef::from_obj_with(self, self.kind)
     }
 
     pub fn name(&self) -> &str {
