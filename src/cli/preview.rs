@@ -5,8 +5,8 @@
 //! context. Each ScopedSecret whose scopes include the changed path is run through the
 //! controller's pipeline twice — as Vault is, and with the change applied in memory — and the
 //! keys whose value would differ are the keys that change; the workloads that would restart
-//! are decided by the controller's own key-level rules ([`crate::rollout::targeted`] and
-//! [`crate::rollout::spared_by`]). The result is a short table.
+//! are decided by the controller's own rules ([`crate::rollout::targeted`] and
+//! [`crate::rollout::desired::held_back`]) on the keys that change. The result is a short table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -263,7 +263,11 @@ fn assess(
                 continue;
             };
             let name = format!("{}/{}", w.kind.as_str(), w.name());
-            match rollout::spared_by(w, &consumption, &changed) {
+            let why = match rollout::desired::held_back(w, &consumption) {
+                _ if !consumption.reads.touches(&changed) => Some("KeysUnchanged".into()),
+                why => why.map(|why| format!("{why:?}")),
+            };
+            match why {
                 None => restarts.push(name),
                 Some(why) => spared.push(format!("{name} ({why})")),
             }

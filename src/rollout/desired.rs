@@ -130,6 +130,15 @@ impl Need {
     }
 }
 
+/// Why `workload`, reading a Secret as `consumption`, is not restarted when it changes: it
+/// asked for live reload and reads plain volumes only, or it is paused.
+pub fn held_back(workload: &Workload, consumption: &Consumption) -> Option<Skip> {
+    if workload.wants_live_reload() && consumption.live_reloadable() {
+        return Some(Skip::LiveReload);
+    }
+    workload.paused.then_some(Skip::Paused)
+}
+
 fn need(
     workload: &Workload,
     consumption: &Consumption,
@@ -145,17 +154,13 @@ fn need(
     if running == hash {
         return Need::Current(hash);
     }
-    let wants_live = workload.wants_live_reload();
     let skip = |why, until| Need::Skip {
         hash: hash.clone(),
         why,
         until,
     };
-    if wants_live && consumption.live_reloadable() {
-        return skip(Skip::LiveReload, None);
-    }
-    if workload.paused {
-        return skip(Skip::Paused, None);
+    if let Some(why) = held_back(workload, consumption) {
+        return skip(why, None);
     }
     if !secret.urgent
         && let Some(until) = secret.paused_until.filter(|u| *u > now)
@@ -166,7 +171,7 @@ fn need(
     if secret.urgent || due <= now {
         Need::Restart {
             hash,
-            live_reload_refused: wants_live,
+            live_reload_refused: workload.wants_live_reload(),
         }
     } else {
         Need::Wait { hash, at: due }

@@ -292,18 +292,6 @@ impl fmt::Display for RolloutResult {
     }
 }
 
-/// HMAC prefix of the keys `reads` selects — the format of the annotations the operator wrote
-/// before it published [`KeyHashes`]; still what a whole-Secret or single-key reader carries.
-pub fn consumer_hash(key: &HmacKey, data: &BTreeMap<String, ByteString>, reads: &Reads) -> String {
-    hmac_hex(
-        key,
-        data.iter().filter(|(k, _)| match reads {
-            Reads::Whole => true,
-            Reads::Keys(keys) => keys.contains(*k),
-        }),
-    )
-}
-
 /// The first 8 bytes, in hex, of the HMAC of `entries` (each key and value length-prefixed).
 fn hmac_hex<'a>(
     key: &HmacKey,
@@ -322,22 +310,6 @@ fn hmac_hex<'a>(
 /// The first 8 bytes in hex.
 fn hex(bytes: &[u8]) -> String {
     bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Why `workload`, reading the Secret as `consumption`, would not restart for a change of
-/// the keys `changed` — `None` when it would (the `--dry-run` preview's rule).
-pub fn spared_by(
-    workload: &Workload,
-    consumption: &Consumption,
-    changed: &std::collections::BTreeSet<String>,
-) -> Option<&'static str> {
-    if !consumption.reads.touches(changed) {
-        return Some("KeysUnchanged");
-    }
-    if workload.wants_live_reload() && consumption.live_reloadable() {
-        return Some("LiveReload");
-    }
-    workload.paused.then_some("Paused")
 }
 
 /// Marker of the whole-Secret hash in [`KeyHashes`] (no Secret key can be `*`).
@@ -378,9 +350,10 @@ impl KeyHashes {
 
     /// The annotation value of a workload reading `reads`: a function of the keys it reads
     /// and their values only, so that keys it does not read come and go without restarting
-    /// it. Equal to [`consumer_hash`] for whole-Secret readers and readers of one key (or of
-    /// none present), so workloads restarted by earlier versions are not restarted again;
-    /// readers of several keys get an HMAC over those keys' hashes.
+    /// it. For whole-Secret readers and readers of one key (or of none present) it is what
+    /// earlier versions wrote, the HMAC of the keys read and their values, so that workloads
+    /// they restarted are not restarted again; readers of several keys get an HMAC over those
+    /// keys' hashes.
     pub fn for_reads(&self, key: &HmacKey, reads: &Reads) -> String {
         let Reads::Keys(wanted) = reads else {
             return self.0[WHOLE].clone();
@@ -388,7 +361,7 @@ impl KeyHashes {
         let read: Vec<(&String, &String)> =
             self.keys().filter(|(k, _)| wanted.contains(*k)).collect();
         match read.as_slice() {
-            [] => consumer_hash(key, &BTreeMap::new(), &Reads::Whole),
+            [] => hmac_hex(key, []),
             [(_, hash)] => (*hash).clone(),
             several => {
                 let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes())
@@ -461,6 +434,16 @@ mod tests {
         Reads::Keys(k.iter().map(|s| s.to_string()).collect())
     }
 
+    /// What earlier versions wrote for a reader of `reads`: the HMAC of the keys it reads
+    /// and their values.
+    fn consumer_hash(data: &BTreeMap<String, ByteString>, reads: &Reads) -> String {
+        let read = |k: &String| match reads {
+            Reads::Whole => true,
+            Reads::Keys(keys) => keys.contains(k),
+        };
+        hmac_hex(&key(), data.iter().filter(|(k, _)| read(k)))
+    }
+
     #[test]
     fn key_hashes_give_the_annotations_earlier_versions_wrote() {
         let d = data(&[("A", "1"), ("B", "2"), ("C", "3")]);
@@ -474,7 +457,7 @@ mod tests {
         ] {
             assert_eq!(
                 h.for_reads(&key(), &reads),
-                consumer_hash(&key(), &d, &reads),
+                consumer_hash(&d, &reads),
                 "{reads:?}"
             );
         }

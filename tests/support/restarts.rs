@@ -2,7 +2,10 @@
 //! them after a (re-)list, then every workload reconciled once, as the running controller
 //! does after the events so far. Tests move a manual clock in between; nothing sleeps.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+
+use k8s_openapi::ByteString;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, ListParams};
@@ -14,6 +17,7 @@ use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::controller::workloads::{self, Restarts};
 use scoped_secrets::controller::{Context, caches};
 use scoped_secrets::rollout::apply::argo_rollouts_served;
+use scoped_secrets::rollout::detect::Reads;
 use scoped_secrets::rollout::{Workload, WorkloadKind};
 use tokio::sync::mpsc;
 
@@ -194,4 +198,23 @@ impl Hand {
             .map(|(_, writer, _)| writer.as_reader().len())
             .sum()
     }
+}
+
+/// The annotation an earlier version of the operator wrote for a reader of `reads`: the first
+/// 8 bytes, in hex, of the HMAC of the keys it reads and their values, each length-prefixed.
+pub fn consumer_hash(key: &[u8], data: &BTreeMap<String, ByteString>, reads: &Reads) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    let read = |k: &String| match reads {
+        Reads::Whole => true,
+        Reads::Keys(keys) => keys.contains(k),
+    };
+    for (k, v) in data.iter().filter(|(k, _)| read(k)) {
+        mac.update(&(k.len() as u64).to_be_bytes());
+        mac.update(k.as_bytes());
+        mac.update(&(v.0.len() as u64).to_be_bytes());
+        mac.update(&v.0);
+    }
+    let hmac = mac.finalize().into_bytes();
+    hmac[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
