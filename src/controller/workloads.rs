@@ -72,18 +72,6 @@ impl Error {
     pub fn category(&self) -> &'static str {
         "KubernetesError"
     }
-
-    /// The API server's status code, when it answered.
-    fn code(&self) -> Option<u16> {
-        let Error::Kube {
-            source: kube::Error::Api(s),
-            ..
-        } = self
-        else {
-            return None;
-        };
-        Some(s.code)
-    }
 }
 
 /// A watch event of `kind` as the cache keeps it.
@@ -520,9 +508,10 @@ async fn apply_plan(
         return Ok((Some(RolloutResult::Restarted), later));
     };
     r.launched(w, None);
-    let failure = match e.code() {
-        Some(403) => Failure::Forbidden,
-        Some(409 | 422) => Failure::Refused,
+    let Error::Kube { source, .. } = &e;
+    let failure = match source {
+        kube::Error::Api(s) if s.code == 403 => Failure::Forbidden,
+        kube::Error::Api(s) if matches!(s.code, 409 | 422) => Failure::Refused,
         // An outage: the reconcile fails and is retried; nothing is recorded as done.
         _ => return Err(e),
     };
@@ -691,19 +680,19 @@ fn error_policy(obj: Arc<Workload>, err: &Error, r: Arc<Restarts>) -> Action {
 pub async fn run_scope(
     r: Arc<Restarts>,
     namespace: Option<String>,
-    touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
+    mut touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
 ) {
-    let ns = namespace.as_deref();
-    let mut running: Vec<BoxFuture<'static, ()>> = [
-        WorkloadKind::Deployment,
-        WorkloadKind::StatefulSet,
-        WorkloadKind::DaemonSet,
-    ]
-    .into_iter()
-    .map(|kind| watch(&r, ns, kind))
-    .collect();
-    running.push(Box::pin(argo_rollouts(r.clone(), namespace.clone())));
-    running.push(Box::pin(wake_readers(r.clone(), touched)));
+    let kinds = WorkloadKind::ALL
+        .into_iter()
+        .filter(|k| *k != WorkloadKind::Rollout);
+    let mut running: Vec<_> = kinds.map(|k| watch(&r, namespace.as_deref(), k)).collect();
+    running.push(argo_rollouts(r.clone(), namespace).boxed());
+    // Wakes the readers of each ScopedSecret whose Secret, or itself, changed.
+    running.push(Box::pin(async move {
+        while let Some(owner) = touched.recv().await {
+            r.touched(&owner);
+        }
+    }));
     futures::future::join_all(running).await;
 }
 
@@ -722,34 +711,18 @@ async fn argo_rollouts(r: Arc<Restarts>, namespace: Option<String>) {
             }
             Err(e) => {
                 failures += 1;
-                let delay =
-                    super::backoff_delay(failures, Duration::from_secs(1), Duration::from_secs(60));
+                let (second, minute) = (Duration::from_secs(1), Duration::from_secs(60));
+                let delay = super::backoff_delay(failures, second, minute);
                 let retry_in_s = delay.as_secs();
-                if failures == 1 {
-                    warn!(
-                        retry_in_s,
-                        "failed to discover whether Argo Rollouts is served: {e}"
-                    );
-                } else {
-                    debug!(
-                        retry_in_s,
-                        "failed to discover whether Argo Rollouts is served: {e}"
-                    );
+                let e = format!("failed to discover whether Argo Rollouts is served: {e}");
+                match failures {
+                    1 => warn!(retry_in_s, "{e}"),
+                    _ => debug!(retry_in_s, "{e}"),
                 }
                 delay
             }
         };
         tokio::time::sleep(delay).await;
-    }
-}
-
-/// Wakes the readers of each ScopedSecret whose Secret, or itself, changed.
-async fn wake_readers(
-    r: Arc<Restarts>,
-    mut touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
-) {
-    while let Some(owner) = touched.recv().await {
-        r.touched(&owner);
     }
 }
 
