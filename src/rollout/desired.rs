@@ -193,52 +193,43 @@ pub fn plan(
             continue;
         };
         let need = need(workload, &consumption, secret, key, now, window);
-        if let Need::Baseline(hash) = &need {
-            plan.baselines.insert(secret.name.clone(), hash.clone());
-        }
         // A live-reloading workload keeps no stale baseline: its files follow the Secret.
-        if let Need::Skip {
-            hash,
-            why: Skip::LiveReload,
-            ..
-        } = &need
-            && !workload
-                .template
-                .iter()
-                .any(|(k, _)| *k == annotation_key(&secret.name))
-        {
-            plan.baselines.insert(secret.name.to_string(), hash.clone());
+        let restarted = (workload.template.iter()).any(|(k, _)| *k == annotation_key(&secret.name));
+        let live = matches!(
+            need,
+            Need::Skip {
+                why: Skip::LiveReload,
+                ..
+            }
+        ) && !restarted;
+        if matches!(need, Need::Baseline(_)) || live {
+            plan.baselines
+                .insert(secret.name.clone(), need.hash().into());
         }
         plan.urgent |= secret.urgent && matches!(need, Need::Restart { .. });
         plan.needs.insert(secret.name.clone(), need);
     }
-    let waits: Vec<Timestamp> = plan
-        .needs
-        .values()
-        .filter_map(|n| match n {
-            Need::Wait { at, .. } => Some(*at),
-            _ => None,
-        })
-        .collect();
+    let waits = plan.needs.values().filter_map(|n| match n {
+        Need::Wait { at, .. } => Some(*at),
+        _ => None,
+    });
+    let last_wait = waits.max();
     // One rollout for everything owed: a restart waits for the last of its Secrets to be quiet,
     // unless a revocation takes them all at once.
-    if plan.urgent || waits.is_empty() {
-        for (secret, need) in &plan.needs {
-            if let Need::Restart { hash, .. } | Need::Wait { hash, .. } = need {
-                plan.restart.insert(secret.clone(), hash.clone());
-            }
-        }
+    if plan.urgent || last_wait.is_none() {
+        let owed = plan.needs.iter();
+        let owed = owed.filter(|(_, n)| matches!(n, Need::Restart { .. } | Need::Wait { .. }));
+        plan.restart = owed.map(|(s, n)| (s.clone(), n.hash().into())).collect();
     }
     let until = plan.needs.values().filter_map(|n| match n {
         Need::Skip { until, .. } => *until,
         _ => None,
     });
-    let last_wait = if plan.urgent {
-        None
-    } else {
-        waits.into_iter().max()
-    };
-    plan.requeue_at = last_wait.into_iter().chain(until).min();
+    plan.requeue_at = last_wait
+        .filter(|_| !plan.urgent)
+        .into_iter()
+        .chain(until)
+        .min();
     plan
 }
 
