@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 
 use super::caches::CachedSecret;
 use super::failures::{Failures, Recorded};
-use super::{Context, events};
+use super::{Context, Error, events};
 use crate::api::v1alpha1::{RolloutStatus, RolloutStrategy, ScopedSecret};
 use crate::render::{CONTENT_HASH_ANNOTATION, OWNER_LABEL};
 use crate::rollout::apply::{self, Annotations};
@@ -56,23 +56,6 @@ use crate::rollout::{
 const BUDGET_POLL: Duration = Duration::from_secs(5);
 /// Delay before a refused patch (403, 409, 422) is tried again: it needs a change.
 const REFUSED_RETRY: Duration = Duration::from_secs(300);
-
-/// Why a workload reconcile failed: it is retried with backoff, and nothing is recorded as done.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("failed to {action}: {source}")]
-    Kube {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
-}
-
-impl Error {
-    pub fn category(&self) -> &'static str {
-        "KubernetesError"
-    }
-}
 
 /// A watch event of `kind` as the cache keeps it.
 pub fn project(
@@ -508,10 +491,15 @@ async fn apply_plan(
         return Ok((Some(RolloutResult::Restarted), later));
     };
     r.launched(w, None);
-    let Error::Kube { source, .. } = &e;
-    let failure = match source {
-        kube::Error::Api(s) if s.code == 403 => Failure::Forbidden,
-        kube::Error::Api(s) if matches!(s.code, 409 | 422) => Failure::Refused,
+    let failure = match &e {
+        Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        } if s.code == 403 => Failure::Forbidden,
+        Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        } if matches!(s.code, 409 | 422) => Failure::Refused,
         // An outage: the reconcile fails and is retried; nothing is recorded as done.
         _ => return Err(e),
     };
@@ -653,19 +641,21 @@ async fn report(
     Ok(())
 }
 
-/// Requeue after a failed workload reconcile, with the controller's backoff. Logged at WARN
-/// when a failure starts or changes, its repeats at DEBUG.
+/// Requeue after a failed workload reconcile (an API error: nothing was recorded as done),
+/// with the controller's backoff. Logged at WARN when a failure starts or changes, its
+/// repeats at DEBUG.
 fn error_policy(obj: Arc<Workload>, err: &Error, r: Arc<Restarts>) -> Action {
-    let kind = obj.kind.as_str();
-    let id = obj.id();
-    let message = err.to_string();
-    let Recorded { attempt, repeat } = r.failures.record(&id, err.category(), &message);
-    let (namespace, workload) = (obj.namespace().unwrap_or_default(), obj.name_any());
-    let category = err.category();
+    let (message, category) = (err.to_string(), err.category());
+    let Recorded { attempt, repeat } = r.failures.record(&obj.id(), category, &message);
+    let (namespace, workload, kind) = (
+        obj.namespace().unwrap_or_default(),
+        obj.name(),
+        obj.kind.as_str(),
+    );
     if repeat {
-        debug!(%namespace, %workload, kind, category, attempt, "restart reconcile failed again: {message}");
+        debug!(%namespace, workload, kind, category, attempt, "restart reconcile failed again: {message}");
     } else {
-        warn!(%namespace, %workload, kind, category, attempt, "restart reconcile failed: {message}");
+        warn!(%namespace, workload, kind, category, attempt, "restart reconcile failed: {message}");
     }
     let config = &r.ctx.config;
     Action::requeue(super::backoff_delay(

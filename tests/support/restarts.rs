@@ -151,7 +151,7 @@ impl Hand {
     }
 
     /// Reconciles every cached workload once.
-    pub async fn reconcile_all(&self) -> Vec<Result<Action, workloads::Error>> {
+    pub async fn reconcile_all(&self) -> Vec<Result<Action, scoped_secrets::controller::Error>> {
         let cached: Vec<Arc<Workload>> = {
             let w = self.writers.lock().unwrap();
             let writers = w.workloads.iter();
@@ -172,7 +172,7 @@ impl Hand {
         kind: WorkloadKind,
         namespace: &str,
         name: &str,
-    ) -> Result<Action, workloads::Error> {
+    ) -> Result<Action, scoped_secrets::controller::Error> {
         let obj = {
             let w = self.writers.lock().unwrap();
             let (_, writer, _) = w.workloads.iter().find(|(k, ..)| *k == kind).unwrap();
