@@ -472,6 +472,44 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_reads_its_change_time_and_urgency_from_its_scopedsecret_once_the_status_caught_up()
+    {
+        use crate::api::v1alpha1::{ChangeHistory, ScopedSecretStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let limits = breaker::Limits {
+            max_changes: 5,
+            window: Duration::from_secs(600),
+        };
+        let owner = |content: &str| {
+            let mut ss = ScopedSecret::new("api", Default::default());
+            ss.status = Some(ScopedSecretStatus {
+                secret_name: Some("api".into()),
+                content_hash: Some(content.into()),
+                last_change_time: Some(Time(at(0))),
+                changes: Some(ChangeHistory {
+                    revocation: Some("revoked".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            Arc::new(ss)
+        };
+        let managed = |content: &str, written: &str, name: &str| {
+            let hashes = hashes(&[("K", "0")]);
+            Managed::new(name, hashes, Some(written), owner(content), limits, at(100))
+        };
+        let settled = managed("revoked", "revoked", "api").unwrap();
+        assert_eq!((settled.changed_at, settled.urgent), (at(0), true));
+        // The Secret was written, its ScopedSecret's status not yet: the change is now.
+        let lagging = managed("revoked", "newer", "api").unwrap();
+        assert_eq!((lagging.changed_at, lagging.urgent), (at(100), false));
+        assert!(
+            managed("revoked", "revoked", "old-name").is_none(),
+            "not its current Secret"
+        );
+    }
+
+    #[test]
     fn explicit_and_selector_strategies_decide_who_consumes_and_none_restarts_nothing() {
         let (old, new) = (hashes(&[("K", "0")]), hashes(&[("K", "1")]));
         let plain = with_template(
