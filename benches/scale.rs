@@ -658,7 +658,8 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
     use k8s_openapi::api::core::v1::{Namespace, Secret};
     use kube::api::{Api, DynamicObject, ListParams};
     use kube::runtime::{reflector, watcher};
-    use scoped_secrets::controller::{caches, workloads};
+    use scoped_secrets::controller::caches;
+    use scoped_secrets::rollout::Workload;
 
     async fn owner<K>(
         list: impl std::future::Future<Output = Vec<K>>,
@@ -714,7 +715,7 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
                 .list(&all)
                 .await
                 .unwrap();
-            let cached = list.items.iter().map(|o| workloads::Cached::new(kind, o));
+            let cached = list.items.iter().map(|o| Workload::new(kind, o));
             cached.collect::<Vec<_>>()
         },
         |_| {},

@@ -10,7 +10,6 @@ use std::time::Duration;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
 use scoped_secrets::clock::ManualClock;
 use scoped_secrets::controller::{Config, Context, reconcile};
-use scoped_secrets::render::HmacKey;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::{Value, json};
 use support::fake_api::FakeKube;
@@ -876,10 +875,9 @@ async fn a_workload_restarted_by_an_earlier_version_is_not_restarted_again() {
         .get_typed::<k8s_openapi::api::core::v1::Secret>(Some("shop-dev"), "api")
         .unwrap();
     let data = secret.data.unwrap();
-    let key = HmacKey::new(vec![7; 32]);
-    use scoped_secrets::rollout::consumer_hash;
     use scoped_secrets::rollout::detect::Reads;
-    let old = |reads: &Reads| consumer_hash(&key, &data, reads);
+    use support::restarts::consumer_hash;
+    let old = |reads: &Reads| consumer_hash(&[7; 32], &data, reads);
     let annotated = |name: &str, pod: Value, hash: String| {
         let mut d = deployment("shop-dev", name, pod);
         d["spec"]["template"]["metadata"]["annotations"] =

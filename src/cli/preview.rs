@@ -5,8 +5,8 @@
 //! context. Each ScopedSecret whose scopes include the changed path is run through the
 //! controller's pipeline twice — as Vault is, and with the change applied in memory — and the
 //! keys whose value would differ are the keys that change; the workloads that would restart
-//! are decided by the controller's own key-level rules ([`crate::rollout::targeted`] and
-//! [`crate::rollout::spared_by`]). The result is a short table.
+//! are decided by the controller's own rules ([`crate::rollout::targeted`] and
+//! [`crate::rollout::desired::held_back`]) on the keys that change. The result is a short table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -254,7 +254,7 @@ fn assess(
             .iter()
             .cloned()
             .map(|mut w| {
-                w.template_annotations.clear();
+                w.template.clear();
                 w
             })
             .collect();
@@ -262,8 +262,12 @@ fn assess(
             let Some(consumption) = rollout::targeted(ss.spec.rollout.as_ref(), w, &secret) else {
                 continue;
             };
-            let name = format!("{}/{}", w.kind.as_str(), w.name);
-            match rollout::spared_by(w, &consumption, &changed) {
+            let name = format!("{}/{}", w.kind.as_str(), w.name());
+            let why = match rollout::desired::held_back(w, &consumption) {
+                _ if !consumption.reads.touches(&changed) => Some("KeysUnchanged".into()),
+                why => why.map(|why| format!("{why:?}")),
+            };
+            match why {
                 None => restarts.push(name),
                 Some(why) => spared.push(format!("{name} ({why})")),
             }
@@ -555,24 +559,10 @@ pub(crate) fn workload_kind(api_version: &str, kind: &str) -> Option<WorkloadKin
     }
 }
 
-/// A workload manifest as the planner sees it.
+/// A workload manifest as the planner sees it; `None` without a name or a pod template.
 pub(crate) fn workload_of(value: &Value, kind: WorkloadKind) -> Option<Workload> {
-    let meta = &value["metadata"];
-    let map = |v: &Value| -> BTreeMap<String, String> {
-        serde_json::from_value(v.clone()).unwrap_or_default()
-    };
-    let template = &value["spec"]["template"];
-    Some(Workload {
-        kind,
-        name: meta["name"].as_str()?.to_string(),
-        labels: map(&meta["labels"]),
-        annotations: map(&meta["annotations"]),
-        template_annotations: map(&template["metadata"]["annotations"]),
-        reads: rollout::detect::consumptions(
-            &serde_json::from_value(template["spec"].clone()).ok()?,
-        ),
-        paused: value["spec"]["paused"].as_bool().unwrap_or(false),
-    })
+    let w = Workload::new(kind, &serde_json::from_value(value.clone()).ok()?);
+    (w.metadata.name.is_some() && w.reads.is_some()).then_some(w)
 }
 
 #[cfg(test)]
@@ -661,7 +651,7 @@ mod tests {
             "api",
             json!({"name": "c", "image": "x", "envFrom": [{"secretRef": {"name": "api"}}]}),
         );
-        assert_eq!(w.name, "api");
-        assert!(w.reads.contains_key("api"));
+        assert_eq!(w.name(), "api");
+        assert!(w.consumption("api").is_some());
     }
 }

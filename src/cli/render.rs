@@ -480,7 +480,7 @@ items:
             "the ConfigMap, for templates"
         );
         assert_eq!(m.workloads.len(), 1, "the Deployment");
-        assert_eq!(m.workloads_in(DEFAULT_NAMESPACE)[0].name, "web");
+        assert_eq!(m.workloads_in(DEFAULT_NAMESPACE)[0].name(), "web");
         let err = m
             .add_documents(
                 "kind: ScopedSecret\napiVersion: scopedsecrets.io/v1alpha1\nspec: 3\n",

@@ -11,7 +11,7 @@
 //! ScopedSecrets and managed Secrets (metadata only: no value is ever received) are read from
 //! the ScopedSecret controller's caches ([`super::caches::Caches`]): one watch of each serves
 //! both controllers, and says which ScopedSecret's Secret (or itself) changed. Workloads are
-//! cached as a projection ([`Cached`]) of what detection and rollout progress read, so memory
+//! cached as a projection ([`Workload`]) of what detection and rollout progress read, so memory
 //! follows references, and indexed as their watch events arrive ([`Index`]): a changed Secret
 //! wakes its readers, and the budget counts the rollouts in flight, without a scan.
 //!
@@ -20,7 +20,6 @@
 //! patched but not yet in the cache, and the order of the workloads waiting for a slot —
 //! oldest first, woken when a rollout's progress frees one.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -28,32 +27,28 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::PodSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{Selector, SelectorExt};
+use kube::core::Selector;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store, reflector, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::caches::CachedSecret;
 use super::failures::{Failures, Recorded};
-use super::{Context, events};
+use super::{Context, Error, events};
 use crate::api::v1alpha1::{RolloutStatus, RolloutStrategy, ScopedSecret};
 use crate::render::{CONTENT_HASH_ANNOTATION, OWNER_LABEL};
-use crate::rollout::apply::{self, Annotations, rollout_complete};
-use crate::rollout::desired::{self, Need, SecretView};
-use crate::rollout::detect::{self, Consumption};
+use crate::rollout::apply::{self, Annotations};
+use crate::rollout::desired::{self, Managed, Need};
 use crate::rollout::{
-    CHECKSUM_PREFIX, Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION,
-    RolloutResult, Skip, Workload, WorkloadKind, annotation_key, breaker,
+    Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION, RolloutResult, Skip,
+    Workload, WorkloadKind, annotation_key,
 };
 
 /// How often a workload waiting for the restart budget looks again (it is also woken when a
@@ -62,206 +57,28 @@ const BUDGET_POLL: Duration = Duration::from_secs(5);
 /// Delay before a refused patch (403, 409, 422) is tried again: it needs a change.
 const REFUSED_RETRY: Duration = Duration::from_secs(300);
 
-/// Why a workload reconcile failed: it is retried with backoff, and nothing is recorded as done.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("failed to {action}: {source}")]
-    Kube {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
-}
-
-impl Error {
-    pub fn category(&self) -> &'static str {
-        "KubernetesError"
-    }
-
-    /// The API server's status code, when it answered.
-    fn code(&self) -> Option<u16> {
-        let Error::Kube {
-            source: kube::Error::Api(s),
-            ..
-        } = self
-        else {
-            return None;
-        };
-        Some(s.code)
-    }
-}
-
-/// A workload as its cache keeps it: what the restart decision and the budget read, computed
-/// from the object when its watch event arrives — how its pod template consumes each Secret it
-/// references, the operator's own annotations, whether its rollout is complete — so that
-/// memory follows the references, not the object (a `DynamicObject`'s JSON maps cost
-/// kilobytes). Small maps are vectors: a map allocates room for eleven entries.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Cached {
-    /// Name, namespace and uid only.
-    metadata: ObjectMeta,
-    labels: Vec<(String, String)>,
-    /// The `checksum.scopedsecrets.io/` and `scopedsecrets.io/` annotations of its metadata.
-    annotations: Vec<(String, String)>,
-    /// The checksum annotations of its pod template.
-    template: Vec<(String, String)>,
-    /// How its pod template consumes each Secret it references; `None` when the template is
-    /// not a pod template (nothing is decided for it).
-    reads: Option<Vec<(String, Consumption)>>,
-    paused: bool,
-    /// Its rollout is complete, by the rules of `kubectl rollout status`.
-    complete: bool,
-}
-
-impl Cached {
-    pub fn new(kind: WorkloadKind, obj: &DynamicObject) -> Self {
-        let template = &obj.data["spec"]["template"];
-        let ours = |map: &BTreeMap<String, String>, own: &str| {
-            let own = |k: &String| k.starts_with(CHECKSUM_PREFIX) || k.starts_with(own);
-            map.iter()
-                .filter(|(k, _)| own(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        let template_annotations: BTreeMap<String, String> =
-            BTreeMap::deserialize(&template["metadata"]["annotations"]).unwrap_or_default();
-        let reads = PodSpec::deserialize(&template["spec"]).ok();
-        let metadata = &obj.metadata;
-        Cached {
-            metadata: ObjectMeta {
-                name: metadata.name.clone(),
-                namespace: metadata.namespace.clone(),
-                uid: metadata.uid.clone(),
-                ..Default::default()
-            },
-            labels: obj.labels().clone().into_iter().collect(),
-            annotations: ours(obj.annotations(), "scopedsecrets.io/"),
-            template: ours(&template_annotations, CHECKSUM_PREFIX),
-            reads: reads.map(|spec| detect::consumptions(&spec).into_iter().collect()),
-            paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
-            complete: rollout_complete(kind, obj),
-        }
-    }
-
-    /// The decision's view; `None` when the template is not a pod template.
-    fn view(&self, kind: WorkloadKind) -> Option<Workload> {
-        let map = |v: &[(String, String)]| v.iter().cloned().collect();
-        Some(Workload {
-            kind,
-            name: self.name_any(),
-            labels: map(&self.labels),
-            annotations: map(&self.annotations),
-            template_annotations: map(&self.template),
-            reads: self.reads.clone()?.into_iter().collect(),
-            paused: self.paused,
-        })
-    }
-
-    fn restarted_at(&self) -> Option<Timestamp> {
-        let (_, at) = self
-            .annotations
-            .iter()
-            .find(|(k, _)| k == RESTARTED_AT_ANNOTATION)?;
-        at.parse().ok()
-    }
-
-    fn labels_match(&self, selector: &Selector) -> bool {
-        selector.matches(&self.labels.iter().cloned().collect())
-    }
-}
-
-/// One type for every kind, told apart by the controllers' [`WorkloadKind`].
-impl Resource for Cached {
-    type DynamicType = WorkloadKind;
-    type Scope = NamespaceResourceScope;
-
-    fn kind(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.as_str().into()
-    }
-
-    fn group(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.api_version()
-            .rsplit_once('/')
-            .map_or("", |(g, _)| g)
-            .into()
-    }
-
-    fn version(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.api_version()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .into()
-    }
-
-    fn api_version(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.api_version().into()
-    }
-
-    fn plural(kind: &WorkloadKind) -> Cow<'_, str> {
-        kind.plural().into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
 /// A watch event of `kind` as the cache keeps it.
-pub fn project(kind: WorkloadKind, event: watcher::Event<DynamicObject>) -> watcher::Event<Cached> {
+pub fn project(
+    kind: WorkloadKind,
+    event: watcher::Event<DynamicObject>,
+) -> watcher::Event<Workload> {
     use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
     match event {
-        Apply(o) => Apply(Cached::new(kind, &o)),
-        InitApply(o) => InitApply(Cached::new(kind, &o)),
-        Delete(o) => Delete(Cached::new(kind, &o)),
+        Apply(o) => Apply(Workload::new(kind, &o)),
+        InitApply(o) => InitApply(Workload::new(kind, &o)),
+        Delete(o) => Delete(Workload::new(kind, &o)),
         Init => Init,
         InitDone => InitDone,
     }
 }
 
-/// A managed Secret as a workload's decision reads it.
-struct Managed {
-    name: String,
-    hashes: KeyHashes,
-    /// Its `content-hash` annotation: the content its key hashes describe.
-    content: Option<String>,
-    owner: Arc<ScopedSecret>,
-}
-
-impl Managed {
-    /// The decision's view at `now`. When the ScopedSecret's status lags the Secret (written
-    /// just after it, or the operator stopped in between), the change is taken as happening
-    /// now, and the window runs from here.
-    fn view(&self, limits: breaker::Limits, now: Timestamp) -> Option<SecretView<'_>> {
-        let status = self.owner.status.as_ref()?;
-        let settled = status.content_hash.is_some() && status.content_hash == self.content;
-        let changed_at = match (&status.last_change_time, settled) {
-            (Some(t), true) => t.0,
-            _ => now,
-        };
-        let history = status.changes.clone().unwrap_or_default();
-        Some(SecretView {
-            name: &self.name,
-            rollout: self.owner.spec.rollout.as_ref(),
-            hashes: &self.hashes,
-            changed_at,
-            paused_until: breaker::paused_until(&history, limits, now),
-            urgent: settled && history.revocation.is_some() && history.revocation == self.content,
-        })
-    }
-}
-
 /// A workload.
-type Id = ObjectRef<Cached>;
+type Id = ObjectRef<Workload>;
 
 /// A workload within its kind's cache: (namespace, name).
 type Key = (String, String);
 
-fn key(obj: &Cached) -> Key {
+fn key(obj: &Workload) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
@@ -274,31 +91,37 @@ fn key(obj: &Cached) -> Key {
 struct Index {
     /// (namespace, Secret) → the names of the workloads referencing it.
     readers: HashMap<Key, BTreeSet<String>>,
-    /// Workloads restarted at … whose rollout is not complete.
+    /// Workloads restarted at … whose rollout is not complete, or patched and not yet seen.
     rolling: HashMap<Key, Timestamp>,
     /// While a re-list runs: the workloads listed so far.
     relisted: Option<HashSet<Key>>,
 }
 
 impl Index {
-    /// Takes `event` of `kind` in; `before` is the cache as it was before it.
-    fn apply(
-        &mut self,
-        kind: WorkloadKind,
-        before: &Store<Cached>,
-        event: &watcher::Event<Cached>,
-    ) {
-        let old = |obj: &Cached| before.get(&ObjectRef::from_obj_with(obj, kind));
+    /// Takes `event` in; `before` is the cache as it was before it.
+    fn apply(&mut self, before: &Store<Workload>, event: &watcher::Event<Workload>) {
+        let old = |obj: &Workload| before.get(&obj.id());
         match event {
             watcher::Event::Init => self.relisted = Some(HashSet::new()),
             watcher::Event::InitApply(obj) | watcher::Event::Apply(obj) => {
                 if let (watcher::Event::InitApply(_), Some(listed)) = (event, &mut self.relisted) {
                     listed.insert(key(obj));
                 }
-                if let Some(old) = old(obj) {
+                let old = old(obj);
+                // A restart patched and not yet seen in the cache holds its slot until an
+                // event shows it.
+                let unseen = |o: &Workload, at| o.restarted_at().is_none_or(|seen| seen < at);
+                let launched =
+                    self.rolling.get(&key(obj)).copied().filter(|at| {
+                        old.as_deref().is_none_or(|o| unseen(o, *at)) && unseen(obj, *at)
+                    });
+                if let Some(old) = old {
                     self.remove(&old);
                 }
                 self.insert(obj);
+                if let Some(at) = launched {
+                    self.rolling.insert(key(obj), at);
+                }
             }
             watcher::Event::Delete(obj) => {
                 if let Some(old) = old(obj) {
@@ -315,20 +138,17 @@ impl Index {
         }
     }
 
-    fn insert(&mut self, obj: &Cached) {
+    fn insert(&mut self, obj: &Workload) {
         let (ns, name) = key(obj);
         for (secret, _) in obj.reads.iter().flatten() {
             let readers = self.readers.entry((ns.clone(), secret.clone()));
             readers.or_default().insert(name.clone());
         }
-        if let Some(at) = obj.restarted_at()
-            && !obj.complete
-        {
-            self.rolling.insert((ns, name), at);
-        }
+        self.rolling
+            .extend(obj.rolling_since().map(|at| ((ns, name), at)));
     }
 
-    fn remove(&mut self, obj: &Cached) {
+    fn remove(&mut self, obj: &Workload) {
         let (ns, name) = key(obj);
         for (secret, _) in obj.reads.iter().flatten() {
             let reader = (ns.clone(), secret.clone());
@@ -343,19 +163,10 @@ impl Index {
     }
 }
 
-/// What the budget keeps in memory; the rest is read from the workloads.
-#[derive(Default)]
-struct Budget {
-    /// Restarts patched but not yet seen in the cache (with their `restarted-at`).
-    launched: HashMap<Id, Timestamp>,
-    /// Workloads owed a restart and waiting for a slot, oldest first.
-    waiting: Vec<Id>,
-}
-
 /// One kind's workload cache in one scope, its index, and how to wake its workloads.
 struct Watched {
     kind: WorkloadKind,
-    store: Store<Cached>,
+    store: Store<Workload>,
     index: Arc<Mutex<Index>>,
     wake: mpsc::UnboundedSender<Id>,
 }
@@ -371,17 +182,12 @@ impl Watched {
 pub struct Restarts {
     pub ctx: Arc<Context>,
     watched: RwLock<Vec<Watched>>,
-    budget: Mutex<Budget>,
+    /// Workloads owed a restart and waiting for a slot, oldest first.
+    waiting: Mutex<Vec<Id>>,
     failures: Failures<Id>,
     /// Per namespace, the ScopedSecrets that name or select their targets (which need not
     /// reference their Secret), kept current from the changes `touched` hears of.
     targeting: Mutex<HashMap<String, BTreeSet<String>>>,
-}
-
-/// The context of one kind's controller.
-pub struct KindCtx {
-    pub restarts: Arc<Restarts>,
-    pub kind: WorkloadKind,
 }
 
 impl Restarts {
@@ -389,7 +195,7 @@ impl Restarts {
         Arc::new(Restarts {
             ctx,
             watched: Default::default(),
-            budget: Default::default(),
+            waiting: Default::default(),
             failures: Default::default(),
             targeting: Default::default(),
         })
@@ -400,9 +206,9 @@ impl Restarts {
     pub fn add_workloads(
         &self,
         kind: WorkloadKind,
-        store: Store<Cached>,
+        store: Store<Workload>,
         wake: mpsc::UnboundedSender<Id>,
-    ) -> impl Fn(&watcher::Event<Cached>) + Send + Sync + 'static {
+    ) -> impl Fn(&watcher::Event<Workload>) + Send + Sync + 'static {
         let index = Arc::new(Mutex::new(Index::default()));
         let watched = Watched {
             kind,
@@ -411,7 +217,7 @@ impl Restarts {
             wake,
         };
         self.watched.write().unwrap().push(watched);
-        move |event| index.lock().unwrap().apply(kind, &store, event)
+        move |event| index.lock().unwrap().apply(&store, event)
     }
 
     /// Keeps the index of targeting ScopedSecrets current with the cached `owner`, and
@@ -473,7 +279,7 @@ impl Restarts {
         }
     }
 
-    fn cached(&self, id: &Id) -> Option<Arc<Cached>> {
+    fn cached(&self, id: &Id) -> Option<Arc<Workload>> {
         let watched = self.watched.read().unwrap();
         watched.iter().find_map(|w| w.store.get(id))
     }
@@ -484,8 +290,9 @@ impl Restarts {
     ///
     /// Only the Secrets `w` references, and those of ScopedSecrets naming or selecting their
     /// targets, are looked up: the cost follows the workload's references, not the namespace.
-    fn managed(&self, namespace: &str, w: &Workload) -> Vec<Managed> {
-        let caches = &self.ctx.caches;
+    fn managed(&self, w: &Workload, now: Timestamp) -> Vec<Managed> {
+        let namespace = w.metadata.namespace.as_deref().unwrap_or_default();
+        let (caches, limits) = (&self.ctx.caches, self.ctx.config.breaker_limits());
         let targeting: Vec<Arc<ScopedSecret>> = {
             let index = self.targeting.lock().unwrap();
             let names = index.get(namespace).into_iter().flatten();
@@ -493,7 +300,8 @@ impl Restarts {
                 names.filter_map(|n| caches.scoped_secret(&ObjectRef::new(n).within(namespace)));
             cached.filter(|ss| targets_any(ss)).collect()
         };
-        let mut names: BTreeSet<&str> = w.reads.keys().map(String::as_str).collect();
+        let reads = w.reads.iter().flatten();
+        let mut names: BTreeSet<&str> = reads.map(|(s, _)| s.as_str()).collect();
         names.extend(
             targeting
                 .iter()
@@ -506,77 +314,73 @@ impl Restarts {
             let annotations = s.annotations();
             let hashes = KeyHashes::parse(annotations.get(KEY_HASHES_ANNOTATION)?)?;
             let owner = ObjectRef::new(s.labels().get(OWNER_LABEL)?).within(namespace);
+            let content = annotations.get(CONTENT_HASH_ANNOTATION).map(String::as_str);
             let owner = caches.scoped_secret(&owner)?;
-            let current = owner.status.as_ref()?.secret_name.as_deref() == Some(name);
-            current.then(|| Managed {
-                content: annotations.get(CONTENT_HASH_ANNOTATION).cloned(),
-                name: name.to_string(),
-                hashes,
-                owner,
-            })
+            Managed::new(name, hashes, content, owner, limits, now)
         });
         managed.collect()
     }
 
-    /// Rollouts in flight: started by a restart less than the deadline ago and not complete
-    /// (from the index: the cost follows the rollouts, not the workloads), or patched and not
-    /// yet in the cache.
-    fn in_flight(&self, launched: &mut HashMap<Id, Timestamp>, now: Timestamp) -> HashSet<Id> {
+    /// Rollouts in flight, from the index (the cost follows the rollouts, not the workloads).
+    fn in_flight(&self, now: Timestamp) -> HashSet<Id> {
         let deadline = SignedDuration::try_from(self.ctx.config.pacing.deadline)
             .unwrap_or(SignedDuration::MAX);
-        let recent = |at: Timestamp| at + deadline > now;
         let mut out = HashSet::new();
         for w in self.watched.read().unwrap().iter() {
             let mut index = w.index.lock().unwrap();
             // Past the deadline a rollout holds no slot; its next event decides again.
-            index.rolling.retain(|_, at| recent(*at));
+            index.rolling.retain(|_, at| *at + deadline > now);
             out.extend(index.rolling.keys().map(|(ns, name)| w.id(ns, name)));
         }
-        launched.retain(|id, at| {
-            let unseen = |o: Arc<Cached>| o.restarted_at().is_none_or(|seen| seen < *at);
-            recent(*at) && self.cached(id).is_some_and(unseen)
-        });
-        out.extend(launched.keys().cloned());
         out
     }
 
-    /// Takes a restart slot for `id`, or puts it in the queue: a slot goes to the oldest
+    /// The restart of `w` was patched at `at`: it rolls out until the cache says otherwise.
+    /// `None`: the patch failed, what rolls out is what the cache says.
+    fn launched(&self, w: &Workload, at: Option<Timestamp>) {
+        let watched = self.watched.read().unwrap();
+        for kind in watched.iter().filter(|k| k.kind == w.kind) {
+            let mut index = kind.index.lock().unwrap();
+            index.rolling.remove(&key(w));
+            let cached = kind.store.get(&w.id());
+            let at = at.or_else(|| cached?.rolling_since());
+            index.rolling.extend(at.map(|at| (key(w), at)));
+        }
+    }
+
+    /// Takes a restart slot for `w`, or puts it in the queue: a slot goes to the oldest
     /// waiting workload first, and never to a workload whose own rollout is in flight. A
     /// revocation (`urgent`) takes one past the budget.
-    fn take_slot(&self, id: &Id, urgent: bool, now: Timestamp) -> bool {
-        let mut b = self.budget.lock().unwrap();
-        let in_flight = self.in_flight(&mut b.launched, now);
-        let room = self
-            .ctx
-            .config
-            .pacing
-            .budget
-            .saturating_sub(in_flight.len());
-        let position = b.waiting.iter().position(|w| w == id);
-        let before = &b.waiting[..position.unwrap_or(b.waiting.len())];
+    fn take_slot(&self, w: &Workload, urgent: bool, now: Timestamp) -> bool {
+        let id = &w.id();
+        let mut waiting = self.waiting.lock().unwrap();
+        let in_flight = self.in_flight(now);
+        let room = (self.ctx.config.pacing.budget).saturating_sub(in_flight.len());
+        let position = waiting.iter().position(|w| w == id);
+        let before = &waiting[..position.unwrap_or(waiting.len())];
         // Only workloads still cached wait; at most `room` need counting.
         let ahead = before.iter().filter(|w| self.cached(w).is_some());
         let takes = urgent || !(in_flight.contains(id) || ahead.take(room).count() >= room);
         if takes {
-            b.waiting.retain(|w| w != id);
-            b.launched.insert(id.clone(), now);
+            waiting.retain(|w| w != id);
+            self.launched(w, Some(now));
         } else if position.is_none() {
-            b.waiting.push(id.clone());
+            waiting.push(id.clone());
             self.ctx.metrics.restarted("deferred", 1);
         }
         let in_flight = in_flight.len() + usize::from(takes);
-        self.ctx.metrics.restarts_state(in_flight, b.waiting.len());
+        self.ctx.metrics.restarts_state(in_flight, waiting.len());
         takes
     }
 
     /// A restarted workload's rollout progressed: the gauges follow, and the oldest waiting
     /// workloads that now fit the budget are reconciled at once (workloads gone leave).
     fn wake_waiting(&self, now: Timestamp) {
-        let mut b = self.budget.lock().unwrap();
-        let in_flight = self.in_flight(&mut b.launched, now).len();
+        let mut waiting = self.waiting.lock().unwrap();
+        let in_flight = self.in_flight(now).len();
         let mut free = self.ctx.config.pacing.budget.saturating_sub(in_flight);
         let watched = self.watched.read().unwrap();
-        b.waiting.retain(|id| {
+        waiting.retain(|id| {
             if free == 0 {
                 return true;
             }
@@ -587,69 +391,63 @@ impl Restarts {
             free -= 1;
             true
         });
-        self.ctx.metrics.restarts_state(in_flight, b.waiting.len());
+        self.ctx.metrics.restarts_state(in_flight, waiting.len());
     }
 }
 
 /// Reconciles one workload: its plan from the caches (pure), then applied within the budget,
-/// then the ScopedSecrets' `status.rollouts` and events say what happened.
-pub async fn reconcile(obj: Arc<Cached>, k: Arc<KindCtx>) -> Result<Action, Error> {
-    let (r, ctx) = (&k.restarts, &k.restarts.ctx);
-    let ns = obj.namespace().unwrap_or_default();
-    let Some(w) = obj.view(k.kind) else {
+/// then the ScopedSecrets of the Secrets it consumes are told what became of it.
+pub async fn reconcile(w: Arc<Workload>, r: Arc<Restarts>) -> Result<Action, Error> {
+    let ctx = &r.ctx;
+    if w.reads.is_none() {
         return Ok(Action::await_change());
-    };
-    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind);
+    }
     let now = ctx.clock.now();
-    if obj.restarted_at().is_some() {
+    if w.restarted_at().is_some() {
         r.wake_waiting(now);
     }
-    let limits = ctx.config.breaker_limits();
-    let managed = r.managed(&ns, &w);
-    let views: Vec<SecretView<'_>> = managed.iter().filter_map(|m| m.view(limits, now)).collect();
-    let plan = desired::plan(&w, &views, &ctx.hmac_key, now, ctx.config.pacing.window);
-    let (restart, action) = apply_plan(r, &w, &ns, &id, &plan, now).await?;
-    // A restart whose record failed (a conflict, an outage) is recorded once the workload is
-    // seen running the content: a `Queued` or `Deferred` entry never outlives its restart.
-    let done = plan.needs.iter().filter_map(|(secret, need)| match need {
-        Need::Current(hash) => Some((secret.as_str(), hash.as_str(), RolloutResult::Restarted)),
-        _ => None,
-    });
-    for (secret, hash, result) in plan.results().chain(done) {
-        let result = match restart {
-            Some(restart) if plan.restart.contains_key(secret) => restart,
-            _ => result,
-        };
-        let Some(m) = managed.iter().find(|m| m.name == secret) else {
+    let managed = r.managed(&w, now);
+    let plan = desired::plan(&w, &managed, &ctx.hmac_key, now, ctx.config.pacing.window);
+    let (restart, action) = apply_plan(&r, &w, &plan, now).await?;
+    for m in &managed {
+        let Some(need) = plan.needs.get(&m.name) else {
             continue;
         };
-        if matches!(plan.needs.get(secret), Some(Need::Current(_))) && !pending(&m.owner, &w) {
-            continue;
-        }
-        if record(r, &w, &m.owner, hash, result).await? {
-            let refused = matches!(
-                plan.needs.get(secret),
-                Some(Need::Restart {
-                    live_reload_refused: true,
-                    ..
-                })
-            );
-            announce(ctx, &obj, &w, &m.owner, secret, result, refused).await;
-        }
+        let result = match (restart, need) {
+            (Some(restart), _) if plan.restart.contains_key(&m.name) => restart,
+            // A restart whose report failed (a conflict, an outage) is reported once the
+            // workload is seen running the content: a `Queued` or `Deferred` entry never
+            // outlives its restart.
+            (_, Need::Current(_)) if waits(&m.owner, &w) => RolloutResult::Restarted,
+            _ => match need.result() {
+                Some(result) => result,
+                None => continue,
+            },
+        };
+        report(&r, &w, m, need, result).await?;
     }
-    if r.failures.forget(&id) {
-        info!(namespace = ns, workload = %w.name, kind = k.kind.as_str(), "restart reconcile recovered");
+    if r.failures.forget(&w.id()) {
+        let (namespace, kind) = (w.namespace().unwrap_or_default(), w.kind.as_str());
+        info!(
+            namespace,
+            workload = w.name(),
+            kind,
+            "restart reconcile recovered"
+        );
     }
     Ok(action)
 }
 
+/// The entry of `w` in the `status.rollouts` of `ss`.
+fn entry<'s>(ss: &'s ScopedSecret, w: &Workload) -> Option<&'s RolloutStatus> {
+    let mut rollouts = ss.status.iter().flat_map(|s| &s.rollouts);
+    rollouts.find(|e| (e.kind.as_str(), e.name.as_str()) == (w.kind.as_str(), w.name()))
+}
+
 /// Whether the `status.rollouts` of `ss` says a restart of `w` is still to come.
-fn pending(ss: &ScopedSecret, w: &Workload) -> bool {
+fn waits(ss: &ScopedSecret, w: &Workload) -> bool {
     let waits = [RolloutResult::Queued, RolloutResult::Deferred].map(|r| r.to_string());
-    ss.status.iter().flat_map(|s| &s.rollouts).any(|e| {
-        (e.kind.as_str(), e.name.as_str()) == (w.kind.as_str(), w.name.as_str())
-            && waits.contains(&e.result)
-    })
+    entry(ss, w).is_some_and(|e| waits.contains(&e.result))
 }
 
 /// Applies the plan: baselines at once; a restart within the budget. Returns what became of
@@ -657,12 +455,10 @@ fn pending(ss: &ScopedSecret, w: &Workload) -> bool {
 async fn apply_plan(
     r: &Restarts,
     w: &Workload,
-    ns: &str,
-    id: &Id,
     plan: &desired::Plan,
     now: Timestamp,
 ) -> Result<(Option<RolloutResult>, Action), Error> {
-    let held = Annotations::held(&w.template_annotations, &w.annotations);
+    let held = Annotations::held(w);
     let mut want = held.clone();
     let annotations = |m: &BTreeMap<String, String>| -> Vec<(String, String)> {
         m.iter()
@@ -677,31 +473,38 @@ async fn apply_plan(
         None => Action::await_change(),
     };
     if plan.restart.is_empty() {
-        r.budget.lock().unwrap().waiting.retain(|w| w != id);
+        r.waiting.lock().unwrap().retain(|id| *id != w.id());
         if want != held {
-            patch(r, w, ns, &want).await?;
+            patch(r, w, &want).await?;
         }
         return Ok((None, later));
     }
-    if !r.take_slot(id, plan.urgent, now) {
+    if !r.take_slot(w, plan.urgent, now) {
         return Ok((Some(RolloutResult::Deferred), Action::requeue(BUDGET_POLL)));
     }
     want.template.extend(annotations(&plan.restart));
     want.metadata
         .insert(RESTARTED_AT_ANNOTATION.into(), now.to_string());
-    let Err(e) = patch(r, w, ns, &want).await else {
+    let Err(e) = patch(r, w, &want).await else {
         r.ctx.metrics.restarted("restarted", 1);
         r.ctx.metrics.wrote("workload_restart");
         return Ok((Some(RolloutResult::Restarted), later));
     };
-    r.budget.lock().unwrap().launched.remove(id);
-    let failure = match e.code() {
-        Some(403) => Failure::Forbidden,
-        Some(409 | 422) => Failure::Refused,
+    r.launched(w, None);
+    let failure = match &e {
+        Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        } if s.code == 403 => Failure::Forbidden,
+        Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        } if matches!(s.code, 409 | 422) => Failure::Refused,
         // An outage: the reconcile fails and is retried; nothing is recorded as done.
         _ => return Err(e),
     };
-    warn!(namespace = ns, workload = %w.name, "{e}");
+    let namespace = w.namespace().unwrap_or_default();
+    warn!(namespace, workload = w.name(), "{e}");
     r.ctx.metrics.restarted("failed", 1);
     Ok((
         Some(RolloutResult::Failed(failure)),
@@ -709,40 +512,37 @@ async fn apply_plan(
     ))
 }
 
-async fn patch(r: &Restarts, w: &Workload, ns: &str, a: &Annotations) -> Result<(), Error> {
-    let result = apply::apply(&r.ctx.client, w.kind, ns, &w.name, a).await;
+async fn patch(r: &Restarts, w: &Workload, a: &Annotations) -> Result<(), Error> {
+    let result = apply::apply(&r.ctx.client, w, a).await;
     result.map_err(|source| {
         let forbidden = matches!(&source, kube::Error::Api(s) if s.code == 403);
         let hint = match forbidden {
             true => " (the operator's ClusterRole needs list, watch and patch on this kind)",
             false => "",
         };
-        let (kind, name) = (w.kind.as_str(), &w.name);
+        let (kind, ns, name) = (w.kind.as_str(), w.namespace().unwrap_or_default(), w.name());
         let action = format!("patch the restart annotations of {kind} {ns}/{name}{hint}");
         Error::Kube { action, source }
     })
 }
 
-/// Writes what became of the workload into the `status.rollouts` of `ss`: one entry per
-/// workload, and entries of workloads no longer cached leave. Returns false when the status
-/// said so already (then nothing is written, and no event repeats).
-async fn record(
+/// Tells the ScopedSecret of `m` what became of `w`: its entry in `status.rollouts` (one per
+/// workload; entries of workloads no longer cached leave) and, when that entry changes, events
+/// on it and, for a restart, on the workload.
+async fn report(
     r: &Restarts,
     w: &Workload,
-    ss: &ScopedSecret,
-    hash: &str,
+    m: &Managed,
+    need: &Need,
     result: RolloutResult,
-) -> Result<bool, Error> {
-    let (kind, name, text) = (w.kind.as_str(), w.name.as_str(), result.to_string());
+) -> Result<(), Error> {
+    let (kind, name, text) = (w.kind.as_str(), w.name(), result.to_string());
     let said = |ss: &ScopedSecret| {
-        ss.status.iter().flat_map(|s| &s.rollouts).any(|e| {
-            (e.kind.as_str(), e.name.as_str()) == (kind, name)
-                && e.hash.as_deref() == Some(hash)
-                && e.result == text
-        })
+        entry(ss, w).is_some_and(|e| e.hash.as_deref() == Some(need.hash()) && e.result == text)
     };
+    let ss = &m.owner;
     if said(ss) {
-        return Ok(false);
+        return Ok(());
     }
     let (ns, ss_name) = (ss.namespace().unwrap_or_default(), ss.name_any());
     let api: Api<ScopedSecret> = Api::namespaced(r.ctx.client.clone(), &ns);
@@ -753,7 +553,7 @@ async fn record(
     // Read live: the cache can lag a write another workload just made.
     let live = api.get_status(&ss_name).await.map_err(failed("read"))?;
     if said(&live) {
-        return Ok(false);
+        return Ok(());
     }
     let cached = |e: &RolloutStatus| {
         WorkloadKind::parse(&e.kind).is_some_and(|k| {
@@ -766,7 +566,7 @@ async fn record(
     rollouts.push(RolloutStatus {
         kind: kind.into(),
         name: name.into(),
-        hash: Some(hash.into()),
+        hash: Some(need.hash().into()),
         result: text,
         time: Time(r.ctx.clock.now()),
         baseline: None,
@@ -787,74 +587,75 @@ async fn record(
         .await
         .map_err(failed("write the restarts into"))?;
     r.ctx.metrics.wrote("status");
-    Ok(true)
-}
 
-/// Events for a result that changed: on the ScopedSecret, and on the workload when restarted.
-async fn announce(
-    ctx: &Context,
-    obj: &Cached,
-    w: &Workload,
-    ss: &ScopedSecret,
-    secret: &str,
-    result: RolloutResult,
-    live_reload_refused: bool,
-) {
+    use EventType::{Normal, Warning};
     use RolloutResult::{Failed, Restarted, Skipped};
-    let what = format!("{}/{}", w.kind.as_str(), w.name);
-    let (reason, note) = match result {
-        Restarted if live_reload_refused => (
-            "RolloutRestarted",
-            format!(
-                "restarted {what}: it asked for live reload but reads Secret {secret} through env or subPath, which only a restart refreshes"
-            ),
-        ),
+    let (what, secret) = (format!("{kind}/{name}"), &m.name);
+    let (type_, reason, note) = match result {
+        Restarted
+            if matches!(
+                need,
+                Need::Restart {
+                    live_reload_refused: true,
+                    ..
+                }
+            ) =>
+        {
+            (
+                Normal,
+                "RolloutRestarted",
+                format!(
+                    "restarted {what}: it asked for live reload but reads Secret {secret} through env or subPath, which only a restart refreshes"
+                ),
+            )
+        }
         Restarted => (
+            Normal,
             "RolloutRestarted",
             format!("restarted {what}: Secret {secret} changed keys it reads"),
         ),
         Skipped(Skip::Paused) => (
+            Normal,
             "RolloutSkipped",
             format!("{what} is paused: not restarted; resume it to pick up Secret {secret}"),
         ),
         Skipped(Skip::LiveReload) => (
+            Normal,
             "RolloutSkipped",
             format!(
                 "{what} reads Secret {secret} through volumes only and asked for live reload: the kubelet refreshes its files"
             ),
         ),
         Failed(f) => (
+            Warning,
             "RolloutFailed",
             format!("failed to restart {what} for Secret {secret}: {f:?}"),
         ),
-        _ => return,
+        _ => return Ok(()),
     };
-    let type_ = match result {
-        Failed(_) => EventType::Warning,
-        _ => EventType::Normal,
-    };
-    let ns = obj.namespace().unwrap_or_default();
     info!(namespace = ns, workload = %what, %secret, %result, "rollout");
-    events::publish(ss, ctx, type_, reason, &note).await;
+    events::publish(ss, &r.ctx, type_, reason, &note).await;
     if result == Restarted {
-        let on_workload = obj.object_ref(&w.kind);
-        events::publish_on(ctx, &on_workload, type_, reason, &note).await;
+        events::publish_on(&r.ctx, &w.object_ref(&w.kind), type_, reason, &note).await;
     }
+    Ok(())
 }
 
-/// Requeue after a failed workload reconcile, with the controller's backoff. Logged at WARN
-/// when a failure starts or changes, its repeats at DEBUG.
-fn error_policy(obj: Arc<Cached>, err: &Error, k: Arc<KindCtx>) -> Action {
-    let (r, kind) = (&k.restarts, k.kind.as_str());
-    let id = ObjectRef::from_obj_with(obj.as_ref(), k.kind);
-    let message = err.to_string();
-    let Recorded { attempt, repeat } = r.failures.record(&id, err.category(), &message);
-    let (namespace, workload) = (obj.namespace().unwrap_or_default(), obj.name_any());
-    let category = err.category();
+/// Requeue after a failed workload reconcile (an API error: nothing was recorded as done),
+/// with the controller's backoff. Logged at WARN when a failure starts or changes, its
+/// repeats at DEBUG.
+fn error_policy(obj: Arc<Workload>, err: &Error, r: Arc<Restarts>) -> Action {
+    let (message, category) = (err.to_string(), err.category());
+    let Recorded { attempt, repeat } = r.failures.record(&obj.id(), category, &message);
+    let (namespace, workload, kind) = (
+        obj.namespace().unwrap_or_default(),
+        obj.name(),
+        obj.kind.as_str(),
+    );
     if repeat {
-        debug!(%namespace, %workload, kind, category, attempt, "restart reconcile failed again: {message}");
+        debug!(%namespace, workload, kind, category, attempt, "restart reconcile failed again: {message}");
     } else {
-        warn!(%namespace, %workload, kind, category, attempt, "restart reconcile failed: {message}");
+        warn!(%namespace, workload, kind, category, attempt, "restart reconcile failed: {message}");
     }
     let config = &r.ctx.config;
     Action::requeue(super::backoff_delay(
@@ -869,19 +670,19 @@ fn error_policy(obj: Arc<Cached>, err: &Error, k: Arc<KindCtx>) -> Action {
 pub async fn run_scope(
     r: Arc<Restarts>,
     namespace: Option<String>,
-    touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
+    mut touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
 ) {
-    let ns = namespace.as_deref();
-    let mut running: Vec<BoxFuture<'static, ()>> = [
-        WorkloadKind::Deployment,
-        WorkloadKind::StatefulSet,
-        WorkloadKind::DaemonSet,
-    ]
-    .into_iter()
-    .map(|kind| watch(&r, ns, kind))
-    .collect();
-    running.push(Box::pin(argo_rollouts(r.clone(), namespace.clone())));
-    running.push(Box::pin(wake_readers(r.clone(), touched)));
+    let kinds = WorkloadKind::ALL
+        .into_iter()
+        .filter(|k| *k != WorkloadKind::Rollout);
+    let mut running: Vec<_> = kinds.map(|k| watch(&r, namespace.as_deref(), k)).collect();
+    running.push(argo_rollouts(r.clone(), namespace).boxed());
+    // Wakes the readers of each ScopedSecret whose Secret, or itself, changed.
+    running.push(Box::pin(async move {
+        while let Some(owner) = touched.recv().await {
+            r.touched(&owner);
+        }
+    }));
     futures::future::join_all(running).await;
 }
 
@@ -900,34 +701,18 @@ async fn argo_rollouts(r: Arc<Restarts>, namespace: Option<String>) {
             }
             Err(e) => {
                 failures += 1;
-                let delay =
-                    super::backoff_delay(failures, Duration::from_secs(1), Duration::from_secs(60));
+                let (second, minute) = (Duration::from_secs(1), Duration::from_secs(60));
+                let delay = super::backoff_delay(failures, second, minute);
                 let retry_in_s = delay.as_secs();
-                if failures == 1 {
-                    warn!(
-                        retry_in_s,
-                        "failed to discover whether Argo Rollouts is served: {e}"
-                    );
-                } else {
-                    debug!(
-                        retry_in_s,
-                        "failed to discover whether Argo Rollouts is served: {e}"
-                    );
+                let e = format!("failed to discover whether Argo Rollouts is served: {e}");
+                match failures {
+                    1 => warn!(retry_in_s, "{e}"),
+                    _ => debug!(retry_in_s, "{e}"),
                 }
                 delay
             }
         };
         tokio::time::sleep(delay).await;
-    }
-}
-
-/// Wakes the readers of each ScopedSecret whose Secret, or itself, changed.
-async fn wake_readers(
-    r: Arc<Restarts>,
-    mut touched: mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>,
-) {
-    while let Some(owner) = touched.recv().await {
-        r.touched(&owner);
     }
 }
 
@@ -971,16 +756,12 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
     let settings = controller::Config::default()
         .concurrency(r.ctx.config.concurrency)
         .debounce(Duration::from_secs(1));
-    let k = Arc::new(KindCtx {
-        restarts: r.clone(),
-        kind,
-    });
     Controller::for_stream_with(stream, store, kind)
         .with_config(settings)
         .trigger_backoff(super::NoPause)
         .reconcile_on(super::tokio_stream_of(woken))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, k)
+        .run(reconcile, error_policy, r.clone())
         .for_each(|result| async move {
             match result {
                 Err(controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
@@ -995,7 +776,7 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    fn deployment(name: &str, secrets: &[&str], annotations: Value, status: Value) -> Cached {
+    fn deployment(name: &str, secrets: &[&str], annotations: Value, status: Value) -> Workload {
         let refs: Vec<Value> = secrets
             .iter()
             .map(|s| json!({"secretRef": {"name": s}}))
@@ -1007,17 +788,17 @@ mod tests {
             "status": status,
         }))
         .unwrap();
-        Cached::new(WorkloadKind::Deployment, &obj)
+        Workload::new(WorkloadKind::Deployment, &obj)
     }
 
-    fn reader(name: &str, secrets: &[&str]) -> Cached {
+    fn reader(name: &str, secrets: &[&str]) -> Workload {
         deployment(name, secrets, json!({}), json!({}))
     }
 
     /// An index and its cache, each event shown to the index first, as the watch does.
     struct Fed {
         index: Index,
-        cache: Writer<Cached>,
+        cache: Writer<Workload>,
     }
 
     impl Fed {
@@ -1027,9 +808,9 @@ mod tests {
             Fed { index, cache }
         }
 
-        fn apply(&mut self, event: &watcher::Event<Cached>) {
+        fn apply(&mut self, event: &watcher::Event<Workload>) {
             let before = self.cache.as_reader();
-            self.index.apply(WorkloadKind::Deployment, &before, event);
+            self.index.apply(&before, event);
             self.cache.apply_watcher_event(event);
         }
     }

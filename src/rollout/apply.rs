@@ -13,7 +13,7 @@ use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 
-use super::{CHECKSUM_PREFIX, RESTARTED_AT_ANNOTATION, WorkloadKind};
+use super::{CHECKSUM_PREFIX, RESTARTED_AT_ANNOTATION, Workload, WorkloadKind};
 
 /// The field manager of the restart annotations.
 pub const FIELD_MANAGER: &str = "scoped-secrets-rollout";
@@ -41,29 +41,27 @@ pub struct Annotations {
 }
 
 impl Annotations {
-    /// What this manager holds on a workload now: its checksum annotations and restart time.
-    pub fn held(template: &BTreeMap<String, String>, metadata: &BTreeMap<String, String>) -> Self {
-        let ours = |m: &BTreeMap<String, String>, extra: Option<&str>| {
-            m.iter()
-                .filter(|(k, _)| k.starts_with(CHECKSUM_PREFIX) || Some(k.as_str()) == extra)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
+    /// What this manager holds on `w` now: its checksum annotations and restart time.
+    pub fn held(w: &Workload) -> Self {
+        let ours = |pairs: &[(String, String)]| {
+            let ours = |k: &str| k.starts_with(CHECKSUM_PREFIX) || k == RESTARTED_AT_ANNOTATION;
+            pairs.iter().filter(|(k, _)| ours(k)).cloned().collect()
         };
         Annotations {
-            template: ours(template, None),
-            metadata: ours(metadata, Some(RESTARTED_AT_ANNOTATION)),
+            template: ours(&w.template),
+            metadata: ours(&w.annotations),
         }
     }
 }
 
-/// The server-side apply body for `kind`/`name` in `namespace`.
-/// Without template annotations the body has no `spec` at all: an empty map where the
-/// template had none could change the pod template's hash and roll the pods.
-pub fn patch_body(kind: WorkloadKind, namespace: &str, name: &str, a: &Annotations) -> Value {
+/// The server-side apply body for `w`. Without template annotations the body has no `spec`
+/// at all: an empty map where the template had none could change the pod template's hash and
+/// roll the pods.
+pub fn patch_body(w: &Workload, a: &Annotations) -> Value {
     let mut body = json!({
-        "apiVersion": kind.api_version(),
-        "kind": kind.as_str(),
-        "metadata": {"name": name, "namespace": namespace, "annotations": a.metadata},
+        "apiVersion": w.kind.resource().api_version,
+        "kind": w.kind.as_str(),
+        "metadata": {"name": w.name(), "namespace": w.metadata.namespace, "annotations": a.metadata},
     });
     if !a.template.is_empty() {
         body["spec"] = json!({"template": {"metadata": {"annotations": a.template}}});
@@ -71,18 +69,17 @@ pub fn patch_body(kind: WorkloadKind, namespace: &str, name: &str, a: &Annotatio
     body
 }
 
-/// Applies `annotations` to the workload.
+/// Applies `annotations` to `w`.
 pub async fn apply(
     client: &Client,
-    kind: WorkloadKind,
-    namespace: &str,
-    name: &str,
+    w: &Workload,
     annotations: &Annotations,
 ) -> Result<(), kube::Error> {
-    let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &kind.resource());
-    let body = patch_body(kind, namespace, name, annotations);
+    let ns = w.metadata.namespace.as_deref().unwrap_or_default();
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &w.kind.resource());
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(name, &params, &Patch::Apply(&body))
+    let body = patch_body(w, annotations);
+    api.patch(w.name(), &params, &Patch::Apply(&body))
         .await
         .map(|_| ())
 }
@@ -158,24 +155,21 @@ mod tests {
 
     #[test]
     fn a_patch_carries_every_annotation_this_manager_holds() {
-        let template = [
-            ("checksum.scopedsecrets.io/a".to_string(), "1".to_string()),
-            ("other".to_string(), "x".to_string()),
-        ]
-        .into();
-        let metadata = [
-            ("checksum.scopedsecrets.io/b".to_string(), "2".to_string()),
-            (RESTARTED_AT_ANNOTATION.to_string(), "t".to_string()),
-            (
-                "kubectl.kubernetes.io/last-applied-configuration".to_string(),
-                "{}".to_string(),
-            ),
-        ]
-        .into();
-        let held = Annotations::held(&template, &metadata);
+        let obj = json!({
+            "metadata": {"name": "db", "annotations": {
+                "checksum.scopedsecrets.io/b": "2", (RESTARTED_AT_ANNOTATION): "t",
+                "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"template": {"metadata": {"annotations": {
+                "checksum.scopedsecrets.io/a": "1", "other": "x"}}}},
+        });
+        let w = Workload::new(
+            WorkloadKind::StatefulSet,
+            &serde_json::from_value(obj).unwrap(),
+        );
+        let held = Annotations::held(&w);
         assert_eq!(held.template.len(), 1);
         assert_eq!(held.metadata.len(), 2);
-        let body = patch_body(WorkloadKind::StatefulSet, "ns", "db", &held);
+        let body = patch_body(&w, &held);
         assert_eq!(body["apiVersion"], "apps/v1");
         assert_eq!(
             body["spec"]["template"]["metadata"]["annotations"]["checksum.scopedsecrets.io/a"],

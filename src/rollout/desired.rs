@@ -12,30 +12,64 @@
 //! drift repair, operator restart, failover: nothing differs, nothing to do.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 
 use super::detect::Consumption;
-use super::{
-    KeyHashes, RELOAD_ANNOTATION, RolloutResult, Skip, Workload, annotation_key, targeted,
-};
-use crate::api::v1alpha1::Rollout;
+use super::{KeyHashes, RolloutResult, Skip, Workload, annotation_key, breaker, targeted};
+use crate::api::v1alpha1::ScopedSecret;
 use crate::render::HmacKey;
 
-/// One managed Secret of the workload's namespace, as the workload controller sees it.
+/// A managed Secret of the workload's namespace, as the decision reads it.
 #[derive(Clone, Debug)]
-pub struct SecretView<'a> {
-    pub name: &'a str,
-    /// The rollout strategy of its ScopedSecret.
-    pub rollout: Option<&'a Rollout>,
-    pub hashes: &'a KeyHashes,
+pub struct Managed {
+    pub name: String,
+    pub hashes: KeyHashes,
+    /// Its ScopedSecret: the rollout strategy, and the `status.rollouts` told of restarts.
+    pub owner: Arc<ScopedSecret>,
     /// When its content last changed: the window runs from here.
     pub changed_at: Timestamp,
     /// Until when the breaker pauses restarts from it.
     pub paused_until: Option<Timestamp>,
     /// Its content was written by a revocation: no window, budget or breaker.
     pub urgent: bool,
+}
+
+impl Managed {
+    /// The Secret `name` (its published key `hashes`, its `content-hash` annotation
+    /// `content`) as its `owner`'s status says at `now`; `None` unless it is the owner's
+    /// current Secret. When the status lags the Secret (written just after it, or the
+    /// operator stopped in between), the change is taken as happening now.
+    pub fn new(
+        name: &str,
+        hashes: KeyHashes,
+        content: Option<&str>,
+        owner: Arc<ScopedSecret>,
+        limits: breaker::Limits,
+        now: Timestamp,
+    ) -> Option<Self> {
+        let status = owner.status.as_ref()?;
+        if status.secret_name.as_deref() != Some(name) {
+            return None;
+        }
+        let settled = status.content_hash.is_some() && status.content_hash.as_deref() == content;
+        let changed_at = match (&status.last_change_time, settled) {
+            (Some(t), true) => t.0,
+            _ => now,
+        };
+        let history = status.changes.as_ref();
+        let revocation = history.and_then(|h| h.revocation.as_deref());
+        Some(Managed {
+            name: name.into(),
+            hashes,
+            changed_at,
+            paused_until: history.and_then(|h| breaker::paused_until(h, limits, now)),
+            urgent: settled && revocation.is_some_and(|r| Some(r) == content),
+            owner,
+        })
+    }
 }
 
 /// What one Secret asks of the workload.
@@ -76,62 +110,57 @@ pub struct Plan {
     pub requeue_at: Option<Timestamp>,
 }
 
-impl Plan {
-    /// The status result of each consumed Secret that is not current (before the budget is
-    /// applied: a restart is `Queued` until it is patched).
-    pub fn results(&self) -> impl Iterator<Item = (&str, &str, RolloutResult)> {
-        self.needs.iter().filter_map(|(secret, need)| {
-            let (hash, result) = match need {
-                Need::Current(_) | Need::Baseline(_) => return None,
-                Need::Restart { hash, .. } | Need::Wait { hash, .. } => {
-                    (hash, RolloutResult::Queued)
-                }
-                Need::Skip { hash, why, .. } => (hash, RolloutResult::Skipped(*why)),
-            };
-            Some((secret.as_str(), hash.as_str(), result))
-        })
+impl Need {
+    /// The hash its pods should run.
+    pub fn hash(&self) -> &str {
+        match self {
+            Need::Current(hash) | Need::Baseline(hash) => hash,
+            Need::Restart { hash, .. } | Need::Wait { hash, .. } | Need::Skip { hash, .. } => hash,
+        }
+    }
+
+    /// Its status result before the budget is applied (a restart is `Queued` until it is
+    /// patched); `None` when current or first seen.
+    pub fn result(&self) -> Option<RolloutResult> {
+        match self {
+            Need::Current(_) | Need::Baseline(_) => None,
+            Need::Restart { .. } | Need::Wait { .. } => Some(RolloutResult::Queued),
+            Need::Skip { why, .. } => Some(RolloutResult::Skipped(*why)),
+        }
     }
 }
 
-/// What the pods of `workload` run of `secret`: the pod-template annotation, else the
-/// metadata baseline.
-fn running<'w>(workload: &'w Workload, secret: &str) -> Option<&'w String> {
-    let key = annotation_key(secret);
-    workload
-        .template_annotations
-        .get(&key)
-        .or_else(|| workload.annotations.get(&key))
+/// Why `workload`, reading a Secret as `consumption`, is not restarted when it changes: it
+/// asked for live reload and reads plain volumes only, or it is paused.
+pub fn held_back(workload: &Workload, consumption: &Consumption) -> Option<Skip> {
+    if workload.wants_live_reload() && consumption.live_reloadable() {
+        return Some(Skip::LiveReload);
+    }
+    workload.paused.then_some(Skip::Paused)
 }
 
 fn need(
     workload: &Workload,
     consumption: &Consumption,
-    secret: &SecretView<'_>,
+    secret: &Managed,
     key: &HmacKey,
     now: Timestamp,
     window: Duration,
 ) -> Need {
     let hash = secret.hashes.for_reads(key, &consumption.reads);
-    let Some(running) = running(workload, secret.name) else {
+    let Some(running) = workload.running(&secret.name) else {
         return Need::Baseline(hash);
     };
-    if *running == hash {
+    if running == hash {
         return Need::Current(hash);
     }
-    let wants_live = workload
-        .annotations
-        .get(RELOAD_ANNOTATION)
-        .is_some_and(|v| v == "live");
     let skip = |why, until| Need::Skip {
         hash: hash.clone(),
         why,
         until,
     };
-    if wants_live && consumption.live_reloadable() {
-        return skip(Skip::LiveReload, None);
-    }
-    if workload.paused {
-        return skip(Skip::Paused, None);
+    if let Some(why) = held_back(workload, consumption) {
+        return skip(why, None);
     }
     if !secret.urgent
         && let Some(until) = secret.paused_until.filter(|u| *u > now)
@@ -142,7 +171,7 @@ fn need(
     if secret.urgent || due <= now {
         Need::Restart {
             hash,
-            live_reload_refused: wants_live,
+            live_reload_refused: workload.wants_live_reload(),
         }
     } else {
         Need::Wait { hash, at: due }
@@ -152,69 +181,63 @@ fn need(
 /// The plan for `workload` given the managed Secrets of its namespace.
 pub fn plan(
     workload: &Workload,
-    secrets: &[SecretView<'_>],
+    secrets: &[Managed],
     key: &HmacKey,
     now: Timestamp,
     window: Duration,
 ) -> Plan {
     let mut plan = Plan::default();
     for secret in secrets {
-        let Some(consumption) = targeted(secret.rollout, workload, secret.name) else {
+        let rollout = secret.owner.spec.rollout.as_ref();
+        let Some(consumption) = targeted(rollout, workload, &secret.name) else {
             continue;
         };
         let need = need(workload, &consumption, secret, key, now, window);
-        if let Need::Baseline(hash) = &need {
-            plan.baselines.insert(secret.name.to_string(), hash.clone());
-        }
         // A live-reloading workload keeps no stale baseline: its files follow the Secret.
-        if let Need::Skip {
-            hash,
-            why: Skip::LiveReload,
-            ..
-        } = &need
-            && !workload
-                .template_annotations
-                .contains_key(&annotation_key(secret.name))
-        {
-            plan.baselines.insert(secret.name.to_string(), hash.clone());
+        let restarted = (workload.template.iter()).any(|(k, _)| *k == annotation_key(&secret.name));
+        let live = matches!(
+            need,
+            Need::Skip {
+                why: Skip::LiveReload,
+                ..
+            }
+        ) && !restarted;
+        if matches!(need, Need::Baseline(_)) || live {
+            plan.baselines
+                .insert(secret.name.clone(), need.hash().into());
         }
         plan.urgent |= secret.urgent && matches!(need, Need::Restart { .. });
-        plan.needs.insert(secret.name.to_string(), need);
+        plan.needs.insert(secret.name.clone(), need);
     }
-    let waits: Vec<Timestamp> = plan
-        .needs
-        .values()
-        .filter_map(|n| match n {
-            Need::Wait { at, .. } => Some(*at),
-            _ => None,
-        })
-        .collect();
+    let waits = plan.needs.values().filter_map(|n| match n {
+        Need::Wait { at, .. } => Some(*at),
+        _ => None,
+    });
+    let last_wait = waits.max();
     // One rollout for everything owed: a restart waits for the last of its Secrets to be quiet,
     // unless a revocation takes them all at once.
-    if plan.urgent || waits.is_empty() {
-        for (secret, need) in &plan.needs {
-            if let Need::Restart { hash, .. } | Need::Wait { hash, .. } = need {
-                plan.restart.insert(secret.clone(), hash.clone());
-            }
-        }
+    if plan.urgent || last_wait.is_none() {
+        let owed = plan.needs.iter();
+        let owed = owed.filter(|(_, n)| matches!(n, Need::Restart { .. } | Need::Wait { .. }));
+        plan.restart = owed.map(|(s, n)| (s.clone(), n.hash().into())).collect();
     }
     let until = plan.needs.values().filter_map(|n| match n {
         Need::Skip { until, .. } => *until,
         _ => None,
     });
-    let last_wait = if plan.urgent {
-        None
-    } else {
-        waits.into_iter().max()
-    };
-    plan.requeue_at = last_wait.into_iter().chain(until).min();
+    plan.requeue_at = last_wait
+        .filter(|_| !plan.urgent)
+        .into_iter()
+        .chain(until)
+        .min();
     plan
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::v1alpha1::{RolloutStrategy, RolloutTarget};
+    use crate::api::v1alpha1::{Rollout, RolloutStrategy, RolloutTarget};
+    use crate::rollout::RELOAD_ANNOTATION;
     use k8s_openapi::ByteString;
     use serde_json::{Value, json};
 
@@ -236,11 +259,11 @@ mod tests {
         KeyHashes::compute(&key(), &data)
     }
 
-    fn view<'a>(name: &'a str, hashes: &'a KeyHashes, changed_at: i64) -> SecretView<'a> {
-        SecretView {
-            name,
-            rollout: None,
-            hashes,
+    fn view(name: &str, hashes: &KeyHashes, changed_at: i64) -> Managed {
+        Managed {
+            name: name.into(),
+            hashes: hashes.clone(),
+            owner: Arc::new(ScopedSecret::new(name, Default::default())),
             changed_at: at(changed_at),
             paused_until: None,
             urgent: false,
@@ -248,24 +271,17 @@ mod tests {
     }
 
     fn workload(pod: Value) -> Workload {
-        Workload {
-            kind: super::super::WorkloadKind::Deployment,
-            name: "web".into(),
-            labels: Default::default(),
-            annotations: Default::default(),
-            template_annotations: Default::default(),
-            reads: super::super::detect::consumptions(&serde_json::from_value(pod).unwrap()),
-            paused: false,
-        }
+        let obj = json!({"metadata": {"name": "web"}, "spec": {"template": {"spec": pod}}});
+        let kind = super::super::WorkloadKind::Deployment;
+        Workload::new(kind, &serde_json::from_value(obj).unwrap())
     }
 
     fn with_template(mut w: Workload, secret: &str, hash: &str) -> Workload {
-        w.template_annotations
-            .insert(annotation_key(secret), hash.to_string());
+        w.template.push((annotation_key(secret), hash.to_string()));
         w
     }
 
-    fn plan_at(w: &Workload, secrets: &[SecretView<'_>], now: i64) -> Plan {
+    fn plan_at(w: &Workload, secrets: &[Managed], now: i64) -> Plan {
         plan(w, secrets, &key(), at(now), WINDOW)
     }
 
@@ -321,7 +337,7 @@ mod tests {
             let baseline = first.baselines["api"].clone();
             let mut seen = w.clone();
             seen.annotations
-                .insert(annotation_key("api"), baseline.clone());
+                .push((annotation_key("api"), baseline.clone()));
             assert_eq!(
                 plan_at(&seen, &[view("api", &old, 0)], 100),
                 Plan {
@@ -369,7 +385,9 @@ mod tests {
         assert!(early.restart.is_empty());
         assert_eq!(early.requeue_at, Some(at(115)));
         assert_eq!(
-            early.results().map(|(s, _, r)| (s, r)).collect::<Vec<_>>(),
+            (early.needs.iter())
+                .map(|(s, n)| (s.as_str(), n.result().unwrap()))
+                .collect::<Vec<_>>(),
             vec![("a", RolloutResult::Queued), ("b", RolloutResult::Queued)]
         );
         let due = plan_at(&w, &secrets, 115);
@@ -413,7 +431,7 @@ mod tests {
         assert!(p.restart.is_empty());
         assert_eq!(p.requeue_at, Some(at(600)));
         assert_eq!(
-            p.results().next().unwrap().2,
+            p.needs["api"].result().unwrap(),
             RolloutResult::Skipped(Skip::Flapping)
         );
         // When the pause ends, the workload restarts once onto the current content.
@@ -424,25 +442,25 @@ mod tests {
         let p = plan_at(&paused, &[view("api", &new, 0)], 100);
         assert!(p.restart.is_empty());
         assert_eq!(
-            p.results().next().unwrap().2,
+            p.needs["api"].result().unwrap(),
             RolloutResult::Skipped(Skip::Paused)
         );
 
         let volume = json!({"containers": [{"name": "c", "volumeMounts": [{"name": "v", "mountPath": "/s"}]}], "volumes": [{"name": "v", "secret": {"secretName": "api"}}]});
         let mut live = with_template(workload(volume), "api", &old.for_reads(&key(), &whole));
         live.annotations
-            .insert(RELOAD_ANNOTATION.into(), "live".into());
+            .push((RELOAD_ANNOTATION.into(), "live".into()));
         let p = plan_at(&live, &[view("api", &new, 0)], 100);
         assert!(p.restart.is_empty());
         assert_eq!(
-            p.results().next().unwrap().2,
+            p.needs["api"].result().unwrap(),
             RolloutResult::Skipped(Skip::LiveReload)
         );
         // Live reload through env is refused: env only changes with a restart.
         let mut env_live = w.clone();
         env_live
             .annotations
-            .insert(RELOAD_ANNOTATION.into(), "live".into());
+            .push((RELOAD_ANNOTATION.into(), "live".into()));
         let p = plan_at(&env_live, &[view("api", &new, 0)], 100);
         assert!(matches!(
             p.needs["api"],
@@ -451,6 +469,44 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_secret_reads_its_change_time_and_urgency_from_its_scopedsecret_once_the_status_caught_up()
+    {
+        use crate::api::v1alpha1::{ChangeHistory, ScopedSecretStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let limits = breaker::Limits {
+            max_changes: 5,
+            window: Duration::from_secs(600),
+        };
+        let owner = |content: &str| {
+            let mut ss = ScopedSecret::new("api", Default::default());
+            ss.status = Some(ScopedSecretStatus {
+                secret_name: Some("api".into()),
+                content_hash: Some(content.into()),
+                last_change_time: Some(Time(at(0))),
+                changes: Some(ChangeHistory {
+                    revocation: Some("revoked".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            Arc::new(ss)
+        };
+        let managed = |content: &str, written: &str, name: &str| {
+            let hashes = hashes(&[("K", "0")]);
+            Managed::new(name, hashes, Some(written), owner(content), limits, at(100))
+        };
+        let settled = managed("revoked", "revoked", "api").unwrap();
+        assert_eq!((settled.changed_at, settled.urgent), (at(0), true));
+        // The Secret was written, its ScopedSecret's status not yet: the change is now.
+        let lagging = managed("revoked", "newer", "api").unwrap();
+        assert_eq!((lagging.changed_at, lagging.urgent), (at(100), false));
+        assert!(
+            managed("revoked", "revoked", "old-name").is_none(),
+            "not its current Secret"
+        );
     }
 
     #[test]
@@ -470,13 +526,13 @@ mod tests {
             ..Default::default()
         };
         let mut v = view("api", &new, 0);
-        v.rollout = Some(&explicit);
+        Arc::make_mut(&mut v.owner).spec.rollout = Some(explicit);
         assert_eq!(plan_at(&plain, &[v.clone()], 100).restart.len(), 1);
         let none = Rollout {
             strategy: RolloutStrategy::None,
             ..Default::default()
         };
-        v.rollout = Some(&none);
+        Arc::make_mut(&mut v.owner).spec.rollout = Some(none);
         assert!(plan_at(&plain, &[v], 100).needs.is_empty());
         assert!(
             plan_at(&plain, &[view("api", &new, 0)], 100)

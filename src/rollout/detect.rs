@@ -85,99 +85,54 @@ fn containers(spec: &PodSpec) -> impl Iterator<Item = ContainerReads<'_>> {
         .chain(ephemeral.map(|c| (&c.env, &c.env_from, &c.volume_mounts)))
 }
 
-/// The names of the Secrets `spec` references, however it reads them.
-pub fn referenced(spec: &PodSpec) -> BTreeSet<&str> {
-    let mut names = BTreeSet::new();
-    for v in spec.volumes.iter().flatten() {
-        names.extend(v.secret.iter().filter_map(|s| s.secret_name.as_deref()));
-        let projected = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
-        names.extend(projected.filter_map(|s| Some(s.secret.as_ref()?.name.as_str())));
-    }
-    for (env, env_from, _) in containers(spec) {
-        let key_refs = env
-            .iter()
-            .flatten()
-            .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref());
-        names.extend(key_refs.map(|r| r.name.as_str()));
-        names.extend(
-            env_from
-                .iter()
-                .flatten()
-                .filter_map(|f| Some(f.secret_ref.as_ref()?.name.as_str())),
-        );
-    }
-    names
-}
-
 /// How `spec` consumes each Secret it references.
 pub fn consumptions(spec: &PodSpec) -> BTreeMap<String, Consumption> {
-    let names = referenced(spec).into_iter();
-    names
-        .filter_map(|name| Some((name.to_string(), consumption(spec, name)?)))
-        .collect()
-}
-
-/// How `spec` consumes the Secret `secret`, or `None` when it does not.
-pub fn consumption(spec: &PodSpec, secret: &str) -> Option<Consumption> {
-    let mut reads: Option<Reads> = None;
-    let mut add = |r: Reads| {
-        reads = Some(match reads.take() {
-            Some(prev) => prev.merge(r),
-            None => r,
-        })
+    let mut out = BTreeMap::<String, Consumption>::new();
+    let mut add = |secret: &str, reads: Reads, env: bool| {
+        let none = || Consumption {
+            reads: Reads::Keys(BTreeSet::new()),
+            env: false,
+            sub_path: false,
+        };
+        let c = out.entry(secret.into()).or_insert_with(none);
+        c.reads = std::mem::replace(&mut c.reads, Reads::Whole).merge(reads);
+        c.env |= env;
     };
-    let mut env = false;
-
-    // Volumes that carry the Secret, by volume name.
-    let mut volumes = BTreeSet::new();
+    // The Secrets each volume carries, by volume name.
+    let mut volumes = BTreeMap::<&str, Vec<&str>>::new();
     for v in spec.volumes.iter().flatten() {
-        if let Some(s) = &v.secret
-            && s.secret_name.as_deref() == Some(secret)
-        {
-            add(items_reads(&s.items));
-            volumes.insert(v.name.as_str());
-        }
+        let plain = v.secret.iter();
+        let plain = plain.filter_map(|s| Some((s.secret_name.as_deref()?, &s.items)));
         let projected = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
-        for s in projected.filter_map(|source| source.secret.as_ref()) {
-            if s.name == secret {
-                add(items_reads(&s.items));
-                volumes.insert(v.name.as_str());
-            }
+        let projected = projected.filter_map(|s| s.secret.as_ref().map(|s| (&*s.name, &s.items)));
+        for (secret, items) in plain.chain(projected) {
+            add(secret, items_reads(items), false);
+            volumes.entry(&v.name).or_default().push(secret);
         }
     }
-
-    let mut sub_path = false;
+    let mut sub_paths = BTreeSet::new();
     for (envs, env_froms, mounts) in containers(spec) {
-        for e in envs.iter().flatten() {
-            if let Some(r) = e
-                .value_from
-                .as_ref()
-                .and_then(|v| v.secret_key_ref.as_ref())
-                && r.name == secret
-            {
-                add(Reads::Keys([r.key.clone()].into()));
-                env = true;
-            }
+        let envs = envs.iter().flatten();
+        for r in envs.filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref()) {
+            add(&r.name, Reads::Keys([r.key.clone()].into()), true);
         }
-        for f in env_froms.iter().flatten() {
-            if f.secret_ref.as_ref().is_some_and(|r| r.name == secret) {
-                add(Reads::Whole);
-                env = true;
-            }
+        for r in env_froms
+            .iter()
+            .flatten()
+            .filter_map(|f| f.secret_ref.as_ref())
+        {
+            add(&r.name, Reads::Whole, true);
         }
-        for m in mounts.iter().flatten() {
-            if volumes.contains(m.name.as_str())
-                && m.sub_path.as_deref().is_some_and(|p| !p.is_empty())
-            {
-                sub_path = true;
-            }
-        }
+        let mounts = mounts.iter().flatten();
+        let sub_path = mounts.filter(|m| m.sub_path.as_deref().is_some_and(|p| !p.is_empty()));
+        sub_paths.extend(sub_path.map(|m| m.name.as_str()));
     }
-    reads.map(|reads| Consumption {
-        reads,
-        env,
-        sub_path,
-    })
+    for secret in sub_paths.iter().filter_map(|v| volumes.get(v)).flatten() {
+        out.get_mut(*secret)
+            .expect("added with its volume")
+            .sub_path = true;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -295,7 +250,7 @@ mod tests {
             ),
         ];
         for (what, s, want) in cases {
-            assert_eq!(consumption(&spec(s), "api"), want, "{what}");
+            assert_eq!(consumptions(&spec(s)).remove("api"), want, "{what}");
         }
     }
 
@@ -304,10 +259,10 @@ mod tests {
         let s = spec(json!({"containers": [
             {"name": "a", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "api", "key": "A"}}}]},
             {"name": "b", "env": [{"name": "Y", "valueFrom": {"secretKeyRef": {"name": "api", "key": "B"}}}]}]}));
-        assert_eq!(consumption(&s, "api").unwrap().reads, keys(&["A", "B"]));
+        assert_eq!(consumptions(&s)["api"].reads, keys(&["A", "B"]));
         let s = spec(json!({"containers": [
             {"name": "a", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "api", "key": "A"}}}], "envFrom": [{"secretRef": {"name": "api"}}]}]}));
-        assert_eq!(consumption(&s, "api").unwrap().reads, Reads::Whole);
+        assert_eq!(consumptions(&s)["api"].reads, Reads::Whole);
     }
 
     #[test]

@@ -14,14 +14,21 @@ pub mod breaker;
 pub mod desired;
 pub mod detect;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use k8s_openapi::ByteString;
-use kube::api::ApiResource;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{ByteString, NamespaceResourceScope};
+use kube::api::{ApiResource, DynamicObject};
 use kube::core::{Selector, SelectorExt};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::api::v1alpha1::{Rollout, RolloutStrategy};
@@ -65,7 +72,7 @@ impl Default for Pacing {
 }
 
 /// The workload kinds restarted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum WorkloadKind {
     Deployment,
     StatefulSet,
@@ -75,6 +82,13 @@ pub enum WorkloadKind {
 }
 
 impl WorkloadKind {
+    pub const ALL: [WorkloadKind; 4] = [
+        WorkloadKind::Deployment,
+        WorkloadKind::StatefulSet,
+        WorkloadKind::DaemonSet,
+        WorkloadKind::Rollout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             WorkloadKind::Deployment => "Deployment",
@@ -86,56 +100,155 @@ impl WorkloadKind {
 
     /// The kind named `s`, as written in `status.rollouts` and `rollout.targets`.
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "Deployment" => WorkloadKind::Deployment,
-            "StatefulSet" => WorkloadKind::StatefulSet,
-            "DaemonSet" => WorkloadKind::DaemonSet,
-            "Rollout" => WorkloadKind::Rollout,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    pub fn api_version(self) -> &'static str {
+    /// The API group and version serving this kind.
+    pub fn group_version(self) -> (&'static str, &'static str) {
         match self {
-            WorkloadKind::Rollout => "argoproj.io/v1alpha1",
-            _ => "apps/v1",
+            WorkloadKind::Rollout => ("argoproj.io", "v1alpha1"),
+            _ => ("apps", "v1"),
         }
     }
 
-    pub fn plural(self) -> &'static str {
-        match self {
-            WorkloadKind::Deployment => "deployments",
-            WorkloadKind::StatefulSet => "statefulsets",
-            WorkloadKind::DaemonSet => "daemonsets",
-            WorkloadKind::Rollout => "rollouts",
-        }
-    }
-
-    /// The API resource of this kind.
     pub fn resource(self) -> ApiResource {
-        let (group, version) = self.api_version().split_once('/').expect("group/version");
-        ApiResource {
-            group: group.into(),
-            version: version.into(),
-            api_version: self.api_version().into(),
-            kind: self.as_str().into(),
-            plural: self.plural().into(),
-        }
+        ApiResource::erase::<Workload>(&self)
     }
 }
 
-/// What the restart decision needs to know of one workload.
-#[derive(Clone, Debug)]
+/// A workload as the restart decision reads it and the workload controller caches it: how its
+/// pod template consumes each Secret it references, the operator's own annotations, whether
+/// its rollout is complete — computed from the object once, so that memory follows the
+/// references, not the object (a `DynamicObject`'s JSON maps cost kilobytes). Small maps are
+/// vectors: a map allocates room for eleven entries.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Workload {
     pub kind: WorkloadKind,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
-    pub template_annotations: BTreeMap<String, String>,
-    /// How its pod template consumes each Secret it references (`detect::consumptions`).
-    pub reads: BTreeMap<String, Consumption>,
+    /// Name, namespace and uid only.
+    pub metadata: ObjectMeta,
+    pub labels: Vec<(String, String)>,
+    /// The `checksum.scopedsecrets.io/` and `scopedsecrets.io/` annotations of its metadata.
+    pub annotations: Vec<(String, String)>,
+    /// The checksum annotations of its pod template.
+    pub template: Vec<(String, String)>,
+    /// How its pod template consumes each Secret it references; `None` when the template is
+    /// not a pod template (nothing is decided for it).
+    pub reads: Option<Vec<(String, Consumption)>>,
     /// A paused Deployment or Rollout: not patched.
     pub paused: bool,
+    /// Its rollout is complete, by the rules of `kubectl rollout status`.
+    pub complete: bool,
+}
+
+impl Workload {
+    pub fn new(kind: WorkloadKind, obj: &DynamicObject) -> Self {
+        let template = &obj.data["spec"]["template"];
+        let ours = |map: &BTreeMap<String, String>, own: &str| {
+            let own = |k: &String| k.starts_with(CHECKSUM_PREFIX) || k.starts_with(own);
+            map.iter()
+                .filter(|(k, _)| own(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let template_annotations: BTreeMap<String, String> =
+            BTreeMap::deserialize(&template["metadata"]["annotations"]).unwrap_or_default();
+        let reads = PodSpec::deserialize(&template["spec"]).ok();
+        let metadata = &obj.metadata;
+        Workload {
+            kind,
+            metadata: ObjectMeta {
+                name: metadata.name.clone(),
+                namespace: metadata.namespace.clone(),
+                uid: metadata.uid.clone(),
+                ..Default::default()
+            },
+            labels: obj.labels().clone().into_iter().collect(),
+            annotations: ours(obj.annotations(), "scopedsecrets.io/"),
+            template: ours(&template_annotations, CHECKSUM_PREFIX),
+            reads: reads.map(|spec| detect::consumptions(&spec).into_iter().collect()),
+            paused: obj.data["spec"]["paused"].as_bool().unwrap_or(false),
+            complete: apply::rollout_complete(kind, obj),
+        }
+    }
+
+    pub fn id(&self) -> ObjectRef<Workload> {
+        ObjectRef::from_obj_with(self, self.kind)
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// One of the operator's annotations on its metadata.
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        get(&self.annotations, key)
+    }
+
+    /// What its pods run of `secret`: the pod-template annotation, else the metadata baseline.
+    pub fn running(&self, secret: &str) -> Option<&str> {
+        let key = annotation_key(secret);
+        get(&self.template, &key).or_else(|| self.annotation(&key))
+    }
+
+    pub fn consumption(&self, secret: &str) -> Option<&Consumption> {
+        let mut reads = self.reads.iter().flatten();
+        reads.find(|(s, _)| s == secret).map(|(_, c)| c)
+    }
+
+    pub fn restarted_at(&self) -> Option<Timestamp> {
+        self.annotation(RESTARTED_AT_ANNOTATION)?.parse().ok()
+    }
+
+    /// When the operator restarted it, while that rollout is not complete.
+    pub fn rolling_since(&self) -> Option<Timestamp> {
+        self.restarted_at().filter(|_| !self.complete)
+    }
+
+    pub fn wants_live_reload(&self) -> bool {
+        self.annotation(RELOAD_ANNOTATION) == Some("live")
+    }
+
+    pub fn labels_match(&self, selector: &Selector) -> bool {
+        selector.matches(&self.labels.iter().cloned().collect())
+    }
+}
+
+fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// One type for every kind, told apart by its [`WorkloadKind`]. Every kind's plural is its
+/// lowercase name and an `s`.
+impl Resource for Workload {
+    type DynamicType = WorkloadKind;
+    type Scope = NamespaceResourceScope;
+
+    fn kind(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.as_str().into()
+    }
+
+    fn group(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.group_version().0.into()
+    }
+
+    fn version(kind: &WorkloadKind) -> Cow<'_, str> {
+        kind.group_version().1.into()
+    }
+
+    fn plural(kind: &WorkloadKind) -> Cow<'_, str> {
+        format!("{}s", kind.as_str().to_lowercase()).into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// What became of a workload's restart for one Secret, as `status.rollouts` says it.
@@ -179,18 +292,6 @@ impl fmt::Display for RolloutResult {
     }
 }
 
-/// HMAC prefix of the keys `reads` selects — the format of the annotations the operator wrote
-/// before it published [`KeyHashes`]; still what a whole-Secret or single-key reader carries.
-pub fn consumer_hash(key: &HmacKey, data: &BTreeMap<String, ByteString>, reads: &Reads) -> String {
-    hmac_hex(
-        key,
-        data.iter().filter(|(k, _)| match reads {
-            Reads::Whole => true,
-            Reads::Keys(keys) => keys.contains(*k),
-        }),
-    )
-}
-
 /// The first 8 bytes, in hex, of the HMAC of `entries` (each key and value length-prefixed).
 fn hmac_hex<'a>(
     key: &HmacKey,
@@ -209,26 +310,6 @@ fn hmac_hex<'a>(
 /// The first 8 bytes in hex.
 fn hex(bytes: &[u8]) -> String {
     bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Why `workload`, reading the Secret as `consumption`, would not restart for a change of
-/// the keys `changed` — `None` when it would (the `--dry-run` preview's rule).
-pub fn spared_by(
-    workload: &Workload,
-    consumption: &Consumption,
-    changed: &std::collections::BTreeSet<String>,
-) -> Option<&'static str> {
-    if !consumption.reads.touches(changed) {
-        return Some("KeysUnchanged");
-    }
-    let wants_live = workload
-        .annotations
-        .get(RELOAD_ANNOTATION)
-        .is_some_and(|v| v == "live");
-    if wants_live && consumption.live_reloadable() {
-        return Some("LiveReload");
-    }
-    workload.paused.then_some("Paused")
 }
 
 /// Marker of the whole-Secret hash in [`KeyHashes`] (no Secret key can be `*`).
@@ -269,9 +350,10 @@ impl KeyHashes {
 
     /// The annotation value of a workload reading `reads`: a function of the keys it reads
     /// and their values only, so that keys it does not read come and go without restarting
-    /// it. Equal to [`consumer_hash`] for whole-Secret readers and readers of one key (or of
-    /// none present), so workloads restarted by earlier versions are not restarted again;
-    /// readers of several keys get an HMAC over those keys' hashes.
+    /// it. For whole-Secret readers and readers of one key (or of none present) it is what
+    /// earlier versions wrote, the HMAC of the keys read and their values, so that workloads
+    /// they restarted are not restarted again; readers of several keys get an HMAC over those
+    /// keys' hashes.
     pub fn for_reads(&self, key: &HmacKey, reads: &Reads) -> String {
         let Reads::Keys(wanted) = reads else {
             return self.0[WHOLE].clone();
@@ -279,7 +361,7 @@ impl KeyHashes {
         let read: Vec<(&String, &String)> =
             self.keys().filter(|(k, _)| wanted.contains(*k)).collect();
         match read.as_slice() {
-            [] => consumer_hash(key, &BTreeMap::new(), &Reads::Whole),
+            [] => hmac_hex(key, []),
             [(_, hash)] => (*hash).clone(),
             several => {
                 let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes())
@@ -315,20 +397,18 @@ pub fn targeted(
         env: true,
         sub_path: false,
     };
-    let referenced = || workload.reads.get(secret).cloned();
+    let referenced = || workload.consumption(secret).cloned();
     match strategy {
         RolloutStrategy::None => None,
         RolloutStrategy::Auto => referenced(),
         RolloutStrategy::Explicit => rollout?
             .targets
             .iter()
-            .any(|t| t.kind == workload.kind.as_str() && t.name == workload.name)
+            .any(|t| t.kind == workload.kind.as_str() && t.name == workload.name())
             .then(|| referenced().unwrap_or_else(whole)),
         RolloutStrategy::Selector => {
             let selector = Selector::try_from(rollout?.selector.clone()?).ok()?;
-            selector
-                .matches(&workload.labels)
-                .then(|| referenced().unwrap_or_else(whole))
+            (workload.labels_match(&selector)).then(|| referenced().unwrap_or_else(whole))
         }
     }
 }
@@ -354,6 +434,16 @@ mod tests {
         Reads::Keys(k.iter().map(|s| s.to_string()).collect())
     }
 
+    /// What earlier versions wrote for a reader of `reads`: the HMAC of the keys it reads
+    /// and their values.
+    fn consumer_hash(data: &BTreeMap<String, ByteString>, reads: &Reads) -> String {
+        let read = |k: &String| match reads {
+            Reads::Whole => true,
+            Reads::Keys(keys) => keys.contains(k),
+        };
+        hmac_hex(&key(), data.iter().filter(|(k, _)| read(k)))
+    }
+
     #[test]
     fn key_hashes_give_the_annotations_earlier_versions_wrote() {
         let d = data(&[("A", "1"), ("B", "2"), ("C", "3")]);
@@ -367,7 +457,7 @@ mod tests {
         ] {
             assert_eq!(
                 h.for_reads(&key(), &reads),
-                consumer_hash(&key(), &d, &reads),
+                consumer_hash(&d, &reads),
                 "{reads:?}"
             );
         }
@@ -425,15 +515,12 @@ mod tests {
     }
 
     fn workload(pod: serde_json::Value, app: &str) -> Workload {
-        Workload {
-            kind: WorkloadKind::Deployment,
-            name: app.into(),
-            labels: [("app".to_string(), app.to_string())].into(),
-            annotations: BTreeMap::new(),
-            template_annotations: BTreeMap::new(),
-            reads: detect::consumptions(&serde_json::from_value(pod).unwrap()),
-            paused: false,
-        }
+        let obj = json!({"metadata": {"name": app, "labels": {"app": app}},
+                         "spec": {"template": {"spec": pod}}});
+        Workload::new(
+            WorkloadKind::Deployment,
+            &serde_json::from_value(obj).unwrap(),
+        )
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! them after a (re-)list, then every workload reconciled once, as the running controller
 //! does after the events so far. Tests move a manual clock in between; nothing sleeps.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+
+use k8s_openapi::ByteString;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, ListParams};
@@ -11,33 +14,27 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, store::Writer};
 use kube::runtime::watcher::Event;
 use scoped_secrets::api::v1alpha1::ScopedSecret;
-use scoped_secrets::controller::workloads::{self, Cached, KindCtx, Restarts};
+use scoped_secrets::controller::workloads::{self, Restarts};
 use scoped_secrets::controller::{Context, caches};
-use scoped_secrets::rollout::WorkloadKind;
 use scoped_secrets::rollout::apply::argo_rollouts_served;
+use scoped_secrets::rollout::detect::Reads;
+use scoped_secrets::rollout::{Workload, WorkloadKind};
 use tokio::sync::mpsc;
-
-const KINDS: [WorkloadKind; 4] = [
-    WorkloadKind::Deployment,
-    WorkloadKind::StatefulSet,
-    WorkloadKind::DaemonSet,
-    WorkloadKind::Rollout,
-];
 
 /// The workload controller's caches, filled by the test.
 pub struct Hand {
     pub restarts: Arc<Restarts>,
     writers: Mutex<Writers>,
-    woken: Mutex<mpsc::UnboundedReceiver<ObjectRef<Cached>>>,
+    woken: Mutex<mpsc::UnboundedReceiver<ObjectRef<Workload>>>,
 }
 
 /// What the index of one kind's workloads is shown, as the watch shows it each event.
-type Observe = Box<dyn Fn(&Event<Cached>) + Send + Sync>;
+type Observe = Box<dyn Fn(&Event<Workload>) + Send + Sync>;
 
 struct Writers {
     scoped: Writer<ScopedSecret>,
     secrets: Writer<PartialObjectMeta<Secret>>,
-    workloads: Vec<(WorkloadKind, Writer<Cached>, Observe)>,
+    workloads: Vec<(WorkloadKind, Writer<Workload>, Observe)>,
 }
 
 /// Replaces what `writer` holds with `items`, as a re-list does.
@@ -79,7 +76,7 @@ impl Hand {
         own.caches.add_scoped_secrets(None, scoped.as_reader());
         let restarts = Restarts::new(own);
         let (wake, woken) = mpsc::unbounded_channel();
-        let workloads = KINDS
+        let workloads = WorkloadKind::ALL
             .into_iter()
             .map(|kind| {
                 let writer = Writer::new(kind);
@@ -131,7 +128,7 @@ impl Hand {
         let client = self.restarts.ctx.client.clone();
         let argo = argo_rollouts_served(&client).await?;
         let mut workloads = Vec::new();
-        for kind in KINDS {
+        for kind in WorkloadKind::ALL {
             let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource());
             workloads.push(match kind {
                 WorkloadKind::Rollout if !argo => Vec::new(),
@@ -154,23 +151,17 @@ impl Hand {
     }
 
     /// Reconciles every cached workload once.
-    pub async fn reconcile_all(&self) -> Vec<Result<Action, workloads::Error>> {
-        let cached: Vec<(WorkloadKind, Arc<Cached>)> = {
+    pub async fn reconcile_all(&self) -> Vec<Result<Action, scoped_secrets::controller::Error>> {
+        let cached: Vec<Arc<Workload>> = {
             let w = self.writers.lock().unwrap();
-            w.workloads
-                .iter()
-                .flat_map(|(kind, writer, _)| {
-                    writer.as_reader().state().into_iter().map(|o| (*kind, o))
-                })
+            let writers = w.workloads.iter();
+            writers
+                .flat_map(|(_, w, _)| w.as_reader().state())
                 .collect()
         };
         let mut out = Vec::new();
-        for (kind, obj) in cached {
-            let k = Arc::new(KindCtx {
-                restarts: self.restarts.clone(),
-                kind,
-            });
-            out.push(workloads::reconcile(obj, k).await);
+        for obj in cached {
+            out.push(workloads::reconcile(obj, self.restarts.clone()).await);
         }
         out
     }
@@ -181,18 +172,14 @@ impl Hand {
         kind: WorkloadKind,
         namespace: &str,
         name: &str,
-    ) -> Result<Action, workloads::Error> {
+    ) -> Result<Action, scoped_secrets::controller::Error> {
         let obj = {
             let w = self.writers.lock().unwrap();
             let (_, writer, _) = w.workloads.iter().find(|(k, ..)| *k == kind).unwrap();
             let id = ObjectRef::new_with(name, kind).within(namespace);
             writer.as_reader().get(&id).expect("the workload is cached")
         };
-        let k = Arc::new(KindCtx {
-            restarts: self.restarts.clone(),
-            kind,
-        });
-        workloads::reconcile(obj, k).await
+        workloads::reconcile(obj, self.restarts.clone()).await
     }
 
     /// The workloads the controller woke since the last call (as `Kind/name`, in order).
@@ -211,4 +198,23 @@ impl Hand {
             .map(|(_, writer, _)| writer.as_reader().len())
             .sum()
     }
+}
+
+/// The annotation an earlier version of the operator wrote for a reader of `reads`: the first
+/// 8 bytes, in hex, of the HMAC of the keys it reads and their values, each length-prefixed.
+pub fn consumer_hash(key: &[u8], data: &BTreeMap<String, ByteString>, reads: &Reads) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    let read = |k: &String| match reads {
+        Reads::Whole => true,
+        Reads::Keys(keys) => keys.contains(k),
+    };
+    for (k, v) in data.iter().filter(|(k, _)| read(k)) {
+        mac.update(&(k.len() as u64).to_be_bytes());
+        mac.update(k.as_bytes());
+        mac.update(&(v.0.len() as u64).to_be_bytes());
+        mac.update(&v.0);
+    }
+    let hmac = mac.finalize().into_bytes();
+    hmac[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
