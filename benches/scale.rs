@@ -793,12 +793,16 @@ async fn per_object_state(
             .read_scopes(&plan.handle, &plan.paths, max_age)
             .await
             .unwrap();
-        measured(&mut read_cache, before);
+        let read = live_heap() - before;
         let before = live_heap();
         triggers.planned(&obj, Some(&plan));
         triggers.saw(&obj, &layers);
         measured(&mut index, before);
+        // The reconcile's layers go with it: the read cache is what stays.
+        let before = live_heap();
         drop(layers);
+        read_cache += read;
+        measured(&mut read_cache, before);
         let before = live_heap();
         let rv = ss.metadata.resource_version.clone();
         ctx.caches.set_verified(&obj, &obj.name, rv);
