@@ -734,7 +734,8 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
 
 /// The heap of the operator's per-object state besides its caches, rebuilt here as a
 /// reconcile of every ScopedSecret in `scoped` fills it: the shared read cache of Vault values
-/// (through the real reader against the same OpenBao, with the operator's refresh interval),
+/// (through the real reader against the same OpenBao; what stays in the cache, not the layers
+/// each read hands its caller),
 /// the index of the paths each reads (`Triggers`), the record of the resourceVersion each
 /// Secret was verified at, the set of objects synced since start, and the metric series per
 /// object. Each call is counted on its own, so the owners do not mix.
@@ -755,7 +756,10 @@ async fn per_object_state(
         .unwrap();
     let reader = Arc::new(VaultReader::new(client.clone()));
     let source: Arc<dyn ScopeSource> = reader.clone();
-    let max_age = Duration::from_secs(REFRESH_SECONDS);
+    // Longer than the loop takes: at 10,000 on a loaded machine the reads outlast the
+    // operator's interval, and entries swept before the loop ends would not be counted (an
+    // entry's size does not depend on its interval).
+    let max_age = Duration::from_secs(3600);
     let (mut read_cache, mut index, mut verified, mut seen, mut series) = (0, 0, 0, 0, 0);
     let measured = |bytes: &mut isize, before: isize| *bytes += live_heap() - before;
     let triggers = Triggers::new(source.clone(), Duration::from_secs(1));
@@ -794,12 +798,16 @@ async fn per_object_state(
             .read_scopes(&plan.handle, &plan.paths, max_age)
             .await
             .unwrap();
-        measured(&mut read_cache, before);
+        let read = live_heap() - before;
         let before = live_heap();
         triggers.planned(&obj, Some(&plan));
         triggers.saw(&obj, &layers);
         measured(&mut index, before);
+        // The reconcile's layers go with it: the read cache is what stays.
+        let before = live_heap();
         drop(layers);
+        read_cache += read;
+        measured(&mut read_cache, before);
         let before = live_heap();
         let rv = ss.metadata.resource_version.clone();
         ctx.caches.set_verified(&obj, &obj.name, rv);

@@ -17,11 +17,14 @@ pub struct Expiry {
 }
 
 /// The expiry of every resolved key that has one, from its winning scope's metadata.
-pub fn expiries(resolved: &Resolved, layers: &[ScopeData]) -> Vec<Expiry> {
+pub fn expiries<L: AsRef<ScopeData>>(resolved: &Resolved, layers: &[L]) -> Vec<Expiry> {
     resolved
         .iter()
         .filter_map(|(name, k)| {
-            let layer = layers.iter().find(|l| l.path == k.source.path)?;
+            let layer = layers
+                .iter()
+                .map(AsRef::as_ref)
+                .find(|l| l.path == k.source.path)?;
             let vault_key = k.renamed_from.as_deref().unwrap_or(name);
             let at = layer
                 .custom_metadata

@@ -3,6 +3,11 @@
 //! The most specific scope wins; a JSON `null` in a more specific scope is a tombstone that
 //! hides the inherited key. Values are wrapped in [`SecretValue`], whose `Debug` never prints
 //! the value, so a stray `{:?}` cannot leak one.
+//!
+//! A [`ScopeData`] is what the shared read cache holds for every path the operator reads, so it
+//! is laid out small: the keys of a scope in one sorted slice ([`Entries`]), each value in a
+//! `Box<str>`. The cache hands it out as an `Arc<ScopeData>`; the functions here take layers
+//! as anything that is [`AsRef<ScopeData>`], owned or shared.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,11 +20,12 @@ pub const MAX_SECRET_BYTES: usize = 1024 * 1024;
 
 /// A secret value. `Debug` and `Display` are redacted.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SecretValue(String);
+pub struct SecretValue(Box<str>);
 
 impl SecretValue {
     pub fn new(value: impl Into<String>) -> Self {
-        SecretValue(value.into())
+        // No spare capacity: the read cache keeps every value of every path it holds.
+        SecretValue(value.into().into_boxed_str())
     }
     /// The value itself. Call sites are few and obvious: the Secret's data, the HMAC, and
     /// the CLI when asked to show values.
@@ -41,6 +47,113 @@ pub enum Entry {
     Tombstone,
 }
 
+/// The keys of one scope, sorted by name, each once.
+///
+/// A sorted boxed slice rather than a `BTreeMap`: a scope holds a handful of keys, read whole
+/// by [`resolve`] far more often than looked up one by one, and a map's first node takes over
+/// half a KiB however few keys it holds — more than the keys and values of a typical scope, in
+/// the read cache that keeps every path read. Lookups are binary searches; the rare edits
+/// (`insert`, `remove`: the CLI's preview, tests) rebuild the slice.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Entries(Box<[(Box<str>, Entry)]>);
+
+impl Entries {
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| (**k).cmp(key))
+    }
+
+    /// The entry of `key`.
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.position(key).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_ok()
+    }
+
+    /// The entries, sorted by key.
+    pub fn iter(&self) -> EntriesIter<'_> {
+        self.into_iter()
+    }
+
+    /// The keys, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| &**k)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets `key`, returning its previous entry.
+    pub fn insert(&mut self, key: String, entry: Entry) -> Option<Entry> {
+        let mut all = std::mem::take(&mut self.0).into_vec();
+        let previous = match all.binary_search_by(|(k, _)| (**k).cmp(key.as_str())) {
+            Ok(i) => Some(std::mem::replace(&mut all[i].1, entry)),
+            Err(i) => {
+                all.insert(i, (key.into_boxed_str(), entry));
+                None
+            }
+        };
+        self.0 = all.into_boxed_slice();
+        previous
+    }
+
+    /// Unsets `key`, returning its entry.
+    pub fn remove(&mut self, key: &str) -> Option<Entry> {
+        let i = self.position(key).ok()?;
+        let mut all = std::mem::take(&mut self.0).into_vec();
+        let (_, entry) = all.remove(i);
+        self.0 = all.into_boxed_slice();
+        Some(entry)
+    }
+}
+
+/// The entries of an [`Entries`], sorted by key.
+pub type EntriesIter<'a> = std::iter::Map<
+    std::slice::Iter<'a, (Box<str>, Entry)>,
+    fn(&'a (Box<str>, Entry)) -> (&'a str, &'a Entry),
+>;
+
+impl<'a> IntoIterator for &'a Entries {
+    type Item = (&'a str, &'a Entry);
+    type IntoIter = EntriesIter<'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, e)| (&**k, e))
+    }
+}
+
+/// The last entry of a key given twice wins, as in a map.
+impl<K: Into<String>> FromIterator<(K, Entry)> for Entries {
+    fn from_iter<I: IntoIterator<Item = (K, Entry)>>(iter: I) -> Self {
+        let sorted: BTreeMap<String, Entry> =
+            iter.into_iter().map(|(k, e)| (k.into(), e)).collect();
+        Entries(
+            sorted
+                .into_iter()
+                .map(|(k, e)| (k.into_boxed_str(), e))
+                .collect(),
+        )
+    }
+}
+
+impl<K: Into<String>, const N: usize> From<[(K, Entry); N]> for Entries {
+    fn from(entries: [(K, Entry); N]) -> Self {
+        entries.into_iter().collect()
+    }
+}
+
+impl fmt::Debug for Entries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
 /// What one scope path holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScopeData {
@@ -48,7 +161,7 @@ pub struct ScopeData {
     pub path: String,
     /// KV v2 version read; `None` when the path does not exist (an empty scope).
     pub version: Option<u64>,
-    pub entries: BTreeMap<String, Entry>,
+    pub entries: Entries,
     /// The path's KV v2 custom metadata (owner and expiry per key; never values).
     pub custom_metadata: BTreeMap<String, String>,
 }
@@ -60,9 +173,16 @@ impl ScopeData {
             scope,
             path: path.into(),
             version: None,
-            entries: BTreeMap::new(),
+            entries: Entries::default(),
             custom_metadata: BTreeMap::new(),
         }
+    }
+}
+
+/// Layers are read owned (tests, the CLI) or shared (`Arc<ScopeData>`, from the read cache).
+impl AsRef<ScopeData> for ScopeData {
+    fn as_ref(&self) -> &ScopeData {
+        self
     }
 }
 
@@ -87,9 +207,10 @@ pub struct ResolvedKey {
 pub type Resolved = BTreeMap<String, ResolvedKey>;
 
 /// Applies inheritance: `layers` are in precedence order, lowest first.
-pub fn resolve(layers: &[ScopeData]) -> Resolved {
+pub fn resolve<L: AsRef<ScopeData>>(layers: &[L]) -> Resolved {
     let mut out = Resolved::new();
     for layer in layers {
+        let layer = layer.as_ref();
         let Some(version) = layer.version else {
             continue;
         };
@@ -100,7 +221,7 @@ pub fn resolve(layers: &[ScopeData]) -> Resolved {
                 }
                 Entry::Value(value) => {
                     out.insert(
-                        key.clone(),
+                        key.to_string(),
                         ResolvedKey {
                             value: value.clone(),
                             source: Source {
@@ -436,10 +557,27 @@ mod tests {
     }
 
     #[test]
+    fn entries_are_sorted_by_key_and_the_last_of_a_repeated_key_wins() {
+        let value = |v: &str| Entry::Value(SecretValue::new(v));
+        let mut e: Entries = [("B", value("1")), ("A", value("2")), ("B", value("3"))].into();
+        assert_eq!(e.keys().collect::<Vec<_>>(), ["A", "B"]);
+        assert_eq!(e.get("B"), Some(&value("3")));
+        assert_eq!(e.get("C"), None);
+        assert_eq!(e.insert("C".into(), Entry::Tombstone), None);
+        assert_eq!(e.insert("A".into(), value("4")), Some(value("2")));
+        assert_eq!(e.remove("B"), Some(value("3")));
+        assert_eq!(e.remove("B"), None);
+        let all: Vec<_> = e.iter().collect();
+        assert_eq!(all, [("A", &value("4")), ("C", &Entry::Tombstone)]);
+    }
+
+    #[test]
     fn debug_output_never_shows_a_value() {
         let v = SecretValue::new("canary-123");
         assert!(!format!("{v:?}").contains("canary"));
-        let r = resolve(&[layer(Scope::Project, &[("K", Some("canary-123"))])]);
+        let l = layer(Scope::Project, &[("K", Some("canary-123"))]);
+        assert!(!format!("{l:?}").contains("canary"));
+        let r = resolve(&[l]);
         assert!(!format!("{r:?}").contains("canary"));
     }
 }

@@ -66,7 +66,7 @@ fn layers() -> impl Strategy<Value = Vec<ScopeData>> {
                             })
                             .collect()
                     } else {
-                        BTreeMap::new()
+                        Default::default()
                     },
                     custom_metadata: BTreeMap::new(),
                 })
@@ -84,7 +84,7 @@ fn layers() -> impl Strategy<Value = Vec<ScopeData>> {
 /// The contract, key by key: the most specific scope that says anything about the key decides;
 /// a value wins with its scope, path and version as the source, a tombstone removes the key.
 fn model_resolve(layers: &[ScopeData]) -> BTreeMap<String, (String, Source)> {
-    let keys: BTreeSet<&String> = layers.iter().flat_map(|l| l.entries.keys()).collect();
+    let keys: BTreeSet<&str> = layers.iter().flat_map(|l| l.entries.keys()).collect();
     let mut out = BTreeMap::new();
     for k in keys {
         let decider = layers
@@ -99,7 +99,7 @@ fn model_resolve(layers: &[ScopeData]) -> BTreeMap<String, (String, Source)> {
                 path: l.path.clone(),
                 version: l.version.unwrap(),
             };
-            out.insert(k.clone(), (v.expose().to_string(), source));
+            out.insert(k.to_string(), (v.expose().to_string(), source));
         }
     }
     out

@@ -336,7 +336,7 @@ impl ScopeSource for RefreshDue {
         store: &'a StoreHandle,
         paths: &'a [ScopePath],
         _max_age: Duration,
-    ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>> {
+    ) -> BoxFuture<'a, Result<Vec<Arc<ScopeData>>, VaultError>> {
         self.0.read_scopes(store, paths, Duration::ZERO)
     }
 

@@ -269,7 +269,7 @@ async fn hung_vault_times_out_as_unavailable() {
 }
 
 #[tokio::test]
-async fn readers_sharing_paths_send_one_request_per_path() {
+async fn readers_sharing_paths_send_one_request_per_path_and_share_one_copy_of_it() {
     let bao = OpenBao::start().await;
     bao.kv_put("shop", json!({"A": "1"})).await;
     bao.kv_put("shop/envs/dev", json!({"B": "1"})).await;
@@ -287,16 +287,22 @@ async fn readers_sharing_paths_send_one_request_per_path() {
             })
         })
         .collect();
+    let mut read = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        read.push(t.await.unwrap());
     }
+    // Every reader holds the cached read itself, not a copy of its values.
+    let project = read[0][0].clone();
+    assert_eq!(project.path, "shop");
+    assert!(read.iter().all(|layers| Arc::ptr_eq(&layers[0], &project)));
     // 2 shared paths + 2 per service (missing: one read each, the 404 says it all).
     let expected = 2 + 40 * 2;
     assert_eq!(reader.requests(), expected as u64);
     assert_eq!(reader.logins(), 1);
     // Within the interval nothing is read again.
     let p = paths(Some("dev"));
-    reader.read_scopes(&s, &p, LONG).await.unwrap();
+    let again = reader.read_scopes(&s, &p, LONG).await.unwrap();
+    assert!(Arc::ptr_eq(&again[0], &project));
     assert_eq!(
         reader.requests(),
         expected as u64 + 2,

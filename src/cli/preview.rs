@@ -25,7 +25,7 @@ use crate::api::v1alpha1::ScopedSecret;
 use crate::controller::pipeline::{self, Built};
 use crate::controller::status::ROLLOUTS_PAUSED;
 use crate::render::HmacKey;
-use crate::resolve::{Entry, ScopeData, SecretValue};
+use crate::resolve::{Entries, Entry, ScopeData, SecretValue};
 use crate::rollout::{self, Workload, WorkloadKind};
 use crate::scope::ScopePath;
 use crate::vault::direct::DirectSource;
@@ -83,7 +83,7 @@ impl Edited {
         store.connection.kv.mount == self.change.mount && path == self.change.path
     }
 
-    fn edit(&self, entries: &mut BTreeMap<String, Entry>) {
+    fn edit(&self, entries: &mut Entries) {
         let key = self.change.key.clone();
         match &self.change.edit {
             Edit::Set(v) => {
@@ -105,11 +105,13 @@ impl ScopeSource for Edited {
         store: &'a StoreHandle,
         paths: &'a [ScopePath],
         max_age: Duration,
-    ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>> {
+    ) -> BoxFuture<'a, Result<Vec<Arc<ScopeData>>, VaultError>> {
         Box::pin(async move {
             let mut layers = self.inner.read_scopes(store, paths, max_age).await?;
             for layer in &mut layers {
                 if self.applies(store, &layer.path) {
+                    // The reader's (cached) copy stays as it is: the preview edits its own.
+                    let layer = Arc::make_mut(layer);
                     self.edit(&mut layer.entries);
                     layer.version = Some(layer.version.unwrap_or(0) + 1);
                 }
@@ -141,7 +143,7 @@ impl ScopeSource for Edited {
                     .await?;
                 let current = latest.into_iter().next();
                 if current.as_ref().and_then(|l| l.version).unwrap_or(0) + 1 == version {
-                    let mut entries = current.map(|l| l.entries).unwrap_or_default();
+                    let mut entries = current.map(|l| l.entries.clone()).unwrap_or_default();
                     self.edit(&mut entries);
                     return Ok(Some(VersionData {
                         entries: Some(entries),

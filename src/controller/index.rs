@@ -207,14 +207,18 @@ impl PathIndex {
     /// Records the versions `obj` just read (`layers`, as the pipeline read them) and returns,
     /// per path whose version is newer than what other readers last read, those readers. A
     /// reader that has not read the path yet is left alone: its first read is on its way.
-    pub fn saw(&mut self, obj: &ObjectRef<ScopedSecret>, layers: &[ScopeData]) -> Vec<NewVersion> {
+    pub fn saw<L: AsRef<ScopeData>>(
+        &mut self,
+        obj: &ObjectRef<ScopedSecret>,
+        layers: &[L],
+    ) -> Vec<NewVersion> {
         let Some(entry) = self.entries.get_mut(obj) else {
             return Vec::new();
         };
         let location = entry.reads.location.clone();
         let read_as = entry.reads.identity.clone();
         let mut read = Vec::new();
-        for layer in layers {
+        for layer in layers.iter().map(AsRef::as_ref) {
             if !entry.reads.paths.contains(&layer.path) {
                 continue;
             }

@@ -9,6 +9,7 @@
 //! Vault token and prints it — the same bytes for the same inputs.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -130,7 +131,7 @@ pub fn plan(
 #[derive(Debug)]
 pub struct Built {
     /// The scopes as read.
-    pub layers: Vec<ScopeData>,
+    pub layers: Vec<Arc<ScopeData>>,
     /// Every resolved key (after selection and rotation) with its source.
     pub resolved: Resolved,
     /// The keys of the Secret once `spec.target.template` is applied: resolved keys written

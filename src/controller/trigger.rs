@@ -203,7 +203,7 @@ impl Triggers {
 
     /// `obj` just read `layers`: the readers of a path it found newer than they last read are
     /// refreshed too (`peer-path`), so that readers of one path change together.
-    pub fn saw(&self, obj: &ObjectRef<ScopedSecret>, layers: &[ScopeData]) {
+    pub fn saw<L: AsRef<ScopeData>>(&self, obj: &ObjectRef<ScopedSecret>, layers: &[L]) {
         let news = self.index.lock().unwrap().saw(obj, layers);
         let now = Instant::now();
         for n in news {

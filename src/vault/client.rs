@@ -62,7 +62,8 @@ type SessionSlot = Arc<tokio::sync::Mutex<Option<Session>>>;
 pub struct VaultReader {
     kube: kube::Client,
     sessions: Mutex<HashMap<Identity, SessionSlot>>,
-    cache: ReadCache<ScopeData, VaultError>,
+    /// Scope reads, each held once and shared with every reader (`Arc`): a hit copies nothing.
+    cache: ReadCache<Arc<ScopeData>, VaultError>,
     /// Old versions, shared like scope reads and as fresh as the caller asks: a version can be
     /// deleted or destroyed (a revocation) at any time.
     versions: ReadCache<Option<VersionData>, VaultError>,
@@ -364,15 +365,15 @@ impl VaultReader {
         client: &VaultClient,
         paths: &[ScopePath],
         max_age: Duration,
-    ) -> Result<Vec<ScopeData>, VaultError> {
+    ) -> Result<Vec<Arc<ScopeData>>, VaultError> {
         let mount = store.connection.kv.mount.as_str();
         // All reads, then the first failure in path order: the same failure every retry (one
         // status message, one log line), not whichever path answered first.
         let reads = join_all(paths.iter().map(|p| {
             let key = CacheKey {
-                identity: store.identity.clone(),
-                mount: mount.to_string(),
-                path: p.path.clone(),
+                identity: &store.identity,
+                mount,
+                path: &p.path,
             };
             async move {
                 let missed = std::sync::atomic::AtomicBool::new(false);
@@ -380,7 +381,7 @@ impl VaultReader {
                     .cache
                     .get_or_fetch(key, max_age, || {
                         missed.store(true, std::sync::atomic::Ordering::Relaxed);
-                        self.read_path(store, client, p)
+                        async { self.read_path(store, client, p).await.map(Arc::new) }
                     })
                     .await?;
                 if !missed.load(std::sync::atomic::Ordering::Relaxed) {
@@ -414,13 +415,10 @@ impl VaultReader {
 
 impl ScopeSource for VaultReader {
     fn invalidate(&self, identity: &Identity, mount: &str, path: &str) {
-        self.cache
-            .invalidate(|k| k.identity == *identity && k.mount == mount && k.path == path);
+        self.cache.invalidate(identity, mount, |p| p == path);
         // Versions are cached as `path@version`: a delete, undelete or destroy changes them.
-        self.versions.invalidate(|k| {
-            k.identity == *identity
-                && k.mount == mount
-                && k.path.rsplit_once('@').is_some_and(|(p, _)| p == path)
+        self.versions.invalidate(identity, mount, |p| {
+            p.rsplit_once('@').is_some_and(|(p, _)| p == path)
         });
     }
 
@@ -433,10 +431,11 @@ impl ScopeSource for VaultReader {
     ) -> BoxFuture<'a, Result<Option<VersionData>, VaultError>> {
         Box::pin(async move {
             let client = self.session(store).await?;
+            let versioned = format!("{path}@{version}");
             let key = CacheKey {
-                identity: store.identity.clone(),
-                mount: store.connection.kv.mount.clone(),
-                path: format!("{path}@{version}"),
+                identity: &store.identity,
+                mount: &store.connection.kv.mount,
+                path: &versioned,
             };
             // Not an hour: a destroyed version must leave the Secret on the next refresh, and
             // on a forced sync (max_age zero) at once.
@@ -462,7 +461,7 @@ impl ScopeSource for VaultReader {
         store: &'a StoreHandle,
         paths: &'a [ScopePath],
         max_age: Duration,
-    ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>> {
+    ) -> BoxFuture<'a, Result<Vec<Arc<ScopeData>>, VaultError>> {
         Box::pin(async move {
             let client = self.session(store).await?;
             match self.read_all(store, &client, paths, max_age).await {

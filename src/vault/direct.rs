@@ -3,6 +3,7 @@
 //! since there is no cluster to mint a ServiceAccount token from. The store's mount and layout
 //! apply; its address and auth are the operator's, not used here.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::{BoxFuture, try_join_all};
@@ -47,10 +48,11 @@ impl ScopeSource for DirectSource {
         store: &'a StoreHandle,
         paths: &'a [ScopePath],
         _max_age: Duration,
-    ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>> {
+    ) -> BoxFuture<'a, Result<Vec<Arc<ScopeData>>, VaultError>> {
         Box::pin(async move {
             let kv = self.kv(store);
-            try_join_all(paths.iter().map(|p| kv.read_scope(p))).await
+            let layers = try_join_all(paths.iter().map(|p| kv.read_scope(p))).await?;
+            Ok(layers.into_iter().map(Arc::new).collect())
         })
     }
 

@@ -397,7 +397,7 @@ impl ScopeSource for Guarded {
         store: &'a StoreHandle,
         paths: &'a [ScopePath],
         max_age: Duration,
-    ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>> {
+    ) -> BoxFuture<'a, Result<Vec<Arc<ScopeData>>, VaultError>> {
         Box::pin(self.guard(store, move || self.inner.read_scopes(store, paths, max_age)))
     }
 
@@ -608,7 +608,7 @@ mod tests {
             store: &'a StoreHandle,
             _: &'a [ScopePath],
             _: Duration,
-        ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>> {
+        ) -> BoxFuture<'a, Result<Vec<Arc<ScopeData>>, VaultError>> {
             self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             match store.identity.store.as_str() {
                 "a" => Box::pin(futures::future::pending()),

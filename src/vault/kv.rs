@@ -14,7 +14,7 @@ use vaultrs::error::ClientError;
 
 use super::{VaultError, VersionData};
 use crate::metrics::{OutcomeLabel, VaultMetrics};
-use crate::resolve::{Entry, ScopeData, SecretValue};
+use crate::resolve::{Entries, Entry, ScopeData, SecretValue};
 use crate::scope::ScopePath;
 
 /// One KV v2 engine reached through one client.
@@ -248,7 +248,7 @@ fn deleted_version_created(e: &ClientError) -> Option<String> {
 
 /// KV data → entries: strings as they are, `null` as a tombstone, other JSON as its compact
 /// text (numbers and booleans written by hand with `bao kv put -format=json`).
-pub fn parse_entries(data: Value) -> std::collections::BTreeMap<String, Entry> {
+pub fn parse_entries(data: Value) -> Entries {
     let Value::Object(map) = data else {
         return Default::default();
     };

@@ -2,14 +2,14 @@
 //! every version written, reads are counted, and every read can be made to fail.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
 use super::{ScopeSource, StoreHandle, VaultError, VersionData};
-use crate::resolve::{Entry, ScopeData, SecretValue};
+use crate::resolve::{Entries, Entry, ScopeData, SecretValue};
 use crate::scope::ScopePath;
 
 /// One stored version: when it was written, and its entries (`None` values are tombstones;
@@ -26,7 +26,7 @@ pub struct MemorySource {
     custom_metadata: Mutex<HashMap<String, std::collections::BTreeMap<String, String>>>,
 }
 
-fn to_entries(entries: &[(String, Option<String>)]) -> std::collections::BTreeMap<String, Entry> {
+fn to_entries(entries: &[(String, Option<String>)]) -> Entries {
     entries
         .iter()
         .map(|(k, v)| {
@@ -115,7 +115,7 @@ impl ScopeSource for MemorySource {
         _store: &'a StoreHandle,
         paths: &'a [ScopePath],
         max_age: Duration,
-    ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>> {
+    ) -> BoxFuture<'a, Result<Vec<Arc<ScopeData>>, VaultError>> {
         Box::pin(async move {
             self.max_ages.lock().unwrap().push(max_age);
             if let Some(err) = self.failure.lock().unwrap().clone() {
@@ -141,6 +141,7 @@ impl ScopeSource for MemorySource {
                         _ => ScopeData::missing(p.scope, p.path.clone()),
                     }
                 })
+                .map(Arc::new)
                 .collect())
         })
     }

@@ -18,9 +18,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::api::v1alpha1::StoreConnection;
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::resolve::{Entry, ScopeData};
+use crate::resolve::{Entries, ScopeData};
 use crate::scope::ScopePath;
 
 /// Who talks to Vault: the store (with its generation, so an edited store gets fresh
@@ -180,20 +180,20 @@ impl VaultError {
 #[derive(Clone, Debug)]
 pub struct VersionData {
     /// The entries, or `None` when that version was deleted or destroyed.
-    pub entries: Option<BTreeMap<String, Entry>>,
+    pub entries: Option<Entries>,
     /// When the version was written.
     pub created: jiff::Timestamp,
 }
 
 /// Reads scope paths. `max_age` bounds how old a shared cached read may be; zero forces a
-/// fresh read.
+/// fresh read. Layers are shared (`Arc`): a cached read is handed out, not copied.
 pub trait ScopeSource: Send + Sync + 'static {
     fn read_scopes<'a>(
         &'a self,
         store: &'a StoreHandle,
         paths: &'a [ScopePath],
         max_age: Duration,
-    ) -> BoxFuture<'a, Result<Vec<ScopeData>, VaultError>>;
+    ) -> BoxFuture<'a, Result<Vec<Arc<ScopeData>>, VaultError>>;
 
     /// One version of a path (for rotation windows); `None` when it does not exist. `max_age`
     /// bounds a cached read as for [`Self::read_scopes`]: a version can be deleted or destroyed
