@@ -180,7 +180,7 @@ impl scoped_secrets::vault::ScopeSource for SlowVault {
         max_age: Duration,
     ) -> futures::future::BoxFuture<
         'a,
-        Result<Vec<scoped_secrets::resolve::ScopeData>, scoped_secrets::vault::VaultError>,
+        Result<Vec<Arc<scoped_secrets::resolve::ScopeData>>, scoped_secrets::vault::VaultError>,
     > {
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
