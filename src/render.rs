@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn desired_secret_is_labelled_owned_and_typed() {
         let mut s = ss();
-        s.spec.target = Some(Target {
+        s.spec.target = Some(Box::new(Target {
             name: Some("api-env".into()),
             labels: [
                 ("team".to_string(), "shop".to_string()),
@@ -311,7 +311,7 @@ mod tests {
             .into(),
             annotations: [("note".to_string(), "x".to_string())].into(),
             ..Default::default()
-        });
+        }));
         let d = desired_secret(&s, "api-env", data(&[("A", "1")]), "hmac-sha256:ab", "{}");
         let labels = d.metadata.labels.as_ref().unwrap();
         assert_eq!(
@@ -383,10 +383,10 @@ mod tests {
     #[test]
     fn removing_a_label_from_the_spec_is_a_change() {
         let mut s = ss();
-        s.spec.target = Some(Target {
+        s.spec.target = Some(Box::new(Target {
             labels: [("team".to_string(), "shop".to_string())].into(),
             ..Default::default()
-        });
+        }));
         let before = desired_secret(&s, "api", data(&[]), "h", "{}");
         let after = desired_secret(&ss(), "api", data(&[]), "h", "{}");
         assert!(needs_write(Some(&before), &after));

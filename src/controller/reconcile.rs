@@ -377,7 +377,7 @@ fn record_changes(
             .map(|_| content_hash),
     };
     let changes = breaker::record(
-        previous.and_then(|st| st.changes.as_ref()),
+        previous.and_then(|st| st.changes.as_deref()),
         &sync,
         limits,
         now,

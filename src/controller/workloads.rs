@@ -246,7 +246,7 @@ impl Managed {
         let history = status.changes.clone().unwrap_or_default();
         Some(SecretView {
             name: &self.name,
-            rollout: self.owner.spec.rollout.as_ref(),
+            rollout: self.owner.spec.rollout.as_deref(),
             hashes: &self.hashes,
             changed_at,
             paused_until: breaker::paused_until(&history, limits, now),
