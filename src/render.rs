@@ -193,7 +193,7 @@ pub fn needs_write(existing: Option<&Secret>, desired: &Secret) -> bool {
 /// Whether a Secret's metadata has everything the operator sets on `desired`: its labels and
 /// annotations (the content and metadata hashes among them) and the same ScopedSecret owner
 /// reference. Others' labels and annotations do not matter.
-pub fn metadata_matches(existing: &ObjectMeta, desired: &Secret) -> bool {
+fn metadata_matches(existing: &ObjectMeta, desired: &Secret) -> bool {
     let subset = |want: &Option<BTreeMap<String, String>>,
                   have: &Option<BTreeMap<String, String>>| {
         let empty = BTreeMap::new();
@@ -203,17 +203,42 @@ pub fn metadata_matches(existing: &ObjectMeta, desired: &Secret) -> bool {
             .iter()
             .all(|(k, v)| have.get(k) == Some(v))
     };
-    let ours = |refs: &Option<Vec<OwnerReference>>| {
-        refs.iter()
+    let want = &desired.metadata;
+    same_owner(existing, want)
+        && subset(&want.labels, &existing.labels)
+        && subset(&want.annotations, &existing.annotations)
+}
+
+/// Whether a Secret that had every label and annotation of a desired Secret when it was last
+/// verified, and has not changed since, has those of `desired`: it carries the same metadata
+/// hash (a digest of the type, labels and annotations the operator sets, the content and key
+/// hashes among them) and the same ScopedSecret owner reference. Needs nothing of `existing`
+/// but that annotation and its owner references.
+pub fn same_metadata_hash(existing: &ObjectMeta, desired: &Secret) -> bool {
+    let want = &desired.metadata;
+    let hash = existing.annotations.as_ref();
+    let hash = hash.and_then(|a| a.get(METADATA_HASH_ANNOTATION));
+    let wanted = want.annotations.as_ref();
+    let wanted = wanted.and_then(|a| a.get(METADATA_HASH_ANNOTATION));
+    hash.is_some() && hash == wanted && same_owner(existing, want)
+}
+
+/// The operator's owner references are the same: those to a ScopedSecret, by uid.
+fn same_owner(existing: &ObjectMeta, desired: &ObjectMeta) -> bool {
+    let ours = |m: &ObjectMeta| {
+        m.owner_references
+            .iter()
             .flatten()
-            .filter(|r| r.kind == "ScopedSecret" && r.api_version.starts_with("scopedsecrets.io/"))
+            .filter(|r| is_scoped_secret(r))
             .map(|r| r.uid.clone())
             .collect::<Vec<_>>()
     };
-    let want = &desired.metadata;
-    ours(&existing.owner_references) == ours(&want.owner_references)
-        && subset(&want.labels, &existing.labels)
-        && subset(&want.annotations, &existing.annotations)
+    ours(existing) == ours(desired)
+}
+
+/// Whether an owner reference names a ScopedSecret.
+pub fn is_scoped_secret(owner: &OwnerReference) -> bool {
+    owner.kind == "ScopedSecret" && owner.api_version.starts_with("scopedsecrets.io/")
 }
 
 #[cfg(test)]
@@ -277,7 +302,7 @@ mod tests {
     #[test]
     fn desired_secret_is_labelled_owned_and_typed() {
         let mut s = ss();
-        s.spec.target = Some(Target {
+        s.spec.target = Some(Box::new(Target {
             name: Some("api-env".into()),
             labels: [
                 ("team".to_string(), "shop".to_string()),
@@ -286,7 +311,7 @@ mod tests {
             .into(),
             annotations: [("note".to_string(), "x".to_string())].into(),
             ..Default::default()
-        });
+        }));
         let d = desired_secret(&s, "api-env", data(&[("A", "1")]), "hmac-sha256:ab", "{}");
         let labels = d.metadata.labels.as_ref().unwrap();
         assert_eq!(
@@ -358,10 +383,10 @@ mod tests {
     #[test]
     fn removing_a_label_from_the_spec_is_a_change() {
         let mut s = ss();
-        s.spec.target = Some(Target {
+        s.spec.target = Some(Box::new(Target {
             labels: [("team".to_string(), "shop".to_string())].into(),
             ..Default::default()
-        });
+        }));
         let before = desired_secret(&s, "api", data(&[]), "h", "{}");
         let after = desired_secret(&ss(), "api", data(&[]), "h", "{}");
         assert!(needs_write(Some(&before), &after));

@@ -1190,6 +1190,31 @@ async fn a_no_op_refresh_makes_no_api_request_once_the_secret_is_verified() {
 }
 
 #[tokio::test]
+async fn the_metadata_cache_keeps_no_target_label_yet_a_no_op_needs_no_request_and_an_edit_is_written()
+ {
+    let w = world();
+    let spec = |team: &str| {
+        json!({"storeRef": {"kind": "ClusterVaultStore", "name": "vault"},
+               "target": {"labels": {"team": team}, "annotations": {"owner": "shop"}}})
+    };
+    w.add(scoped_secret("api", "shop-dev", spec("shop")));
+    let mut informers = Informers::attach(&w, &w.ctx);
+    w.reconcile("shop-dev", "api").await.unwrap();
+    informers.relist(&w);
+    w.fake.clear_requests();
+    w.reconcile("shop-dev", "api").await.unwrap();
+    assert_eq!(
+        request_summary(&w),
+        Vec::<String>::new(),
+        "the metadata hash stands for the target's labels and annotations"
+    );
+    w.edit_ss("shop-dev", "api", |obj| obj["spec"] = spec("payments"));
+    w.reconcile("shop-dev", "api").await.unwrap();
+    let secret = w.secret("shop-dev", "api").unwrap();
+    assert_eq!(secret.metadata.labels.unwrap()["team"], "payments");
+}
+
+#[tokio::test]
 async fn a_hand_edit_seen_by_the_metadata_cache_is_read_and_repaired() {
     let w = world();
     w.add(scoped_secret("api", "shop-dev", default_spec()));

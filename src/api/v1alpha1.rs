@@ -63,14 +63,17 @@ pub struct ScopedSecretSpec {
     #[schemars(length(min = 1, max = 63), regex(pattern = NAME_PATTERN))]
     pub service: Option<String>,
 
+    // `keys`, `target` and `rollout` are boxed: most objects leave them out, and the
+    // controller's cache holds every ScopedSecret (a `None` box is 8 bytes, the structs
+    // 72–152; the schema is the same).
     /// Which resolved keys are written, and under which names. Default: every key, as named
     /// in Vault.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keys: Option<KeySelection>,
+    pub keys: Option<Box<KeySelection>>,
 
     /// The Secret to write. Default: a Secret of type Opaque named like the ScopedSecret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<Target>,
+    pub target: Option<Box<Target>>,
 
     /// How often Vault is read again, e.g. `30s`, `5m`, `1h` (at least 10s). Each refresh is
     /// spread by up to 10% jitter. Default: `1m`. A change of the annotation
@@ -94,7 +97,7 @@ pub struct ScopedSecretSpec {
     /// a value that keeps changing; Argo Rollouts are consumers too where the cluster serves
     /// them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollout: Option<Rollout>,
+    pub rollout: Option<Box<Rollout>>,
 
     /// What happens to the Secret when this ScopedSecret is deleted: `Delete` (default; the
     /// Secret is garbage-collected through its owner reference) or `Retain` (the Secret stays:
@@ -393,10 +396,11 @@ pub struct ScopedSecretStatus {
     /// act on an old value again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_sync_handled: Option<String>,
+    // Boxed as the spec's optional blocks are: absent until a content change.
     /// Recent content changes, kept for the restart breaker so that it survives an operator
     /// restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub changes: Option<ChangeHistory>,
+    pub changes: Option<Box<ChangeHistory>>,
     /// Not part of the API (never serialized): the operator's cache keeps this digest of
     /// `keys` instead of the list, which it only compares (`controller::caches`).
     #[serde(skip)]

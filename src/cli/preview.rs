@@ -261,7 +261,8 @@ fn assess(
             })
             .collect();
         for w in &fresh {
-            let Some(consumption) = rollout::targeted(ss.spec.rollout.as_ref(), w, &secret) else {
+            let Some(consumption) = rollout::targeted(ss.spec.rollout.as_deref(), w, &secret)
+            else {
                 continue;
             };
             let name = format!("{}/{}", w.kind.as_str(), w.name());

@@ -363,7 +363,7 @@ async fn run_file(
         print!("{}", explain(&layers, key, args.show_values));
         return Ok(());
     }
-    let resolved = crate::resolve::select(resolve(&layers), ss.spec.keys.as_ref())
+    let resolved = crate::resolve::select(resolve(&layers), ss.spec.keys.as_deref())
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let spec = crate::controller::pipeline::template_spec(ss);
     let output = template::apply(resolved, spec, &manifest.files)

@@ -11,10 +11,11 @@
 //! Managed Secrets are cached as metadata only (a label-selected metadata watch: the operator
 //! holds no Secret value), with the resourceVersion each was last written or read at by this
 //! process ([`Caches::verified`]). A Secret whose cached metadata still shows that
-//! resourceVersion has not changed since; if it also carries the content hash the reconcile
-//! wants, the reconcile needs no GET: a no-op refresh makes no API request at all. A hand
-//! edit changes the resourceVersion, its watch event triggers a reconcile, and that one reads
-//! the Secret and repairs it.
+//! resourceVersion has not changed since; if it also carries the metadata hash (which covers
+//! the content hash) the reconcile wants, the reconcile needs no GET: a no-op refresh makes no
+//! API request at all (of a Secret's metadata the cache keeps only what is read:
+//! [`trim_secret`]). A hand edit changes the resourceVersion, its watch event triggers a
+//! reconcile, and that one reads the Secret and repairs it.
 //!
 //! The ConfigMaps `spec.target.template.templateFrom` names are not cached from a watch (that
 //! would be every ConfigMap of the cluster): their `data` is read by name once and kept
@@ -27,7 +28,7 @@
 //! The event that triggers a reconcile is applied to the cache before the reconcile runs, so
 //! an edited store or relabelled namespace is seen by the reconcile it causes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +37,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -48,6 +49,8 @@ use tokio::sync::watch;
 use crate::api::v1alpha1::{
     ClusterVaultStore, KeyStatus, ScopedSecret, ScopedSecretStatus, VaultStore,
 };
+use crate::render::{self, CONTENT_HASH_ANNOTATION, METADATA_HASH_ANNOTATION, OWNER_LABEL};
+use crate::rollout::KEY_HASHES_ANNOTATION;
 
 /// The prefix of the labels and annotations the operator reads on its own objects
 /// (`scopedsecrets.io/force-sync`, `…/resume-rollouts`): the others are dropped from the caches.
@@ -63,11 +66,56 @@ pub fn trim_meta(meta: &mut ObjectMeta) {
     }
 }
 
-/// A managed Secret's metadata as the cache keeps it: labels, annotations (the content and
-/// metadata hashes), owner references and resourceVersion — what the no-op check compares.
+/// The labels of a managed Secret its readers read: which ScopedSecret it belongs to (the
+/// workload controller, the mapping of its watch events).
+const SECRET_LABELS: [&str; 1] = [OWNER_LABEL];
+
+/// The annotations of a managed Secret its readers read: the metadata hash (the apply stage's
+/// no-op check, [`render::same_metadata_hash`]), the content and per-key hashes (the workload
+/// controller's restarts).
+const SECRET_ANNOTATIONS: [&str; 3] = [
+    METADATA_HASH_ANNOTATION,
+    CONTENT_HASH_ANNOTATION,
+    KEY_HASHES_ANNOTATION,
+];
+
+/// A managed Secret's metadata as the cache keeps it: name, namespace, resourceVersion, the
+/// labels and annotations of [`SECRET_LABELS`] and [`SECRET_ANNOTATIONS`] and the uid of its
+/// ScopedSecret owner reference. Nothing else is read: the no-op check compares the metadata
+/// hash, which stands for every label and annotation the operator sets, so the target's own
+/// labels and annotations, and anyone else's, need not be kept; nor the Secret's uid, which
+/// would be held twice (in the object and in the store's key).
 pub fn trim_secret(secret: &mut PartialObjectMeta<Secret>) {
-    trim_meta(&mut secret.metadata);
-    secret.metadata.finalizers = None;
+    secret.types = None;
+    let meta = std::mem::take(&mut secret.metadata);
+    let only = |map: Option<BTreeMap<String, String>>, keys: &[&str]| {
+        let kept: BTreeMap<_, _> = map?
+            .into_iter()
+            .filter(|(k, _)| keys.contains(&k.as_str()))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    };
+    // Only compared by uid (`render::same_metadata_hash`): not the name.
+    let owners: Vec<OwnerReference> = meta
+        .owner_references
+        .into_iter()
+        .flatten()
+        .filter(render::is_scoped_secret)
+        .map(|r| OwnerReference {
+            name: String::new(),
+            block_owner_deletion: None,
+            ..r
+        })
+        .collect();
+    secret.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        resource_version: meta.resource_version,
+        labels: only(meta.labels, &SECRET_LABELS),
+        annotations: only(meta.annotations, &SECRET_ANNOTATIONS),
+        owner_references: (!owners.is_empty()).then_some(owners),
+        ..ObjectMeta::default()
+    };
 }
 
 /// A ScopedSecret as the controller keeps it: spec, status, and of the metadata only what the
@@ -689,30 +737,110 @@ mod tests {
         assert_eq!(ns.metadata.managed_fields, None);
     }
 
-    #[test]
-    fn a_cached_secret_keeps_the_hashes_it_is_compared_by() {
-        let mut s: PartialObjectMeta<Secret> = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {
-                "name": "api", "namespace": "shop-dev", "resourceVersion": "7",
-                "labels": {"scopedsecrets.io/managed": "true"},
-                "annotations": {
-                    "scopedsecrets.io/content-hash": "hmac-sha256:ab",
-                    "kubectl.kubernetes.io/last-applied-configuration": "{}"
-                },
-                "managedFields": [{"manager": "scoped-secrets", "operation": "Apply"}]
-            },
-            "data": {"K": "dg=="}
+    /// The Secret `desired` as the API server lists it, with others' labels and annotations
+    /// and the API server's own fields, as a metadata watch delivers it.
+    fn listed(desired: &Secret) -> PartialObjectMeta<Secret> {
+        let mut v = serde_json::to_value(desired).unwrap();
+        let object = v.as_object_mut().unwrap();
+        object.remove("data");
+        object.remove("type");
+        v["apiVersion"] = "meta.k8s.io/v1".into();
+        v["kind"] = "PartialObjectMetadata".into();
+        let m = &mut v["metadata"];
+        m["uid"] = "5ec2e7".into();
+        m["resourceVersion"] = "7".into();
+        m["creationTimestamp"] = "2026-12-01T10:00:00Z".into();
+        m["finalizers"] = serde_json::json!(["example.com/keep"]);
+        m["labels"]["app.kubernetes.io/part-of"] = "shop".into();
+        m["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = "{}".into();
+        m["annotations"]["reflector.v1.k8s.emberstack.com/reflects"] = "other/api".into();
+        m["ownerReferences"].as_array_mut().unwrap().push(
+            serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "o"}),
+        );
+        m["managedFields"] =
+            serde_json::json!([{"manager": "scoped-secrets", "operation": "Apply"}]);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn desired(labels: &[(&str, &str)], content: &str) -> Secret {
+        let mut ss: ScopedSecret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+            "metadata": {"name": "api", "namespace": "shop-dev", "uid": "55"},
+            "spec": {"storeRef": {"name": "vault"}, "target": {
+                "labels": {"team": "shop"}, "annotations": {"note": "a target annotation"}}}
         }))
         .unwrap();
+        let target = ss.spec.target.as_mut().unwrap();
+        for (k, v) in labels {
+            target.labels.insert(k.to_string(), v.to_string());
+        }
+        let key_hashes = r#"{"*":"00112233","LOG_LEVEL":"44556677"}"#;
+        render::desired_secret(&ss, "api", BTreeMap::new(), content, key_hashes)
+    }
+
+    #[test]
+    fn a_cached_secret_keeps_only_what_the_no_op_check_and_the_workload_controller_read() {
+        let wanted = desired(&[], "hmac-sha256:ab");
+        let mut s = listed(&wanted);
         trim_secret(&mut s);
-        let a = s.metadata.annotations.as_ref().unwrap();
+        let annotations = wanted.metadata.annotations.as_ref().unwrap();
         assert_eq!(
-            a.keys().collect::<Vec<_>>(),
-            vec![crate::render::CONTENT_HASH_ANNOTATION]
+            serde_json::to_value(&s).unwrap(),
+            serde_json::json!({"metadata": {
+                "name": "api", "namespace": "shop-dev", "resourceVersion": "7",
+                "labels": {"scopedsecrets.io/scopedsecret": "api"},
+                "annotations": {
+                    "scopedsecrets.io/content-hash": "hmac-sha256:ab",
+                    "scopedsecrets.io/key-hashes": annotations[KEY_HASHES_ANNOTATION],
+                    "scopedsecrets.io/metadata-hash": annotations[METADATA_HASH_ANNOTATION],
+                },
+                "ownerReferences": [{"apiVersion": "scopedsecrets.io/v1alpha1",
+                    "kind": "ScopedSecret", "name": "", "uid": "55", "controller": true}]
+            }})
         );
-        assert_eq!(s.metadata.resource_version.as_deref(), Some("7"));
-        assert_eq!(s.metadata.managed_fields, None);
+        // What the readers ask of it.
+        assert!(
+            crate::rollout::KeyHashes::parse(
+                &s.metadata.annotations.as_ref().unwrap()[KEY_HASHES_ANNOTATION]
+            )
+            .is_some()
+        );
+        assert!(render::same_metadata_hash(&s.metadata, &wanted));
+    }
+
+    #[test]
+    fn a_cached_secret_stands_for_a_desired_one_with_the_same_metadata_hash_and_owner_only() {
+        let mut s = listed(&desired(&[], "hmac-sha256:ab"));
+        trim_secret(&mut s);
+        let cached = &s.metadata;
+        assert!(render::same_metadata_hash(
+            cached,
+            &desired(&[], "hmac-sha256:ab")
+        ));
+        assert!(
+            !render::same_metadata_hash(cached, &desired(&[], "hmac-sha256:cd")),
+            "another content"
+        );
+        assert!(
+            !render::same_metadata_hash(cached, &desired(&[("tier", "web")], "hmac-sha256:ab")),
+            "a target label the cache does not keep was added"
+        );
+        let mut recreated = desired(&[], "hmac-sha256:ab");
+        recreated.metadata.owner_references.as_mut().unwrap()[0].uid = "56".into();
+        assert!(
+            !render::same_metadata_hash(cached, &recreated),
+            "a ScopedSecret of the same name created again"
+        );
+        let mut older = cached.clone();
+        older
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(METADATA_HASH_ANNOTATION);
+        assert!(
+            !render::same_metadata_hash(&older, &desired(&[], "hmac-sha256:ab")),
+            "written before the metadata hash existed"
+        );
     }
 
     fn cache<K>(listed: bool) -> Cache<K>

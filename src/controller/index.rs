@@ -16,6 +16,8 @@
 //! one — an extra read, never a wrong value.
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU64;
+use std::sync::Arc;
 
 use kube::runtime::reflector::ObjectRef;
 
@@ -117,22 +119,61 @@ pub struct NewVersion {
     pub stale: Vec<Reader>,
 }
 
-#[derive(Clone, Debug)]
+/// A KV version read (0: the path did not exist), or none yet, in 8 bytes rather than an
+/// `Option<u64>`'s 16: one is kept per reader and path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Seen(Option<NonZeroU64>);
+
+impl Seen {
+    /// (`u64::MAX` is kept as one less: no KV version gets there.)
+    fn version(version: u64) -> Self {
+        Seen(NonZeroU64::new(version.saturating_add(1)))
+    }
+
+    fn get(self) -> Option<u64> {
+        self.0.map(|v| v.get() - 1)
+    }
+}
+
+/// One ScopedSecret in the index.
+#[derive(Debug)]
 struct Entry {
-    reads: Reads,
-    /// The KV version of each path this reader last read (0: the path did not exist). A
-    /// path it has not read yet is absent.
-    seen: HashMap<String, u64>,
+    identity: Arc<Identity>,
+    /// Each path it reads, shared with [`PathIndex::paths`], with the KV version it last read
+    /// of it.
+    reads: Box<[(Arc<VaultPath>, Seen)]>,
+}
+
+impl Entry {
+    /// The version last read of `path` (compared by value: an entry being replaced may hold
+    /// a path no longer interned).
+    fn seen(&self, path: &Arc<VaultPath>) -> Seen {
+        let seen = self.reads.iter().find(|(p, _)| p == path);
+        seen.map_or(Seen::default(), |(_, seen)| *seen)
+    }
+}
+
+/// The readers of one path.
+#[derive(Debug, Default)]
+struct Readers {
+    objs: HashSet<Arc<ObjectRef<ScopedSecret>>>,
+    /// The newest version any reader read: only the first read of a newer one names the
+    /// peers (the others catching up must not name each other again).
+    newest: Seen,
 }
 
 /// ScopedSecrets by the paths they read, and the versions they last read.
+///
+/// Kept for every ScopedSecret, so each thing is held once: a path read by thousands of
+/// ScopedSecrets (a project path) is one [`VaultPath`], a reader one `ObjectRef` (without its
+/// resourceVersion and uid, which change and are never read here), an identity shared by a
+/// namespace's readers one [`Identity`]; the rest are pointers to them. A path leaves with its
+/// last reader, an identity with the last reader using it.
 #[derive(Default, Debug)]
 pub struct PathIndex {
-    entries: HashMap<ObjectRef<ScopedSecret>, Entry>,
-    by_path: HashMap<VaultPath, HashSet<ObjectRef<ScopedSecret>>>,
-    /// The newest version of each path any reader read: only the first read of a newer one
-    /// names the peers (the others catching up must not name each other again).
-    newest: HashMap<VaultPath, u64>,
+    entries: HashMap<Arc<ObjectRef<ScopedSecret>>, Entry>,
+    paths: HashMap<Arc<VaultPath>, Readers>,
+    identities: HashSet<Arc<Identity>>,
 }
 
 impl PathIndex {
@@ -140,25 +181,42 @@ impl PathIndex {
     /// paths it still reads at the same location are kept.
     pub fn set(&mut self, obj: &ObjectRef<ScopedSecret>, reads: Option<Reads>) {
         let previous = self.remove(obj);
-        let Some(reads) = reads else {
+        let Some(Reads {
+            location,
+            identity,
+            paths,
+        }) = reads
+        else {
             return;
         };
-        let seen = previous
-            .filter(|p| p.reads.location == reads.location)
-            .map(|p| {
-                p.seen
-                    .into_iter()
-                    .filter(|(path, _)| reads.paths.contains(path))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for path in &reads.paths {
-            self.by_path
-                .entry(VaultPath::new(reads.location.clone(), path))
+        let mut bare = obj.clone();
+        bare.extra = Default::default();
+        let obj = Arc::new(bare);
+        let mut reads = Vec::with_capacity(paths.len());
+        for path in paths {
+            let path = VaultPath::new(location.clone(), &path);
+            let path = match self.paths.get_key_value(&path) {
+                Some((interned, _)) => interned.clone(),
+                None => Arc::new(path),
+            };
+            let seen = previous.as_ref().map_or(Seen::default(), |p| p.seen(&path));
+            self.paths
+                .entry(path.clone())
                 .or_default()
+                .objs
                 .insert(obj.clone());
+            reads.push((path, seen));
         }
-        self.entries.insert(obj.clone(), Entry { reads, seen });
+        let identity = match self.identities.get(&identity) {
+            Some(interned) => interned.clone(),
+            None => {
+                let identity = Arc::new(identity);
+                self.identities.insert(identity.clone());
+                identity
+            }
+        };
+        let reads = reads.into_boxed_slice();
+        self.entries.insert(obj, Entry { identity, reads });
     }
 
     /// Drops `obj` (it is gone).
@@ -168,15 +226,17 @@ impl PathIndex {
 
     fn remove(&mut self, obj: &ObjectRef<ScopedSecret>) -> Option<Entry> {
         let entry = self.entries.remove(obj)?;
-        for path in &entry.reads.paths {
-            let key = VaultPath::new(entry.reads.location.clone(), path);
-            if let Some(readers) = self.by_path.get_mut(&key) {
-                readers.remove(obj);
-                if readers.is_empty() {
-                    self.by_path.remove(&key);
-                    self.newest.remove(&key);
+        for (path, _) in &entry.reads {
+            if let Some(readers) = self.paths.get_mut(path) {
+                readers.objs.remove(obj);
+                if readers.objs.is_empty() {
+                    self.paths.remove(path);
                 }
             }
+        }
+        // Held by this entry and the set only: nobody else uses it.
+        if Arc::strong_count(&entry.identity) == 2 {
+            self.identities.remove(&entry.identity);
         }
         Some(entry)
     }
@@ -191,17 +251,22 @@ impl PathIndex {
 
     /// Every ScopedSecret that reads `path`, in no particular order.
     pub fn readers(&self, path: &VaultPath) -> Vec<Reader> {
-        self.by_path
-            .get(path)
-            .into_iter()
-            .flatten()
-            .filter_map(|obj| {
-                self.entries.get(obj).map(|e| Reader {
-                    obj: obj.clone(),
-                    identity: e.reads.identity.clone(),
-                })
-            })
+        let Some(readers) = self.paths.get(path) else {
+            return Vec::new();
+        };
+        readers
+            .objs
+            .iter()
+            .filter_map(|obj| self.reader(obj))
             .collect()
+    }
+
+    fn reader(&self, obj: &Arc<ObjectRef<ScopedSecret>>) -> Option<Reader> {
+        let entry = self.entries.get(obj)?;
+        Some(Reader {
+            obj: ObjectRef::clone(obj),
+            identity: Identity::clone(&entry.identity),
+        })
     }
 
     /// Records the versions `obj` just read (`layers`, as the pipeline read them) and returns,
@@ -215,43 +280,49 @@ impl PathIndex {
         let Some(entry) = self.entries.get_mut(obj) else {
             return Vec::new();
         };
-        let location = entry.reads.location.clone();
-        let read_as = entry.reads.identity.clone();
         let mut read = Vec::new();
         for layer in layers.iter().map(AsRef::as_ref) {
-            if !entry.reads.paths.contains(&layer.path) {
+            let Some((path, seen)) = entry
+                .reads
+                .iter_mut()
+                .find(|(p, _)| p.path == layer.path.trim_matches('/'))
+            else {
                 continue;
-            }
+            };
             let version = layer.version.unwrap_or(0);
-            entry.seen.insert(layer.path.clone(), version);
-            read.push((layer.path.clone(), version));
+            *seen = Seen::version(version);
+            read.push((path.clone(), version));
         }
+        let read_as = Identity::clone(&entry.identity);
         let mut out = Vec::new();
         for (path, version) in read {
-            let key = VaultPath::new(location.clone(), &path);
-            let newest = self.newest.entry(key.clone()).or_insert(version);
-            if version <= *newest {
+            let Some(readers) = self.paths.get_mut(&path) else {
+                continue;
+            };
+            let newest = readers.newest.get();
+            if newest.is_some_and(|newest| version <= newest) {
                 continue;
             }
-            *newest = version;
-            let stale: Vec<Reader> = self
-                .by_path
-                .get(&key)
-                .into_iter()
-                .flatten()
-                .filter(|other| *other != obj)
+            readers.newest = Seen::version(version);
+            if newest.is_none() {
+                // The first version read of a path is nobody's news.
+                continue;
+            }
+            let stale: Vec<Reader> = readers
+                .objs
+                .iter()
+                .filter(|other| other.as_ref() != obj)
                 .filter_map(|other| {
                     let e = self.entries.get(other)?;
-                    let seen = *e.seen.get(&path)?;
-                    (seen < version).then(|| Reader {
-                        obj: other.clone(),
-                        identity: e.reads.identity.clone(),
+                    (e.seen(&path).get()? < version).then(|| Reader {
+                        obj: ObjectRef::clone(other),
+                        identity: Identity::clone(&e.identity),
                     })
                 })
                 .collect();
             if !stale.is_empty() {
                 out.push(NewVersion {
-                    path: key,
+                    path: VaultPath::clone(&path),
                     version,
                     read_as: read_as.clone(),
                     stale,
@@ -264,7 +335,9 @@ impl PathIndex {
     /// Forgets the newest version read of `path`: its versions start again at 1 (its
     /// metadata, and with it every version, was deleted).
     pub fn reset_versions(&mut self, path: &VaultPath) {
-        self.newest.remove(path);
+        if let Some(readers) = self.paths.get_mut(path) {
+            readers.newest = Seen::default();
+        }
     }
 }
 
@@ -378,7 +451,48 @@ mod tests {
         index.set(&obj("web"), Some(reads("secret", "a", &["shop"])));
         index.forget(&obj("web"));
         assert!(index.entries.is_empty());
-        assert!(index.by_path.is_empty(), "no path is kept without a reader");
+        assert!(index.paths.is_empty(), "no path is kept without a reader");
+        assert!(
+            index.identities.is_empty(),
+            "nor an identity without a user"
+        );
+    }
+
+    #[test]
+    fn each_path_identity_and_reader_is_held_once_and_leaves_with_its_last_user() {
+        let mut index = PathIndex::default();
+        let mut api = obj("api");
+        api.extra.resource_version = Some("41".into());
+        api.extra.uid = Some("4b1d".into());
+        index.set(
+            &api,
+            Some(reads("secret", "a", &["shop", "shop/services/api"])),
+        );
+        index.set(
+            &obj("web"),
+            Some(reads("secret", "a", &["shop", "shop/services/web"])),
+        );
+        let (api, web) = (&index.entries[&obj("api")], &index.entries[&obj("web")]);
+        assert!(Arc::ptr_eq(&api.reads[0].0, &web.reads[0].0), "one `shop`");
+        let (interned, readers) = index.paths.get_key_value(&at("secret", "shop")).unwrap();
+        assert!(Arc::ptr_eq(interned, &api.reads[0].0));
+        assert!(Arc::ptr_eq(&api.identity, &web.identity), "one identity");
+        for reader in &readers.objs {
+            let (key, _) = index.entries.get_key_value(reader).unwrap();
+            assert!(Arc::ptr_eq(key, reader), "one ObjectRef per reader");
+        }
+        let (key, _) = index.entries.get_key_value(&obj("api")).unwrap();
+        assert_eq!(
+            (&key.extra.resource_version, &key.extra.uid),
+            (&None, &None),
+            "not kept: they change with every write"
+        );
+        index.forget(&obj("api"));
+        let mut left: Vec<_> = index.paths.keys().map(|p| p.path.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["shop", "shop/services/web"]);
+        index.set(&obj("web"), Some(reads("secret", "b", &["shop"])));
+        assert_eq!(index.identities.len(), 1, "`a` left with its last user");
     }
 
     #[test]
@@ -480,6 +594,12 @@ mod tests {
             Some(reads("secret", "a", &["shop", "shop/envs/dev"])),
         );
         let news = index.saw(&obj("api"), &[layer("shop", Some(2))]);
+        assert_eq!(names(news[0].stale.clone()), ["web"]);
+        // Also of a path only `web` read, which left the index with it and came back.
+        let dev = || Some(reads("secret", "a", &["shop/envs/dev"]));
+        index.set(&obj("worker"), dev());
+        index.saw(&obj("worker"), &[layer("shop/envs/dev", Some(1))]);
+        let news = index.saw(&obj("worker"), &[layer("shop/envs/dev", Some(2))]);
         assert_eq!(names(news[0].stale.clone()), ["web"]);
         // Moved to another mount: it has read nothing there yet.
         index.set(&obj("web"), Some(reads("kv", "a", &["shop"])));

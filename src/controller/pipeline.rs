@@ -159,7 +159,7 @@ pub async fn build(
     let layers = source
         .read_scopes(&plan.handle, &plan.paths, max_age)
         .await?;
-    let mut resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_ref())
+    let mut resolved = resolve::select(resolve::resolve(&layers), ss.spec.keys.as_deref())
         .map_err(|e| Error::InvalidSpec(e.to_string()))?;
     let rotation_ends =
         apply_rotation(ss, source, &plan.handle, now, max_age, &mut resolved).await?;

@@ -379,7 +379,7 @@ fn record_changes(
             .map(|_| content_hash),
     };
     let changes = breaker::record(
-        previous.and_then(|st| st.changes.as_ref()),
+        previous.and_then(|st| st.changes.as_deref()),
         &sync,
         limits,
         now,
@@ -530,9 +530,9 @@ fn gone_or(ns: &str, name: &str, action: &str) -> impl FnOnce(kube::Error) -> Er
 /// - absent (from a complete list): `None` — a create that races another is a 409, handled
 ///   by `write_secret`;
 /// - unchanged since this process last wrote or read it (same resourceVersion) and carrying
-///   every label, annotation (the content and metadata hashes among them) and owner reference
-///   `desired` has: `desired` itself stands for it, since the Secret at that resourceVersion
-///   was found equal to a desired Secret with this very content hash. No request.
+///   the metadata hash (which covers the content hash) and owner reference `desired` has:
+///   `desired` itself stands for it, since the Secret at that resourceVersion was found equal
+///   to a desired Secret with this very metadata. No request.
 ///
 /// Anything else (a hand edit changed the resourceVersion, the content hash moved, no cache)
 /// reads the Secret, so drift is compared against the real object and repaired.
@@ -549,7 +549,7 @@ async fn existing_secret(
         CachedSecret::Present(meta)
             if meta.metadata.resource_version.is_some()
                 && meta.metadata.resource_version == ctx.caches.verified(obj, &name)
-                && render::metadata_matches(&meta.metadata, desired) =>
+                && render::same_metadata_hash(&meta.metadata, desired) =>
         {
             let mut same = desired.clone();
             same.metadata.resource_version = meta.metadata.resource_version.clone();

@@ -114,7 +114,8 @@ pub fn next_status(
             if let Some(value) = force_sync {
                 status.force_sync_handled = Some(value.to_string());
             }
-            status.changes = (**changes != Default::default()).then(|| (*changes).clone());
+            status.changes =
+                (**changes != Default::default()).then(|| Box::new((*changes).clone()));
             let changed = status.content_hash.as_deref() != Some(*content_hash);
             if changed {
                 status.last_change_time = Some(now.clone());

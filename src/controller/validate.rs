@@ -400,10 +400,10 @@ mod tests {
                 project: Some("bank".into()),
                 environment: Some("prod".into()),
                 service: Some("web".into()),
-                target: Some(Target {
+                target: Some(Box::new(Target {
                     name: Some("web-env".into()),
                     ..Default::default()
-                }),
+                })),
                 refresh_interval: Some("5m".into()),
                 ..Default::default()
             }),
@@ -456,10 +456,10 @@ mod tests {
             (
                 ScopedSecretSpec {
                     project: Some("p".into()),
-                    target: Some(Target {
+                    target: Some(Box::new(Target {
                         type_: Some(FORBIDDEN_TYPE.into()),
                         ..Default::default()
-                    }),
+                    })),
                     ..Default::default()
                 },
                 "refused",

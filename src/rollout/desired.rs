@@ -188,7 +188,7 @@ pub fn plan(
 ) -> Plan {
     let mut plan = Plan::default();
     for secret in secrets {
-        let rollout = secret.owner.spec.rollout.as_ref();
+        let rollout = secret.owner.spec.rollout.as_deref();
         let Some(consumption) = targeted(rollout, workload, &secret.name) else {
             continue;
         };
@@ -486,10 +486,10 @@ mod tests {
                 secret_name: Some("api".into()),
                 content_hash: Some(content.into()),
                 last_change_time: Some(Time(at(0))),
-                changes: Some(ChangeHistory {
+                changes: Some(Box::new(ChangeHistory {
                     revocation: Some("revoked".into()),
                     ..Default::default()
-                }),
+                })),
                 ..Default::default()
             });
             Arc::new(ss)
@@ -526,13 +526,13 @@ mod tests {
             ..Default::default()
         };
         let mut v = view("api", &new, 0);
-        Arc::make_mut(&mut v.owner).spec.rollout = Some(explicit);
+        Arc::make_mut(&mut v.owner).spec.rollout = Some(Box::new(explicit));
         assert_eq!(plan_at(&plain, &[v.clone()], 100).restart.len(), 1);
         let none = Rollout {
             strategy: RolloutStrategy::None,
             ..Default::default()
         };
-        Arc::make_mut(&mut v.owner).spec.rollout = Some(none);
+        Arc::make_mut(&mut v.owner).spec.rollout = Some(Box::new(none));
         assert!(plan_at(&plain, &[v], 100).needs.is_empty());
         assert!(
             plan_at(&plain, &[view("api", &new, 0)], 100)
