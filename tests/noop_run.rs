@@ -88,6 +88,11 @@ async fn a_running_operator_refreshes_without_api_requests_and_still_repairs_han
 /// `n` ScopedSecrets `s0`… in shop-dev, their store and one Vault value, and an operator
 /// started on them, ready; the requests are counted from its start.
 async fn first_sync_of(fake: &FakeKube, n: usize) -> Operator {
+    first_sync_with(fake, n, Config::default()).await
+}
+
+/// [`first_sync_of`] with the operator's `config`.
+async fn first_sync_with(fake: &FakeKube, n: usize, config: Config) -> Operator {
     support::shop::shop_dev(fake);
     for i in 0..n {
         fake.insert(json!({
@@ -99,7 +104,7 @@ async fn first_sync_of(fake: &FakeKube, n: usize) -> Operator {
     let vault = Arc::new(MemorySource::new());
     vault.put("shop", &[("LOG_LEVEL", Some("info"))]);
     fake.clear_requests();
-    let operator = start_operator(fake, vault, Config::default());
+    let operator = start_operator(fake, vault, config);
     operator.wait_ready(LIMIT).await;
     operator
 }
@@ -170,6 +175,35 @@ async fn a_first_sync_applies_each_status_once_though_the_scopedsecret_watch_lag
     quiet(&fake).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    let on_scopedsecrets: std::collections::BTreeMap<String, usize> = asked(&fake)
+        .into_iter()
+        .filter(|(k, _)| k.contains("scopedsecrets"))
+        .collect();
+    assert_eq!(
+        on_scopedsecrets,
+        [("patch scopedsecrets/status".to_string(), N)].into(),
+        "one status apply per ScopedSecret, none refused and read again"
+    );
+    assert!(operator.stop().await.is_none());
+}
+
+/// With one worker, the reconcile a new Secret's event brings waits behind the first syncs of
+/// the others; by its turn the watch has shown the status write, and it decides on that, not
+/// on the copy it was handed when its wait began (whose apply would be refused and read again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_that_waited_for_a_worker_decides_on_the_object_as_it_is_then() {
+    const N: usize = 30;
+    let fake = FakeKube::new();
+    let config = Config {
+        concurrency: 1,
+        ..Config::default()
+    };
+    let operator = first_sync_with(&fake, N, config).await;
+    eventually("every status", LIMIT, || {
+        (asked(&fake).get("patch scopedsecrets/status") >= Some(&N)).then_some(())
+    })
+    .await;
+    quiet(&fake).await;
     let on_scopedsecrets: std::collections::BTreeMap<String, usize> = asked(&fake)
         .into_iter()
         .filter(|(k, _)| k.contains("scopedsecrets"))

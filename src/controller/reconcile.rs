@@ -527,8 +527,9 @@ fn gone_or(ns: &str, name: &str, action: &str) -> impl FnOnce(kube::Error) -> Er
 
 /// The existence check of the apply stage: the Secret `desired` names, as it is now. Read
 /// from the API server unless the metadata cache of managed Secrets answers:
-/// - absent (from a complete list): `None` — a create that races another is a 409, handled
-///   by `write_secret`;
+/// - absent (from a complete list) and never written or read by this process: `None` — a
+///   create that races another is a 409, handled by `write_secret`. One this process wrote is
+///   read instead: the cache may not show our own create yet;
 /// - unchanged since this process last wrote or read it (same resourceVersion) and carrying
 ///   the metadata hash (which covers the content hash) and owner reference `desired` has:
 ///   `desired` itself stands for it, since the Secret at that resourceVersion was found equal
@@ -544,11 +545,13 @@ async fn existing_secret(
 ) -> Result<Option<Secret>, Error> {
     let name = desired.name_any();
     let ns = desired.namespace().unwrap_or_default();
+    let verified = ctx.caches.verified(obj, &name);
     match ctx.caches.managed_secret(&ns, &name) {
-        CachedSecret::Absent => return Ok(None),
+        // Absent though this process wrote or read it: the cache may lag our own create.
+        CachedSecret::Absent if verified.is_none() => return Ok(None),
         CachedSecret::Present(meta)
             if meta.metadata.resource_version.is_some()
-                && meta.metadata.resource_version == ctx.caches.verified(obj, &name)
+                && meta.metadata.resource_version == verified
                 && render::same_metadata_hash(&meta.metadata, desired) =>
         {
             let mut same = desired.clone();
