@@ -174,17 +174,22 @@ async fn a_first_sync_applies_each_status_once_though_the_scopedsecret_watch_lag
     // the status writes have arrived.
     quiet(&fake).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_one_status_apply_each(&fake, N);
+    assert!(operator.stop().await.is_none());
+}
 
-    let on_scopedsecrets: std::collections::BTreeMap<String, usize> = asked(&fake)
+/// The requests on ScopedSecrets were one status apply for each of `n`: none refused and read
+/// again.
+fn assert_one_status_apply_each(fake: &FakeKube, n: usize) {
+    let on_scopedsecrets: std::collections::BTreeMap<String, usize> = asked(fake)
         .into_iter()
         .filter(|(k, _)| k.contains("scopedsecrets"))
         .collect();
     assert_eq!(
         on_scopedsecrets,
-        [("patch scopedsecrets/status".to_string(), N)].into(),
+        [("patch scopedsecrets/status".to_string(), n)].into(),
         "one status apply per ScopedSecret, none refused and read again"
     );
-    assert!(operator.stop().await.is_none());
 }
 
 /// With one worker, the reconcile a new Secret's event brings waits behind the first syncs of
@@ -204,15 +209,7 @@ async fn a_reconcile_that_waited_for_a_worker_decides_on_the_object_as_it_is_the
     })
     .await;
     quiet(&fake).await;
-    let on_scopedsecrets: std::collections::BTreeMap<String, usize> = asked(&fake)
-        .into_iter()
-        .filter(|(k, _)| k.contains("scopedsecrets"))
-        .collect();
-    assert_eq!(
-        on_scopedsecrets,
-        [("patch scopedsecrets/status".to_string(), N)].into(),
-        "one status apply per ScopedSecret, none refused and read again"
-    );
+    assert_one_status_apply_each(&fake, N);
     assert!(operator.stop().await.is_none());
 }
 
