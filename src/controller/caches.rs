@@ -540,18 +540,20 @@ impl Caches {
             .insert(obj, OwnWrite { before, written });
     }
 
-    /// The copy of `ss` a reconcile should decide on: `ss` itself, unless it is the very
-    /// version this process last wrote the status over and the cache has not shown that write
-    /// yet — then the object as written. The watch event of our own status write routinely
-    /// arrives after the reconcile the Secret's own event brings; decided on the older copy,
-    /// that reconcile would compute the status again from before the write, see it differ and
-    /// have its apply refused (409) on the stale resourceVersion.
+    /// The copy of `ss` a reconcile should decide on: the cache's copy now (the one the
+    /// reconcile was handed may be older: it waited for a worker), or `ss` when no cache holds
+    /// it — unless that is the very version this process last wrote the status over and the
+    /// cache has not shown that write yet: then the object as written. The watch event of our
+    /// own status write routinely arrives after the reconcile the Secret's own event brings;
+    /// decided on the older copy, that reconcile would compute the status again from before
+    /// the write, see it differ and have its apply refused (409) on the stale resourceVersion.
     ///
     /// Any other version (the write seen, or someone else's after it) drops the record: the
     /// cache is then at least as new, and a write by someone else is still caught by the
     /// resourceVersion precondition.
     pub fn latest(&self, ss: Arc<ScopedSecret>) -> Arc<ScopedSecret> {
         let obj = ObjectRef::from_obj(ss.as_ref());
+        let ss = self.scoped_secret(&obj).unwrap_or(ss);
         let mut own = self.own_writes.lock().unwrap();
         match own.get(&obj) {
             Some(w) if ss.metadata.resource_version.as_deref() == Some(w.before.as_str()) => {

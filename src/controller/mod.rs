@@ -384,12 +384,7 @@ pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Res
         .acquire()
         .await
         .expect("the workers are never closed");
-    // The object as it is now, not as it was when the wait began: our own status write may
-    // have arrived meanwhile, and deciding on the older copy would have its apply refused.
-    let ss = ctx
-        .caches
-        .scoped_secret(&ObjectRef::from_obj(ss.as_ref()))
-        .unwrap_or(ss);
+    // (`reconcile` decides on the object as it is once it has a worker: `Caches::latest`.)
     // Boxed: the futures waiting for a worker stay small, whatever a reconcile holds.
     Box::pin(reconcile(ss, ctx.clone())).await
 }

@@ -123,7 +123,8 @@ impl Synced {
 /// Reconciles one ScopedSecret: retain, sync, report.
 #[instrument(skip_all, fields(namespace = ss.namespace().as_deref().unwrap_or_default(), name = %ss.name_any()))]
 pub async fn reconcile(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
-    // Our own last status write, when the cache does not show it yet (`Caches::latest`).
+    // The object as the cache holds it now, or our own last status write when the cache does
+    // not show it yet (`Caches::latest`).
     let ss = ctx.caches.latest(ss);
     let obj = ObjectRef::from_obj(ss.as_ref());
     let started = Instant::now();
