@@ -145,6 +145,8 @@ fn resource_of_api_type(ty: &str) -> Option<&'static [&'static str]> {
         "Deployment" => &["deployments"],
         "StatefulSet" => &["statefulsets"],
         "DaemonSet" => &["daemonsets"],
+        // events.k8s.io/v1 (controller/events.rs).
+        "Event" => &["events"],
         // Workloads are read and patched as dynamic objects (controller/workloads.rs,
         // rollout/apply.rs).
         "DynamicObject" => &["deployments", "statefulsets", "daemonsets", "rollouts"],
