@@ -20,7 +20,12 @@ fn main() {
     let watched = [
         git(&["rev-parse", "--path-format=absolute", "--git-path", "HEAD"]),
         git(&["rev-parse", "--path-format=absolute", "--git-path", "refs"]),
-        git(&["rev-parse", "--path-format=absolute", "--git-path", "packed-refs"]),
+        git(&[
+            "rev-parse",
+            "--path-format=absolute",
+            "--git-path",
+            "packed-refs",
+        ]),
     ];
     for path in watched.into_iter().flatten().map(PathBuf::from) {
         if path.exists() {
