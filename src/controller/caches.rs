@@ -77,6 +77,8 @@ pub fn trim_meta(meta: &mut ObjectMeta) {
 /// A hash annotation that is missing, or not in the format the operator writes, is `None`:
 /// the no-op check then reads the Secret and the workload controller leaves it out, as they
 /// do for a Secret written by an older operator.
+///
+/// (De)serializable only because kube's `Controller::watches_stream` asks it of a watched type.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ManagedSecret {
     /// Name, namespace and resourceVersion only.

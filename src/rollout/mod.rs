@@ -357,7 +357,7 @@ impl KeyHashes {
         let mut rest = &self.keys[..];
         std::iter::from_fn(move || {
             let (&len, after) = rest.split_first()?;
-            let (name, after) = after.split_at(len as usize);
+            let (name, after) = after.split_at_checked(len as usize)?;
             let (hash, after) = after.split_first_chunk::<8>()?;
             rest = after;
             // Packed from `&str`s only.
