@@ -24,7 +24,9 @@
 //!    (RSS and heap) per ScopedSecret between sizes.
 //!    `SCALE_BENCH_KUBE_QPS` sets the operator's `--kube-qps` (default 0: no client-side limit,
 //!    the figures are the operator's and the API server's own); `SCALE_BENCH_WORKLOADS=0`
-//!    leaves the Deployments out (the ScopedSecret controller's own figures).
+//!    leaves the Deployments out (the ScopedSecret controller's own figures);
+//!    `SCALE_BENCH_HEAPTRACK=DIR` runs the first operator of each size under heaptrack (its
+//!    figures are then slower) and leaves `DIR/operator-N.zst` for `heaptrack_print`.
 //!
 //! 5. Restarts (`cargo bench --bench scale -- restarts` runs only this section): a
 //!    project-level value read by 100 ScopedSecrets of one namespace changes; 1,000
@@ -317,6 +319,8 @@ async fn reconciles(bao: &openbao::OpenBao) {
 const SERVE_API_ENV: &str = "SCALE_BENCH_SERVE_API";
 /// The sizes to measure, comma-separated.
 const OBJECTS_ENV: &str = "SCALE_BENCH_OBJECTS";
+/// A directory: the resources section runs the operator under heaptrack (see [`heaptrack`]).
+const HEAPTRACK_ENV: &str = "SCALE_BENCH_HEAPTRACK";
 /// `--kube-qps` of the measured operator (default 0: no client-side limit, so the figures are
 /// the operator's and the API server's own; the default limit's first sync is 4N/50 s).
 const QPS_ENV: &str = "SCALE_BENCH_KUBE_QPS";
@@ -592,15 +596,49 @@ fn metric(addr: &str, name: &str) -> f64 {
 struct Operator {
     child: std::process::Child,
     metrics: String,
+    /// heaptrack's reader of the operator's allocations, when profiled: it writes its file
+    /// out once the operator is gone.
+    profiler: Option<std::process::Child>,
+}
+
+/// Makes `command` record every allocation with heaptrack's preloaded library into `out`
+/// (compressed by `heaptrack_interpret | zstd`, as the `heaptrack` script does). The operator is
+/// then this process's own child, so its RSS is read and it is killed as without heaptrack.
+fn heaptrack(command: &mut Command, out: &std::path::Path) -> std::process::Child {
+    let fifo = out.with_extension("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
+    let interpret = Command::new("sh")
+        .arg("-c")
+        .arg(r#"/usr/lib/heaptrack/libexec/heaptrack_interpret < "$1" | zstd -q -c > "$2""#)
+        .args([
+            "heaptrack",
+            &fifo.display().to_string(),
+            &out.display().to_string(),
+        ])
+        .spawn()
+        .expect("heaptrack_interpret (apt-get install heaptrack)");
+    command
+        .env("LD_PRELOAD", "/usr/lib/heaptrack/libheaptrack_preload.so")
+        .env("DUMP_HEAPTRACK_OUTPUT", &fifo);
+    interpret
 }
 
 impl Operator {
-    fn start(kubeconfig: &std::path::Path, log: &std::path::Path) -> Operator {
+    /// Starts the operator; under heaptrack when `profile` names an output file.
+    fn start(
+        kubeconfig: &std::path::Path,
+        log: &std::path::Path,
+        profile: Option<&std::path::Path>,
+    ) -> Operator {
         let port = openbao::free_port();
         let metrics = format!("127.0.0.1:{port}");
         let qps = std::env::var(QPS_ENV).unwrap_or_else(|_| "0".into());
         let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_scoped-secrets"));
+        let profiler = profile.map(|out| heaptrack(&mut command, out));
+        let child = command
             .args([
                 "run",
                 "--namespace",
@@ -615,7 +653,11 @@ impl Operator {
             .stderr(log)
             .spawn()
             .expect("start scoped-secrets run");
-        Operator { child, metrics }
+        Operator {
+            child,
+            metrics,
+            profiler,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -633,6 +675,9 @@ impl Operator {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(mut profiler) = self.profiler.take() {
+            let _ = profiler.wait();
+        }
     }
 }
 
@@ -886,6 +931,10 @@ async fn create_all(client: &kube::Client, objects: Vec<serde_json::Value>) {
 
 /// One size: the API server and the operator each in their own process, OpenBao in a third.
 async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measured {
+    // The first run of each size under heaptrack when asked (its data ends when the run is
+    // killed for the restart; `heaptrack_print --print-peaks` reads it).
+    let profile = std::env::var_os(HEAPTRACK_ENV)
+        .map(|dir| std::path::PathBuf::from(dir).join(format!("operator-{n}.zst")));
     let services = n.div_ceil(BIG_ENVS);
     let with_workloads = std::env::var(WORKLOADS_ENV).map_or(true, |v| v != "0");
     let mut api = ApiServer::start();
@@ -946,7 +995,11 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     let kubeconfig = api.kubeconfig(dir.path());
     api.clear();
     let started = Instant::now();
-    let mut op = Operator::start(&kubeconfig, &dir.path().join("operator.log"));
+    let mut op = Operator::start(
+        &kubeconfig,
+        &dir.path().join("operator.log"),
+        profile.as_deref(),
+    );
     let limit = Duration::from_secs(3600);
     wait_for("ready", limit, || op.ready()).await;
     let ready = started.elapsed();
@@ -1041,7 +1094,7 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     op.kill();
     api.clear();
     let started = Instant::now();
-    let mut op = Operator::start(&kubeconfig, &dir.path().join("operator-2.log"));
+    let mut op = Operator::start(&kubeconfig, &dir.path().join("operator-2.log"), None);
     wait_for("ready after restart", limit, || op.ready()).await;
     let ready = started.elapsed();
     wait_for("every ScopedSecret verified after restart", limit, || {

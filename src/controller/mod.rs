@@ -29,7 +29,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -210,7 +209,7 @@ pub struct Context {
     /// (at least one), which leaves the other half to every other store.
     pub source: Arc<dyn ScopeSource>,
     pub hmac_key: HmacKey,
-    pub recorder: Recorder,
+    pub recorder: events::Recorder,
     pub config: Config,
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object (for the backoff) and the failure last logged.
@@ -251,14 +250,14 @@ impl Context {
         config: Config,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: "scoped-secrets".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
         let share = usize::from(config.concurrency / 2).max(1);
         let workers = tokio::sync::Semaphore::new(usize::from(config.concurrency.max(1)));
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: events::Recorder::new(
+                client.clone(),
+                "scoped-secrets",
+                std::env::var("POD_NAME").ok(),
+            ),
             client,
             source: Arc::new(crate::vault::health::Guarded::new(
                 source.clone(),

@@ -72,8 +72,9 @@ fn key(obj: &Workload) -> Key {
 /// before is read from the cache, which takes each event after the index.
 #[derive(Default)]
 struct Index {
-    /// (namespace, Secret) → the names of the workloads referencing it.
-    readers: HashMap<Key, BTreeSet<String>>,
+    /// (namespace, Secret) → the names of the workloads referencing it, sorted (usually one
+    /// or two: a vector, where a set would take a node of eleven).
+    readers: HashMap<Key, Vec<String>>,
     /// Workloads restarted at … whose rollout is not complete, or patched and not yet seen.
     rolling: HashMap<Key, Timestamp>,
     /// While a re-list runs: the workloads listed so far.
@@ -124,8 +125,13 @@ impl Index {
     fn insert(&mut self, obj: &Workload) {
         let (ns, name) = key(obj);
         for (secret, _) in obj.reads.iter().flatten() {
-            let readers = self.readers.entry((ns.clone(), secret.clone()));
-            readers.or_default().insert(name.clone());
+            let readers = self
+                .readers
+                .entry((ns.clone(), secret.clone()))
+                .or_default();
+            if let Err(at) = readers.binary_search(&name) {
+                readers.insert(at, name.clone());
+            }
         }
         self.rolling
             .extend(obj.rolling_since().map(|at| ((ns, name), at)));
@@ -136,7 +142,9 @@ impl Index {
         for (secret, _) in obj.reads.iter().flatten() {
             let reader = (ns.clone(), secret.clone());
             if let Some(names) = self.readers.get_mut(&reader) {
-                names.remove(&name);
+                if let Ok(at) = names.binary_search(&name) {
+                    names.remove(at);
+                }
                 if names.is_empty() {
                     self.readers.remove(&reader);
                 }
@@ -253,6 +261,8 @@ impl Restarts {
                 });
                 names.extend(selected.iter().map(|o| o.name_any()));
             }
+            names.sort_unstable();
+            names.dedup();
             for name in names {
                 let id = w.id(&ns, &name);
                 if w.store.get(&id).is_some() {
