@@ -13,7 +13,7 @@
 //!    of 20 keys each, with their Secrets and one Deployment reading each. Prints the
 //!    operator's RSS (`VmRSS`, `VmHWM` of `/proc/<pid>/status`) and live heap (its
 //!    `scoped_secrets_heap_bytes`), the heap of each of its caches (rebuilt in this process
-//!    from the API server's objects with the operator's trim functions) and of its per-object
+//!    from the API server's objects with the operator's projections) and of its per-object
 //!    state (the Vault read cache, the path index, the verified Secret versions, the synced set,
 //!    the metric series: rebuilt by the library's own types), the time to ready, to
 //!    every ScopedSecret synced and to the first sync's writes settled (the workload
@@ -697,7 +697,7 @@ async fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) 
 }
 
 /// The heap each of the operator's caches takes at this size, rebuilt here from the API
-/// server's objects with the operator's own trim functions into kube-runtime stores (this
+/// server's objects with the operator's own projections into kube-runtime stores (this
 /// process counts its heap; the operator's own count is its `scoped_secrets_heap_bytes`).
 async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
     use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -706,20 +706,19 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
     use scoped_secrets::controller::caches;
     use scoped_secrets::rollout::Workload;
 
-    async fn owner<K>(
+    async fn owner<K, P>(
         list: impl std::future::Future<Output = Vec<K>>,
-        trim: impl Fn(&mut K),
-        dynamic: K::DynamicType,
-    ) -> (isize, reflector::Store<K>)
+        projection: impl Fn(K) -> P,
+        dynamic: P::DynamicType,
+    ) -> (isize, reflector::Store<P>)
     where
-        K: kube::Resource + Clone + 'static,
-        K::DynamicType: Eq + std::hash::Hash + Clone,
+        P: kube::Resource + Clone + 'static,
+        P::DynamicType: Eq + std::hash::Hash + Clone,
     {
         let before = live_heap();
         let mut writer = reflector::store::Writer::new(dynamic);
-        for mut obj in list.await {
-            trim(&mut obj);
-            writer.apply_watcher_event(&watcher::Event::Apply(obj));
+        for obj in list.await {
+            writer.apply_watcher_event(&watcher::Event::Apply(projection(obj)));
         }
         (live_heap() - before, writer.as_reader())
     }
@@ -737,7 +736,7 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
                 .unwrap()
                 .items
         },
-        caches::trim_scoped_secret,
+        caches::trimmed(caches::trim_scoped_secret),
         (),
     )
     .await;
@@ -749,7 +748,7 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
                 .unwrap()
                 .items
         },
-        caches::trim_secret,
+        caches::ManagedSecret::new,
         (),
     )
     .await;
@@ -763,7 +762,7 @@ async fn heap_by_owner(client: &kube::Client) -> Vec<(&'static str, isize)> {
             let cached = list.items.iter().map(|o| Workload::new(kind, o));
             cached.collect::<Vec<_>>()
         },
-        |_| {},
+        |w| w,
         kind,
     )
     .await;

@@ -51,6 +51,9 @@ impl fmt::Debug for HmacKey {
     }
 }
 
+/// What precedes the hex digits of a content hash.
+const CONTENT_HASH_PREFIX: &str = "hmac-sha256:";
+
 /// Keyed HMAC-SHA256 of a Secret's type and data, as `hmac-sha256:<hex>`. Each field is
 /// length-prefixed so no two different contents share an encoding.
 pub fn content_hash(key: &HmacKey, type_: &str, data: &BTreeMap<String, ByteString>) -> String {
@@ -64,10 +67,21 @@ pub fn content_hash(key: &HmacKey, type_: &str, data: &BTreeMap<String, ByteStri
         field(k.as_bytes());
         field(&v.0);
     }
-    format!("hmac-sha256:{}", hex(&mac.finalize().into_bytes()))
+    format!("{CONTENT_HASH_PREFIX}{}", hex(&mac.finalize().into_bytes()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// The digest a content hash (`hmac-sha256:<hex>`) spells; `None` for anything else.
+pub fn parse_content_hash(hash: &str) -> Option<[u8; 32]> {
+    unhex(hash.strip_prefix(CONTENT_HASH_PREFIX)?)
+}
+
+/// A content hash as the annotation and the status carry it.
+pub fn format_content_hash(digest: &[u8; 32]) -> String {
+    format!("{CONTENT_HASH_PREFIX}{}", hex(digest))
+}
+
+/// `bytes` in lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -211,29 +225,53 @@ fn metadata_matches(existing: &ObjectMeta, desired: &Secret) -> bool {
 
 /// Whether a Secret that had every label and annotation of a desired Secret when it was last
 /// verified, and has not changed since, has those of `desired`: it carries the same metadata
-/// hash (a digest of the type, labels and annotations the operator sets, the content and key
-/// hashes among them) and the same ScopedSecret owner reference. Needs nothing of `existing`
-/// but that annotation and its owner references.
-pub fn same_metadata_hash(existing: &ObjectMeta, desired: &Secret) -> bool {
+/// hash `hash` (a digest of the type, labels and annotations the operator sets, the content
+/// and key hashes among them) and its ScopedSecret owner references have the uids
+/// `owner_uids`, as `desired`'s do. Needs nothing else of the Secret: what the managed Secrets'
+/// cache keeps of it (`controller::caches::ManagedSecret`).
+pub fn same_metadata_hash(
+    hash: Option<[u8; 8]>,
+    owner_uids: &[Box<str>],
+    desired: &Secret,
+) -> bool {
     let want = &desired.metadata;
-    let hash = existing.annotations.as_ref();
-    let hash = hash.and_then(|a| a.get(METADATA_HASH_ANNOTATION));
     let wanted = want.annotations.as_ref();
     let wanted = wanted.and_then(|a| a.get(METADATA_HASH_ANNOTATION));
-    hash.is_some() && hash == wanted && same_owner(existing, want)
+    hash.is_some()
+        && hash == wanted.and_then(|h| unhex(h))
+        && owner_uids.iter().map(|u| &**u).eq(scoped_secret_uids(want))
 }
 
 /// The operator's owner references are the same: those to a ScopedSecret, by uid.
 fn same_owner(existing: &ObjectMeta, desired: &ObjectMeta) -> bool {
-    let ours = |m: &ObjectMeta| {
-        m.owner_references
-            .iter()
-            .flatten()
-            .filter(|r| is_scoped_secret(r))
-            .map(|r| r.uid.clone())
-            .collect::<Vec<_>>()
+    scoped_secret_uids(existing).eq(scoped_secret_uids(desired))
+}
+
+/// The uids of the ScopedSecret owner references of `meta`.
+pub fn scoped_secret_uids(meta: &ObjectMeta) -> impl Iterator<Item = &str> {
+    let owners = meta.owner_references.iter().flatten();
+    owners
+        .filter(|r| is_scoped_secret(r))
+        .map(|r| r.uid.as_str())
+}
+
+/// The `N` bytes `s` spells in lowercase hex, as the operator writes its hashes; `None` for
+/// anything else (another length, another case, not hex).
+pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
     };
-    ours(existing) == ours(desired)
+    let s = s.as_bytes();
+    if s.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0; N];
+    for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
 }
 
 /// Whether an owner reference names a ScopedSecret.

@@ -992,7 +992,7 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
     use kube::Api;
     use kube::runtime::watcher;
     use scoped_secrets::api::v1alpha1::VaultStore;
-    use scoped_secrets::controller::caches::{cached, trim_namespace, trim_secret};
+    use scoped_secrets::controller::caches::{ManagedSecret, cached, trim_namespace, trimmed};
 
     let w = world();
     w.add(scoped_secret("api", "shop-dev", default_spec()));
@@ -1000,25 +1000,25 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
     let (namespaces, a) = cached(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default(),
-        trim_namespace,
+        trimmed(trim_namespace),
         |_| true,
     );
     let (vault_stores, b) = cached(
         Api::<VaultStore>::all(client.clone()),
         watcher::Config::default(),
-        |_| {},
+        |vs| vs,
         |_| true,
     );
     let (cluster_stores, c) = cached(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
-        |_| {},
+        |cs| cs,
         |_| true,
     );
     let (secrets, d) = cached(
         Api::<PartialObjectMeta<Secret>>::all(client.clone()),
         watcher::Config::default(),
-        trim_secret,
+        ManagedSecret::new,
         |_| true,
     );
     w.ctx.caches.add(
@@ -1082,18 +1082,22 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
 struct Informers {
     namespaces: reflector::store::Writer<PartialObjectMeta<Namespace>>,
     cluster_stores: reflector::store::Writer<ClusterVaultStore>,
-    secrets: reflector::store::Writer<PartialObjectMeta<Secret>>,
+    secrets: reflector::store::Writer<caches::ManagedSecret>,
 }
 
-fn relist<K>(writer: &mut reflector::store::Writer<K>, objects: Vec<Value>, trim: fn(&mut K))
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+/// Fills `writer` with `objects`, each as `projection` makes it, as a re-list does.
+fn relist<K, P>(
+    writer: &mut reflector::store::Writer<P>,
+    objects: Vec<Value>,
+    projection: impl Fn(K) -> P,
+) where
+    K: serde::de::DeserializeOwned,
+    P: kube::Resource + Clone + 'static,
+    P::DynamicType: Eq + std::hash::Hash + Clone,
 {
     writer.apply_watcher_event(&watcher::Event::Init);
     for obj in objects {
-        let mut obj: K = serde_json::from_value(obj).unwrap();
-        trim(&mut obj);
+        let obj = projection(serde_json::from_value(obj).unwrap());
         writer.apply_watcher_event(&watcher::Event::InitApply(obj));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
@@ -1129,12 +1133,12 @@ impl Informers {
         relist(
             &mut self.namespaces,
             w.fake.list_values("namespaces"),
-            caches::trim_namespace,
+            caches::trimmed(caches::trim_namespace),
         );
         relist(
             &mut self.cluster_stores,
             w.fake.list_values("clustervaultstores"),
-            |_| {},
+            |cs: ClusterVaultStore| cs,
         );
         let managed = w
             .fake
@@ -1142,7 +1146,7 @@ impl Informers {
             .into_iter()
             .filter(|s| s["metadata"]["labels"]["scopedsecrets.io/managed"] == "true")
             .collect();
-        relist(&mut self.secrets, managed, caches::trim_secret);
+        relist(&mut self.secrets, managed, caches::ManagedSecret::new);
     }
 }
 

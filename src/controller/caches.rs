@@ -13,8 +13,8 @@
 //! process ([`Caches::verified`]). A Secret whose cached metadata still shows that
 //! resourceVersion has not changed since; if it also carries the metadata hash (which covers
 //! the content hash) the reconcile wants, the reconcile needs no GET: a no-op refresh makes no
-//! API request at all (of a Secret's metadata the cache keeps only what is read:
-//! [`trim_secret`]). A hand edit changes the resourceVersion, its watch event triggers a
+//! API request at all (of a Secret's metadata the cache keeps only what is read, in the form
+//! it is read: [`ManagedSecret`]). A hand edit changes the resourceVersion, its watch event triggers a
 //! reconcile, and that one reads the Secret and repairs it.
 //!
 //! The ConfigMaps `spec.target.template.templateFrom` names are not cached from a watch (that
@@ -28,16 +28,16 @@
 //! The event that triggers a reconcile is applied to the cache before the reconcile runs, so
 //! an edited store or relabelled namespace is seen by the reconcile it causes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -50,7 +50,7 @@ use crate::api::v1alpha1::{
     ClusterVaultStore, KeyStatus, ScopedSecret, ScopedSecretStatus, VaultStore,
 };
 use crate::render::{self, CONTENT_HASH_ANNOTATION, METADATA_HASH_ANNOTATION, OWNER_LABEL};
-use crate::rollout::KEY_HASHES_ANNOTATION;
+use crate::rollout::{KEY_HASHES_ANNOTATION, KeyHashes};
 
 /// The prefix of the labels and annotations the operator reads on its own objects
 /// (`scopedsecrets.io/force-sync`, `…/resume-rollouts`): the others are dropped from the caches.
@@ -66,56 +66,96 @@ pub fn trim_meta(meta: &mut ObjectMeta) {
     }
 }
 
-/// The labels of a managed Secret its readers read: which ScopedSecret it belongs to (the
-/// workload controller, the mapping of its watch events).
-const SECRET_LABELS: [&str; 1] = [OWNER_LABEL];
+/// A managed Secret as the cache keeps it, projected from its metadata on the way in
+/// ([`ManagedSecret::new`]): only what its readers read, in the form they read it. The apply
+/// stage's no-op check ([`ManagedSecret::stands_for`]) compares the metadata hash, which
+/// covers every label and annotation the operator sets, and the ScopedSecret owner's uid; the
+/// workload controller reads the owner label, the content hash and the per-key hashes (parsed
+/// once here, not at each decision). The target's own labels and annotations, anyone else's,
+/// and the Secret's uid (the store's key would hold it twice) are not kept.
+///
+/// A hash annotation that is missing, or not in the format the operator writes, is `None`:
+/// the no-op check then reads the Secret and the workload controller leaves it out, as they
+/// do for a Secret written by an older operator.
+///
+/// (De)serializable only because kube's `Controller::watches_stream` asks it of a watched type.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ManagedSecret {
+    /// Name, namespace and resourceVersion only.
+    pub metadata: ObjectMeta,
+    /// The owner label: the name of its ScopedSecret (kept when `Retain` drops the owner
+    /// reference).
+    pub owner: Option<Box<str>>,
+    /// The uids of its ScopedSecret owner references (one, or none under `Retain`).
+    pub owner_uids: Box<[Box<str>]>,
+    /// The metadata hash annotation's 8 bytes.
+    pub metadata_hash: Option<[u8; 8]>,
+    /// The content hash annotation's digest.
+    pub content_hash: Option<[u8; 32]>,
+    /// The key hashes annotation.
+    pub key_hashes: Option<KeyHashes>,
+}
 
-/// The annotations of a managed Secret its readers read: the metadata hash (the apply stage's
-/// no-op check, [`render::same_metadata_hash`]), the content and per-key hashes (the workload
-/// controller's restarts).
-const SECRET_ANNOTATIONS: [&str; 3] = [
-    METADATA_HASH_ANNOTATION,
-    CONTENT_HASH_ANNOTATION,
-    KEY_HASHES_ANNOTATION,
-];
+impl ManagedSecret {
+    /// What the cache keeps of a managed Secret's metadata.
+    pub fn new(secret: PartialObjectMeta<Secret>) -> Self {
+        let meta = secret.metadata;
+        let annotation = |key| meta.annotations.as_ref()?.get(key).map(String::as_str);
+        let owner = meta.labels.as_ref().and_then(|l| l.get(OWNER_LABEL));
+        ManagedSecret {
+            owner: owner.map(|o| o.as_str().into()),
+            owner_uids: render::scoped_secret_uids(&meta).map(Box::from).collect(),
+            metadata_hash: annotation(METADATA_HASH_ANNOTATION).and_then(render::unhex),
+            content_hash: annotation(CONTENT_HASH_ANNOTATION).and_then(render::parse_content_hash),
+            key_hashes: annotation(KEY_HASHES_ANNOTATION).and_then(KeyHashes::parse),
+            metadata: ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                resource_version: meta.resource_version,
+                ..ObjectMeta::default()
+            },
+        }
+    }
 
-/// A managed Secret's metadata as the cache keeps it: name, namespace, resourceVersion, the
-/// labels and annotations of [`SECRET_LABELS`] and [`SECRET_ANNOTATIONS`] and the uid of its
-/// ScopedSecret owner reference. Nothing else is read: the no-op check compares the metadata
-/// hash, which stands for every label and annotation the operator sets, so the target's own
-/// labels and annotations, and anyone else's, need not be kept; nor the Secret's uid, which
-/// would be held twice (in the object and in the store's key).
-pub fn trim_secret(secret: &mut PartialObjectMeta<Secret>) {
-    secret.types = None;
-    let meta = std::mem::take(&mut secret.metadata);
-    let only = |map: Option<BTreeMap<String, String>>, keys: &[&str]| {
-        let kept: BTreeMap<_, _> = map?
-            .into_iter()
-            .filter(|(k, _)| keys.contains(&k.as_str()))
-            .collect();
-        (!kept.is_empty()).then_some(kept)
-    };
-    // Only compared by uid (`render::same_metadata_hash`): not the name.
-    let owners: Vec<OwnerReference> = meta
-        .owner_references
-        .into_iter()
-        .flatten()
-        .filter(render::is_scoped_secret)
-        .map(|r| OwnerReference {
-            name: String::new(),
-            block_owner_deletion: None,
-            ..r
-        })
-        .collect();
-    secret.metadata = ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        resource_version: meta.resource_version,
-        labels: only(meta.labels, &SECRET_LABELS),
-        annotations: only(meta.annotations, &SECRET_ANNOTATIONS),
-        owner_references: (!owners.is_empty()).then_some(owners),
-        ..ObjectMeta::default()
-    };
+    /// Whether `desired` stands for this Secret as it was when verified, unchanged since: it
+    /// carries the same metadata hash and ScopedSecret owner ([`render::same_metadata_hash`]).
+    pub fn stands_for(&self, desired: &Secret) -> bool {
+        render::same_metadata_hash(self.metadata_hash, &self.owner_uids, desired)
+    }
+
+    /// The content hash annotation, as the status carries it.
+    pub fn content_hash(&self) -> Option<String> {
+        self.content_hash.as_ref().map(render::format_content_hash)
+    }
+}
+
+impl Resource for ManagedSecret {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        <Secret as k8s_openapi::Resource>::KIND.into()
+    }
+
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        <Secret as k8s_openapi::Resource>::GROUP.into()
+    }
+
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        <Secret as k8s_openapi::Resource>::VERSION.into()
+    }
+
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        <Secret as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// A ScopedSecret as the controller keeps it: spec, status, and of the metadata only what the
@@ -236,28 +276,50 @@ pub fn kept<K>(
     }
 }
 
-/// A cache of `api`, each object passed through `trim` before it is stored and only those
-/// `keep` accepts stored at all, and the stream of touched (applied or deleted) objects that
-/// fills it (to hand to `Controller::watches_stream`).
-pub fn cached<K>(
+/// A watch event with its object projected by `project` (how a cache keeps its objects).
+pub fn project<K, P>(event: watcher::Event<K>, project: impl Fn(K) -> P) -> watcher::Event<P> {
+    use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+    match event {
+        Apply(o) => Apply(project(o)),
+        InitApply(o) => InitApply(project(o)),
+        Delete(o) => Delete(project(o)),
+        Init => Init,
+        InitDone => InitDone,
+    }
+}
+
+/// The projection of a cache that keeps its objects' type, trimming each with `trim`.
+pub fn trimmed<K: 'static>(trim: fn(&mut K)) -> impl Fn(K) -> K + Send + 'static {
+    move |mut obj| {
+        trim(&mut obj);
+        obj
+    }
+}
+
+/// A cache of `api`, only the objects `keep` accepts stored at all and each as `projection`
+/// makes it, and the stream of touched (applied or deleted) objects that fills it (to hand to
+/// `Controller::watches_stream`).
+pub fn cached<K, P>(
     api: Api<K>,
     config: watcher::Config,
-    trim: fn(&mut K),
+    projection: impl Fn(K) -> P + Send + 'static,
     keep: impl Fn(&K) -> bool + Send + 'static,
 ) -> (
-    Cache<K>,
-    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    Cache<P>,
+    impl Stream<Item = Result<P, watcher::Error>> + Send + 'static,
 )
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
+    P: Resource + Clone + Debug + Send + Sync + 'static,
+    P::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
 {
     let (store, writer) = reflector::store();
     let synced = Arc::new(watch::Sender::new(false));
     let flag = synced.clone();
     let events = watcher(api, config)
         .filter(move |e| std::future::ready(kept(e, &keep)))
-        .modify(trim);
+        .map_ok(move |e| project(e, &projection));
     let stream = reflector::reflector(writer, events)
         .inspect(move |e| {
             if matches!(e, Ok(watcher::Event::InitDone)) {
@@ -276,8 +338,8 @@ struct Scope {
     namespaces: Cache<PartialObjectMeta<Namespace>>,
     vault_stores: Cache<VaultStore>,
     cluster_stores: Cache<ClusterVaultStore>,
-    /// Managed Secrets (label `scopedsecrets.io/managed=true`), metadata only.
-    secrets: Cache<PartialObjectMeta<Secret>>,
+    /// Managed Secrets (label `scopedsecrets.io/managed=true`), from their metadata.
+    secrets: Cache<ManagedSecret>,
     /// When the caches were added: the wait for their first lists counts from here.
     added: std::time::Instant,
 }
@@ -287,7 +349,7 @@ pub struct ScopeCaches {
     pub namespaces: Cache<PartialObjectMeta<Namespace>>,
     pub vault_stores: Cache<VaultStore>,
     pub cluster_stores: Cache<ClusterVaultStore>,
-    pub secrets: Cache<PartialObjectMeta<Secret>>,
+    pub secrets: Cache<ManagedSecret>,
 }
 
 /// What the caches know about a managed Secret.
@@ -296,8 +358,8 @@ pub enum CachedSecret {
     Unknown,
     /// The list is complete and holds no managed Secret of that name.
     Absent,
-    /// Its metadata as last seen.
-    Present(Arc<PartialObjectMeta<Secret>>),
+    /// What the cache keeps of it, as last seen.
+    Present(Arc<ManagedSecret>),
 }
 
 /// A ConfigMap, by namespace and name.
@@ -615,6 +677,8 @@ impl Caches {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_cached_scopedsecret_keeps_spec_status_and_only_the_operators_own_metadata() {
@@ -776,73 +840,104 @@ mod tests {
         for (k, v) in labels {
             target.labels.insert(k.to_string(), v.to_string());
         }
-        let key_hashes = r#"{"*":"00112233","LOG_LEVEL":"44556677"}"#;
+        let key_hashes = r#"{"*":"0011223344556677","LOG_LEVEL":"8899aabbccddeeff"}"#;
         render::desired_secret(&ss, "api", BTreeMap::new(), content, key_hashes)
+    }
+
+    /// A content hash as the operator writes it.
+    fn content(byte: u8) -> String {
+        render::format_content_hash(&[byte; 32])
     }
 
     #[test]
     fn a_cached_secret_keeps_only_what_the_no_op_check_and_the_workload_controller_read() {
-        let wanted = desired(&[], "hmac-sha256:ab");
-        let mut s = listed(&wanted);
-        trim_secret(&mut s);
-        let annotations = wanted.metadata.annotations.as_ref().unwrap();
+        let wanted = desired(&[], &content(0xab));
+        let s = ManagedSecret::new(listed(&wanted));
+        // Of the metadata: no uid, labels, annotations, owner references, finalizers,
+        // managedFields or timestamps.
         assert_eq!(
-            serde_json::to_value(&s).unwrap(),
-            serde_json::json!({"metadata": {
-                "name": "api", "namespace": "shop-dev", "resourceVersion": "7",
-                "labels": {"scopedsecrets.io/scopedsecret": "api"},
-                "annotations": {
-                    "scopedsecrets.io/content-hash": "hmac-sha256:ab",
-                    "scopedsecrets.io/key-hashes": annotations[KEY_HASHES_ANNOTATION],
-                    "scopedsecrets.io/metadata-hash": annotations[METADATA_HASH_ANNOTATION],
-                },
-                "ownerReferences": [{"apiVersion": "scopedsecrets.io/v1alpha1",
-                    "kind": "ScopedSecret", "name": "", "uid": "55", "controller": true}]
-            }})
+            serde_json::to_value(&s.metadata).unwrap(),
+            serde_json::json!({"name": "api", "namespace": "shop-dev", "resourceVersion": "7"})
         );
-        // What the readers ask of it.
-        assert!(
-            crate::rollout::KeyHashes::parse(
-                &s.metadata.annotations.as_ref().unwrap()[KEY_HASHES_ANNOTATION]
-            )
-            .is_some()
+        // What the readers ask of it, in the form they read it.
+        let annotations = wanted.metadata.annotations.as_ref().unwrap();
+        assert_eq!(s.owner.as_deref(), Some("api"));
+        assert_eq!(
+            &*s.owner_uids,
+            [Box::<str>::from("55")],
+            "the ScopedSecret's only"
         );
-        assert!(render::same_metadata_hash(&s.metadata, &wanted));
+        assert_eq!(s.content_hash(), Some(content(0xab)));
+        let key_hashes = s.key_hashes.as_ref().expect("parsed on the way in");
+        assert_eq!(
+            key_hashes.to_annotation(),
+            annotations[KEY_HASHES_ANNOTATION]
+        );
+        assert_eq!(
+            s.metadata_hash.map(|h| render::hex(&h)).as_deref(),
+            Some(annotations[METADATA_HASH_ANNOTATION].as_str())
+        );
+        assert!(s.stands_for(&wanted));
     }
 
     #[test]
     fn a_cached_secret_stands_for_a_desired_one_with_the_same_metadata_hash_and_owner_only() {
-        let mut s = listed(&desired(&[], "hmac-sha256:ab"));
-        trim_secret(&mut s);
-        let cached = &s.metadata;
-        assert!(render::same_metadata_hash(
-            cached,
-            &desired(&[], "hmac-sha256:ab")
-        ));
+        let cached = ManagedSecret::new(listed(&desired(&[], &content(0xab))));
+        assert!(cached.stands_for(&desired(&[], &content(0xab))));
         assert!(
-            !render::same_metadata_hash(cached, &desired(&[], "hmac-sha256:cd")),
+            !cached.stands_for(&desired(&[], &content(0xcd))),
             "another content"
         );
         assert!(
-            !render::same_metadata_hash(cached, &desired(&[("tier", "web")], "hmac-sha256:ab")),
+            !cached.stands_for(&desired(&[("tier", "web")], &content(0xab))),
             "a target label the cache does not keep was added"
         );
-        let mut recreated = desired(&[], "hmac-sha256:ab");
+        let mut recreated = desired(&[], &content(0xab));
         recreated.metadata.owner_references.as_mut().unwrap()[0].uid = "56".into();
         assert!(
-            !render::same_metadata_hash(cached, &recreated),
+            !cached.stands_for(&recreated),
             "a ScopedSecret of the same name created again"
         );
-        let mut older = cached.clone();
-        older
-            .annotations
-            .as_mut()
-            .unwrap()
-            .remove(METADATA_HASH_ANNOTATION);
+        let older = ManagedSecret {
+            metadata_hash: None,
+            ..cached.clone()
+        };
         assert!(
-            !render::same_metadata_hash(&older, &desired(&[], "hmac-sha256:ab")),
+            !older.stands_for(&desired(&[], &content(0xab))),
             "written before the metadata hash existed"
         );
+    }
+
+    #[test]
+    fn a_hash_annotation_not_as_the_operator_writes_it_is_kept_as_missing() {
+        let wanted = desired(&[], &content(0xab));
+        let edited = |key: &str, value: &str| {
+            let mut s = listed(&wanted);
+            let annotations = s.metadata.annotations.as_mut().unwrap();
+            annotations.insert(key.into(), value.into());
+            ManagedSecret::new(s)
+        };
+        let hash = &wanted.metadata.annotations.as_ref().unwrap()[METADATA_HASH_ANNOTATION];
+        let upper = edited(METADATA_HASH_ANNOTATION, &hash.to_uppercase());
+        assert_eq!(upper.metadata_hash, None);
+        assert!(!upper.stands_for(&wanted), "read, not taken as verified");
+        assert_eq!(edited(CONTENT_HASH_ANNOTATION, "x").content_hash, None);
+        let key_hashes = |value: &str| edited(KEY_HASHES_ANNOTATION, value).key_hashes;
+        assert_eq!(
+            key_hashes(r#"{"LOG_LEVEL":"8899aabbccddeeff"}"#),
+            None,
+            "no *"
+        );
+        assert_eq!(key_hashes(r#"{"*":"0011223344556677","A":"x"}"#), None);
+        assert_eq!(key_hashes("not json"), None);
+        // A second ScopedSecret owner reference, added by hand: not the desired owner.
+        let mut owned_twice = listed(&wanted);
+        let owners = owned_twice.metadata.owner_references.as_mut().unwrap();
+        owners.push(OwnerReference {
+            uid: "57".into(),
+            ..owners[0].clone()
+        });
+        assert!(!ManagedSecret::new(owned_twice).stands_for(&wanted));
     }
 
     fn cache<K>(listed: bool) -> Cache<K>

@@ -41,7 +41,7 @@ use crate::audit::AbortOnDrop;
 
 use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreKind, VaultStore};
 use crate::metrics::{Metrics, Readiness};
-use crate::render::{HmacKey, OWNER_LABEL};
+use crate::render::HmacKey;
 use crate::vault::{ScopeSource, VaultError};
 use crate::{FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
@@ -542,8 +542,8 @@ fn uses_config_map(ss: &ScopedSecret, name: &str, namespace: Option<&str>) -> bo
 
 /// The ScopedSecret a managed Secret belongs to, by its owner label (so that Retain, which
 /// drops the owner reference, maps too).
-fn owner_of(secret: &PartialObjectMeta<Secret>) -> Option<ObjectRef<ScopedSecret>> {
-    let owner = secret.labels().get(OWNER_LABEL)?;
+fn owner_of(secret: &caches::ManagedSecret) -> Option<ObjectRef<ScopedSecret>> {
+    let owner = secret.owner.as_deref()?;
     Some(ObjectRef::new(owner).within(secret.metadata.namespace.as_deref()?))
 }
 
@@ -769,7 +769,7 @@ fn controller_for(
     let (secret_cache, secrets) = caches::cached(
         namespaced_or_all::<PartialObjectMeta<Secret>>(client, namespace),
         watcher::Config::default().labels(&format!("{MANAGED_LABEL}=true")),
-        caches::trim_secret,
+        caches::ManagedSecret::new,
         move |s| serves(s.metadata.namespace.as_deref()),
     );
     let secrets = secrets.inspect(move |s| {
@@ -784,19 +784,19 @@ fn controller_for(
             Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
             None => watcher::Config::default(),
         },
-        caches::trim_namespace,
+        caches::trimmed(caches::trim_namespace),
         move |ns| serves(ns.metadata.name.as_deref()),
     );
     let (vault_store_cache, vault_stores) = caches::cached(
         namespaced_or_all::<VaultStore>(client, namespace),
         watcher::Config::default(),
-        |vs| caches::trim_meta(&mut vs.metadata),
+        caches::trimmed(|vs: &mut VaultStore| caches::trim_meta(&mut vs.metadata)),
         move |vs| serves(vs.metadata.namespace.as_deref()),
     );
     let (cluster_store_cache, cluster_stores) = caches::cached(
         Api::<ClusterVaultStore>::all(client.clone()),
         watcher::Config::default(),
-        |cs| caches::trim_meta(&mut cs.metadata),
+        caches::trimmed(|cs: &mut ClusterVaultStore| caches::trim_meta(&mut cs.metadata)),
         |_| true,
     );
     ctx.caches.add(

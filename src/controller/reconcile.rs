@@ -553,7 +553,7 @@ async fn existing_secret(
         CachedSecret::Present(meta)
             if meta.metadata.resource_version.is_some()
                 && meta.metadata.resource_version == verified
-                && render::same_metadata_hash(&meta.metadata, desired) =>
+                && meta.stands_for(desired) =>
         {
             let mut same = desired.clone();
             same.metadata.resource_version = meta.metadata.resource_version.clone();

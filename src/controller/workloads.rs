@@ -39,16 +39,14 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::caches::CachedSecret;
+use super::caches::{self, CachedSecret};
 use super::failures::{Failures, Recorded};
 use super::{Context, Error, events};
 use crate::api::v1alpha1::{RolloutStatus, RolloutStrategy, ScopedSecret};
-use crate::render::{CONTENT_HASH_ANNOTATION, OWNER_LABEL};
 use crate::rollout::apply::{self, Annotations};
 use crate::rollout::desired::{self, Managed, Need};
 use crate::rollout::{
-    Failure, KEY_HASHES_ANNOTATION, KeyHashes, RESTARTED_AT_ANNOTATION, RolloutResult, Skip,
-    Workload, WorkloadKind, annotation_key,
+    Failure, RESTARTED_AT_ANNOTATION, RolloutResult, Skip, Workload, WorkloadKind, annotation_key,
 };
 
 /// How often a workload waiting for the restart budget looks again (it is also woken when a
@@ -56,21 +54,6 @@ use crate::rollout::{
 const BUDGET_POLL: Duration = Duration::from_secs(5);
 /// Delay before a refused patch (403, 409, 422) is tried again: it needs a change.
 const REFUSED_RETRY: Duration = Duration::from_secs(300);
-
-/// A watch event of `kind` as the cache keeps it.
-pub fn project(
-    kind: WorkloadKind,
-    event: watcher::Event<DynamicObject>,
-) -> watcher::Event<Workload> {
-    use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
-    match event {
-        Apply(o) => Apply(Workload::new(kind, &o)),
-        InitApply(o) => InitApply(Workload::new(kind, &o)),
-        Delete(o) => Delete(Workload::new(kind, &o)),
-        Init => Init,
-        InitDone => InitDone,
-    }
-}
 
 /// A workload.
 type Id = ObjectRef<Workload>;
@@ -321,12 +304,17 @@ impl Restarts {
             let CachedSecret::Present(s) = caches.managed_secret(namespace, name) else {
                 return None;
             };
-            let annotations = s.annotations();
-            let hashes = KeyHashes::parse(annotations.get(KEY_HASHES_ANNOTATION)?)?;
-            let owner = ObjectRef::new(s.labels().get(OWNER_LABEL)?).within(namespace);
-            let content = annotations.get(CONTENT_HASH_ANNOTATION).map(String::as_str);
+            let hashes = s.key_hashes.clone()?;
+            let owner = ObjectRef::new(s.owner.as_deref()?).within(namespace);
             let owner = caches.scoped_secret(&owner)?;
-            Managed::new(name, hashes, content, owner, limits, now)
+            Managed::new(
+                name,
+                hashes,
+                s.content_hash().as_deref(),
+                owner,
+                limits,
+                now,
+            )
         });
         managed.collect()
     }
@@ -745,7 +733,7 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
     let config = r.ctx.config.clone();
     let served = move |e: &Result<watcher::Event<DynamicObject>, watcher::Error>| {
         let keep = |o: &DynamicObject| config.serves(o.metadata.namespace.as_deref());
-        std::future::ready(super::caches::kept(e, &keep))
+        std::future::ready(caches::kept(e, &keep))
     };
     let writer = Writer::new(kind);
     let store = writer.as_reader();
@@ -753,7 +741,7 @@ fn watch(r: &Arc<Restarts>, namespace: Option<&str>, kind: WorkloadKind) -> BoxF
     let observe = r.add_workloads(kind, store.clone(), wake);
     let events = watcher(api, watcher::Config::default())
         .filter(served)
-        .map_ok(move |e| project(kind, e))
+        .map_ok(move |e| caches::project(e, |o| Workload::new(kind, &o)))
         .inspect(move |e| {
             if let Ok(e) = e {
                 observe(e)

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::api::v1alpha1::{Rollout, RolloutStrategy};
-use crate::render::HmacKey;
+use crate::render::{HmacKey, hex, unhex};
 use detect::{Consumption, Reads};
 
 /// Prefix of the pod-template annotation, followed by the Secret's name. On the workload's own
@@ -292,11 +292,11 @@ impl fmt::Display for RolloutResult {
     }
 }
 
-/// The first 8 bytes, in hex, of the HMAC of `entries` (each key and value length-prefixed).
-fn hmac_hex<'a>(
+/// The first 8 bytes of the HMAC of `entries` (each key and value length-prefixed).
+fn hmac8<'a>(
     key: &HmacKey,
     entries: impl IntoIterator<Item = (&'a String, &'a ByteString)>,
-) -> String {
+) -> Hash {
     let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes()).expect("HMAC accepts any key length");
     for (k, v) in entries {
         mac.update(&(k.len() as u64).to_be_bytes());
@@ -304,48 +304,85 @@ fn hmac_hex<'a>(
         mac.update(&(v.0.len() as u64).to_be_bytes());
         mac.update(&v.0);
     }
-    hex(&mac.finalize().into_bytes())
+    first8(&mac.finalize().into_bytes())
 }
 
-/// The first 8 bytes in hex.
-fn hex(bytes: &[u8]) -> String {
-    bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+/// A published hash: the first 8 bytes of an HMAC, written as 16 lowercase hex digits.
+type Hash = [u8; 8];
+
+fn first8(bytes: &[u8]) -> Hash {
+    bytes[..8].try_into().expect("an HMAC-SHA256 has 32 bytes")
 }
 
-/// Marker of the whole-Secret hash in [`KeyHashes`] (no Secret key can be `*`).
+/// Marker of the whole-Secret hash in the annotation (no Secret key can be `*`).
 const WHOLE: &str = "*";
 
 /// The HMACs of a Secret's keys, published in its annotation [`KEY_HASHES_ANNOTATION`] by the
 /// Secret writer: the workload controller computes every workload's annotation from them and
 /// never reads a value. Per key: what a reader of that key alone carries; and the hash of the
 /// whole Secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyHashes(BTreeMap<String, String>);
+///
+/// The managed Secrets' cache holds one per Secret, so it is packed: the keys in order, each
+/// as its name's length (a Secret key has at most 253 bytes), its name and its hash, in one
+/// allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyHashes {
+    whole: Hash,
+    keys: Box<[u8]>,
+}
 
 impl KeyHashes {
+    /// `data`'s keys are Secret keys (`resolve::is_valid_key`).
     pub fn compute(key: &HmacKey, data: &BTreeMap<String, ByteString>) -> Self {
-        let mut hashes: BTreeMap<String, String> = data
-            .iter()
-            .map(|(k, v)| (k.clone(), hmac_hex(key, [(k, v)])))
-            .collect();
-        hashes.insert(WHOLE.into(), hmac_hex(key, data));
-        KeyHashes(hashes)
+        let keys = data.iter().map(|(k, v)| (k.as_str(), hmac8(key, [(k, v)])));
+        KeyHashes::pack(hmac8(key, data), keys).expect("Secret keys have at most 253 bytes")
+    }
+
+    /// `keys` in order; `None` when a name is longer than a Secret key can be.
+    fn pack<'a>(whole: Hash, keys: impl Iterator<Item = (&'a str, Hash)>) -> Option<Self> {
+        let mut packed = Vec::new();
+        for (name, hash) in keys {
+            packed.push(u8::try_from(name.len()).ok()?);
+            packed.extend_from_slice(name.as_bytes());
+            packed.extend_from_slice(&hash);
+        }
+        Some(KeyHashes {
+            whole,
+            keys: packed.into(),
+        })
+    }
+
+    /// Each key with its hash, in order.
+    fn keys(&self) -> impl Iterator<Item = (&str, &Hash)> {
+        let mut rest = &self.keys[..];
+        std::iter::from_fn(move || {
+            let (&len, after) = rest.split_first()?;
+            let (name, after) = after.split_at_checked(len as usize)?;
+            let (hash, after) = after.split_first_chunk::<8>()?;
+            rest = after;
+            // Packed from `&str`s only.
+            Some((std::str::from_utf8(name).ok()?, hash))
+        })
     }
 
     /// The annotation value (JSON).
     pub fn to_annotation(&self) -> String {
-        serde_json::to_string(&self.0).expect("a string map serializes")
+        let keys = self.keys().map(|(k, h)| (k, hex(h)));
+        let map: BTreeMap<&str, String> = keys.chain([(WHOLE, hex(&self.whole))]).collect();
+        serde_json::to_string(&map).expect("a string map serializes")
     }
 
-    /// Parses the annotation; `None` when it is missing or malformed (a Secret written by an
-    /// older operator: its workloads wait until the next write publishes it).
+    /// Parses the annotation; `None` when it is missing or malformed, or a hash is not 16
+    /// lowercase hex digits as the operator writes them (a Secret written by an older
+    /// operator: its workloads wait until the next write publishes it).
     pub fn parse(annotation: &str) -> Option<Self> {
-        let map: BTreeMap<String, String> = serde_json::from_str(annotation).ok()?;
-        map.contains_key(WHOLE).then_some(KeyHashes(map))
-    }
-
-    fn keys(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter().filter(|(k, _)| k.as_str() != WHOLE)
+        let mut map: BTreeMap<String, String> = serde_json::from_str(annotation).ok()?;
+        let whole = unhex(&map.remove(WHOLE)?)?;
+        let mut keys = Vec::with_capacity(map.len());
+        for (k, h) in &map {
+            keys.push((k.as_str(), unhex(h)?));
+        }
+        KeyHashes::pack(whole, keys.into_iter())
     }
 
     /// The annotation value of a workload reading `reads`: a function of the keys it reads
@@ -356,13 +393,12 @@ impl KeyHashes {
     /// keys' hashes.
     pub fn for_reads(&self, key: &HmacKey, reads: &Reads) -> String {
         let Reads::Keys(wanted) = reads else {
-            return self.0[WHOLE].clone();
+            return hex(&self.whole);
         };
-        let read: Vec<(&String, &String)> =
-            self.keys().filter(|(k, _)| wanted.contains(*k)).collect();
+        let read: Vec<(&str, &Hash)> = self.keys().filter(|(k, _)| wanted.contains(*k)).collect();
         match read.as_slice() {
-            [] => hmac_hex(key, []),
-            [(_, hash)] => (*hash).clone(),
+            [] => hex(&hmac8(key, [])),
+            [(_, hash)] => hex(*hash),
             several => {
                 let mut mac = Hmac::<Sha256>::new_from_slice(key.bytes())
                     .expect("HMAC accepts any key length");
@@ -370,9 +406,9 @@ impl KeyHashes {
                 for (k, hash) in several {
                     mac.update(&(k.len() as u64).to_be_bytes());
                     mac.update(k.as_bytes());
-                    mac.update(hash.as_bytes());
+                    mac.update(hex(*hash).as_bytes());
                 }
-                hex(&mac.finalize().into_bytes())
+                hex(&first8(&mac.finalize().into_bytes()))
             }
         }
     }
@@ -441,7 +477,7 @@ mod tests {
             Reads::Whole => true,
             Reads::Keys(keys) => keys.contains(k),
         };
-        hmac_hex(&key(), data.iter().filter(|(k, _)| read(k)))
+        hex(&hmac8(&key(), data.iter().filter(|(k, _)| read(k))))
     }
 
     #[test]
@@ -463,6 +499,33 @@ mod tests {
         }
         assert_eq!(KeyHashes::parse(&h.to_annotation()), Some(h));
         assert_eq!(KeyHashes::parse("{\"A\": \"x\"}"), None);
+    }
+
+    /// The packed form writes and reads what the map of hex strings did: a Secret written by
+    /// an earlier version is not written again, nor a workload it restarted restarted again.
+    /// (Figures from an HMAC-SHA256 computed outside this code.)
+    #[test]
+    fn key_hashes_write_and_read_the_annotation_and_hashes_of_earlier_versions() {
+        let annotation = r#"{"*":"fb9b801be8bb5f87","A":"06c40caa34481131","B":"a784f9882d6be27d","C":"5b3f608ebe7aedb1"}"#;
+        let h = KeyHashes::compute(&key(), &data(&[("A", "1"), ("B", "2"), ("C", "3")]));
+        assert_eq!(h.to_annotation(), annotation);
+        let parsed = KeyHashes::parse(annotation).unwrap();
+        assert_eq!(parsed, h);
+        assert_eq!(parsed.for_reads(&key(), &Reads::Whole), "fb9b801be8bb5f87");
+        assert_eq!(parsed.for_reads(&key(), &keys(&["B"])), "a784f9882d6be27d");
+        assert_eq!(
+            parsed.for_reads(&key(), &keys(&["A", "B"])),
+            "17322c6f282746ab"
+        );
+        // Not as the operator writes it: malformed, as a missing annotation.
+        let upper = annotation.replace("fb9b", "FB9B");
+        let long_name = format!(
+            r#"{{"*":"fb9b801be8bb5f87","{}":"06c40caa34481131"}}"#,
+            "k".repeat(256)
+        );
+        for other in [&upper, &long_name, r#"{"*":"fb9b"}"#, "[]"] {
+            assert_eq!(KeyHashes::parse(other), None, "{other}");
+        }
     }
 
     #[test]

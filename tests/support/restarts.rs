@@ -9,7 +9,6 @@ use k8s_openapi::ByteString;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, ListParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, store::Writer};
 use kube::runtime::watcher::Event;
@@ -33,20 +32,20 @@ type Observe = Box<dyn Fn(&Event<Workload>) + Send + Sync>;
 
 struct Writers {
     scoped: Writer<ScopedSecret>,
-    secrets: Writer<PartialObjectMeta<Secret>>,
+    secrets: Writer<caches::ManagedSecret>,
     workloads: Vec<(WorkloadKind, Writer<Workload>, Observe)>,
 }
 
-/// Replaces what `writer` holds with `items`, as a re-list does.
-fn relist<K>(writer: &mut Writer<K>, items: Vec<K>, trim: fn(&mut K))
+/// Replaces what `writer` holds with `items`, each as `projection` makes it, as a re-list
+/// does.
+fn relist<K, P>(writer: &mut Writer<P>, items: Vec<K>, projection: impl Fn(K) -> P)
 where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+    P: kube::Resource + Clone + 'static,
+    P::DynamicType: Eq + std::hash::Hash + Clone,
 {
     writer.apply_watcher_event(&Event::Init);
-    for mut item in items {
-        trim(&mut item);
-        writer.apply_watcher_event(&Event::InitApply(item));
+    for item in items {
+        writer.apply_watcher_event(&Event::InitApply(projection(item)));
     }
     writer.apply_watcher_event(&Event::InitDone);
 }
@@ -111,10 +110,11 @@ impl Hand {
             .await?;
         let scoped = Api::<ScopedSecret>::all(client).list(&lp).await?;
         let mut w = self.writers.lock().unwrap();
-        relist(&mut w.secrets, secrets.items, caches::trim_secret);
+        relist(&mut w.secrets, secrets.items, caches::ManagedSecret::new);
         let names: Vec<ObjectRef<ScopedSecret>> =
             scoped.items.iter().map(ObjectRef::from_obj).collect();
-        relist(&mut w.scoped, scoped.items, caches::trim_scoped_secret);
+        let trim = caches::trimmed(caches::trim_scoped_secret);
+        relist(&mut w.scoped, scoped.items, trim);
         // As the operator hears of each ScopedSecret listed (without the wake-ups: every
         // workload is reconciled after a re-list anyway).
         for ss in &names {
@@ -142,7 +142,7 @@ impl Hand {
             let events = std::iter::once(Event::Init)
                 .chain(listed)
                 .chain([Event::InitDone]);
-            for event in events.map(|e| workloads::project(*kind, e)) {
+            for event in events.map(|e| caches::project(e, |o| Workload::new(*kind, &o))) {
                 observe(&event);
                 writer.apply_watcher_event(&event);
             }
