@@ -134,7 +134,18 @@ impl Recorder {
                 Err(e) => return Err(e),
             }
         }
-        let event = self.event(regarding, type_, reason, note, now);
+        let event = Event {
+            reason: Some(reason.into()),
+            note: Some(note.into()),
+            type_: Some(
+                match type_ {
+                    EventType::Normal => "Normal",
+                    EventType::Warning => "Warning",
+                }
+                .into(),
+            ),
+            ..self.on(regarding, now)
+        };
         let created = api.create(&PostParams::default(), &event).await?;
         let name = created
             .metadata
@@ -150,14 +161,8 @@ impl Recorder {
         self.recent.lock().unwrap().events.insert(key, published);
     }
 
-    fn event(
-        &self,
-        regarding: &ObjectReference,
-        type_: EventType,
-        reason: &str,
-        note: &str,
-        now: Timestamp,
-    ) -> Event {
+    /// An Event on `regarding` at `now` from this reporter, without its type, reason and note.
+    fn on(&self, regarding: &ObjectReference, now: Timestamp) -> Event {
         let name = regarding.name.as_deref().unwrap_or(&self.controller);
         // Unique by the wall clock's nanosecond, whatever clock `now` comes from.
         let unique = Timestamp::now().as_nanosecond();
@@ -168,15 +173,6 @@ impl Recorder {
                 ..ObjectMeta::default()
             },
             action: Some("Sync".into()),
-            reason: Some(reason.into()),
-            note: Some(note.into()),
-            type_: Some(
-                match type_ {
-                    EventType::Normal => "Normal",
-                    EventType::Warning => "Warning",
-                }
-                .into(),
-            ),
             event_time: Some(MicroTime(now)),
             regarding: Some(regarding.clone()),
             reporting_controller: Some(self.controller.clone()),
