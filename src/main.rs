@@ -309,7 +309,7 @@ async fn main() -> anyhow::Result<()> {
                 &leader::lease_name(shard),
                 &identity,
                 lease_duration_seconds,
-                shutdown_signal(),
+                controller::shutdown_signal(),
                 // A follower is healthy and ready: it waits for the Lease.
                 {
                     ready.set_ready();
@@ -364,22 +364,6 @@ fn namespace_name(s: &str) -> Result<String, String> {
             "{s:?} is not a namespace name (lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit)"
         ))
     }
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 /// Prints a command's error and exits with its code (1 usage, 2 Vault).

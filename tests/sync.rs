@@ -13,7 +13,7 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;
 use scoped_secrets::api::v1alpha1::{ClusterVaultStore, ScopedSecret};
 use scoped_secrets::controller::caches::{self, Cache, ScopeCaches};
-use scoped_secrets::controller::{Config, Context, error_policy, reconcile};
+use scoped_secrets::controller::{Config, Context, error_policy, reconcile, reconcile_in_order};
 use scoped_secrets::vault::VaultError;
 use serde_json::{Value, json};
 use support::b64;
@@ -42,6 +42,20 @@ fn world() -> World {
         &[("DB_PASSWORD", Some(CANARY)), ("FEATURE_X", None)],
     );
     w
+}
+
+#[tokio::test]
+async fn after_shutdown_began_a_reconcile_waiting_for_a_worker_returns_without_reconciling() {
+    let w = world();
+    w.add(scoped_secret("api", "shop-dev", default_spec()));
+    // SIGTERM: the workers are no longer handed out.
+    w.ctx.stop();
+    let action = reconcile_in_order(w.ss("shop-dev", "api"), w.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(w.fake.writes().is_empty(), "{:?}", w.write_summary());
+    assert!(w.secret("shop-dev", "api").is_none());
 }
 
 fn condition(ss: &ScopedSecret, type_: &str) -> (String, String, String) {

@@ -278,6 +278,14 @@ impl Context {
     }
 
     /// Reads the time from `clock` (tests move a manual one).
+    /// Stops handing out workers, at shutdown: the reconciles under way finish, and those still
+    /// waiting for a worker (after a start, every ScopedSecret) return without reconciling, so
+    /// that a shutdown takes one reconcile, not the backlog, and ends within the pod's grace
+    /// period.
+    pub fn stop(&self) {
+        self.workers.close();
+    }
+
     pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
         self.clock = clock;
         self
@@ -378,11 +386,10 @@ pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Res
     if ctx.yields_to_first_syncs(&ss) {
         return Ok(Action::requeue(deferral_delay()));
     }
-    let _worker = ctx
-        .workers
-        .acquire()
-        .await
-        .expect("the workers are never closed");
+    let Ok(_worker) = ctx.workers.acquire().await else {
+        // Shutting down ([`Context::stop`]): left to the next leader or start.
+        return Ok(Action::await_change());
+    };
     // (`reconcile` decides on the object as it is once it has a worker: `Caches::latest`.)
     // Boxed: the futures waiting for a worker stay small, whatever a reconcile holds.
     Box::pin(reconcile(ss, ctx.clone())).await
@@ -661,6 +668,11 @@ pub async fn run_at(
                 .boxed(),
         );
     }
+    let stopping = ctx.clone();
+    let _stop = AbortOnDrop(tokio::spawn(async move {
+        shutdown_signal().await;
+        stopping.stop();
+    }));
     let _router = AbortOnDrop(tokio::spawn(async move {
         while let Some(obj) = triggered.recv().await {
             let route = routes
@@ -673,6 +685,22 @@ pub async fn run_at(
     }));
     futures::future::join_all(controllers).await;
     Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C (the signals kube-runtime's `shutdown_on_signal` stops on).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 /// A channel's receiver as a stream.
