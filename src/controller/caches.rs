@@ -14,8 +14,8 @@
 //! resourceVersion has not changed since; if it also carries the metadata hash (which covers
 //! the content hash) the reconcile wants, the reconcile needs no GET: a no-op refresh makes no
 //! API request at all (of a Secret's metadata the cache keeps only what is read, in the form
-//! it is read: [`ManagedSecret`]). A hand edit changes the resourceVersion, its watch event triggers a
-//! reconcile, and that one reads the Secret and repairs it.
+//! it is read: [`ManagedSecret`]). A hand edit changes the resourceVersion, its watch event
+//! triggers a reconcile, and that one reads the Secret and repairs it.
 //!
 //! The ConfigMaps `spec.target.template.templateFrom` names are not cached from a watch (that
 //! would be every ConfigMap of the cluster): their `data` is read by name once and kept

@@ -57,6 +57,13 @@ struct Published {
     last: Timestamp,
 }
 
+impl Published {
+    /// Whether a repeat at `now` still counts in this Event's series.
+    fn live(&self, now: Timestamp) -> bool {
+        now.duration_since(self.last) < SERIES_TTL
+    }
+}
+
 impl Recent {
     /// Drops what is older than [`SERIES_TTL`], at most once a minute (a pass over the map).
     fn prune(&mut self, now: Timestamp) {
@@ -67,8 +74,7 @@ impl Recent {
             return;
         }
         self.pruned = Some(now);
-        self.events
-            .retain(|_, p| now.duration_since(p.last) < SERIES_TTL);
+        self.events.retain(|_, p| p.live(now));
         // A map sized for the first sync's burst would otherwise keep its size.
         if self.events.capacity() > 4 * self.events.len().max(64) {
             self.events.shrink_to_fit();
@@ -107,12 +113,11 @@ impl Recorder {
         let repeat = {
             let mut recent = self.recent.lock().unwrap();
             recent.prune(now);
-            let live = |p: &&Published| now.duration_since(p.last) < SERIES_TTL;
             recent
                 .events
                 .get(&key)
-                .filter(live)
-                .map(|p| (p.name.clone(), p.count + 1))
+                .filter(|p| p.live(now))
+                .map(|p| (p.name.clone(), p.count.saturating_add(1)))
         };
         let namespace = regarding.namespace.as_deref().unwrap_or("default");
         let api = Api::<Event>::namespaced(self.client.clone(), namespace);
@@ -198,7 +203,8 @@ fn repeat_key(regarding: &ObjectReference, type_: EventType, reason: &str, note:
     h.finish()
 }
 
-/// `text` cut to at most `limit` bytes, on a character boundary.
+/// `text` cut to at most `limit` bytes, on a character boundary (`str::floor_char_boundary`
+/// once the MSRV reaches 1.91).
 fn cut(text: &str, limit: usize) -> &str {
     let end = (0..=limit.min(text.len()))
         .rev()

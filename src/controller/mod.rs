@@ -277,7 +277,6 @@ impl Context {
         }
     }
 
-    /// Reads the time from `clock` (tests move a manual one).
     /// Stops handing out workers, at shutdown: the reconciles under way finish, and those still
     /// waiting for a worker (after a start, every ScopedSecret) return without reconciling, so
     /// that a shutdown takes one reconcile, not the backlog, and ends within the pod's grace
@@ -286,6 +285,7 @@ impl Context {
         self.workers.close();
     }
 
+    /// Reads the time from `clock` (tests move a manual one).
     pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
         self.clock = clock;
         self
