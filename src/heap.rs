@@ -1,14 +1,16 @@
-//! Live heap bytes of the operator process: a thin wrapper around the system allocator that
-//! counts what is allocated and not yet freed, served as `scoped_secrets_heap_bytes`.
+//! Live heap bytes of the operator process: a thin wrapper around jemalloc that counts what is
+//! allocated and not yet freed, served as `scoped_secrets_heap_bytes`.
 //!
 //! RSS alone cannot say whether memory is the operator's data (caches, maps, metric series)
-//! or the allocator's slack (freed memory glibc keeps in per-thread arenas): the two together
+//! or the allocator's slack (size-class rounding, pages not yet returned): the two together
 //! can. The cost is a relaxed atomic addition per allocation and per free, on one counter the
 //! runtime's threads share: a few percent of the CPU of an allocation-heavy stretch (a first
 //! sync), nothing measurable in a no-op refresh. `main.rs` installs it as the global
 //! allocator; a library user that does not (the tests) gets no heap metric.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use tikv_jemallocator::Jemalloc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// The counting allocator (`#[global_allocator] static A: Counting = Counting;`).
@@ -17,10 +19,10 @@ pub struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
-// SAFETY: every call is passed to `System` unchanged; only counters are updated around it.
+// SAFETY: every call is passed to `Jemalloc` unchanged; only counters are updated around it.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
+        let p = unsafe { Jemalloc.alloc(layout) };
         if !p.is_null() {
             LIVE.fetch_add(layout.size(), Ordering::Relaxed);
             installed();
@@ -29,7 +31,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
+        let p = unsafe { Jemalloc.alloc_zeroed(layout) };
         if !p.is_null() {
             LIVE.fetch_add(layout.size(), Ordering::Relaxed);
             installed();
@@ -38,12 +40,12 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
+        unsafe { Jemalloc.dealloc(ptr, layout) };
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        let p = unsafe { Jemalloc.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             LIVE.fetch_add(new_size, Ordering::Relaxed);
             LIVE.fetch_sub(layout.size(), Ordering::Relaxed);

@@ -14,12 +14,12 @@ use scoped_secrets::metrics::{self, Metrics, Readiness};
 use scoped_secrets::vault::client::VaultReader;
 use scoped_secrets::{crd, kube_client, leader, telemetry};
 
-/// Counts live heap bytes for `scoped_secrets_heap_bytes` (src/heap.rs).
-///
-/// glibc as it is, tuned by nothing: at 10,000 ScopedSecrets (the bench, after the no-op
-/// interval; heap 132 MiB) its RSS was 187.7 MiB, 187.1 MiB with a `malloc_trim(0)` every 30 s
-/// (the RSS is not freed pages glibc keeps) and 209.5 MiB with `MALLOC_ARENA_MAX=2`; mimalloc
-/// kept more resident at 1,000 (docs/operations.md).
+/// Counts live heap bytes for `scoped_secrets_heap_bytes` (src/heap.rs), over jemalloc: at
+/// 10,000 ScopedSecrets (the bench, after the no-op interval) 117 MiB RSS against glibc's
+/// 134 MiB for the same heap, and RSS that falls back after a burst (glibc's stayed at its
+/// peak). `narenas:1,background_thread:true` measured the same. mimalloc kept more resident
+/// than glibc at 1,000; `malloc_trim` and `MALLOC_ARENA_MAX` did not help glibc
+/// (docs/operations.md).
 #[global_allocator]
 static ALLOCATOR: scoped_secrets::heap::Counting = scoped_secrets::heap::Counting;
 
