@@ -25,8 +25,9 @@
 //!    `SCALE_BENCH_KUBE_QPS` sets the operator's `--kube-qps` (default 0: no client-side limit,
 //!    the figures are the operator's and the API server's own); `SCALE_BENCH_WORKLOADS=0`
 //!    leaves the Deployments out (the ScopedSecret controller's own figures);
-//!    `SCALE_BENCH_HEAPTRACK=DIR` runs the first operator of each size under heaptrack (its
-//!    figures are then slower) and leaves `DIR/operator-N.zst` for `heaptrack_print`.
+//!    `SCALE_BENCH_HEAPTRACK=DIR` (with `--features system-allocator`: heaptrack sees only
+//!    malloc) runs the first operator of each size under heaptrack (its figures are then
+//!    slower) and leaves `DIR/operator-N.zst` for `heaptrack_print`.
 //!
 //! 5. Restarts (`cargo bench --bench scale -- restarts` runs only this section): a
 //!    project-level value read by 100 ScopedSecrets of one namespace changes; 1,000
@@ -935,6 +936,11 @@ async fn operator_alone(bao: &openbao::OpenBao, n: usize, paths: usize) -> Measu
     // killed for the restart; `heaptrack_print --print-peaks` reads it).
     let profile = std::env::var_os(HEAPTRACK_ENV)
         .map(|dir| std::path::PathBuf::from(dir).join(format!("operator-{n}.zst")));
+    assert!(
+        profile.is_none() || cfg!(feature = "system-allocator"),
+        "{HEAPTRACK_ENV}: heaptrack sees only malloc; build with `--features system-allocator` \
+         (the operator otherwise allocates with jemalloc)"
+    );
     let services = n.div_ceil(BIG_ENVS);
     let with_workloads = std::env::var(WORKLOADS_ENV).map_or(true, |v| v != "0");
     let mut api = ApiServer::start();

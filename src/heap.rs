@@ -1,5 +1,6 @@
-//! Live heap bytes of the operator process: a thin wrapper around jemalloc that counts what is
-//! allocated and not yet freed, served as `scoped_secrets_heap_bytes`.
+//! Live heap bytes of the operator process: a thin wrapper around jemalloc (glibc's malloc with
+//! the `system-allocator` feature, for heaptrack) that counts what is allocated and not yet
+//! freed, served as `scoped_secrets_heap_bytes`.
 //!
 //! RSS alone cannot say whether memory is the operator's data (caches, maps, metric series)
 //! or the allocator's slack (size-class rounding, pages not yet returned): the two together
@@ -10,8 +11,11 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 
-use tikv_jemallocator::Jemalloc;
+#[cfg(feature = "system-allocator")]
+use std::alloc::System as Inner;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+#[cfg(not(feature = "system-allocator"))]
+use tikv_jemallocator::Jemalloc as Inner;
 
 /// The counting allocator (`#[global_allocator] static A: Counting = Counting;`).
 pub struct Counting;
@@ -19,10 +23,10 @@ pub struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
-// SAFETY: every call is passed to `Jemalloc` unchanged; only counters are updated around it.
+// SAFETY: every call is passed to the inner allocator unchanged; only counters are updated around it.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { Jemalloc.alloc(layout) };
+        let p = unsafe { Inner.alloc(layout) };
         if !p.is_null() {
             LIVE.fetch_add(layout.size(), Ordering::Relaxed);
             installed();
@@ -31,7 +35,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { Jemalloc.alloc_zeroed(layout) };
+        let p = unsafe { Inner.alloc_zeroed(layout) };
         if !p.is_null() {
             LIVE.fetch_add(layout.size(), Ordering::Relaxed);
             installed();
@@ -40,12 +44,12 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { Jemalloc.dealloc(ptr, layout) };
+        unsafe { Inner.dealloc(ptr, layout) };
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { Jemalloc.realloc(ptr, layout, new_size) };
+        let p = unsafe { Inner.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             LIVE.fetch_add(new_size, Ordering::Relaxed);
             LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
