@@ -643,6 +643,11 @@ impl Caches {
             .is_some_and(|w| ss.metadata.resource_version.as_deref() != Some(w.before.as_str()))
         {
             own.remove(&obj);
+            // A first sync's writes fill the map for a moment (1 MiB at 10,000): the room
+            // goes back once they are seen.
+            if own.capacity() > 4 * own.len().max(16) {
+                own.shrink_to_fit();
+            }
         }
     }
 
@@ -734,6 +739,29 @@ mod tests {
             ss.status.as_ref().unwrap(),
             status.as_ref().unwrap()
         ));
+    }
+
+    #[test]
+    fn the_room_a_first_syncs_status_writes_took_goes_back_once_their_watch_events_arrive() {
+        let at = |i: usize, rv: &str| -> ScopedSecret {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
+                "metadata": {"name": format!("s{i}"), "namespace": "ns", "resourceVersion": rv},
+                "spec": {"storeRef": {"name": "vault"}}
+            }))
+            .unwrap()
+        };
+        let caches = Caches::default();
+        for i in 0..2000 {
+            caches.wrote_status(Some("1".into()), at(i, "2"));
+        }
+        assert_eq!(caches.own_writes_len(), 2000);
+        for i in 0..2000 {
+            caches.seen(&at(i, "2"));
+        }
+        assert_eq!(caches.own_writes_len(), 0);
+        let room = caches.own_writes.lock().unwrap().capacity();
+        assert!(room <= 64, "{room} entries of room kept after the burst");
     }
 
     #[test]

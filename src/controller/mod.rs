@@ -347,7 +347,11 @@ impl Context {
 
     /// `obj`'s spec was handled (synced or refused): it no longer goes ahead of refreshes.
     fn handled(&self, obj: &ObjectRef<ScopedSecret>) {
-        self.awaiting_first.lock().unwrap().remove(obj);
+        let mut awaiting = self.awaiting_first.lock().unwrap();
+        // Every ScopedSecret after a start: the room goes back once they are through.
+        if awaiting.remove(obj) && awaiting.capacity() > 4 * awaiting.len().max(16) {
+            awaiting.shrink_to_fit();
+        }
     }
 
     /// Whether the reconcile of `ss` should give its worker to a ScopedSecret still waiting
@@ -1014,6 +1018,28 @@ mod tests {
             .remove(&ObjectRef::from_obj(&new));
         ctx.forget(&ObjectRef::from_obj(&edited));
         assert!(!ctx.yields_to_first_syncs(&synced));
+    }
+
+    #[tokio::test]
+    async fn the_room_first_syncs_took_goes_back_once_they_are_handled() {
+        let ctx = Context::new(
+            no_api_server(),
+            Arc::new(crate::vault::memory::MemorySource::new()),
+            HmacKey::new(vec![1; 32]),
+            Config::default(),
+        );
+        let new: Vec<_> = (0..2000)
+            .map(|i| scoped_secret(&format!("s{i}"), serde_json::Value::Null))
+            .collect();
+        new.iter().for_each(|ss| ctx.arrived(ss));
+        assert_eq!(ctx.awaiting_first.lock().unwrap().len(), 2000);
+        new.iter()
+            .for_each(|ss| ctx.handled(&ObjectRef::from_obj(ss)));
+        let room = ctx.awaiting_first.lock().unwrap().capacity();
+        assert!(
+            room <= 64,
+            "{room} entries of room kept after the first syncs"
+        );
     }
 
     #[test]
