@@ -16,6 +16,7 @@ pub mod retain;
 pub mod shard;
 pub mod status;
 pub mod trigger;
+mod turns;
 pub mod validate;
 pub mod workloads;
 
@@ -227,9 +228,9 @@ pub struct Context {
     awaiting_first: Mutex<HashSet<ObjectRef<ScopedSecret>>>,
     /// Which ScopedSecrets read which paths, and the refreshes asked of them.
     pub triggers: trigger::Triggers,
-    /// The reconcile workers (`concurrency`), handed out in the order reconciles fell due
-    /// ([`reconcile_in_order`]).
-    workers: tokio::sync::Semaphore,
+    /// The reconcile workers (`concurrency`), handed out in the order reconciles asked for
+    /// one ([`reconcile_in_order`]).
+    turns: turns::Turns,
 }
 
 impl Context {
@@ -251,7 +252,8 @@ impl Context {
         metrics: Arc<Metrics>,
     ) -> Self {
         let share = usize::from(config.concurrency / 2).max(1);
-        let workers = tokio::sync::Semaphore::new(usize::from(config.concurrency.max(1)));
+        let triggers = trigger::Triggers::new(source.clone(), config.audit_min_interval);
+        let turns = turns::Turns::new(config.concurrency.into(), triggers.caller());
         Context {
             recorder: events::Recorder::new(
                 client.clone(),
@@ -264,7 +266,7 @@ impl Context {
                 share,
                 metrics.vault.clone(),
             )),
-            triggers: trigger::Triggers::new(source, config.audit_min_interval),
+            triggers,
             hmac_key,
             config,
             metrics,
@@ -273,16 +275,15 @@ impl Context {
             clock: Arc::new(crate::clock::SystemClock),
             caches: Default::default(),
             awaiting_first: Default::default(),
-            workers,
+            turns,
         }
     }
 
-    /// Stops handing out workers, at shutdown: the reconciles under way finish, and those still
-    /// waiting for a worker (after a start, every ScopedSecret) return without reconciling, so
-    /// that a shutdown takes one reconcile, not the backlog, and ends within the pod's grace
-    /// period.
+    /// Stops handing out workers, at shutdown: the reconciles under way finish, and the line
+    /// waiting for a worker (after a start, every ScopedSecret) is dropped uncalled, so that a
+    /// shutdown takes one reconcile, not the backlog, and ends within the pod's grace period.
     pub fn stop(&self) {
-        self.workers.close();
+        self.turns.close();
     }
 
     /// Reads the time from `clock` (tests move a manual one).
@@ -312,6 +313,7 @@ impl Context {
         self.caches.forget(obj);
         self.awaiting_first.lock().unwrap().remove(obj);
         self.triggers.forget(obj);
+        self.turns.forget(obj);
         let mut seen = self.seen.lock().unwrap();
         seen.remove(obj);
         let ns = obj.namespace.as_deref().unwrap_or_default();
@@ -334,6 +336,7 @@ impl Context {
         self.caches.retain_verified(|obj| !absent(obj));
         self.awaiting_first.lock().unwrap().retain(|o| !absent(o));
         self.triggers.retain(|obj| !absent(obj));
+        self.turns.retain(|obj| !absent(obj));
     }
 
     /// Notes a ScopedSecret as it arrives from the watch: one whose spec was never handled
@@ -374,11 +377,9 @@ fn spec_unhandled(ss: &ScopedSecret) -> bool {
 }
 
 /// The controller's reconcile: [`reconcile`] on one of `concurrency` workers, handed out in
-/// the order the reconciles fell due. kube-runtime runs the controller without a limit of its
-/// own: when its limit is reached it takes the next object from a hash set, so under a
-/// backlog longer than a refresh interval (30,000 ScopedSecrets refreshed every 30 s on two
-/// cores, a slow Vault) the same objects were served again and again while others were never
-/// synced. A waiting reconcile holds no more than its object and a place in the queue.
+/// the order reconciles asked for one (`turns.rs`, which says why not kube-runtime's limit). One
+/// that finds no worker free ends at once, in line, and is reconciled again when its turn
+/// comes.
 ///
 /// While ScopedSecrets wait for their first sync (a new namespace of 2,000, an operator
 /// installed into a full cluster), a plain refresh of one already synced comes back in a few
@@ -387,16 +388,18 @@ fn spec_unhandled(ss: &ScopedSecret) -> bool {
 /// edits and force-syncs never wait; a hand edit of a Secret is repaired once the first syncs
 /// are done.
 pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let obj = ObjectRef::from_obj(ss.as_ref());
     if ctx.yields_to_first_syncs(&ss) {
+        ctx.turns.pass(&obj);
         return Ok(Action::requeue(deferral_delay()));
     }
-    let Ok(_worker) = ctx.workers.acquire().await else {
-        // Shutting down ([`Context::stop`]): left to the next leader or start.
+    // None: in line (called back through the triggers), or shutting down ([`Context::stop`]:
+    // left to the next leader or start).
+    let Some(_worker) = ctx.turns.take(&obj) else {
         return Ok(Action::await_change());
     };
     // (`reconcile` decides on the object as it is once it has a worker: `Caches::latest`.)
-    // Boxed: the futures waiting for a worker stay small, whatever a reconcile holds.
-    Box::pin(reconcile(ss, ctx.clone())).await
+    reconcile(ss, ctx.clone()).await
 }
 
 /// Delay before a reconcile whose store had its share of the workers busy tries again:

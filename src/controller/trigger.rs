@@ -141,6 +141,11 @@ impl Triggers {
         }
     }
 
+    /// Where a ScopedSecret is sent to be reconciled.
+    pub fn caller(&self) -> mpsc::UnboundedSender<ObjectRef<ScopedSecret>> {
+        self.tx.clone()
+    }
+
     /// The ScopedSecrets to reconcile (taken once, by the controller).
     pub fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<ObjectRef<ScopedSecret>>> {
         self.rx.lock().unwrap().take()
