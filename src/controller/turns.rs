@@ -125,11 +125,6 @@ impl Turns {
         line.called = HashSet::new();
     }
 
-    #[cfg(test)]
-    fn waiting(&self) -> usize {
-        self.line.lock().unwrap().queued.len()
-    }
-
     /// Calls the first in line for each free worker nobody was called for.
     fn call_next(&self, line: &mut Line) {
         while !line.closed && line.free > line.called.len() {
@@ -155,6 +150,12 @@ impl Turns {
 mod tests {
     use super::*;
     use tokio::sync::mpsc;
+
+    impl Turns {
+        fn waiting(&self) -> usize {
+            self.line.lock().unwrap().queued.len()
+        }
+    }
 
     fn obj(name: &str) -> Obj {
         ObjectRef::new(name).within("ns")
