@@ -861,9 +861,12 @@ fn controller_for(
         reader.clone(),
     );
     let files = ctx.clone();
+    // `reconcile_in_order` hands out the workers in order; kube-runtime's own limit only keeps
+    // its runner small: a reconcile that finds no worker ends at once, so the objects it
+    // holds are the running ones and those on their way into the line (turns.rs).
+    let runner = ctx.config.concurrency.saturating_mul(2).max(2);
     Controller::for_stream(scoped_secrets, reader)
-        // No limit here: `reconcile_in_order` hands out the workers in order.
-        .with_config(kube::runtime::controller::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(runner))
         .trigger_backoff(NoPause)
         .watches_stream(secrets, |s| owner_of(&s))
         .watches_stream(vault_stores, move |vs: VaultStore| {
