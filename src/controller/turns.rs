@@ -1,6 +1,6 @@
 //! The reconcile workers, handed out in the order reconciles asked for one.
 //!
-//! kube-runtime runs the ScopedSecret controller without a limit of its own: with one, it takes
+//! kube-runtime's own limit is not the one that counts: when it is reached, kube-runtime takes
 //! the next object from a hash set, and under a backlog longer than a refresh interval the same
 //! objects took every freed worker while others were never synced. Nor does a reconcile wait
 //! for a worker inside kube-runtime's runner: the runner polls every future it holds each time
@@ -8,6 +8,8 @@
 //! reconcile cost 30,000 polls — minutes of CPU in a first sync, on the thread the workload
 //! controller shares. A reconcile that finds no worker takes a place in line and ends; when a
 //! worker frees, the first in line is called back through the controller's trigger channel.
+//! kube-runtime's limit (twice the workers) then only bounds its runner: the objects passing
+//! through it, due in whatever order, are in line a moment later.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
