@@ -8,7 +8,7 @@
 //! reconcile cost 30,000 polls — minutes of CPU in a first sync, on the thread the workload
 //! controller shares. A reconcile that finds no worker takes a place in line and ends; when a
 //! worker frees, the first in line is called back through the controller's trigger channel.
-//! kube-runtime's limit (twice the workers) then only bounds its runner: the objects passing
+//! kube-runtime's limit (eight times the workers) then only bounds its runner: the objects passing
 //! through it, due in whatever order, are in line a moment later.
 
 use std::collections::{HashSet, VecDeque};
