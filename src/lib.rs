@@ -25,6 +25,14 @@ pub mod telemetry;
 pub mod template;
 pub mod vault;
 
+/// Whether a map or queue holds far more room than entries: a burst left it so (a first sync
+/// puts every ScopedSecret in some of them for a moment), and a hash map never shrinks by
+/// itself. Shrinking only past a quarter keeps the cost of rehashing proportional to the
+/// removals.
+pub(crate) fn outgrown(len: usize, capacity: usize) -> bool {
+    capacity > 4 * len.max(16)
+}
+
 /// Field manager of every write the operator makes (server-side apply).
 pub const FIELD_MANAGER: &str = "scoped-secrets";
 /// Label on every Secret the operator manages; the controller watches only these.

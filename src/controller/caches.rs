@@ -643,9 +643,8 @@ impl Caches {
             .is_some_and(|w| ss.metadata.resource_version.as_deref() != Some(w.before.as_str()))
         {
             own.remove(&obj);
-            // A first sync's writes fill the map for a moment (1 MiB at 10,000): the room
-            // goes back once they are seen.
-            if own.capacity() > 4 * own.len().max(16) {
+            // A first sync's writes fill the map for a moment (1 MiB at 10,000).
+            if crate::outgrown(own.len(), own.capacity()) {
                 own.shrink_to_fit();
             }
         }

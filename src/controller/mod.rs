@@ -352,7 +352,7 @@ impl Context {
     fn handled(&self, obj: &ObjectRef<ScopedSecret>) {
         let mut awaiting = self.awaiting_first.lock().unwrap();
         // Every ScopedSecret after a start: the room goes back once they are through.
-        if awaiting.remove(obj) && awaiting.capacity() > 4 * awaiting.len().max(16) {
+        if awaiting.remove(obj) && crate::outgrown(awaiting.len(), awaiting.capacity()) {
             awaiting.shrink_to_fit();
         }
     }
@@ -979,6 +979,16 @@ mod tests {
         )
     }
 
+    /// A context whose reconciles are not run.
+    fn context() -> Context {
+        Context::new(
+            no_api_server(),
+            Arc::new(crate::vault::memory::MemorySource::new()),
+            HmacKey::new(vec![1; 32]),
+            Config::default(),
+        )
+    }
+
     fn scoped_secret(name: &str, status: serde_json::Value) -> ScopedSecret {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "scopedsecrets.io/v1alpha1", "kind": "ScopedSecret",
@@ -991,12 +1001,7 @@ mod tests {
 
     #[tokio::test]
     async fn refreshes_wait_while_scopedsecrets_await_their_first_sync() {
-        let ctx = Context::new(
-            no_api_server(),
-            Arc::new(crate::vault::memory::MemorySource::new()),
-            HmacKey::new(vec![1; 32]),
-            Config::default(),
-        );
+        let ctx = context();
         let synced = scoped_secret("synced", serde_json::json!({"observedGeneration": 2}));
         let mut new = scoped_secret("new", serde_json::Value::Null);
         new.status = None;
@@ -1030,12 +1035,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_room_first_syncs_took_goes_back_once_they_are_handled() {
-        let ctx = Context::new(
-            no_api_server(),
-            Arc::new(crate::vault::memory::MemorySource::new()),
-            HmacKey::new(vec![1; 32]),
-            Config::default(),
-        );
+        let ctx = context();
         let new: Vec<_> = (0..2000)
             .map(|i| scoped_secret(&format!("s{i}"), serde_json::Value::Null))
             .collect();

@@ -78,9 +78,11 @@ impl Turns {
             line.free -= 1;
             return Some(Worker(self));
         }
-        // Only the in-line state carries the object; its name and namespace are all it needs.
-        let key = ObjectRef::new(&obj.name).within(obj.namespace.as_deref().unwrap_or_default());
-        if line.queued.insert(key.clone()) {
+        // Asking again keeps the place. The line carries only the name and namespace.
+        if !line.queued.contains(obj) {
+            let ns = obj.namespace.as_deref().unwrap_or_default();
+            let key = ObjectRef::new(&obj.name).within(ns);
+            line.queued.insert(key.clone());
             if called {
                 line.waiting.push_front(key);
             } else {
@@ -139,10 +141,10 @@ impl Turns {
             }
         }
         // A first sync puts every ScopedSecret in line for a moment.
-        if line.waiting.capacity() > 4 * line.waiting.len().max(16) {
+        if crate::outgrown(line.waiting.len(), line.waiting.capacity()) {
             line.waiting.shrink_to_fit();
         }
-        if line.queued.capacity() > 4 * line.queued.len().max(16) {
+        if crate::outgrown(line.queued.len(), line.queued.capacity()) {
             line.queued.shrink_to_fit();
         }
     }

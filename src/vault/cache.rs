@@ -127,7 +127,7 @@ impl<V, E> Entries<V, E> {
                 paths.retain(|_, e| e.in_flight() || e.expires_at.is_some_and(|at| at > now));
                 // Down to size once most paths are gone, not after every sweep: entries leave
                 // and come back with each refresh.
-                if paths.capacity() > 4 * paths.len().max(16) {
+                if crate::outgrown(paths.len(), paths.capacity()) {
                     paths.shrink_to_fit();
                 }
             }
