@@ -791,9 +791,9 @@ async fn per_object_state(
     use kube::api::Api;
     use kube::runtime::reflector::ObjectRef;
     use scoped_secrets::api::v1alpha1::ClusterVaultStore;
-    use scoped_secrets::controller::pipeline::{self, StoreSpec};
     use scoped_secrets::controller::trigger::Triggers;
     use scoped_secrets::metrics::Metrics;
+    use scoped_secrets::pipeline::{self, StoreSpec};
 
     let store = Api::<ClusterVaultStore>::all(client.clone())
         .get("vault")

@@ -1,8 +1,10 @@
 //! scoped-secrets: credentials kept in Vault scopes that inherit from each other, resolved
 //! into native Kubernetes Secrets by a kube-rs controller.
 //!
-//! The reconcile is staged (`controller`): fetch → resolve (pure, `resolve`) → build (pure,
-//! `render`) → apply → status. Vault sits behind a small trait (`vault::ScopeSource`).
+//! The reconcile is staged (`controller`): fetch → validate and plan (pure, `pipeline`) →
+//! resolve (pure, `resolve`) → build (pure, `render`) → apply → status. The CLI's offline
+//! `render` and `preview` run the same `pipeline`. Vault sits behind a small trait
+//! (`vault::ScopeSource`).
 
 pub mod api;
 pub mod audit;
@@ -15,6 +17,7 @@ pub mod heap;
 pub mod kube_client;
 pub mod leader;
 pub mod metrics;
+pub mod pipeline;
 pub mod render;
 pub mod resolve;
 pub mod rollout;

@@ -137,6 +137,8 @@ async fn a_project_level_write_reaches_every_inheriting_secret_through_the_audit
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     took.sort();
+    // The statuses are written after the Secrets: wait for the last of them.
+    support::operator::quiet(&fake).await;
     println!(
         "audit stream, {} Secrets reading the project scope, refreshInterval 1h: `kv put` → every Secret written: p50 {:?}, max {:?} over {} changes",
         readers.len(),
@@ -335,6 +337,9 @@ async fn ten_readers_of_one_path_are_refreshed_together_when_one_of_them_reads_a
         readers.len(),
         started.elapsed().max(took)
     );
+    // Each reconcile writes its Secret first and its status after: the last status write may
+    // still be on its way when the last Secret shows the new value.
+    support::operator::quiet(&fake).await;
     for r in &readers[1..] {
         let ss = fake.get_typed::<ScopedSecret>(Some("shop-dev"), r).unwrap();
         assert_eq!(

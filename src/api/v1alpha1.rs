@@ -2,7 +2,7 @@
 //!
 //! Every `///` comment on a field becomes the description users read with `kubectl explain`,
 //! so it is written for them. Validation the API server can enforce lives in the schema
-//! (patterns, enums); what it cannot (cross-field rules) is checked in `controller::validate`.
+//! (patterns, enums); what it cannot (cross-field rules) is checked in `pipeline::validate`.
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! `scoped-secrets render`: the Secrets the operator would write for given manifests, without
 //! a cluster. ScopedSecret, VaultStore / ClusterVaultStore and Namespace manifests are read
 //! from files, directories or stdin and run through the controller's own pipeline
-//! ([`crate::controller::pipeline`]: the same validation, access rules, layout, rotation and
+//! ([`crate::pipeline`]: the same validation, access rules, layout, rotation and
 //! rendering), reading Vault with the user's `VAULT_ADDR` / `VAULT_TOKEN` — a store's `auth`
 //! is reported, not used, since there is no cluster to mint a token from. Refusals are the
 //! controller's status reasons with the same messages.
@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::{CliError, VaultArgs};
 use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreKind, VaultStore};
 use crate::controller::Error;
-use crate::controller::pipeline::{self, Built, StoreSpec};
+use crate::pipeline::{self, Built, StoreSpec};
 use crate::render::{CONTENT_HASH_ANNOTATION, HmacKey, METADATA_HASH_ANNOTATION};
 use crate::rollout::Workload;
 use crate::vault::ScopeSource;

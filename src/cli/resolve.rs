@@ -365,7 +365,7 @@ async fn run_file(
     }
     let resolved = crate::resolve::select(resolve(&layers), ss.spec.keys.as_deref())
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    let spec = crate::controller::pipeline::template_spec(ss);
+    let spec = crate::pipeline::template_spec(ss);
     let output = template::apply(resolved, spec, &manifest.files)
         .map_err(|e| CliError::Usage(format!("invalid template: {e}")))?;
     let rows = output_rows(&output, args.show_values);

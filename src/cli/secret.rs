@@ -730,7 +730,7 @@ pub async fn run(cmd: SecretCommand, vault: &VaultArgs) -> Result<(), CliError> 
             overlap,
             ..
         } => {
-            let overlap = crate::controller::validate::parse_duration("--overlap", &overlap)
+            let overlap = crate::pipeline::validate::parse_duration("--overlap", &overlap)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
             let value = match generate {
                 Some(n) if (16..=4096).contains(&n) => generate_value(n),

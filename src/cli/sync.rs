@@ -16,7 +16,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use super::render::Manifests;
 use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, VaultStore};
 use crate::controller::index::{Reads, VaultPath};
-use crate::controller::pipeline;
+use crate::pipeline;
 
 /// How long the CLI waits for the cluster (client, lists, patches) before giving up.
 const KUBE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,14 +10,12 @@ pub mod caches;
 pub mod events;
 mod failures;
 pub mod index;
-pub mod pipeline;
 mod reconcile;
 pub mod retain;
 pub mod shard;
 pub mod status;
 pub mod trigger;
 mod turns;
-pub mod validate;
 pub mod workloads;
 
 use std::collections::{HashMap, HashSet};
@@ -42,6 +40,7 @@ use crate::audit::AbortOnDrop;
 
 use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreKind, VaultStore};
 use crate::metrics::{Metrics, Readiness};
+use crate::pipeline::{self, validate};
 use crate::render::HmacKey;
 use crate::vault::{ScopeSource, VaultError};
 use crate::{FORCE_SYNC_ANNOTATION, MANAGED_LABEL};

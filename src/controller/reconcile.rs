@@ -25,15 +25,16 @@ use tracing::{info, instrument, warn};
 
 use super::caches::{self, CachedSecret};
 use super::events::publish;
-use super::pipeline::{self, Plan, StoreSpec};
 use super::retain::{self, Retention};
 use super::status::{KEYS_EXPIRING, Outcome, ROLLOUTS_PAUSED, next_status, set_retention};
 use super::trigger::Pending;
-use super::{Context, Error, refresh_delay, validate};
+use super::{Context, Error, refresh_delay};
 use crate::api::v1alpha1::{
     ChangeHistory, ClusterVaultStore, DeletionPolicy, LastTrigger, ScopedSecret, StoreKind,
     VaultStore,
 };
+use crate::pipeline::validate;
+use crate::pipeline::{self, Plan, StoreSpec};
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::rollout::breaker;
 use crate::template;

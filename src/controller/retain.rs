@@ -42,7 +42,7 @@ pub async fn release(ss: &ScopedSecret, ctx: &Context) -> Result<Retention, Erro
     let uid = ss.meta().uid.clone().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     // The current target and the one last written.
-    let current = super::validate::secret_name(ss);
+    let current = crate::pipeline::validate::secret_name(ss);
     let previous = ss.status.as_ref().and_then(|s| s.secret_name.clone());
     for name in std::iter::once(current.clone()).chain(previous.filter(|p| *p != current)) {
         let kube_err = |action: &str| {

@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 
 use super::Context;
 use super::index::{PathIndex, Reader, Reads, VaultPath};
-use super::pipeline::Plan;
 use crate::api::v1alpha1::{LastTrigger, ScopedSecret};
 use crate::audit::{self, Received};
+use crate::pipeline::Plan;
 use crate::resolve::ScopeData;
 use crate::vault::{Identity, ScopeSource};
 

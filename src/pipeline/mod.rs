@@ -1,5 +1,6 @@
-//! The middle of a sync, shared by the controller and `scoped-secrets render`: from a
-//! ScopedSecret, its namespace's labels and its store to the Secret the operator writes.
+//! The middle of a sync, shared by the controller and the CLI (`render`, `preview`, `sync`):
+//! from a ScopedSecret, its namespace's labels and its store to the Secret the operator
+//! writes. It lives outside `controller` because it needs no cluster: the CLI runs it offline.
 //!
 //! [`plan`] is pure — the request, access rules, auth and layout checked, every refusal a
 //! controller [`Error`] with the message the status shows. [`build`] reads the scopes (and,
@@ -8,6 +9,8 @@
 //! reads through its shared cache and applies the result; `render` reads with the user's own
 //! Vault token and prints it — the same bytes for the same inputs.
 
+pub mod validate;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +18,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Resource;
 
-use super::{Error, validate};
 use crate::api::v1alpha1::{
     ClusterVaultStore, ClusterVaultStoreSpec, ScopedSecret, StoreConnection, StoreKind, VaultStore,
 };
+use crate::controller::Error;
 use crate::render::{self, HmacKey};
 use crate::resolve::{self, Resolved, ScopeData};
 use crate::rotation;

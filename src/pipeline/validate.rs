@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use kube::core::{Selector, SelectorExt};
 
-use super::Error;
 use crate::api::v1alpha1::{ClusterVaultStoreSpec, ScopedSecret, StoreConnection, StoreKind};
+use crate::controller::Error;
 use crate::render::FORBIDDEN_TYPE;
 use crate::scope::{Coordinates, Layout};
 use crate::vault::{AuthPlan, SecretKeyLocation};
