@@ -79,7 +79,8 @@ pub fn trim_meta(meta: &mut ObjectMeta) {
 /// do for a Secret written by an older operator.
 ///
 /// (De)serializable only because kube's `Controller::watches_stream` asks it of a watched type.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, kube::Resource)]
+#[resource(inherit = Secret)]
 pub struct ManagedSecret {
     /// Name, namespace and resourceVersion only.
     pub metadata: ObjectMeta,
@@ -126,35 +127,6 @@ impl ManagedSecret {
     /// The content hash annotation, as the status carries it.
     pub fn content_hash(&self) -> Option<String> {
         self.content_hash.as_ref().map(render::format_content_hash)
-    }
-}
-
-impl Resource for ManagedSecret {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
-        <Secret as k8s_openapi::Resource>::KIND.into()
-    }
-
-    fn group(_: &()) -> std::borrow::Cow<'_, str> {
-        <Secret as k8s_openapi::Resource>::GROUP.into()
-    }
-
-    fn version(_: &()) -> std::borrow::Cow<'_, str> {
-        <Secret as k8s_openapi::Resource>::VERSION.into()
-    }
-
-    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
-        <Secret as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
     }
 }
 
