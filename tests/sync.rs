@@ -1042,6 +1042,7 @@ async fn with_informer_caches_a_reconcile_reads_neither_the_namespace_nor_the_st
             vault_stores,
             cluster_stores,
             secrets,
+            scoped_secrets: reflector::store().0,
         },
     );
     let _watchers = [
@@ -1131,6 +1132,7 @@ impl Informers {
                 vault_stores: Cache::filled(vault_stores),
                 cluster_stores: Cache::filled(cluster_stores),
                 secrets: Cache::filled(secrets),
+                scoped_secrets: reflector::store().0,
             },
         );
         let mut informers = Informers {

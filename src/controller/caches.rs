@@ -304,24 +304,24 @@ where
     (Cache { store, synced }, stream)
 }
 
-/// The caches of one controller: the namespace it serves (`None`: all).
-struct Scope {
-    namespace: Option<String>,
-    namespaces: Cache<PartialObjectMeta<Namespace>>,
-    vault_stores: Cache<VaultStore>,
-    cluster_stores: Cache<ClusterVaultStore>,
-    /// Managed Secrets (label `scopedsecrets.io/managed=true`), from their metadata.
-    secrets: Cache<ManagedSecret>,
-    /// When the caches were added: the wait for their first lists counts from here.
-    added: std::time::Instant,
-}
-
 /// The caches of one controller, to hand to [`Caches::add`].
 pub struct ScopeCaches {
     pub namespaces: Cache<PartialObjectMeta<Namespace>>,
     pub vault_stores: Cache<VaultStore>,
     pub cluster_stores: Cache<ClusterVaultStore>,
+    /// Managed Secrets (label `scopedsecrets.io/managed=true`), from their metadata.
     pub secrets: Cache<ManagedSecret>,
+    /// The controller's own store of ScopedSecrets: the workload controller reads it instead
+    /// of watching ScopedSecrets again.
+    pub scoped_secrets: Store<ScopedSecret>,
+}
+
+/// The caches of one controller and the namespace it serves (`None`: all).
+struct Scope {
+    namespace: Option<String>,
+    caches: ScopeCaches,
+    /// When the caches were added: the wait for their first lists counts from here.
+    added: std::time::Instant,
 }
 
 /// What the caches know about a managed Secret.
@@ -415,9 +415,6 @@ pub struct Caches {
     /// Per ScopedSecret: its Secret's name and the resourceVersion this process last wrote or
     /// read it at (and found it as wanted). Lost on restart: then each Secret is read once.
     verified: Mutex<HashMap<ObjectRef<ScopedSecret>, (String, String)>>,
-    /// The ScopedSecret controllers' stores of ScopedSecrets, by the namespace each serves:
-    /// the workload controller reads them instead of watching ScopedSecrets again.
-    scoped_secrets: RwLock<Vec<(Option<String>, Store<ScopedSecret>)>>,
     /// Status writes of this process the ScopedSecret cache has not shown yet (see
     /// [`Caches::latest`]). An entry lives from the write to its watch event: milliseconds.
     own_writes: Mutex<HashMap<ObjectRef<ScopedSecret>, OwnWrite>>,
@@ -433,18 +430,9 @@ struct OwnWrite {
 impl Caches {
     /// The caches of the controller serving `namespace` (`None`: all namespaces).
     pub fn add(&self, namespace: Option<&str>, caches: ScopeCaches) {
-        let ScopeCaches {
-            namespaces,
-            vault_stores,
-            cluster_stores,
-            secrets,
-        } = caches;
         self.scopes.write().unwrap().push(Scope {
             namespace: namespace.map(String::from),
-            namespaces,
-            vault_stores,
-            cluster_stores,
-            secrets,
+            caches,
             added: std::time::Instant::now(),
         });
     }
@@ -468,10 +456,10 @@ impl Caches {
         let Some((left, mut waits)) = self.with(namespace, |s| {
             let left = limit.saturating_sub(s.added.elapsed());
             let flags = [
-                &s.namespaces.synced,
-                &s.vault_stores.synced,
-                &s.cluster_stores.synced,
-                &s.secrets.synced,
+                &s.caches.namespaces.synced,
+                &s.caches.vault_stores.synced,
+                &s.caches.cluster_stores.synced,
+                &s.caches.secrets.synced,
             ];
             // Once the lists are in (or the wait is over), a reconcile pays only these reads.
             let unlisted: Vec<_> = flags
@@ -492,27 +480,29 @@ impl Caches {
 
     /// The Namespace `name` (its metadata), from the caches serving it.
     pub fn namespace(&self, name: &str) -> Option<Arc<PartialObjectMeta<Namespace>>> {
-        self.with(name, |s| s.namespaces.get(name, None))
+        self.with(name, |s| s.caches.namespaces.get(name, None))
     }
 
     /// The VaultStore `namespace/name`.
     pub fn vault_store(&self, namespace: &str, name: &str) -> Option<Arc<VaultStore>> {
-        self.with(namespace, |s| s.vault_stores.get(name, Some(namespace)))
+        self.with(namespace, |s| {
+            s.caches.vault_stores.get(name, Some(namespace))
+        })
     }
 
     /// The ClusterVaultStore `name`, as seen by the controller serving `for_namespace`.
     pub fn cluster_store(&self, for_namespace: &str, name: &str) -> Option<Arc<ClusterVaultStore>> {
-        self.with(for_namespace, |s| s.cluster_stores.get(name, None))
+        self.with(for_namespace, |s| s.caches.cluster_stores.get(name, None))
     }
 
     /// The managed Secret `namespace/name` as the cache of the controller serving `namespace`
     /// sees it.
     pub fn managed_secret(&self, namespace: &str, name: &str) -> CachedSecret {
         self.with(namespace, |s| {
-            Some(if !s.secrets.synced() {
+            Some(if !s.caches.secrets.synced() {
                 CachedSecret::Unknown
             } else {
-                match s.secrets.get(name, Some(namespace)) {
+                match s.caches.secrets.get(name, Some(namespace)) {
                     Some(meta) => CachedSecret::Present(meta),
                     None => CachedSecret::Absent,
                 }
@@ -627,21 +617,12 @@ impl Caches {
         self.own_writes.lock().unwrap().len()
     }
 
-    /// The store of ScopedSecrets of the controller serving `namespace` (`None`: all).
-    pub fn add_scoped_secrets(&self, namespace: Option<&str>, store: Store<ScopedSecret>) {
-        let mut stores = self.scoped_secrets.write().unwrap();
-        stores.push((namespace.map(String::from), store));
-    }
-
     /// The ScopedSecret `obj`, from the store of the controller serving its namespace (the
     /// workload controller reads it there instead of watching ScopedSecrets again).
     pub fn scoped_secret(&self, obj: &ObjectRef<ScopedSecret>) -> Option<Arc<ScopedSecret>> {
-        let ns = obj.namespace.as_deref()?;
-        let stores = self.scoped_secrets.read().unwrap();
-        let serving = stores
-            .iter()
-            .find(|(n, _)| n.as_deref().is_none_or(|n| n == ns))?;
-        serving.1.get(obj)
+        self.with(obj.namespace.as_deref()?, |s| {
+            s.caches.scoped_secrets.get(obj)
+        })
     }
 
     /// ScopedSecrets with a verification record (for tests of the pruning).
@@ -962,6 +943,7 @@ mod tests {
                 vault_stores: cache(true),
                 cluster_stores: cache(true),
                 secrets: cache(true),
+                scoped_secrets: reflector::store().0,
             },
         );
         (caches, flag)

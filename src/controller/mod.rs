@@ -796,7 +796,6 @@ fn controller_for(
         .default_backoff()
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
-    ctx.caches.add_scoped_secrets(namespace, reader.clone());
 
     // Managed Secrets only, metadata only (the operator holds no Secret value), kept for the
     // no-op check of the apply stage (caches.rs).
@@ -840,6 +839,7 @@ fn controller_for(
             vault_stores: vault_store_cache,
             cluster_stores: cluster_store_cache,
             secrets: secret_cache,
+            scoped_secrets: reader.clone(),
         },
     );
     // ConfigMaps holding templates: metadata only (an edit changes the resourceVersion) and

@@ -70,9 +70,9 @@ impl Hand {
                 vault_stores: caches::Cache::filled(Writer::default().as_reader()),
                 cluster_stores: caches::Cache::filled(Writer::default().as_reader()),
                 secrets: caches::Cache::filled(secrets.as_reader()),
+                scoped_secrets: scoped.as_reader(),
             },
         );
-        own.caches.add_scoped_secrets(None, scoped.as_reader());
         let restarts = Restarts::new(own);
         let (wake, woken) = mpsc::unbounded_channel();
         let workloads = WorkloadKind::ALL
