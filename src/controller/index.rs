@@ -177,8 +177,8 @@ pub struct PathIndex {
 }
 
 impl PathIndex {
-    /// Records what `obj` reads now (`None`: nothing — its plan is refused). Versions seen of
-    /// paths it still reads at the same location are kept.
+    /// Records what `obj` reads now (`None`: nothing — its plan is refused, or it is gone).
+    /// Versions seen of paths it still reads at the same location are kept.
     pub fn set(&mut self, obj: &ObjectRef<ScopedSecret>, reads: Option<Reads>) {
         let previous = self.remove(obj);
         let Some(Reads {
@@ -217,11 +217,6 @@ impl PathIndex {
         };
         let reads = reads.into_boxed_slice();
         self.entries.insert(obj, Entry { identity, reads });
-    }
-
-    /// Drops `obj` (it is gone).
-    pub fn forget(&mut self, obj: &ObjectRef<ScopedSecret>) {
-        self.remove(obj);
     }
 
     fn remove(&mut self, obj: &ObjectRef<ScopedSecret>) -> Option<Entry> {
@@ -449,7 +444,7 @@ mod tests {
         index.set(&obj("api"), None);
         assert!(index.readers(&at("secret", "shop")).is_empty());
         index.set(&obj("web"), Some(reads("secret", "a", &["shop"])));
-        index.forget(&obj("web"));
+        index.set(&obj("web"), None);
         assert!(index.entries.is_empty());
         assert!(index.paths.is_empty(), "no path is kept without a reader");
         assert!(
@@ -487,7 +482,7 @@ mod tests {
             (&None, &None),
             "not kept: they change with every write"
         );
-        index.forget(&obj("api"));
+        index.set(&obj("api"), None);
         let mut left: Vec<_> = index.paths.keys().map(|p| p.path.as_str()).collect();
         left.sort();
         assert_eq!(left, ["shop", "shop/services/web"]);

@@ -158,7 +158,7 @@ impl Triggers {
 
     /// Drops what is kept for a ScopedSecret that is gone.
     pub fn forget(&self, obj: &ObjectRef<ScopedSecret>) {
-        self.index.lock().unwrap().forget(obj);
+        self.index.lock().unwrap().set(obj, None);
         self.pending.lock().unwrap().remove(obj);
     }
 
