@@ -612,11 +612,6 @@ impl Caches {
         }
     }
 
-    /// Own status writes not yet shown by the cache (for tests and the heap accounting).
-    pub fn own_writes_len(&self) -> usize {
-        self.own_writes.lock().unwrap().len()
-    }
-
     /// The ScopedSecret `obj`, from the store of the controller serving its namespace (the
     /// workload controller reads it there instead of watching ScopedSecrets again).
     pub fn scoped_secret(&self, obj: &ObjectRef<ScopedSecret>) -> Option<Arc<ScopedSecret>> {
@@ -707,11 +702,11 @@ mod tests {
         for i in 0..2000 {
             caches.wrote_status(Some("1".into()), at(i, "2"));
         }
-        assert_eq!(caches.own_writes_len(), 2000);
+        assert_eq!(caches.own_writes.lock().unwrap().len(), 2000);
         for i in 0..2000 {
             caches.seen(&at(i, "2"));
         }
-        assert_eq!(caches.own_writes_len(), 0);
+        assert_eq!(caches.own_writes.lock().unwrap().len(), 0);
         let room = caches.own_writes.lock().unwrap().capacity();
         assert!(room <= 64, "{room} entries of room kept after the burst");
     }
