@@ -291,8 +291,9 @@ async fn main() -> anyhow::Result<()> {
                 shard = shard.map(|s| s.to_string()),
                 "starting scoped-secrets controller"
             );
+            let clock = Arc::new(scoped_secrets::clock::SystemClock);
             if !leader_election {
-                let result = controller::run(client, source, config, metrics, ready).await;
+                let result = controller::run(client, source, config, metrics, ready, clock).await;
                 // No Vault token we minted outlives the process.
                 reader.shutdown().await;
                 return result;
@@ -314,7 +315,7 @@ async fn main() -> anyhow::Result<()> {
                 {
                     ready.set_ready();
                     let ready = ready.clone();
-                    move || controller::run(client, source, config, metrics, ready)
+                    move || controller::run(client, source, config, metrics, ready, clock)
                 },
             )
             .await;

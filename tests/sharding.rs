@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use scoped_secrets::clock::SystemClock;
 use scoped_secrets::controller::shard::Shard;
 use scoped_secrets::controller::{Config, run};
 use scoped_secrets::leader::{lead, lease_name};
@@ -97,6 +98,7 @@ async fn two_shards_serve_disjoint_sets_of_namespaces_and_together_all_of_them()
                 sharded(i),
                 metrics[i as usize].clone(),
                 Readiness::default(),
+                Arc::new(SystemClock),
             ))
         })
         .collect();
@@ -160,6 +162,7 @@ async fn a_shard_whose_leader_stops_is_taken_over_by_its_standby() {
                         config,
                         Arc::new(Metrics::default()),
                         Readiness::default(),
+                        Arc::new(SystemClock),
                     )
                 },
             )

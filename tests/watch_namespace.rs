@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
+use scoped_secrets::clock::SystemClock;
 use scoped_secrets::controller::{Config, run};
 use scoped_secrets::metrics::{Metrics, Readiness};
 use scoped_secrets::vault::memory::MemorySource;
@@ -60,6 +61,7 @@ async fn only_the_listed_namespaces_are_served_and_nothing_namespaced_is_read_cl
         config,
         Arc::new(Metrics::default()),
         ready.clone(),
+        Arc::new(SystemClock),
     ));
     let start = Instant::now();
     while fake.get_typed::<Secret>(Some("shop-dev"), "api").is_none() {

@@ -561,21 +561,9 @@ fn owner_of(secret: &caches::ManagedSecret) -> Option<ObjectRef<ScopedSecret>> {
 }
 
 /// Runs the controller until SIGTERM / Ctrl-C. `ready` is set once the ScopedSecret cache
-/// has synced.
+/// has synced. The breaker, the restart window and the budget read the time from `clock`
+/// (the system's; tests move a manual one).
 pub async fn run(
-    client: Client,
-    source: Arc<dyn ScopeSource>,
-    config: Config,
-    metrics: Arc<Metrics>,
-    ready: Readiness,
-) -> anyhow::Result<()> {
-    let clock = Arc::new(crate::clock::SystemClock);
-    run_at(client, source, config, metrics, ready, clock).await
-}
-
-/// [`run`] with the breaker, the restart window and the budget reading the time from `clock`
-/// (tests move a manual one).
-pub async fn run_at(
     client: Client,
     source: Arc<dyn ScopeSource>,
     config: Config,

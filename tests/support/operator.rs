@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use scoped_secrets::clock::{Clock, SystemClock};
-use scoped_secrets::controller::{Config, run_at};
+use scoped_secrets::controller::{Config, run};
 use scoped_secrets::metrics::{Metrics, Readiness};
 use scoped_secrets::vault::ScopeSource;
 
@@ -72,7 +72,7 @@ pub fn start_operator_at(
 ) -> Operator {
     let ready = Readiness::default();
     let metrics = Arc::new(Metrics::default());
-    let task = tokio::spawn(run_at(
+    let task = tokio::spawn(run(
         fake.client(),
         source,
         config,
