@@ -89,6 +89,11 @@ pub enum Error {
     },
 }
 
+/// An [`Error::Kube`] for a failed `action` ("read Secret shop/api").
+fn kube_err(action: String) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { action, source }
+}
+
 fn in_namespace(ns: &Option<String>) -> String {
     ns.as_ref()
         .map(|n| format!(" in namespace {n}"))
@@ -482,15 +487,8 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
                 "Secret {namespace}/{HMAC_KEY_SECRET} has no 32-byte key \"key\"; delete it and the operator creates a new one"
             )))
     };
-    let kube_err = |action: &str, source| Error::Kube {
-        action: format!("{action} Secret {namespace}/{HMAC_KEY_SECRET}"),
-        source,
-    };
-    if let Some(s) = api
-        .get_opt(HMAC_KEY_SECRET)
-        .await
-        .map_err(|e| kube_err("read", e))?
-    {
+    let failed = |verb: &str| kube_err(format!("{verb} Secret {namespace}/{HMAC_KEY_SECRET}"));
+    if let Some(s) = api.get_opt(HMAC_KEY_SECRET).await.map_err(failed("read"))? {
         return read(s);
     }
     let mut key = vec![0u8; 32];
@@ -509,12 +507,10 @@ pub async fn ensure_hmac_key(client: &Client, namespace: &str) -> Result<HmacKey
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(HmacKey::new(key)),
         // Another replica created it first: use theirs.
-        Err(kube::Error::Api(s)) if s.code == 409 => read(
-            api.get(HMAC_KEY_SECRET)
-                .await
-                .map_err(|e| kube_err("read", e))?,
-        ),
-        Err(e) => Err(kube_err("create", e)),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            read(api.get(HMAC_KEY_SECRET).await.map_err(failed("read"))?)
+        }
+        Err(e) => Err(failed("create")(e)),
     }
 }
 

@@ -28,7 +28,7 @@ use super::events::publish;
 use super::retain::{self, Retention};
 use super::status::{KEYS_EXPIRING, Outcome, ROLLOUTS_PAUSED, next_status, set_retention};
 use super::trigger::Pending;
-use super::{Context, Error, refresh_delay};
+use super::{Context, Error, kube_err, refresh_delay};
 use crate::api::v1alpha1::{
     ChangeHistory, ClusterVaultStore, DeletionPolicy, LastTrigger, ScopedSecret, StoreKind,
     VaultStore,
@@ -511,10 +511,6 @@ fn condition_true(ss: &ScopedSecret, type_: &str) -> bool {
 fn seconds(t: jiff::Timestamp) -> Time {
     // The API server keeps seconds; so do we, so that a status read back compares equal.
     Time(jiff::Timestamp::from_second(t.as_second()).expect("a valid timestamp"))
-}
-
-fn kube_err(action: String) -> impl FnOnce(kube::Error) -> Error {
-    move |source| Error::Kube { action, source }
 }
 
 /// As [`kube_err`], for requests on the ScopedSecret itself: a 404 means it was deleted.

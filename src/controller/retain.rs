@@ -10,7 +10,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::status::RETAINED;
-use super::{Context, Error};
+use super::{Context, Error, kube_err};
 use crate::api::v1alpha1::{DeletionPolicy, ScopedSecret};
 
 /// What the stage established, for the `Retained` condition.
@@ -45,11 +45,12 @@ pub async fn release(ss: &ScopedSecret, ctx: &Context) -> Result<Retention, Erro
     let current = crate::pipeline::validate::secret_name(ss);
     let previous = ss.status.as_ref().and_then(|s| s.secret_name.clone());
     for name in std::iter::once(current.clone()).chain(previous.filter(|p| *p != current)) {
-        let kube_err = |action: &str| {
-            let action = format!("{action} Secret {ns}/{name} (deletionPolicy: Retain)");
-            move |source| Error::Kube { action, source }
+        let failed = |verb: &str| {
+            kube_err(format!(
+                "{verb} Secret {ns}/{name} (deletionPolicy: Retain)"
+            ))
         };
-        let Some(secret) = secrets.get_opt(&name).await.map_err(kube_err("read"))? else {
+        let Some(secret) = secrets.get_opt(&name).await.map_err(failed("read"))? else {
             continue;
         };
         let ours = super::reconcile::is_ours(&secret, &ss.name_any());
@@ -71,7 +72,7 @@ pub async fn release(ss: &ScopedSecret, ctx: &Context) -> Result<Retention, Erro
                 &Patch::Merge(&patch),
             )
             .await
-            .map_err(kube_err("remove the owner reference from"))?;
+            .map_err(failed("remove the owner reference from"))?;
         ctx.metrics.wrote("secret_release");
         tracing::info!(
             secret = %name,
