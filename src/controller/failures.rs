@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use kube::runtime::reflector::ObjectRef;
 
@@ -31,9 +31,9 @@ pub struct Recorded {
     pub repeat: bool,
 }
 
-/// The failing objects, keyed by `K`; clones share one map.
-#[derive(Clone, Debug)]
-pub struct Failures<K = ObjectRef<ScopedSecret>>(Arc<Mutex<HashMap<K, Failing>>>);
+/// The failing objects, keyed by `K`.
+#[derive(Debug)]
+pub struct Failures<K = ObjectRef<ScopedSecret>>(Mutex<HashMap<K, Failing>>);
 
 impl<K> Default for Failures<K> {
     fn default() -> Self {
