@@ -544,13 +544,6 @@ impl Caches {
         self.own_writes.lock().unwrap().remove(obj);
     }
 
-    /// Keeps the verification records (and pending own writes) of the ScopedSecrets `keep`
-    /// accepts.
-    pub fn retain_verified(&self, keep: impl Fn(&ObjectRef<ScopedSecret>) -> bool) {
-        self.verified.lock().unwrap().retain(|obj, _| keep(obj));
-        self.own_writes.lock().unwrap().retain(|obj, _| keep(obj));
-    }
-
     /// Records a status write of this process: applied on `before` (the resourceVersion it
     /// was decided on), the API server answered `written`.
     pub fn wrote_status(&self, before: Option<String>, mut written: ScopedSecret) {

@@ -65,11 +65,6 @@ impl<K: Eq + Hash + Clone> Failures<K> {
     pub fn forget(&self, obj: &K) -> bool {
         self.0.lock().unwrap().remove(obj).is_some()
     }
-
-    /// Keeps only the objects for which `keep` is true (the others are gone).
-    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
-        self.0.lock().unwrap().retain(|obj, _| keep(obj));
-    }
 }
 
 #[cfg(test)]

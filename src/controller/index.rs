@@ -236,14 +236,6 @@ impl PathIndex {
         Some(entry)
     }
 
-    /// Keeps only the objects `keep` accepts.
-    pub fn retain(&mut self, keep: impl Fn(&ObjectRef<ScopedSecret>) -> bool) {
-        let gone: Vec<_> = self.entries.keys().filter(|o| !keep(o)).cloned().collect();
-        for obj in gone {
-            self.remove(&obj);
-        }
-    }
-
     /// Every ScopedSecret that reads `path`, in no particular order.
     pub fn readers(&self, path: &VaultPath) -> Vec<Reader> {
         let Some(readers) = self.paths.get(path) else {

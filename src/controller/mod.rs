@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use rand::Rng;
@@ -324,23 +324,16 @@ impl Context {
         self.metrics.forget(ns, &obj.name, seen.len());
     }
 
-    /// [`Context::forget`] every object of `namespace` (all when `None`) that `live` does not
-    /// hold: deletions missed while a watch was down show up as absences after a re-list.
-    fn forget_absent(&self, namespace: Option<&str>, live: &reflector::Store<ScopedSecret>) {
-        let absent = |obj: &ObjectRef<ScopedSecret>| {
-            namespace.is_none_or(|ns| obj.namespace.as_deref() == Some(ns))
-                && live.get(obj).is_none()
-        };
-        let known: Vec<_> = self.seen.lock().unwrap().iter().cloned().collect();
-        for obj in known.into_iter().filter(absent) {
-            self.forget(&obj);
+    /// [`Context::forget`] the objects a re-list found gone: those `listed_before` holds and
+    /// `live`, filled by the re-list, does not (deletions missed while the watch was down).
+    fn forget_unlisted(
+        &self,
+        listed_before: &[ObjectRef<ScopedSecret>],
+        live: &Store<ScopedSecret>,
+    ) {
+        for obj in listed_before.iter().filter(|obj| live.get(obj).is_none()) {
+            self.forget(obj);
         }
-        // Objects that failed without ever syncing are not in `seen`.
-        self.failures.retain(|obj| !absent(obj));
-        self.caches.retain_verified(|obj| !absent(obj));
-        self.awaiting_first.lock().unwrap().retain(|o| !absent(o));
-        self.triggers.retain(|obj| !absent(obj));
-        self.turns.retain(|obj| !absent(obj));
     }
 
     /// Notes a ScopedSecret as it arrives from the watch: one whose spec was never handled
@@ -749,7 +742,9 @@ fn controller_for(
     let (reader, writer) = reflector::store();
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
-    let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
+    let (gone, live) = (ctx.clone(), reader.clone());
+    // What the store held when a re-list began: every object this controller can hold state of.
+    let mut listed_before = Vec::new();
     let touched_ss = touched.clone();
     let scoped_secrets = watcher(
         namespaced_or_all::<ScopedSecret>(client, namespace),
@@ -762,8 +757,12 @@ fn controller_for(
     .modify(caches::trim_scoped_secret);
     let scoped_secrets = reflector::reflector(writer, scoped_secrets)
         .inspect(move |e| match e {
+            Ok(watcher::Event::Init) => {
+                let held = live.state().into_iter();
+                listed_before = held.map(|ss| ObjectRef::from_obj(ss.as_ref())).collect();
+            }
             Ok(watcher::Event::InitDone) => {
-                gone.forget_absent(scope.as_deref(), &live);
+                gone.forget_unlisted(&std::mem::take(&mut listed_before), &live);
                 on_synced();
             }
             Ok(watcher::Event::Delete(ss)) => {
@@ -1030,6 +1029,51 @@ mod tests {
         assert!(
             room <= 64,
             "{room} entries of room kept after the first syncs"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_relist_forgets_what_is_kept_of_the_objects_deleted_while_the_watch_was_down() {
+        let ctx = context();
+        let kept = scoped_secret("kept", serde_json::json!({"observedGeneration": 2}));
+        let mut gone = scoped_secret("gone", serde_json::Value::Null);
+        gone.status = None;
+        let (live, mut writer) = reflector::store::<ScopedSecret>();
+        let list = |writer: &mut reflector::store::Writer<ScopedSecret>, objs: &[&ScopedSecret]| {
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for ss in objs {
+                writer.apply_watcher_event(&watcher::Event::InitApply((*ss).clone()));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        };
+        list(&mut writer, &[&kept, &gone]);
+        // Each has a failure recorded and a verified Secret; `gone`, never synced, awaits its
+        // first sync.
+        for ss in [&kept, &gone] {
+            let obj = ObjectRef::from_obj(ss);
+            ctx.failures.record(&obj, "Timeout", "slow");
+            ctx.caches.set_verified(&obj, &obj.name, Some("1".into()));
+            ctx.arrived(ss);
+        }
+        let before: Vec<_> = live
+            .state()
+            .iter()
+            .map(|ss| ObjectRef::from_obj(ss.as_ref()))
+            .collect();
+        list(&mut writer, &[&kept]);
+        ctx.forget_unlisted(&before, &live);
+
+        let (kept, gone) = (ObjectRef::from_obj(&kept), ObjectRef::from_obj(&gone));
+        assert!(ctx.caches.verified(&gone, "gone").is_none());
+        assert!(ctx.caches.verified(&kept, "kept").is_some());
+        assert!(ctx.awaiting_first.lock().unwrap().is_empty());
+        assert!(
+            !ctx.failures.forget(&gone),
+            "the failure of the deleted object is forgotten"
+        );
+        assert!(
+            ctx.failures.forget(&kept),
+            "the failure of the listed one is kept"
         );
     }
 

@@ -162,12 +162,6 @@ impl Triggers {
         self.pending.lock().unwrap().remove(obj);
     }
 
-    /// Keeps only the objects `keep` accepts (the others are gone).
-    pub fn retain(&self, keep: impl Fn(&ObjectRef<ScopedSecret>) -> bool) {
-        self.index.lock().unwrap().retain(&keep);
-        self.pending.lock().unwrap().retain(|obj, _| keep(obj));
-    }
-
     /// Takes the reason `obj` is being refreshed, if a trigger asked for it. A reconcile whose
     /// read `changed` the Secret takes it: the change is what the trigger announced, even when
     /// the reconcile began for another reason just before. One that changed nothing takes it

@@ -112,14 +112,6 @@ impl Turns {
         }
     }
 
-    /// Keeps in line only the objects `keep` accepts (the others are gone).
-    pub fn retain(&self, keep: impl Fn(&Obj) -> bool) {
-        let mut line = self.line.lock().unwrap();
-        line.queued.retain(&keep);
-        line.called.retain(&keep);
-        self.call_next(&mut line);
-    }
-
     /// At shutdown: no worker is handed out any more, and nobody in line is called.
     pub fn close(&self) {
         let mut line = self.line.lock().unwrap();
