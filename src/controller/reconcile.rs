@@ -26,7 +26,7 @@ use tracing::{info, instrument, warn};
 use super::caches::{self, CachedSecret};
 use super::events::publish;
 use super::retain::{self, Retention};
-use super::status::{KEYS_EXPIRING, Outcome, ROLLOUTS_PAUSED, next_status, set_retention};
+use super::status::{KEYS_EXPIRING, Outcome, ROLLOUTS_PAUSED, holding, next_status, set_retention};
 use super::trigger::Pending;
 use super::{Context, Error, kube_err, refresh_delay};
 use crate::api::v1alpha1::{
@@ -466,13 +466,13 @@ async fn announce(ss: &ScopedSecret, ctx: &Context, done: &Synced) {
         publish(ss, ctx, EventType::Normal, reason, &note).await;
     }
     if let Some(paused) = &done.paused
-        && !condition_true(ss, ROLLOUTS_PAUSED)
+        && holding(ss, ROLLOUTS_PAUSED).is_none()
     {
         warn!("{}", paused.note);
         publish(ss, ctx, EventType::Warning, "RolloutsPaused", &paused.note).await;
     }
     if let Some(message) = &done.desired.expiring
-        && !condition_true(ss, KEYS_EXPIRING)
+        && holding(ss, KEYS_EXPIRING).is_none()
     {
         publish(ss, ctx, EventType::Warning, "KeysExpiring", message).await;
     }
@@ -496,15 +496,6 @@ fn change_note(ss: &ScopedSecret, done: &Synced) -> Option<(&'static str, String
     } else {
         let note = format!("restored Secret {name} after an outside change");
         ("Repaired", note)
-    })
-}
-
-/// Whether the status this reconcile started from has the condition `type_` True.
-fn condition_true(ss: &ScopedSecret, type_: &str) -> bool {
-    ss.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == type_ && c.status == "True")
     })
 }
 

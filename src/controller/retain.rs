@@ -9,7 +9,7 @@ use kube::api::{Api, Patch};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::status::RETAINED;
+use super::status::{RETAINED, holding};
 use super::{Context, Error, kube_err};
 use crate::api::v1alpha1::{DeletionPolicy, ScopedSecret};
 
@@ -33,7 +33,8 @@ pub async fn release(ss: &ScopedSecret, ctx: &Context) -> Result<Retention, Erro
     if ss.spec.deletion_policy != DeletionPolicy::Retain {
         return Ok(Retention::Delete);
     }
-    if already_released(ss) {
+    // The status already says this generation's Secret is retained.
+    if holding(ss, RETAINED).is_some_and(|c| c.observed_generation == ss.metadata.generation) {
         return Ok(Retention::Retained);
     }
     let Some(ns) = ss.namespace() else {
@@ -80,15 +81,4 @@ pub async fn release(ss: &ScopedSecret, ctx: &Context) -> Result<Retention, Erro
         );
     }
     Ok(Retention::Retained)
-}
-
-/// The status already says this generation's Secret is retained.
-fn already_released(ss: &ScopedSecret) -> bool {
-    ss.status.as_ref().is_some_and(|s| {
-        s.conditions.iter().any(|c| {
-            c.type_ == RETAINED
-                && c.status == "True"
-                && c.observed_generation == ss.metadata.generation
-        })
-    })
 }

@@ -5,7 +5,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::v1alpha1::{KeyInput, KeyStatus, ScopedSecretStatus};
+use crate::api::v1alpha1::{KeyInput, KeyStatus, ScopedSecret, ScopedSecretStatus};
 use crate::resolve::Resolved;
 use crate::template::Templated;
 
@@ -183,6 +183,14 @@ pub fn set_retention(
         ),
     }
     status.conditions = conditions.list;
+}
+
+/// The condition `type_` of the status `ss` was read with, when it is True.
+pub fn holding<'a>(ss: &'a ScopedSecret, type_: &str) -> Option<&'a Condition> {
+    let conditions = &ss.status.as_ref()?.conditions;
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
 }
 
 /// The conditions of a status being made, at one generation and time.
