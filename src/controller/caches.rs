@@ -135,8 +135,11 @@ impl ManagedSecret {
 /// `scopedsecrets.io/` annotations and labels. Of `status.keys` (the source of every key,
 /// most of a synced object's size) only a digest: the status stage only compares the list.
 pub fn trim_scoped_secret(ss: &mut ScopedSecret) {
-    if let Some(status) = ss.status.as_mut() {
-        digest_keys(status);
+    if let Some(status) = ss.status.as_mut()
+        && status.keys_digest.is_none()
+    {
+        status.keys_digest = Some(keys_digest(&status.keys));
+        status.keys = Vec::new();
     }
     trim_meta(&mut ss.metadata);
     let meta = &mut ss.metadata;
@@ -148,14 +151,6 @@ pub fn trim_scoped_secret(ss: &mut ScopedSecret) {
     }
     meta.owner_references = None;
     meta.finalizers = None;
-}
-
-/// Replaces `status.keys` by its digest (`keys_digest`), unless it already is.
-pub fn digest_keys(status: &mut ScopedSecretStatus) {
-    if status.keys_digest.is_none() {
-        status.keys_digest = Some(keys_digest(&status.keys));
-        status.keys = Vec::new();
-    }
 }
 
 /// Whether `next`, a status with its `keys` in full, says the same as `cached`, which may
