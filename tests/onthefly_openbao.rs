@@ -70,7 +70,16 @@ fn value(fake: &FakeKube, name: &str, key: &str) -> Option<String> {
 }
 
 /// Waits until every reader's Secret holds `key` = `want`; the time it took.
-async fn arrival(fake: &FakeKube, readers: &[String], key: &str, want: &str) -> Duration {
+/// How long until every reader's Secret holds `want`; on a timeout, the panic also says what
+/// the operator counted (audit entries by outcome, triggered writes, reconciles), which tells
+/// a lost datagram from a trigger lost inside the operator.
+async fn arrival(
+    fake: &FakeKube,
+    metrics: &Metrics,
+    readers: &[String],
+    key: &str,
+    want: &str,
+) -> Duration {
     let start = Instant::now();
     loop {
         if readers
@@ -81,11 +90,24 @@ async fn arrival(fake: &FakeKube, readers: &[String], key: &str, want: &str) -> 
         }
         assert!(
             start.elapsed() < ARRIVAL_LIMIT,
-            "{key}={want} did not reach every Secret within {ARRIVAL_LIMIT:?} (refreshInterval is 1h: only the audit stream can bring it); now: {:?}",
+            "{key}={want} did not reach every Secret within {ARRIVAL_LIMIT:?} (refreshInterval is 1h: only the audit stream can bring it); now: {:?}; counted:\n{}",
             readers
                 .iter()
                 .map(|r| value(fake, r, key))
+                .collect::<Vec<_>>(),
+            metrics
+                .encode()
+                .lines()
+                .filter(|l| [
+                    "audit_entries",
+                    "trigger_latency_seconds_count",
+                    "reconciles_total"
+                ]
+                .iter()
+                .any(|m| l.contains(m))
+                    && !l.starts_with('#'))
                 .collect::<Vec<_>>()
+                .join("\n")
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -124,7 +146,7 @@ async fn a_project_level_write_reaches_every_inheriting_secret_through_the_audit
     let readers: Vec<String> = READERS.iter().map(|r| r.to_string()).collect();
     let fake = cluster(&bao, &readers);
     let operator = start(&fake, Some(audit));
-    arrival(&fake, &readers, "FOO", "v0").await;
+    arrival(&fake, &operator.metrics, &readers, "FOO", "v0").await;
 
     let mut took = Vec::new();
     for i in 1..=20 {
@@ -132,7 +154,7 @@ async fn a_project_level_write_reaches_every_inheriting_secret_through_the_audit
         let written = Instant::now();
         bao.kv_put("shop", json!({"FOO": want})).await;
         let put = written.elapsed();
-        took.push(put + arrival(&fake, &readers, "FOO", &want).await);
+        took.push(put + arrival(&fake, &operator.metrics, &readers, "FOO", &want).await);
         // Past the per-path limiter's interval, so each change is measured on its own.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -167,7 +189,7 @@ async fn garbage_and_a_flood_of_forged_entries_do_not_disturb_syncing() {
     let readers: Vec<String> = READERS.iter().map(|r| r.to_string()).collect();
     let fake = cluster(&bao, &readers);
     let operator = start(&fake, Some(audit));
-    arrival(&fake, &readers, "FOO", "v0").await;
+    arrival(&fake, &operator.metrics, &readers, "FOO", "v0").await;
 
     let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let forged = std::fs::read(concat!(
@@ -186,7 +208,7 @@ async fn garbage_and_a_flood_of_forged_entries_do_not_disturb_syncing() {
     let flood = started.elapsed();
     // A real change during the flood's aftermath still arrives.
     bao.kv_put("shop", json!({"FOO": "after-flood"})).await;
-    let took = arrival(&fake, &readers, "FOO", "after-flood").await;
+    let took = arrival(&fake, &operator.metrics, &readers, "FOO", "after-flood").await;
     println!(
         "2,000 forged entries in {flood:?}: a real change after them reached every Secret in {took:?}; entries: triggered {}, rate_limited {}, malformed {}",
         audit_count(&operator.metrics, "triggered"),
@@ -209,8 +231,8 @@ async fn secret_set_with_a_kube_context_brings_the_change_to_every_inheriting_se
     bao.kv_put("shop", json!({"FOO": "v0"})).await;
     let readers: Vec<String> = READERS.iter().map(|r| r.to_string()).collect();
     let fake = cluster(&bao, &readers);
-    let _operator = start(&fake, None);
-    arrival(&fake, &readers, "FOO", "v0").await;
+    let operator = start(&fake, None);
+    arrival(&fake, &operator.metrics, &readers, "FOO", "v0").await;
 
     // The user's kube context: the in-memory API server over HTTP.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -262,7 +284,7 @@ async fn secret_set_with_a_kube_context_brings_the_change_to_every_inheriting_se
             ),
             "{stdout}"
         );
-        arrival(&fake, &readers, "FOO", &want).await;
+        arrival(&fake, &operator.metrics, &readers, "FOO", &want).await;
         took.push(started.elapsed());
     }
     took.sort();
@@ -325,13 +347,13 @@ async fn ten_readers_of_one_path_are_refreshed_together_when_one_of_them_reads_a
     let readers: Vec<String> = (0..10).map(|i| format!("svc{i}")).collect();
     let fake = cluster(&bao, &readers);
     let operator = start(&fake, None);
-    arrival(&fake, &readers, "FOO", "v0").await;
+    arrival(&fake, &operator.metrics, &readers, "FOO", "v0").await;
     support::operator::quiet(&fake).await;
 
     bao.kv_put("shop", json!({"FOO": "v1"})).await;
     let started = Instant::now();
     support::operator::annotate(&fake, "svc0", "scopedsecrets.io/force-sync", "now").await;
-    let took = arrival(&fake, &readers, "FOO", "v1").await;
+    let took = arrival(&fake, &operator.metrics, &readers, "FOO", "v1").await;
     println!(
         "one reader's sync found a new version of the project scope: all {} readers written {:?} after its force-sync (refreshInterval 1h)",
         readers.len(),
