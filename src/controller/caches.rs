@@ -608,6 +608,13 @@ impl Caches {
         })
     }
 
+    /// Whether `obj` is gone: the controller serving its namespace no longer holds it (deleted,
+    /// or its namespace left the shard). False where no controller serves the namespace.
+    pub fn gone(&self, obj: &ObjectRef<ScopedSecret>) -> bool {
+        let held = |s: &Scope| Some(s.caches.scoped_secrets.get(obj).is_some());
+        obj.namespace.as_deref().and_then(|ns| self.with(ns, held)) == Some(false)
+    }
+
     /// ScopedSecrets with a verification record (for tests of the pruning).
     pub fn verified_len(&self) -> usize {
         self.verified.lock().unwrap().len()

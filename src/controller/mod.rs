@@ -396,7 +396,13 @@ pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Res
         return Ok(Action::await_change());
     };
     // (`reconcile` decides on the object as it is once it has a worker: `Caches::latest`.)
-    reconcile(ss, ctx.clone()).await
+    let result = reconcile(ss, ctx.clone()).await;
+    // Deleted while it ran: the delete event's `forget` came before what this reconcile just
+    // recorded of it (synced, verified, what it reads), which goes now.
+    if ctx.caches.gone(&obj) {
+        ctx.forget(&obj);
+    }
+    result
 }
 
 /// Delay before a reconcile whose store had its share of the workers busy tries again:
@@ -448,6 +454,11 @@ pub fn retry_delay(attempt: u32, permanent: bool, refresh: Duration, config: &Co
 pub fn error_policy(ss: Arc<ScopedSecret>, err: &Error, ctx: Arc<Context>) -> Action {
     let (message, category) = (err.to_string(), err.category());
     let obj = ObjectRef::from_obj(ss.as_ref());
+    if ctx.caches.gone(&obj) {
+        // Deleted while it ran: nothing to retry, no failure to keep.
+        ctx.forget(&obj);
+        return Action::await_change();
+    }
     let failures::Recorded { attempt, repeat } = ctx.failures.record(&obj, category, &message);
     let refresh = ss
         .spec
@@ -1074,6 +1085,52 @@ mod tests {
         assert!(
             ctx.failures.forget(&kept),
             "the failure of the listed one is kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_failing_after_its_object_was_deleted_keeps_nothing_of_it() {
+        let ctx = Arc::new(context());
+        let ss = scoped_secret("api", serde_json::Value::Null);
+        let (listed, mut writer) = reflector::store::<ScopedSecret>();
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(ss.clone()),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&event);
+        }
+        use caches::Cache;
+        let scope = caches::ScopeCaches {
+            namespaces: Cache::filled(reflector::store().0),
+            vault_stores: Cache::filled(reflector::store().0),
+            cluster_stores: Cache::filled(reflector::store().0),
+            secrets: Cache::filled(reflector::store().0),
+            scoped_secrets: listed,
+        };
+        ctx.caches.add(None, scope);
+        let (obj, err) = (ObjectRef::from_obj(&ss), Error::Timeout { seconds: 1 });
+
+        error_policy(Arc::new(ss.clone()), &err, ctx.clone());
+        assert!(
+            ctx.failures.forget(&obj),
+            "a listed object's failure is kept"
+        );
+
+        // Its delete event (and `forget`) came while a reconcile ran, which then recorded its
+        // Secret as verified and failed.
+        writer.apply_watcher_event(&watcher::Event::Delete(ss.clone()));
+        ctx.caches.set_verified(&obj, "api", Some("1".into()));
+        let action = error_policy(Arc::new(ss), &err, ctx.clone());
+        assert_eq!(
+            action,
+            Action::await_change(),
+            "a deleted object is not retried"
+        );
+        assert!(!ctx.failures.forget(&obj), "no failure kept");
+        assert!(
+            ctx.caches.verified(&obj, "api").is_none(),
+            "no verified Secret kept"
         );
     }
 
