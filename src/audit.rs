@@ -35,7 +35,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, UdpSocket};
 
-use crate::controller::index::{Location, VaultPath};
+use crate::pipeline::index::{Location, VaultPath};
 
 /// Longest entry read. A UDP datagram cannot be longer; a longer TCP line is dropped whole.
 pub const MAX_ENTRY_BYTES: usize = 64 * 1024;

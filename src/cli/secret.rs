@@ -25,7 +25,7 @@ use vaultrs::client::VaultClient;
 use vaultrs::error::ClientError;
 
 use super::{CliError, ScopeArgs, VaultArgs, check_key};
-use crate::controller::index::{Location, VaultPath};
+use crate::pipeline::index::{Location, VaultPath};
 use crate::resolve::{Entry, MAX_SECRET_BYTES};
 use crate::scope::{Scope, ScopePath};
 use crate::vault::VaultError;

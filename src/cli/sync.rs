@@ -15,8 +15,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 
 use super::render::Manifests;
 use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, VaultStore};
-use crate::controller::index::{Reads, VaultPath};
 use crate::pipeline;
+use crate::pipeline::index::{Reads, VaultPath};
 
 /// How long the CLI waits for the cluster (client, lists, patches) before giving up.
 const KUBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,7 +155,7 @@ pub async fn after_change(changed: &VaultPath, no_sync: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::index::Location;
+    use crate::pipeline::index::Location;
 
     const MANIFESTS: &str = r#"
 apiVersion: v1

@@ -9,7 +9,6 @@
 pub mod caches;
 pub mod events;
 mod failures;
-pub mod index;
 mod reconcile;
 pub mod retain;
 pub mod shard;

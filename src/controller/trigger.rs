@@ -1,7 +1,7 @@
 //! On-demand refreshes: a change in Vault reaches the ScopedSecrets that read it at once.
 //!
 //! Three things say that a path changed: Vault's audit stream ([`crate::audit`]), a reconcile
-//! that read a version its peers have not seen ([`index::PathIndex::saw`]) and — through the
+//! that read a version its peers have not seen ([`PathIndex::saw`]) and — through the
 //! `force-sync` annotation the CLI sets — `scoped-secrets secret set`. For the first two,
 //! [`Triggers`] looks the path up in the index, drops the cached reads of that path for each
 //! reader's Vault identity (the next read goes to Vault; the other paths stay cached), records
@@ -21,10 +21,10 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 
 use super::Context;
-use super::index::{PathIndex, Reader, Reads, VaultPath};
 use crate::api::v1alpha1::{LastTrigger, ScopedSecret};
 use crate::audit::{self, Received};
 use crate::pipeline::Plan;
+use crate::pipeline::index::{PathIndex, Reader, Reads, VaultPath};
 use crate::resolve::ScopeData;
 use crate::vault::{Identity, ScopeSource};
 
@@ -315,7 +315,7 @@ pub async fn listen(ctx: Arc<Context>, listener: audit::Listener) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::index::Location;
+    use crate::pipeline::index::Location;
 
     fn path(p: &str) -> VaultPath {
         VaultPath::new(Location::new(None, "secret"), p)

@@ -1,6 +1,8 @@
 //! The middle of a sync, shared by the controller and the CLI (`render`, `preview`, `sync`):
 //! from a ScopedSecret, its namespace's labels and its store to the Secret the operator
 //! writes. It lives outside `controller` because it needs no cluster: the CLI runs it offline.
+//! [`index`] says which ScopedSecrets read which Vault paths, from their plans: the controller
+//! refreshes readers with it, the audit listener and `secret set` name paths in its terms.
 //!
 //! [`plan`] is pure — the request, access rules, auth and layout checked, every refusal a
 //! controller [`Error`] with the message the status shows. [`build`] reads the scopes (and,
@@ -9,6 +11,7 @@
 //! reads through its shared cache and applies the result; `render` reads with the user's own
 //! Vault token and prints it — the same bytes for the same inputs.
 
+pub mod index;
 pub mod validate;
 
 use std::collections::BTreeMap;

@@ -13,8 +13,8 @@ pub mod workloads;
 pub use logs::capture_logs;
 
 /// A KV v2 path under the mount `secret` of the root namespace, as triggers name it.
-pub fn kv_path(path: &str) -> scoped_secrets::controller::index::VaultPath {
-    use scoped_secrets::controller::index::{Location, VaultPath};
+pub fn kv_path(path: &str) -> scoped_secrets::pipeline::index::VaultPath {
+    use scoped_secrets::pipeline::index::{Location, VaultPath};
     VaultPath::new(Location::new(None, "secret"), path)
 }
 

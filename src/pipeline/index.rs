@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 use kube::runtime::reflector::ObjectRef;
 
+use super::Plan;
 use crate::api::v1alpha1::ScopedSecret;
-use crate::pipeline::Plan;
 use crate::resolve::ScopeData;
 use crate::vault::Identity;
 
