@@ -991,6 +991,15 @@ mod tests {
         .unwrap()
     }
 
+    /// A (re-)list of `objs` into the store `writer` fills, as the watcher reports one.
+    fn list(writer: &mut reflector::store::Writer<ScopedSecret>, objs: &[&ScopedSecret]) {
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for ss in objs {
+            writer.apply_watcher_event(&watcher::Event::InitApply((*ss).clone()));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+    }
+
     #[tokio::test]
     async fn refreshes_wait_while_scopedsecrets_await_their_first_sync() {
         let ctx = context();
@@ -1049,13 +1058,6 @@ mod tests {
         let mut gone = scoped_secret("gone", serde_json::Value::Null);
         gone.status = None;
         let (live, mut writer) = reflector::store::<ScopedSecret>();
-        let list = |writer: &mut reflector::store::Writer<ScopedSecret>, objs: &[&ScopedSecret]| {
-            writer.apply_watcher_event(&watcher::Event::Init);
-            for ss in objs {
-                writer.apply_watcher_event(&watcher::Event::InitApply((*ss).clone()));
-            }
-            writer.apply_watcher_event(&watcher::Event::InitDone);
-        };
         list(&mut writer, &[&kept, &gone]);
         // Each has a failure recorded and a verified Secret; `gone`, never synced, awaits its
         // first sync.
@@ -1092,13 +1094,7 @@ mod tests {
         let ctx = Arc::new(context());
         let ss = scoped_secret("api", serde_json::Value::Null);
         let (listed, mut writer) = reflector::store::<ScopedSecret>();
-        for event in [
-            watcher::Event::Init,
-            watcher::Event::InitApply(ss.clone()),
-            watcher::Event::InitDone,
-        ] {
-            writer.apply_watcher_event(&event);
-        }
+        list(&mut writer, &[&ss]);
         use caches::Cache;
         let scope = caches::ScopeCaches {
             namespaces: Cache::filled(reflector::store().0),
