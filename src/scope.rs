@@ -182,7 +182,7 @@ const PLACEHOLDERS: [&str; 3] = ["project", "environment", "service"];
 impl Layout {
     /// Builds a layout from a store's `paths`; empty means the default layout.
     ///
-    /// Refused, naming `spec.paths[i]`: a bad template (see [`check_template`]), a scope named
+    /// Refused, naming `spec.paths[i]`: a bad template (see `check_template`), a scope named
     /// twice, and two templates that can produce the same path — then one scope's values
     /// would be read (and written by the CLI) as another's.
     pub fn from_templates(templates: &[PathTemplate]) -> Result<Self, NameError> {

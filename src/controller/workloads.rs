@@ -12,7 +12,7 @@
 //! the ScopedSecret controller's caches ([`super::caches::Caches`]): one watch of each serves
 //! both controllers, and says which ScopedSecret's Secret (or itself) changed. Workloads are
 //! cached as a projection ([`Workload`]) of what detection and rollout progress read, so memory
-//! follows references, and indexed as their watch events arrive ([`Index`]): a changed Secret
+//! follows references, and indexed as their watch events arrive (`Index`): a changed Secret
 //! wakes its readers, and the budget counts the rollouts in flight, without a scan.
 //!
 //! The restart budget is counted from the workloads themselves (`restarted-at` and rollout
