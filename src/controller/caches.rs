@@ -317,6 +317,9 @@ struct Scope {
     caches: ScopeCaches,
     /// When the caches were added: the wait for their first lists counts from here.
     added: std::time::Instant,
+    /// The ScopedSecret watch is (re-)listing: until the list is done, the store shows what it
+    /// held before, without the objects the list brought new.
+    relisting: AtomicBool,
 }
 
 /// What the caches know about a managed Secret.
@@ -429,7 +432,20 @@ impl Caches {
             namespace: namespace.map(String::from),
             caches,
             added: std::time::Instant::now(),
+            relisting: AtomicBool::new(false),
         });
+    }
+
+    /// The ScopedSecret watch of the controller serving `namespace` (`None`: all) began
+    /// (`true`) or ended a list.
+    pub fn relisting(&self, namespace: Option<&str>, relisting: bool) {
+        let scopes = self.scopes.read().unwrap();
+        for s in scopes
+            .iter()
+            .filter(|s| s.namespace.as_deref() == namespace)
+        {
+            s.relisting.store(relisting, Ordering::Relaxed);
+        }
     }
 
     fn with<T>(&self, ns: &str, f: impl Fn(&Scope) -> Option<T>) -> Option<T> {
@@ -609,10 +625,14 @@ impl Caches {
     }
 
     /// Whether `obj` is gone: the controller serving its namespace no longer holds it (deleted,
-    /// or its namespace left the shard). False where no controller serves the namespace.
+    /// or its namespace left the shard). False where no controller serves the namespace, and
+    /// while its watch re-lists: an object the list brought new is not in the store yet.
     pub fn gone(&self, obj: &ObjectRef<ScopedSecret>) -> bool {
-        let held = |s: &Scope| Some(s.caches.scoped_secrets.get(obj).is_some());
-        obj.namespace.as_deref().and_then(|ns| self.with(ns, held)) == Some(false)
+        let gone = |s: &Scope| {
+            let relisting = s.relisting.load(Ordering::Relaxed);
+            Some(!relisting && s.caches.scoped_secrets.get(obj).is_none())
+        };
+        obj.namespace.as_deref().and_then(|ns| self.with(ns, gone)) == Some(true)
     }
 
     /// ScopedSecrets with a verification record (for tests of the pruning).

@@ -397,8 +397,9 @@ pub async fn reconcile_in_order(ss: Arc<ScopedSecret>, ctx: Arc<Context>) -> Res
     // (`reconcile` decides on the object as it is once it has a worker: `Caches::latest`.)
     let result = reconcile(ss, ctx.clone()).await;
     // Deleted while it ran: the delete event's `forget` came before what this reconcile just
-    // recorded of it (synced, verified, what it reads), which goes now.
-    if ctx.caches.gone(&obj) {
+    // recorded of it (synced, verified, what it reads), which goes now. (A failure:
+    // `error_policy`, which runs after and would record one.)
+    if result.is_ok() && ctx.caches.gone(&obj) {
         ctx.forget(&obj);
     }
     result
@@ -451,13 +452,13 @@ pub fn retry_delay(attempt: u32, permanent: bool, refresh: Duration, config: &Co
 /// its category when a failure starts or changes; its repeats at DEBUG (the status, the event
 /// and the metric still count every one).
 pub fn error_policy(ss: Arc<ScopedSecret>, err: &Error, ctx: Arc<Context>) -> Action {
-    let (message, category) = (err.to_string(), err.category());
     let obj = ObjectRef::from_obj(ss.as_ref());
     if ctx.caches.gone(&obj) {
         // Deleted while it ran: nothing to retry, no failure to keep.
         ctx.forget(&obj);
         return Action::await_change();
     }
+    let (message, category) = (err.to_string(), err.category());
     let failures::Recorded { attempt, repeat } = ctx.failures.record(&obj, category, &message);
     let refresh = ss
         .spec
@@ -752,7 +753,7 @@ fn controller_for(
     let (reader, writer) = reflector::store();
     // Readiness from the list itself: kube's `Store::wait_until_ready` wakes only the last of
     // several waiters, and the Controller waits on it already.
-    let (gone, live) = (ctx.clone(), reader.clone());
+    let (gone, live, scope) = (ctx.clone(), reader.clone(), namespace.map(str::to_string));
     // What the store held when a re-list began: every object this controller can hold state of.
     let mut listed_before = Vec::new();
     let touched_ss = touched.clone();
@@ -768,10 +769,12 @@ fn controller_for(
     let scoped_secrets = reflector::reflector(writer, scoped_secrets)
         .inspect(move |e| match e {
             Ok(watcher::Event::Init) => {
+                gone.caches.relisting(scope.as_deref(), true);
                 let held = live.state().into_iter();
                 listed_before = held.map(|ss| ObjectRef::from_obj(ss.as_ref())).collect();
             }
             Ok(watcher::Event::InitDone) => {
+                gone.caches.relisting(scope.as_deref(), false);
                 gone.forget_unlisted(&std::mem::take(&mut listed_before), &live);
                 on_synced();
             }
@@ -1126,6 +1129,19 @@ mod tests {
         assert!(
             ctx.caches.verified(&obj, "api").is_none(),
             "no verified Secret kept"
+        );
+
+        // A re-list under way brings `web`, created while the watch was down: the store shows
+        // it only once the list is done, and a reconcile of it ending before then keeps its
+        // failure.
+        let web = scoped_secret("web", serde_json::Value::Null);
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(web.clone()));
+        ctx.caches.relisting(None, true);
+        error_policy(Arc::new(web.clone()), &err, ctx.clone());
+        assert!(
+            ctx.failures.forget(&ObjectRef::from_obj(&web)),
+            "an object new in an unfinished re-list is not gone"
         );
     }
 
