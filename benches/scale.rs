@@ -791,9 +791,9 @@ async fn per_object_state(
     use kube::api::Api;
     use kube::runtime::reflector::ObjectRef;
     use scoped_secrets::api::v1alpha1::ClusterVaultStore;
-    use scoped_secrets::controller::trigger::Triggers;
     use scoped_secrets::metrics::Metrics;
     use scoped_secrets::pipeline::{self, StoreSpec};
+    use scoped_secrets::trigger::Triggers;
 
     let store = Api::<ClusterVaultStore>::all(client.clone())
         .get("vault")
@@ -1364,8 +1364,9 @@ async fn onthefly() {
     })
     .await
     .unwrap();
-    let listening = tokio::spawn(scoped_secrets::controller::trigger::listen(
-        ctx.clone(),
+    let listening = tokio::spawn(scoped_secrets::trigger::listen(
+        ctx.triggers.clone(),
+        ctx.metrics.clone(),
         listener,
     ));
     // The controller's part: reconcile what the triggers send, 8 at a time.

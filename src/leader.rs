@@ -15,7 +15,7 @@ use tracing::info;
 pub const LEASE_NAME: &str = "scoped-secrets-leader";
 
 /// The Lease of `shard`: `scoped-secrets-leader-<index>` when sharded, else [`LEASE_NAME`].
-pub fn lease_name(shard: Option<crate::controller::shard::Shard>) -> String {
+pub fn lease_name(shard: Option<crate::shard::Shard>) -> String {
     match shard {
         Some(s) => format!("{LEASE_NAME}-{}", s.index()),
         None => LEASE_NAME.to_string(),

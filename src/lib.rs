@@ -18,14 +18,17 @@ pub mod kube_client;
 pub mod leader;
 pub mod metrics;
 pub mod pipeline;
+pub mod recorder;
 pub mod render;
 pub mod resolve;
 pub mod rollout;
 pub mod rotation;
 pub mod scope;
+pub mod shard;
 pub mod shell;
 pub mod telemetry;
 pub mod template;
+pub mod trigger;
 pub mod vault;
 
 /// Whether a map or queue holds far more room than entries: a burst left it so (a first sync

@@ -8,9 +8,9 @@ use scoped_secrets::cli::render::RenderArgs;
 use scoped_secrets::cli::resolve::ResolveArgs;
 use scoped_secrets::cli::secret::SecretCommand;
 use scoped_secrets::cli::{self, CliError, VaultArgs};
-use scoped_secrets::controller::shard::{self, Shard};
 use scoped_secrets::controller::{self, Config};
 use scoped_secrets::metrics::{self, Metrics, Readiness};
+use scoped_secrets::shard::{self, Shard};
 use scoped_secrets::vault::client::VaultReader;
 use scoped_secrets::{crd, kube_client, leader, telemetry};
 

@@ -6,7 +6,7 @@ mod support;
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::ObjectReference;
-use scoped_secrets::controller::events::{EventType, Recorder, SERIES_TTL};
+use scoped_secrets::recorder::{EventType, Recorder, SERIES_TTL};
 use support::fake_api::FakeKube;
 
 fn scoped_secret(name: &str) -> ObjectReference {

@@ -101,7 +101,7 @@ const API_CALLS: &[(Scope, &str, &str, &str)] = &[
     (OperatorNamespace, "coordination.k8s.io", "leases", "patch"),
     // vault/client.rs service_account_token: `Api::<ServiceAccount>.create_token_request(..)`.
     (Cluster, "", "serviceaccounts/token", "create"),
-    // controller/events.rs publish_on: `ctx.recorder.publish(..)` — kube's events::Recorder
+    // controller/events.rs publish_on: `ctx.recorder.publish(..)` (src/recorder.rs)
     // creates an events.k8s.io/v1 Event, and patches it when the same event repeats.
     (Cluster, "events.k8s.io", "events", "create"),
     (Cluster, "events.k8s.io", "events", "patch"),
@@ -145,7 +145,7 @@ fn resource_of_api_type(ty: &str) -> Option<&'static [&'static str]> {
         "Deployment" => &["deployments"],
         "StatefulSet" => &["statefulsets"],
         "DaemonSet" => &["daemonsets"],
-        // events.k8s.io/v1 (controller/events.rs).
+        // events.k8s.io/v1 (src/recorder.rs).
         "Event" => &["events"],
         // Workloads are read and patched as dynamic objects (controller/workloads.rs,
         // rollout/apply.rs).

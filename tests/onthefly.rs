@@ -11,8 +11,8 @@ use std::time::Instant;
 use kube::runtime::reflector::ObjectRef;
 use scoped_secrets::api::v1alpha1::{LastTrigger, ScopedSecret};
 use scoped_secrets::audit::{EntryError, KvWrite, Operation, Received};
-use scoped_secrets::controller::trigger::on_audit;
 use scoped_secrets::controller::{Config, Context, reconcile};
+use scoped_secrets::trigger;
 use serde_json::{Value, json};
 use support::kv_path;
 use support::shop::Shop;
@@ -141,20 +141,20 @@ async fn an_audit_entry_refreshes_exactly_the_readers_of_its_path_and_says_so_in
 
     w.vault
         .put("shop/envs/dev/services/api", &[("API_KEY", Some("k2"))]);
-    on_audit(
-        &w.ctx,
+    audit(
+        &w,
         audit_write("shop/envs/dev/services/api"),
         Instant::now(),
     );
     assert_eq!(w.sent(), ["api"], "only the reader of the path");
-    on_audit(&w.ctx, audit_write("bank"), Instant::now());
-    on_audit(
-        &w.ctx,
+    audit(&w, audit_write("bank"), Instant::now());
+    audit(
+        &w,
         Received::Entry(Err(EntryError::Malformed)),
         Instant::now(),
     );
-    on_audit(&w.ctx, Received::Entry(Ok(None)), Instant::now());
-    on_audit(&w.ctx, Received::Refused, Instant::now());
+    audit(&w, Received::Entry(Ok(None)), Instant::now());
+    audit(&w, Received::Refused, Instant::now());
     assert!(w.sent().is_empty());
 
     w.reconcile("api").await;
@@ -258,4 +258,9 @@ async fn the_cli_asks_every_inheritor_of_the_changed_path_and_its_sync_says_cli(
     .await
     .unwrap();
     assert_eq!(asked, ["shop-dev/web"]);
+}
+
+/// What the controller does with an audit entry received now.
+fn audit(w: &World, received: Received, at: Instant) {
+    trigger::on_audit(&w.ctx.triggers, &w.ctx.metrics, received, at);
 }

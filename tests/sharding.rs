@@ -13,16 +13,16 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use scoped_secrets::clock::SystemClock;
-use scoped_secrets::controller::shard::Shard;
 use scoped_secrets::controller::{Config, run};
 use scoped_secrets::leader::{lead, lease_name};
 use scoped_secrets::metrics::{Metrics, Readiness};
+use scoped_secrets::shard::Shard;
 use scoped_secrets::vault::memory::MemorySource;
 use serde_json::json;
 use support::fake_api::FakeKube;
 use support::operator::until;
 
-/// Namespaces and the shard of 2 that FNV-1a puts each in (pinned in src/controller/shard.rs).
+/// Namespaces and the shard of 2 that FNV-1a puts each in (pinned in src/shard.rs).
 const NAMESPACES: [(&str, u32); 4] = [("team-a", 0), ("team-b", 1), ("team-c", 0), ("team-d", 1)];
 
 fn scoped_secret(fake: &FakeKube, ns: &str, name: &str) {

@@ -11,9 +11,7 @@ pub mod events;
 mod failures;
 mod reconcile;
 pub mod retain;
-pub mod shard;
 pub mod status;
-pub mod trigger;
 mod turns;
 pub mod workloads;
 
@@ -41,6 +39,8 @@ use crate::api::v1alpha1::{ClusterVaultStore, ScopedSecret, StoreKind, VaultStor
 use crate::metrics::{Metrics, Readiness};
 use crate::pipeline::{self, validate};
 use crate::render::HmacKey;
+use crate::shard;
+use crate::trigger;
 use crate::vault::{ScopeSource, VaultError};
 use crate::{FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
@@ -213,7 +213,7 @@ pub struct Context {
     /// (at least one), which leaves the other half to every other store.
     pub source: Arc<dyn ScopeSource>,
     pub hmac_key: HmacKey,
-    pub recorder: events::Recorder,
+    pub recorder: crate::recorder::Recorder,
     pub config: Config,
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object (for the backoff) and the failure last logged.
@@ -230,7 +230,7 @@ pub struct Context {
     /// ([`reconcile_in_order`]).
     awaiting_first: Mutex<HashSet<ObjectRef<ScopedSecret>>>,
     /// Which ScopedSecrets read which paths, and the refreshes asked of them.
-    pub triggers: trigger::Triggers,
+    pub triggers: Arc<trigger::Triggers>,
     /// The reconcile workers (`concurrency`), handed out in the order reconciles asked for
     /// one ([`reconcile_in_order`]).
     turns: turns::Turns,
@@ -256,9 +256,10 @@ impl Context {
     ) -> Self {
         let share = usize::from(config.concurrency / 2).max(1);
         let triggers = trigger::Triggers::new(source.clone(), config.audit_min_interval);
+        let triggers = Arc::new(triggers);
         let turns = turns::Turns::new(config.concurrency.into(), triggers.caller());
         Context {
-            recorder: events::Recorder::new(
+            recorder: crate::recorder::Recorder::new(
                 client.clone(),
                 "scoped-secrets",
                 std::env::var("POD_NAME").ok(),
@@ -618,7 +619,8 @@ pub async fn run(
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "receiving Vault's audit stream");
         }
-        AbortOnDrop(tokio::spawn(trigger::listen(ctx.clone(), listener)))
+        let (triggers, metrics) = (ctx.triggers.clone(), ctx.metrics.clone());
+        AbortOnDrop(tokio::spawn(trigger::listen(triggers, metrics, listener)))
     });
     // One controller per scope; refreshes asked by triggers (the audit stream, peers of a
     // path) go to the one watching their namespace.

@@ -27,7 +27,6 @@ use super::caches::{self, CachedSecret};
 use super::events::publish;
 use super::retain::{self, Retention};
 use super::status::{KEYS_EXPIRING, Outcome, ROLLOUTS_PAUSED, holding, next_status, set_retention};
-use super::trigger::Pending;
 use super::{Context, Error, kube_err, refresh_delay};
 use crate::api::v1alpha1::{
     ChangeHistory, ClusterVaultStore, DeletionPolicy, LastTrigger, ScopedSecret, StoreKind,
@@ -38,6 +37,7 @@ use crate::pipeline::{self, Plan, StoreSpec};
 use crate::render::{self, MANAGED_LABEL_VALUE, OWNER_LABEL};
 use crate::rollout::breaker;
 use crate::template;
+use crate::trigger::Pending;
 use crate::{FIELD_MANAGER, FORCE_SYNC_ANNOTATION, MANAGED_LABEL};
 
 /// The ScopedSecret a sync is for: its namespace and its pending `force-sync` value (which

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 
-use super::Context;
 use crate::api::v1alpha1::{LastTrigger, ScopedSecret};
 use crate::audit::{self, Received};
+use crate::metrics::Metrics;
 use crate::pipeline::Plan;
 use crate::pipeline::index::{PathIndex, Reader, Reads, VaultPath};
 use crate::resolve::ScopeData;
@@ -261,54 +261,54 @@ impl Triggers {
     }
 }
 
-/// What the controller does with what the audit listener received: counts it and, for a KV
-/// write of a path that ScopedSecrets read, refreshes them (rate-limited per path).
-pub fn on_audit(ctx: &Arc<Context>, received: Received, at: Instant) {
+/// What is done with what the audit listener received: counted into `metrics` and, for a KV
+/// write of a path that ScopedSecrets read, their refresh (rate-limited per path).
+pub fn on_audit(triggers: &Arc<Triggers>, metrics: &Metrics, received: Received, at: Instant) {
     let write = match received {
-        Received::Refused => return ctx.metrics.audit_entry("refused"),
+        Received::Refused => return metrics.audit_entry("refused"),
         Received::Entry(Err(e)) => {
             tracing::debug!("audit: {e}");
-            return ctx.metrics.audit_entry(e.category());
+            return metrics.audit_entry(e.category());
         }
-        Received::Entry(Ok(None)) => return ctx.metrics.audit_entry("ignored"),
+        Received::Entry(Ok(None)) => return metrics.audit_entry("ignored"),
         Received::Entry(Ok(Some(write))) => write,
     };
     let audit::KvWrite { path, operation } = write;
-    let triggers = &ctx.triggers;
     if operation == audit::Operation::MetadataDelete {
         triggers.index.lock().unwrap().reset_versions(&path);
     }
     if triggers.readers(&path).is_empty() {
         tracing::debug!(%path, operation = operation.as_str(), "audit: a write no ScopedSecret reads");
-        return ctx.metrics.audit_entry("no_reader");
+        return metrics.audit_entry("no_reader");
     }
     let admitted = triggers.limiter.lock().unwrap().admit(&path, at);
     match admitted {
         Admit::Now => {
             let n = triggers.changed(&path, LastTrigger::Audit, at);
             tracing::debug!(%path, operation = operation.as_str(), readers = n, "audit: refreshing the readers of a path");
-            ctx.metrics.audit_entry("triggered");
+            metrics.audit_entry("triggered");
         }
         Admit::After(delay) => {
-            ctx.metrics.audit_entry("rate_limited");
-            let ctx = ctx.clone();
+            metrics.audit_entry("rate_limited");
+            let triggers = triggers.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                ctx.triggers
+                triggers
                     .limiter
                     .lock()
                     .unwrap()
                     .fired(&path, Instant::now());
-                ctx.triggers.changed(&path, LastTrigger::Audit, at);
+                triggers.changed(&path, LastTrigger::Audit, at);
             });
         }
-        Admit::Coalesced => ctx.metrics.audit_entry("rate_limited"),
+        Admit::Coalesced => metrics.audit_entry("rate_limited"),
     }
 }
 
-/// Runs the audit listener for the controller until dropped.
-pub async fn listen(ctx: Arc<Context>, listener: audit::Listener) {
-    let handler: audit::Handler = Arc::new(move |received, at| on_audit(&ctx, received, at));
+/// Runs the audit listener, its entries handed to [`on_audit`], until dropped.
+pub async fn listen(triggers: Arc<Triggers>, metrics: Arc<Metrics>, listener: audit::Listener) {
+    let handler: audit::Handler =
+        Arc::new(move |received, at| on_audit(&triggers, &metrics, received, at));
     listener.run(handler).await;
 }
 
