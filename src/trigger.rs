@@ -277,7 +277,7 @@ pub fn on_audit(triggers: &Arc<Triggers>, metrics: &Metrics, received: Received,
     if operation == audit::Operation::MetadataDelete {
         triggers.index.lock().unwrap().reset_versions(&path);
     }
-    if triggers.readers(&path).is_empty() {
+    if !triggers.index.lock().unwrap().is_read(&path) {
         tracing::debug!(%path, operation = operation.as_str(), "audit: a write no ScopedSecret reads");
         return metrics.audit_entry("no_reader");
     }

@@ -248,6 +248,11 @@ impl PathIndex {
             .collect()
     }
 
+    /// Whether any ScopedSecret reads `path` (a path leaves with its last reader).
+    pub fn is_read(&self, path: &VaultPath) -> bool {
+        self.paths.contains_key(path)
+    }
+
     fn reader(&self, obj: &Arc<ObjectRef<ScopedSecret>>) -> Option<Reader> {
         let entry = self.entries.get(obj)?;
         Some(Reader {
@@ -429,12 +434,15 @@ mod tests {
             Some(reads("secret", "a", &["shop", "shop/envs/prod"])),
         );
         assert!(index.readers(&at("secret", "shop/envs/dev")).is_empty());
+        assert!(!index.is_read(&at("secret", "shop/envs/dev")));
         assert_eq!(
             names(index.readers(&at("secret", "shop/envs/prod"))),
             ["api"]
         );
+        assert!(index.is_read(&at("secret", "shop/envs/prod")));
         index.set(&obj("api"), None);
         assert!(index.readers(&at("secret", "shop")).is_empty());
+        assert!(!index.is_read(&at("secret", "shop")));
         index.set(&obj("web"), Some(reads("secret", "a", &["shop"])));
         index.set(&obj("web"), None);
         assert!(index.entries.is_empty());
